@@ -1,0 +1,35 @@
+"""The p-MoD model core: schedules, router, the p-MoD layer, its cache, conversion and loading."""
+
+from .cache import kv_cache_bytes, kv_cache_lengths
+from .config import PMoDConfig
+from .modeling import (
+    PMoDLlavaConfig,
+    PMoDLlavaForConditionalGeneration,
+    PMoDLlavaNextConfig,
+    PMoDLlavaNextForConditionalGeneration,
+    apply_pmod,
+    is_pmod_model,
+    mod_layer_indices,
+    register,
+)
+from .routing import record_routing
+from .schedules import SCHEDULES, kept_count, retention_ratios
+
+register()
+
+__all__ = [
+    "SCHEDULES",
+    "PMoDConfig",
+    "PMoDLlavaConfig",
+    "PMoDLlavaForConditionalGeneration",
+    "PMoDLlavaNextConfig",
+    "PMoDLlavaNextForConditionalGeneration",
+    "apply_pmod",
+    "is_pmod_model",
+    "kept_count",
+    "kv_cache_bytes",
+    "kv_cache_lengths",
+    "mod_layer_indices",
+    "record_routing",
+    "retention_ratios",
+]

@@ -1,0 +1,90 @@
+"""PMoDConfig: every option of a p-MoD conversion, with the released code's behaviour as default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .schedules import SCHEDULES, retention_ratios
+
+WEIGHT_NORMS = ("tanh", "softmax", "shifted_softmax", "none")
+REWEIGHT_TARGETS = ("mlp", "block")
+
+
+@dataclass
+class PMoDConfig:
+    """How a LLaVA model's decoder layers become p-MoD layers.
+
+    Attributes:
+        schedule: retention-ratio schedule (``cosine`` is PRD; also ``linear``, ``stepped``,
+            ``constant``, ``interleaved``).
+        beta: shift of the schedule; 0.5 gives dense layers 0-7 and MoD layers 8-31 at 32 layers.
+        max_ratio: a layer whose scheduled ratio exceeds this stays dense (no router).
+        min_ratio: lower clamp of the ratio of a MoD layer.
+        ratios: explicit per-layer ratios (1.0 = dense); overrides schedule and thresholds.
+        mod_layers: only these layers may be MoD (e.g. chosen by ARank); the rest are dense.
+        alpha: gating factor of the weight norm (TanhNorm: w = 1 + alpha * tanh(r)).
+        weight_norm: ``tanh`` (TanhNorm), ``softmax`` (alpha * softmax over the sample's vision
+            tokens), ``shifted_softmax`` (alpha * softmax + shift), ``none`` (raw router output).
+        softmax_shift: the shift b of ``shifted_softmax``; None means -alpha / 2 (zero-centred range).
+        string: symmetric token reweighting: a skipped vision token becomes w * x.
+        reweight: ``mlp`` scales the MLP branch of a kept vision token (released code);
+            ``block`` scales the whole layer delta (paper eq. 4).
+    """
+
+    schedule: str = "cosine"
+    beta: float = 0.5
+    max_ratio: float = 0.85
+    min_ratio: float = 0.15
+    ratios: list[float] | None = None
+    mod_layers: list[int] | None = None
+    alpha: float = 0.2
+    weight_norm: str = "tanh"
+    softmax_shift: float | None = None
+    string: bool = True
+    reweight: str = "mlp"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"unknown schedule {self.schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+            )
+        if self.weight_norm not in WEIGHT_NORMS:
+            raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
+        if self.reweight not in REWEIGHT_TARGETS:
+            raise ValueError(f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0.0 < self.min_ratio <= self.max_ratio <= 1.0:
+            raise ValueError(
+                f"need 0 < min_ratio <= max_ratio <= 1, got min_ratio {self.min_ratio}, max_ratio {self.max_ratio}"
+            )
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+
+    def retention_ratios(self, num_layers: int) -> list[float]:
+        """The ratio each of ``num_layers`` layers keeps; 1.0 marks a dense layer."""
+        return retention_ratios(
+            num_layers,
+            schedule=self.schedule,
+            beta=self.beta,
+            min_ratio=self.min_ratio,
+            max_ratio=self.max_ratio,
+            ratios=self.ratios,
+            mod_layers=self.mod_layers,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PMoDConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown p-MoD option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> PMoDConfig:
+        return PMoDConfig.from_dict({**self.to_dict(), **overrides})

@@ -1,0 +1,252 @@
+"""The p-MoD decoder layer: select, gather, run, scatter, reweight.
+
+A converted model's decoder layers keep their HF class as a base (``LlamaDecoderLayer``,
+``Qwen2DecoderLayer``, ``MistralDecoderLayer``) with ``PMoDLayerMixin`` in front, so parameter
+names, output hooks (``output_hidden_states``) and gradient checkpointing stay those of
+transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer:
+
+1. select: the router scores every token; each sample keeps floor(n_vision * R) of its own
+   vision tokens (top scores) and every real text token;
+2. gather: kept tokens, in their original order, with their original positions (RoPE);
+3. run: attention over this layer's own cache and mask, then the MLP;
+4. scatter: kept tokens go back to their places, skipped ones pass through;
+5. reweight: w = 1 + f(r) scales the MLP branch (or the whole delta) of a kept vision token,
+   and with STRing a skipped vision token becomes w * x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import pmod_cache_layer
+from .config import PMoDConfig
+from .router import WEIGHT_NORM_FNS, Router
+from .routing import active_recorder
+
+
+@dataclass
+class RoutingInputs:
+    """What the model tells every layer about the tokens of one forward call."""
+
+    vision_mask: torch.Tensor  # (batch, seq) bool: image-feature positions
+    token_valid: torch.Tensor  # (batch, seq) bool: real tokens (False for padding)
+
+
+class PMoDLayerMixin:
+    """Put in front of an HF decoder layer class; ``convert_layer`` installs it."""
+
+    pmod_ratio: float = 1.0
+    pmod_config: PMoDConfig | None = None
+
+    @property
+    def is_mod(self) -> bool:
+        return self.pmod_ratio < 1.0
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pmod_routing: RoutingInputs | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if not self.is_mod:
+            return super().forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        return self._mod_forward(
+            hidden_states, position_ids, past_key_values, use_cache, position_embeddings, pmod_routing, **kwargs
+        )
+
+    # ---- the MoD path -------------------------------------------------------------------
+
+    def _token_weights(self, logits: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) for vision tokens, 1 for text."""
+        cfg = self.pmod_config
+        shift = cfg.softmax_shift if cfg.softmax_shift is not None else -cfg.alpha / 2
+        offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, vision, cfg.alpha, shift)
+        return 1.0 + offset * vision.to(offset.dtype)
+
+    def _select(self, logits: torch.Tensor, vision: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: real text tokens plus each sample's top floor(n_vision * R) vision tokens."""
+        batch, seq = logits.shape
+        keep_count = torch.floor(vision.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
+        scores = logits.detach().float().masked_fill(~vision, float("-inf"))
+        # stable sort: equal scores (a fresh router scores every token 0) keep the earliest tokens
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        arange = torch.arange(seq, device=logits.device).expand(batch, seq)
+        rank = torch.empty_like(order).scatter_(1, order, arange)
+        selected = vision & (rank < keep_count[:, None])
+        return (valid & ~vision) | selected
+
+    def _mod_forward(self, hidden_states, position_ids, past_key_values, use_cache, position_embeddings, routing, **kwargs):
+        batch, seq, hidden = hidden_states.shape
+        device = hidden_states.device
+        if routing is None:  # called without the p-MoD model around it: no vision tokens known
+            vision = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        else:
+            vision, valid = routing.vision_mask, routing.token_valid
+
+        # 1. select
+        logits = self.router(hidden_states)  # (batch, seq)
+        weights = self._token_weights(logits, vision)  # (batch, seq)
+        keep = self._select(logits, vision, valid)  # (batch, seq)
+        _record(self, keep, vision, weights, logits)
+
+        # 2. gather: kept tokens first, in order; a sample that keeps fewer is padded with
+        # (invalid) skipped tokens, which always sit after its valid slots
+        keep_per_sample = keep.sum(dim=1)  # (batch,)
+        kept = int(keep_per_sample.max())
+        if batch == 1:
+            kept_index = keep[0].nonzero().view(1, kept)  # (1, kept)
+            slot_valid = None
+        else:
+            kept_index = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :kept]
+            slot_valid = torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]  # (batch, kept)
+        gather_hidden = kept_index.unsqueeze(-1).expand(batch, kept, hidden)
+        kept_states = hidden_states.gather(1, gather_hidden)  # (batch, kept, hidden)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device)[None]
+        kept_positions = position_ids.expand(batch, seq).gather(1, kept_index)  # (batch, kept)
+        cos, sin = position_embeddings
+        gather_rope = kept_index.unsqueeze(-1).expand(batch, kept, cos.shape[-1])
+        kept_rope = (cos.expand(batch, -1, -1).gather(1, gather_rope), sin.expand(batch, -1, -1).gather(1, gather_rope))
+
+        # 3. run, on this layer's own cache and mask
+        past_valid = past_positions = None
+        if past_key_values is not None:
+            cache_layer = pmod_cache_layer(past_key_values, self.self_attn.layer_idx)
+            past_valid, past_positions = cache_layer.slot_valid, cache_layer.slot_positions
+            new_valid = slot_valid if slot_valid is not None else torch.ones(batch, kept, dtype=torch.bool, device=device)
+            cache_layer.record_slots(new_valid, kept_positions, seq)
+        attn_mask = subset_attention_mask(
+            self.self_attn.config._attn_implementation,
+            kept_positions,
+            slot_valid,
+            past_valid,
+            past_positions,
+            _sliding_window(self.self_attn),
+            hidden_states.dtype,
+        )
+        normed = self.input_layernorm(kept_states)
+        attn_out, _ = self.self_attn(
+            hidden_states=normed,
+            attention_mask=attn_mask,
+            position_ids=kept_positions,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=kept_rope,
+            **kwargs,
+        )
+        after_attn = kept_states + attn_out
+        mlp_out = self.mlp(self.post_attention_layernorm(after_attn))  # (batch, kept, hidden)
+
+        # 4-5. reweight and scatter back
+        kept_weights = weights.gather(1, kept_index).unsqueeze(-1)  # (batch, kept, 1)
+        if self.pmod_config.reweight == "mlp":
+            kept_out = after_attn + kept_weights * mlp_out
+        else:
+            kept_out = kept_states + kept_weights * (attn_out + mlp_out)
+        passed = hidden_states * weights.unsqueeze(-1) if self.pmod_config.string else hidden_states
+        if slot_valid is not None:  # padding slots write back what a skipped token would hold
+            kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, passed.gather(1, gather_hidden))
+        return passed.scatter(1, gather_hidden, kept_out)
+
+
+def _sliding_window(attention: nn.Module) -> int | None:
+    # Qwen2 sets it per layer (None on full-attention layers); Mistral reads its config
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)
+
+
+def subset_attention_mask(
+    attn_implementation: str,
+    query_positions: torch.Tensor,
+    query_valid: torch.Tensor | None,
+    past_valid: torch.Tensor | None,
+    past_positions: torch.Tensor | None,
+    sliding_window: int | None,
+    dtype: torch.dtype,
+):
+    """The mask of a MoD layer: its cached slots, then causal over its new kept tokens.
+
+    Slots are in position order and a sample's padding slots come after its real ones, so a
+    plain causal mask over the new slots already hides padding from every real query; only
+    padding slots left in the cache by earlier calls need masking. Returns None where the
+    attention kernel's own causal mode is exact.
+    """
+    batch, kept = query_positions.shape
+    past = 0 if past_valid is None else past_valid.shape[1]
+    all_past_valid = past == 0 or bool(past_valid.all())
+    if attn_implementation.startswith("flash_attention"):
+        # 2-D key padding mask; the kernel aligns causality bottom-right per sample
+        if all_past_valid and query_valid is None:
+            return None
+        parts = [past_valid] if past else []
+        parts.append(query_valid if query_valid is not None else torch.ones_like(query_positions, dtype=torch.bool))
+        return torch.cat(parts, dim=1).long()
+    if sliding_window is None and all_past_valid and (past == 0 or kept == 1) and attn_implementation == "sdpa":
+        return None
+    device = query_positions.device
+    causal = torch.ones(kept, kept, dtype=torch.bool, device=device).tril()
+    allowed = causal.expand(batch, kept, kept)
+    if sliding_window is not None:
+        allowed = allowed & (query_positions[:, :, None] - query_positions[:, None, :] < sliding_window)
+    if past:
+        past_allowed = past_valid[:, None, :].expand(batch, kept, past)
+        if sliding_window is not None:
+            past_allowed = past_allowed & (query_positions[:, :, None] - past_positions[:, None, :] < sliding_window)
+        allowed = torch.cat([past_allowed, allowed], dim=-1)
+    allowed = allowed.unsqueeze(1)  # (batch, 1, kept, past + kept)
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+# ---- conversion --------------------------------------------------------------------------
+
+_PMOD_LAYER_CLASSES: dict[type, type] = {}
+
+
+def pmod_layer_class(base: type) -> type:
+    """``PMoD<Base>``: the HF decoder layer class with the p-MoD forward in front."""
+    if base not in _PMOD_LAYER_CLASSES:
+        cls = type(f"PMoD{base.__name__}", (PMoDLayerMixin, base), {"__module__": __name__})
+        globals()[cls.__name__] = cls  # importable by name, so a converted model pickles
+        _PMOD_LAYER_CLASSES[base] = cls
+    return _PMOD_LAYER_CLASSES[base]
+
+
+def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig) -> nn.Module:
+    """Turn one HF decoder layer into a p-MoD layer, in place (a router only if it is MoD)."""
+    base = type(layer).__bases__[1] if isinstance(layer, PMoDLayerMixin) else type(layer)
+    layer.__class__ = pmod_layer_class(base)
+    layer.pmod_ratio = float(ratio)
+    layer.pmod_config = config
+    if ratio < 1.0:
+        if getattr(layer, "router", None) is None:
+            reference = layer.input_layernorm.weight
+            layer.router = Router(reference.shape[-1], device=reference.device, dtype=reference.dtype)
+    elif getattr(layer, "router", None) is not None:
+        del layer.router
+    return layer
+
+
+def _record(layer, keep, vision, weights, logits) -> None:
+    recorder = active_recorder()
+    if recorder is not None:
+        recorder.add(layer.self_attn.layer_idx, layer.pmod_ratio, keep, vision, weights, logits)

@@ -1,0 +1,141 @@
+"""Tiny LLaVA / LLaVA-NeXT models and processors built from configs: no download, seconds on a CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+IMAGE_TOKEN = "<image>"
+PATCH = 14
+BASE_IMAGE = 56  # 4x4 = 16 vision tokens per crop
+GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+_CORPUS = [
+    "USER: what colour is the square? ASSISTANT: red",
+    "describe the image in one word please",
+    "how many circles are there on the left side of the picture",
+    "the quick brown fox jumps over the lazy dog 0123456789",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>", IMAGE_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    fast.image_token = IMAGE_TOKEN
+    return fast
+
+
+def _text_config(text_model: str, vocab_size: int, pad_token_id: int, layers: int):
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        pad_token_id=pad_token_id,
+    )
+    if text_model == "llama":
+        return LlamaConfig(**common)
+    if text_model == "qwen2":
+        return Qwen2Config(**common)
+    if text_model == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(text_model)
+
+
+def tiny_model(text_model: str = "llama", layout: str = "llava", layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    """A random-weight LLaVA (``layout='llava'``) or LLaVA-NeXT model and its processor."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=BASE_IMAGE,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
+    text = _text_config(text_model, len(tokenizer), tokenizer.pad_token_id, layers)
+    common = dict(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    if layout == "llava":
+        config = LlavaConfig(**common, image_seq_length=(BASE_IMAGE // PATCH) ** 2)
+        model_class = LlavaForConditionalGeneration
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": BASE_IMAGE}, crop_size={"height": BASE_IMAGE, "width": BASE_IMAGE}
+        )
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        )
+    else:
+        config = LlavaNextConfig(**common, image_grid_pinpoints=GRID_PINPOINTS, image_seq_length=(BASE_IMAGE // PATCH) ** 2)
+        model_class = LlavaNextForConditionalGeneration
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": BASE_IMAGE},
+            crop_size={"height": BASE_IMAGE, "width": BASE_IMAGE},
+            image_grid_pinpoints=GRID_PINPOINTS,
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        )
+    config.text_config._attn_implementation = attn
+    model = model_class(config).eval()
+    model.set_attn_implementation(attn)
+    return model, processor
+
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def randomize_routers(model, std: float = 0.5, seed: int = 1) -> None:
+    """Give routers non-zero weights so that selection depends on the tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            router = getattr(layer, "router", None)
+            if router is not None:
+                router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * std)
+                router.bias.copy_(torch.randn(router.bias.shape, generator=generator) * std)
