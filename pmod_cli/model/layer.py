@@ -160,10 +160,14 @@ class PMoDLayerMixin:
             kept_out = after_attn + kept_weights * mlp_out
         else:
             kept_out = kept_states + kept_weights * (attn_out + mlp_out)
-        passed = hidden_states * weights.unsqueeze(-1) if self.pmod_config.string else hidden_states
+        if self.pmod_config.string:
+            passed = hidden_states * weights.unsqueeze(-1)  # a fresh tensor: safe to scatter into in place
+        else:
+            passed = hidden_states.clone()
         if slot_valid is not None:  # padding slots write back what a skipped token would hold
-            kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, passed.gather(1, gather_hidden))
-        return passed.scatter(1, gather_hidden, kept_out)
+            skipped_value = kept_states * kept_weights if self.pmod_config.string else kept_states
+            kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, skipped_value)
+        return passed.scatter_(1, gather_hidden, kept_out)
 
 
 def _sliding_window(attention: nn.Module) -> int | None:

@@ -1,0 +1,389 @@
+"""Model shapes: the numbers that decide cost, for named reference models or any HF config.
+
+A ``ModelShape`` holds what the FLOPs and KV cache count needs (layer sizes of the language
+model and the vision tower, the LLaVA layout and the default numbers of vision and text tokens)
+and can build a real HF config from them, so planning and dry runs need no download:
+
+    shape = get_preset("llava-next-7b")        # or read_model_shape("path/to/checkpoint")
+    shape.vision_tokens                         # 2928: LLaVA-NeXT at its largest grid
+    shape.to_hf_config()                        # a transformers LlavaNextConfig
+
+``read_model_shape`` reads a config.json (dense LLaVA / LLaVA-NeXT or p-MoD) as plain JSON, so
+it needs neither the model's weights nor the p-MoD Auto-class registration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .config import PMoDConfig
+
+LAYOUTS = ("llava", "llava_next")
+# decoder families whose layer is attention (q, k, v, o) + gated MLP (gate, up, down)
+COUNTABLE_TEXT_MODELS = ("llama", "qwen2", "mistral")
+VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+# config.json model_type -> (layout, is p-MoD)
+CONFIG_MODEL_TYPES = {
+    "llava": ("llava", False),
+    "llava_next": ("llava_next", False),
+    "pmod_llava": ("llava", True),
+    "pmod_llava_next": ("llava_next", True),
+}
+
+# the paper's prompt length: T = 58 text tokens next to the image
+DEFAULT_TEXT_TOKENS = 58
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """The language model: a decoder of attention + gated-MLP layers and an lm_head."""
+
+    model_type: str  # "llama" | "qwen2" | "mistral"
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    # only used to build a realistic HF config
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of K (and of V): smaller than hidden_size for grouped-query attention."""
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The vision tower (a ViT) and what LLaVA takes from it."""
+
+    model_type: str  # "clip_vision_model" | "siglip_vision_model"
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    feature_layer: int | tuple[int, ...] = -2
+    select_strategy: str = "default"  # "default" drops the first (CLS) token, "full" keeps all
+    pooling_head: bool = False  # SigLIP's attention-pooling head (HF runs it even though LLaVA ignores it)
+    num_channels: int = 3
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_crop(self) -> int:
+        """Tokens inside the tower for one crop (CLIP adds a CLS token)."""
+        return self.patches_per_side**2 + int(self.has_cls_token)
+
+    @property
+    def features_per_crop(self) -> int:
+        """Features one crop hands to the projector."""
+        return self.tokens_per_crop - int(self.select_strategy == "default")
+
+    @property
+    def num_feature_layers(self) -> int:
+        return 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A LLaVA-layout model as far as its cost goes.
+
+    ``layout`` is ``llava`` (one crop per image) or ``llava_next`` (anyres: a base crop plus the
+    crops of a grid, with one learned newline token per row of high-res features).
+    ``pmod`` is the p-MoD setting stored with a checkpoint, None for a dense model or a preset.
+    """
+
+    name: str
+    layout: str
+    text: TextShape
+    vision: VisionShape
+    image_token_id: int
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels
+    text_tokens: int = DEFAULT_TEXT_TOKENS
+    description: str = ""
+    pmod: PMoDConfig | None = None
+
+    def _grid_tokens(self, height: int, width: int) -> tuple[int, int]:
+        """(vision tokens, crops) of an image that fills the grid (height, width) exactly."""
+        side = self.vision.patches_per_side
+        rows, cols = height // self.vision.image_size, width // self.vision.image_size
+        # high-res features are (rows*side, cols*side), one newline token closes each row
+        high_res = rows * side * (cols * side + 1)
+        return self.vision.features_per_crop + high_res, 1 + rows * cols
+
+    def _largest_grid(self) -> tuple[int, int]:
+        return max(self._grid_tokens(h, w) for h, w in self.image_grid_pinpoints)
+
+    @property
+    def vision_tokens(self) -> int:
+        """V: image features in the language model's input, for the largest image layout."""
+        if self.layout == "llava":
+            return self.vision.features_per_crop
+        return self._largest_grid()[0]
+
+    @property
+    def vision_crops(self) -> int:
+        """Crops the vision tower encodes for that layout (LLaVA-NeXT: base + grid)."""
+        if self.layout == "llava":
+            return 1
+        return self._largest_grid()[1]
+
+    def to_hf_config(self, pmod: PMoDConfig | None = None):
+        """A transformers ``LlavaConfig`` / ``LlavaNextConfig`` of this shape (random-init ready).
+
+        With ``pmod`` it is the p-MoD config class instead (``pmod_llava`` / ``pmod_llava_next``).
+        The image token gets its own embedding row: when ``image_token_id`` lies past the
+        checkpoint vocabulary (Vicuna: 32000) the HF vocabulary is padded to a multiple of 64 as
+        llava-hf's conversion does (32064); the FLOPs count keeps ``text.vocab_size``.
+        """
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaNextConfig,
+            MistralConfig,
+            Qwen2Config,
+            SiglipVisionConfig,
+        )
+
+        text, vision = self.text, self.vision
+        vocab = text.vocab_size
+        if self.image_token_id >= vocab:
+            vocab = -(-(self.image_token_id + 1) // 64) * 64
+        text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[text.model_type]
+        text_config = text_class(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_hidden_layers=text.num_layers,
+            num_attention_heads=text.num_heads,
+            num_key_value_heads=text.num_kv_heads,
+            head_dim=text.head_dim,
+            vocab_size=vocab,
+            max_position_embeddings=text.max_position_embeddings,
+            rms_norm_eps=text.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
+            tie_word_embeddings=False,
+        )
+        vision_kwargs = dict(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_hidden_layers=vision.num_layers,
+            num_attention_heads=vision.num_heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            num_channels=vision.num_channels,
+        )
+        if vision.model_type == "clip_vision_model":
+            vision_config = CLIPVisionConfig(**vision_kwargs)
+        else:
+            vision_config = SiglipVisionConfig(vision_use_head=vision.pooling_head, **vision_kwargs)
+        common = dict(
+            vision_config=vision_config,
+            text_config=text_config,
+            image_token_id=self.image_token_id,
+            vision_feature_layer=vision.feature_layer if isinstance(vision.feature_layer, int) else list(vision.feature_layer),
+            vision_feature_select_strategy=vision.select_strategy,
+            projector_hidden_act="gelu",  # mlp2x_gelu
+            image_seq_length=vision.features_per_crop,
+            tie_word_embeddings=False,
+        )
+        if self.layout == "llava":
+            config_class = LlavaConfig
+        else:
+            config_class = LlavaNextConfig
+            common["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
+        if pmod is not None:
+            from .modeling import PMoDLlavaConfig, PMoDLlavaNextConfig
+
+            config_class = PMoDLlavaConfig if self.layout == "llava" else PMoDLlavaNextConfig
+        config = config_class(**common)
+        if pmod is not None:
+            config.pmod = pmod.to_dict()
+        return config
+
+
+# ---- reference shapes ---------------------------------------------------------------------
+
+VICUNA_7B = TextShape("llama", num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, vocab_size=32000)
+VICUNA_13B = TextShape("llama", num_layers=40, hidden_size=5120, intermediate_size=13824, num_heads=40, num_kv_heads=40, vocab_size=32000)
+QWEN2_7B = TextShape(
+    "qwen2", num_layers=28, hidden_size=3584, intermediate_size=18944, num_heads=28, num_kv_heads=4, vocab_size=152064,
+    max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+)
+# CLIP ViT-L/14 at 336 px: 24x24 patches + CLS = 577 tokens; LLaVA takes layer -2 without CLS
+CLIP_VIT_L_336 = VisionShape(
+    "clip_vision_model", num_layers=24, hidden_size=1024, intermediate_size=4096, num_heads=16, image_size=336, patch_size=14,
+)
+# SigLIP-so400m/14 at 384 px: 27x27 = 729 tokens, no CLS, so LLaVA keeps them all
+SIGLIP_SO400M_384 = VisionShape(
+    "siglip_vision_model", num_layers=27, hidden_size=1152, intermediate_size=4304, num_heads=16, image_size=384, patch_size=14,
+    select_strategy="full",
+)
+# LLaVA-NeXT's anyres grids (height, width): 2x1, 1x2, 2x2, 3x1, 1x3 crops of the base size
+NEXT_336_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+NEXT_384_PINPOINTS = ((384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152))
+
+PRESETS: dict[str, ModelShape] = {
+    shape.name: shape
+    for shape in (
+        ModelShape(
+            "llava-1.5-7b", "llava", VICUNA_7B, CLIP_VIT_L_336, image_token_id=32000,
+            description="LLaVA-1.5-7B: Vicuna-7B + CLIP ViT-L/14-336 + mlp2x_gelu, 576 vision tokens",
+        ),
+        ModelShape(
+            "llava-1.5-13b", "llava", VICUNA_13B, CLIP_VIT_L_336, image_token_id=32000,
+            description="LLaVA-1.5-13B: Vicuna-13B + CLIP ViT-L/14-336 + mlp2x_gelu, 576 vision tokens",
+        ),
+        ModelShape(
+            "llava-next-7b", "llava_next", VICUNA_7B, CLIP_VIT_L_336, image_token_id=32000,
+            image_grid_pinpoints=NEXT_336_PINPOINTS,
+            description="LLaVA-NeXT-7B (Vicuna): anyres, largest grid 2x2 = 5 crops, 2928 vision tokens",
+        ),
+        ModelShape(
+            "llava-next-13b", "llava_next", VICUNA_13B, CLIP_VIT_L_336, image_token_id=32000,
+            image_grid_pinpoints=NEXT_336_PINPOINTS,
+            description="LLaVA-NeXT-13B (Vicuna): anyres, largest grid 2x2 = 5 crops, 2928 vision tokens",
+        ),
+        ModelShape(
+            "llava-onevision-qwen2-7b", "llava_next", QWEN2_7B, SIGLIP_SO400M_384, image_token_id=151646,
+            image_grid_pinpoints=NEXT_384_PINPOINTS,
+            description=(
+                "LLaVA-OneVision-like: Qwen2-7B (GQA, 4 KV heads) + SigLIP-so400m-384, in LLaVA-NeXT's anyres "
+                "layout (largest grid 2x2 = 5 crops, 3699 vision tokens); OneVision's anyres_max_9 is not modelled"
+            ),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> ModelShape:
+    """The named reference shape; an unknown name is a UserError listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+# ---- reading a shape from an HF config ----------------------------------------------------
+
+
+def read_model_shape(path: str | Path) -> ModelShape:
+    """The shape of a checkpoint directory or a config.json (dense LLaVA / LLaVA-NeXT or p-MoD).
+
+    The file is read as JSON and turned into the transformers config class of its layout, so
+    missing keys take transformers' defaults; a p-MoD config's ``pmod`` dict becomes ``shape.pmod``.
+    """
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        where = f"no config.json in {path}" if path.is_dir() else f"{path} does not exist"
+        raise UserError(f"cannot read the model config: {where}; pass a checkpoint directory or its config.json")
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {config_file} as JSON ({err}); pass an HF config.json") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{config_file} is not a JSON object; pass an HF config.json")
+    model_type = values.get("model_type")
+    if model_type not in CONFIG_MODEL_TYPES:
+        raise UserError(
+            f"{config_file} has model_type {model_type!r}; pmod reads {', '.join(CONFIG_MODEL_TYPES)} configs"
+        )
+    layout, is_pmod = CONFIG_MODEL_TYPES[model_type]
+    pmod = None
+    if is_pmod:
+        try:
+            pmod = PMoDConfig.from_dict(values.get("pmod") or {})
+        except (TypeError, ValueError) as err:
+            raise UserError(f"bad p-MoD options in {config_file}: {err}") from None
+
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    config_class = LlavaConfig if layout == "llava" else LlavaNextConfig
+    hf_values = {k: v for k, v in values.items() if k not in ("model_type", "pmod", "architectures")}
+    try:
+        hf_config = config_class(**hf_values)
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(f"cannot build a {config_class.__name__} from {config_file}: {err}") from None
+    shape = shape_from_hf_config(hf_config, name=str(path))
+    return dataclasses.replace(shape, pmod=pmod)
+
+
+def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
+    """The shape of a loaded transformers LLaVA / LLaVA-NeXT config (dense or p-MoD)."""
+    from transformers import LlavaNextConfig
+
+    layout = "llava_next" if isinstance(config, LlavaNextConfig) or hasattr(config, "image_grid_pinpoints") else "llava"
+    text_config, vision_config = config.text_config, config.vision_config
+    if text_config.model_type not in COUNTABLE_TEXT_MODELS:
+        raise UserError(
+            f"cannot count a {text_config.model_type!r} language model; supported: {', '.join(COUNTABLE_TEXT_MODELS)}"
+        )
+    if vision_config.model_type not in VISION_TOWERS:
+        raise UserError(
+            f"cannot count a {vision_config.model_type!r} vision tower; supported: {', '.join(VISION_TOWERS)}"
+        )
+    num_heads = text_config.num_attention_heads
+    text = TextShape(
+        model_type=text_config.model_type,
+        num_layers=text_config.num_hidden_layers,
+        hidden_size=text_config.hidden_size,
+        intermediate_size=text_config.intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+        vocab_size=text_config.vocab_size,
+        head_dim=getattr(text_config, "head_dim", None) or 0,
+        max_position_embeddings=text_config.max_position_embeddings,
+        rms_norm_eps=text_config.rms_norm_eps,
+        rope_theta=(getattr(text_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0),
+    )
+    feature_layer = config.vision_feature_layer
+    vision = VisionShape(
+        model_type=vision_config.model_type,
+        num_layers=vision_config.num_hidden_layers,
+        hidden_size=vision_config.hidden_size,
+        intermediate_size=vision_config.intermediate_size,
+        num_heads=vision_config.num_attention_heads,
+        image_size=vision_config.image_size,
+        patch_size=vision_config.patch_size,
+        feature_layer=feature_layer if isinstance(feature_layer, int) else tuple(feature_layer),
+        select_strategy=config.vision_feature_select_strategy,
+        pooling_head=bool(getattr(vision_config, "vision_use_head", False)),
+        num_channels=vision_config.num_channels,
+    )
+    pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
+    pmod_values = getattr(config, "pmod", None)
+    return ModelShape(
+        name=name or getattr(config, "_name_or_path", "") or config.model_type,
+        layout=layout,
+        text=text,
+        vision=vision,
+        image_token_id=config.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        pmod=PMoDConfig.from_dict(pmod_values) if pmod_values is not None else None,
+    )
