@@ -133,9 +133,11 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
 def randomize_routers(model, std: float = 0.5, seed: int = 1) -> None:
     """Give routers non-zero weights so that selection depends on the tokens."""
     generator = torch.Generator().manual_seed(seed)
+    text_model = model.model.language_model
+    routers = [getattr(layer, "router", None) for layer in text_model.layers]
+    routers.append(getattr(text_model, "pmod_shared_router", None))
     with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            router = getattr(layer, "router", None)
+        for router in routers:
             if router is not None:
                 router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * std)
                 router.bias.copy_(torch.randn(router.bias.shape, generator=generator) * std)

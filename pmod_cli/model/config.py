@@ -10,6 +10,9 @@ from .schedules import SCHEDULES, retention_ratios
 
 WEIGHT_NORMS = ("tanh", "softmax", "shifted_softmax", "none")
 REWEIGHT_TARGETS = ("mlp", "block")
+ROUTED_TOKENS = ("vision", "all")
+ROUTER_INPUTS = ("hidden", "normed")
+INFERENCE_ROUTING = ("topk", "threshold")
 
 
 @dataclass
@@ -31,6 +34,20 @@ class PMoDConfig:
         string: symmetric token reweighting: a skipped vision token becomes w * x.
         reweight: ``mlp`` scales the MLP branch of a kept vision token (released code);
             ``block`` scales the whole layer delta (paper eq. 4).
+
+    Options from gamma-MoD (see docs/gamma.md), off by default:
+        shared_router: one router for all MoD layers instead of one per layer.
+        router_input: the router reads the ``hidden`` state entering the layer (p-MoD) or the
+            ``normed`` one after the input layernorm (gamma-MoD).
+        routed_tokens: ``vision`` (p-MoD) or ``all``: vision and text tokens compete. At
+            inference, and in training with ``masked_routing``, only the tokens up to the last
+            image token compete (system prompt and image); question, answer and generated
+            tokens always pass, which keeps cached and uncached generation identical.
+        masked_routing: gamma-MoD's masked routing learning (see routed_tokens).
+        aux_loss_coef: weight of the auxiliary routing loss (binary cross-entropy of the router
+            logits against the top-k decision, summed over MoD layers; gamma-MoD: 0.01).
+        inference_routing: ``topk`` keeps floor(n * R) tokens at inference as in training;
+            ``threshold`` keeps a token when sigmoid(r) > routing_threshold.
     """
 
     schedule: str = "cosine"
@@ -44,6 +61,13 @@ class PMoDConfig:
     softmax_shift: float | None = None
     string: bool = True
     reweight: str = "mlp"
+    shared_router: bool = False
+    router_input: str = "hidden"
+    routed_tokens: str = "vision"
+    masked_routing: bool = False
+    aux_loss_coef: float = 0.0
+    inference_routing: str = "topk"
+    routing_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -54,6 +78,17 @@ class PMoDConfig:
             raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
         if self.reweight not in REWEIGHT_TARGETS:
             raise ValueError(f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}")
+        for name, allowed in (
+            ("routed_tokens", ROUTED_TOKENS),
+            ("router_input", ROUTER_INPUTS),
+            ("inference_routing", INFERENCE_ROUTING),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if not 0.0 < self.routing_threshold < 1.0:
+            raise ValueError(f"routing_threshold must be in (0, 1), got {self.routing_threshold}")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not 0.0 < self.min_ratio <= self.max_ratio <= 1.0:

@@ -16,9 +16,10 @@ transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import pmod_cache_layer
@@ -33,6 +34,7 @@ class RoutingInputs:
 
     vision_mask: torch.Tensor  # (batch, seq) bool: image-feature positions
     token_valid: torch.Tensor  # (batch, seq) bool: real tokens (False for padding)
+    aux_losses: list[torch.Tensor] = field(default_factory=list)  # the layers' routing losses
 
 
 class PMoDLayerMixin:
@@ -72,24 +74,43 @@ class PMoDLayerMixin:
 
     # ---- the MoD path -------------------------------------------------------------------
 
-    def _token_weights(self, logits: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
-        """w = 1 + f(r) for vision tokens, 1 for text."""
+    @property
+    def active_router(self) -> Router:
+        return self.shared_router if self.pmod_config.shared_router else self.router
+
+    def _candidates(self, vision: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: the tokens that compete for this layer."""
+        if self.pmod_config.routed_tokens == "vision":
+            return vision
+        if self.training and not self.pmod_config.masked_routing:
+            return valid
+        # system prompt and image compete; question, answer and generated tokens pass
+        seq = vision.shape[1]
+        index = torch.arange(seq, device=vision.device).expand_as(vision)
+        last_image = torch.where(vision, index, -1).max(dim=1).values  # (batch,)
+        return valid & (index <= last_image[:, None])
+
+    def _token_weights(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) for competing tokens, 1 for the others."""
         cfg = self.pmod_config
         shift = cfg.softmax_shift if cfg.softmax_shift is not None else -cfg.alpha / 2
-        offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, vision, cfg.alpha, shift)
-        return 1.0 + offset * vision.to(offset.dtype)
+        offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
+        return 1.0 + offset * candidates.to(offset.dtype)
 
-    def _select(self, logits: torch.Tensor, vision: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) bool: real text tokens plus each sample's top floor(n_vision * R) vision tokens."""
+    def _select(self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: the real tokens that do not compete, plus the winners of those that do."""
+        if not self.training and self.pmod_config.inference_routing == "threshold":
+            selected = candidates & (torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold)
+            return (valid & ~candidates) | selected
         batch, seq = logits.shape
-        keep_count = torch.floor(vision.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
-        scores = logits.detach().float().masked_fill(~vision, float("-inf"))
+        keep_count = torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
+        scores = logits.detach().float().masked_fill(~candidates, float("-inf"))
         # stable sort: equal scores (a fresh router scores every token 0) keep the earliest tokens
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
         arange = torch.arange(seq, device=logits.device).expand(batch, seq)
         rank = torch.empty_like(order).scatter_(1, order, arange)
-        selected = vision & (rank < keep_count[:, None])
-        return (valid & ~vision) | selected
+        selected = candidates & (rank < keep_count[:, None])
+        return (valid & ~candidates) | selected
 
     def _mod_forward(self, hidden_states, position_ids, past_key_values, use_cache, position_embeddings, routing, **kwargs):
         batch, seq, hidden = hidden_states.shape
@@ -101,10 +122,16 @@ class PMoDLayerMixin:
             vision, valid = routing.vision_mask, routing.token_valid
 
         # 1. select
-        logits = self.router(hidden_states)  # (batch, seq)
-        weights = self._token_weights(logits, vision)  # (batch, seq)
-        keep = self._select(logits, vision, valid)  # (batch, seq)
+        router_input = self.input_layernorm(hidden_states) if self.pmod_config.router_input == "normed" else hidden_states
+        logits = self.active_router(router_input)  # (batch, seq)
+        candidates = self._candidates(vision, valid)  # (batch, seq)
+        weights = self._token_weights(logits, candidates)  # (batch, seq)
+        keep = self._select(logits, candidates, valid)  # (batch, seq)
         _record(self, keep, vision, weights, logits)
+        if self.training and self.pmod_config.aux_loss_coef > 0 and routing is not None and candidates.any():
+            # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
+            routing_loss = F.binary_cross_entropy_with_logits(logits[candidates].float(), keep[candidates].float())
+            routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
 
         # 2. gather: kept tokens first, in order; a sample that keeps fewer is padded with
         # (invalid) skipped tokens, which always sit after its valid slots
@@ -235,18 +262,20 @@ def pmod_layer_class(base: type) -> type:
     return _PMOD_LAYER_CLASSES[base]
 
 
-def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig) -> nn.Module:
+def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_router: Router | None = None) -> nn.Module:
     """Turn one HF decoder layer into a p-MoD layer, in place (a router only if it is MoD)."""
     base = type(layer).__bases__[1] if isinstance(layer, PMoDLayerMixin) else type(layer)
     layer.__class__ = pmod_layer_class(base)
     layer.pmod_ratio = float(ratio)
     layer.pmod_config = config
-    if ratio < 1.0:
-        if getattr(layer, "router", None) is None:
-            reference = layer.input_layernorm.weight
-            layer.router = Router(reference.shape[-1], device=reference.device, dtype=reference.dtype)
-    elif getattr(layer, "router", None) is not None:
+    own_router = ratio < 1.0 and not config.shared_router
+    if own_router and getattr(layer, "router", None) is None:
+        reference = layer.input_layernorm.weight
+        layer.router = Router(reference.shape[-1], device=reference.device, dtype=reference.dtype)
+    elif not own_router and getattr(layer, "router", None) is not None:
         del layer.router
+    # a plain attribute, not a submodule: the shared router's parameters live once, on the text model
+    object.__setattr__(layer, "shared_router", shared_router)
     return layer
 
 

@@ -67,6 +67,7 @@ class PMoDModelMixin:
     def _install_routing_hook(self) -> None:
         if not getattr(self, "_pmod_routing_hook", None):
             self._pmod_routing_hook = self.register_forward_pre_hook(_add_routing_inputs, with_kwargs=True)
+            self._pmod_loss_hook = self.register_forward_hook(_add_routing_loss, with_kwargs=True)
 
 
 def _add_routing_inputs(model, args, kwargs):
@@ -88,6 +89,14 @@ def _add_routing_inputs(model, args, kwargs):
             token_valid = torch.ones_like(vision_mask)
         kwargs["pmod_routing"] = RoutingInputs(vision_mask=vision_mask, token_valid=token_valid)
     return args, kwargs
+
+
+def _add_routing_loss(model, args, kwargs, output):
+    """Forward hook: add the layers' auxiliary routing losses (if any) to the language-model loss."""
+    routing = kwargs.get("pmod_routing")
+    if routing is not None and routing.aux_losses and getattr(output, "loss", None) is not None:
+        output.loss = output.loss + torch.stack(routing.aux_losses).sum()
+    return output
 
 
 class PMoDLlavaForConditionalGeneration(PMoDModelMixin, LlavaForConditionalGeneration):
@@ -116,9 +125,19 @@ _PMOD_CLASSES = {
 
 
 def _convert_decoder_layers(model, config: PMoDConfig) -> None:
-    layers = model.model.language_model.layers
-    for layer, ratio in zip(layers, config.retention_ratios(len(layers)), strict=True):
-        convert_layer(layer, ratio, config)
+    text_model = model.model.language_model
+    ratios = config.retention_ratios(len(text_model.layers))
+    shared_router = None
+    if config.shared_router and any(r < 1.0 for r in ratios):
+        shared_router = getattr(text_model, "pmod_shared_router", None)
+        if shared_router is None:
+            reference = text_model.norm.weight
+            shared_router = Router(reference.shape[-1], device=reference.device, dtype=reference.dtype)
+            text_model.pmod_shared_router = shared_router
+    elif getattr(text_model, "pmod_shared_router", None) is not None:
+        del text_model.pmod_shared_router
+    for layer, ratio in zip(text_model.layers, ratios, strict=True):
+        convert_layer(layer, ratio, config, shared_router)
 
 
 def apply_pmod(model, config: PMoDConfig | None = None, **overrides: Any):
