@@ -23,6 +23,7 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from ..errors import UserError
 from .config import PMoDConfig
@@ -189,10 +190,15 @@ def mod_layer_indices(model) -> list[int]:
 
 def register() -> None:
     """Make p-MoD checkpoints loadable through the Auto classes (runs on ``import pmod_cli``)."""
-    for config_class, model_class, processor_class in (
-        (PMoDLlavaConfig, PMoDLlavaForConditionalGeneration, LlavaProcessor),
-        (PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration, LlavaNextProcessor),
+    for config_class, model_class, processor_class, dense_type in (
+        (PMoDLlavaConfig, PMoDLlavaForConditionalGeneration, LlavaProcessor, "llava"),
+        (PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration, LlavaNextProcessor, "llava_next"),
     ):
+        # the same weight-name mapping as the dense model: llava-hf checkpoints load, and a model
+        # loaded from one saves in the same layout
+        dense_mapping = get_checkpoint_conversion_mapping(dense_type)
+        if dense_mapping is not None:
+            register_checkpoint_conversion_mapping(config_class.model_type, dense_mapping, overwrite=True)
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
         AutoProcessor.register(config_class, processor_class, exist_ok=True)
