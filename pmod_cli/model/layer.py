@@ -172,7 +172,8 @@ class PMoDLayerMixin:
         attn_out, _ = self.self_attn(
             hidden_states=normed,
             attention_mask=attn_mask,
-            position_ids=kept_positions,
+            # no position_ids: RoPE comes from kept_rope, and flash-attention would read gappy
+            # positions as packed sequences
             past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=kept_rope,
@@ -220,6 +221,8 @@ def subset_attention_mask(
     padding slots left in the cache by earlier calls need masking. Returns None where the
     attention kernel's own causal mode is exact.
     """
+    if attn_implementation not in ("eager", "sdpa") and not attn_implementation.startswith("flash_attention"):
+        raise ValueError(f"p-MoD layers run with eager, sdpa or flash_attention_2 attention, not {attn_implementation!r}")
     batch, kept = query_positions.shape
     past = 0 if past_valid is None else past_valid.shape[1]
     all_past_valid = past == 0 or bool(past_valid.all())
