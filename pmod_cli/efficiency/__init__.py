@@ -1,0 +1,11 @@
+"""Efficiency accounting: FLOPs and KV cache of a prefill (one formula for every report).
+
+from pmod_cli.efficiency import count_flops, count_flops_for_model
+from pmod_cli.model.presets import get_preset
+result = count_flops(get_preset("llava-next-7b"), ratios, count="paper")   # or "full"
+result.tflops, result.baseline_tflops, result.kv_cache_ratio, result.kv_cache_bytes, result.layers
+"""
+
+from .flops import COUNT_MODES, FlopsCount, LayerCount, count_flops, count_flops_for_model
+
+__all__ = ["COUNT_MODES", "FlopsCount", "LayerCount", "count_flops", "count_flops_for_model"]

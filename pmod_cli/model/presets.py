@@ -83,7 +83,9 @@ class VisionShape:
     patch_size: int
     feature_layer: int | tuple[int, ...] = -2
     select_strategy: str = "default"  # "default" drops the first (CLS) token, "full" keeps all
-    pooling_head: bool = False  # SigLIP's attention-pooling head (HF runs it even though LLaVA ignores it)
+    pooling_head: bool = (
+        False  # SigLIP's attention-pooling head (HF runs it even though LLaVA ignores it)
+    )
     num_channels: int = 3
 
     @property
@@ -175,7 +177,9 @@ class ModelShape:
         vocab = text.vocab_size
         if self.image_token_id >= vocab:
             vocab = -(-(self.image_token_id + 1) // 64) * 64
-        text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[text.model_type]
+        text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[
+            text.model_type
+        ]
         text_config = text_class(
             hidden_size=text.hidden_size,
             intermediate_size=text.intermediate_size,
@@ -202,11 +206,14 @@ class ModelShape:
             vision_config = CLIPVisionConfig(**vision_kwargs)
         else:
             vision_config = SiglipVisionConfig(vision_use_head=vision.pooling_head, **vision_kwargs)
+        feature_layer = vision.feature_layer
+        if not isinstance(feature_layer, int):
+            feature_layer = list(feature_layer)
         common = dict(
             vision_config=vision_config,
             text_config=text_config,
             image_token_id=self.image_token_id,
-            vision_feature_layer=vision.feature_layer if isinstance(vision.feature_layer, int) else list(vision.feature_layer),
+            vision_feature_layer=feature_layer,
             vision_feature_select_strategy=vision.select_strategy,
             projector_hidden_act="gelu",  # mlp2x_gelu
             image_seq_length=vision.features_per_crop,
@@ -229,19 +236,55 @@ class ModelShape:
 
 # ---- reference shapes ---------------------------------------------------------------------
 
-VICUNA_7B = TextShape("llama", num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32, vocab_size=32000)
-VICUNA_13B = TextShape("llama", num_layers=40, hidden_size=5120, intermediate_size=13824, num_heads=40, num_kv_heads=40, vocab_size=32000)
+VICUNA_7B = TextShape(
+    "llama",
+    num_layers=32,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_heads=32,
+    num_kv_heads=32,
+    vocab_size=32000,
+)
+VICUNA_13B = TextShape(
+    "llama",
+    num_layers=40,
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_heads=40,
+    num_kv_heads=40,
+    vocab_size=32000,
+)
 QWEN2_7B = TextShape(
-    "qwen2", num_layers=28, hidden_size=3584, intermediate_size=18944, num_heads=28, num_kv_heads=4, vocab_size=152064,
-    max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+    "qwen2",
+    num_layers=28,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_heads=28,
+    num_kv_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
 )
 # CLIP ViT-L/14 at 336 px: 24x24 patches + CLS = 577 tokens; LLaVA takes layer -2 without CLS
 CLIP_VIT_L_336 = VisionShape(
-    "clip_vision_model", num_layers=24, hidden_size=1024, intermediate_size=4096, num_heads=16, image_size=336, patch_size=14,
+    "clip_vision_model",
+    num_layers=24,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_heads=16,
+    image_size=336,
+    patch_size=14,
 )
 # SigLIP-so400m/14 at 384 px: 27x27 = 729 tokens, no CLS, so LLaVA keeps them all
 SIGLIP_SO400M_384 = VisionShape(
-    "siglip_vision_model", num_layers=27, hidden_size=1152, intermediate_size=4304, num_heads=16, image_size=384, patch_size=14,
+    "siglip_vision_model",
+    num_layers=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    image_size=384,
+    patch_size=14,
     select_strategy="full",
 )
 # LLaVA-NeXT's anyres grids (height, width): 2x1, 1x2, 2x2, 3x1, 1x3 crops of the base size
@@ -252,25 +295,45 @@ PRESETS: dict[str, ModelShape] = {
     shape.name: shape
     for shape in (
         ModelShape(
-            "llava-1.5-7b", "llava", VICUNA_7B, CLIP_VIT_L_336, image_token_id=32000,
+            "llava-1.5-7b",
+            "llava",
+            VICUNA_7B,
+            CLIP_VIT_L_336,
+            image_token_id=32000,
             description="LLaVA-1.5-7B: Vicuna-7B + CLIP ViT-L/14-336 + mlp2x_gelu, 576 vision tokens",
         ),
         ModelShape(
-            "llava-1.5-13b", "llava", VICUNA_13B, CLIP_VIT_L_336, image_token_id=32000,
+            "llava-1.5-13b",
+            "llava",
+            VICUNA_13B,
+            CLIP_VIT_L_336,
+            image_token_id=32000,
             description="LLaVA-1.5-13B: Vicuna-13B + CLIP ViT-L/14-336 + mlp2x_gelu, 576 vision tokens",
         ),
         ModelShape(
-            "llava-next-7b", "llava_next", VICUNA_7B, CLIP_VIT_L_336, image_token_id=32000,
+            "llava-next-7b",
+            "llava_next",
+            VICUNA_7B,
+            CLIP_VIT_L_336,
+            image_token_id=32000,
             image_grid_pinpoints=NEXT_336_PINPOINTS,
             description="LLaVA-NeXT-7B (Vicuna): anyres, largest grid 2x2 = 5 crops, 2928 vision tokens",
         ),
         ModelShape(
-            "llava-next-13b", "llava_next", VICUNA_13B, CLIP_VIT_L_336, image_token_id=32000,
+            "llava-next-13b",
+            "llava_next",
+            VICUNA_13B,
+            CLIP_VIT_L_336,
+            image_token_id=32000,
             image_grid_pinpoints=NEXT_336_PINPOINTS,
             description="LLaVA-NeXT-13B (Vicuna): anyres, largest grid 2x2 = 5 crops, 2928 vision tokens",
         ),
         ModelShape(
-            "llava-onevision-qwen2-7b", "llava_next", QWEN2_7B, SIGLIP_SO400M_384, image_token_id=151646,
+            "llava-onevision-qwen2-7b",
+            "llava_next",
+            QWEN2_7B,
+            SIGLIP_SO400M_384,
+            image_token_id=151646,
             image_grid_pinpoints=NEXT_384_PINPOINTS,
             description=(
                 "LLaVA-OneVision-like: Qwen2-7B (GQA, 4 KV heads) + SigLIP-so400m-384, in LLaVA-NeXT's anyres "
@@ -286,7 +349,9 @@ def get_preset(name: str) -> ModelShape:
     try:
         return PRESETS[name]
     except KeyError:
-        raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise UserError(
+            f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}"
+        ) from None
 
 
 # ---- reading a shape from an HF config ----------------------------------------------------
@@ -302,11 +367,15 @@ def read_model_shape(path: str | Path) -> ModelShape:
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         where = f"no config.json in {path}" if path.is_dir() else f"{path} does not exist"
-        raise UserError(f"cannot read the model config: {where}; pass a checkpoint directory or its config.json")
+        raise UserError(
+            f"cannot read the model config: {where}; pass a checkpoint directory or its config.json"
+        )
     try:
         values = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {config_file} as JSON ({err}); pass an HF config.json") from None
+        raise UserError(
+            f"cannot read {config_file} as JSON ({err}); pass an HF config.json"
+        ) from None
     if not isinstance(values, dict):
         raise UserError(f"{config_file} is not a JSON object; pass an HF config.json")
     model_type = values.get("model_type")
@@ -325,11 +394,15 @@ def read_model_shape(path: str | Path) -> ModelShape:
     from transformers import LlavaConfig, LlavaNextConfig
 
     config_class = LlavaConfig if layout == "llava" else LlavaNextConfig
-    hf_values = {k: v for k, v in values.items() if k not in ("model_type", "pmod", "architectures")}
+    hf_values = {
+        k: v for k, v in values.items() if k not in ("model_type", "pmod", "architectures")
+    }
     try:
         hf_config = config_class(**hf_values)
     except (TypeError, ValueError, KeyError) as err:
-        raise UserError(f"cannot build a {config_class.__name__} from {config_file}: {err}") from None
+        raise UserError(
+            f"cannot build a {config_class.__name__} from {config_file}: {err}"
+        ) from None
     shape = shape_from_hf_config(hf_config, name=str(path))
     return dataclasses.replace(shape, pmod=pmod)
 
@@ -338,7 +411,11 @@ def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
     """The shape of a loaded transformers LLaVA / LLaVA-NeXT config (dense or p-MoD)."""
     from transformers import LlavaNextConfig
 
-    layout = "llava_next" if isinstance(config, LlavaNextConfig) or hasattr(config, "image_grid_pinpoints") else "llava"
+    layout = (
+        "llava_next"
+        if isinstance(config, LlavaNextConfig) or hasattr(config, "image_grid_pinpoints")
+        else "llava"
+    )
     text_config, vision_config = config.text_config, config.vision_config
     if text_config.model_type not in COUNTABLE_TEXT_MODELS:
         raise UserError(

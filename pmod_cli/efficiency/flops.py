@@ -1,0 +1,324 @@
+"""FLOPs and KV cache of one prefill: the single formula behind ``pmod flops``, the training
+summary and the evaluation report.
+
+It counts one forward pass (batch 1) over a prompt of T text tokens and V vision tokens, with
+decoder layer l processing T + kept_count(V, R_l) tokens (R_l = 1 for a dense layer).
+
+Count modes (each result says which it used):
+
+- ``paper``: the language model's linear layers (q, k, v, o; gate, up, down), the p-MoD routers
+  and the lm_head over all T + V positions. This is what DeepSpeed's FLOPs profiler counted for
+  the paper's tables: it sees linear layers but not fused attention, and the paper left the
+  vision tower and projector out. For Vicuna it is
+  sum_l (T + V*R_l) * 2*(4*d^2 + 3*d*m) + (T + V) * 2*d*vocab (+ 2*d*(T + V) per MoD-layer router).
+  With grouped-query attention (Qwen2) q and o count d*d each and k, v count d*kv_dim each.
+- ``full``: ``paper`` plus the attention score and value products of the language model (each
+  query against the keys it can see: causal over the layer's kept tokens), the vision tower (every
+  crop: patch embedding, every layer's linear and attention products, SigLIP's pooling head when
+  the config has one) and the mlp2x_gelu projector.
+
+A multiply-add is 2 FLOPs; bias adds, norms, activations, softmax and rotary embeddings are not
+counted (neither DeepSpeed's profiler nor torch's FLOP counter counts them). Vision tokens kept
+per layer are floor(V * R_l), as the model does, so the count matches an executed prefill exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import UserError
+from ..model.presets import ModelShape, VisionShape, shape_from_hf_config
+from ..model.schedules import kept_count
+
+COUNT_MODES = {
+    "paper": "paper count: language-model linear layers + routers + lm_head (DeepSpeed profiler convention)",
+    "full": "full count: paper count + attention score/value products (causal) + vision tower + projector",
+}
+# "causal": the query-key pairs a causal mask allows (what the math needs, and what FlashAttention's
+# causal kernels compute); "all": every pair, which eager and SDPA's math kernels multiply and
+# torch's FLOP counter reports
+ATTENTION_PAIRS = ("causal", "all")
+DTYPE_BYTES = {
+    "fp32": 4,
+    "float32": 4,
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp16": 2,
+    "float16": 2,
+    "fp8": 1,
+    "int8": 1,
+    "float64": 8,
+}
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """One decoder layer in the counted prefill."""
+
+    layer: int
+    ratio: float  # retention ratio R_l; 1.0 = dense layer
+    kept_vision: int  # vision tokens it processes and caches: floor(V * R_l)
+    tokens: int  # T + kept_vision: tokens it processes and caches
+    flops: int  # this layer's FLOPs in the count mode (router included)
+    kv_cache_bytes: int  # K and V of its cached tokens
+
+    @property
+    def kind(self) -> str:
+        return "dense" if self.ratio >= 1.0 else "MoD"
+
+
+@dataclass(frozen=True)
+class FlopsCount:
+    """FLOPs and KV cache of a p-MoD prefill next to the dense model's."""
+
+    model: str
+    count: str  # "paper" | "full"
+    vision_tokens: int
+    text_tokens: int
+    vision_crops: int
+    dtype: str
+    retention_ratios: tuple[float, ...]
+    flops: int
+    baseline_flops: int
+    components: dict[str, int]  # where the p-MoD FLOPs go
+    baseline_components: dict[str, int]
+    kv_cache_ratio: float  # paper convention: mean over layers of R_l (vision part only)
+    kv_cache_bytes: int  # real cache: every layer's T + kept tokens, K and V
+    baseline_kv_cache_bytes: int
+    layers: tuple[LayerCount, ...]
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / 1e12
+
+    @property
+    def baseline_tflops(self) -> float:
+        return self.baseline_flops / 1e12
+
+    @property
+    def ratio(self) -> float:
+        """p-MoD FLOPs / dense FLOPs."""
+        return self.flops / self.baseline_flops
+
+    @property
+    def kv_cache_bytes_ratio(self) -> float:
+        """Real cache bytes / dense cache bytes (text tokens included, unlike ``kv_cache_ratio``)."""
+        return self.kv_cache_bytes / self.baseline_kv_cache_bytes
+
+    @property
+    def mod_layers(self) -> list[int]:
+        return [row.layer for row in self.layers if row.kind == "MoD"]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "count": self.count,
+            "count_description": COUNT_MODES[self.count],
+            "vision_tokens": self.vision_tokens,
+            "text_tokens": self.text_tokens,
+            "vision_crops": self.vision_crops,
+            "dtype": self.dtype,
+            "baseline_tflops": self.baseline_tflops,
+            "tflops": self.tflops,
+            "ratio": self.ratio,
+            "baseline_flops": self.baseline_flops,
+            "flops": self.flops,
+            "components_flops": dict(self.components),
+            "baseline_components_flops": dict(self.baseline_components),
+            "kv_cache_ratio": self.kv_cache_ratio,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "baseline_kv_cache_bytes": self.baseline_kv_cache_bytes,
+            "kv_cache_bytes_ratio": self.kv_cache_bytes_ratio,
+            "retention_ratios": list(self.retention_ratios),
+            "mod_layers": self.mod_layers,
+            "layers": [
+                {
+                    "layer": row.layer,
+                    "kind": row.kind,
+                    "ratio": row.ratio,
+                    "kept_vision_tokens": row.kept_vision,
+                    "tokens": row.tokens,
+                    "flops": row.flops,
+                    "kv_cache_bytes": row.kv_cache_bytes,
+                }
+                for row in self.layers
+            ],
+        }
+
+
+def count_flops(
+    shape: ModelShape,
+    retention_ratios: Sequence[float] | None = None,
+    *,
+    vision_tokens: int | None = None,
+    text_tokens: int | None = None,
+    count: str = "paper",
+    dtype: str = "bf16",
+    attention_pairs: str = "causal",
+) -> FlopsCount:
+    """Count a prefill of ``shape`` with per-layer ``retention_ratios`` (None: the dense model).
+
+    ``vision_tokens`` / ``text_tokens`` default to the shape's V (largest image layout) and T (58).
+    ``attention_pairs`` only matters for ``count="full"``; see ``ATTENTION_PAIRS``.
+    """
+    if count not in COUNT_MODES:
+        raise UserError(f"unknown count mode {count!r}; choose one of {', '.join(COUNT_MODES)}")
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"unknown KV cache dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    if attention_pairs not in ATTENTION_PAIRS:
+        raise ValueError(
+            f"attention_pairs must be one of {ATTENTION_PAIRS}, got {attention_pairs!r}"
+        )
+    num_vision = shape.vision_tokens if vision_tokens is None else vision_tokens
+    num_text = shape.text_tokens if text_tokens is None else text_tokens
+    if num_vision < 0 or num_text < 0 or num_vision + num_text == 0:
+        raise UserError(
+            f"need vision tokens >= 0, text tokens >= 0 and some tokens, got V={num_vision}, T={num_text}"
+        )
+    num_layers = shape.text.num_layers
+    ratios = (
+        [1.0] * num_layers if retention_ratios is None else [float(r) for r in retention_ratios]
+    )
+    if len(ratios) != num_layers:
+        raise ValueError(f"{len(ratios)} retention ratios for a {num_layers}-layer model")
+
+    include_full = count == "full"
+    components, layers = _prefill_flops(
+        shape, ratios, num_vision, num_text, include_full, attention_pairs, dtype
+    )
+    baseline_components, baseline_layers = _prefill_flops(
+        shape, [1.0] * num_layers, num_vision, num_text, include_full, attention_pairs, dtype
+    )
+    return FlopsCount(
+        model=shape.name,
+        count=count,
+        vision_tokens=num_vision,
+        text_tokens=num_text,
+        vision_crops=shape.vision_crops,
+        dtype=dtype,
+        retention_ratios=tuple(ratios),
+        flops=sum(components.values()),
+        baseline_flops=sum(baseline_components.values()),
+        components=components,
+        baseline_components=baseline_components,
+        kv_cache_ratio=sum(ratios) / num_layers,
+        kv_cache_bytes=sum(row.kv_cache_bytes for row in layers),
+        baseline_kv_cache_bytes=sum(row.kv_cache_bytes for row in baseline_layers),
+        layers=tuple(layers),
+    )
+
+
+def count_flops_for_model(
+    model,
+    *,
+    vision_tokens: int | None = None,
+    text_tokens: int | None = None,
+    count: str = "paper",
+    dtype: str | None = None,
+) -> FlopsCount:
+    """``count_flops`` for a loaded HF LLaVA / LLaVA-NeXT model, dense or p-MoD.
+
+    The ratios are the model's own (``model.retention_ratios`` of a p-MoD model); ``dtype``
+    defaults to the model's parameter dtype.
+    """
+    shape = shape_from_hf_config(
+        model.config, name=getattr(model.config, "_name_or_path", "") or type(model).__name__
+    )
+    ratios = getattr(model, "retention_ratios", None)
+    if dtype is None:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return count_flops(
+        shape,
+        ratios,
+        vision_tokens=vision_tokens,
+        text_tokens=text_tokens,
+        count=count,
+        dtype=dtype,
+    )
+
+
+# ---- the formula --------------------------------------------------------------------------
+
+
+def _prefill_flops(
+    shape: ModelShape,
+    ratios: list[float],
+    num_vision: int,
+    num_text: int,
+    include_full: bool,
+    attention_pairs: str,
+    dtype: str,
+) -> tuple[dict[str, int], list[LayerCount]]:
+    text = shape.text
+    d, m = text.hidden_size, text.intermediate_size
+    # per token and layer: q and o are (d x q_dim), k and v (d x kv_dim), the gated MLP 3 x (d x m)
+    linear_per_token = 2 * (2 * d * text.q_dim + 2 * d * text.kv_dim + 3 * d * m)
+    all_tokens = num_text + num_vision
+    bytes_per_entry = 2 * text.kv_dim * DTYPE_BYTES[dtype]  # K and V of one token
+
+    components = {
+        "language_model_linear": 0,
+        "routers": 0,
+        "lm_head": 2 * all_tokens * d * text.vocab_size,
+    }
+    if include_full:
+        components["attention_products"] = 0
+    layers = []
+    for index, ratio in enumerate(ratios):
+        kept_vision = kept_count(num_vision, ratio)
+        tokens = num_text + kept_vision
+        linear = tokens * linear_per_token
+        # a MoD layer's router scores every token entering it: Linear(d, 1)
+        router = 2 * all_tokens * d if ratio < 1.0 else 0
+        attention = (
+            _attention_products(_text_pairs(tokens, attention_pairs), text.q_dim)
+            if include_full
+            else 0
+        )
+        components["language_model_linear"] += linear
+        components["routers"] += router
+        if include_full:
+            components["attention_products"] += attention
+        layers.append(
+            LayerCount(
+                index,
+                ratio,
+                kept_vision,
+                tokens,
+                linear + router + attention,
+                tokens * bytes_per_entry,
+            )
+        )
+    if include_full:
+        components["vision_tower"] = shape.vision_crops * vision_tower_flops_per_crop(shape.vision)
+        projected = shape.vision_crops * shape.vision.features_per_crop
+        projector_in = shape.vision.hidden_size * shape.vision.num_feature_layers
+        # mlp2x_gelu: Linear(vision_hidden, d) -> GELU -> Linear(d, d)
+        components["projector"] = 2 * projected * (projector_in * d + d * d)
+    return components, layers
+
+
+def _text_pairs(tokens: int, attention_pairs: str) -> int:
+    """Query-key pairs of a decoder layer's causal attention over its ``tokens``."""
+    return tokens * (tokens + 1) // 2 if attention_pairs == "causal" else tokens * tokens
+
+
+def _attention_products(pairs: int, width: int) -> int:
+    """Q @ K^T and A @ V over ``pairs`` query-key pairs; ``width`` = heads * head_dim."""
+    return 2 * 2 * pairs * width
+
+
+def vision_tower_flops_per_crop(vision: VisionShape) -> int:
+    """One crop through the ViT: patch embedding, every layer (HF runs them all, whichever
+    layer LLaVA reads), and SigLIP's attention-pooling head when present."""
+    h, m, n = vision.hidden_size, vision.intermediate_size, vision.tokens_per_crop
+    patches = vision.patches_per_side**2
+    patch_embedding = 2 * patches * vision.num_channels * vision.patch_size**2 * h
+    # q, k, v, o (h x h) + fc1, fc2 (h x m); attention is bidirectional: every pair
+    per_layer = 2 * n * (4 * h * h + 2 * h * m) + _attention_products(n * n, h)
+    total = patch_embedding + vision.num_layers * per_layer
+    if vision.pooling_head:
+        # one probe query: q and out projections on 1 token, k and v on n, then an MLP on 1 token
+        total += 2 * (2 * h * h + 2 * n * h * h + 2 * h * m) + _attention_products(n, h)
+    return total

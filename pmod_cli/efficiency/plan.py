@@ -1,0 +1,163 @@
+"""An efficiency plan: which model, which p-MoD settings, counted how; what ``pmod flops`` shows.
+
+``make_plan`` turns the user's choices (preset or config, one or several beta values, schedule,
+thresholds, token counts, count mode, dtype) into one ``FlopsCount`` per p-MoD setting, after
+checking every value; ``plan_to_json`` is the ``--json`` object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..model.config import PMoDConfig
+from ..model.presets import ModelShape, get_preset, read_model_shape
+from ..model.schedules import SCHEDULES
+from .flops import COUNT_MODES, DTYPE_BYTES, FlopsCount, count_flops
+
+# the paper's headline setting: p-MoD-LLaVA-NeXT-7B
+DEFAULT_MODEL = "llava-next-7b"
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One p-MoD setting and its count."""
+
+    pmod: PMoDConfig
+    result: FlopsCount
+
+    @property
+    def label(self) -> str:
+        if self.pmod.ratios is not None:
+            return "p-MoD (explicit ratios)"
+        schedule = "" if self.pmod.schedule == "cosine" else f" {self.pmod.schedule}"
+        return f"p-MoD{schedule} β={self.pmod.beta:g}"
+
+
+@dataclass(frozen=True)
+class FlopsPlan:
+    shape: ModelShape
+    entries: tuple[PlanEntry, ...]
+
+    @property
+    def first(self) -> FlopsCount:
+        return self.entries[0].result
+
+
+def make_plan(
+    model: str | None = None,
+    config: str | Path | None = None,
+    betas: Sequence[float] = (),
+    schedule: str | None = None,
+    min_ratio: float | None = None,
+    max_ratio: float | None = None,
+    vision_tokens: int | None = None,
+    text_tokens: int | None = None,
+    count: str = "paper",
+    dtype: str = "bf16",
+) -> FlopsPlan:
+    """Check the user's choices and count each p-MoD setting (one per beta).
+
+    With ``config`` pointing at a p-MoD checkpoint, its stored p-MoD options are the starting
+    point and the given flags override them (a beta or schedule flag replaces an explicit
+    ``ratios`` list). Otherwise the released defaults (PRD cosine, beta 0.5, 0.15-0.85) apply.
+    """
+    if model is not None and config is not None:
+        raise UserError("give either --model or --config, not both")
+    if count not in COUNT_MODES:
+        raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    for beta in betas:
+        if not beta >= 0:  # also rejects nan
+            raise UserError(f"--beta must be >= 0, got {beta}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise UserError(
+            f"unknown --schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+        )
+    for flag, value in (("--min-ratio", min_ratio), ("--max-ratio", max_ratio)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise UserError(f"{flag} must be in (0, 1], got {value}")
+    for flag, value in (("--vision-tokens", vision_tokens), ("--text-tokens", text_tokens)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
+
+    shape = read_model_shape(config) if config is not None else get_preset(model or DEFAULT_MODEL)
+    base = shape.pmod or PMoDConfig()
+    overrides = {}
+    if schedule is not None:
+        overrides["schedule"] = schedule
+    if min_ratio is not None:
+        overrides["min_ratio"] = min_ratio
+    if max_ratio is not None:
+        overrides["max_ratio"] = max_ratio
+    if (betas or schedule is not None) and base.ratios is not None:
+        overrides["ratios"] = None  # the flags ask for a schedule, not the stored list
+    effective_min = overrides.get("min_ratio", base.min_ratio)
+    effective_max = overrides.get("max_ratio", base.max_ratio)
+    if effective_min > effective_max:
+        raise UserError(
+            f"--min-ratio {effective_min} is above --max-ratio {effective_max}; need min-ratio <= max-ratio"
+        )
+
+    entries = []
+    for beta in betas or [base.beta]:
+        try:
+            pmod = base.replace(**overrides, beta=beta)
+            ratios = pmod.retention_ratios(shape.text.num_layers)
+        except ValueError as err:
+            raise UserError(f"invalid p-MoD setting: {err}") from None
+        result = count_flops(
+            shape,
+            ratios,
+            vision_tokens=vision_tokens,
+            text_tokens=text_tokens,
+            count=count,
+            dtype=dtype,
+        )
+        entries.append(PlanEntry(pmod, result))
+    return FlopsPlan(shape, tuple(entries))
+
+
+def plan_to_json(plan: FlopsPlan) -> dict:
+    """One JSON object: the run, the first setting's numbers at the top level, all in ``plans``."""
+    plans = []
+    for entry in plan.entries:
+        numbers = entry.result.to_dict()
+        for key in (
+            "model",
+            "count",
+            "count_description",
+            "vision_tokens",
+            "text_tokens",
+            "vision_crops",
+            "dtype",
+        ):
+            numbers.pop(key)
+        plans.append(
+            {
+                "label": entry.label,
+                "beta": entry.pmod.beta,
+                "schedule": entry.pmod.schedule,
+                "min_ratio": entry.pmod.min_ratio,
+                "max_ratio": entry.pmod.max_ratio,
+                "pmod": entry.pmod.to_dict(),
+                **numbers,
+            }
+        )
+    first = plan.first
+    return {
+        "model": plan.shape.name,
+        "description": plan.shape.description,
+        "layout": plan.shape.layout,
+        "count": first.count,
+        "count_description": COUNT_MODES[first.count],
+        "vision_tokens": first.vision_tokens,
+        "text_tokens": first.text_tokens,
+        "vision_crops": first.vision_crops,
+        "dtype": first.dtype,
+        **plans[0],
+        "plans": plans,
+    }

@@ -1,0 +1,134 @@
+"""Terminal tables of an efficiency plan: the summary (dense vs p-MoD) and the per-layer plan."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+from rich.console import Console
+from rich.table import Table
+
+from .flops import COUNT_MODES, FlopsCount
+from .plan import FlopsPlan
+
+COMPONENT_LABELS = {
+    "language_model_linear": "LM linear layers",
+    "routers": "routers",
+    "lm_head": "lm_head",
+    "attention_products": "attention (causal)",
+    "vision_tower": "vision tower",
+    "projector": "projector",
+}
+
+
+def percent(value: float) -> str:
+    """0.5375 -> '53.8%': round half up after dropping float noise (0.53749999...)."""
+    rounded = Decimal(repr(round(value * 100, 9))).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+    return f"{rounded}%"
+
+
+def format_bytes(num_bytes: int) -> str:
+    """1536 -> '1.50 KiB' (binary units, as memory is sold)."""
+    if num_bytes < 1024:
+        return f"{num_bytes} B"
+    value = num_bytes / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
+
+
+def _tflops_cell(flops: int) -> str:
+    tflops = flops / 1e12
+    return "<0.001" if 0 < tflops < 0.0005 else f"{tflops:.3f}"
+
+
+def _layer_span(layers: list[int]) -> str:
+    """[8, 9, 10, 12] -> '8-10, 12'."""
+    spans, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            spans.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(spans) or "none"
+
+
+def summary_table(plan: FlopsPlan) -> Table:
+    first = plan.first
+    table = Table(
+        title=f"{plan.shape.name}, {first.count} count: prefill of V={first.vision_tokens} + T={first.text_tokens} tokens",
+    )
+    table.add_column("", style="bold")
+    table.add_column("dense", justify="right")
+    for entry in plan.entries:
+        table.add_column(entry.label, justify="right")
+    results: list[FlopsCount] = [entry.result for entry in plan.entries]
+
+    table.add_row("TFLOPs", f"{first.baseline_tflops:.2f}", *(f"{r.tflops:.2f}" for r in results))
+    table.add_row(
+        "  vs dense", "100.0%", *(f"{percent(r.ratio)} (-{percent(1 - r.ratio)})" for r in results)
+    )
+    for key, label in COMPONENT_LABELS.items():
+        if key not in first.components:
+            continue
+        if key == "vision_tower":
+            label = f"{label} x{first.vision_crops}"
+        table.add_row(
+            f"  {label}",
+            _tflops_cell(first.baseline_components[key]),
+            *(_tflops_cell(r.components[key]) for r in results),
+            style="dim",
+        )
+    table.add_row("KV cache (mean R_l)", "100.0%", *(percent(r.kv_cache_ratio) for r in results))
+    table.add_row(
+        f"KV bytes ({first.dtype})",
+        format_bytes(first.baseline_kv_cache_bytes),
+        *(f"{format_bytes(r.kv_cache_bytes)} ({percent(r.kv_cache_bytes_ratio)})" for r in results),
+    )
+    num_layers = len(first.layers)
+    table.add_row(
+        "MoD layers",
+        f"0 of {num_layers}",
+        *(f"{len(r.mod_layers)} of {num_layers} ({_layer_span(r.mod_layers)})" for r in results),
+    )
+    table.caption = (
+        f"{COUNT_MODES[first.count]}. KV cache: the paper's convention, mean retention of vision tokens; "
+        f"KV bytes: the real cache, T + kept tokens per layer, K and V."
+    )
+    return table
+
+
+def layer_table(plan: FlopsPlan) -> Table:
+    first = plan.first
+    table = Table(
+        title=f"Per-layer plan: kept vision tokens = floor(V * R_l), V={first.vision_tokens}"
+    )
+    table.add_column("layer", justify="right")
+    if len(plan.entries) == 1:
+        for name in ("type", "ratio R_l", "kept vision", "cached tokens"):
+            table.add_column(name, justify="left" if name == "type" else "right")
+        for row in first.layers:
+            table.add_row(
+                str(row.layer), row.kind, f"{row.ratio:.3f}", str(row.kept_vision), str(row.tokens)
+            )
+        return table
+    # several settings side by side: one compact column each
+    for entry in plan.entries:
+        table.add_column(f"{entry.label}\nR_l (kept)", justify="right")
+    for index in range(len(first.layers)):
+        cells = [str(index)]
+        for entry in plan.entries:
+            row = entry.result.layers[index]
+            cells.append("dense" if row.kind == "dense" else f"{row.ratio:.3f} ({row.kept_vision})")
+        table.add_row(*cells)
+    return table
+
+
+def print_plan(plan: FlopsPlan, console: Console | None = None) -> None:
+    console = console or Console()
+    if plan.shape.description:
+        console.print(plan.shape.description)
+    console.print(summary_table(plan))
+    console.print(layer_table(plan))
