@@ -1,0 +1,122 @@
+"""Which vision tokens each layer of a p-MoD model keeps for one image and prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..model.routing import record_routing
+from .patches import PatchBox, patch_boxes_for
+
+
+@dataclass
+class LayerSelection:
+    """One decoder layer's decision over the image's vision tokens."""
+
+    layer: int
+    ratio: float  # 1.0: a dense layer, which processes every token and has no router
+    kept: np.ndarray  # (n_vision,) bool, vision-token order
+    weights: np.ndarray | None  # (n_vision,) router weight w = 1 + f(r); None for a dense layer
+
+    @property
+    def is_dense(self) -> bool:
+        return self.weights is None
+
+    @property
+    def kept_count(self) -> int:
+        return int(self.kept.sum())
+
+
+@dataclass
+class TokenSelection:
+    """Everything the figure and the table need: the image, where tokens sit, what layers kept."""
+
+    image: np.ndarray  # (height, width, 3) uint8, the image as given
+    boxes: list[PatchBox | None]  # one per vision token; None: no place on the image (newline, CLS)
+    layers: list[LayerSelection]  # every decoder layer, in order
+
+    @property
+    def num_vision(self) -> int:
+        return len(self.boxes)
+
+
+def build_prompt(processor, prompt: str) -> str:
+    """The processor's chat template with one image, else LLaVA's plain ``<image>\\n`` form."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    image_token = getattr(processor, "image_token", "<image>")
+    return f"{image_token}\n{prompt}"
+
+
+@torch.no_grad()
+def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSelection:
+    """Run one forward pass and read back every layer's kept vision tokens."""
+    image = image.convert("RGB")
+    inputs = processor(images=image, text=build_prompt(processor, prompt), return_tensors="pt")
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    vision_mask = (inputs["input_ids"][0] == model.config.image_token_id).cpu()  # (seq,)
+    boxes = patch_boxes_for(processor, model.config, image.height, image.width)
+    if len(boxes) != int(vision_mask.sum()):
+        raise RuntimeError(
+            f"token mapping disagrees with the processor: {len(boxes)} patches for {int(vision_mask.sum())} image tokens"
+        )
+    with record_routing(model) as routing:
+        model(**inputs)
+    layers = []
+    for index, ratio in enumerate(model.retention_ratios):
+        if ratio >= 1.0:  # a dense layer: it processed every token
+            layers.append(LayerSelection(index, 1.0, np.ones(len(boxes), dtype=bool), None))
+            continue
+        record = routing.layers[index]
+        layers.append(
+            LayerSelection(
+                index,
+                ratio,
+                record.keep_mask[0][vision_mask].numpy().astype(bool),
+                record.weights[0][vision_mask].numpy().astype(np.float32),
+            )
+        )
+    return TokenSelection(np.asarray(image), boxes, layers)
+
+
+def default_layers(ratios: list[float], count: int = 4) -> list[int]:
+    """``count`` MoD layers spread evenly from the first MoD layer to the last layer."""
+    candidates = [i for i, ratio in enumerate(ratios) if ratio < 1.0] or list(range(len(ratios)))
+    if len(candidates) <= count:
+        chosen = set(candidates)
+    else:
+        chosen = {candidates[round(k * (len(candidates) - 1) / (count - 1))] for k in range(count)}
+    chosen.add(len(ratios) - 1)
+    return sorted(chosen)
+
+
+def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[int] | None:
+    """``"2,14,26"`` (or a list) -> [2, 14, 26], checked against the model's ``num_layers``."""
+    if layers is None:
+        return None
+    parts = layers.split(",") if isinstance(layers, str) else [str(layer) for layer in layers]
+    chosen: list[int] = []
+    for part in (part.strip() for part in parts):
+        if not part:
+            continue
+        try:
+            layer = int(part)
+        except ValueError:
+            raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}") from None
+        if not 0 <= layer < num_layers:
+            raise UserError(
+                f"--layers: layer {layer} is out of range; the model has {num_layers} decoder layers (0-{num_layers - 1})"
+            )
+        if layer not in chosen:
+            chosen.append(layer)
+    if not chosen:
+        raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}")
+    return chosen
