@@ -32,6 +32,19 @@ def flops(
         "paper", "--count", help="paper (the paper's profiler) or full (+ attention, vision tower, projector)."
     ),
     dtype: str = typer.Option("bf16", "--dtype", help="KV cache dtype: bf16, fp16, fp32, fp8."),
+    routed_tokens: str = typer.Option(
+        None, "--routed-tokens", help="vision (p-MoD) or all (gamma-MoD: prompt text before the image competes too)."
+    ),
+    prefix_text_tokens: int = typer.Option(
+        None, "--prefix-text-tokens", help="With routed tokens all: text tokens up to the image that compete (default 35)."
+    ),
+    calibration: Path = typer.Option(
+        None, "--calibration", help="LLaVA JSON/JSONL samples: run --config CHECKPOINT on them and count the measured ratios."
+    ),
+    calibration_samples: int = typer.Option(None, "--calibration-samples", help="Samples to measure (default 16)."),
+    image_folder: Path = typer.Option(
+        None, "--image-folder", help="With --calibration: the directory its image paths are relative to (default: its own)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     plot: str = typer.Option(None, "--plot", help="Draw retention ratio vs layer into this PNG."),
 ) -> None:
@@ -51,6 +64,11 @@ def flops(
         text_tokens=text_tokens,
         count=count,
         dtype=dtype,
+        routed_tokens=routed_tokens,
+        prefix_text_tokens=prefix_text_tokens,
+        calibration=calibration,
+        calibration_samples=calibration_samples,
+        image_folder=image_folder,
     )
     if plot is not None:
         from .efficiency.plot import plot_retention_ratios
@@ -110,6 +128,95 @@ def convert(
     typer.echo(f"wrote {written}: {sum(r < 1 for r in ratios)} of {len(ratios)} layers are MoD")
 
 
+_RECIPE_HELP = "Recipe TOML with the sections model, pmod, data and train (see docs/recipes.md)."
+_SET_HELP = "Override a recipe key, section.key=value (repeatable), e.g. --set train.max_steps=20."
+_RESUME_HELP = "Continue exactly from the last checkpoint-N in train.output_dir."
+_DRY_RUN_HELP = "Check the recipe and every data sample, print the plan (parts, schedule, TFLOPs); train nothing."
+
+
+@app.command()
+def pretrain(
+    recipe: Path = typer.Argument(..., help=_RECIPE_HELP),
+    overrides: list[str] = typer.Option(None, "--set", help=_SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
+) -> None:
+    """Stage 1: train the connector on captions (e.g. recipes/tiny_pretrain.toml)."""
+    from .training.stages import launch
+
+    launch("pretrain", recipe, overrides or [], resume=resume, dry_run=dry_run)
+
+
+@app.command()
+def sft(
+    recipe: Path = typer.Argument(..., help=_RECIPE_HELP),
+    overrides: list[str] = typer.Option(None, "--set", help=_SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_DRY_RUN_HELP),
+) -> None:
+    """Stage 2: p-MoD instruction tuning of connector + LLM + routers (e.g. recipes/tiny.toml)."""
+    from .training.stages import launch
+
+    launch("sft", recipe, overrides or [], resume=resume, dry_run=dry_run)
+
+
+@app.command()
+def arank(
+    checkpoint: Path = typer.Argument(..., help="A LLaVA / LLaVA-NeXT checkpoint directory, plain HF or p-MoD."),
+    data: Path = typer.Option(..., "--data", help="LLaVA-format JSON / JSONL image-question samples."),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Directory the samples' image paths are relative to (default: the data file's)."),
+    samples: int = typer.Option(16, "--samples", help="How many image-question samples to average over."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
+    dense_layers: int = typer.Option(4, "--dense-layers", help="K: the K highest-ARank layers stay dense, the rest become MoD."),
+    output: Path = typer.Option(Path("arank.png"), "--output", help="Where to draw ARank per layer (PNG, PDF, SVG)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Precision of the model and its attention maps: float32, bfloat16, float16, auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    save: Path = typer.Option(None, "--save", help="Write the ARank result file (JSON) that recipes and PMoDConfig can use."),
+) -> None:
+    """gamma-MoD's ARank: rank of each layer's attention maps, and the MoD layers it proposes."""
+    from .analysis.arank import measure_arank
+    from .analysis.report import check_plot_path, report_arank
+
+    check_plot_path(output)
+    result = measure_arank(
+        checkpoint,
+        data,
+        image_folder=image_folder,
+        samples=samples,
+        batch_size=batch_size,
+        dense_layers=dense_layers,
+        dtype=dtype,
+    )
+    report_arank(result, output, save=save, as_json=as_json)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoints: list[Path] = typer.Argument(..., help="p-MoD or plain LLaVA / LLaVA-NeXT checkpoint directories."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lmms-eval tasks, e.g. pmod_tiny_vqa or pmod_paper14."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate only the first N samples of each task."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together (left padding)."),
+    include_path: Path = typer.Option(None, "--include-path", help="A directory of extra lmms-eval task YAMLs."),
+    output: Path = typer.Option(None, "--output", help="Also write the report (and every measurement) to this JSON file."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    count: str = typer.Option("paper", "--count", help="TFLOPs count: paper (as `pmod flops`) or full."),
+) -> None:
+    """Evaluate checkpoints with lmms-eval: accuracy and measured efficiency side by side."""
+    from rich.console import Console
+
+    from .evaluation.report import report_table
+    from .evaluation.run import evaluate_checkpoints, report_to_json, write_json_atomically
+
+    task_list = [task.strip() for task in tasks.split(",") if task.strip()]
+    report = evaluate_checkpoints(
+        checkpoints, task_list, limit=limit, batch_size=batch_size, include_path=include_path, device=device, count=count
+    )
+    Console().print(report_table(report))
+    if output is not None:
+        write_json_atomically(report_to_json(report), output)
+        typer.echo(f"report written to {output}")
+
+
 def _num_layers(checkpoint: Path) -> int:
     import json
 
@@ -118,6 +225,8 @@ def _num_layers(checkpoint: Path) -> int:
 
 
 def main() -> None:
+    # the deepspeed launcher adds --local_rank=N; LOCAL_RANK in the environment says the same
+    sys.argv = [arg for arg in sys.argv if not arg.startswith(("--local_rank=", "--local-rank="))]
     try:
         app()
     except UserError as err:

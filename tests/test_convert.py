@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from tiny_models import tiny_model
 from test_model_core import batch_inputs
+from tiny_models import tiny_model
 
 from pmod_cli.errors import UserError
 from pmod_cli.model.loading import load_checkpoint

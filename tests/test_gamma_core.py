@@ -115,7 +115,7 @@ def test_equivalences_hold_under_the_options(name):
         cached = model.generate(**inputs, **kwargs)
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
         assert torch.equal(cached.sequences, uncached.sequences)
-        for a, b in zip(cached.logits, uncached.logits):
+        for a, b in zip(cached.logits, uncached.logits, strict=True):
             assert torch.allclose(a, b, atol=1e-4)
         for index in (0, 1):
             alone = model.generate(**batch_inputs(processor, (index,)), **kwargs)

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausa
 
 import pmod_cli
 from pmod_cli import PMoDConfig, apply_pmod, record_routing
-from pmod_cli.model import kv_cache_lengths, kept_count
+from pmod_cli.model import kept_count, kv_cache_lengths
 from pmod_cli.model.modeling import UnsupportedModelError
 
 COMBOS = [("llama", "llava"), ("llama", "llava_next"), ("qwen2", "llava"), ("qwen2", "llava_next")]
@@ -64,7 +64,7 @@ def test_cached_generation_equals_uncached(text, layout, ratios):
         cached = model.generate(**inputs, use_cache=True, **kwargs)
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
-    for step_cached, step_uncached in zip(cached.logits, uncached.logits):
+    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
         assert torch.allclose(step_cached, step_uncached, atol=1e-4)
 
 
@@ -78,7 +78,7 @@ def test_sample_alone_equals_sample_in_batch(text, layout):
             alone = model.generate(**batch_inputs(processor, (index,)), **kwargs)
             new_tokens = alone.sequences.shape[1] - 5
             assert torch.equal(alone.sequences[0, new_tokens:], batched.sequences[index, -5:])
-            for step_alone, step_batched in zip(alone.logits, batched.logits):
+            for step_alone, step_batched in zip(alone.logits, batched.logits, strict=True):
                 assert torch.allclose(step_alone[0], step_batched[index], atol=1e-4)
 
 
@@ -96,7 +96,7 @@ def test_kv_cache_lengths_follow_the_formula(text, layout):
     # the last generated token is not yet in the cache
     for layer, ratio in enumerate(LAYER0_MOD):
         if ratio < 1.0:
-            expected = [t + kept_count(v, ratio) + new_tokens - 1 for t, v in zip(real_text, vision)]
+            expected = [t + kept_count(v, ratio) + new_tokens - 1 for t, v in zip(real_text, vision, strict=True)]
             assert lengths[layer] == expected, f"layer {layer}"
         else:
             assert lengths[layer] == [inputs["input_ids"].shape[1] + new_tokens - 1] * 2
@@ -220,7 +220,7 @@ def test_eager_and_sdpa_agree():
                 **inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
             )
     assert torch.equal(results["eager"].sequences, results["sdpa"].sequences)
-    for a, b in zip(results["eager"].logits, results["sdpa"].logits):
+    for a, b in zip(results["eager"].logits, results["sdpa"].logits, strict=True):
         assert torch.allclose(a, b, atol=1e-4)
 
 

@@ -4,8 +4,19 @@ from pmod_cli.efficiency import count_flops, count_flops_for_model
 from pmod_cli.model.presets import get_preset
 result = count_flops(get_preset("llava-next-7b"), ratios, count="paper")   # or "full"
 result.tflops, result.baseline_tflops, result.kv_cache_ratio, result.kv_cache_bytes, result.layers
+count_flops(shape, ratios, routed_tokens="all", prefix_text_tokens=35)    # gamma-MoD: text competes too
+calibration = measure_retention_ratios("ckpt", "calib.json", samples=16)  # threshold routing: measured ratios
 """
 
+from .calibration import Calibration, measure_retention_ratios
 from .flops import COUNT_MODES, FlopsCount, LayerCount, count_flops, count_flops_for_model
 
-__all__ = ["COUNT_MODES", "FlopsCount", "LayerCount", "count_flops", "count_flops_for_model"]
+__all__ = [
+    "COUNT_MODES",
+    "Calibration",
+    "FlopsCount",
+    "LayerCount",
+    "count_flops",
+    "count_flops_for_model",
+    "measure_retention_ratios",
+]

@@ -20,6 +20,17 @@ Count modes (each result says which it used):
 A multiply-add is 2 FLOPs; bias adds, norms, activations, softmax and rotary embeddings are not
 counted (neither DeepSpeed's profiler nor torch's FLOP counter counts them). Vision tokens kept
 per layer are floor(V * R_l), as the model does, so the count matches an executed prefill exactly.
+
+Which tokens compete (``routed_tokens``, as the model's ``PMoDConfig``):
+
+- ``vision`` (p-MoD): the V vision tokens; MoD layer l processes T + floor(V * R_l) tokens.
+- ``all`` (gamma-MoD): at inference the real tokens up to and including the last image token
+  compete (P text tokens of the prompt before / around the image, and the V vision tokens); the
+  question and generated tokens always pass. MoD layer l processes
+  (T - P) + floor((V + P) * R_l) tokens. Without vision tokens nothing competes.
+
+Every MoD layer pays for a router, Linear(d, 1), over all T + V tokens entering it; a shared
+router (one Linear for all MoD layers) still runs once per MoD layer.
 """
 
 from __future__ import annotations
@@ -31,6 +42,11 @@ from ..errors import UserError
 from ..model.presets import ModelShape, VisionShape, shape_from_hf_config
 from ..model.schedules import kept_count
 
+# routed_tokens="all": text tokens of the prompt that compete with the image when not given. The
+# vicuna_v1 prompt before <image> is <s> + system prompt + " USER: ": 35 Llama/Vicuna tokens (the
+# system-prompt length FastV uses for LLaVA-1.5); of the paper's T = 58, the other 23 are the question
+DEFAULT_PREFIX_TEXT_TOKENS = 35
+ROUTED_TOKENS = ("vision", "all")
 COUNT_MODES = {
     "paper": "paper count: language-model linear layers + routers + lm_head (DeepSpeed profiler convention)",
     "full": "full count: paper count + attention score/value products (causal) + vision tower + projector",
@@ -57,15 +73,19 @@ class LayerCount:
     """One decoder layer in the counted prefill."""
 
     layer: int
-    ratio: float  # retention ratio R_l; 1.0 = dense layer
-    kept_vision: int  # vision tokens it processes and caches: floor(V * R_l)
-    tokens: int  # T + kept_vision: tokens it processes and caches
+    ratio: float  # retention ratio R_l; 1.0 for a dense layer (a MoD layer may measure 1.0 too)
+    # vision tokens it processes and caches, floor(V * R_l); None when text competes too
+    # (routed_tokens="all"), as the router then decides how the kept tokens split
+    kept_vision: int | None
+    tokens: int  # tokens it processes and caches: the passing ones + kept_competing
     flops: int  # this layer's FLOPs in the count mode (router included)
     kv_cache_bytes: int  # K and V of its cached tokens
+    kept_competing: int  # competing tokens it keeps: floor(competing * R_l)
+    is_mod: bool  # routes tokens (and pays for a router)
 
     @property
     def kind(self) -> str:
-        return "dense" if self.ratio >= 1.0 else "MoD"
+        return "MoD" if self.is_mod else "dense"
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,9 @@ class FlopsCount:
     kv_cache_bytes: int  # real cache: every layer's T + kept tokens, K and V
     baseline_kv_cache_bytes: int
     layers: tuple[LayerCount, ...]
+    routed_tokens: str = "vision"  # "vision" | "all": which tokens compete
+    prefix_text_tokens: int = 0  # text tokens that compete (routed_tokens="all")
+    competing_tokens: int = 0  # tokens that compete in a MoD layer: V, or V + prefix_text_tokens
 
     @property
     def tflops(self) -> float:
@@ -119,6 +142,9 @@ class FlopsCount:
             "text_tokens": self.text_tokens,
             "vision_crops": self.vision_crops,
             "dtype": self.dtype,
+            "routed_tokens": self.routed_tokens,
+            "prefix_text_tokens": self.prefix_text_tokens,
+            "competing_tokens": self.competing_tokens,
             "baseline_tflops": self.baseline_tflops,
             "tflops": self.tflops,
             "ratio": self.ratio,
@@ -138,6 +164,7 @@ class FlopsCount:
                     "kind": row.kind,
                     "ratio": row.ratio,
                     "kept_vision_tokens": row.kept_vision,
+                    "kept_competing_tokens": row.kept_competing,
                     "tokens": row.tokens,
                     "flops": row.flops,
                     "kv_cache_bytes": row.kv_cache_bytes,
@@ -156,16 +183,25 @@ def count_flops(
     count: str = "paper",
     dtype: str = "bf16",
     attention_pairs: str = "causal",
+    routed_tokens: str = "vision",
+    prefix_text_tokens: int | None = None,
+    mod_layers: Sequence[int] | None = None,
 ) -> FlopsCount:
     """Count a prefill of ``shape`` with per-layer ``retention_ratios`` (None: the dense model).
 
     ``vision_tokens`` / ``text_tokens`` default to the shape's V (largest image layout) and T (58).
     ``attention_pairs`` only matters for ``count="full"``; see ``ATTENTION_PAIRS``.
+    ``routed_tokens="all"``: ``prefix_text_tokens`` of the T text tokens compete with the image
+    (default ``DEFAULT_PREFIX_TEXT_TOKENS``, or T if smaller).
+    ``mod_layers``: the layers that route (measured ratios may be 1.0 in a MoD layer); default:
+    the layers with a ratio below 1.
     """
     if count not in COUNT_MODES:
         raise UserError(f"unknown count mode {count!r}; choose one of {', '.join(COUNT_MODES)}")
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown KV cache dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    if routed_tokens not in ROUTED_TOKENS:
+        raise UserError(f"unknown routed_tokens {routed_tokens!r}; choose one of {', '.join(ROUTED_TOKENS)}")
     if attention_pairs not in ATTENTION_PAIRS:
         raise ValueError(
             f"attention_pairs must be one of {ATTENTION_PAIRS}, got {attention_pairs!r}"
@@ -176,19 +212,24 @@ def count_flops(
         raise UserError(
             f"need vision tokens >= 0, text tokens >= 0 and some tokens, got V={num_vision}, T={num_text}"
         )
+    num_prefix = _competing_text_tokens(routed_tokens, prefix_text_tokens, num_text)
+    # with no image there is no last image token, so nothing competes (layer.py's rule)
+    num_competing = num_vision + num_prefix if num_vision > 0 else 0
     num_layers = shape.text.num_layers
     ratios = (
         [1.0] * num_layers if retention_ratios is None else [float(r) for r in retention_ratios]
     )
     if len(ratios) != num_layers:
         raise ValueError(f"{len(ratios)} retention ratios for a {num_layers}-layer model")
+    is_mod = _mod_flags(ratios, mod_layers)
 
     include_full = count == "full"
+    tokens = _TokenCounts(num_vision, num_text, num_competing, routed_tokens == "vision")
     components, layers = _prefill_flops(
-        shape, ratios, num_vision, num_text, include_full, attention_pairs, dtype
+        shape, ratios, is_mod, tokens, include_full, attention_pairs, dtype
     )
     baseline_components, baseline_layers = _prefill_flops(
-        shape, [1.0] * num_layers, num_vision, num_text, include_full, attention_pairs, dtype
+        shape, [1.0] * num_layers, [False] * num_layers, tokens, include_full, attention_pairs, dtype
     )
     return FlopsCount(
         model=shape.name,
@@ -206,7 +247,39 @@ def count_flops(
         kv_cache_bytes=sum(row.kv_cache_bytes for row in layers),
         baseline_kv_cache_bytes=sum(row.kv_cache_bytes for row in baseline_layers),
         layers=tuple(layers),
+        routed_tokens=routed_tokens,
+        prefix_text_tokens=num_prefix,
+        competing_tokens=num_competing,
     )
+
+
+def _competing_text_tokens(routed_tokens: str, prefix_text_tokens: int | None, num_text: int) -> int:
+    """How many of the T text tokens compete with the image."""
+    if routed_tokens == "vision":
+        if prefix_text_tokens:
+            raise UserError(
+                "prefix text tokens only compete when routed_tokens is 'all'; this setting routes vision tokens only"
+            )
+        return 0
+    if prefix_text_tokens is None:
+        return min(DEFAULT_PREFIX_TEXT_TOKENS, num_text)
+    if not 0 <= prefix_text_tokens <= num_text:
+        raise UserError(
+            f"prefix text tokens must be between 0 and the {num_text} text tokens, got {prefix_text_tokens}"
+        )
+    return prefix_text_tokens
+
+
+def _mod_flags(ratios: list[float], mod_layers: Sequence[int] | None) -> list[bool]:
+    if mod_layers is None:
+        return [ratio < 1.0 for ratio in ratios]
+    chosen = set(mod_layers)
+    if not chosen <= set(range(len(ratios))):
+        raise ValueError(f"mod_layers {sorted(chosen)} out of range for {len(ratios)} layers")
+    dense_below_one = [i for i, ratio in enumerate(ratios) if i not in chosen and ratio < 1.0]
+    if dense_below_one:
+        raise ValueError(f"layers {dense_below_one} have ratios below 1 but are not in mod_layers")
+    return [i in chosen for i in range(len(ratios))]
 
 
 def count_flops_for_model(
@@ -216,16 +289,19 @@ def count_flops_for_model(
     text_tokens: int | None = None,
     count: str = "paper",
     dtype: str | None = None,
+    prefix_text_tokens: int | None = None,
 ) -> FlopsCount:
     """``count_flops`` for a loaded HF LLaVA / LLaVA-NeXT model, dense or p-MoD.
 
-    The ratios are the model's own (``model.retention_ratios`` of a p-MoD model); ``dtype``
-    defaults to the model's parameter dtype.
+    The ratios and routed tokens are the model's own (``model.retention_ratios`` and
+    ``config.pmod`` of a p-MoD model; a threshold-routing model is counted at its top-k ratios);
+    ``dtype`` defaults to the model's parameter dtype.
     """
     shape = shape_from_hf_config(
         model.config, name=getattr(model.config, "_name_or_path", "") or type(model).__name__
     )
     ratios = getattr(model, "retention_ratios", None)
+    routed_tokens = shape.pmod.routed_tokens if shape.pmod is not None else "vision"
     if dtype is None:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return count_flops(
@@ -235,17 +311,27 @@ def count_flops_for_model(
         text_tokens=text_tokens,
         count=count,
         dtype=dtype,
+        routed_tokens=routed_tokens,
+        prefix_text_tokens=prefix_text_tokens if routed_tokens == "all" else None,
     )
 
 
 # ---- the formula --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _TokenCounts:
+    vision: int  # V
+    text: int  # T
+    competing: int  # tokens that compete in a MoD layer (V, or V + prefix text)
+    only_vision_competes: bool
+
+
 def _prefill_flops(
     shape: ModelShape,
     ratios: list[float],
-    num_vision: int,
-    num_text: int,
+    is_mod: list[bool],
+    tokens: _TokenCounts,
     include_full: bool,
     attention_pairs: str,
     dtype: str,
@@ -254,7 +340,8 @@ def _prefill_flops(
     d, m = text.hidden_size, text.intermediate_size
     # per token and layer: q and o are (d x q_dim), k and v (d x kv_dim), the gated MLP 3 x (d x m)
     linear_per_token = 2 * (2 * d * text.q_dim + 2 * d * text.kv_dim + 3 * d * m)
-    all_tokens = num_text + num_vision
+    all_tokens = tokens.text + tokens.vision
+    passing = all_tokens - tokens.competing  # tokens every layer processes
     bytes_per_entry = 2 * text.kv_dim * DTYPE_BYTES[dtype]  # K and V of one token
 
     components = {
@@ -265,14 +352,14 @@ def _prefill_flops(
     if include_full:
         components["attention_products"] = 0
     layers = []
-    for index, ratio in enumerate(ratios):
-        kept_vision = kept_count(num_vision, ratio)
-        tokens = num_text + kept_vision
-        linear = tokens * linear_per_token
+    for index, (ratio, mod) in enumerate(zip(ratios, is_mod, strict=True)):
+        kept_competing = kept_count(tokens.competing, ratio) if mod else tokens.competing
+        layer_tokens = passing + kept_competing
+        linear = layer_tokens * linear_per_token
         # a MoD layer's router scores every token entering it: Linear(d, 1)
-        router = 2 * all_tokens * d if ratio < 1.0 else 0
+        router = 2 * all_tokens * d if mod else 0
         attention = (
-            _attention_products(_text_pairs(tokens, attention_pairs), text.q_dim)
+            _attention_products(_text_pairs(layer_tokens, attention_pairs), text.q_dim)
             if include_full
             else 0
         )
@@ -282,12 +369,14 @@ def _prefill_flops(
             components["attention_products"] += attention
         layers.append(
             LayerCount(
-                index,
-                ratio,
-                kept_vision,
-                tokens,
-                linear + router + attention,
-                tokens * bytes_per_entry,
+                layer=index,
+                ratio=ratio,
+                kept_vision=_kept_vision(tokens, mod, kept_competing),
+                tokens=layer_tokens,
+                flops=linear + router + attention,
+                kv_cache_bytes=layer_tokens * bytes_per_entry,
+                kept_competing=kept_competing,
+                is_mod=mod,
             )
         )
     if include_full:
@@ -297,6 +386,13 @@ def _prefill_flops(
         # mlp2x_gelu: Linear(vision_hidden, d) -> GELU -> Linear(d, d)
         components["projector"] = 2 * projected * (projector_in * d + d * d)
     return components, layers
+
+
+def _kept_vision(tokens: _TokenCounts, mod: bool, kept_competing: int) -> int | None:
+    if not mod:
+        return tokens.vision
+    # with text competing too, the router decides how many of the kept tokens are vision
+    return kept_competing if tokens.only_vision_competes else None
 
 
 def _text_pairs(tokens: int, attention_pairs: str) -> int:

@@ -1,8 +1,10 @@
 """An efficiency plan: which model, which p-MoD settings, counted how; what ``pmod flops`` shows.
 
 ``make_plan`` turns the user's choices (preset or config, one or several beta values, schedule,
-thresholds, token counts, count mode, dtype) into one ``FlopsCount`` per p-MoD setting, after
-checking every value; ``plan_to_json`` is the ``--json`` object.
+thresholds, token counts, routed tokens, count mode, dtype) into one ``FlopsCount`` per p-MoD
+setting, after checking every value; ``plan_to_json`` is the ``--json`` object. A threshold-routing
+checkpoint keeps a data-dependent share of tokens: its ratios are measured on calibration samples
+(``calibration.py``) and counted like any others.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from ..errors import UserError
 from ..model.config import PMoDConfig
 from ..model.presets import ModelShape, get_preset, read_model_shape
 from ..model.schedules import SCHEDULES
-from .flops import COUNT_MODES, DTYPE_BYTES, FlopsCount, count_flops
+from .calibration import Calibration
+from .flops import COUNT_MODES, DTYPE_BYTES, ROUTED_TOKENS, FlopsCount, count_flops
 
 # the paper's headline setting: p-MoD-LLaVA-NeXT-7B
 DEFAULT_MODEL = "llava-next-7b"
@@ -27,9 +30,18 @@ class PlanEntry:
 
     pmod: PMoDConfig
     result: FlopsCount
+    calibration: Calibration | None = None  # set when the ratios were measured
+
+    @property
+    def ratios_source(self) -> str:
+        if self.calibration is not None:
+            return self.calibration.description
+        return "explicit ratios" if self.pmod.ratios is not None else "schedule"
 
     @property
     def label(self) -> str:
+        if self.calibration is not None:
+            return "p-MoD (measured ratios)"
         if self.pmod.ratios is not None:
             return "p-MoD (explicit ratios)"
         schedule = "" if self.pmod.schedule == "cosine" else f" {self.pmod.schedule}"
@@ -57,15 +69,31 @@ def make_plan(
     text_tokens: int | None = None,
     count: str = "paper",
     dtype: str = "bf16",
+    routed_tokens: str | None = None,
+    prefix_text_tokens: int | None = None,
+    calibration: str | Path | None = None,
+    calibration_samples: int | None = None,
+    image_folder: str | Path | None = None,
+    progress: bool = True,
 ) -> FlopsPlan:
     """Check the user's choices and count each p-MoD setting (one per beta).
 
     With ``config`` pointing at a p-MoD checkpoint, its stored p-MoD options are the starting
     point and the given flags override them (a beta or schedule flag replaces an explicit
     ``ratios`` list). Otherwise the released defaults (PRD cosine, beta 0.5, 0.15-0.85) apply.
+    ``calibration`` (a LLaVA JSON / JSONL file) runs the ``config`` checkpoint on
+    ``calibration_samples`` samples and counts the ratios it measured; a threshold-routing
+    checkpoint needs it.
     """
     if model is not None and config is not None:
         raise UserError("give either --model or --config, not both")
+    if routed_tokens is not None and routed_tokens not in ROUTED_TOKENS:
+        raise UserError(f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}")
+    if prefix_text_tokens is not None and prefix_text_tokens < 0:
+        raise UserError(f"--prefix-text-tokens must be >= 0, got {prefix_text_tokens}")
+    _check_calibration_flags(
+        model, config, betas, schedule, min_ratio, max_ratio, routed_tokens, calibration, calibration_samples, image_folder
+    )
     if count not in COUNT_MODES:
         raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
     if dtype not in DTYPE_BYTES:
@@ -87,6 +115,8 @@ def make_plan(
     shape = read_model_shape(config) if config is not None else get_preset(model or DEFAULT_MODEL)
     base = shape.pmod or PMoDConfig()
     overrides = {}
+    if routed_tokens is not None:
+        overrides["routed_tokens"] = routed_tokens
     if schedule is not None:
         overrides["schedule"] = schedule
     if min_ratio is not None:
@@ -102,6 +132,44 @@ def make_plan(
             f"--min-ratio {effective_min} is above --max-ratio {effective_max}; need min-ratio <= max-ratio"
         )
 
+    effective_routed = overrides.get("routed_tokens", base.routed_tokens)
+    if prefix_text_tokens is not None and effective_routed == "vision":
+        raise UserError(
+            "--prefix-text-tokens only applies when text tokens compete; this setting routes vision tokens only "
+            "(add --routed-tokens all)"
+        )
+    num_text = shape.text_tokens if text_tokens is None else text_tokens
+    if prefix_text_tokens is not None and prefix_text_tokens > num_text:
+        raise UserError(
+            f"--prefix-text-tokens {prefix_text_tokens} is more than the {num_text} text tokens; "
+            "lower it or raise --text-tokens"
+        )
+    token_options = dict(
+        vision_tokens=vision_tokens,
+        text_tokens=text_tokens,
+        count=count,
+        dtype=dtype,
+        routed_tokens=effective_routed,
+        prefix_text_tokens=prefix_text_tokens,
+    )
+    if calibration is not None:
+        from .calibration import measure_retention_ratios
+
+        measured = measure_retention_ratios(
+            config,
+            calibration,
+            samples=16 if calibration_samples is None else calibration_samples,
+            image_folder=image_folder,
+            progress=progress,
+        )
+        result = count_flops(shape, measured.ratios, mod_layers=measured.mod_layers, **token_options)
+        return FlopsPlan(shape, (PlanEntry(base, result, measured),))
+    if base.inference_routing == "threshold":
+        raise UserError(
+            "this p-MoD setting uses threshold routing, which keeps a data-dependent share of tokens; pass "
+            "--calibration FILE.json (LLaVA-format image-question samples) with --config CHECKPOINT_DIR to measure its ratios"
+        )
+
     entries = []
     for beta in betas or [base.beta]:
         try:
@@ -109,16 +177,33 @@ def make_plan(
             ratios = pmod.retention_ratios(shape.text.num_layers)
         except ValueError as err:
             raise UserError(f"invalid p-MoD setting: {err}") from None
-        result = count_flops(
-            shape,
-            ratios,
-            vision_tokens=vision_tokens,
-            text_tokens=text_tokens,
-            count=count,
-            dtype=dtype,
-        )
-        entries.append(PlanEntry(pmod, result))
+        entries.append(PlanEntry(pmod, count_flops(shape, ratios, **token_options)))
     return FlopsPlan(shape, tuple(entries))
+
+
+def _check_calibration_flags(
+    model, config, betas, schedule, min_ratio, max_ratio, routed_tokens, calibration, calibration_samples, image_folder
+) -> None:
+    if calibration is None:
+        for flag, value in (("--calibration-samples", calibration_samples), ("--image-folder", image_folder)):
+            if value is not None:
+                raise UserError(f"{flag} only applies with --calibration FILE.json")
+        return
+    if config is None or model is not None:
+        raise UserError("--calibration runs a checkpoint on samples: give --config CHECKPOINT_DIR (a p-MoD checkpoint)")
+    changed = [
+        flag
+        for flag, value in (
+            ("--beta", betas),
+            ("--schedule", schedule),
+            ("--min-ratio", min_ratio),
+            ("--max-ratio", max_ratio),
+            ("--routed-tokens", routed_tokens),
+        )
+        if value not in (None, (), [])
+    ]
+    if changed:
+        raise UserError(f"--calibration measures the checkpoint's own routing; drop {', '.join(changed)}")
 
 
 def plan_to_json(plan: FlopsPlan) -> dict:
@@ -134,11 +219,16 @@ def plan_to_json(plan: FlopsPlan) -> dict:
             "text_tokens",
             "vision_crops",
             "dtype",
+            "routed_tokens",
+            "prefix_text_tokens",
+            "competing_tokens",
         ):
             numbers.pop(key)
         plans.append(
             {
                 "label": entry.label,
+                "ratios_source": entry.ratios_source,
+                "calibration": entry.calibration.to_dict() if entry.calibration is not None else None,
                 "beta": entry.pmod.beta,
                 "schedule": entry.pmod.schedule,
                 "min_ratio": entry.pmod.min_ratio,
@@ -158,6 +248,10 @@ def plan_to_json(plan: FlopsPlan) -> dict:
         "text_tokens": first.text_tokens,
         "vision_crops": first.vision_crops,
         "dtype": first.dtype,
+        "routed_tokens": first.routed_tokens,
+        "prefix_text_tokens": first.prefix_text_tokens,
+        "competing_tokens": first.competing_tokens,
+        "inference_routing": plan.entries[0].pmod.inference_routing,
         **plans[0],
         "plans": plans,
     }

@@ -28,8 +28,8 @@ def plot_retention_ratios(plan: FlopsPlan, path: str | Path) -> Path:
         result, pmod = entry.result, entry.pmod
         label = f"{entry.label}: {result.tflops:.2f} TFLOPs ({result.count} count), KV {percent(result.kv_cache_ratio)}"
         (line,) = axes.plot(layers, result.retention_ratios, marker="o", markersize=3, label=label)
-        if pmod.ratios is None:
-            # the schedule before thresholds, as drawn in the paper
+        if pmod.ratios is None and entry.calibration is None:
+            # the schedule before thresholds, as drawn in the paper (measured ratios have none)
             raw = [SCHEDULES[pmod.schedule](layer, num_layers, pmod.beta) for layer in layers]
             axes.plot(layers, raw, linestyle="--", linewidth=0.8, color=line.get_color(), alpha=0.6)
     first = plan.entries[0].pmod
@@ -48,7 +48,8 @@ def plot_retention_ratios(plan: FlopsPlan, path: str | Path) -> Path:
     axes.set_xlabel("decoder layer $l$")
     axes.set_ylabel("retention ratio $R_l$ (1 = dense)")
     axes.set_title(
-        f"{plan.shape.name}: vision-token retention per layer (dashed: schedule before thresholds)",
+        f"{plan.shape.name}: {'vision' if plan.first.routed_tokens == 'vision' else 'competing'}-token retention "
+        "per layer (dashed: schedule before thresholds)",
         fontsize=9,
     )
     axes.legend(fontsize=7, loc="lower left")

@@ -55,10 +55,19 @@ def _layer_span(layers: list[int]) -> str:
     return ", ".join(spans) or "none"
 
 
+def _competing_description(result: FlopsCount) -> str:
+    if result.routed_tokens == "vision":
+        return "vision tokens compete"
+    return f"V + {result.prefix_text_tokens} prefix text tokens compete (routed_tokens=all)"
+
+
 def summary_table(plan: FlopsPlan) -> Table:
     first = plan.first
     table = Table(
-        title=f"{plan.shape.name}, {first.count} count: prefill of V={first.vision_tokens} + T={first.text_tokens} tokens",
+        title=(
+            f"{plan.shape.name}, {first.count} count: prefill of V={first.vision_tokens} + T={first.text_tokens} tokens, "
+            f"{_competing_description(first)}"
+        ),
     )
     table.add_column("", style="bold")
     table.add_column("dense", justify="right")
@@ -93,25 +102,33 @@ def summary_table(plan: FlopsPlan) -> Table:
         f"0 of {num_layers}",
         *(f"{len(r.mod_layers)} of {num_layers} ({_layer_span(r.mod_layers)})" for r in results),
     )
+    kept = "kept vision tokens" if first.routed_tokens == "vision" else "passing + kept competing tokens"
     table.caption = (
-        f"{COUNT_MODES[first.count]}. KV cache: the paper's convention, mean retention of vision tokens; "
-        f"KV bytes: the real cache, T + kept tokens per layer, K and V."
+        f"{COUNT_MODES[first.count]}. KV cache: the paper's convention, mean retention ratio; "
+        f"KV bytes: the real cache, {'T + ' if first.routed_tokens == 'vision' else ''}{kept} per layer, K and V."
     )
     return table
 
 
 def layer_table(plan: FlopsPlan) -> Table:
     first = plan.first
-    table = Table(
-        title=f"Per-layer plan: kept vision tokens = floor(V * R_l), V={first.vision_tokens}"
-    )
+    if first.routed_tokens == "vision":
+        title = f"Per-layer plan: kept vision tokens = floor(V * R_l), V={first.vision_tokens}"
+        kept_name = "kept vision"
+    else:
+        title = (
+            f"Per-layer plan: kept competing tokens = floor((V + P) * R_l), V + P = {first.competing_tokens}; "
+            f"the other {first.text_tokens - first.prefix_text_tokens} text tokens pass every layer"
+        )
+        kept_name = "kept competing"
+    table = Table(title=title)
     table.add_column("layer", justify="right")
     if len(plan.entries) == 1:
-        for name in ("type", "ratio R_l", "kept vision", "cached tokens"):
+        for name in ("type", "ratio R_l", kept_name, "cached tokens"):
             table.add_column(name, justify="left" if name == "type" else "right")
         for row in first.layers:
             table.add_row(
-                str(row.layer), row.kind, f"{row.ratio:.3f}", str(row.kept_vision), str(row.tokens)
+                str(row.layer), row.kind, f"{row.ratio:.3f}", str(row.kept_competing), str(row.tokens)
             )
         return table
     # several settings side by side: one compact column each
@@ -121,7 +138,7 @@ def layer_table(plan: FlopsPlan) -> Table:
         cells = [str(index)]
         for entry in plan.entries:
             row = entry.result.layers[index]
-            cells.append("dense" if row.kind == "dense" else f"{row.ratio:.3f} ({row.kept_vision})")
+            cells.append("dense" if row.kind == "dense" else f"{row.ratio:.3f} ({row.kept_competing})")
         table.add_row(*cells)
     return table
 
@@ -130,5 +147,15 @@ def print_plan(plan: FlopsPlan, console: Console | None = None) -> None:
     console = console or Console()
     if plan.shape.description:
         console.print(plan.shape.description)
+    for entry in plan.entries:
+        if entry.calibration is not None:
+            measured = entry.calibration
+            console.print(measured.description, highlight=False)
+            console.print(
+                f"  from {measured.data}: per sample {measured.mean_vision_tokens:.1f} vision + "
+                f"{measured.mean_text_tokens:.1f} text tokens, {measured.mean_competing_tokens:.1f} competing",
+                style="dim",
+                highlight=False,
+            )
     console.print(summary_table(plan))
     console.print(layer_table(plan))

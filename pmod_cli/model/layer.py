@@ -16,6 +16,8 @@ transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +54,6 @@ class PMoDLayerMixin:
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         pmod_routing: RoutingInputs | None = None,
@@ -63,13 +64,14 @@ class PMoDLayerMixin:
                 hidden_states,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
+        cache_kwarg = _cache_kwarg(type(self.self_attn))
+        cache = kwargs.pop(cache_kwarg, None)
         return self._mod_forward(
-            hidden_states, position_ids, past_key_values, use_cache, position_embeddings, pmod_routing, **kwargs
+            hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, pmod_routing, **kwargs
         )
 
     # ---- the MoD path -------------------------------------------------------------------
@@ -112,7 +114,9 @@ class PMoDLayerMixin:
         selected = candidates & (rank < keep_count[:, None])
         return (valid & ~candidates) | selected
 
-    def _mod_forward(self, hidden_states, position_ids, past_key_values, use_cache, position_embeddings, routing, **kwargs):
+    def _mod_forward(
+        self, hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, routing, **kwargs
+    ):
         batch, seq, hidden = hidden_states.shape
         device = hidden_states.device
         if routing is None:  # called without the p-MoD model around it: no vision tokens known
@@ -154,8 +158,8 @@ class PMoDLayerMixin:
 
         # 3. run, on this layer's own cache and mask
         past_valid = past_positions = None
-        if past_key_values is not None:
-            cache_layer = pmod_cache_layer(past_key_values, self.self_attn.layer_idx)
+        if cache is not None:
+            cache_layer = pmod_cache_layer(cache, self.self_attn.layer_idx)
             past_valid, past_positions = cache_layer.slot_valid, cache_layer.slot_positions
             new_valid = slot_valid if slot_valid is not None else torch.ones(batch, kept, dtype=torch.bool, device=device)
             cache_layer.record_slots(new_valid, kept_positions, seq)
@@ -174,9 +178,9 @@ class PMoDLayerMixin:
             attention_mask=attn_mask,
             # no position_ids: RoPE comes from kept_rope, and flash-attention would read gappy
             # positions as packed sequences
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=kept_rope,
+            **{cache_kwarg: cache},
             **kwargs,
         )
         after_attn = kept_states + attn_out
@@ -196,6 +200,14 @@ class PMoDLayerMixin:
             skipped_value = kept_states * kept_weights if self.pmod_config.string else kept_states
             kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, skipped_value)
         return passed.scatter_(1, gather_hidden, kept_out)
+
+
+@functools.cache
+def _cache_kwarg(attention_class: type) -> str:
+    """The name HF attention modules take the KV cache under: ``cache`` from transformers 5.24
+    on, ``past_key_values`` before."""
+    parameters = inspect.signature(attention_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _sliding_window(attention: nn.Module) -> int | None:

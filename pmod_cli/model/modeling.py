@@ -23,7 +23,10 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers import initialization as init
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 
 from ..errors import UserError
 from .config import PMoDConfig

@@ -1,0 +1,208 @@
+"""Conversation templates: how a LLaVA conversation becomes the text a model trains on.
+
+A template turns the ``conversations`` of a sample into pieces of text, each marked as a target
+(an assistant reply: the loss is computed on it) or not (system prompt, user turns, role
+markers: labels -100). Each template also carries the equivalent Jinja chat template, which is
+saved with the processor so that ``processor.apply_chat_template`` at evaluation time builds
+exactly the prompt the model was trained on. Adding a template is one ``register_template`` call.
+
+- ``plain``: LLaVA's pretrain format, the image then the caption (the user's text is dropped).
+- ``vicuna_v1``: Vicuna v1.1 / LLaVA-1.5 ("SYSTEM USER: ... ASSISTANT: ...</s>").
+- ``chatml``: Qwen2 and other ChatML models ("<|im_start|>user\\n...<|im_end|>\\n").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    is_target: bool
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" | "assistant"
+    text: str
+
+
+class ConversationError(ValueError):
+    """A conversation that the template cannot format (the sample is skipped)."""
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """A named format; ``format`` builds the pieces, ``generation_prompt`` the inference prompt."""
+
+    name: str
+    description: str
+    # (turns, eos token text) -> pieces
+    format_fn: Callable[[list[Turn], str], list[Piece]]
+    # (question with <image> placeholders) -> prompt ending where the assistant starts
+    prompt_fn: Callable[[str], str]
+    jinja: str
+
+    def format(self, turns: list[Turn], eos_token: str) -> list[Piece]:
+        return self.format_fn(turns, eos_token)
+
+    def generation_prompt(self, question: str) -> str:
+        return self.prompt_fn(question)
+
+
+TEMPLATES: dict[str, ConversationTemplate] = {}
+
+
+def register_template(template: ConversationTemplate) -> ConversationTemplate:
+    TEMPLATES[template.name] = template
+    return template
+
+
+def get_template(name: str) -> ConversationTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise KeyError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATES)}") from None
+
+
+def parse_turns(conversations: list[dict]) -> list[Turn]:
+    """LLaVA ``from``/``value`` records -> alternating user/assistant turns (system turns dropped)."""
+    turns = []
+    for message in conversations:
+        if not isinstance(message, dict) or "from" not in message or "value" not in message:
+            raise ConversationError("each conversation entry needs 'from' and 'value'")
+        role = ROLE_ALIASES.get(str(message["from"]).lower())
+        if role is None:
+            raise ConversationError(f"unknown speaker {message['from']!r} (expected human/gpt)")
+        if role == "system":
+            continue
+        if not isinstance(message["value"], str):
+            raise ConversationError("a conversation 'value' must be a string")
+        turns.append(Turn(role, message["value"]))
+    if not turns:
+        raise ConversationError("empty conversation")
+    for index, turn in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise ConversationError(f"turn {index} is from the {turn.role}, expected the {expected}")
+    if turns[-1].role != "assistant":
+        raise ConversationError("the conversation ends without an assistant reply")
+    return turns
+
+
+# ---- plain (pretrain) -------------------------------------------------------------------
+
+
+def _plain_format(turns: list[Turn], eos_token: str) -> list[Piece]:
+    # LLaVA pretrain: only the image stands for the user turn; the reply is the caption
+    images = IMAGE_PLACEHOLDER * turns[0].text.count(IMAGE_PLACEHOLDER)
+    return [Piece(images, False), Piece(turns[1].text + "\n", True)]
+
+
+register_template(
+    ConversationTemplate(
+        name="plain",
+        description="LLaVA pretrain: <image> then the caption, loss on the caption",
+        format_fn=_plain_format,
+        prompt_fn=lambda question: IMAGE_PLACEHOLDER * max(1, question.count(IMAGE_PLACEHOLDER)),
+        jinja=(
+            "{% for message in messages %}"
+            "{% if message['role'] == 'user' %}"
+            "{% if message['content'] is string %}"
+            "{% for _ in range(message['content'].count('<image>')) %}<image>{% endfor %}"
+            "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+            "{% endif %}"
+            "{% elif message['role'] == 'assistant' %}"
+            "{% if message['content'] is string %}{{ message['content'] }}"
+            "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+            "{% endif %}\n"
+            "{% endif %}"
+            "{% endfor %}"
+        ),
+    )
+)
+
+
+# ---- vicuna_v1 (LLaVA-1.5, LLaVA-NeXT Vicuna) ---------------------------------------------
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def _vicuna_format(turns: list[Turn], eos_token: str) -> list[Piece]:
+    pieces = []
+    for index in range(0, len(turns), 2):
+        lead = VICUNA_SYSTEM + " " if index == 0 else ""
+        pieces.append(Piece(f"{lead}USER: {turns[index].text} ASSISTANT:", False))
+        pieces.append(Piece(f" {turns[index + 1].text}{eos_token}", True))
+    return pieces
+
+
+# content is a string (LLaVA style, "<image>" inline) or a list of {"type": "image"|"text"} items
+_JINJA_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+)
+
+register_template(
+    ConversationTemplate(
+        name="vicuna_v1",
+        description="Vicuna v1.1 / LLaVA-1.5: 'SYSTEM USER: ... ASSISTANT: ...</s>', loss on the replies",
+        format_fn=_vicuna_format,
+        prompt_fn=lambda question: f"{VICUNA_SYSTEM} USER: {question} ASSISTANT:",
+        jinja=(
+            "{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' }}"
+            "{% for message in messages %}"
+            "{% if message['role'] == 'user' %}USER: " + _JINJA_CONTENT + " ASSISTANT:"
+            "{% elif message['role'] == 'assistant' %} " + _JINJA_CONTENT + "{{ eos_token }}"
+            "{% endif %}"
+            "{% endfor %}"
+        ),
+    )
+)
+
+
+# ---- chatml (Qwen2) -----------------------------------------------------------------------
+
+CHATML_SYSTEM = "You are a helpful assistant."
+
+
+def _chatml_format(turns: list[Turn], eos_token: str) -> list[Piece]:
+    pieces = [Piece(f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n", False)]
+    for index in range(0, len(turns), 2):
+        pieces.append(Piece(f"<|im_start|>user\n{turns[index].text}<|im_end|>\n<|im_start|>assistant\n", False))
+        pieces.append(Piece(f"{turns[index + 1].text}<|im_end|>", True))
+        pieces.append(Piece("\n", False))
+    return pieces
+
+
+register_template(
+    ConversationTemplate(
+        name="chatml",
+        description="ChatML (Qwen2): '<|im_start|>role\\n...<|im_end|>', loss on the replies and <|im_end|>",
+        format_fn=_chatml_format,
+        prompt_fn=lambda question: (
+            f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ),
+        jinja=(
+            "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>\n"
+            "{% for message in messages %}"
+            "{% if message['role'] == 'user' %}<|im_start|>user\n" + _JINJA_CONTENT + "<|im_end|>\n"
+            "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n" + _JINJA_CONTENT + "<|im_end|>\n"
+            "{% endif %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+    )
+)

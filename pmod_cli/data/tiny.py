@@ -1,0 +1,241 @@
+"""The embedded tiny default: a small LLaVA built locally, with no network, in a few seconds.
+
+- tokenizer: byte-level BPE trained with the ``tokenizers`` library on text in the style of the
+  synthetic set (so any text still tokenizes, byte by byte at worst), with ``<s>``, ``</s>``,
+  ``<pad>``, ``<image>`` and the ChatML markers as special tokens, wrapped as a
+  ``PreTrainedTokenizerFast`` that adds ``<s>`` like Llama's;
+- vision tower: a CLIP-style ViT (random init), 112 px images, 14 px patches: 8x8 = 64 features;
+- language model: a small Llama (random init);
+- assembled as an HF ``LlavaForConditionalGeneration`` with a ``LlavaProcessor`` that pads
+  images to a square (LLaVA-1.5's "pad") and the ``vicuna_v1`` chat template.
+
+``build_tiny_base(path)`` writes the checkpoint (loadable with ``from_pretrained``) with its parts
+in ``path/vision_tower`` and ``path/llm`` so recipes can also build a model "from parts".
+Assets the recipes name as ``tiny:<relative path>`` (``tiny:base``, ``tiny:shapes/sft_train.json``)
+live in the pmod cache (``$PMOD_CACHE`` or ``~/.cache/pmod``) and are built on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from ..errors import UserError
+from . import synthetic
+from .templates import TEMPLATES, get_template
+
+# bump when the tiny base changes, so cached copies are rebuilt
+TINY_VERSION = 1
+TINY_PREFIX = "tiny:"
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 1024
+IMAGE_SIZE = 112
+PATCH_SIZE = 14
+# LLaVA-NeXT variant: a 56 px base crop and grids of up to 2x2 crops
+NEXT_IMAGE_SIZE = 56
+NEXT_GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+SEED = 0
+
+_GENERAL_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A picture is worth a thousand words, and a model reads them one token at a time.",
+    "Describe the image in detail. What is in the picture? Where is it? How many are there?",
+    "Yes. No. Left. Right. Top. Bottom. Above, below, next to, in front of, behind.",
+    "0 1 2 3 4 5 6 7 8 9 10 zero one two three four five six seven eight nine ten",
+    "The assistant answers the question. The user asks about the image.",
+]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PMOD_CACHE") or Path.home() / ".cache" / "pmod")
+
+
+def tiny_root() -> Path:
+    return cache_root() / f"tiny-v{TINY_VERSION}"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer (deterministic: same corpus, same merges)."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    system_prompts = [t.generation_prompt("<image>\nWhat is this?") for t in TEMPLATES.values()]
+    tokenizer.train_from_iterator(synthetic.corpus() + _GENERAL_TEXT + system_prompts, trainer)
+    bos = tokenizer.token_to_id("<s>")
+    # like Llama's tokenizer: <s> starts every encoded text
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=4096,
+        padding_side="right",
+    )
+    fast.chat_template = get_template("vicuna_v1").jinja
+    return fast
+
+
+def _llama_config(tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _vision_config(image_size: int, hidden: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=PATCH_SIZE,
+        projection_dim=hidden,
+    )
+
+
+def tiny_llava(
+    layout: str = "llava",
+    layers: int = 6,
+    hidden: int = 128,
+    vision_hidden: int = 64,
+    seed: int = SEED,
+):
+    """A random-init tiny LLaVA (``layout='llava'``) or LLaVA-NeXT model and its processor."""
+    if layout not in ("llava", "llava_next"):
+        raise ValueError(f"layout must be 'llava' or 'llava_next', got {layout!r}")
+    tokenizer = build_tokenizer()
+    image_size = IMAGE_SIZE if layout == "llava" else NEXT_IMAGE_SIZE
+    features = (image_size // PATCH_SIZE) ** 2
+    common = dict(
+        vision_config=_vision_config(image_size, vision_hidden),
+        text_config=_llama_config(tokenizer, layers, hidden),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=features,
+        tie_word_embeddings=False,
+    )
+    crop = {"height": image_size, "width": image_size}
+    processor_args = dict(
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=get_template("vicuna_v1").jinja,
+    )
+    torch.manual_seed(seed)
+    if layout == "llava":
+        config = LlavaConfig(**common)
+        model = LlavaForConditionalGeneration(config)
+        image_processor = LlavaImageProcessor(size={"shortest_edge": image_size}, crop_size=crop, do_pad=True)
+        processor = LlavaProcessor(image_processor=image_processor, **processor_args)
+    else:
+        config = LlavaNextConfig(**common, image_grid_pinpoints=NEXT_GRID_PINPOINTS)
+        model = LlavaNextForConditionalGeneration(config)
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=NEXT_GRID_PINPOINTS
+        )
+        processor = LlavaNextProcessor(image_processor=image_processor, **processor_args)
+    return model.eval(), processor
+
+
+def save_tiny_checkpoint(path: str | Path, layout: str = "llava", **model_args) -> Path:
+    """Build a tiny LLaVA / LLaVA-NeXT and save it (model + processor) to ``path``; quick, for tests."""
+    path = Path(path)
+    model, processor = tiny_llava(layout, **model_args)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_tiny_base(path: str | Path | None = None, layout: str = "llava") -> Path:
+    """The tiny default base checkpoint, with its parts in ``vision_tower/`` and ``llm/``.
+
+    Deterministic (fixed seeds). With ``path=None`` it goes to the pmod cache and is built only
+    once; building writes to a temporary directory renamed into place, so concurrent ranks are safe.
+    """
+    final = Path(path) if path is not None else tiny_root() / ("base" if layout == "llava" else "base_next")
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    model, processor = tiny_llava(layout)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    # the parts, as a "from parts" recipe names them: a CLIP tower with its image processor, an LLM
+    # with its tokenizer
+    model.model.vision_tower.save_pretrained(staging / "vision_tower")  # a CLIPVisionModel
+    processor.image_processor.save_pretrained(staging / "vision_tower")
+    llm = LlamaForCausalLM(model.config.text_config)
+    llm.model.load_state_dict(model.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(model.lm_head.state_dict())
+    llm.save_pretrained(staging / "llm")
+    processor.tokenizer.save_pretrained(staging / "llm")
+    staging.chmod(0o755)  # mkdtemp makes it private
+    if final.exists():  # a stale partial copy without config.json
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(staging, final)
+    except OSError:  # another process got there first with the same files
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def resolve_tiny_path(value: str) -> Path:
+    """``tiny:<relative path>`` -> the asset in the pmod cache, built on first use."""
+    relative = value[len(TINY_PREFIX) :].strip("/")
+    root = tiny_root()
+    head = relative.split("/", 1)[0]
+    if head in ("base", "base_next"):
+        build_tiny_base(layout="llava" if head == "base" else "llava_next")
+    elif head == "shapes":
+        synthetic.ensure_synthetic(root / "shapes")
+    else:
+        raise UserError(f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>")
+    return root / relative
+
+
+def is_tiny_path(value: str | None) -> bool:
+    return isinstance(value, str) and value.startswith(TINY_PREFIX)

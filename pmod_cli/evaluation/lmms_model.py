@@ -1,0 +1,344 @@
+"""The lmms-eval model ``pmod``: any p-MoD or plain HF LLaVA / LLaVA-NeXT checkpoint directory.
+
+Registered through the entry point group ``lmms_eval.models`` (see pyproject.toml), so both
+``pmod eval`` and lmms-eval's own command line find it:
+
+    python -m lmms_eval --model pmod --model_args pretrained=DIR --tasks mme --batch_size 4
+
+It generates in batches (left padding: a p-MoD model answers each sample of a batch as it would
+alone), scores continuations for multiple-choice tasks (``loglikelihood``), and measures every
+request (see ``measure.py``): ``model.measurements`` after a run, and lmms-eval's own
+"throughput" summary gets the means.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.utils import Collator
+from PIL import Image
+
+from ..data.templates import get_template
+from ..model.loading import load_checkpoint
+from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
+from .registration import MODEL_NAME
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class PMoDLmms(lmms):
+    """lmms-eval model over ``pmod_cli.model.loading.load_checkpoint`` (dense or p-MoD)."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed-size here
+        **unexpected,
+    ) -> None:
+        super().__init__()
+        if unexpected:
+            raise ValueError(
+                f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; "
+                "known: pretrained, device, batch_size, dtype, attn_implementation"
+            )
+        if str(batch_size) == "auto" or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size_per_gpu = int(batch_size)
+        self.pretrained = str(pretrained)
+        self.model, self.processor = load_checkpoint(
+            pretrained, device=self._device, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation: prompts end at the same column
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.image_token = getattr(self.processor, "image_token", None) or "<image>"
+        self.image_token_id = self.model.config.image_token_id
+        # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
+        self.model_config = self.model.config
+        layers = self.model.config.text_config.num_hidden_layers
+        self.retention_ratios = list(getattr(self.model, "retention_ratios", None) or [1.0] * layers)
+        self.measurements: list[SampleMeasurement] = []
+        self._warmed_up = False
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    # ---- prompts --------------------------------------------------------------------------
+
+    def build_prompt(self, context: str, num_images: int) -> str:
+        """The user turn through the checkpoint's chat template (images first, as in training)."""
+        if self.image_token in context:  # the task placed its images itself
+            content: str | list[dict] = context
+        else:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+        messages = [{"role": "user", "content": content}]
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if getattr(self.tokenizer, "chat_template", None):
+            if isinstance(content, list):
+                messages = [{"role": "user", "content": f"{self.image_token}\n" * num_images + context}]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # no template saved with the checkpoint: LLaVA-1.5's
+        question = context if isinstance(content, str) else f"{self.image_token}\n" * num_images + context
+        return get_template("vicuna_v1").generation_prompt(question)
+
+    def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> list:
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        return [visual for visual in (visuals or []) if visual is not None]
+
+    def _encode(self, prompts: list[str], images: list) -> dict:
+        inputs = self.processor(
+            text=prompts, images=images or None, return_tensors="pt", padding=True
+        ).to(self._device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def warm_up(self) -> None:
+        """One short unmeasured generation, so the first measured request does not pay for
+        first-call allocations and kernel selection."""
+        if self._warmed_up:
+            return
+        self._warmed_up = True
+        inputs = self._encode([self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))])
+        with torch.inference_mode():
+            self.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+
+    # ---- generate_until ----------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        self.warm_up()
+        collator = Collator(
+            [request.args for request in requests],
+            sort_fn=lambda args: (-len(args[0]), args[0]),  # longest first: little padding per batch
+            group_fn=lambda args: {"__task": args[4], **args[1]},  # one task and one set of kwargs a batch
+            grouping=True,
+        )
+        answers: list[str] = []
+        measured: list[SampleMeasurement] = []
+        for batch in collator.get_batched(n=self.batch_size):
+            batch_answers, batch_measured = self._generate_batch(batch)
+            answers.extend(batch_answers)
+            measured.extend(batch_measured)
+            for args, answer in zip(batch, batch_answers, strict=True):
+                self.cache_hook.add_partial("generate_until", (args[0], args[1]), answer)
+        self.measurements.extend(measured)
+        _log_to_lmms_eval(measured, len(requests))
+        return collator.get_original(answers)
+
+    def _generate_batch(self, batch: list[tuple]) -> tuple[list[str], list[SampleMeasurement]]:
+        contexts, all_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*batch, strict=True)
+        generation = dict(all_kwargs[0])
+        until = generation.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new_tokens = int(generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        # other task generation kwargs (e.g. image_aspect_ratio) are for other models
+        do_sample = float(generation.get("temperature") or 0) > 0
+        sampling = (
+            {"do_sample": True, "temperature": float(generation["temperature"]), "top_p": generation.get("top_p")}
+            if do_sample
+            else {"do_sample": False}
+        )
+
+        start = time.perf_counter()
+        with MemoryMeter(self._device) as memory:
+            prompts, images = [], []
+            for context, doc_to_visual, doc_id, task, split in zip(contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True):
+                visuals = self._visuals(doc_to_visual, doc_id, task, split)
+                prompts.append(self.build_prompt(context, len(visuals)))
+                images.extend(visuals)
+            inputs = self._encode(prompts, images)
+            probe = PrefillProbe(self.model, self._device)
+            probe.start(inputs["attention_mask"])
+            try:
+                with torch.inference_mode():
+                    output = self.model.generate(
+                        **inputs,
+                        max_new_tokens=max_new_tokens,
+                        num_beams=int(generation.get("num_beams") or 1),
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        use_cache=True,
+                        **sampling,
+                    )
+            finally:
+                probe.stop()
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]  # (batch, generated)
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            answers = [_cut_at_stop(text, until) for text in texts]
+        end_to_end = time.perf_counter() - start
+
+        vision, text, prefix_text = _token_counts(inputs, self.image_token_id)
+        generated = _generated_counts(new_tokens, self.tokenizer.eos_token_id)
+        measured = [
+            SampleMeasurement(
+                task=tasks[i],
+                doc_id=int(doc_ids[i]),
+                request="generate_until",
+                batch_size=len(batch),
+                vision_tokens=vision[i],
+                text_tokens=text[i],
+                prefix_text_tokens=prefix_text[i],
+                prefill_s=probe.prefill_s,
+                end_to_end_s=end_to_end,
+                kv_cache_bytes=probe.kv_bytes[i],
+                dense_kv_cache_bytes=probe.dense_kv_bytes[i],
+                peak_memory_bytes=memory.peak_bytes,
+                memory_kind=memory.kind,
+                generated_tokens=generated[i],
+            )
+            for i in range(len(batch))
+        ]
+        return answers, measured
+
+    # ---- loglikelihood -----------------------------------------------------------------
+
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request: (negative log-likelihood of the continuation, is it the greedy one).
+
+        lmms-eval's multiple-choice scoring picks the choice with the LOWEST value (its models
+        return a loss), so the first element is -sum(log p(continuation)), not the log-likelihood
+        its base-class docstring describes. Each pair travels inside a ``GenerationResult``: the
+        0.7 evaluator turns any other non-string output into its ``str()``.
+        """
+        self.warm_up()
+        results = []
+        measured = []
+        for request in requests:
+            nll, greedy, measurement = self._score(request.args)
+            results.append(GenerationResult(text=(nll, greedy)))
+            measured.append(measurement)
+            self.cache_hook.add_partial("loglikelihood", request.args[:2], (nll, greedy))
+        self.measurements.extend(measured)
+        _log_to_lmms_eval(measured, len(requests))
+        return results
+
+    def _score(self, args: tuple) -> tuple[float, bool, SampleMeasurement]:
+        if len(args) == 2:  # an unconditional request (acc_mutual_info): no image, no template
+            context, continuation = args
+            doc_to_target = doc_to_visual = None
+            doc_id, task, split = -1, "", ""
+        else:
+            context, doc_to_target, doc_to_visual, doc_id, task, split = args
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self.task_dict[task][split][doc_id])
+        start = time.perf_counter()
+        with MemoryMeter(self._device) as memory:
+            if doc_to_visual is None:
+                prompt_inputs = self.tokenizer([context], return_tensors="pt").to(self._device)
+                if prompt_inputs["input_ids"].shape[1] == 0:  # something must predict the first token
+                    start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+                    prompt_inputs["input_ids"] = torch.tensor([[start_id]], device=self._device)
+            else:
+                visuals = self._visuals(doc_to_visual, doc_id, task, split)
+                prompt_inputs = self._encode([self.build_prompt(context, len(visuals))], visuals)
+            # context and continuation tokenized apart, so the split point is exact
+            continuation_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids
+            continuation_ids = continuation_ids.to(self._device)  # (1, n)
+            inputs = dict(prompt_inputs)
+            inputs["input_ids"] = torch.cat([prompt_inputs["input_ids"], continuation_ids], dim=1)
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            probe = PrefillProbe(self.model, self._device)
+            probe.start(inputs["attention_mask"])
+            try:
+                with torch.inference_mode():
+                    logits = self.model(**inputs, use_cache=True).logits  # (1, seq, vocab)
+            finally:
+                probe.stop()
+            context_length = prompt_inputs["input_ids"].shape[1]
+            # the token at position p is predicted by the logits at p - 1
+            predicting = logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)  # (n, vocab)
+            target = continuation_ids[0]
+            log_likelihood = predicting.gather(1, target[:, None]).sum().item()
+            greedy = bool((predicting.argmax(dim=-1) == target).all())
+        end_to_end = time.perf_counter() - start
+        vision, text, prefix_text = _token_counts(inputs, self.image_token_id)
+        measurement = SampleMeasurement(
+            task=task,
+            doc_id=int(doc_id),
+            request="loglikelihood",
+            batch_size=1,
+            vision_tokens=vision[0],
+            text_tokens=text[0],
+            prefix_text_tokens=prefix_text[0],
+            prefill_s=probe.prefill_s,
+            end_to_end_s=end_to_end,
+            kv_cache_bytes=probe.kv_bytes[0],
+            dense_kv_cache_bytes=probe.dense_kv_bytes[0],
+            peak_memory_bytes=memory.peak_bytes,
+            memory_kind=memory.kind,
+        )
+        return -log_likelihood, greedy, measurement
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
+
+
+def _cut_at_stop(text: str, until: list[str]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+def _token_counts(inputs: dict, image_token_id: int) -> tuple[list[int], list[int], list[int]]:
+    """Per sample: V (image-feature positions), T (the other real tokens) of the prompt, and the
+    text tokens up to the last image token (those compete too when a model routes all tokens)."""
+    real = inputs["attention_mask"].bool()
+    is_image = (inputs["input_ids"] == image_token_id) & real
+    vision = is_image.sum(dim=1)
+    text = real.sum(dim=1) - vision
+    index = torch.arange(real.shape[1], device=real.device).expand_as(real)
+    last_image = torch.where(is_image, index, -1).max(dim=1).values  # (batch,)
+    prefix_text = (real & ~is_image & (index <= last_image[:, None])).sum(dim=1)
+    return vision.tolist(), text.tolist(), prefix_text.tolist()
+
+
+def _generated_counts(new_tokens: torch.Tensor, eos_id: int | None) -> list[int]:
+    """Tokens generated per sample, up to and including its end-of-sequence token (a sample
+    that ends early is padded after it)."""
+    rows = new_tokens.tolist()
+    return [row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows]
+
+
+def _log_to_lmms_eval(measured: list[SampleMeasurement], num_requests: int) -> None:
+    """Means of this call into lmms-eval's own "throughput" summary (its results JSON)."""
+    if not measured:
+        return
+    elapsed = sum(m.end_to_end_s / m.batch_size for m in measured)  # wall time of the call
+    generated = sum(m.generated_tokens for m in measured)
+    dense_kv = sum(m.dense_kv_cache_bytes for m in measured)
+    log_metrics(
+        total_elapsed_time=elapsed,
+        total_gen_tokens=generated,
+        avg_speed=generated / elapsed if elapsed > 0 else 0.0,
+        additional_metrics={
+            "total_requests": num_requests,
+            "prefill_latency_s": sum(m.prefill_s for m in measured) / len(measured),
+            "end_to_end_latency_s": sum(m.end_to_end_s for m in measured) / len(measured),
+            "kv_cache_bytes": sum(m.kv_cache_bytes for m in measured) / len(measured),
+            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv if dense_kv else 1.0,
+            "peak_memory_bytes": max(m.peak_memory_bytes for m in measured),
+        },
+    )

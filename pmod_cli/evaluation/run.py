@@ -1,0 +1,405 @@
+"""`pmod eval`: lmms-eval's ``simple_evaluate`` on each checkpoint, accuracy and measured efficiency.
+
+    report = evaluate_checkpoints(["runs/tiny/sft", "runs/tiny/sft_dense"], ["pmod_tiny_vqa"], limit=50)
+    report.checkpoints[0].scores["pmod_tiny_vqa"].value, report.checkpoints[0].efficiency.tflops
+
+Each checkpoint runs in the ``pmod`` lmms-eval model (``lmms_model.PMoDLmms``), which measures
+every request; the efficiency summary turns the measurements into the report's rows:
+
+- TFLOPs: ``count_flops_for_model`` (the formula of ``pmod flops``) for the checkpoint's own
+  config and retention ratios, at the mean measured V and T of the evaluated prompts;
+- KV cache: mean bytes a sample held after prefill, and its share of what the dense twin holds
+  for the same prompts, (T + V) entries in every layer (computed from the measured token counts);
+- latencies and peak memory as ``measure.py`` defines them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..model.loading import read_model_type
+from .measure import MEMORY_KINDS, SampleMeasurement
+from .tasks import TASKS_DIR
+
+# the metric each report row shows; other tasks show their first metric
+MAIN_METRICS = {
+    "pmod_tiny_vqa": "exact_match",
+    "pmod_tiny_vqa_mc": "acc",
+    "ok_vqa_val2014": "exact_match",
+    "scienceqa_img": "exact_match",
+    "mme": "mme_perception_score",  # the paper reports MME perception
+    "seedbench": "seed_image",  # SEED-Bench (image)
+    "pope": "pope_f1_score",
+    "pope_adv": "pope_f1_score",
+    "pope_pop": "pope_f1_score",
+    "pope_random": "pope_f1_score",
+    "realworldqa": "exact_match",
+    "gqa": "exact_match",
+    "ai2d": "exact_match",
+    "textvqa_val": "exact_match",
+    "chartqa": "relaxed_overall",
+    "docvqa_val": "anls",
+    "infovqa_val": "anls",
+    "mmbench_en_dev": "gpt_eval_score",
+    "mmmu_val": "mmmu_acc",
+}
+PAPER_GROUP = "pmod_paper14"  # tasks/pmod_paper14: the paper's 14 benchmarks
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class TaskScore:
+    metric: str
+    value: float
+    stderr: float | None
+
+
+@dataclass
+class Efficiency:
+    """Means over every measured request of one checkpoint."""
+
+    samples: int
+    batch_size: int
+    device: str
+    mean_vision_tokens: float
+    mean_text_tokens: float
+    flops_count: str  # "paper" | "full" (see pmod_cli.efficiency.flops.COUNT_MODES)
+    tflops: float  # at round(mean V), round(mean T)
+    dense_tflops: float
+    kv_cache_bytes: float  # mean per sample, after prefill
+    dense_kv_cache_bytes: float
+    prefill_latency_s: float
+    end_to_end_latency_s: float
+    peak_memory_bytes: int  # the largest of any batch
+    memory_kind: str  # see measure.MEMORY_KINDS
+
+    @property
+    def tflops_ratio(self) -> float:
+        return self.tflops / self.dense_tflops
+
+    @property
+    def kv_cache_ratio(self) -> float:
+        return self.kv_cache_bytes / self.dense_kv_cache_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "tflops_vs_dense": self.tflops_ratio,
+            "kv_cache_vs_dense": self.kv_cache_ratio,
+            "memory_description": MEMORY_KINDS[self.memory_kind],
+        }
+
+
+@dataclass
+class CheckpointResult:
+    checkpoint: str
+    label: str
+    model_type: str
+    retention_ratios: list[float]
+    scores: dict[str, TaskScore]
+    efficiency: Efficiency | None
+    measurements: list[SampleMeasurement] = field(default_factory=list)
+    answers: dict[str, list[dict]] = field(default_factory=dict)  # task -> [{doc_id, target, answer}]
+    lmms_eval_results: dict = field(default_factory=dict)  # lmms-eval's own "results" section
+
+
+@dataclass
+class EvalReport:
+    tasks: list[str]
+    limit: int | None
+    batch_size: int
+    device: str
+    checkpoints: list[CheckpointResult]
+
+    @property
+    def task_rows(self) -> list[str]:
+        """Every task that has a score in some checkpoint, in lmms-eval's order."""
+        rows: list[str] = []
+        for result in self.checkpoints:
+            rows.extend(task for task in result.scores if task not in rows)
+        return rows
+
+
+def evaluate_checkpoints(
+    checkpoints: list[str | Path],
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 1,
+    include_path: str | Path | None = None,
+    device: str | None = None,
+    count: str = "paper",
+) -> EvalReport:
+    """Run lmms-eval on each checkpoint; user errors (paths, task names, flags) raise UserError."""
+    if not checkpoints:
+        raise UserError("give at least one checkpoint directory")
+    for checkpoint in checkpoints:
+        read_model_type(checkpoint)  # a clear error before anything loads
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    device = _check_device(device)
+    from ..efficiency.flops import COUNT_MODES
+
+    if count not in COUNT_MODES:
+        raise UserError(f"unknown FLOPs count {count!r}; choose one of {', '.join(COUNT_MODES)}")
+    task_manager = make_task_manager(tasks, include_path)
+
+    results = []
+    labels = checkpoint_labels(checkpoints)
+    for checkpoint, label in zip(checkpoints, labels, strict=True):
+        results.append(
+            _evaluate_one(Path(checkpoint), label, tasks, task_manager, limit, batch_size, device, count)
+        )
+    return EvalReport(tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results)
+
+
+def _check_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":", 1)[0] not in DEVICES:
+        raise UserError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def make_task_manager(tasks: list[str], include_path: str | Path | None = None):
+    """lmms-eval's TaskManager over pmod's tasks (+ ``include_path``), with lmms-eval's own tasks
+    indexed only when a requested name needs them (indexing them all takes seconds)."""
+    import lmms_eval.models  # noqa: F401  (sets lmms-eval's log level to WARNING before indexing)
+    from lmms_eval.tasks import TaskManager
+
+    if not tasks:
+        raise UserError("--tasks is empty; name lmms-eval tasks, e.g. --tasks pmod_tiny_vqa")
+    paths = [str(TASKS_DIR)]
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise UserError(f"--include-path {include_path} is not a directory")
+        paths.append(str(include_path))
+    manager = TaskManager("WARNING", include_path=paths, include_defaults=False)
+    if all(task in manager.all_subtasks for task in tasks):  # groups may name lmms-eval's tasks
+        return manager
+    manager = TaskManager("WARNING", include_path=paths)
+    for task in tasks:
+        if task not in manager.all_tasks:
+            close = difflib.get_close_matches(task, manager.all_tasks, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(
+                f"unknown task {task!r}{hint} (list them with: python -m lmms_eval --tasks list)"
+            )
+    return manager
+
+
+def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
+    """Column names: directory names, or the paths as given where names repeat."""
+    names = [Path(checkpoint).name or str(checkpoint) for checkpoint in checkpoints]
+    if len(set(names)) == len(names):
+        return names
+    return [str(checkpoint) for checkpoint in checkpoints]
+
+
+def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, device, count) -> CheckpointResult:
+    from lmms_eval.evaluator import simple_evaluate
+
+    from .lmms_model import PMoDLmms
+
+    model = PMoDLmms(pretrained=str(checkpoint), device=device, batch_size=batch_size)
+    network = model.model  # lmms-eval's evaluator drops model.model when requests are done
+    try:
+        raw = simple_evaluate(
+            model=model,
+            tasks=list(tasks),
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            task_manager=task_manager,
+            log_samples=True,
+            bootstrap_iters=1000,  # mean metrics get their analytic stderr; no resampling
+            verbosity="WARNING",
+        )
+    except Exception as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
+        cause = _offline_cause(err)
+        if cause is None:
+            raise
+        raise UserError(
+            f"cannot fetch the data of {', '.join(tasks)}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+            "(lmms-eval's benchmarks download from the Hugging Face Hub: check the network, HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and HF_TOKEN)"
+        ) from None
+    scores = {
+        task: score
+        for task, metrics in raw["results"].items()
+        if (score := main_score(task, metrics)) is not None
+    }
+    efficiency = summarize(network, model.measurements, batch_size, device, count)
+    del network
+    return CheckpointResult(
+        checkpoint=str(checkpoint),
+        label=label,
+        model_type=model.model_config.model_type,
+        retention_ratios=model.retention_ratios,
+        scores=scores,
+        efficiency=efficiency,
+        measurements=list(model.measurements),
+        answers=_answers(raw.get("samples", {})),
+        lmms_eval_results=_plain(raw["results"]),
+    )
+
+
+_NETWORK_ERRORS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "DatasetNotFoundError", "HfHubHTTPError")
+
+
+def _offline_cause(err: BaseException) -> BaseException | None:
+    """The network / Hub error behind ``err``, if that is what stopped the run."""
+    return next((error for error in _chain(err) if type(error).__name__ in _NETWORK_ERRORS), None)
+
+
+def _chain(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def main_score(task: str, metrics: dict) -> TaskScore | None:
+    """The task's main metric from lmms-eval's results (None for a group without its own)."""
+    numeric = {
+        key: value
+        for key, value in metrics.items()
+        if "," in key and "_stderr" not in key and _is_number(value)
+    }
+    if not numeric:
+        return None
+    wanted = MAIN_METRICS.get(task)
+    key = next((k for k in numeric if wanted and k.split(",", 1)[0] == wanted), next(iter(numeric)))
+    metric, filter_name = key.split(",", 1)
+    stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+    return TaskScore(metric=metric, value=float(numeric[key]), stderr=float(stderr) if _is_number(stderr) else None)
+
+
+def _is_number(value) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def summarize(network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str) -> Efficiency | None:
+    """The efficiency rows of one checkpoint (None when nothing was measured); ``network`` is
+    the evaluated HF model."""
+    from ..efficiency.flops import count_flops_for_model
+
+    if not measurements:
+        return None
+    n = len(measurements)
+    mean_vision = sum(m.vision_tokens for m in measurements) / n
+    mean_text = sum(m.text_tokens for m in measurements) / n
+    mean_prefix = sum(m.prefix_text_tokens for m in measurements) / n
+    flops = count_flops_for_model(
+        network,
+        vision_tokens=round(mean_vision),
+        text_tokens=round(mean_text),
+        count=count,
+        prefix_text_tokens=round(mean_prefix),  # only read when text competes too (gamma-MoD)
+    )
+    return Efficiency(
+        samples=n,
+        batch_size=batch_size,
+        device=device,
+        mean_vision_tokens=mean_vision,
+        mean_text_tokens=mean_text,
+        flops_count=count,
+        tflops=flops.tflops,
+        dense_tflops=flops.baseline_tflops,
+        kv_cache_bytes=sum(m.kv_cache_bytes for m in measurements) / n,
+        dense_kv_cache_bytes=sum(m.dense_kv_cache_bytes for m in measurements) / n,
+        prefill_latency_s=sum(m.prefill_s for m in measurements) / n,
+        end_to_end_latency_s=sum(m.end_to_end_s for m in measurements) / n,
+        peak_memory_bytes=max(m.peak_memory_bytes for m in measurements),
+        memory_kind=measurements[0].memory_kind,
+    )
+
+
+def _answers(samples: dict) -> dict[str, list[dict]]:
+    answers = {}
+    for task, logged in samples.items():
+        rows = []
+        for sample in logged:
+            response = sample.get("filtered_resps") or sample.get("resps")
+            while isinstance(response, list) and len(response) == 1:
+                response = response[0]
+            rows.append({"doc_id": sample["doc_id"], "target": _plain(sample.get("target")), "answer": _plain(response)})
+        answers[task] = rows
+    return answers
+
+
+def _plain(value):
+    """JSON-ready copy: numpy numbers to floats, tuples to lists, others to strings."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, float):  # nan / inf
+        return None
+    return str(value)
+
+
+def report_to_json(report: EvalReport) -> dict:
+    import lmms_eval
+
+    from .. import __version__
+
+    checkpoints = []
+    for result in report.checkpoints:
+        checkpoints.append(
+            {
+                "checkpoint": result.checkpoint,
+                "label": result.label,
+                "model_type": result.model_type,
+                "retention_ratios": result.retention_ratios,
+                "scores": {task: asdict(score) for task, score in result.scores.items()},
+                "efficiency": result.efficiency.to_dict() if result.efficiency else None,
+                "lmms_eval_results": result.lmms_eval_results,
+                "answers": result.answers,
+                "measurements": [m.to_dict() for m in result.measurements],
+            }
+        )
+    return {
+        "pmod_version": __version__,
+        "lmms_eval_version": getattr(lmms_eval, "__version__", None),
+        "tasks": report.tasks,
+        "limit": report.limit,
+        "batch_size": report.batch_size,
+        "device": report.device,
+        "checkpoints": checkpoints,
+    }
+
+
+def write_json_atomically(data: dict, path: str | Path) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename."""
+    import json
+    import tempfile
+
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=1)
+        os.replace(temporary, path)  # readers see the old file or the whole new one
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

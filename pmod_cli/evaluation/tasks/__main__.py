@@ -1,0 +1,3 @@
+from . import TASKS_DIR
+
+print(TASKS_DIR)

@@ -1,0 +1,259 @@
+"""``--dry-run``: check a recipe and its data, and show what a run would do; train nothing.
+
+The model is built on the ``meta`` device from its config (the parts' or checkpoint's config
+when it is on this machine, else the shape preset ``model.preset``), so a 7B plan needs no
+download and no memory. The plan lists the parameters per part and which train, the p-MoD
+schedule with the TFLOPs and KV cache of ``pmod flops`` (same code), the derived batch
+arithmetic and the data check (every sample: structure, image present and readable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..efficiency.flops import FlopsCount, count_flops
+from ..efficiency.plan import FlopsPlan, PlanEntry
+from ..efficiency.report import layer_table, summary_table
+from ..errors import UserError
+from ..model import apply_pmod
+from ..model.presets import ModelShape, get_preset, shape_from_hf_config
+from .build import (
+    IMAGE_TOKEN,
+    PARTS,
+    _prepare_tokenizer,
+    llava_config,
+    resolve_name,
+    set_trainable,
+    trained_parts,
+)
+from .recipe import Recipe
+
+
+@dataclass
+class DataCheck:
+    path: str
+    found: bool
+    total: int = 0
+    usable: int = 0
+    text_only: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    problem: str = ""
+
+
+@dataclass
+class TrainingPlan:
+    stage: str
+    model_source: str  # where the config came from
+    parameters: dict[str, tuple[int, int]]  # part -> (trainable, total)
+    learning_rates: dict[str, float]
+    flops: FlopsCount
+    shape: ModelShape
+    world_size: int
+    accumulation: int
+    data: DataCheck
+    pmod_enabled: bool
+
+    @property
+    def retention_ratios(self) -> list[float]:
+        return list(self.flops.retention_ratios)
+
+
+def _local_config(reference: str):
+    """The transformers config of ``reference`` if it is on this machine, else None."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_name(reference), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def _config_from_preset(recipe: Recipe):
+    if not recipe.model.preset:
+        return None
+    config = get_preset(recipe.model.preset).to_hf_config()
+    # the recipe's choices win over the preset's
+    config.vision_feature_layer = recipe.model.vision_feature_layer
+    config.vision_feature_select_strategy = recipe.model.vision_feature_select_strategy
+    if hasattr(config, "image_grid_pinpoints") and recipe.model.image_grid_pinpoints:
+        config.image_grid_pinpoints = recipe.model.image_grid_pinpoints
+    return config
+
+
+def model_config(recipe: Recipe):
+    """(HF LLaVA config, where it came from), without loading weights."""
+    import pmod_cli  # noqa: F401 - p-MoD configs resolve through AutoConfig
+
+    model = recipe.model
+    if model.checkpoint:
+        config = _local_config(model.checkpoint)
+        if config is not None:
+            return config, f"checkpoint {model.checkpoint}"
+    else:
+        vision, text = _local_config(model.vision_tower), _local_config(model.llm)
+        if vision is not None and text is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve_name(model.llm), local_files_only=True)
+            _prepare_tokenizer(tokenizer)
+            vision = getattr(vision, "vision_config", None) or vision
+            config = llava_config(recipe, vision, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+            if len(tokenizer) > config.text_config.vocab_size:
+                config.text_config.vocab_size = -(-len(tokenizer) // 64) * 64
+            return config, f"parts {model.vision_tower} + {model.llm}"
+    config = _config_from_preset(recipe)
+    if config is not None:
+        return config, f"preset {recipe.model.preset} (the weights are not on this machine)"
+    what = model.checkpoint or f"{model.vision_tower} / {model.llm}"
+    raise UserError(
+        f"cannot plan: the config of {what} is not on this machine; set model.preset "
+        "(e.g. llava-1.5-7b) to plan from its shape"
+    )
+
+
+def _meta_model(config, pmod_enabled: bool, recipe: Recipe):
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    if pmod_enabled:
+        model = apply_pmod(model, recipe.pmod.config)
+    return model
+
+
+def check_data(recipe: Recipe) -> DataCheck:
+    from ..data.llava_data import load_records, scan_records
+    from .stages import data_paths
+
+    data_path, image_folder = data_paths(recipe)
+    check = DataCheck(path=str(data_path), found=data_path.is_file())
+    if not check.found:
+        check.problem = f"{data_path} not found: a real run stops here (set data.path)"
+        return check
+    if recipe.data.image_folder and not image_folder.is_dir():
+        check.problem = f"data.image_folder {image_folder} is not a directory"
+        return check
+    records = load_records(data_path)
+    # every sample is checked; too many bad ones is reported, not raised, in a plan
+    scan = scan_records(records, image_folder, max_bad_fraction=1.0, open_images=recipe.data.check_images)
+    check.total, check.usable, check.text_only, check.bad = scan.total, len(scan.valid), scan.text_only, scan.bad
+    if scan.bad_fraction > recipe.data.max_bad_fraction:
+        check.problem = (
+            f"{len(scan.bad)} of {scan.total} samples are bad, more than data.max_bad_fraction "
+            f"{recipe.data.max_bad_fraction:g}: a real run stops here"
+        )
+    return check
+
+
+def make_training_plan(stage: str, recipe: Recipe) -> TrainingPlan:
+    config, source = model_config(recipe)
+    pmod_enabled = recipe.pmod.enabled
+    model = _meta_model(config, pmod_enabled, recipe)
+    parameters = set_trainable(model, trained_parts(recipe, stage))
+    if source.startswith("preset"):  # the preset's own numbers (e.g. Vicuna's 32000-token vocabulary)
+        shape = get_preset(recipe.model.preset)
+        if recipe.model.image_grid_pinpoints and shape.layout == "llava_next":
+            pinpoints = tuple(tuple(p) for p in recipe.model.image_grid_pinpoints)
+            shape = dataclasses.replace(shape, image_grid_pinpoints=pinpoints)
+    else:
+        shape = shape_from_hf_config(model.config, name=source)
+    ratios = model.retention_ratios if pmod_enabled else None
+    flops = count_flops(shape, ratios)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = recipe.train.per_device_batch_size * world_size
+    accumulation = max(recipe.train.global_batch_size // per_step, 1)
+    rates = {part: recipe.part_learning_rate(part) for part in PARTS if parameters[part][0]}
+    return TrainingPlan(
+        stage=stage,
+        model_source=source,
+        parameters=parameters,
+        learning_rates=rates,
+        flops=flops,
+        shape=shape,
+        world_size=world_size,
+        accumulation=accumulation,
+        data=check_data(recipe),
+        pmod_enabled=pmod_enabled,
+    )
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:,.2f} M" if count >= 1e5 else f"{count:,}"
+
+
+def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(f"[bold]{plan.stage}[/bold] plan for {recipe.source or 'the recipe'}  (dry run: nothing is trained)")
+    console.print(f"model: {plan.model_source}, layout {plan.shape.layout}, "
+                  f"{'p-MoD' if plan.pmod_enabled else 'dense (pmod.enabled = false)'}")
+
+    parts = Table(title="Parameters per part")
+    for name in ("part", "parameters", "trainable", "learning rate"):
+        parts.add_column(name, justify="left" if name == "part" else "right")
+    for part in PARTS:
+        trainable, total = plan.parameters[part]
+        if total == 0:
+            continue
+        rate = plan.learning_rates.get(part)
+        parts.add_row(part, _millions(total), _millions(trainable) if trainable else "frozen", f"{rate:g}" if rate else "-")
+    trainable = sum(t for t, _ in plan.parameters.values())
+    total = sum(n for _, n in plan.parameters.values())
+    parts.add_row("all", _millions(total), _millions(trainable), "", style="bold")
+    console.print(parts)
+
+    train = recipe.train
+    run = Table(title="Run")
+    run.add_column("", style="bold")
+    run.add_column("value")
+    steps = f"{train.max_steps}" if train.max_steps > 0 else f"{train.num_epochs:g} epoch(s)"
+    if train.max_steps <= 0 and plan.data.usable:
+        steps += f" = {int(plan.data.usable * train.num_epochs // train.global_batch_size)} steps"
+    rows = [
+        ("global batch", f"{train.global_batch_size} = {train.per_device_batch_size} per device x "
+                         f"{plan.accumulation} accumulation x {plan.world_size} process(es)"),
+        ("steps", steps),
+        ("schedule", f"{train.lr_scheduler}, warmup {train.warmup_ratio:g}, weight decay {train.weight_decay:g}"),
+        ("precision", f"{train.precision} (auto: bf16 on GPU, fp32 on CPU)" if train.precision == "auto" else train.precision),
+        ("gradient checkpointing", str(train.gradient_checkpointing).lower()),
+        ("deepspeed", train.deepspeed or "none"),
+        ("template / max length", f"{recipe.data.template} / {recipe.data.max_length}"),
+        ("output", train.output_dir),
+    ]
+    if recipe.model.pretrained_connector:
+        found = Path(resolve_name(recipe.model.pretrained_connector)).is_dir()
+        rows.append(
+            ("pretrained connector", recipe.model.pretrained_connector + ("" if found else "  [yellow](not there yet: run the pretrain stage first)"))
+        )
+    for label, value in rows:
+        run.add_row(label, value)
+    console.print(run)
+
+    flops_plan = FlopsPlan(plan.shape, (PlanEntry(recipe.pmod.config, plan.flops),))
+    console.print(summary_table(flops_plan))
+    if plan.pmod_enabled:
+        console.print(layer_table(flops_plan))
+
+    data = plan.data
+    if data.found and not data.problem:
+        console.print(
+            f"data: {data.path}: {data.total} samples, {data.usable} usable ({data.text_only} text-only), "
+            f"{len(data.bad)} bad"
+        )
+    for sample, reason in data.bad[:10]:
+        console.print(f"  bad sample {sample}: {reason}", style="yellow")
+    if data.problem:
+        console.print(f"data: {data.problem}", style="bold yellow")
+
+
+def dry_run(stage: str, recipe: Recipe, console: Console | None = None) -> TrainingPlan:
+    plan = make_training_plan(stage, recipe)
+    print_training_plan(plan, recipe, console)
+    return plan
+

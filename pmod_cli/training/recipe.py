@@ -1,0 +1,383 @@
+"""Recipes: the numbers and names of a training run, in TOML, parsed into typed sections.
+
+    recipe = load_recipe("recipes/llava_1_5.toml", overrides=["train.max_steps=20"])
+    recipe.train.learning_rate, recipe.pmod.config.beta, recipe.data.path
+
+A recipe has four sections, each one dataclass below: ``[model]``, ``[pmod]``, ``[data]``,
+``[train]``. ``[pmod]`` holds ``enabled`` plus the fields of ``PMoDConfig`` (the model core's
+own dataclass, so every conversion option is a recipe key). An unknown key, a value of the
+wrong type or a bad choice is a ``UserError`` naming the key. Overrides are ``section.key=value``
+with the value read as a TOML value (``20``, ``0.4``, ``true``, ``"x"``, ``[1, 0.5]``); a value
+that is not valid TOML is taken as a string, so ``data.path=my/file.json`` needs no quotes.
+docs/recipes.md documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from ..errors import UserError
+from ..model.config import PMoDConfig
+
+LAYOUTS = ("llava", "llava_next")
+CONNECTORS = ("mlp2x_gelu",)
+SELECT_STRATEGIES = ("default", "full")
+ASPECT_RATIOS = ("pad", "crop", "anyres")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+DEEPSPEED_PRESETS = ("zero2", "zero3")
+STAGES = ("pretrain", "sft")
+
+
+@dataclass
+class ModelSection:
+    """[model]: the model to train, from an existing checkpoint or from parts.
+
+    Attributes:
+        checkpoint: an HF LLaVA / LLaVA-NeXT (or p-MoD) checkpoint, path or hub id; ``tiny:base``
+            is the embedded tiny default. Excludes ``vision_tower``/``llm``.
+        vision_tower: a CLIP / SigLIP vision model (path or hub id), with ``llm`` builds a new model.
+        llm: a causal LM (Llama / Vicuna, Qwen2, Mistral), path or hub id; its tokenizer is used.
+        layout: ``llava`` (one image crop, LLaVA-1.5) or ``llava_next`` (anyres).
+        connector: the projector; ``mlp2x_gelu`` (Linear-GELU-Linear) is LLaVA's and HF's.
+        vision_feature_layer: which vision layer feeds the projector (-2: the second to last).
+        vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
+        image_grid_pinpoints: LLaVA-NeXT anyres resolutions, ``[[height, width], ...]`` in pixels.
+        pretrained_connector: a pretrain-stage output directory whose connector weights to load.
+        preset: a shape preset of ``pmod_cli.model.presets`` used to plan (``--dry-run``) when the
+            parts' configs are not on this machine.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+    """
+
+    checkpoint: str = ""
+    vision_tower: str = ""
+    llm: str = ""
+    layout: str = "llava"
+    connector: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    image_grid_pinpoints: list[list[int]] = field(default_factory=list)
+    pretrained_connector: str = ""
+    preset: str = ""
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class PMoDSection:
+    """[pmod]: ``enabled`` (false trains the dense baseline) and the ``PMoDConfig`` options."""
+
+    enabled: bool = True
+    config: PMoDConfig = field(default_factory=PMoDConfig)
+
+
+@dataclass
+class DataSection:
+    """[data]: the training samples.
+
+    Attributes:
+        path: LLaVA JSON or JSONL file (``tiny:shapes/sft_train.json`` for the tiny set).
+        image_folder: directory the samples' ``image`` paths are relative to.
+        template: conversation template: ``plain`` (pretrain), ``vicuna_v1``, ``chatml`` (Qwen2).
+        max_length: tokens per sample, image tokens included; text beyond is cut, image tokens never.
+        image_aspect_ratio: ``pad`` (to a square, LLaVA-1.5), ``crop`` (centre crop) or ``anyres``
+            (LLaVA-NeXT; required by and only valid with ``model.layout = "llava_next"``).
+        max_bad_fraction: stop if more than this fraction of samples is bad (missing image, ...).
+        check_images: open every image's header before training (false: only check it exists).
+    """
+
+    path: str = ""
+    image_folder: str = ""
+    template: str = "vicuna_v1"
+    max_length: int = 2048
+    image_aspect_ratio: str = "pad"
+    max_bad_fraction: float = 0.01
+    check_images: bool = True
+
+
+@dataclass
+class TrainSection:
+    """[train]: the optimisation.
+
+    Attributes:
+        output_dir: where checkpoints, the final model and summary.json go.
+        max_steps: optimizer steps; -1 runs ``num_epochs`` epochs.
+        num_epochs: passes over the data when ``max_steps`` is -1.
+        global_batch_size: samples per optimizer step = per-device batch x accumulation x
+            processes; the accumulation is derived at launch, so the recipe fits any world size.
+        per_device_batch_size: samples per process per forward pass.
+        learning_rate: learning rate of every trained part without its own rate.
+        connector_lr, llm_lr, router_lr, vision_tower_lr: per-part rates (0 = use learning_rate).
+        tune_vision_tower: sft also trains the vision tower (the paper freezes it for p-MoD).
+        lr_scheduler: ``cosine``, ``linear``, ``constant``, ``constant_with_warmup``.
+        warmup_ratio: fraction of the steps spent warming up.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        max_grad_norm: gradient clipping.
+        precision: ``auto`` (bf16 on a GPU that has it, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        deepspeed: ``zero2``, ``zero3`` (the shipped configs) or a path to a DeepSpeed JSON; empty: none.
+        save_steps: checkpoint every this many steps (and at the end).
+        save_total_limit: keep at most this many checkpoints (0 keeps all).
+        logging_steps: log the loss every this many steps.
+        seed: seeds data order and initialisation.
+        dataloader_num_workers: processes loading and encoding samples.
+        overwrite_output_dir: start over even if output_dir holds checkpoints of an earlier run.
+    """
+
+    output_dir: str = ""
+    max_steps: int = -1
+    num_epochs: float = 1.0
+    global_batch_size: int = 128
+    per_device_batch_size: int = 16
+    learning_rate: float = 2e-5
+    connector_lr: float = 0.0
+    llm_lr: float = 0.0
+    router_lr: float = 0.0
+    vision_tower_lr: float = 0.0
+    tune_vision_tower: bool = False
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    deepspeed: str = ""
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    overwrite_output_dir: bool = False
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    pmod: PMoDSection = field(default_factory=PMoDSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    source: str = ""  # the file it came from
+
+    def part_learning_rate(self, part: str) -> float:
+        rate = getattr(self.train, f"{part}_lr")
+        return rate if rate > 0 else self.train.learning_rate
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        pmod = {"enabled": self.pmod.enabled, **self.pmod.config.to_dict()}
+        return {
+            "model": dataclasses.asdict(self.model),
+            "pmod": pmod,
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def to_toml(self) -> str:
+        """The resolved recipe (every key, defaults included) as TOML; ``load_recipe`` reads it back."""
+        lines = [f"# resolved recipe{f' from {self.source}' if self.source else ''}"]
+        for section, values in self.to_dict().items():
+            lines.append(f"\n[{section}]")
+            for key, value in values.items():
+                if value is None:  # TOML has no null: an absent key means the default
+                    continue
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+# ---- parsing ------------------------------------------------------------------------------
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """``value`` converted to ``hint`` (int -> float is fine), or a UserError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _check_type(value, option, key)
+            except UserError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_check_type(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f'{key} must be a string, got {value!r} (quote it: "...")')
+        return value
+    raise TypeError(f"recipe field {key} has an unsupported type {hint!r}")  # a bug, not the user's
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown recipe key {section}.{key}; known keys of [{section}]: {', '.join(known)}")
+        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _build_pmod(values: dict[str, Any]) -> PMoDSection:
+    values = dict(values)
+    enabled = _check_type(values.pop("enabled", True), bool, "pmod.enabled")
+    hints = typing.get_type_hints(PMoDConfig)
+    options = {}
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(["enabled", *hints])
+            raise UserError(f"unknown recipe key pmod.{key}; known keys of [pmod]: {known}")
+        options[key] = _check_type(value, hints[key], f"pmod.{key}")
+    try:
+        config = PMoDConfig(**options)
+    except ValueError as err:
+        raise UserError(f"[pmod]: {err}") from None
+    return PMoDSection(enabled=enabled, config=config)
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise UserError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Cross-field checks that do not need files or models."""
+    from ..data.templates import TEMPLATES
+
+    model, data, train = recipe.model, recipe.data, recipe.train
+    if model.checkpoint and (model.vision_tower or model.llm):
+        raise UserError("set either model.checkpoint or model.vision_tower + model.llm, not both")
+    if not model.checkpoint and not (model.vision_tower and model.llm):
+        raise UserError("the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm")
+    _choice(model.layout, LAYOUTS, "model.layout")
+    _choice(model.connector, CONNECTORS, "model.connector")
+    _choice(model.vision_feature_select_strategy, SELECT_STRATEGIES, "model.vision_feature_select_strategy")
+    for pinpoint in model.image_grid_pinpoints:
+        if len(pinpoint) != 2 or min(pinpoint) <= 0:
+            raise UserError(f"model.image_grid_pinpoints entries must be [height, width], got {pinpoint}")
+    if not data.path:
+        raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
+    _choice(data.template, tuple(TEMPLATES), "data.template")
+    _choice(data.image_aspect_ratio, ASPECT_RATIOS, "data.image_aspect_ratio")
+    if model.vision_tower and (data.image_aspect_ratio == "anyres") != (model.layout == "llava_next"):
+        raise UserError(
+            'data.image_aspect_ratio = "anyres" goes with model.layout = "llava_next" (and only with it); '
+            f"got {data.image_aspect_ratio!r} with {model.layout!r}"
+        )
+    if data.max_length <= 0:
+        raise UserError(f"data.max_length must be positive, got {data.max_length}")
+    if not 0.0 <= data.max_bad_fraction <= 1.0:
+        raise UserError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
+    if not train.output_dir:
+        raise UserError("train.output_dir is not set")
+    if train.max_steps == 0 or train.max_steps < -1:
+        raise UserError(f"train.max_steps must be positive (or -1 for num_epochs), got {train.max_steps}")
+    for key in ("global_batch_size", "per_device_batch_size", "save_steps", "logging_steps"):
+        if getattr(train, key) <= 0:
+            raise UserError(f"train.{key} must be positive, got {getattr(train, key)}")
+    if train.global_batch_size % train.per_device_batch_size:
+        raise UserError(
+            f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+            f"train.per_device_batch_size ({train.per_device_batch_size})"
+        )
+    for key in ("learning_rate", "connector_lr", "llm_lr", "router_lr", "vision_tower_lr", "weight_decay", "num_epochs"):
+        if getattr(train, key) < 0:
+            raise UserError(f"train.{key} must be >= 0, got {getattr(train, key)}")
+    _choice(train.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
+    _choice(train.precision, PRECISIONS, "train.precision")
+    if not 0.0 <= train.warmup_ratio < 1.0:
+        raise UserError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
+    if train.deepspeed and train.deepspeed not in DEEPSPEED_PRESETS and not Path(train.deepspeed).is_file():
+        raise UserError(
+            f"train.deepspeed = {train.deepspeed!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} nor an existing JSON file"
+        )
+    return recipe
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value read as TOML, else as a string)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. train.max_steps=20")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {text!r}: the key must be section.key, e.g. train.max_steps")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts[0], parts[1], value
+
+
+def recipe_from_dict(values: dict[str, Any], source: str = "") -> Recipe:
+    unknown = sorted(set(values) - {"model", "pmod", "data", "train"})
+    if unknown:
+        raise UserError(f"unknown recipe section [{unknown[0]}]; sections are [model], [pmod], [data], [train]")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        section_values = values.get(name, {})
+        if not isinstance(section_values, dict):
+            raise UserError(f"{name} must be a [{name}] table")
+        sections[name] = _build_section(cls, section_values, name)
+    pmod_values = values.get("pmod", {})
+    if not isinstance(pmod_values, dict):
+        raise UserError("pmod must be a [pmod] table")
+    return validate(Recipe(pmod=_build_pmod(pmod_values), source=source, **sections))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, type-check and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; pass a TOML file such as recipes/tiny.toml")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot parse recipe {path}: {err}") from None
+    for override in overrides:
+        section, key, value = parse_override(override)
+        table = values.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise UserError(f"--set {override!r}: [{section}] is not a table")
+        table[key] = value
+    return recipe_from_dict(values, source=str(path))

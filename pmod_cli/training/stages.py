@@ -1,0 +1,290 @@
+"""The two training stages, as plain functions of a recipe.
+
+    result = pretrain(load_recipe("recipes/tiny_pretrain.toml"))
+    result = sft(load_recipe("recipes/tiny.toml"), resume=True)
+
+Pretrain trains the connector of a dense model on captions; sft trains connector + LLM +
+routers (and, if asked, the vision tower) of the p-MoD model (``pmod.enabled = false``: the
+dense baseline, same pipeline). Both run on the HF Trainer, under ``torchrun`` or the
+``deepspeed`` launcher as they are: the gradient accumulation is derived from the recipe's
+global batch size and the world size found at launch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..data.llava_data import (
+    Collator,
+    SampleEncoder,
+    SupervisedDataset,
+    load_records,
+    scan_records,
+)
+from ..data.templates import get_template
+from ..errors import UserError
+from .build import PARTS, build_model, resolve_name
+from .recipe import DEEPSPEED_PRESETS, Recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    output_dir: Path
+    summary: dict
+    log_history: list[dict] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        """(step, loss) of every logged training step."""
+        return [(entry["step"], entry["loss"]) for entry in self.log_history if "loss" in entry]
+
+
+def pretrain(recipe: Recipe, resume: bool = False, callbacks: Sequence = ()) -> StageResult:
+    """Stage 1: train the connector (captions, ``plain`` template)."""
+    return run_stage("pretrain", recipe, resume=resume, callbacks=callbacks)
+
+
+def sft(recipe: Recipe, resume: bool = False, callbacks: Sequence = ()) -> StageResult:
+    """Stage 2: train connector + LLM + routers (instructions), p-MoD unless ``pmod.enabled`` is false."""
+    return run_stage("sft", recipe, resume=resume, callbacks=callbacks)
+
+
+# ---- pieces -------------------------------------------------------------------------------
+
+
+def deepspeed_config_path(value: str) -> str:
+    """``zero2`` / ``zero3`` -> the shipped JSON; anything else is a path."""
+    if value in DEEPSPEED_PRESETS:
+        return str(resources.files("pmod_cli.training") / "deepspeed" / f"{value}.json")
+    return value
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    if precision == "auto":
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+    if precision in ("bf16", "fp16") and not on_gpu:
+        logger.warning("train.precision = %s needs a GPU; training in fp32 on the CPU", precision)
+        return "fp32"
+    return precision
+
+
+def data_paths(recipe: Recipe) -> tuple[Path, Path]:
+    data_path = Path(resolve_name(recipe.data.path))
+    image_folder = Path(resolve_name(recipe.data.image_folder)) if recipe.data.image_folder else data_path.parent
+    return data_path, image_folder
+
+
+def prepare_data(recipe: Recipe, processor, quiet: bool = False):
+    """Records read and checked, the encoding dataset and its collator."""
+    data_path, image_folder = data_paths(recipe)
+    if recipe.data.image_folder and not image_folder.is_dir():
+        raise UserError(f"data.image_folder {image_folder} is not a directory")
+    records = load_records(data_path)
+    data_logger = logging.getLogger("pmod_cli.data.llava_data")
+    previous_level = data_logger.level
+    if quiet:  # one rank names the bad samples, the others only count them
+        data_logger.setLevel(logging.ERROR)
+    try:
+        scan = scan_records(
+            records, image_folder, recipe.data.max_bad_fraction, recipe.data.check_images, progress=not quiet
+        )
+    finally:
+        data_logger.setLevel(previous_level)
+    encoder = SampleEncoder(processor, get_template(recipe.data.template), recipe.data.max_length)
+    dataset = SupervisedDataset(records, scan.valid, image_folder, encoder)
+    return dataset, Collator(processor.tokenizer.pad_token_id), scan
+
+
+def _prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
+    from .trainer import STAGING_DIR, last_checkpoint
+
+    previous = last_checkpoint(output_dir)
+    if resume:
+        if previous is None:
+            raise UserError(f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start")
+        return previous
+    if previous is not None and not overwrite:
+        raise UserError(
+            f"{output_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+            "or --set train.overwrite_output_dir=true to start over"
+        )
+    if previous is not None and is_main:
+        for old in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
+    return None
+
+
+def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int):
+    from transformers import TrainingArguments
+
+    train = recipe.train
+    return TrainingArguments(
+        output_dir=train.output_dir,
+        per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=train.max_steps,
+        num_train_epochs=train.num_epochs,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # below 1: a fraction of the steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        deepspeed=deepspeed_config_path(train.deepspeed) if train.deepspeed else None,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit or None,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must reach the log (and stop the run), not vanish
+        seed=train.seed,
+        dataloader_num_workers=train.dataloader_num_workers,
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        ddp_backend="gloo" if not on_gpu and world_size > 1 else None,
+        # text-only batches leave the connector unused, which DDP must tolerate
+        ddp_find_unused_parameters=True if not train.deepspeed else None,
+    )
+
+
+def _reduce_counts(counts, args) -> list[float]:
+    values = counts.as_tensor()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.to(args.device)
+        torch.distributed.all_reduce(values)
+    return values.cpu().tolist()
+
+
+# ---- the stage ----------------------------------------------------------------------------
+
+
+def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Sequence = ()) -> StageResult:
+    """Build, train, save and summarise one stage; returns the summary and the loss log."""
+    import datasets
+    import transformers
+    from rich.console import Console
+    from transformers import PrinterCallback
+
+    from .summary import efficiency_summary, summary_table
+    from .trainer import PMoDTrainer, RichProgressCallback, WallClock, publish_model
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    train = recipe.train
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    per_step = train.per_device_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size {train.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{train.per_device_batch_size} x {world_size} processes; change one of them"
+        )
+    accumulation = train.global_batch_size // per_step
+    output_dir = Path(train.output_dir)
+    resume_from = _prepare_output_dir(output_dir, resume, train.overwrite_output_dir, is_main)
+
+    on_gpu = torch.cuda.is_available()
+    precision = resolve_precision(train.precision, on_gpu)
+    # DeepSpeed keeps fp32 master weights itself, so the model can load in half precision
+    load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
+    from_parts = not recipe.model.checkpoint
+    if from_parts:
+        # built before the arguments exist, so outside ZeRO-3's zero.Init (which cannot fill the
+        # meta-device shell the parts go into); DeepSpeed partitions the model when it starts
+        model, processor = build_model(recipe, stage, load_dtype or torch.float32)
+    args = _training_arguments(recipe, accumulation, precision, on_gpu, world_size)
+    if train.deepspeed and world_size > 1:
+        import deepspeed
+
+        # ZeRO-3 asks DeepSpeed's own comm layer for the world size; on CPU nothing has set that
+        # layer up yet (it wraps the existing process group)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if not from_parts:
+        # after the arguments: with ZeRO-3, from_pretrained then partitions the weights as it loads
+        model, processor = build_model(recipe, stage, load_dtype or torch.float32)
+    dataset, collator, scan = prepare_data(recipe, processor, quiet=not is_main)
+    rates = {part: recipe.part_learning_rate(part) for part in PARTS}
+    budget = recipe.data.max_bad_fraction * scan.total - len(scan.bad)
+
+    progress = RichProgressCallback(f"{stage} {recipe.source or ''}".strip())
+    clock = WallClock()
+    trainer = PMoDTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[clock, progress, *callbacks],
+        part_learning_rates=rates,
+        image_token_id=model.config.image_token_id,
+        recipe_toml=recipe.to_toml(),
+        bad_sample_budget=budget,
+    )
+    trainer.remove_callback(PrinterCallback)  # the rich callback prints the losses
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        progress.on_train_end(args, trainer.state, trainer.control)
+    wall = clock.seconds
+    publish_model(trainer, output_dir)
+
+    samples, tokens, vision_tokens, skipped_at_load = _reduce_counts(trainer.counts, args)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = efficiency_summary(
+        trainer.accelerator.unwrap_model(trainer.model),
+        stage=stage,
+        samples=int(samples),
+        tokens=int(tokens),
+        vision_tokens=int(vision_tokens),
+        wall_seconds=wall,
+        processes=world_size,
+        on_gpu=on_gpu,
+        steps=trainer.state.global_step,
+        skipped_bad=len(scan.bad),
+        skipped_at_load=int(skipped_at_load),
+        total_samples=scan.total,
+        first_loss=losses[0] if losses else None,
+        final_loss=losses[-1] if losses else None,
+    )
+    if trainer.is_world_process_zero():
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        console = Console()
+        console.print(summary_table(summary))
+        console.print(f"model saved to {output_dir}")
+    return StageResult(stage, output_dir, summary, list(trainer.state.log_history))
+
+
+def launch(stage: str, recipe_path: str | Path, overrides: Sequence[str] = (), resume: bool = False, dry_run: bool = False):
+    """What ``pmod pretrain`` / ``pmod sft`` do: load the recipe, then plan or train."""
+    from .recipe import load_recipe
+
+    package_logger = logging.getLogger("pmod_cli")
+    if not package_logger.handlers:  # warnings (skipped samples) as one plain line each
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.propagate = False
+    recipe = load_recipe(recipe_path, overrides)
+    if dry_run:
+        from .plan import dry_run as plan_and_print
+
+        return plan_and_print(stage, recipe)
+    return run_stage(stage, recipe, resume=resume)

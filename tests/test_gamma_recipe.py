@@ -1,0 +1,77 @@
+"""The gamma-MoD recipes: the published LLaVA-1.5 setting, and the tiny variant trained end to end."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PMOD_CACHE", str(ROOT / ".cache" / "pmod-tests"))
+
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+from pmod_cli.model import is_pmod_model, mod_layer_indices  # noqa: E402
+from pmod_cli.training.recipe import load_recipe  # noqa: E402
+from pmod_cli.training.stages import sft  # noqa: E402
+
+RECIPES = ROOT / "recipes"
+
+
+def test_gamma_llava_1_5_is_the_published_setting(tmp_path):
+    recipe = load_recipe(RECIPES / "gamma_llava_1_5.toml")
+    config = recipe.pmod.config
+    assert recipe.pmod.enabled and config.shared_router and config.masked_routing
+    assert (config.routed_tokens, config.router_input, config.inference_routing) == ("all", "normed", "threshold")
+    assert config.aux_loss_coef == 0.01 and config.routing_threshold == 0.5
+    # the released code: layers 0, 1, 2 and 31 dense, every other layer skips half its competing tokens
+    ratios = config.retention_ratios(32)
+    assert [layer for layer, ratio in enumerate(ratios) if ratio == 1.0] == [0, 1, 2, 31]
+    assert {ratio for ratio in ratios if ratio < 1.0} == {0.5}
+    # same data and optimisation as the p-MoD LLaVA-1.5 recipe
+    pmod = load_recipe(RECIPES / "llava_1_5.toml")
+    assert recipe.data == pmod.data and recipe.model == pmod.model
+    assert recipe.train.learning_rate == pmod.train.learning_rate == 2e-5
+    resolved = tmp_path / "recipe.toml"
+    resolved.write_text(recipe.to_toml())
+    assert load_recipe(resolved).to_dict() == recipe.to_dict()
+
+
+def test_gamma_tiny_trains_end_to_end(tmp_path):
+    output = tmp_path / "gamma_sft"
+    recipe = load_recipe(
+        RECIPES / "gamma_tiny.toml",
+        [
+            f"train.output_dir={output}",
+            "model.pretrained_connector=",  # no pretrain stage here: a fresh connector
+            "train.max_steps=3",
+            "train.global_batch_size=4",
+            "train.per_device_batch_size=4",
+            "train.logging_steps=1",
+        ],
+    )
+    result = sft(recipe)
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+    model = AutoModelForImageTextToText.from_pretrained(output).eval()
+    processor = AutoProcessor.from_pretrained(output)
+    assert is_pmod_model(model) and model.pmod_config == recipe.pmod.config
+    assert mod_layer_indices(model) == [0, 3, 4, 5]
+    # one router for all MoD layers, and training moved it off its zero initialisation
+    routers = {name: p for name, p in model.named_parameters() if "router" in name}
+    assert sorted(routers) == ["model.language_model.pmod_shared_router.bias", "model.language_model.pmod_shared_router.weight"]
+    assert routers["model.language_model.pmod_shared_router.weight"].abs().sum() > 0
+
+    # the trained checkpoint answers under threshold routing
+    from PIL import Image
+
+    from pmod_cli.analysis.questions import build_prompt
+
+    image = Image.new("RGB", (112, 112), "red")
+    inputs = processor(text=[build_prompt(processor, "What colour is the square?")], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]

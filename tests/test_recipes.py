@@ -1,0 +1,165 @@
+"""Recipes: parsing, overrides, errors (one line, exit 2) and the --dry-run plan of real-size recipes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PMOD_CACHE", str(ROOT / ".cache" / "pmod-tests"))
+
+from pmod_cli import cli  # noqa: E402
+from pmod_cli.errors import UserError  # noqa: E402
+from pmod_cli.training.plan import make_training_plan  # noqa: E402
+from pmod_cli.training.recipe import load_recipe, parse_override, recipe_from_dict  # noqa: E402
+
+RECIPES = ROOT / "recipes"
+SHIPPED = [
+    "llava_1_5_pretrain.toml",
+    "llava_1_5.toml",
+    "llava_next_pretrain.toml",
+    "llava_next.toml",
+    "tiny_pretrain.toml",
+    "tiny.toml",
+]
+
+
+def minimal(**sections):
+    values = {
+        "model": {"checkpoint": "tiny:base"},
+        "data": {"path": "x.json"},
+        "train": {"output_dir": "out"},
+    }
+    for name, extra in sections.items():
+        values.setdefault(name, {}).update(extra)
+    return values
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_parse_and_round_trip(name, tmp_path):
+    recipe = load_recipe(RECIPES / name)
+    # the resolved TOML written into checkpoints reads back to the same recipe
+    resolved = tmp_path / "recipe.toml"
+    resolved.write_text(recipe.to_toml())
+    again = load_recipe(resolved)
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_paper_settings():
+    """Table 7 and the released scripts, as the recipes hold them."""
+    for stage_1 in ("llava_1_5_pretrain.toml", "llava_next_pretrain.toml"):
+        recipe = load_recipe(RECIPES / stage_1)
+        assert (recipe.train.learning_rate, recipe.train.global_batch_size) == (1e-3, 256)
+        assert recipe.data.template == "plain" and not recipe.pmod.enabled
+    for stage_2 in ("llava_1_5.toml", "llava_next.toml"):
+        recipe = load_recipe(RECIPES / stage_2)
+        model, train = recipe.model, recipe.train
+        assert model.llm == "lmsys/vicuna-7b-v1.5" and model.vision_tower == "openai/clip-vit-large-patch14-336"
+        assert (model.vision_feature_layer, model.vision_feature_select_strategy, model.connector) == (
+            -2, "default", "mlp2x_gelu",
+        )
+        assert (train.learning_rate, train.global_batch_size, train.num_epochs) == (2e-5, 128, 1.0)
+        assert (train.lr_scheduler, train.warmup_ratio, train.weight_decay) == ("cosine", 0.03, 0.0)
+        assert train.gradient_checkpointing and not train.tune_vision_tower
+        assert recipe.pmod.enabled and recipe.pmod.config.beta == 0.5 and recipe.data.template == "vicuna_v1"
+    v15, next_ = load_recipe(RECIPES / "llava_1_5.toml"), load_recipe(RECIPES / "llava_next.toml")
+    assert (v15.data.max_length, v15.train.deepspeed, v15.data.image_aspect_ratio) == (2048, "zero2", "pad")
+    assert (next_.data.max_length, next_.train.deepspeed, next_.data.image_aspect_ratio) == (4096, "zero3", "anyres")
+    grids = {(h // 336, w // 336) for h, w in next_.model.image_grid_pinpoints}
+    assert grids == {(2, 2), (1, 2), (2, 1), (1, 3), (3, 1)}
+
+
+def test_overrides_are_toml_values():
+    assert parse_override("train.max_steps=20") == ("train", "max_steps", 20)
+    assert parse_override("pmod.beta=0.4") == ("pmod", "beta", 0.4)
+    assert parse_override("pmod.enabled=false") == ("pmod", "enabled", False)
+    assert parse_override("pmod.ratios=[1, 0.5]") == ("pmod", "ratios", [1, 0.5])
+    assert parse_override("data.path=my/file.json") == ("data", "path", "my/file.json")
+    recipe = load_recipe(RECIPES / "tiny.toml", ["train.max_steps=7", "pmod.beta=0.4", "train.learning_rate=1"])
+    assert recipe.train.max_steps == 7 and recipe.pmod.config.beta == 0.4
+    assert recipe.train.learning_rate == 1.0 and isinstance(recipe.train.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (minimal(train={"max_stepz": 3}), "train.max_stepz"),
+        (minimal(pmod={"betta": 0.4}), "pmod.betta"),
+        (minimal(train={"max_steps": "ten"}), "train.max_steps"),
+        (minimal(train={"max_steps": 2.5}), "train.max_steps"),
+        (minimal(pmod={"enabled": 1}), "pmod.enabled"),
+        (minimal(pmod={"beta": "high"}), "pmod.beta"),
+        (minimal(pmod={"schedule": "zigzag"}), "zigzag"),
+        (minimal(data={"template": "alpaca"}), "data.template"),
+        (minimal(train={"deepspeed": "zero9"}), "train.deepspeed"),
+        (minimal(train={"global_batch_size": 10, "per_device_batch_size": 4}), "train.global_batch_size"),
+        ({**minimal(), "optimizer": {}}, "[optimizer]"),
+        ({"data": {"path": "x.json"}, "train": {"output_dir": "o"}}, "model.checkpoint"),
+    ],
+)
+def test_recipe_errors_name_the_key(values, named):
+    with pytest.raises(UserError, match=named.replace("[", r"\[").replace(".", r"\.")):
+        recipe_from_dict(values)
+
+
+def run_cli(monkeypatch, capsys, *argv):
+    monkeypatch.setattr(sys, "argv", ["pmod", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["sft", "recipes/tiny.toml", "--set", "train.bogus=1"], "train.bogus"),
+        (["sft", "recipes/tiny.toml", "--set", "pmod.beta=yes"], "pmod.beta"),
+        (["pretrain", "recipes/no_such_recipe.toml"], "no_such_recipe.toml"),
+        (["sft", "recipes/tiny.toml", "--set", "maxsteps"], "section.key=value"),
+        (["sft", "recipes/tiny.toml", "--dry-run", "--set", "data.path=tiny:shpes/x.json"], "tiny:shpes/x.json"),
+        (["sft", "recipes/tiny.toml", "--dry-run", "--set", "data.path=missing/data.json", "--set", "data.image_folder="],
+         None),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(monkeypatch, capsys, argv, named):
+    monkeypatch.chdir(ROOT)
+    if named is None:  # a dry run with missing data reports it and still plans (exit 0)
+        monkeypatch.setattr(sys, "argv", ["pmod", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code in (0, None)
+        assert "missing/data.json not found" in capsys.readouterr().out.replace("\n", "")
+        return
+    code, captured = run_cli(monkeypatch, capsys, *argv)
+    lines = captured.err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
+
+
+def test_dry_run_plans_real_recipes_without_download():
+    sft = make_training_plan("sft", load_recipe(RECIPES / "llava_1_5.toml"))
+    assert "preset llava-1.5-7b" in sft.model_source
+    # PRD at beta 0.5 on 32 layers: dense 0-7, MoD 8-31, one Linear(4096, 1) router per MoD layer
+    assert [r < 1 for r in sft.retention_ratios] == [False] * 8 + [True] * 24
+    assert sft.parameters["router"] == (24 * 4097, 24 * 4097)
+    assert sft.parameters["vision_tower"][0] == 0 and sft.parameters["vision_tower"][1] > 3e8
+    assert sft.parameters["llm"][0] == sft.parameters["llm"][1] > 6.5e9
+    assert round(sft.flops.baseline_tflops, 2) == 8.38 and sft.flops.tflops < 0.6 * sft.flops.baseline_tflops
+    assert not sft.data.found and "not found" in sft.data.problem
+
+    pretrain = make_training_plan("pretrain", load_recipe(RECIPES / "llava_next_pretrain.toml"))
+    trainable = {part for part, (count, _) in pretrain.parameters.items() if count}
+    assert trainable == {"connector"} and pretrain.retention_ratios == [1.0] * 32
+
+    next_ = make_training_plan("sft", load_recipe(RECIPES / "llava_next.toml"))
+    assert next_.shape.vision_tokens == 2928 and round(next_.flops.baseline_tflops, 2) == 39.46
+    assert next_.accumulation * next_.world_size * 4 == 128
+
+
+def test_dry_run_checks_every_sample_of_the_tiny_set():
+    plan = make_training_plan("sft", load_recipe(RECIPES / "tiny.toml"))
+    assert plan.data.found and plan.data.total == plan.data.usable > 1000 and not plan.data.bad
+    assert "parts" in plan.model_source and plan.parameters["router"][0] > 0
