@@ -133,7 +133,8 @@ def measure(models: dict, inputs, preset: Preset) -> dict[str, dict[str, float]]
     ).items():
         results[name]["prefill_s"] = best
     for name, model in models.items():
-        results[name]["kv_cache_bytes"] = kv_cache_bytes(prefill(model).past_key_values)
+        output = prefill(model)
+        results[name]["kv_cache_bytes"] = kv_cache_bytes(output["cache"] if "cache" in output else output["past_key_values"])
         model.train()
     for name, best in interleaved_best(
         {name: (lambda m=model: train_step(m)) for name, model in models.items()}, preset.device, preset.repeats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def sft(
 def arank(
     checkpoint: Path = typer.Argument(..., help="A LLaVA / LLaVA-NeXT checkpoint directory, plain HF or p-MoD."),
     data: Path = typer.Option(..., "--data", help="LLaVA-format JSON / JSONL image-question samples."),
-    image_folder: Path = typer.Option(None, "--image-folder", help="Directory the samples' image paths are relative to (default: the data file's)."),
+    image_folder: Path = typer.Option(None, "--image-folder", help="Directory the samples' image paths are relative to (default: the data file's; tiny:shapes/images for tiny:shapes data)."),
     samples: int = typer.Option(16, "--samples", help="How many image-question samples to average over."),
     batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
     dense_layers: int = typer.Option(4, "--dense-layers", help="K: the K highest-ARank layers stay dense, the rest become MoD."),
@@ -197,24 +198,56 @@ def evaluate(
     limit: int = typer.Option(None, "--limit", help="Evaluate only the first N samples of each task."),
     batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together (left padding)."),
     include_path: Path = typer.Option(None, "--include-path", help="A directory of extra lmms-eval task YAMLs."),
-    output: Path = typer.Option(None, "--output", help="Also write the report (and every measurement) to this JSON file."),
-    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    output: Path = typer.Option(
+        None, "--output", help="Also write the report (and every measurement) to this JSON file; lmms-eval's own files go to FILE_lmms_eval/."
+    ),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
     count: str = typer.Option("paper", "--count", help="TFLOPs count: paper (as `pmod flops`) or full."),
 ) -> None:
     """Evaluate checkpoints with lmms-eval: accuracy and measured efficiency side by side."""
     from rich.console import Console
 
     from .evaluation.report import report_table
-    from .evaluation.run import evaluate_checkpoints, report_to_json, write_json_atomically
+    from .evaluation.run import (
+        check_output_path,
+        evaluate_checkpoints,
+        lmms_eval_dir_for,
+        report_to_json,
+        write_json_atomically,
+    )
 
+    if output is not None:
+        check_output_path(output)  # before hours of evaluation, not after
+    _warnings_as_lines("pmod_cli.evaluation")
     task_list = [task.strip() for task in tasks.split(",") if task.strip()]
     report = evaluate_checkpoints(
-        checkpoints, task_list, limit=limit, batch_size=batch_size, include_path=include_path, device=device, count=count
+        checkpoints,
+        task_list,
+        limit=limit,
+        batch_size=batch_size,
+        include_path=include_path,
+        device=device,
+        count=count,
+        lmms_eval_dir=lmms_eval_dir_for(output) if output is not None else None,
     )
     Console().print(report_table(report))
     if output is not None:
         write_json_atomically(report_to_json(report), output)
         typer.echo(f"report written to {output}")
+
+
+class _WarningLines(logging.Handler):
+    """A package warning as one ``warning: ...`` line on stderr (as errors are ``error: ...``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.secho(f"warning: {record.getMessage()}", fg=typer.colors.YELLOW, err=True)
+
+
+def _warnings_as_lines(name: str) -> None:
+    package_logger = logging.getLogger(name)
+    if not any(isinstance(handler, _WarningLines) for handler in package_logger.handlers):
+        package_logger.addHandler(_WarningLines(logging.WARNING))
+        package_logger.propagate = False
 
 
 def _num_layers(checkpoint: Path) -> int:

@@ -187,6 +187,41 @@ def test_a_missing_or_unreadable_image_is_a_user_error_naming_the_sample(tmp_pat
         read_image_questions(data, tmp_path / "img", limit=4)
 
 
+def test_question_only_and_fastchat_style_samples_are_read(tmp_path):
+    data = write_samples(
+        tmp_path,
+        [
+            {"id": "odd-image", "image": 7, "conversations": conversation("<image>\nskipped")},
+            {"id": "question", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}]},
+            {"id": "greeting", "image": "a.png", "conversations": [
+                {"from": "gpt", "value": "Hi! Ask me."}, *conversation("<image>\nHow many?")]},
+        ],
+    )
+    read = read_image_questions(data, tmp_path / "img", limit=4)
+    assert [(q.sample_id, q.question) for q in read.questions] == [("question", "What colour?"), ("greeting", "How many?")]
+    assert read.skipped == 1
+
+
+def test_a_decompression_bomb_is_a_user_error_not_a_traceback(tmp_path, monkeypatch):
+    data = write_samples(tmp_path, [{"id": "s1", "image": "a.png", "conversations": conversation("<image>\nq")}])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 20x20 is a decompression bomb now
+    with pytest.raises(UserError, match=r"of sample s1 is unreadable \(DecompressionBombError\)"):
+        read_image_questions(data, tmp_path / "img", limit=4)
+
+
+def test_tiny_shapes_data_finds_its_images_without_an_image_folder(tmp_path, monkeypatch):
+    from pmod_cli.data.tiny import tiny_root
+
+    monkeypatch.setenv("PMOD_CACHE", str(tmp_path / "cache"))
+    shapes = tiny_root() / "shapes"
+    (shapes / "images" / "heldout").mkdir(parents=True)
+    Image.new("RGB", (20, 20), "red").save(shapes / "images" / "heldout" / "h.png")
+    sample = {"id": "h", "image": "heldout/h.png", "conversations": conversation("<image>\nColour?")}
+    (shapes / "heldout.json").write_text(json.dumps([sample]))
+    read = read_image_questions(shapes / "heldout.json", None, limit=4)
+    assert read.questions[0].image == shapes / "images" / "heldout" / "h.png"
+
+
 def test_a_file_without_image_questions_is_a_user_error(tmp_path):
     data = write_samples(tmp_path, [{"id": "t", "conversations": conversation("hello")}])
     with pytest.raises(UserError, match="holds no sample with an image and a question"):

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from pmod_cli import PMoDConfig, apply_pmod
 from pmod_cli.cli import app, main
+from pmod_cli.errors import UserError
+from pmod_cli.evaluation import run as eval_run
 from pmod_cli.evaluation.run import PAPER_GROUP, evaluate_checkpoints, make_task_manager
 from pmod_cli.evaluation.tasks import TASKS_DIR
 from pmod_cli.model.cache import kv_cache_bytes
@@ -180,13 +182,22 @@ def test_lmms_eval_command_line_runs_the_pmod_model(checkpoints, tmp_path):
     assert 0 < results["throughput"]["avg_kv_cache_vs_dense"] < 1
 
 
-def test_paper_benchmarks_resolve_and_the_group_names_all_14():
+def test_paper_benchmarks_resolve_and_the_group_names_all_14(monkeypatch):
     manager = make_task_manager([PAPER_GROUP])
     missing = [task for task in PAPER_TASKS if task not in manager.all_tasks]
     assert missing == []
     assert PAPER_GROUP in manager.all_groups
     group = yaml.safe_load((TASKS_DIR / "pmod_paper14" / "pmod_paper14.yaml").read_text())
     assert group["task"] == PAPER_TASKS
+
+    # mmbench_en_dev's GPT judge needs a key: said up front, also when asked through the group
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("API_TYPE", raising=False)
+    (warning,) = eval_run.judge_warnings([PAPER_GROUP], manager)
+    assert "mmbench_en_dev" in warning and "OPENAI_API_KEY" in warning and "\n" not in warning
+    assert eval_run.judge_warnings(["mme", "pmod_tiny_vqa"], manager) == []
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert eval_run.judge_warnings(["mmbench_en_dev"], manager) == []
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -206,6 +217,9 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["{pmod}", "--tasks", "pmod_tiny_vqa", "--count", "most"], "unknown FLOPs count 'most'"),
         (["{pmod}", "--tasks", "pmod_tiny_vqa", "--include-path", "{root}/none"], "is not a directory"),
         (["{pmod}", "--tasks", "pmod_tiny_vqa,mmee"], "unknown task 'mmee'; did you mean mme"),
+        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--device", "cuda:x"], "--device must be cpu or cuda"),
+        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--output", "{root}"], "is a directory; give a file name"),
+        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--output", "{pmod}/config.json/eval.json"], "config.json is a file, not a directory"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(checkpoints, monkeypatch, capsys, arguments, message):
@@ -223,3 +237,201 @@ def test_a_benchmark_without_its_data_is_a_user_error(checkpoints, monkeypatch, 
     # the model loads first (its progress bar), then one line, no traceback
     assert stderr.splitlines()[-1].startswith("error: cannot fetch the data of mme")
     assert "Traceback" not in stderr and stderr.count("error:") == 1
+
+
+def test_output_is_checked_before_anything_is_evaluated(checkpoints, monkeypatch, capsys, tmp_path):
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before --output was checked")
+
+    monkeypatch.setattr(eval_run, "evaluate_checkpoints", never)
+    access = os.access
+    # a folder this process may not write in (chmod would not stop root)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else access(path, mode))
+    target = tmp_path / "new" / "eval.json"
+    code, stderr = run_main(monkeypatch, capsys, str(checkpoints["pmod"]), "--tasks", "pmod_tiny_vqa", "--output", str(target))
+    assert code == 2 and stderr.startswith("error: ") and f"cannot write in {tmp_path}" in stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_a_failed_report_write_is_a_user_error_and_leaves_nothing(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write the report to"):
+        eval_run.write_json_atomically({"a": 1}, tmp_path / "file" / "eval.json")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="cannot write the report to"):
+        eval_run.write_json_atomically({"a": 1}, tmp_path / "taken")  # os.replace onto a directory
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file", "taken"]
+    assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_cuda_index_is_checked_against_the_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert eval_run._check_device("cuda:0") == "cuda:0"
+    with pytest.raises(UserError, match="torch sees 1 CUDA GPU here"):
+        eval_run._check_device("cuda:1")
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        lambda: __import__("huggingface_hub").errors.LocalTokenNotFoundError("Token is required (`token=True`)"),
+        lambda: __import__("httpx").ConnectError("[Errno -3] Temporary failure in name resolution"),
+        lambda: __import__("httpx").ConnectTimeout("timed out"),
+        lambda: __import__("datasets").exceptions.DatasetNotFoundError("lmms-lab/MME"),
+        lambda: TimeoutError("read timed out"),
+    ],
+)
+def test_network_and_login_errors_are_found_behind_wrappers(make_error):
+    error = make_error()
+    try:
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("RetryError[<Future state=finished raised>]") from inner
+    except RuntimeError as outer:
+        assert eval_run._offline_cause(outer) is error
+    assert eval_run._offline_cause(ValueError("a bug")) is None
+
+
+def test_missing_hub_login_ends_in_one_error_line_after_the_judge_warning(checkpoints, monkeypatch, capsys):
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    def simple_evaluate(**kwargs):
+        try:
+            raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+        except LocalTokenNotFoundError as inner:
+            raise RuntimeError("RetryError") from inner
+
+    monkeypatch.setattr("lmms_eval.evaluator.simple_evaluate", simple_evaluate)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("API_TYPE", raising=False)
+    code, stderr = run_main(monkeypatch, capsys, str(checkpoints["pmod"]), "--tasks", "mmbench_en_dev", "--device", "cpu")
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith(("warning:", "error:"))]
+    assert lines[0].startswith("warning: mmbench_en_dev's gpt_eval_score") and "OPENAI_API_KEY" in lines[0]
+    assert lines[-1].startswith("error: cannot fetch the data of mmbench_en_dev: LocalTokenNotFoundError")
+    assert "Traceback" not in stderr
+
+
+def test_task_files_go_beside_the_report_not_into_the_current_directory(checkpoints, monkeypatch, tmp_path):
+    # a task whose aggregation writes a submission file, as ok_vqa / textvqa_val / mmbench do
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "submitting.py").write_text(
+        "import json\n"
+        "from lmms_eval.tasks._task_utils.file_utils import generate_submission_file\n"
+        "def process_results(doc, results):\n"
+        "    return {'exact_match': 0.0, 'submission': {'id': doc['id'], 'answer': results[0]}}\n"
+        "def write_submission(results, args):\n"
+        "    with open(generate_submission_file('tiny_submission.json', args), 'w') as stream:\n"
+        "        json.dump(results, stream)\n"
+        "    return len(results)\n"
+    )
+    (tasks / "pmod_tiny_vqa_submitting.yaml").write_text(
+        f"task: pmod_tiny_vqa_submitting\n"
+        f"include: {TASKS_DIR / 'pmod_tiny_vqa' / 'pmod_tiny_vqa.yaml'}\n"
+        "process_results: !function submitting.process_results\n"
+        "metric_list:\n"
+        "  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: submission\n    aggregation: !function submitting.write_submission\n    higher_is_better: true\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    output = tmp_path / "reports" / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval", str(checkpoints["pmod"]), "--tasks", "pmod_tiny_vqa_submitting", "--include-path", str(tasks),
+            "--limit", "2", "--output", str(output), "--device", "cpu",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    assert list(work.iterdir()) == []
+    submitted = json.loads((tmp_path / "reports" / "eval_lmms_eval" / "pmod" / "submissions" / "tiny_submission.json").read_text())
+    assert len(submitted) == 2
+    assert json.loads(output.read_text())["checkpoints"][0]["scores"]["pmod_tiny_vqa_submitting"]["value"] == 0.0
+
+
+def test_beam_search_is_measured_per_sample(checkpoints):
+    from lmms_eval.api.instance import Instance
+
+    from pmod_cli.evaluation.lmms_model import PMoDLmms
+
+    lm = PMoDLmms(pretrained=str(checkpoints["pmod"]), device="cpu", batch_size=2)
+    lm.task_dict = {"shapes": {"test": [{"image": random_image(56, 56, seed=seed)} for seed in range(2)]}}
+    held = {}
+    for beams in (1, 3):
+        lm.measurements = []
+        settings = {"max_new_tokens": 3, "num_beams": beams, "until": ["\n"]}
+        requests = [
+            Instance(
+                "generate_until",
+                (question, dict(settings), lambda doc: [doc["image"]], doc_id, "shapes", "test"),
+                idx=0,
+                metadata={"task": "shapes", "doc_id": doc_id, "repeats": 1},
+            )
+            for doc_id, question in enumerate(["What colour is the square?", "How many circles are there?"])
+        ]
+        answers = lm.generate_until(requests)
+        assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+        held[beams] = {m.doc_id: (m.kv_cache_bytes, m.dense_kv_cache_bytes) for m in lm.measurements}
+    # each of a sample's beams holds what the sample alone holds
+    assert held[3] == {doc: (3 * kv, 3 * dense) for doc, (kv, dense) in held[1].items()}
+
+
+def test_model_args_batch_size_wins_over_lmms_eval_s_own(checkpoints):
+    from pmod_cli.evaluation.lmms_model import PMoDLmms
+
+    # lmms-eval's command line always passes its --batch_size (default 1) and --device
+    lm = PMoDLmms.create_from_arg_string(
+        f"pretrained={checkpoints['pmod']},batch_size=3,device=cpu", {"batch_size": 1, "max_batch_size": None, "device": "cuda"}
+    )
+    assert lm.batch_size == 3 and lm.device.type == "cpu"
+
+
+def sentencepiece_like_tokenizer():
+    """A tokenizer that splits like Llama's SentencePiece: " A" alone is ["▁", "▁A"], after
+    "Answer:" it is ["▁A"]."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(["Answer: A", "Answer: B", "Question: which one? Answer: A"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_continuation_tokens_are_those_it_has_after_the_context():
+    from pmod_cli.evaluation.lmms_model import PMoDLmms
+
+    lm = PMoDLmms.__new__(PMoDLmms)  # only the tokenizer is needed
+    lm.tokenizer, lm._device = sentencepiece_like_tokenizer(), torch.device("cpu")
+    alone = lm.tokenizer.tokenize(" A")
+    assert alone == ["▁", "▁A"]  # what tokenizing the continuation apart would score
+    for context, continuation in (("Answer:", " A"), ("Answer: ", "A")):  # a trailing space moves over
+        inputs, context_length = lm._encode_continuation(context, continuation, None)
+        tokens = lm.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+        assert tokens[:context_length] == ["▁Answer:"] and tokens[context_length:] == ["▁A"]
+        assert inputs["attention_mask"].shape == inputs["input_ids"].shape
+
+
+def test_image_tokens_placed_by_the_task_become_image_items():
+    from pmod_cli.evaluation.lmms_model import PMoDLmms
+
+    _, processor = tiny_model(layout="llava", layers=1)
+    # like llava-hf's templates: renders content items, so a plain-string content vanishes
+    processor.chat_template = (
+        "{% for message in messages %}{{ message['role'].upper() }}: "
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+    lm = PMoDLmms.__new__(PMoDLmms)
+    lm.processor, lm.tokenizer, lm.image_token = processor, processor.tokenizer, "<image>"
+    assert lm.build_prompt("<image>\nWhat colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    assert lm.build_prompt("Left: <image> right: <image>", 2) == "USER: Left:<image>\nright:<image>\n ASSISTANT:"
+    assert lm.build_prompt("What colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"

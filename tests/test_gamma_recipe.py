@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PMOD_CACHE", str(ROOT / ".cache" / "pmod-tests"))
 
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 

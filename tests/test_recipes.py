@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PMOD_CACHE", str(ROOT / ".cache" / "pmod-tests"))
 
 from pmod_cli import cli  # noqa: E402
 from pmod_cli.errors import UserError  # noqa: E402
@@ -24,6 +22,8 @@ SHIPPED = [
     "llava_next.toml",
     "tiny_pretrain.toml",
     "tiny.toml",
+    "gamma_llava_1_5.toml",
+    "gamma_tiny.toml",
 ]
 
 
@@ -81,6 +81,13 @@ def test_overrides_are_toml_values():
     recipe = load_recipe(RECIPES / "tiny.toml", ["train.max_steps=7", "pmod.beta=0.4", "train.learning_rate=1"])
     assert recipe.train.max_steps == 7 and recipe.pmod.config.beta == 0.4
     assert recipe.train.learning_rate == 1.0 and isinstance(recipe.train.learning_rate, float)
+    # a string key keeps the text as written; a number key still needs a number
+    recipe = load_recipe(RECIPES / "tiny.toml", ["train.output_dir=2024", "data.path=true", "pmod.schedule=linear"])
+    assert recipe.train.output_dir == "2024" and recipe.data.path == "true"
+    with pytest.raises(UserError, match="train.seed"):
+        load_recipe(RECIPES / "tiny.toml", ["train.seed=abc"])
+    # num_epochs does not matter when max_steps is set
+    assert load_recipe(RECIPES / "tiny.toml", ["train.num_epochs=0"]).train.max_steps == 300
 
 
 @pytest.mark.parametrize(
@@ -97,6 +104,11 @@ def test_overrides_are_toml_values():
         (minimal(train={"deepspeed": "zero9"}), "train.deepspeed"),
         (minimal(train={"global_batch_size": 10, "per_device_batch_size": 4}), "train.global_batch_size"),
         ({**minimal(), "optimizer": {}}, "[optimizer]"),
+        (minimal(pmod={"ratios": [1.0, 1.5]}), "pmod.ratios"),
+        (minimal(pmod={"mod_layers": [-1, 3]}), "pmod.mod_layers"),
+        (minimal(train={"save_total_limit": -1}), "train.save_total_limit"),
+        (minimal(train={"dataloader_num_workers": -2}), "train.dataloader_num_workers"),
+        (minimal(train={"num_epochs": 0}), "train.num_epochs"),
         ({"data": {"path": "x.json"}, "train": {"output_dir": "o"}}, "model.checkpoint"),
     ],
 )
@@ -120,6 +132,8 @@ def run_cli(monkeypatch, capsys, *argv):
         (["pretrain", "recipes/no_such_recipe.toml"], "no_such_recipe.toml"),
         (["sft", "recipes/tiny.toml", "--set", "maxsteps"], "section.key=value"),
         (["sft", "recipes/tiny.toml", "--dry-run", "--set", "data.path=tiny:shpes/x.json"], "tiny:shpes/x.json"),
+        (["sft", "recipes/tiny.toml", "--dry-run", "--set", "pmod.ratios=[1, 0.5]"], "[pmod]: pmod.ratios"),
+        (["sft", "recipes/tiny.toml", "--dry-run", "--set", "pmod.mod_layers=[2, 9]"], "[pmod]: pmod.mod_layers"),
         (["sft", "recipes/tiny.toml", "--dry-run", "--set", "data.path=missing/data.json", "--set", "data.image_folder="],
          None),
     ],
@@ -157,6 +171,14 @@ def test_dry_run_plans_real_recipes_without_download():
     next_ = make_training_plan("sft", load_recipe(RECIPES / "llava_next.toml"))
     assert next_.shape.vision_tokens == 2928 and round(next_.flops.baseline_tflops, 2) == 39.46
     assert next_.accumulation * next_.world_size * 4 == 128
+
+    # gamma-MoD: one shared router; the system prompt competes with the image, and the plan's
+    # count is the one `pmod flops` gives for the same options
+    gamma = make_training_plan("sft", load_recipe(RECIPES / "gamma_llava_1_5.toml"))
+    assert gamma.parameters["router"][0] == 4097
+    assert gamma.flops.routed_tokens == "all" and gamma.flops.competing_tokens == 576 + 35
+    assert [row.kind for row in gamma.flops.layers] == ["dense"] * 3 + ["MoD"] * 28 + ["dense"]
+    assert gamma.flops.layers[3].tokens == (58 - 35) + (576 + 35) // 2
 
 
 def test_dry_run_checks_every_sample_of_the_tiny_set():

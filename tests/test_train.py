@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +16,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PMOD_CACHE", str(ROOT / ".cache" / "pmod-tests"))
 
 import pmod_cli  # noqa: E402,F401 - registers the p-MoD Auto classes
 from pmod_cli import cli  # noqa: E402
@@ -23,7 +24,7 @@ from pmod_cli.errors import UserError  # noqa: E402
 from pmod_cli.training.build import build_model, part_of  # noqa: E402
 from pmod_cli.training.recipe import load_recipe  # noqa: E402
 from pmod_cli.training.stages import sft  # noqa: E402
-from pmod_cli.training.trainer import NonFiniteLossError  # noqa: E402
+from pmod_cli.training.trainer import NonFiniteLossError, on_every_rank, publish_model  # noqa: E402
 
 FAST = ["train.global_batch_size=8", "train.per_device_batch_size=8", "train.logging_steps=1"]
 
@@ -148,13 +149,123 @@ class PoisonAfter(TrainerCallback):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pretrained, tmp_path):
-    recipe = sft_recipe(tmp_path, pretrained, "train.max_steps=6", "train.save_steps=2")
+    recipe = sft_recipe(tmp_path, pretrained, "train.max_steps=6", "train.save_steps=2", "train.overwrite_output_dir=false")
+    # a staging folder left by a crashed run is not reused for the same step
+    leftover = tmp_path / ".incomplete" / "checkpoint-2"
+    leftover.mkdir(parents=True)
+    (leftover / "stale.bin").write_text("from a crashed run")
     # poisoned after step 3 (checkpoint-2 was saved before): step 4 is the first NaN loss
     with pytest.raises(NonFiniteLossError, match=r"nan at step 4.*checkpoint-2"):
         sft(recipe, callbacks=[PoisonAfter(3)])
     assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "config.json").exists()
+    assert not (tmp_path / "checkpoint-2" / "stale.bin").exists()
     good = weights(tmp_path / "checkpoint-2")
     assert all(bool(torch.isfinite(t).all()) for t in good.values())
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.path=typo.json", "typo.json"),
+        ("model.pretrained_connector=runs/no_such_pretrain", "no_such_pretrain"),
+        ("pmod.ratios=[1, 0.5]", "pmod.ratios"),
+        ("pmod.mod_layers=[2, 9]", "pmod.mod_layers"),
+    ],
+)
+def test_user_errors_keep_the_checkpoints_of_an_earlier_run(pretrained, tmp_path, override, named):
+    earlier = tmp_path / "checkpoint-5"
+    earlier.mkdir()
+    (earlier / "model.safetensors").write_text("an earlier run")
+    (tmp_path / ".incomplete").mkdir()
+    recipe = sft_recipe(tmp_path, pretrained, "train.overwrite_output_dir=true", override)
+    with pytest.raises(UserError, match=re.escape(named)):
+        sft(recipe)
+    assert (earlier / "model.safetensors").read_text() == "an earlier run"
+    assert (tmp_path / ".incomplete").is_dir()
+
+
+class Initialised(Exception):
+    """Stops run_stage right after the model is built."""
+
+
+def test_seed_fixes_the_fresh_connector(tmp_path, monkeypatch):
+    from pmod_cli.training import stages
+
+    def build_and_stop(recipe, stage, dtype):
+        model, _ = build_model(recipe, stage, dtype)
+        raise Initialised(model.model.multi_modal_projector.linear_1.weight.detach().clone())
+
+    monkeypatch.setattr(stages, "build_model", build_and_stop)
+
+    def fresh_connector(seed: int) -> torch.Tensor:
+        recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [
+            f"train.output_dir={tmp_path}", "model.pretrained_connector=", f"train.seed={seed}", *FAST,
+        ])
+        with pytest.raises(Initialised) as stopped:
+            sft(recipe)
+        return stopped.value.args[0]
+
+    first = fresh_connector(7)
+    torch.manual_seed(123)  # whatever ran before does not matter
+    assert torch.equal(fresh_connector(7), first)
+    assert not torch.equal(fresh_connector(8), first)
+
+
+class FakeAccelerator:
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+class FakeTrainer:
+    """What publish_model uses of a trainer; save_model writes the given files."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files
+        self.args = SimpleNamespace(should_save=True, device=torch.device("cpu"))
+        self.accelerator = FakeAccelerator()
+        self.recipe_toml = "# recipe\n"
+
+    def save_model(self, directory: str) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for name, text in self.files.items():
+            (Path(directory) / name).write_text(text)
+
+
+def test_publish_model_replaces_a_whole_model_or_nothing(tmp_path):
+    publish_model(FakeTrainer({"config.json": "old", "model.safetensors": "old"}), tmp_path)
+    # a sharded save replaces the single file; config.json comes last
+    publish_model(FakeTrainer({
+        "config.json": "new", "model-00001-of-00002.safetensors": "new", "model-00002-of-00002.safetensors": "new",
+        "model.safetensors.index.json": "new",
+    }), tmp_path)
+    assert not (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").read_text() == "new"
+    assert not (tmp_path / ".incomplete").exists()
+    # no weights saved (e.g. ZeRO-3 without gathering them): the model in place is left alone
+    with pytest.raises(UserError, match="no model weights"):
+        publish_model(FakeTrainer({"config.json": "broken"}), tmp_path)
+    assert (tmp_path / "config.json").read_text() == "new"
+    assert (tmp_path / "model-00001-of-00002.safetensors").read_text() == "new"
+
+
+def _agree(rank: int, world_size: int, port: int, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, on_every_rank(rank != 1, "cpu"), on_every_rank(True, "cpu")))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_non_finite_check_agrees_across_ranks():
+    """One rank's NaN stops every rank (none is left waiting in a collective)."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_agree, args=(rank, 2, 29641, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    found = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert found == [(0, False, True), (1, False, True)]
 
 
 def test_dense_baseline_and_llava_next_anyres(tmp_path):
@@ -173,6 +284,39 @@ def test_dense_baseline_and_llava_next_anyres(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "next")
     assert type(model).__name__ == "PMoDLlavaNextForConditionalGeneration"
     assert next_.summary["mean_vision_tokens"] > 16  # base crop plus high-res crops
+
+
+def test_zero3_sft_with_text_only_micro_batches_on_two_cpu_processes(pretrained, tmp_path):
+    # every other sample has no image; one sample per process and step, so the processes'
+    # micro-batches differ in whether they run the vision tower: ZeRO-3's collectives must
+    # still match (without the blank-image pass this crashes with a collective mismatch)
+    records = json.loads(resolve_tiny_path("tiny:shapes/sft_train.json").read_text())[:8]
+    for index, record in enumerate(records):
+        if index % 2:
+            del record["image"]
+            for turn in record["conversations"]:
+                turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    output = tmp_path / "z3"
+    overrides = [
+        "train.deepspeed=zero3", "train.max_steps=3", "train.save_steps=3", "train.global_batch_size=2",
+        "train.per_device_batch_size=1", "train.logging_steps=1", f"train.output_dir={output}",
+        f"model.pretrained_connector={pretrained}", f"data.path={data}",
+        f"data.image_folder={resolve_tiny_path('tiny:shapes/images')}",
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29634",
+        "-m", "pmod_cli", "sft", str(ROOT / "recipes" / "tiny.toml"), *sum((["--set", o] for o in overrides), []),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["samples"] == 6
+    model = AutoModelForImageTextToText.from_pretrained(output)
+    assert type(model).__name__ == "PMoDLlavaForConditionalGeneration"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_deepspeed_zero2_on_two_cpu_processes(pretrained, tmp_path):

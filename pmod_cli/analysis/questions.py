@@ -9,9 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..data.llava_data import SkipSample, image_paths, load_image, load_records, sample_id
+from ..data.llava_data import (
+    PIL_ERRORS,
+    SkipSample,
+    image_paths,
+    load_image,
+    load_records,
+    sample_id,
+)
 from ..data.templates import IMAGE_PLACEHOLDER, ConversationError, get_template, parse_turns
 from ..errors import UserError
 
@@ -26,18 +33,22 @@ class ImageQuestion:
 @dataclass
 class QuestionSet:
     questions: list[ImageQuestion]
-    skipped: int  # samples passed over: no image, or a conversation that cannot be parsed
+    skipped: int  # samples passed over: no image, or a conversation or image field that cannot be parsed
 
 
 def read_image_questions(data: str | Path, image_folder: str | Path | None, limit: int) -> QuestionSet:
     """The first ``limit`` usable samples of a LLaVA JSON / JSONL file, in file order.
 
-    Samples without an image or with a malformed conversation are skipped (and counted); an image
-    that a sample names but that does not exist is a UserError, since it usually means a wrong
-    ``--image-folder``. ``image_folder`` defaults to the data file's directory.
+    A sample needs a first user turn; a reply is not needed (question-only files do). Samples
+    without an image or with a malformed conversation or ``image`` field are skipped (and counted);
+    an image that a sample names but that does not exist, or cannot be read, is a UserError, since
+    it usually means a wrong ``--image-folder``. ``image_folder`` defaults to the data file's
+    directory (the tiny shapes set's: its ``images`` folder).
     """
+    from ..data.tiny import default_image_folder
+
     data = Path(data)
-    folder = Path(image_folder) if image_folder is not None else data.parent
+    folder = Path(image_folder) if image_folder is not None else default_image_folder(data)
     if image_folder is not None and not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist; pass the directory the data's image paths are relative to")
     if not data.is_file():
@@ -48,10 +59,10 @@ def read_image_questions(data: str | Path, image_folder: str | Path | None, limi
     for index, record in enumerate(records):
         if len(questions) == limit:
             break
-        paths = image_paths(record, folder)
         try:
-            turns = parse_turns(record.get("conversations") or [])
-        except ConversationError:
+            paths = image_paths(record, folder)
+            turns = parse_turns(record.get("conversations") or [], require_reply=False)
+        except (SkipSample, ConversationError):
             skipped += 1
             continue
         if not paths:
@@ -65,7 +76,7 @@ def read_image_questions(data: str | Path, image_folder: str | Path | None, limi
         try:
             with Image.open(paths[0]) as image:
                 image.size  # noqa: B018 - reads the header: fail before the model loads, not midway
-        except (UnidentifiedImageError, OSError) as err:
+        except PIL_ERRORS as err:
             raise UserError(
                 f"image {paths[0]} of sample {sample_id(record, index)} is unreadable ({type(err).__name__}); "
                 "fix or remove the image"

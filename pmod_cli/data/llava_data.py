@@ -7,10 +7,11 @@
 
 A sample is ``{"id", "image" (a path, a list of paths, or absent for text-only), "conversations":
 [{"from": "human"|"gpt", "value": ...}]}`` with ``<image>`` where each image goes. Encoding
-formats the conversation with a template (labels -100 except on assistant replies), expands
-each ``<image>`` into the number of image tokens the HF processor gives for that image (so
-LLaVA-NeXT's anyres count depends on the image size), and truncates text at ``max_length``
-without ever cutting into image tokens (such a sample is skipped).
+formats the conversation with a template, expands each ``<image>`` into the number of image
+tokens the HF processor gives for that image (so LLaVA-NeXT's anyres count depends on the image
+size), tokenizes the whole text at once, as the processor does at evaluation time (labels -100
+except on the tokens of assistant replies), and truncates at ``max_length`` without ever cutting
+into image tokens (such a sample is skipped).
 """
 
 from __future__ import annotations
@@ -26,13 +27,26 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
-from .templates import IMAGE_PLACEHOLDER, ConversationError, ConversationTemplate, Turn, parse_turns
+from .templates import (
+    IMAGE_PLACEHOLDER,
+    ConversationError,
+    ConversationTemplate,
+    Piece,
+    Turn,
+    parse_turns,
+)
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # samples named one by one in warnings; the rest are counted
 MAX_NAMED_WARNINGS = 50
+# how many samples after a failed one SupervisedDataset tries before giving up
+MAX_REPLACEMENT_TRIES = 100
+# what PIL raises on a bad image file: not only OSError (a decompression bomb, broken chunks)
+PIL_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError)
+# set by _read_json_normalised where a sample's "image" field is neither a path nor a list of paths
+IMAGE_ERROR_FIELD = "image_error"
 
 
 class SkipSample(Exception):
@@ -73,16 +87,29 @@ def _read_json_normalised(path: Path) -> list[dict[str, Any]]:
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise UserError(f"{path}: sample {index} is not a JSON object")
-        # one schema for arrow: ids as strings, images as lists of strings
+        # one schema for arrow: ids as strings, images as lists of strings (any other "image" is
+        # kept out of the schema and makes the sample a bad one)
         images = item.get("image")
+        problem = _image_field_problem(images)
         records.append(
             {
                 "id": str(item.get("id", index)),
-                "image": [images] if isinstance(images, str) else images,
+                "image": None if problem else [images] if isinstance(images, str) else images,
                 "conversations": item.get("conversations"),
+                IMAGE_ERROR_FIELD: problem,
             }
         )
     return records
+
+
+def _image_field_problem(images: Any) -> str | None:
+    if images is None or isinstance(images, str):
+        return None
+    if isinstance(images, list) and all(isinstance(path, str) for path in images):
+        return None
+    shown = json.dumps(images, default=str)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"its 'image' is not a path or a list of paths: {shown}"
 
 
 def sample_id(record: dict[str, Any], index: int) -> str:
@@ -91,7 +118,11 @@ def sample_id(record: dict[str, Any], index: int) -> str:
 
 
 def image_paths(record: dict[str, Any], image_folder: Path) -> list[Path]:
+    """The sample's image files; SkipSample if its ``image`` field is neither a path nor a list of paths."""
     images = record.get("image")
+    problem = record.get(IMAGE_ERROR_FIELD) or _image_field_problem(images)
+    if problem:
+        raise SkipSample(problem)
     if images is None or images == "" or images == []:
         return []
     if isinstance(images, str):
@@ -136,7 +167,7 @@ def check_record(record: dict[str, Any], image_folder: Path, open_images: bool =
             try:
                 with Image.open(path) as image:
                     image.size  # noqa: B018 - reads the header
-            except (UnidentifiedImageError, OSError) as err:
+            except PIL_ERRORS as err:
                 raise SkipSample(f"image {path} is unreadable ({err.__class__.__name__})") from None
 
 
@@ -192,16 +223,22 @@ class EncodedSample:
 
 
 class SampleEncoder:
-    """Formats, tokenizes and masks one sample for a given processor and template."""
+    """Formats, tokenizes and masks one sample for a given processor and template.
+
+    The formatted text, each ``<image>`` expanded into the processor's image tokens, is tokenized
+    in one call, as the processor tokenizes a prompt at evaluation time: tokenizing pieces one by
+    one would not give the same ids (a SentencePiece tokenizer starts every piece with a word
+    boundary). The labels are the ids of the tokens that start inside an assistant reply, found
+    from the tokens' character offsets.
+    """
 
     def __init__(self, processor, template: ConversationTemplate, max_length: int) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.template = template
         self.max_length = max_length
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        # what the tokenizer puts before any text (Llama: <s>, Qwen2: nothing)
-        self.prefix_ids = self.tokenizer("", add_special_tokens=True)["input_ids"]
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eos_token = self.tokenizer.eos_token or ""
 
     def _images(self, images: Sequence[Image.Image]) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
@@ -221,6 +258,55 @@ class SampleEncoder:
             pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
         return counts, torch.cat(pixels), torch.cat(sizes) if sizes else None
 
+    def render(self, pieces: Sequence[Piece], counts: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+        """The text of the pieces, ``<image>`` i expanded to ``counts[i]`` image tokens, and the
+        (start, end) character spans of the target pieces."""
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        length = 0
+        image_index = 0
+        for piece in pieces:
+            segments = piece.text.split(IMAGE_PLACEHOLDER)
+            text = segments[0]
+            for segment in segments[1:]:
+                text += self.image_token * counts[image_index] + segment
+                image_index += 1
+            if piece.is_target and text:
+                spans.append((length, length + len(text)))
+            parts.append(text)
+            length += len(text)
+        return "".join(parts), spans
+
+    def tokenize(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        """The ids of ``text`` (with the tokenizer's own special tokens, e.g. Llama's <s>) and, per
+        token, whether it starts inside one of ``spans``."""
+        try:
+            # verbose=False: no warning about texts past the tokenizer's model_max_length, cut here
+            encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+        except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+            return self._tokenize_by_prefixes(text, spans)
+        ids = list(encoded["input_ids"])
+        targets = []
+        span_index = 0
+        for start, end in encoded["offset_mapping"]:
+            if start == end:  # added by the tokenizer (<s>), not from the text
+                targets.append(False)
+                continue
+            while span_index < len(spans) and spans[span_index][1] <= start:
+                span_index += 1
+            targets.append(span_index < len(spans) and spans[span_index][0] <= start)
+        return ids, targets
+
+    def _tokenize_by_prefixes(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        # token i is a target if it lies between the token counts of the text up to a span's ends
+        ids = list(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+        targets = [False] * len(ids)
+        for start, end in spans:
+            first = len(self.tokenizer(text[:start], add_special_tokens=True, verbose=False)["input_ids"])
+            last = len(self.tokenizer(text[:end], add_special_tokens=True, verbose=False)["input_ids"])
+            targets[first:last] = [True] * (last - first)
+        return ids, targets
+
     def encode(self, conversations: list[dict], images: Sequence[Image.Image] = ()) -> EncodedSample:
         try:
             turns = parse_turns(conversations)
@@ -234,23 +320,23 @@ class SampleEncoder:
         elif placeholders > len(images):
             raise SkipSample(f"{placeholders} <image> placeholders but {len(images)} images")
         counts, pixel_values, image_sizes = self._images(images)
+        pieces = self.template.format(turns, self.eos_token)
+        if sum(piece.text.count(IMAGE_PLACEHOLDER) for piece in pieces) != len(images):
+            raise SkipSample(f"the {self.template.name} template does not place all of its {len(images)} images")
+        text, spans = self.render(pieces, counts)
+        ids, targets = self.tokenize(text, spans)
 
-        ids: list[int] = list(self.prefix_ids)
-        labels: list[int] = [IGNORE_INDEX] * len(ids)
-        image_end = 0  # index just past the last image token
-        image_index = 0
-        for piece in self.template.format(turns, self.eos_token):
-            for part_index, part in enumerate(piece.text.split(IMAGE_PLACEHOLDER)):
-                if part_index > 0:  # an <image> stood before this part
-                    ids.extend([self.image_token_id] * counts[image_index])
-                    labels.extend([IGNORE_INDEX] * counts[image_index])
-                    image_index += 1
-                    image_end = len(ids)
-                if part:
-                    part_ids = self.tokenizer(part, add_special_tokens=False)["input_ids"]
-                    ids.extend(part_ids)
-                    labels.extend(part_ids if piece.is_target else [IGNORE_INDEX] * len(part_ids))
-
+        is_image = [token == self.image_token_id for token in ids]
+        if sum(is_image) != sum(counts):
+            raise SkipSample(
+                f"{sum(is_image)} image tokens in the tokenized text, expected {sum(counts)} "
+                f"(does its text hold {self.image_token!r} itself?)"
+            )
+        labels = [
+            token if target and not image else IGNORE_INDEX
+            for token, target, image in zip(ids, targets, is_image, strict=True)
+        ]
+        image_end = max((position + 1 for position, image in enumerate(is_image) if image), default=0)
         truncated = len(ids) > self.max_length
         if truncated:
             if image_end > self.max_length:
@@ -273,7 +359,7 @@ def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+    except PIL_ERRORS as err:
         raise SkipSample(f"image {path} is unreadable ({err.__class__.__name__}: {err})") from None
 
 
@@ -285,8 +371,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     A sample that fails here (an image that only fails to decode in full, or one too long to
     keep its image tokens) is replaced by the next usable one, so batches keep their size and
-    the order stays deterministic; the replaced sample's id travels with the batch
-    (``skipped``) so the trainer can count it.
+    the order stays deterministic. Only the failed sample's own id travels with the batch
+    (``skipped``) for the trainer to count: a replacement candidate that fails too is counted
+    when it is asked for itself, so every bad sample counts once per pass over the data. After
+    ``MAX_REPLACEMENT_TRIES`` failed candidates in a row it gives up with a UserError.
     """
 
     def __init__(self, records, indices: Sequence[int], image_folder: str | Path, encoder: SampleEncoder) -> None:
@@ -294,9 +382,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.indices = list(indices)
         self.image_folder = Path(image_folder)
         self.encoder = encoder
+        if not self.indices:
+            raise UserError(
+                f"none of the {len(records)} samples is usable (see the warnings above for why); "
+                "fix data.path / data.image_folder"
+            )
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def sample_name(self, position: int) -> str:
+        index = self.indices[position]
+        return sample_id(self.records[index], index)
 
     def encode_index(self, position: int) -> EncodedSample:
         index = self.indices[position]
@@ -306,14 +403,17 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         skipped: list[str] = []
-        for attempt in range(len(self.indices)):
+        tries = min(len(self.indices), MAX_REPLACEMENT_TRIES + 1)
+        for attempt in range(tries):
             current = (position + attempt) % len(self.indices)
             try:
                 sample = self.encode_index(current)
             except SkipSample as reason:
-                name = sample_id(self.records[self.indices[current]], self.indices[current])
-                logger.warning("skipping sample %s: %s", name, reason)
-                skipped.append(name)
+                if attempt == 0:  # the asked-for sample: named and counted
+                    logger.warning("skipping sample %s: %s", self.sample_name(current), reason)
+                    skipped.append(self.sample_name(current))
+                else:  # a replacement candidate: named and counted when it is asked for itself
+                    logger.debug("replacement sample %s fails too: %s", self.sample_name(current), reason)
                 continue
             return {
                 "input_ids": sample.input_ids,
@@ -322,7 +422,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "image_sizes": sample.image_sizes,
                 "skipped": skipped,
             }
-        raise UserError("no sample of the data set can be encoded; check data.max_length and the images")
+        failed = f"sample {self.sample_name(position)}" + (f" and the {tries - 1} after it fail" if tries > 1 else " fails")
+        raise UserError(f"{failed} to encode (see the warnings above); check data.max_length and the images")
 
 
 class Collator:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .cache import build_once
 
 # bump when the generated content changes, so cached copies are rebuilt
 SYNTHETIC_VERSION = 2
@@ -223,18 +222,9 @@ def generate(root: str | Path, train_images: int = TRAIN_IMAGES, heldout_images:
 
 def ensure_synthetic(root: str | Path) -> Path:
     """The synthetic set at ``root``, generated there on first use (atomically, safe across ranks)."""
-    root = Path(root)
+    return build_once(Path(root), is_complete=_is_current, build=generate)
+
+
+def _is_current(root: Path) -> bool:
     version_file = root / "VERSION"
-    if version_file.is_file() and version_file.read_text().strip() == str(SYNTHETIC_VERSION):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    generate(staging)
-    staging.chmod(0o755)  # mkdtemp makes it private
-    if root.exists():  # an older version, or a crashed partial copy
-        shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.rename(staging, root)
-    except OSError:  # another process renamed its identical copy first
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return version_file.is_file() and version_file.read_text().strip() == str(SYNTHETIC_VERSION)

@@ -6,7 +6,8 @@ markers: labels -100). Each template also carries the equivalent Jinja chat temp
 saved with the processor so that ``processor.apply_chat_template`` at evaluation time builds
 exactly the prompt the model was trained on. Adding a template is one ``register_template`` call.
 
-- ``plain``: LLaVA's pretrain format, the image then the caption (the user's text is dropped).
+- ``plain``: LLaVA's pretrain format, the image then the caption (the user's text and any later
+  turns are dropped; every image is kept, ahead of the caption).
 - ``vicuna_v1``: Vicuna v1.1 / LLaVA-1.5 ("SYSTEM USER: ... ASSISTANT: ...</s>").
 - ``chatml``: Qwen2 and other ChatML models ("<|im_start|>user\\n...<|im_end|>\\n").
 """
@@ -70,8 +71,14 @@ def get_template(name: str) -> ConversationTemplate:
         raise KeyError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATES)}") from None
 
 
-def parse_turns(conversations: list[dict]) -> list[Turn]:
-    """LLaVA ``from``/``value`` records -> alternating user/assistant turns (system turns dropped)."""
+def parse_turns(conversations: list[dict], require_reply: bool = True) -> list[Turn]:
+    """LLaVA ``from``/``value`` records -> alternating user/assistant turns (system turns dropped).
+
+    As LLaVA and FastChat do with their data, an assistant turn that opens the conversation (a
+    greeting) is dropped, and so is a user turn left without a reply at its end. With
+    ``require_reply=False`` (questions to answer, not training samples) that last user turn is
+    kept: a question alone is a conversation.
+    """
     turns = []
     for message in conversations:
         if not isinstance(message, dict) or "from" not in message or "value" not in message:
@@ -84,13 +91,17 @@ def parse_turns(conversations: list[dict]) -> list[Turn]:
         if not isinstance(message["value"], str):
             raise ConversationError("a conversation 'value' must be a string")
         turns.append(Turn(role, message["value"]))
+    if turns and turns[0].role == "assistant":
+        turns = turns[1:]
+    if require_reply and turns and turns[-1].role == "user" and len(turns) % 2 == 1:
+        turns = turns[:-1]
     if not turns:
-        raise ConversationError("empty conversation")
+        raise ConversationError("no user turn followed by an assistant reply" if require_reply else "no user turn")
     for index, turn in enumerate(turns):
         expected = "user" if index % 2 == 0 else "assistant"
         if turn.role != expected:
             raise ConversationError(f"turn {index} is from the {turn.role}, expected the {expected}")
-    if turns[-1].role != "assistant":
+    if require_reply and turns[-1].role != "assistant":
         raise ConversationError("the conversation ends without an assistant reply")
     return turns
 
@@ -99,9 +110,10 @@ def parse_turns(conversations: list[dict]) -> list[Turn]:
 
 
 def _plain_format(turns: list[Turn], eos_token: str) -> list[Piece]:
-    # LLaVA pretrain: only the image stands for the user turn; the reply is the caption
-    images = IMAGE_PLACEHOLDER * turns[0].text.count(IMAGE_PLACEHOLDER)
-    return [Piece(images, False), Piece(turns[1].text + "\n", True)]
+    # LLaVA pretrain: the images stand for the user's text; the first reply is the caption. Later
+    # turns are dropped, but not their images: every image of the sample leads
+    images = sum(turn.text.count(IMAGE_PLACEHOLDER) for index, turn in enumerate(turns) if index != 1)
+    return [Piece(IMAGE_PLACEHOLDER * images, False), Piece(turns[1].text + "\n", True)]
 
 
 register_template(

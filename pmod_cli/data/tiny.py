@@ -18,8 +18,7 @@ live in the pmod cache (``$PMOD_CACHE`` or ``~/.cache/pmod``) and are built on f
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from transformers import (
 
 from ..errors import UserError
 from . import synthetic
+from .cache import build_once
 from .templates import TEMPLATES, get_template
 
 # bump when the tiny base changes, so cached copies are rebuilt
@@ -194,33 +194,30 @@ def build_tiny_base(path: str | Path | None = None, layout: str = "llava") -> Pa
     """The tiny default base checkpoint, with its parts in ``vision_tower/`` and ``llm/``.
 
     Deterministic (fixed seeds). With ``path=None`` it goes to the pmod cache and is built only
-    once; building writes to a temporary directory renamed into place, so concurrent ranks are safe.
+    once: concurrent ranks wait for the first one, which writes to a temporary directory renamed
+    into place (``cache.build_once``); a complete copy in place is never replaced.
     """
     final = Path(path) if path is not None else tiny_root() / ("base" if layout == "llava" else "base_next")
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    return build_once(final, is_complete=_has_config, build=partial(_write_tiny_base, layout=layout))
+
+
+def _has_config(directory: Path) -> bool:
+    return (directory / "config.json").is_file()
+
+
+def _write_tiny_base(directory: Path, layout: str) -> None:
     model, processor = tiny_llava(layout)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
     # the parts, as a "from parts" recipe names them: a CLIP tower with its image processor, an LLM
     # with its tokenizer
-    model.model.vision_tower.save_pretrained(staging / "vision_tower")  # a CLIPVisionModel
-    processor.image_processor.save_pretrained(staging / "vision_tower")
+    model.model.vision_tower.save_pretrained(directory / "vision_tower")  # a CLIPVisionModel
+    processor.image_processor.save_pretrained(directory / "vision_tower")
     llm = LlamaForCausalLM(model.config.text_config)
     llm.model.load_state_dict(model.model.language_model.state_dict())
     llm.lm_head.load_state_dict(model.lm_head.state_dict())
-    llm.save_pretrained(staging / "llm")
-    processor.tokenizer.save_pretrained(staging / "llm")
-    staging.chmod(0o755)  # mkdtemp makes it private
-    if final.exists():  # a stale partial copy without config.json
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        os.rename(staging, final)
-    except OSError:  # another process got there first with the same files
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    llm.save_pretrained(directory / "llm")
+    processor.tokenizer.save_pretrained(directory / "llm")
 
 
 def resolve_tiny_path(value: str) -> Path:
@@ -239,3 +236,13 @@ def resolve_tiny_path(value: str) -> Path:
 
 def is_tiny_path(value: str | None) -> bool:
     return isinstance(value, str) and value.startswith(TINY_PREFIX)
+
+
+def default_image_folder(data_path: str | Path) -> Path:
+    """The folder a data file's image paths are relative to when none is given: the file's own,
+    except for the tiny shapes set (``tiny:shapes/*.json``), whose images are in ``shapes/images``."""
+    data_path = Path(data_path)
+    shapes = tiny_root() / "shapes"
+    if data_path.parent == shapes or data_path.parent.resolve() == shapes.resolve():
+        return shapes / "images"
+    return data_path.parent

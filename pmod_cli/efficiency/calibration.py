@@ -11,7 +11,7 @@ over samples is the layer's ratio for ``count_flops``.
 
 Samples are read like ``pmod arank`` reads them (the first user turn and the image of LLaVA JSON /
 JSONL samples) and prompted with the checkpoint's chat template, one sample per forward call (no
-padding). The competing tokens are the ones the layer itself lets compete (``_candidates``:
+padding). The competing tokens are the ones the layer itself lets compete (``competing_tokens``:
 the vision tokens, or with ``routed_tokens="all"`` every real token up to the last image token).
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.tiny import is_tiny_path, resolve_tiny_path
 from ..errors import UserError
 
 
@@ -75,6 +76,8 @@ def measure_retention_ratios(
     model_type = read_model_type(checkpoint)
     if model_type not in PMOD_TYPES:
         raise UserError(f"{checkpoint} is a dense {model_type} checkpoint: it routes nothing, so there is nothing to calibrate")
+    if is_tiny_path(str(data)):
+        data = resolve_tiny_path(str(data))
     if not data.is_file():
         raise UserError(f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file")
     question_set = read_image_questions(data, image_folder, samples)
@@ -99,7 +102,7 @@ def measure_retention_ratios(
         token_valid = inputs["attention_mask"].bool().cpu()  # (1, seq)
         for layer in mod_layers:
             decision = routing.layers[layer]
-            competing = decoder_layers[layer]._candidates(decision.vision_mask, token_valid)  # (1, seq)
+            competing = decoder_layers[layer].competing_tokens(decision.vision_mask, token_valid)  # (1, seq)
             num_competing = int(competing.sum())
             if num_competing == 0:
                 raise RuntimeError(f"sample {question.sample_id}: no token competes in layer {layer}")

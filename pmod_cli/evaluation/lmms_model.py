@@ -75,6 +75,16 @@ class PMoDLmms(lmms):
         self.measurements: list[SampleMeasurement] = []
         self._warmed_up = False
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PMoDLmms:
+        """lmms-eval's command line: ``--model_args`` and its own ``--batch_size`` / ``--device``
+        (always passed); a key given in ``--model_args`` wins instead of clashing."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        given = {key: value for key, value in (additional_config or {}).items() if value is not None and key not in args}
+        return cls(**args, **given)
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -87,19 +97,20 @@ class PMoDLmms(lmms):
 
     def build_prompt(self, context: str, num_images: int) -> str:
         """The user turn through the checkpoint's chat template (images first, as in training)."""
-        if self.image_token in context:  # the task placed its images itself
-            content: str | list[dict] = context
-        else:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
-        messages = [{"role": "user", "content": content}]
+        placed = self.image_token in context  # the task placed its images itself
         if getattr(self.processor, "chat_template", None):
+            # llava-hf templates render content items and drop a plain string: the task's
+            # image tokens become image items where they stand
+            content = _content_items(context, self.image_token) if placed else (
+                [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+            )
+            messages = [{"role": "user", "content": content}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        question = context if placed else f"{self.image_token}\n" * num_images + context
         if getattr(self.tokenizer, "chat_template", None):
-            if isinstance(content, list):
-                messages = [{"role": "user", "content": f"{self.image_token}\n" * num_images + context}]
+            messages = [{"role": "user", "content": question}]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # no template saved with the checkpoint: LLaVA-1.5's
-        question = context if isinstance(content, str) else f"{self.image_token}\n" * num_images + context
         return get_template("vicuna_v1").generation_prompt(question)
 
     def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> list:
@@ -246,19 +257,11 @@ class PMoDLmms(lmms):
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             if doc_to_visual is None:
-                prompt_inputs = self.tokenizer([context], return_tensors="pt").to(self._device)
-                if prompt_inputs["input_ids"].shape[1] == 0:  # something must predict the first token
-                    start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-                    prompt_inputs["input_ids"] = torch.tensor([[start_id]], device=self._device)
+                prompt, visuals = context, None
             else:
                 visuals = self._visuals(doc_to_visual, doc_id, task, split)
-                prompt_inputs = self._encode([self.build_prompt(context, len(visuals))], visuals)
-            # context and continuation tokenized apart, so the split point is exact
-            continuation_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt").input_ids
-            continuation_ids = continuation_ids.to(self._device)  # (1, n)
-            inputs = dict(prompt_inputs)
-            inputs["input_ids"] = torch.cat([prompt_inputs["input_ids"], continuation_ids], dim=1)
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                prompt = self.build_prompt(context, len(visuals))
+            inputs, context_length = self._encode_continuation(prompt, continuation, visuals)
             probe = PrefillProbe(self.model, self._device)
             probe.start(inputs["attention_mask"])
             try:
@@ -266,10 +269,9 @@ class PMoDLmms(lmms):
                     logits = self.model(**inputs, use_cache=True).logits  # (1, seq, vocab)
             finally:
                 probe.stop()
-            context_length = prompt_inputs["input_ids"].shape[1]
             # the token at position p is predicted by the logits at p - 1
             predicting = logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)  # (n, vocab)
-            target = continuation_ids[0]
+            target = inputs["input_ids"][0, context_length:]
             log_likelihood = predicting.gather(1, target[:, None]).sum().item()
             greedy = bool((predicting.argmax(dim=-1) == target).all())
         end_to_end = time.perf_counter() - start
@@ -291,8 +293,48 @@ class PMoDLmms(lmms):
         )
         return -log_likelihood, greedy, measurement
 
+    def _encode_continuation(self, prompt: str, continuation: str, visuals: list | None) -> tuple[dict, int]:
+        """``prompt + continuation`` encoded as one text (through the processor with ``visuals``,
+        plain tokenizer when None), and how many of its tokens are the prompt's.
+
+        Encoded apart, a continuation can tokenize differently than it does after the prompt
+        (SentencePiece: " A" alone is ["▁", "▁A"], after "Answer:" it is ["▁A"]). So, as
+        lm-evaluation-harness does, the whole text is encoded and the continuation is what follows
+        the prompt's own tokens; spaces ending the prompt belong to the continuation.
+        """
+        spaces = len(prompt) - len(prompt.rstrip())
+        if spaces:
+            prompt, continuation = prompt[:-spaces], prompt[-spaces:] + continuation
+        # the continuation's tokens, counted on the text (image tokens expand inside the prompt)
+        whole_length = len(self.tokenizer(prompt + continuation)["input_ids"])
+        continuation_length = max(0, whole_length - len(self.tokenizer(prompt)["input_ids"]))
+        if visuals is None:  # an unconditional request: plain text, no template
+            inputs = dict(self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device))
+        else:
+            inputs = dict(self._encode([prompt + continuation], visuals))
+        context_length = inputs["input_ids"].shape[1] - continuation_length
+        if context_length == 0:  # something must predict the first token
+            start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            start = torch.tensor([[start_id]], dtype=inputs["input_ids"].dtype, device=self._device)
+            inputs["input_ids"] = torch.cat([start, inputs["input_ids"]], dim=1)
+            context_length = 1
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        return inputs, context_length
+
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
+
+
+def _content_items(context: str, image_token: str) -> list[dict]:
+    """``"<image>\nWhat is it?"`` -> ``[{"type": "image"}, {"type": "text", "text": "What is it?"}]``:
+    image items where the task put its image tokens; the template supplies the separators."""
+    items: list[dict] = []
+    for index, part in enumerate(context.split(image_token)):
+        if index:
+            items.append({"type": "image"})
+        if part.strip():
+            items.append({"type": "text", "text": part.strip()})
+    return items
 
 
 def _cut_at_stop(text: str, until: list[str]) -> str:

@@ -8,7 +8,8 @@ end-to-end latency, the KV cache actually held after prefill, and peak memory.
 - end-to-end latency: preprocessing (processor) + generation + decoding of the batch.
 - KV cache: read from the real cache right after prefill (``kv_cache_lengths``), per sample and
   without the left-padding slots of a batch; at batch 1 it equals ``kv_cache_bytes`` of the cache.
-  The dense twin holds T + V entries in every layer for the same prompt.
+  The dense twin holds T + V entries in every layer for the same prompt. With beam search a
+  sample holds one copy per beam (so does its dense twin).
 - peak memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` during the batch (weights
   included); on CPU the peak resident set size sampled every 2 ms during the batch minus the RSS
   before it (the growth inference causes; weights excluded).
@@ -103,7 +104,9 @@ def held_kv_bytes(cache, attention_mask: torch.Tensor) -> tuple[list[int], list[
     """Per sample: (K/V bytes it holds in ``cache``, bytes its dense twin would hold).
 
     A p-MoD layer's cache knows which of its slots are real; a dense layer stores every position
-    of the (left-padded) batch, so the sample's padding is taken off.
+    of the (left-padded) batch, so the sample's padding is taken off. With beam search the cache
+    has one row per beam (``generate`` repeats each sample num_beams times, beams of a sample
+    adjacent): a sample holds all its beams' rows, and so does its dense twin.
     """
     real_tokens = attention_mask.sum(dim=1).tolist()  # (batch,): T + V per sample
     padding = [attention_mask.shape[1] - count for count in real_tokens]
@@ -113,9 +116,13 @@ def held_kv_bytes(cache, attention_mask: torch.Tensor) -> tuple[list[int], list[
         keys = getattr(layer, "keys", None)
         if keys is None or keys.numel() == 0:
             continue
+        if len(lengths) % len(real_tokens):
+            raise ValueError(f"the cache holds {len(lengths)} rows for a batch of {len(real_tokens)} samples")
+        beams = len(lengths) // len(real_tokens)
         # one cached token: K and V over all key/value heads
         entry_bytes = 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
-        for sample, length in enumerate(lengths):
+        for row, length in enumerate(lengths):
+            sample = row // beams
             entries = length if isinstance(layer, PMoDCacheLayer) else length - padding[sample]
             held[sample] += entries * entry_bytes
             dense[sample] += real_tokens[sample] * entry_bytes
@@ -144,7 +151,8 @@ class PrefillProbe:
             return
         _synchronize(self.device)
         self.prefill_end = time.perf_counter()
-        cache = getattr(output, "past_key_values", None)
+        # transformers >= 5.24 names it "cache"; earlier versions "past_key_values"
+        cache = next((output[key] for key in ("cache", "past_key_values") if key in output), None)
         if cache is not None:  # read now: decoding steps append to it
             self.kv_bytes, self.dense_kv_bytes = held_kv_bytes(cache, self.attention_mask)
         self._handle.remove()

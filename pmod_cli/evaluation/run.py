@@ -15,9 +15,13 @@ every request; the efficiency summary turns the measurements into the report's r
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import logging
 import math
 import os
+import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +54,12 @@ MAIN_METRICS = {
 }
 PAPER_GROUP = "pmod_paper14"  # tasks/pmod_paper14: the paper's 14 benchmarks
 DEVICES = ("cpu", "cuda")
+# tasks whose main metric asks a GPT model to match the answers its own matching misses
+# (lmms-eval's mmbench: API_TYPE openai reads OPENAI_API_KEY, azure AZURE_API_KEY), and the
+# task that matches without one
+JUDGED_TASKS = {"mmbench_en_dev": ("gpt_eval_score", "mmbench_en_dev_static")}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,8 +144,14 @@ def evaluate_checkpoints(
     include_path: str | Path | None = None,
     device: str | None = None,
     count: str = "paper",
+    lmms_eval_dir: str | Path | None = None,
 ) -> EvalReport:
-    """Run lmms-eval on each checkpoint; user errors (paths, task names, flags) raise UserError."""
+    """Run lmms-eval on each checkpoint; user errors (paths, task names, flags) raise UserError.
+
+    lmms-eval's own files (the submission files of ok_vqa, textvqa_val, mmbench_en_dev, ...) go
+    to ``lmms_eval_dir/<label>/submissions``; without it to a temporary directory, deleted after
+    each checkpoint.
+    """
     if not checkpoints:
         raise UserError("give at least one checkpoint directory")
     for checkpoint in checkpoints:
@@ -150,13 +166,18 @@ def evaluate_checkpoints(
     if count not in COUNT_MODES:
         raise UserError(f"unknown FLOPs count {count!r}; choose one of {', '.join(COUNT_MODES)}")
     task_manager = make_task_manager(tasks, include_path)
+    for warning in judge_warnings(tasks, task_manager):
+        logger.warning(warning)
 
     results = []
     labels = checkpoint_labels(checkpoints)
     for checkpoint, label in zip(checkpoints, labels, strict=True):
-        results.append(
-            _evaluate_one(Path(checkpoint), label, tasks, task_manager, limit, batch_size, device, count)
-        )
+        with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
+            files = Path(lmms_eval_dir) / _file_name(label) if lmms_eval_dir is not None else Path(temporary)
+            cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
+            results.append(
+                _evaluate_one(Path(checkpoint), label, tasks, task_manager, limit, batch_size, device, count, cli_args)
+            )
     return EvalReport(tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results)
 
 
@@ -165,10 +186,16 @@ def _check_device(device: str | None) -> str:
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.split(":", 1)[0] not in DEVICES:
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES or (index and not index.isdigit()):
         raise UserError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+    if index and int(index) >= (count := torch.cuda.device_count()):
+        raise UserError(
+            f"--device {device}, but torch sees {count} CUDA GPU{'s' if count != 1 else ''} here "
+            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+        )
     return device
 
 
@@ -199,6 +226,68 @@ def make_task_manager(tasks: list[str], include_path: str | Path | None = None):
     return manager
 
 
+def _leaf_tasks(manager, names: list[str], seen: frozenset = frozenset()) -> list[str]:
+    """The tasks that ``names`` (tasks, groups, tags) run, groups and tags expanded."""
+    from lmms_eval.utils import load_yaml_config
+
+    leaves: list[str] = []
+    for name in names:
+        entry = manager.task_index.get(name) if isinstance(name, str) else None
+        if entry is None or name in seen:
+            if isinstance(name, dict) and isinstance(name.get("task"), str):  # an inline task config
+                leaves.append(name["task"])
+            elif isinstance(name, str):
+                leaves.append(name)
+            continue
+        members = entry.get("task")
+        if entry["type"] == "group" and members == -1 and entry.get("yaml_path", -1) != -1:
+            members = load_yaml_config(entry["yaml_path"], mode="simple").get("task", [])
+        if entry["type"] in ("group", "tag") and isinstance(members, list):
+            leaves.extend(_leaf_tasks(manager, members, seen | {name}))
+        else:
+            leaves.append(name)
+    return leaves
+
+
+def judge_warnings(tasks: list[str], task_manager) -> list[str]:
+    """One line per requested task (directly or through a group) whose main metric needs an
+    API key for its GPT judge that the environment lacks."""
+    api_type = os.environ.get("API_TYPE", "openai")
+    key = "AZURE_API_KEY" if api_type == "azure" else "OPENAI_API_KEY"
+    warnings = []
+    for task in dict.fromkeys(_leaf_tasks(task_manager, list(tasks))):
+        if task in JUDGED_TASKS and not os.environ.get(key):
+            metric, static = JUDGED_TASKS[task]
+            warnings.append(
+                f"{task}'s {metric} asks a GPT model to match the answers lmms-eval's own matching misses, "
+                f"but {key} is not set: those get a random option after ~45 s of retries each "
+                f"(set {key}, or run {static} instead)"
+            )
+    return warnings
+
+
+def lmms_eval_cli_args(tasks: list[str], limit: int | None, batch_size: int, device: str, output_path: str | Path) -> argparse.Namespace:
+    """What lmms-eval's command line would hand its evaluator and tasks (``task.args``): the
+    tasks' own files (``generate_submission_file``) go under ``output_path``, not ./submissions."""
+    return argparse.Namespace(
+        model="pmod",
+        tasks=",".join(tasks),
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        output_path=str(output_path),
+        log_samples=True,
+        log_samples_suffix="model_outputs",
+        process_with_media=True,  # process_results sees whole docs, as without cli_args
+        reasoning_tags=None,  # only the tasks' own (the command line's default strips <think>)
+        agentic_trace_mode="basic",
+    )
+
+
+def _file_name(label: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", label).strip("._") or "checkpoint"
+
+
 def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
     """Column names: directory names, or the paths as given where names repeat."""
     names = [Path(checkpoint).name or str(checkpoint) for checkpoint in checkpoints]
@@ -207,7 +296,7 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
     return [str(checkpoint) for checkpoint in checkpoints]
 
 
-def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, device, count) -> CheckpointResult:
+def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, device, count, cli_args) -> CheckpointResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from .lmms_model import PMoDLmms
@@ -225,6 +314,7 @@ def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, dev
             log_samples=True,
             bootstrap_iters=1000,  # mean metrics get their analytic stderr; no resampling
             verbosity="WARNING",
+            cli_args=cli_args,
         )
     except Exception as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
         cause = _offline_cause(err)
@@ -254,16 +344,46 @@ def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, dev
     )
 
 
-_NETWORK_ERRORS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "DatasetNotFoundError", "HfHubHTTPError")
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean "the data could not be fetched" (network, Hub, login)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub import errors as hub
+    except ImportError:
+        hub = None
+    names = ("HfHubHTTPError", "LocalTokenNotFoundError", "OfflineModeIsEnabled", "LocalEntryNotFoundError")
+    errors.extend(getattr(hub, name) for name in names if hasattr(hub, name))
+    try:
+        from datasets.exceptions import DatasetNotFoundError
+    except ImportError:
+        pass
+    else:
+        errors.append(DatasetNotFoundError)
+    try:
+        import httpx
+    except ImportError:
+        pass
+    else:
+        errors.append(httpx.TransportError)  # ConnectError, ConnectTimeout, ReadTimeout, ...
+    try:
+        import requests
+    except ImportError:
+        pass
+    else:
+        errors.extend([requests.exceptions.ConnectionError, requests.exceptions.Timeout])
+    return tuple(errors)
 
 
 def _offline_cause(err: BaseException) -> BaseException | None:
     """The network / Hub error behind ``err``, if that is what stopped the run."""
-    return next((error for error in _chain(err) if type(error).__name__ in _NETWORK_ERRORS), None)
+    errors = _network_errors()
+    return next((error for error in _chain(err) if isinstance(error, errors)), None)
 
 
 def _chain(err: BaseException):
-    while err is not None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
 
@@ -386,20 +506,49 @@ def report_to_json(report: EvalReport) -> dict:
     }
 
 
+def lmms_eval_dir_for(output: str | Path) -> Path:
+    """Where ``pmod eval --output FILE.json`` keeps lmms-eval's own files: FILE_lmms_eval/ beside it."""
+    output = Path(output)
+    return output.parent / f"{output.stem}_lmms_eval"
+
+
+def check_output_path(path: str | Path) -> None:
+    """Refuse, before hours of evaluation, an ``--output`` the report could not be written to:
+    a directory, or a parent that is a file or a directory this process cannot write in."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory; give a file name, e.g. {path / 'eval.json'}")
+    existing = path.absolute().parent
+    while not existing.exists():  # the first existing ancestor; the rest is created when writing
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--output {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {path}: cannot write in {existing} (permission denied)")
+    files = lmms_eval_dir_for(path)
+    if files.exists() and not files.is_dir():
+        raise UserError(f"--output {path}: {files} (where lmms-eval's own files go) is a file, not a directory")
+
+
 def write_json_atomically(data: dict, path: str | Path) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename;
+    an OSError (disk full, permissions, a file where a directory should be) is a UserError."""
     import json
-    import tempfile
 
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=1)
         os.replace(temporary, path)  # readers see the old file or the whole new one
-    except BaseException:
+    except BaseException as err:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
         raise
     return path

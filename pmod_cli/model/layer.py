@@ -80,7 +80,7 @@ class PMoDLayerMixin:
     def active_router(self) -> Router:
         return self.shared_router if self.pmod_config.shared_router else self.router
 
-    def _candidates(self, vision: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def competing_tokens(self, vision: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(batch, seq) bool: the tokens that compete for this layer."""
         if self.pmod_config.routed_tokens == "vision":
             return vision
@@ -128,7 +128,7 @@ class PMoDLayerMixin:
         # 1. select
         router_input = self.input_layernorm(hidden_states) if self.pmod_config.router_input == "normed" else hidden_states
         logits = self.active_router(router_input)  # (batch, seq)
-        candidates = self._candidates(vision, valid)  # (batch, seq)
+        candidates = self.competing_tokens(vision, valid)  # (batch, seq)
         weights = self._token_weights(logits, candidates)  # (batch, seq)
         keep = self._select(logits, candidates, valid)  # (batch, seq)
         _record(self, keep, vision, weights, logits)
@@ -285,8 +285,9 @@ def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_rou
     layer.pmod_config = config
     own_router = ratio < 1.0 and not config.shared_router
     if own_router and getattr(layer, "router", None) is None:
+        # the width from the config: under ZeRO-3's zero.Init a parameter's shape is (0,)
         reference = layer.input_layernorm.weight
-        layer.router = Router(reference.shape[-1], device=reference.device, dtype=reference.dtype)
+        layer.router = Router(layer.self_attn.config.hidden_size, device=reference.device, dtype=reference.dtype)
     elif not own_router and getattr(layer, "router", None) is not None:
         del layer.router
     # a plain attribute, not a submodule: the shared router's parameters live once, on the text model

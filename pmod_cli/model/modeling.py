@@ -135,8 +135,10 @@ def _convert_decoder_layers(model, config: PMoDConfig) -> None:
     if config.shared_router and any(r < 1.0 for r in ratios):
         shared_router = getattr(text_model, "pmod_shared_router", None)
         if shared_router is None:
+            # the width from the config: under ZeRO-3's zero.Init a parameter's shape is (0,)
             reference = text_model.norm.weight
-            shared_router = Router(reference.shape[-1], device=reference.device, dtype=reference.dtype)
+            hidden_size = model.config.text_config.hidden_size
+            shared_router = Router(hidden_size, device=reference.device, dtype=reference.dtype)
             text_model.pmod_shared_router = shared_router
     elif getattr(text_model, "pmod_shared_router", None) is not None:
         del text_model.pmod_shared_router

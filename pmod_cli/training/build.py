@@ -48,7 +48,7 @@ def resolve_name(value: str) -> str:
 
 def part_of(parameter_name: str) -> str:
     """Which part a parameter of a (p-MoD) LLaVA model belongs to."""
-    if ".router." in parameter_name:
+    if ".router." in parameter_name or ".pmod_shared_router." in parameter_name:
         return "router"
     if parameter_name.startswith("model.vision_tower."):
         return "vision_tower"
@@ -298,6 +298,15 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
     return sorted(own)
 
 
+def check_pmod_layers(recipe: Recipe, num_layers: int) -> list[float]:
+    """The retention ratios ``[pmod]`` gives a ``num_layers``-layer model, or a UserError (e.g.
+    ``ratios`` of the wrong length, ``mod_layers`` out of range)."""
+    try:
+        return recipe.pmod.config.retention_ratios(num_layers)
+    except ValueError as err:
+        raise UserError(f"[pmod]: {err}") from None
+
+
 def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
     """The model (with parts frozen per ``stage``) and processor of a recipe."""
     if recipe.model.checkpoint:
@@ -307,6 +316,7 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
     if recipe.model.pretrained_connector:
         load_connector(model, recipe.model.pretrained_connector)
     if recipe.pmod.enabled:
+        check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
         model = apply_pmod(model, recipe.pmod.config)
     elif is_pmod_model(model):
         raise UserError("model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint")

@@ -28,6 +28,7 @@ from .build import (
     IMAGE_TOKEN,
     PARTS,
     _prepare_tokenizer,
+    check_pmod_layers,
     llava_config,
     resolve_name,
     set_trainable,
@@ -121,6 +122,8 @@ def model_config(recipe: Recipe):
 def _meta_model(config, pmod_enabled: bool, recipe: Recipe):
     from transformers import AutoModelForImageTextToText
 
+    if pmod_enabled:  # before building: a wrong [pmod] is a one-line error, not a traceback
+        check_pmod_layers(recipe, config.text_config.num_hidden_layers)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     if pmod_enabled:
@@ -144,7 +147,9 @@ def check_data(recipe: Recipe) -> DataCheck:
     # every sample is checked; too many bad ones is reported, not raised, in a plan
     scan = scan_records(records, image_folder, max_bad_fraction=1.0, open_images=recipe.data.check_images)
     check.total, check.usable, check.text_only, check.bad = scan.total, len(scan.valid), scan.text_only, scan.bad
-    if scan.bad_fraction > recipe.data.max_bad_fraction:
+    if not scan.valid:
+        check.problem = f"none of the {scan.total} samples is usable: a real run stops here"
+    elif scan.bad_fraction > recipe.data.max_bad_fraction:
         check.problem = (
             f"{len(scan.bad)} of {scan.total} samples are bad, more than data.max_bad_fraction "
             f"{recipe.data.max_bad_fraction:g}: a real run stops here"
@@ -165,7 +170,13 @@ def make_training_plan(stage: str, recipe: Recipe) -> TrainingPlan:
     else:
         shape = shape_from_hf_config(model.config, name=source)
     ratios = model.retention_ratios if pmod_enabled else None
-    flops = count_flops(shape, ratios)
+    pmod = recipe.pmod.config
+    flops = count_flops(
+        shape,
+        ratios,
+        routed_tokens=pmod.routed_tokens if pmod_enabled else "vision",
+        mod_layers=pmod.mod_layers if pmod_enabled else None,
+    )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = recipe.train.per_device_batch_size * world_size
     accumulation = max(recipe.train.global_batch_size // per_step, 1)

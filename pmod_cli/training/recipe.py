@@ -8,7 +8,8 @@ A recipe has four sections, each one dataclass below: ``[model]``, ``[pmod]``, `
 own dataclass, so every conversion option is a recipe key). An unknown key, a value of the
 wrong type or a bad choice is a ``UserError`` naming the key. Overrides are ``section.key=value``
 with the value read as a TOML value (``20``, ``0.4``, ``true``, ``"x"``, ``[1, 0.5]``); a value
-that is not valid TOML is taken as a string, so ``data.path=my/file.json`` needs no quotes.
+that is not valid TOML is taken as a string, so ``data.path=my/file.json`` needs no quotes, and a
+string key keeps the text as written (``train.output_dir=2024`` is the directory "2024").
 docs/recipes.md documents every key.
 """
 
@@ -295,6 +296,13 @@ def validate(recipe: Recipe) -> Recipe:
     for pinpoint in model.image_grid_pinpoints:
         if len(pinpoint) != 2 or min(pinpoint) <= 0:
             raise UserError(f"model.image_grid_pinpoints entries must be [height, width], got {pinpoint}")
+    pmod = recipe.pmod.config  # checks needing the number of layers run when the model is known
+    for ratio in pmod.ratios or ():
+        if not 0.0 < ratio <= 1.0:
+            raise UserError(f"pmod.ratios values must be in (0, 1], got {ratio}")
+    negative = sorted(i for i in pmod.mod_layers or () if i < 0)
+    if negative:
+        raise UserError(f"pmod.mod_layers must be layer indices (0 = the first layer), got {negative}")
     if not data.path:
         raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
     _choice(data.template, tuple(TEMPLATES), "data.template")
@@ -312,6 +320,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError("train.output_dir is not set")
     if train.max_steps == 0 or train.max_steps < -1:
         raise UserError(f"train.max_steps must be positive (or -1 for num_epochs), got {train.max_steps}")
+    if train.max_steps == -1 and train.num_epochs <= 0:
+        raise UserError(f"train.num_epochs must be positive when train.max_steps = -1, got {train.num_epochs}")
     for key in ("global_batch_size", "per_device_batch_size", "save_steps", "logging_steps"):
         if getattr(train, key) <= 0:
             raise UserError(f"train.{key} must be positive, got {getattr(train, key)}")
@@ -320,7 +330,10 @@ def validate(recipe: Recipe) -> Recipe:
             f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
             f"train.per_device_batch_size ({train.per_device_batch_size})"
         )
-    for key in ("learning_rate", "connector_lr", "llm_lr", "router_lr", "vision_tower_lr", "weight_decay", "num_epochs"):
+    for key in (
+        "learning_rate", "connector_lr", "llm_lr", "router_lr", "vision_tower_lr", "weight_decay", "num_epochs",
+        "save_total_limit", "dataloader_num_workers",
+    ):
         if getattr(train, key) < 0:
             raise UserError(f"train.{key} must be >= 0, got {getattr(train, key)}")
     _choice(train.lr_scheduler, SCHEDULERS, "train.lr_scheduler")
@@ -347,6 +360,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     return parts[0], parts[1], value
+
+
+def _is_string_key(section: str, key: str) -> bool:
+    """Whether ``section.key`` is a known string-typed recipe key."""
+    cls = PMoDConfig if section == "pmod" else _SECTIONS.get(section)
+    return cls is not None and typing.get_type_hints(cls).get(key) is str
 
 
 def recipe_from_dict(values: dict[str, Any], source: str = "") -> Recipe:
@@ -376,6 +395,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"cannot parse recipe {path}: {err}") from None
     for override in overrides:
         section, key, value = parse_override(override)
+        if _is_string_key(section, key) and not isinstance(value, str | list | dict):
+            value = override.split("=", 1)[1].strip()  # train.output_dir=2024 names a directory
         table = values.setdefault(section, {})
         if not isinstance(table, dict):
             raise UserError(f"--set {override!r}: [{section}] is not a table")

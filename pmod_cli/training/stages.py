@@ -31,6 +31,7 @@ from ..data.llava_data import (
     scan_records,
 )
 from ..data.templates import get_template
+from ..data.tiny import default_image_folder
 from ..errors import UserError
 from .build import PARTS, build_model, resolve_name
 from .recipe import DEEPSPEED_PRESETS, Recipe
@@ -82,7 +83,9 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
 
 def data_paths(recipe: Recipe) -> tuple[Path, Path]:
     data_path = Path(resolve_name(recipe.data.path))
-    image_folder = Path(resolve_name(recipe.data.image_folder)) if recipe.data.image_folder else data_path.parent
+    image_folder = (
+        Path(resolve_name(recipe.data.image_folder)) if recipe.data.image_folder else default_image_folder(data_path)
+    )
     return data_path, image_folder
 
 
@@ -107,8 +110,9 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
     return dataset, Collator(processor.tokenizer.pad_token_id), scan
 
 
-def _prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
-    from .trainer import STAGING_DIR, last_checkpoint
+def _check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to mix with an earlier run. Deletes nothing."""
+    from .trainer import last_checkpoint
 
     previous = last_checkpoint(output_dir)
     if resume:
@@ -120,11 +124,18 @@ def _prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main
             f"{output_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
             "or --set train.overwrite_output_dir=true to start over"
         )
-    if previous is not None and is_main:
+    return None
+
+
+def _clear_output_dir(output_dir: Path, is_main: bool) -> None:
+    """Remove the checkpoints of an earlier run (``overwrite_output_dir``); only once model and
+    data are built, so a recipe error never costs a finished run its checkpoints."""
+    from .trainer import STAGING_DIR
+
+    if is_main:
         for old in output_dir.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
-    return None
 
 
 def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int):
@@ -189,6 +200,9 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     train = recipe.train
+    # the Trainer seeds again later; this covers what is created before it (fresh connector,
+    # image newline, routers)
+    transformers.set_seed(train.seed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     per_step = train.per_device_batch_size * world_size
@@ -199,17 +213,16 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         )
     accumulation = train.global_batch_size // per_step
     output_dir = Path(train.output_dir)
-    resume_from = _prepare_output_dir(output_dir, resume, train.overwrite_output_dir, is_main)
+    resume_from = _check_output_dir(output_dir, resume, train.overwrite_output_dir)
 
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(train.precision, on_gpu)
     # DeepSpeed keeps fp32 master weights itself, so the model can load in half precision
     load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
-    from_parts = not recipe.model.checkpoint
-    if from_parts:
-        # built before the arguments exist, so outside ZeRO-3's zero.Init (which cannot fill the
-        # meta-device shell the parts go into); DeepSpeed partitions the model when it starts
-        model, processor = build_model(recipe, stage, load_dtype or torch.float32)
+    # built before the arguments exist, so outside ZeRO-3's zero.Init: the parts' meta-device
+    # shell, the connector copy and the routers need whole parameters; DeepSpeed partitions the
+    # model when it starts
+    model, processor = build_model(recipe, stage, load_dtype or torch.float32)
     args = _training_arguments(recipe, accumulation, precision, on_gpu, world_size)
     if train.deepspeed and world_size > 1:
         import deepspeed
@@ -217,9 +230,6 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         # ZeRO-3 asks DeepSpeed's own comm layer for the world size; on CPU nothing has set that
         # layer up yet (it wraps the existing process group)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    if not from_parts:
-        # after the arguments: with ZeRO-3, from_pretrained then partitions the weights as it loads
-        model, processor = build_model(recipe, stage, load_dtype or torch.float32)
     dataset, collator, scan = prepare_data(recipe, processor, quiet=not is_main)
     rates = {part: recipe.part_learning_rate(part) for part in PARTS}
     budget = recipe.data.max_bad_fraction * scan.total - len(scan.bad)
@@ -239,6 +249,9 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         bad_sample_budget=budget,
     )
     trainer.remove_callback(PrinterCallback)  # the rich callback prints the losses
+    if resume_from is None and train.overwrite_output_dir:
+        _clear_output_dir(output_dir, is_main)
+        trainer.accelerator.wait_for_everyone()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:

@@ -4,7 +4,8 @@
 
 - per-part learning rates: one optimizer parameter group per trained part (connector, llm,
   router, vision_tower), each with its recipe rate (the scheduler scales them all alike);
-- a stop on a NaN / infinite loss, before the optimizer step, naming the last good checkpoint;
+- a stop on a NaN / infinite loss, before the backward pass and on every rank at once, naming
+  the last good checkpoint;
 - atomic checkpoints: written under ``<output_dir>/.incomplete/`` and renamed to
   ``checkpoint-N`` once every rank has finished, with the resolved recipe inside, so a
   ``checkpoint-N`` directory is always complete (``--resume`` never sees a half-written one);
@@ -36,6 +37,27 @@ STAGING_DIR = ".incomplete"
 RECIPE_FILE = "recipe.toml"
 
 
+class _BlankImagePass:
+    """The vision tower and projector run once on a blank image (see ``_blank_image_pass``)."""
+
+    def __init__(self, llava) -> None:
+        self.llava = llava
+        self.features: torch.Tensor | None = None
+        self.handle = None
+
+    def run(self) -> None:
+        if self.features is not None:
+            return
+        config = self.llava.config
+        size = config.vision_config.image_size
+        weight = next(self.llava.multi_modal_projector.parameters())
+        pixels = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
+        states = self.llava.vision_tower(pixels, output_hidden_states=True).hidden_states
+        layer = config.vision_feature_layer
+        selected = torch.cat([states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple)) else states[layer]
+        self.features = self.llava.multi_modal_projector(selected)
+
+
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the run stopped before the optimizer step."""
 
@@ -60,6 +82,15 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     found = get_last_checkpoint(str(output_dir))
     return Path(found) if found else None
+
+
+def on_every_rank(flag: bool, device: torch.device | str) -> bool:
+    """True only if ``flag`` holds on every process (a collective: every rank must call it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 class PMoDTrainer(Trainer):
@@ -114,7 +145,8 @@ class PMoDTrainer(Trainer):
         skipped = inputs.pop("num_skipped", None)
         if skipped is not None:
             self.counts.skipped_at_load += int(skipped)
-            if self.counts.skipped_at_load > self.bad_sample_budget:
+            passes = int(self.state.epoch or 0) + 1  # each pass over the data meets its bad samples again
+            if self.counts.skipped_at_load > self.bad_sample_budget * passes:
                 raise UserError(
                     f"{self.counts.skipped_at_load} samples failed while loading, more than data.max_bad_fraction "
                     "allows; see the warnings above and fix the data or raise data.max_bad_fraction"
@@ -124,20 +156,49 @@ class PMoDTrainer(Trainer):
             self.counts.samples += int(mask.shape[0])
             self.counts.tokens += int(mask.sum())
             self.counts.vision_tokens += int((inputs["input_ids"] == self.image_token_id).sum())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        blank = self._blank_image_pass(model) if model.training and inputs.get("pixel_values") is None else None
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            if blank is not None:
+                blank.handle.remove()
+        if blank is not None and blank.features is not None:  # adds 0, but gives the tower a gradient
+            zero = 0.0 * blank.features.sum()
+            result = (result[0] + zero, *result[1:]) if return_outputs else result + zero
+        if model.training:
+            self._stop_on_non_finite(result[0] if return_outputs else result)
+        return result
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not bool(torch.isfinite(loss).all()):
-            step = self.state.global_step + 1
-            previous = last_checkpoint(self.args.output_dir)
-            where = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
-            raise NonFiniteLossError(
-                f"the training loss became {float(loss)} at step {step}; stopped before the optimizer step, "
-                f"{where}. Lower train.learning_rate (or check the data) and run again"
-                + (" with --resume" if previous else "")
-            )
-        return loss
+    def _blank_image_pass(self, model) -> _BlankImagePass | None:
+        """Under ZeRO-3 each module's weights are gathered collectively when it runs, and its
+        gradients reduced collectively in the backward pass. A process whose micro-batch holds
+        no image would skip the vision tower and the projector while the others run them, and
+        the processes' collectives would no longer match (a crash or a hang). Such a process runs
+        them on a blank image where the others do (just before the language model), and adds
+        0 x its features to the loss; LLaVA's own training does the same."""
+        if not self.is_deepspeed_enabled or self.accelerator.state.deepspeed_plugin.zero_stage != 3:
+            return None
+        llava = self.accelerator.unwrap_model(model).model  # LlavaModel / LlavaNextModel
+        blank = _BlankImagePass(llava)
+        # prepended: it must run before ZeRO-3's own hook gathers the language model
+        blank.handle = llava.language_model.register_forward_pre_hook(lambda module, args: blank.run(), prepend=True)
+        return blank
+
+    def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        """Raise on every rank, before the backward pass (DeepSpeed steps inside it), if any
+        rank's loss is NaN or infinite."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if on_every_rank(finite, loss.device):
+            return
+        step = self.state.global_step + 1
+        value = float(loss.detach().float().mean()) if not finite else "NaN or infinite on another process"
+        previous = last_checkpoint(self.args.output_dir)
+        where = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"the training loss became {value} at step {step}; stopped before the optimizer step, "
+            f"{where}. Lower train.learning_rate (or check the data) and run again"
+            + (" with --resume" if previous else "")
+        )
 
     # ---- resuming ------------------------------------------------------------------------
 
@@ -162,6 +223,9 @@ class PMoDTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         output_dir = Path(self.args.output_dir)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:  # a half-written staging folder left by a crashed run
+            shutil.rmtree(output_dir / STAGING_DIR / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self._staging_root = str(output_dir / STAGING_DIR)
         try:
             super()._save_checkpoint(model, trial)
@@ -183,8 +247,8 @@ class PMoDTrainer(Trainer):
 def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
     """Save the final model (weights, config, processor, recipe) at the root of ``output_dir``.
 
-    Files are staged, then moved in one by one with config.json last: a directory with a
-    config.json always holds a whole model.
+    Files are staged, then moved in one by one: the old config.json goes first, the new one
+    comes last, so a directory with a config.json always holds a whole model.
     """
     staging = output_dir / STAGING_DIR / "final"
     if trainer.args.should_save and staging.exists():
@@ -193,8 +257,20 @@ def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
     trainer.save_model(str(staging))  # on every rank: ZeRO-3 gathers the weights
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
-        (staging / RECIPE_FILE).write_text(trainer.recipe_toml)
         new_files = {path.name for path in staging.iterdir() if path.is_file()}
+        saved = any(name.startswith("model") and name.endswith(".safetensors") for name in new_files)
+    else:
+        saved = True
+    if not on_every_rank(saved, trainer.args.device):
+        raise UserError(
+            f"no model weights were saved to {staging} (a DeepSpeed ZeRO-3 config needs "
+            '"stage3_gather_16bit_weights_on_model_save": true); the checkpoints in '
+            f"{output_dir} are kept"
+        )
+    if trainer.args.should_save:
+        (staging / RECIPE_FILE).write_text(trainer.recipe_toml)
+        new_files.add(RECIPE_FILE)
+        (output_dir / "config.json").unlink(missing_ok=True)
         for stale in output_dir.glob("model*.safetensors*"):  # weights of an earlier, differently sharded save
             if stale.name not in new_files:
                 stale.unlink()
