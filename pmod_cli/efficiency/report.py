@@ -38,6 +38,11 @@ def format_bytes(num_bytes: int) -> str:
     return f"{value:.2f} GiB"
 
 
+def _total_tflops(tflops: float) -> str:
+    """Two decimals, as the paper prints them; three significant digits for tiny models."""
+    return f"{tflops:.2f}" if tflops >= 0.1 else f"{tflops:.3g}"
+
+
 def _tflops_cell(flops: int) -> str:
     tflops = flops / 1e12
     return "<0.001" if 0 < tflops < 0.0005 else f"{tflops:.3f}"
@@ -75,7 +80,7 @@ def summary_table(plan: FlopsPlan) -> Table:
         table.add_column(entry.label, justify="right")
     results: list[FlopsCount] = [entry.result for entry in plan.entries]
 
-    table.add_row("TFLOPs", f"{first.baseline_tflops:.2f}", *(f"{r.tflops:.2f}" for r in results))
+    table.add_row("TFLOPs", _total_tflops(first.baseline_tflops), *(_total_tflops(r.tflops) for r in results))
     table.add_row(
         "  vs dense", "100.0%", *(f"{percent(r.ratio)} (-{percent(1 - r.ratio)})" for r in results)
     )
