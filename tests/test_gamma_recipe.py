@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
+from pmod_cli.errors import UserError  # noqa: E402
 from pmod_cli.model import is_pmod_model, mod_layer_indices  # noqa: E402
 from pmod_cli.training.recipe import load_recipe  # noqa: E402
 from pmod_cli.training.stages import sft  # noqa: E402
@@ -73,3 +75,27 @@ def test_gamma_tiny_trains_end_to_end(tmp_path):
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_recipe_takes_its_mod_layers_from_an_arank_result_file(tmp_path):
+    from pmod_cli.analysis.arank import ARankResult
+    from pmod_cli.training.plan import make_training_plan
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    result = tmp_path / "arank.json"
+    # 6 layers (the tiny LLM); ARank proposes MoD in layers 1, 3, 5
+    ARankResult(model="tiny", samples=4, arank=[9.0, 2.0, 8.0, 1.0, 7.0, 3.0], dense_layers=[0, 2, 4],
+                mod_layers=[1, 3, 5]).save(result)
+    overrides = [f"pmod.mod_layers_from={result}", "pmod.schedule=constant", "pmod.beta=0.5"]
+    recipe = load_recipe(recipes / "tiny.toml", overrides)
+    plan = make_training_plan("sft", recipe)
+    assert plan.retention_ratios == [1.0, 0.5, 1.0, 0.5, 1.0, 0.5]
+    # the resolved recipe (saved with every checkpoint) names the layers, not the file
+    assert "mod_layers = [1, 3, 5]" in recipe.to_toml() and "mod_layers_from" not in recipe.to_toml()
+
+    with pytest.raises(UserError, match="not both"):
+        load_recipe(recipes / "tiny.toml", [*overrides, "pmod.mod_layers=[1]"])
+    wrong_size = tmp_path / "arank8.json"
+    ARankResult(model="other", samples=4, arank=[1.0] * 8, dense_layers=[0], mod_layers=list(range(1, 8))).save(wrong_size)
+    with pytest.raises(UserError, match="8-layer model but this model has 6 layers"):
+        make_training_plan("sft", load_recipe(recipes / "tiny.toml", [f"pmod.mod_layers_from={wrong_size}"]))

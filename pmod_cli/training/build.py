@@ -17,6 +17,7 @@ embeddings, lm_head) and ``router`` (the p-MoD routers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -300,7 +301,15 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
 
 def check_pmod_layers(recipe: Recipe, num_layers: int) -> list[float]:
     """The retention ratios ``[pmod]`` gives a ``num_layers``-layer model, or a UserError (e.g.
-    ``ratios`` of the wrong length, ``mod_layers`` out of range)."""
+    ``ratios`` of the wrong length, ``mod_layers`` out of range). ``mod_layers_from`` (an ARank
+    result file) is read here and becomes the recipe's ``mod_layers``, so the resolved recipe
+    saved with the checkpoints names the layers themselves."""
+    if recipe.pmod.mod_layers_from:
+        from ..analysis.arank import load_arank_layers
+
+        layers = load_arank_layers(resolve_name(recipe.pmod.mod_layers_from), num_layers)
+        recipe.pmod.config = dataclasses.replace(recipe.pmod.config, mod_layers=layers)
+        recipe.pmod.mod_layers_from = ""
     try:
         return recipe.pmod.config.retention_ratios(num_layers)
     except ValueError as err:

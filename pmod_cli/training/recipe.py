@@ -73,10 +73,13 @@ class ModelSection:
 
 @dataclass
 class PMoDSection:
-    """[pmod]: ``enabled`` (false trains the dense baseline) and the ``PMoDConfig`` options."""
+    """[pmod]: ``enabled`` (false trains the dense baseline), ``mod_layers_from`` (an ARank
+    result file of ``pmod arank --save``, whose proposed MoD layers become ``mod_layers`` once
+    the model's size is known) and the ``PMoDConfig`` options."""
 
     enabled: bool = True
     config: PMoDConfig = field(default_factory=PMoDConfig)
+    mod_layers_from: str = ""
 
 
 @dataclass
@@ -172,6 +175,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         pmod = {"enabled": self.pmod.enabled, **self.pmod.config.to_dict()}
+        if self.pmod.mod_layers_from:
+            pmod["mod_layers_from"] = self.pmod.mod_layers_from
         return {
             "model": dataclasses.asdict(self.model),
             "pmod": pmod,
@@ -262,18 +267,21 @@ def _build_section(cls: type, values: dict[str, Any], section: str):
 def _build_pmod(values: dict[str, Any]) -> PMoDSection:
     values = dict(values)
     enabled = _check_type(values.pop("enabled", True), bool, "pmod.enabled")
+    mod_layers_from = _check_type(values.pop("mod_layers_from", ""), str, "pmod.mod_layers_from")
     hints = typing.get_type_hints(PMoDConfig)
     options = {}
     for key, value in values.items():
         if key not in hints:
-            known = ", ".join(["enabled", *hints])
+            known = ", ".join(["enabled", "mod_layers_from", *hints])
             raise UserError(f"unknown recipe key pmod.{key}; known keys of [pmod]: {known}")
         options[key] = _check_type(value, hints[key], f"pmod.{key}")
     try:
         config = PMoDConfig(**options)
     except ValueError as err:
         raise UserError(f"[pmod]: {err}") from None
-    return PMoDSection(enabled=enabled, config=config)
+    if mod_layers_from and config.mod_layers is not None:
+        raise UserError("[pmod]: give mod_layers or mod_layers_from (an ARank result file), not both")
+    return PMoDSection(enabled=enabled, config=config, mod_layers_from=mod_layers_from)
 
 
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
@@ -364,6 +372,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 def _is_string_key(section: str, key: str) -> bool:
     """Whether ``section.key`` is a known string-typed recipe key."""
+    if (section, key) == ("pmod", "mod_layers_from"):
+        return True
     cls = PMoDConfig if section == "pmod" else _SECTIONS.get(section)
     return cls is not None and typing.get_type_hints(cls).get(key) is str
 
