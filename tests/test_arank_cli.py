@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from tiny_models import random_image, randomize_routers, tiny_model
+from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 
 from pmod_cli import PMoDConfig, apply_pmod
 from pmod_cli.analysis.arank import attention_rank, load_arank_layers
@@ -41,12 +41,6 @@ def make_self_attending(attention, scale: float) -> None:
             key[kv_head * head_dim + dim, kv_head * head_dim + dim] = scale
     attention.q_proj.weight.copy_(query)
     attention.k_proj.weight.copy_(key)
-
-
-def save(model, processor, directory):
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +70,8 @@ def workspace(tmp_path_factory):
     data = root / "data.json"
     data.write_text(json.dumps(samples))
     return {
-        "llava": save(llava, llava_processor, root / "llava"),
-        "pmod_next": save(next_model, next_processor, root / "pmod_next"),
+        "llava": save_checkpoint(llava, llava_processor, root / "llava"),
+        "pmod_next": save_checkpoint(next_model, next_processor, root / "pmod_next"),
         "data": data,
         "images": images,
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_models import random_image, randomize_routers, tiny_model
+from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 from typer.testing import CliRunner
 
 from pmod_cli import PMoDConfig, apply_pmod
@@ -30,24 +30,18 @@ PAPER_TASKS = [
 ]  # fmt: skip
 
 
-def save(model, processor, directory: Path) -> Path:
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     dense_model, processor = tiny_model(layout="llava", layers=4)
-    dense = save(dense_model, processor, root / "dense")
+    dense = save_checkpoint(dense_model, processor, root / "dense")
     apply_pmod(dense_model, PMoDConfig(beta=0.5))  # 4 layers: ratios 1, 0.75, 0.25, 0.15
     randomize_routers(dense_model)
-    pmod = save(dense_model, processor, root / "pmod")
+    pmod = save_checkpoint(dense_model, processor, root / "pmod")
     next_model, next_processor = tiny_model(layout="next", layers=4)
     apply_pmod(next_model, PMoDConfig(beta=0.5))
     randomize_routers(next_model)
-    pmod_next = save(next_model, next_processor, root / "pmod_next")
+    pmod_next = save_checkpoint(next_model, next_processor, root / "pmod_next")
     return {"dense": dense, "pmod": pmod, "pmod_next": pmod_next, "root": root}
 
 

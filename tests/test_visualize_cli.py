@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_model
+from tiny_models import save_checkpoint, tiny_model
 
 from pmod_cli import PMoDConfig, apply_pmod
 from pmod_cli.cli import main
@@ -52,20 +52,14 @@ def brightness_router_model(layout: str, first_layer_ratio: float):
     return model, processor
 
 
-def save(model, processor, directory):
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("visualize")
     # LLaVA: 16 tokens, 2 bright patches; NeXT (168x56): 34 tokens, 3 bright (1 base + 2 high-res)
-    llava = save(*brightness_router_model("llava", 2 / 16), root / "llava")
-    llava_next = save(*brightness_router_model("next", 0.09), root / "next")
+    llava = save_checkpoint(*brightness_router_model("llava", 2 / 16), root / "llava")
+    llava_next = save_checkpoint(*brightness_router_model("next", 0.09), root / "next")
     dense_model, dense_processor = tiny_model(layout="llava", layers=2)
-    dense = save(dense_model, dense_processor, root / "dense")
+    dense = save_checkpoint(dense_model, dense_processor, root / "dense")
     return {"llava": llava, "next": llava_next, "dense": dense, "root": root}
 
 

@@ -141,3 +141,10 @@ def randomize_routers(model, std: float = 0.5, seed: int = 1) -> None:
             if router is not None:
                 router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * std)
                 router.bias.copy_(torch.randn(router.bias.shape, generator=generator) * std)
+
+
+def save_checkpoint(model, processor, directory):
+    """Model and processor saved as one checkpoint directory (what a user's checkpoint holds)."""
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -207,18 +207,6 @@ def load_arank_layers(path: str | Path, num_layers: int | None = None) -> list[i
 # ---- the run ----------------------------------------------------------------------------
 
 
-def _resolve_tiny(value: str | Path) -> Path:
-    """``tiny:base``, ``tiny:shapes/sft_train.json``: the embedded tiny assets, as recipes name them."""
-    from ..data.tiny import is_tiny_path, resolve_tiny_path
-
-    if not is_tiny_path(str(value)):
-        return Path(value)
-    try:
-        return resolve_tiny_path(str(value))
-    except ValueError as err:
-        raise UserError(str(err)) from None
-
-
 def _check_counts(samples: int, batch_size: int, dense_layers: int) -> None:
     for flag, value, least in (("--samples", samples, 1), ("--batch-size", batch_size, 1), ("--dense-layers", dense_layers, 0)):
         if value < least:
@@ -250,10 +238,11 @@ def measure_arank(
     """Run ``checkpoint`` (plain HF or p-MoD LLaVA / LLaVA-NeXT) on ``samples`` image-question
     samples of ``data`` and measure every layer's ARank; propose the MoD layers.
     """
+    from ..data.tiny import resolve_name
     from ..model.loading import load_checkpoint
 
-    checkpoint, data = _resolve_tiny(checkpoint), _resolve_tiny(data)
-    image_folder = _resolve_tiny(image_folder) if image_folder is not None else None
+    checkpoint, data = Path(resolve_name(checkpoint)), Path(resolve_name(data))
+    image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
     _check_counts(samples, batch_size, dense_layers)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")

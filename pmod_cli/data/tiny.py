@@ -238,6 +238,12 @@ def is_tiny_path(value: str | None) -> bool:
     return isinstance(value, str) and value.startswith(TINY_PREFIX)
 
 
+def resolve_name(value: str | Path) -> str:
+    """A model, data or folder name as recipes and flags give it: ``tiny:...`` becomes the
+    cached asset's path (built on first use); anything else (a path, a Hub id) stays as given."""
+    return str(resolve_tiny_path(value)) if is_tiny_path(str(value)) else str(value)
+
+
 def default_image_folder(data_path: str | Path) -> Path:
     """The folder a data file's image paths are relative to when none is given: the file's own,
     except for the tiny shapes set (``tiny:shapes/*.json``), whose images are in ``shapes/images``."""

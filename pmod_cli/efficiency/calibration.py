@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.tiny import is_tiny_path, resolve_tiny_path
+from ..data.tiny import resolve_name
 from ..errors import UserError
 
 
@@ -76,8 +76,7 @@ def measure_retention_ratios(
     model_type = read_model_type(checkpoint)
     if model_type not in PMOD_TYPES:
         raise UserError(f"{checkpoint} is a dense {model_type} checkpoint: it routes nothing, so there is nothing to calibrate")
-    if is_tiny_path(str(data)):
-        data = resolve_tiny_path(str(data))
+    data = Path(resolve_name(data))
     if not data.is_file():
         raise UserError(f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file")
     question_set = read_image_questions(data, image_folder, samples)

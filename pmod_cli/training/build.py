@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data.templates import get_template
-from ..data.tiny import is_tiny_path, resolve_tiny_path
+from ..data.tiny import resolve_name
 from ..errors import UserError
 from ..model import apply_pmod, is_pmod_model
 from .recipe import Recipe
@@ -40,11 +40,6 @@ VISION_CLASSES = {
     "siglip": "SiglipVisionModel",
     "siglip_vision_model": "SiglipVisionModel",
 }
-
-
-def resolve_name(value: str) -> str:
-    """A model reference as transformers takes it: ``tiny:...`` becomes its cached path."""
-    return str(resolve_tiny_path(value)) if is_tiny_path(value) else value
 
 
 def part_of(parameter_name: str) -> str:
