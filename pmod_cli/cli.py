@@ -218,7 +218,6 @@ def evaluate(
 
     if output is not None:
         check_output_path(output)  # before hours of evaluation, not after
-    _warnings_as_lines("pmod_cli.evaluation")
     task_list = [task.strip() for task in tasks.split(",") if task.strip()]
     report = evaluate_checkpoints(
         checkpoints,
@@ -243,13 +242,6 @@ class _WarningLines(logging.Handler):
         typer.secho(f"warning: {record.getMessage()}", fg=typer.colors.YELLOW, err=True)
 
 
-def _warnings_as_lines(name: str) -> None:
-    package_logger = logging.getLogger(name)
-    if not any(isinstance(handler, _WarningLines) for handler in package_logger.handlers):
-        package_logger.addHandler(_WarningLines(logging.WARNING))
-        package_logger.propagate = False
-
-
 def _num_layers(checkpoint: Path) -> int:
     import json
 
@@ -260,11 +252,20 @@ def _num_layers(checkpoint: Path) -> int:
 def main() -> None:
     # the deepspeed launcher adds --local_rank=N; LOCAL_RANK in the environment says the same
     sys.argv = [arg for arg in sys.argv if not arg.startswith(("--local_rank=", "--local-rank="))]
+    # the package's warnings (skipped samples, a missing judge key) as `warning: ...` lines, for
+    # this command only: code importing pmod_cli keeps its own logging set-up
+    package_logger = logging.getLogger("pmod_cli")
+    handler, propagate = _WarningLines(logging.WARNING), package_logger.propagate
+    package_logger.addHandler(handler)
+    package_logger.propagate = False
     try:
         app()
     except UserError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.propagate = propagate
 
 
 if __name__ == "__main__":

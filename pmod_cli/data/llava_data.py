@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import UserError
 from .templates import (
@@ -356,11 +356,17 @@ class SampleEncoder:
 
 
 def load_image(path: Path) -> Image.Image:
+    """The image as RGB; a truncated file is a bad sample even where another library (lmms-eval
+    does, on import) has told PIL to fill truncated images with grey."""
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except PIL_ERRORS as err:
         raise SkipSample(f"image {path} is unreadable ({err.__class__.__name__}: {err})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 # ---- dataset and collator -----------------------------------------------------------------

@@ -213,10 +213,6 @@ def _toml_value(value: Any) -> str:
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
 
 
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def _check_type(value: Any, hint: Any, key: str) -> Any:
     """``value`` converted to ``hint`` (int -> float is fine), or a UserError naming ``key``."""
     origin = typing.get_origin(hint)

@@ -289,12 +289,6 @@ def launch(stage: str, recipe_path: str | Path, overrides: Sequence[str] = (), r
     """What ``pmod pretrain`` / ``pmod sft`` do: load the recipe, then plan or train."""
     from .recipe import load_recipe
 
-    package_logger = logging.getLogger("pmod_cli")
-    if not package_logger.handlers:  # warnings (skipped samples) as one plain line each
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        package_logger.addHandler(handler)
-        package_logger.propagate = False
     recipe = load_recipe(recipe_path, overrides)
     if dry_run:
         from .plan import dry_run as plan_and_print
