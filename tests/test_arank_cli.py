@@ -18,7 +18,7 @@ from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_m
 
 from pmod_cli import PMoDConfig, apply_pmod
 from pmod_cli.analysis.arank import attention_rank, load_arank_layers
-from pmod_cli.analysis.questions import build_prompt
+from pmod_cli.data.prompts import build_prompt
 from pmod_cli.cli import main
 from pmod_cli.model import mod_layer_indices, record_routing
 

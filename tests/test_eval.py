@@ -414,7 +414,7 @@ def test_continuation_tokens_are_those_it_has_after_the_context():
 
 
 def test_image_tokens_placed_by_the_task_become_image_items():
-    from pmod_cli.evaluation.lmms_model import PMoDLmms
+    from pmod_cli.data.prompts import build_prompt
 
     _, processor = tiny_model(layout="llava", layers=1)
     # like llava-hf's templates: renders content items, so a plain-string content vanishes
@@ -424,8 +424,6 @@ def test_image_tokens_placed_by_the_task_become_image_items():
         "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
         "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
     )
-    lm = PMoDLmms.__new__(PMoDLmms)
-    lm.processor, lm.tokenizer, lm.image_token = processor, processor.tokenizer, "<image>"
-    assert lm.build_prompt("<image>\nWhat colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"
-    assert lm.build_prompt("Left: <image> right: <image>", 2) == "USER: Left:<image>\nright:<image>\n ASSISTANT:"
-    assert lm.build_prompt("What colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    assert build_prompt(processor, "<image>\nWhat colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    assert build_prompt(processor, "Left: <image> right: <image>", 2) == "USER: Left:<image>\nright:<image>\n ASSISTANT:"
+    assert build_prompt(processor, "What colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"

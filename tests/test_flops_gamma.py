@@ -14,7 +14,7 @@ from tiny_models import random_image, randomize_routers, tiny_model
 from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_pmod, cli
-from pmod_cli.analysis.questions import build_prompt
+from pmod_cli.data.prompts import build_prompt
 from pmod_cli.efficiency.flops import DEFAULT_PREFIX_TEXT_TOKENS, count_flops, count_flops_for_model
 from pmod_cli.errors import UserError
 from pmod_cli.model import kv_cache_lengths, record_routing

@@ -68,7 +68,7 @@ def test_gamma_tiny_trains_end_to_end(tmp_path):
     # the trained checkpoint answers under threshold routing
     from PIL import Image
 
-    from pmod_cli.analysis.questions import build_prompt
+    from pmod_cli.data.prompts import build_prompt
 
     image = Image.new("RGB", (112, 112), "red")
     inputs = processor(text=[build_prompt(processor, "What colour is the square?")], images=[image], return_tensors="pt")

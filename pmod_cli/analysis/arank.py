@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ..data.prompts import build_prompt, encode
 from ..errors import UserError
-from .questions import QuestionSet, build_prompt, open_image, read_image_questions
+from ..model.families import template_for_model
+from .questions import QuestionSet, open_image, read_image_questions
 
 # --dtype choices: the precision of the maps changes their numerical rank, so it is explicit
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -273,19 +275,14 @@ def _run_batches(meter: AttentionRankMeter, processor, question_set: QuestionSet
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     questions = question_set.questions
+    template = template_for_model(meter.model)
     columns = (TextColumn("ARank"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn())
     # transient: an error midway leaves only its one line on stderr
     with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
         task = bar.add_task("ARank", total=len(questions))
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]
-            inputs = processor(
-                text=[build_prompt(processor, q.question) for q in batch],
-                images=[open_image(q) for q in batch],
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-                inputs["pixel_values"] = inputs["pixel_values"].to(meter.model.dtype)
+            prompts = [build_prompt(processor, q.question, 1, template) for q in batch]
+            inputs = encode(processor, prompts, [open_image(q) for q in batch], meter.model)
             meter.measure(dict(inputs))
             bar.advance(task, len(batch))

@@ -19,7 +19,7 @@ from ..data.llava_data import (
     load_records,
     sample_id,
 )
-from ..data.templates import IMAGE_PLACEHOLDER, ConversationError, get_template, parse_turns
+from ..data.templates import IMAGE_PLACEHOLDER, ConversationError, parse_turns
 from ..errors import UserError
 
 
@@ -106,15 +106,3 @@ def open_image(question: ImageQuestion) -> Image.Image:
         return load_image(question.image)
     except SkipSample as reason:
         raise UserError(f"sample {question.sample_id}: {reason}; fix or remove the image") from None
-
-
-def build_prompt(processor, question: str) -> str:
-    """The prompt the model answers ``question`` about one image with.
-
-    The checkpoint's own chat template when its processor has one (llava-hf checkpoints and those
-    trained by ``pmod sft`` do), else LLaVA-1.5's vicuna_v1 prompt.
-    """
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return get_template("vicuna_v1").generation_prompt(f"{processor.image_token}\n{question}")

@@ -27,14 +27,6 @@ from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaImageProcessor,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessor,
-    LlavaNextProcessor,
-    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -55,6 +47,7 @@ PATCH_SIZE = 14
 # LLaVA-NeXT variant: a 56 px base crop and grids of up to 2x2 crops
 NEXT_IMAGE_SIZE = 56
 NEXT_GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+TINY_IMAGE_SIZES = {"llava": IMAGE_SIZE, "llava_next": NEXT_IMAGE_SIZE}
 SEED = 0
 
 _GENERAL_TEXT = [
@@ -141,43 +134,38 @@ def tiny_llava(
     vision_hidden: int = 64,
     seed: int = SEED,
 ):
-    """A random-init tiny LLaVA (``layout='llava'``) or LLaVA-NeXT model and its processor."""
-    if layout not in ("llava", "llava_next"):
-        raise ValueError(f"layout must be 'llava' or 'llava_next', got {layout!r}")
+    """A random-init tiny model of the ``layout`` family (LLaVA-1.5 or LLaVA-NeXT) and its processor."""
+    from ..model.families import get_family
+
+    if layout not in TINY_IMAGE_SIZES:
+        raise ValueError(f"layout must be one of {', '.join(TINY_IMAGE_SIZES)}, got {layout!r}")
+    family = get_family(layout)
     tokenizer = build_tokenizer()
-    image_size = IMAGE_SIZE if layout == "llava" else NEXT_IMAGE_SIZE
-    features = (image_size // PATCH_SIZE) ** 2
-    common = dict(
+    image_size = TINY_IMAGE_SIZES[layout]
+    torch.manual_seed(seed)
+    config = family.dense_config_class(
         vision_config=_vision_config(image_size, vision_hidden),
         text_config=_llama_config(tokenizer, layers, hidden),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
-        image_seq_length=features,
+        image_seq_length=(image_size // PATCH_SIZE) ** 2,
         tie_word_embeddings=False,
+        **family.config_options(NEXT_GRID_PINPOINTS),
     )
-    crop = {"height": image_size, "width": image_size}
-    processor_args = dict(
+    model = family.dense_model_class(config)
+    # the family's first aspect-ratio mode: LLaVA-1.5 pads to a square, LLaVA-NeXT is anyres
+    sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    image_processor = family.image_processor(sizes, family.aspect_ratios[0], NEXT_GRID_PINPOINTS)
+    processor = family.processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=get_template("vicuna_v1").jinja,
     )
-    torch.manual_seed(seed)
-    if layout == "llava":
-        config = LlavaConfig(**common)
-        model = LlavaForConditionalGeneration(config)
-        image_processor = LlavaImageProcessor(size={"shortest_edge": image_size}, crop_size=crop, do_pad=True)
-        processor = LlavaProcessor(image_processor=image_processor, **processor_args)
-    else:
-        config = LlavaNextConfig(**common, image_grid_pinpoints=NEXT_GRID_PINPOINTS)
-        model = LlavaNextForConditionalGeneration(config)
-        image_processor = LlavaNextImageProcessor(
-            size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=NEXT_GRID_PINPOINTS
-        )
-        processor = LlavaNextProcessor(image_processor=image_processor, **processor_args)
     return model.eval(), processor
 
 
@@ -206,6 +194,19 @@ def _has_config(directory: Path) -> bool:
 
 
 def _write_tiny_base(directory: Path, layout: str) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    # built on first use inside a command: its progress bars would bury the command's own output
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        _save_tiny_base(directory, layout)
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _save_tiny_base(directory: Path, layout: str) -> None:
     model, processor = tiny_llava(layout)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

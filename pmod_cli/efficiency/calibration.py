@@ -62,9 +62,11 @@ def measure_retention_ratios(
 ) -> Calibration:
     """Run ``checkpoint`` (a p-MoD directory with weights) on ``samples`` image-question samples
     of ``data`` and measure each MoD layer's share of kept competing tokens."""
-    from ..analysis.questions import build_prompt, open_image, read_image_questions
+    from ..analysis.questions import open_image, read_image_questions
+    from ..data.prompts import build_prompt, encode
     from ..model import PMoDConfig, mod_layer_indices, record_routing
-    from ..model.loading import PMOD_TYPES, load_checkpoint, read_model_type
+    from ..model.families import template_for_model
+    from ..model.loading import load_checkpoint, read_model_type
 
     checkpoint, data = Path(checkpoint), Path(data)
     if samples < 1:
@@ -73,16 +75,14 @@ def measure_retention_ratios(
         raise UserError(
             f"--calibration runs the model: --config must be a p-MoD checkpoint directory with weights, got {checkpoint}"
         )
-    model_type = read_model_type(checkpoint)
-    if model_type not in PMOD_TYPES:
-        raise UserError(f"{checkpoint} is a dense {model_type} checkpoint: it routes nothing, so there is nothing to calibrate")
+    read_model_type(checkpoint)
     data = Path(resolve_name(data))
     if not data.is_file():
         raise UserError(f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file")
     question_set = read_image_questions(data, image_folder, samples)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_checkpoint(checkpoint, device=device)
-    decoder_layers = model.model.language_model.layers
+    model, processor = load_checkpoint(checkpoint, device=device, require_pmod=True)
+    decoder_layers = model.decoder_layers
+    template = template_for_model(model)
     mod_layers = mod_layer_indices(model)
     if not mod_layers:
         raise UserError(f"{checkpoint} has no MoD layer: every layer is dense, so there is nothing to calibrate")
@@ -91,11 +91,8 @@ def measure_retention_ratios(
     kept_share_sums = dict.fromkeys(mod_layers, 0.0)
     vision_sum = text_sum = competing_sum = 0
     for question in _progress(question_set.questions, progress):
-        inputs = processor(
-            text=[build_prompt(processor, question.question)], images=[open_image(question)], return_tensors="pt"
-        ).to(model.device)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        prompt = build_prompt(processor, question.question, 1, template)
+        inputs = encode(processor, [prompt], [open_image(question)], model)
         with torch.inference_mode(), record_routing(model) as routing:
             model(**inputs, use_cache=False)
         token_valid = inputs["attention_mask"].bool().cpu()  # (1, seq)

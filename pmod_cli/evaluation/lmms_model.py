@@ -22,7 +22,8 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.utils import Collator
 from PIL import Image
 
-from ..data.templates import get_template
+from ..data.prompts import build_prompt, encode
+from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
@@ -67,7 +68,8 @@ class PMoDLmms(lmms):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
-        self.image_token_id = self.model.config.image_token_id
+        self.family = family_for_model(self.model)
+        self.fallback_template = template_for_model(self.model)
         # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
         self.model_config = self.model.config
         layers = self.model.config.text_config.num_hidden_layers
@@ -97,21 +99,7 @@ class PMoDLmms(lmms):
 
     def build_prompt(self, context: str, num_images: int) -> str:
         """The user turn through the checkpoint's chat template (images first, as in training)."""
-        placed = self.image_token in context  # the task placed its images itself
-        if getattr(self.processor, "chat_template", None):
-            # llava-hf templates render content items and drop a plain string: the task's
-            # image tokens become image items where they stand
-            content = _content_items(context, self.image_token) if placed else (
-                [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
-            )
-            messages = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        question = context if placed else f"{self.image_token}\n" * num_images + context
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": question}]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # no template saved with the checkpoint: LLaVA-1.5's
-        return get_template("vicuna_v1").generation_prompt(question)
+        return build_prompt(self.processor, context, num_images, self.fallback_template)
 
     def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> list:
         if doc_to_visual is None:
@@ -120,12 +108,7 @@ class PMoDLmms(lmms):
         return [visual for visual in (visuals or []) if visual is not None]
 
     def _encode(self, prompts: list[str], images: list) -> dict:
-        inputs = self.processor(
-            text=prompts, images=images or None, return_tensors="pt", padding=True
-        ).to(self._device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs
+        return encode(self.processor, prompts, images, self.model)
 
     def warm_up(self) -> None:
         """One short unmeasured generation, so the first measured request does not pay for
@@ -201,7 +184,7 @@ class PMoDLmms(lmms):
             answers = [_cut_at_stop(text, until) for text in texts]
         end_to_end = time.perf_counter() - start
 
-        vision, text, prefix_text = _token_counts(inputs, self.image_token_id)
+        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
         generated = _generated_counts(new_tokens, self.tokenizer.eos_token_id)
         measured = [
             SampleMeasurement(
@@ -275,7 +258,7 @@ class PMoDLmms(lmms):
             log_likelihood = predicting.gather(1, target[:, None]).sum().item()
             greedy = bool((predicting.argmax(dim=-1) == target).all())
         end_to_end = time.perf_counter() - start
-        vision, text, prefix_text = _token_counts(inputs, self.image_token_id)
+        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
         measurement = SampleMeasurement(
             task=task,
             doc_id=int(doc_id),
@@ -325,18 +308,6 @@ class PMoDLmms(lmms):
         raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
 
 
-def _content_items(context: str, image_token: str) -> list[dict]:
-    """``"<image>\nWhat is it?"`` -> ``[{"type": "image"}, {"type": "text", "text": "What is it?"}]``:
-    image items where the task put its image tokens; the template supplies the separators."""
-    items: list[dict] = []
-    for index, part in enumerate(context.split(image_token)):
-        if index:
-            items.append({"type": "image"})
-        if part.strip():
-            items.append({"type": "text", "text": part.strip()})
-    return items
-
-
 def _cut_at_stop(text: str, until: list[str]) -> str:
     for stop in until:
         if stop:
@@ -344,11 +315,11 @@ def _cut_at_stop(text: str, until: list[str]) -> str:
     return text
 
 
-def _token_counts(inputs: dict, image_token_id: int) -> tuple[list[int], list[int], list[int]]:
+def _token_counts(inputs: dict, vision_mask: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
     """Per sample: V (image-feature positions), T (the other real tokens) of the prompt, and the
     text tokens up to the last image token (those compete too when a model routes all tokens)."""
     real = inputs["attention_mask"].bool()
-    is_image = (inputs["input_ids"] == image_token_id) & real
+    is_image = vision_mask & real
     vision = is_image.sum(dim=1)
     text = real.sum(dim=1) - vision
     index = torch.arange(real.shape[1], device=real.device).expand_as(real)

@@ -1,7 +1,9 @@
-"""The p-MoD model core: schedules, router, the p-MoD layer, its cache, conversion and loading."""
+"""The p-MoD model core: schedules, router, the p-MoD layer, its cache, the model families,
+conversion and loading."""
 
 from .cache import kv_cache_bytes, kv_cache_lengths
 from .config import PMoDConfig
+from .families import FAMILIES, family_for_model, get_family
 from .modeling import (
     PMoDLlavaConfig,
     PMoDLlavaForConditionalGeneration,
@@ -18,6 +20,7 @@ from .schedules import SCHEDULES, kept_count, retention_ratios
 register()
 
 __all__ = [
+    "FAMILIES",
     "SCHEDULES",
     "PMoDConfig",
     "PMoDLlavaConfig",
@@ -25,6 +28,8 @@ __all__ = [
     "PMoDLlavaNextConfig",
     "PMoDLlavaNextForConditionalGeneration",
     "apply_pmod",
+    "family_for_model",
+    "get_family",
     "is_pmod_model",
     "kept_count",
     "kv_cache_bytes",

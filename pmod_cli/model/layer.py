@@ -119,11 +119,12 @@ class PMoDLayerMixin:
     ):
         batch, seq, hidden = hidden_states.shape
         device = hidden_states.device
-        if routing is None:  # called without the p-MoD model around it: no vision tokens known
-            vision = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-            valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        else:
-            vision, valid = routing.vision_mask, routing.token_valid
+        if routing is None:  # keeping every token here would silently run a dense layer
+            raise RuntimeError(
+                f"MoD layer {self.self_attn.layer_idx} got no routing inputs: call the p-MoD model (its forward "
+                "pre-hook passes pmod_routing), not the language model or the layer on its own"
+            )
+        vision, valid = routing.vision_mask, routing.token_valid
 
         # 1. select
         router_input = self.input_layernorm(hidden_states) if self.pmod_config.router_input == "normed" else hidden_states
@@ -132,7 +133,7 @@ class PMoDLayerMixin:
         weights = self._token_weights(logits, candidates)  # (batch, seq)
         keep = self._select(logits, candidates, valid)  # (batch, seq)
         _record(self, keep, vision, weights, logits)
-        if self.training and self.pmod_config.aux_loss_coef > 0 and routing is not None and candidates.any():
+        if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
             # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
             routing_loss = F.binary_cross_entropy_with_logits(logits[candidates].float(), keep[candidates].float())
             routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)

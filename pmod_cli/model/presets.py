@@ -23,17 +23,9 @@ from typing import Any
 from ..errors import UserError
 from .config import PMoDConfig
 
-LAYOUTS = ("llava", "llava_next")
 # decoder families whose layer is attention (q, k, v, o) + gated MLP (gate, up, down)
 COUNTABLE_TEXT_MODELS = ("llama", "qwen2", "mistral")
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
-# config.json model_type -> (layout, is p-MoD)
-CONFIG_MODEL_TYPES = {
-    "llava": ("llava", False),
-    "llava_next": ("llava_next", False),
-    "pmod_llava": ("llava", True),
-    "pmod_llava_next": ("llava_next", True),
-}
 
 # the paper's prompt length: T = 58 text tokens next to the image
 DEFAULT_TEXT_TOKENS = 58
@@ -113,10 +105,11 @@ class VisionShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A LLaVA-layout model as far as its cost goes.
+    """A model as far as its cost goes.
 
-    ``layout`` is ``llava`` (one crop per image) or ``llava_next`` (anyres: a base crop plus the
-    crops of a grid, with one learned newline token per row of high-res features).
+    ``layout`` names its model family (``model/families``): ``llava`` (one crop per image) or
+    ``llava_next`` (anyres: a base crop plus the crops of a grid, with one learned newline token per
+    row of high-res features); the family says how many vision tokens an image becomes.
     ``pmod`` is the p-MoD setting stored with a checkpoint, None for a dense model or a preset.
     """
 
@@ -130,35 +123,27 @@ class ModelShape:
     description: str = ""
     pmod: PMoDConfig | None = None
 
-    def _grid_tokens(self, height: int, width: int) -> tuple[int, int]:
-        """(vision tokens, crops) of an image that fills the grid (height, width) exactly."""
-        side = self.vision.patches_per_side
-        rows, cols = height // self.vision.image_size, width // self.vision.image_size
-        # high-res features are (rows*side, cols*side), one newline token closes each row
-        high_res = rows * side * (cols * side + 1)
-        return self.vision.features_per_crop + high_res, 1 + rows * cols
+    @property
+    def family(self):
+        """The model family (``model/families``) whose token layout this shape follows."""
+        from .families import get_family
 
-    def _largest_grid(self) -> tuple[int, int]:
-        return max(self._grid_tokens(h, w) for h, w in self.image_grid_pinpoints)
+        return get_family(self.layout)
 
     @property
     def vision_tokens(self) -> int:
         """V: image features in the language model's input, for the largest image layout."""
-        if self.layout == "llava":
-            return self.vision.features_per_crop
-        return self._largest_grid()[0]
+        return self.family.image_tokens(self)[0]
 
     @property
     def vision_crops(self) -> int:
         """Crops the vision tower encodes for that layout (LLaVA-NeXT: base + grid)."""
-        if self.layout == "llava":
-            return 1
-        return self._largest_grid()[1]
+        return self.family.image_tokens(self)[1]
 
     def to_hf_config(self, pmod: PMoDConfig | None = None):
-        """A transformers ``LlavaConfig`` / ``LlavaNextConfig`` of this shape (random-init ready).
+        """The family's transformers config of this shape (random-init ready).
 
-        With ``pmod`` it is the p-MoD config class instead (``pmod_llava`` / ``pmod_llava_next``).
+        With ``pmod`` it is the family's p-MoD config class instead (``pmod_llava``, ...).
         The image token gets its own embedding row: when ``image_token_id`` lies past the
         checkpoint vocabulary (Vicuna: 32000) the HF vocabulary is padded to a multiple of 64 as
         llava-hf's conversion does (32064); the FLOPs count keeps ``text.vocab_size``.
@@ -166,8 +151,6 @@ class ModelShape:
         from transformers import (
             CLIPVisionConfig,
             LlamaConfig,
-            LlavaConfig,
-            LlavaNextConfig,
             MistralConfig,
             Qwen2Config,
             SiglipVisionConfig,
@@ -209,7 +192,9 @@ class ModelShape:
         feature_layer = vision.feature_layer
         if not isinstance(feature_layer, int):
             feature_layer = list(feature_layer)
-        common = dict(
+        family = self.family
+        config_class = family.dense_config_class if pmod is None else family.pmod_config_class
+        config = config_class(
             vision_config=vision_config,
             text_config=text_config,
             image_token_id=self.image_token_id,
@@ -218,17 +203,8 @@ class ModelShape:
             projector_hidden_act="gelu",  # mlp2x_gelu
             image_seq_length=vision.features_per_crop,
             tie_word_embeddings=False,
+            **family.config_options([list(p) for p in self.image_grid_pinpoints]),
         )
-        if self.layout == "llava":
-            config_class = LlavaConfig
-        else:
-            config_class = LlavaNextConfig
-            common["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
-        if pmod is not None:
-            from .modeling import PMoDLlavaConfig, PMoDLlavaNextConfig
-
-            config_class = PMoDLlavaConfig if self.layout == "llava" else PMoDLlavaNextConfig
-        config = config_class(**common)
         if pmod is not None:
             config.pmod = pmod.to_dict()
         return config
@@ -378,22 +354,22 @@ def read_model_shape(path: str | Path) -> ModelShape:
         ) from None
     if not isinstance(values, dict):
         raise UserError(f"{config_file} is not a JSON object; pass an HF config.json")
+    from .families import family_for_model_type, known_model_types
+
     model_type = values.get("model_type")
-    if model_type not in CONFIG_MODEL_TYPES:
+    if model_type not in known_model_types():
         raise UserError(
-            f"{config_file} has model_type {model_type!r}; pmod reads {', '.join(CONFIG_MODEL_TYPES)} configs"
+            f"{config_file} has model_type {model_type!r}; pmod reads {', '.join(known_model_types())} configs"
         )
-    layout, is_pmod = CONFIG_MODEL_TYPES[model_type]
+    family = family_for_model_type(model_type)
     pmod = None
-    if is_pmod:
+    if model_type == family.pmod_model_type:
         try:
             pmod = PMoDConfig.from_dict(values.get("pmod") or {})
         except (TypeError, ValueError) as err:
             raise UserError(f"bad p-MoD options in {config_file}: {err}") from None
 
-    from transformers import LlavaConfig, LlavaNextConfig
-
-    config_class = LlavaConfig if layout == "llava" else LlavaNextConfig
+    config_class = family.dense_config_class
     hf_values = {
         k: v for k, v in values.items() if k not in ("model_type", "pmod", "architectures")
     }
@@ -408,14 +384,10 @@ def read_model_shape(path: str | Path) -> ModelShape:
 
 
 def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
-    """The shape of a loaded transformers LLaVA / LLaVA-NeXT config (dense or p-MoD)."""
-    from transformers import LlavaNextConfig
+    """The shape of a loaded transformers config of a registered family (dense or p-MoD)."""
+    from .families import family_for_config
 
-    layout = (
-        "llava_next"
-        if isinstance(config, LlavaNextConfig) or hasattr(config, "image_grid_pinpoints")
-        else "llava"
-    )
+    layout = family_for_config(config).name
     text_config, vision_config = config.text_config, config.vision_config
     if text_config.model_type not in COUNTABLE_TEXT_MODELS:
         raise UserError(

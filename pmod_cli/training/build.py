@@ -4,9 +4,10 @@
 
 From parts (``model.vision_tower`` + ``model.llm``): the vision tower and the language model
 are loaded with their weights, the tokenizer gets an ``<image>`` token (and a pad token if it
-has none), and a new mlp2x_gelu connector joins them in an HF ``LlavaForConditionalGeneration``
-(or ``LlavaNextForConditionalGeneration``). From a checkpoint (``model.checkpoint``): an HF
-LLaVA / LLaVA-NeXT directory or hub id, dense or p-MoD. Then ``model.pretrained_connector``
+has none), and a new mlp2x_gelu connector joins them in the HF model class of the recipe's model
+family (``model.layout``: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
+From a checkpoint (``model.checkpoint``): a directory or hub id of any registered family, dense or
+p-MoD, loaded by the one checkpoint loader (``pmod_cli.model.loading``). Then ``model.pretrained_connector``
 loads a pretrain stage's connector, and ``apply_pmod`` converts the model unless
 ``pmod.enabled`` is false.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -29,7 +29,8 @@ from ..data.templates import get_template
 from ..data.tiny import resolve_name
 from ..errors import UserError
 from ..model import apply_pmod, is_pmod_model
-from .recipe import Recipe
+from ..model.families import FAMILIES, family_for_model, get_family, image_settings
+from .recipe import Recipe, check_aspect_ratio
 
 PARTS = ("vision_tower", "connector", "llm", "router")
 IMAGE_TOKEN = "<image>"
@@ -43,14 +44,17 @@ VISION_CLASSES = {
 
 
 def part_of(parameter_name: str) -> str:
-    """Which part a parameter of a (p-MoD) LLaVA model belongs to."""
+    """Which part a parameter of a (p-MoD) model of any registered family belongs to."""
     if ".router." in parameter_name or ".pmod_shared_router." in parameter_name:
         return "router"
     if parameter_name.startswith("model.vision_tower."):
         return "vision_tower"
-    if parameter_name.startswith("model.multi_modal_projector.") or parameter_name == "model.image_newline":
+    if parameter_name.startswith(_CONNECTOR_PARAMETERS):
         return "connector"
     return "llm"
+
+
+_CONNECTOR_PARAMETERS = tuple(sorted({name for family in FAMILIES.values() for name in family.connector_parameters}))
 
 
 def trained_parts(recipe: Recipe, stage: str) -> tuple[str, ...]:
@@ -75,30 +79,13 @@ def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> dict[str, tuple[i
 # ---- processor ----------------------------------------------------------------------------
 
 
-def _image_processor(base, layout: str, aspect_ratio: str, grid_pinpoints: list[list[int]] | None):
-    """LLaVA's image processing from a vision tower's own settings (size, crop, mean, std)."""
-    from transformers import LlavaImageProcessor, LlavaNextImageProcessor
-
-    settings = dict(
-        size=dict(base.size),
-        crop_size=dict(base.crop_size) if getattr(base, "crop_size", None) else None,
-        image_mean=base.image_mean,
-        image_std=base.image_std,
-        resample=base.resample,
-    )
-    if "height" in settings["size"] and settings["crop_size"] is None:  # SigLIP: a fixed square size
-        settings["crop_size"] = dict(settings["size"])
-        settings["size"] = {"shortest_edge": settings["size"]["height"]}
-    if layout == "llava_next":
-        return LlavaNextImageProcessor(**settings, image_grid_pinpoints=grid_pinpoints)
-    return LlavaImageProcessor(**settings, do_pad=aspect_ratio == "pad")
+def image_processor(base, layout: str, aspect_ratio: str, grid_pinpoints: list[list[int]] | None):
+    """The family's image processing from a vision tower's own settings (size, crop, mean, std)."""
+    return get_family(layout).image_processor(image_settings(base), aspect_ratio, grid_pinpoints)
 
 
 def _processor(tokenizer, image_processor, layout: str, vision_config, select_strategy: str, template: str):
-    from transformers import LlavaNextProcessor, LlavaProcessor
-
-    processor_class = LlavaNextProcessor if layout == "llava_next" else LlavaProcessor
-    return processor_class(
+    return get_family(layout).processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
@@ -143,12 +130,11 @@ def _vision_config(reference: str, local_only: bool = False):
 
 
 def llava_config(recipe: Recipe, vision_config, text_config, image_token_id: int):
-    """The HF LLaVA / LLaVA-NeXT config joining a vision tower and a language model."""
-    from transformers import LlavaConfig, LlavaNextConfig
-
+    """The HF config of the recipe's model family joining a vision tower and a language model."""
     model = recipe.model
+    family = get_family(model.layout)
     features = (vision_config.image_size // vision_config.patch_size) ** 2
-    common = dict(
+    return family.dense_config_class(
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=image_token_id,
@@ -157,12 +143,8 @@ def llava_config(recipe: Recipe, vision_config, text_config, image_token_id: int
         projector_hidden_act="gelu",  # mlp2x_gelu: Linear, GELU, Linear
         image_seq_length=features,
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+        **family.config_options(model.image_grid_pinpoints),
     )
-    if model.layout == "llava_next":
-        if not model.image_grid_pinpoints:
-            raise UserError('model.layout = "llava_next" needs model.image_grid_pinpoints')
-        return LlavaNextConfig(**common, image_grid_pinpoints=model.image_grid_pinpoints)
-    return LlavaConfig(**common)
 
 
 def _load(loader, reference: str, what: str, **kwargs):
@@ -173,17 +155,12 @@ def _load(loader, reference: str, what: str, **kwargs):
 
 
 def build_from_parts(recipe: Recipe, dtype: torch.dtype):
-    """A new LLaVA model: loaded vision tower + loaded LLM + a fresh connector."""
+    """A new model of the recipe's family: loaded vision tower + loaded LLM + a fresh connector."""
     import transformers
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlavaForConditionalGeneration,
-        LlavaNextForConditionalGeneration,
-    )
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
     model_section, data = recipe.model, recipe.data
+    family = get_family(model_section.layout)
     vision_ref, llm_ref = resolve_name(model_section.vision_tower), resolve_name(model_section.llm)
     vision_config = _load(_vision_config, vision_ref, "model.vision_tower")
     vision_class = getattr(transformers, VISION_CLASSES[vision_config.model_type])
@@ -194,47 +171,40 @@ def build_from_parts(recipe: Recipe, dtype: torch.dtype):
 
     grew = _prepare_tokenizer(tokenizer)
     config = llava_config(recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    model_class = LlavaNextForConditionalGeneration if model_section.layout == "llava_next" else LlavaForConditionalGeneration
     with torch.device("meta"):  # the shell only; the parts bring their weights
-        model = model_class(config)
+        model = family.dense_model_class(config)
     model.model.vision_tower = vision_tower
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     # a fresh connector, with torch's default Linear init as LLaVA's projector
     model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dtype=dtype)
-    if model_section.layout == "llava_next":
-        hidden = config.text_config.hidden_size
-        model.model.image_newline = nn.Parameter(torch.randn(hidden, dtype=dtype) / math.sqrt(hidden))
+    family.init_new_connector(model, dtype)
     if grew:
         # llava-hf pads the vocabulary to a multiple of 64 after adding <image>
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    image_processor = _image_processor(
-        base_image_processor, model_section.layout, data.image_aspect_ratio, model_section.image_grid_pinpoints
-    )
     processor = _processor(
-        tokenizer, image_processor, model_section.layout, vision_config,
-        model_section.vision_feature_select_strategy, data.template,
+        tokenizer,
+        image_processor(base_image_processor, model_section.layout, data.image_aspect_ratio, model_section.image_grid_pinpoints),
+        model_section.layout,
+        vision_config,
+        model_section.vision_feature_select_strategy,
+        data.template,
     )
     return model, processor
 
 
 def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
-    """An existing HF LLaVA / LLaVA-NeXT (or p-MoD) checkpoint and its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """An existing checkpoint of any registered family (dense or p-MoD) and its processor, set up
+    for the recipe's data (aspect-ratio mode, template, <image> and pad tokens)."""
+    from ..model.loading import load_checkpoint as load
 
-    import pmod_cli  # noqa: F401 - registers the p-MoD Auto classes
-
-    reference = resolve_name(recipe.model.checkpoint)
-    processor = _load(AutoProcessor.from_pretrained, reference, "model.checkpoint")
-    model = _load(AutoModelForImageTextToText.from_pretrained, reference, "model.checkpoint", dtype=dtype)
-    layout = "llava_next" if hasattr(model.config, "image_grid_pinpoints") else "llava"
-    if (recipe.data.image_aspect_ratio == "anyres") != (layout == "llava_next"):
-        raise UserError(
-            f'model.checkpoint is a {layout} model: set data.image_aspect_ratio = '
-            f'{"anyres" if layout == "llava_next" else "pad (or crop)"}'
-        )
-    if layout == "llava":  # pad / crop as the recipe says, with the checkpoint's own sizes
-        processor.image_processor = _image_processor(processor.image_processor, layout, recipe.data.image_aspect_ratio, None)
+    model, processor = load(resolve_name(recipe.model.checkpoint), device="cpu", dtype=dtype)
+    family = family_for_model(model)
+    try:
+        check_aspect_ratio(family.name, recipe.data.image_aspect_ratio)
+    except UserError as err:
+        raise UserError(f"model.checkpoint: {err}") from None
+    processor.image_processor = family.adapt_image_processor(processor.image_processor, recipe.data.image_aspect_ratio)
     _prepare_tokenizer(processor.tokenizer)
     processor.chat_template = get_template(recipe.data.template).jinja
     return model, processor

@@ -164,7 +164,7 @@ def make_training_plan(stage: str, recipe: Recipe) -> TrainingPlan:
     parameters = set_trainable(model, trained_parts(recipe, stage))
     if source.startswith("preset"):  # the preset's own numbers (e.g. Vicuna's 32000-token vocabulary)
         shape = get_preset(recipe.model.preset)
-        if recipe.model.image_grid_pinpoints and shape.layout == "llava_next":
+        if recipe.model.image_grid_pinpoints and shape.image_grid_pinpoints:
             pinpoints = tuple(tuple(p) for p in recipe.model.image_grid_pinpoints)
             shape = dataclasses.replace(shape, image_grid_pinpoints=pinpoints)
     else:

@@ -28,7 +28,6 @@ import tomllib
 from ..errors import UserError
 from ..model.config import PMoDConfig
 
-LAYOUTS = ("llava", "llava_next")
 CONNECTORS = ("mlp2x_gelu",)
 SELECT_STRATEGIES = ("default", "full")
 ASPECT_RATIOS = ("pad", "crop", "anyres")
@@ -47,7 +46,8 @@ class ModelSection:
             is the embedded tiny default. Excludes ``vision_tower``/``llm``.
         vision_tower: a CLIP / SigLIP vision model (path or hub id), with ``llm`` builds a new model.
         llm: a causal LM (Llama / Vicuna, Qwen2, Mistral), path or hub id; its tokenizer is used.
-        layout: ``llava`` (one image crop, LLaVA-1.5) or ``llava_next`` (anyres).
+        layout: the model family (``pmod_cli.model.families``): ``llava`` (one image crop,
+            LLaVA-1.5) or ``llava_next`` (anyres).
         connector: the projector; ``mlp2x_gelu`` (Linear-GELU-Linear) is LLaVA's and HF's.
         vision_feature_layer: which vision layer feeds the projector (-2: the second to last).
         vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
@@ -288,13 +288,14 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
 def validate(recipe: Recipe) -> Recipe:
     """Cross-field checks that do not need files or models."""
     from ..data.templates import TEMPLATES
+    from ..model.families import FAMILIES
 
     model, data, train = recipe.model, recipe.data, recipe.train
     if model.checkpoint and (model.vision_tower or model.llm):
         raise UserError("set either model.checkpoint or model.vision_tower + model.llm, not both")
     if not model.checkpoint and not (model.vision_tower and model.llm):
         raise UserError("the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm")
-    _choice(model.layout, LAYOUTS, "model.layout")
+    _choice(model.layout, tuple(FAMILIES), "model.layout")
     _choice(model.connector, CONNECTORS, "model.connector")
     _choice(model.vision_feature_select_strategy, SELECT_STRATEGIES, "model.vision_feature_select_strategy")
     for pinpoint in model.image_grid_pinpoints:
@@ -311,11 +312,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
     _choice(data.template, tuple(TEMPLATES), "data.template")
     _choice(data.image_aspect_ratio, ASPECT_RATIOS, "data.image_aspect_ratio")
-    if model.vision_tower and (data.image_aspect_ratio == "anyres") != (model.layout == "llava_next"):
-        raise UserError(
-            'data.image_aspect_ratio = "anyres" goes with model.layout = "llava_next" (and only with it); '
-            f"got {data.image_aspect_ratio!r} with {model.layout!r}"
-        )
+    if model.vision_tower:
+        check_aspect_ratio(model.layout, data.image_aspect_ratio)
     if data.max_length <= 0:
         raise UserError(f"data.max_length must be positive, got {data.max_length}")
     if not 0.0 <= data.max_bad_fraction <= 1.0:
@@ -349,6 +347,18 @@ def validate(recipe: Recipe) -> Recipe:
             f"train.deepspeed = {train.deepspeed!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} nor an existing JSON file"
         )
     return recipe
+
+
+def check_aspect_ratio(layout: str, aspect_ratio: str) -> None:
+    """A UserError unless ``data.image_aspect_ratio`` is one the ``layout`` family trains with."""
+    from ..model.families import get_family
+
+    family = get_family(layout)
+    if aspect_ratio not in family.aspect_ratios:
+        raise UserError(
+            f"a {layout} model ({family.title}) takes data.image_aspect_ratio = "
+            f"{' or '.join(map(repr, family.aspect_ratios))}, not {aspect_ratio!r}"
+        )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

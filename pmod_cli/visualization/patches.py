@@ -297,29 +297,20 @@ def llava_next_patch_boxes(
 # ---- from a loaded processor and model config --------------------------------------------
 
 
-def patch_boxes_for(processor, model_config, image_height: int, image_width: int) -> list[PatchBox | None]:
-    """The boxes of every vision token the processor and model make of a (height, width) image."""
+def processor_geometry(processor, model_config) -> dict[str, Any]:
+    """The image processor's resize / crop settings and the tower's patch size."""
     image_processor = processor.image_processor
-    vision = model_config.vision_config
-    strategy = model_config.vision_feature_select_strategy
-    common = dict(
-        patch_size=vision.patch_size,
+    return dict(
+        patch_size=model_config.vision_config.patch_size,
         size=image_processor.size,
         crop_size=image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None,
         do_resize=bool(getattr(image_processor, "do_resize", True)),
     )
-    if getattr(model_config, "image_grid_pinpoints", None) is not None:  # LLaVA-NeXT
-        if strategy != "default":
-            raise UserError(
-                f"pmod visualize maps LLaVA-NeXT tokens for vision_feature_select_strategy 'default', "
-                f"not {strategy!r}"
-            )
-        return llava_next_patch_boxes(
-            image_height, image_width, grid_pinpoints=model_config.image_grid_pinpoints, tile_size=vision.image_size, **common
-        )
-    # LlavaImageProcessor's do_pad pads to a square first (LLaVA-1.5's "pad" aspect mode);
-    # other processors' do_pad only pads batches, which a single image never needs
-    pad_to_square = hasattr(image_processor, "pad_to_square") and bool(getattr(image_processor, "do_pad", False))
-    return llava_patch_boxes(
-        image_height, image_width, pad_to_square=pad_to_square, with_cls=strategy == "full", **common
-    )
+
+
+def patch_boxes_for(processor, model_config, image_height: int, image_width: int) -> list[PatchBox | None]:
+    """The boxes of every vision token the processor and model make of a (height, width) image:
+    the model's family knows its token layout."""
+    from ..model.families import family_for_config
+
+    return family_for_config(model_config).patch_boxes(processor, model_config, image_height, image_width)

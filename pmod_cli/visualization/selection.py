@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.prompts import build_prompt, encode
 from ..errors import UserError
+from ..model.families import family_for_model, template_for_model
 from ..model.routing import record_routing
 from .patches import PatchBox, patch_boxes_for
 
@@ -45,24 +47,13 @@ class TokenSelection:
         return len(self.boxes)
 
 
-def build_prompt(processor, prompt: str) -> str:
-    """The processor's chat template with one image, else LLaVA's plain ``<image>\\n`` form."""
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    image_token = getattr(processor, "image_token", "<image>")
-    return f"{image_token}\n{prompt}"
-
-
 @torch.no_grad()
 def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSelection:
     """Run one forward pass and read back every layer's kept vision tokens."""
     image = image.convert("RGB")
-    inputs = processor(images=image, text=build_prompt(processor, prompt), return_tensors="pt")
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    vision_mask = (inputs["input_ids"][0] == model.config.image_token_id).cpu()  # (seq,)
+    text = build_prompt(processor, prompt, 1, template_for_model(model))
+    inputs = encode(processor, [text], [image], model)
+    vision_mask = family_for_model(model).vision_mask(inputs["input_ids"], model.config)[0].cpu()  # (seq,)
     boxes = patch_boxes_for(processor, model.config, image.height, image.width)
     if len(boxes) != int(vision_mask.sum()):
         raise RuntimeError(
@@ -120,3 +111,4 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
     if not chosen:
         raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}")
     return chosen
+

@@ -6,19 +6,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 from rich.table import Table
 
 from ..errors import UserError
+from ..model.loading import load_checkpoint
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
 
 DEFAULT_CHECKPOINT = Path("runs/tiny/sft")
 DEFAULT_PROMPT = "Describe the image."
 MAKE_DEFAULT_CHECKPOINT = "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml"
-PMOD_MODEL_TYPES = ("pmod_llava", "pmod_llava_next")
 
 
 @dataclass
@@ -44,9 +43,11 @@ def load_image(path: Path) -> Image.Image:
 
 
 def _checkpoint_config(checkpoint: Path | None):
+    """The checkpoint to show (the tiny default's when none is given) and its config, before the
+    weights load: a bad ``--layers`` fails at once."""
     import transformers
 
-    import pmod_cli  # noqa: F401  (registers the p-MoD model types with the Auto classes)
+    from ..model.loading import read_model_type
 
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -55,35 +56,13 @@ def _checkpoint_config(checkpoint: Path | None):
                 f"no checkpoint given and the tiny default's SFT checkpoint {checkpoint} does not exist; "
                 f"make it with `{MAKE_DEFAULT_CHECKPOINT}` or pass --checkpoint DIR"
             )
-    if not Path(checkpoint).is_dir():
-        raise UserError(f"checkpoint directory not found: {checkpoint}")
+    read_model_type(checkpoint)
     try:
         config = transformers.AutoConfig.from_pretrained(checkpoint)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load a model config from {checkpoint}: {first_line}") from None
-    if config.model_type not in PMOD_MODEL_TYPES:
-        raise UserError(
-            f"{checkpoint} holds a {config.model_type!r} model, not a p-MoD one ({', '.join(PMOD_MODEL_TYPES)}); "
-            f"pass a checkpoint saved after apply_pmod or trained with pmod sft"
-        )
     return Path(checkpoint), config
-
-
-def load_checkpoint(checkpoint: Path, device: str | None = None):
-    """Model (eval mode, on ``device``: CUDA when available) and processor of a p-MoD checkpoint."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        processor = AutoProcessor.from_pretrained(checkpoint)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load the processor from {checkpoint} ({type(err).__name__}); save it next to the model "
-            f"with processor.save_pretrained"
-        ) from None
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype="auto").to(device).eval()
-    return model, processor
 
 
 def _output_path(output: Path | None, image_path: Path) -> Path:
@@ -112,7 +91,7 @@ def visualize_routing(
     checkpoint, config = _checkpoint_config(checkpoint)
     num_layers = config.text_config.num_hidden_layers
     chosen = parse_layers(layers, num_layers)
-    model, processor = load_checkpoint(checkpoint, device)
+    model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
     selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT)
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])

@@ -1,0 +1,176 @@
+"""The model-family registry: one entry per kind of multimodal model pmod can convert.
+
+A family says, in one place, everything the commands need to know about a kind of model: its HF
+classes and ``model_type``, its p-MoD classes, which language models and vision towers it takes,
+which input tokens are vision tokens, how its processor is built and which chat template it uses,
+how many vision tokens an image becomes (for FLOPs), where each vision token sits on the image
+(for ``pmod visualize``), and its name in recipes (``model.layout``). Every command reads it:
+
+    family = family_for_model(model)           # or get_family("llava_next"), family_for_model_type(...)
+    family.vision_mask(input_ids, model.config)
+
+Adding a family is one module in this package: a ``ModelFamily`` subclass decorated with
+``@register_family`` (see ``llava.py``) and imported from ``__init__.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ...errors import UserError
+
+DEFAULT_TEXT_MODELS = ("llama", "qwen2", "mistral")
+DEFAULT_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
+class ModelFamily:
+    """One kind of multimodal model. Subclasses set the class attributes and the hooks below."""
+
+    name: ClassVar[str]  # registry key; also the recipe's ``model.layout``
+    title: ClassVar[str]  # for people: "LLaVA-1.5"
+    dense_config_class: ClassVar[type]  # transformers' config class
+    dense_model_class: ClassVar[type]  # transformers' model class
+    pmod_config_class: ClassVar[type]  # the p-MoD config class (own model_type)
+    pmod_model_class: ClassVar[type]  # the p-MoD model class
+    processor_class: ClassVar[type]
+    text_model_types: ClassVar[tuple[str, ...]] = DEFAULT_TEXT_MODELS
+    vision_model_types: ClassVar[tuple[str, ...]] = DEFAULT_VISION_TOWERS
+    aspect_ratios: ClassVar[tuple[str, ...]]  # ``data.image_aspect_ratio`` values it trains with
+    # parameter names (prefixes) of the connector, the part that pretrain trains
+    connector_parameters: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector.",)
+    # chat template when a checkpoint saved none: text model_type -> template name (data/templates.py)
+    default_templates: ClassVar[dict[str, str]] = {"qwen2": "chatml"}
+    fallback_template: ClassVar[str] = "vicuna_v1"
+
+    @property
+    def dense_model_type(self) -> str:
+        return self.dense_config_class.model_type
+
+    @property
+    def pmod_model_type(self) -> str:
+        return self.pmod_config_class.model_type
+
+    # ---- the model ---------------------------------------------------------------------
+
+    def decoder_layers(self, model) -> torch.nn.ModuleList:
+        """The language model's decoder layers, which p-MoD converts."""
+        return model.model.language_model.layers
+
+    def vision_mask(self, input_ids: torch.Tensor, config) -> torch.Tensor:
+        """(batch, seq) bool: the positions the model fills with vision features."""
+        return input_ids == config.image_token_id
+
+    def check_text_model(self, text_model_type: str) -> None:
+        if text_model_type not in self.text_model_types:
+            raise UnsupportedModelError(
+                f"p-MoD supports {', '.join(self.text_model_types)} language models in {self.title}, "
+                f"not {text_model_type!r}"
+            )
+
+    def template_name(self, text_model_type: str) -> str:
+        """The conversation template a checkpoint of this family uses when it saved none."""
+        return self.default_templates.get(text_model_type, self.fallback_template)
+
+    # ---- building (training from parts, tiny models, shape presets) ----------------------
+
+    def config_options(self, image_grid_pinpoints: list[list[int]] | None) -> dict[str, Any]:
+        """Family-specific keyword arguments of ``dense_config_class`` beyond the common ones."""
+        return {}
+
+    def image_processor(self, settings: dict[str, Any], aspect_ratio: str, grid_pinpoints) -> Any:
+        """The family's image processor from a vision tower's size/crop/mean/std ``settings``."""
+        raise NotImplementedError
+
+    def adapt_image_processor(self, image_processor, aspect_ratio: str) -> Any:
+        """A checkpoint's image processor set to a recipe's ``data.image_aspect_ratio``."""
+        return image_processor
+
+    def init_new_connector(self, model, dtype: torch.dtype) -> None:
+        """Initialise what a fresh connector has besides the projector (LLaVA-NeXT: the newline)."""
+
+    # ---- counting and drawing ------------------------------------------------------------
+
+    def image_tokens(self, shape) -> tuple[int, int]:
+        """(vision tokens, vision-tower crops) of one image at the family's largest layout."""
+        raise NotImplementedError
+
+    def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
+        """One ``PatchBox`` (or None: no place on the image) per vision token of an image."""
+        raise NotImplementedError
+
+
+def image_settings(image_processor) -> dict[str, Any]:
+    """Size, crop, mean, std and resampling of an image processor (a vision tower's own, or a
+    checkpoint's), as keyword arguments for a family's image processor."""
+    settings = dict(
+        size=dict(image_processor.size),
+        crop_size=dict(image_processor.crop_size) if getattr(image_processor, "crop_size", None) else None,
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        resample=image_processor.resample,
+    )
+    if "height" in settings["size"] and settings["crop_size"] is None:  # SigLIP: a fixed square size
+        settings["crop_size"] = dict(settings["size"])
+        settings["size"] = {"shortest_edge": settings["size"]["height"]}
+    return settings
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    family = cls()
+    FAMILIES[cls.name] = family
+    cls.pmod_model_class.pmod_family = family
+    return cls
+
+
+def get_family(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UserError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def known_model_types(pmod: bool | None = None) -> tuple[str, ...]:
+    """Every ``model_type`` pmod reads: dense ones, p-MoD ones (``pmod=True``/``False``), or both."""
+    dense = tuple(family.dense_model_type for family in FAMILIES.values())
+    converted = tuple(family.pmod_model_type for family in FAMILIES.values())
+    return {None: dense + converted, False: dense, True: converted}[pmod]
+
+
+def family_for_model_type(model_type: str | None) -> ModelFamily:
+    """The family of a config.json ``model_type`` (dense or p-MoD); a UserError if none."""
+    for family in FAMILIES.values():
+        if model_type in (family.dense_model_type, family.pmod_model_type):
+            return family
+    raise UserError(f"pmod does not know {model_type!r} models; it reads {', '.join(known_model_types())}")
+
+
+class UnsupportedModelError(UserError, TypeError):
+    """The model is of no registered family, or its language model is not one the family takes."""
+
+
+def family_for_model(model) -> ModelFamily:
+    """The family of a loaded model, dense or p-MoD; an UnsupportedModelError for any other."""
+    for family in FAMILIES.values():
+        if type(model) in (family.dense_model_class, family.pmod_model_class):
+            return family
+    for family in FAMILIES.values():  # a user's subclass of a supported class
+        if isinstance(model, family.dense_model_class | family.pmod_model_class):
+            return family
+    classes = ", ".join(family.dense_model_class.__name__ for family in FAMILIES.values())
+    raise UnsupportedModelError(f"pmod supports {classes}, not {type(model).__name__}")
+
+
+def template_for_model(model) -> str:
+    """The conversation template a loaded model answers in when its checkpoint saved none."""
+    return family_for_model(model).template_name(model.config.text_config.model_type)
+
+
+def family_for_config(config) -> ModelFamily:
+    """The family of a transformers config object (dense or p-MoD)."""
+    return family_for_model_type(getattr(config, "model_type", None))
