@@ -1,4 +1,4 @@
-"""One prompt builder for inference: the text a checkpoint answers a question about its images with.
+"""One prompt builder: the text a checkpoint answers a question about its images and videos with.
 
 ``pmod eval``, ``pmod visualize``, ``pmod arank`` and flops calibration all build prompts here, so a
 layer routes the same prompt in every command, and the prompt is the one the model trained on:
@@ -7,28 +7,52 @@ layer routes the same prompt in every command, and the prompt is the one the mod
 2. else the tokenizer's chat template;
 3. else the family's conversation template (``data/templates.py``; LLaVA-1.5's ``vicuna_v1``).
 
-Images go first, as in training, unless the text already places them with image tokens.
+Images go first, then videos, as in training, unless the text already places them with
+``<image>`` / ``<video>`` tokens. Training with ``data.template = "chat_template"`` renders its
+conversations through the same chat template (``chat_template_pieces``).
 """
 
 from __future__ import annotations
 
-from .templates import IMAGE_PLACEHOLDER, get_template
+import re
+
+from .templates import (
+    CHAT_TEMPLATE,
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    ConversationError,
+    Piece,
+    Turn,
+    get_template,
+)
+
+__all__ = ["CHAT_TEMPLATE", "build_prompt", "chat_template_pieces", "content_items", "encode"]
 
 
-def build_prompt(processor, text: str, num_images: int = 1, fallback_template: str = "vicuna_v1") -> str:
-    """The user turn ``text`` with ``num_images`` images, ending where the assistant's answer starts."""
-    image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
-    placed = image_token in text  # the caller placed its images itself
+def build_prompt(
+    processor,
+    text: str,
+    num_images: int = 1,
+    fallback_template: str = "vicuna_v1",
+    num_videos: int = 0,
+) -> str:
+    """The user turn ``text`` with ``num_images`` images and ``num_videos`` videos, ending where the
+    assistant's answer starts."""
+    tokens = _media_tokens(processor)
+    placed = any(token in text for token in tokens.values())  # the caller placed its images itself
     if getattr(processor, "chat_template", None):
-        # llava-hf templates render content items and drop a plain string: the text's image tokens
-        # become image items where they stand
         if placed:
-            content = content_items(text, image_token)
+            content = content_items(text, tokens["image"], tokens["video"])
         else:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+            content.append({"type": "text", "text": text})
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    question = text if placed else f"{image_token}\n" * num_images + text
+    question = (
+        text
+        if placed
+        else f"{tokens['image']}\n" * num_images + f"{tokens['video']}\n" * num_videos + text
+    )
     tokenizer = getattr(processor, "tokenizer", None)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": question}]
@@ -36,22 +60,109 @@ def build_prompt(processor, text: str, num_images: int = 1, fallback_template: s
     return get_template(fallback_template).generation_prompt(question)
 
 
-def content_items(text: str, image_token: str) -> list[dict]:
+def content_items(text: str, image_token: str, video_token: str = VIDEO_PLACEHOLDER) -> list[dict]:
     """``"<image>\\nWhat is it?"`` -> ``[{"type": "image"}, {"type": "text", "text": "What is it?"}]``:
-    image items where the text put its image tokens; the template supplies the separators."""
+    image / video items where the text put its tokens; the template supplies the separators."""
+    kinds = {image_token: "image", video_token: "video"}
     items: list[dict] = []
-    for index, part in enumerate(text.split(image_token)):
-        if index:
-            items.append({"type": "image"})
-        if part.strip():
+    for part in re.split(f"({re.escape(image_token)}|{re.escape(video_token)})", text):
+        if part in kinds:
+            items.append({"type": kinds[part]})
+        elif part.strip():
             items.append({"type": "text", "text": part.strip()})
     return items
 
 
-def encode(processor, prompts: list[str], images: list, model, padding: bool = True) -> dict:
-    """Processor outputs for ``prompts`` and their ``images``, on the model's device, with the
-    pixel values in the model's dtype."""
-    inputs = processor(text=prompts, images=images or None, padding=padding, return_tensors="pt").to(model.device)
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+def chat_template_pieces(processor, turns: list[Turn]) -> list[Piece]:
+    """A conversation rendered by the checkpoint's own chat template, its assistant replies marked
+    as targets (``data.template = "chat_template"``).
+
+    A reply's span is what rendering the conversation up to it adds to rendering the conversation
+    before it with the generation prompt: the reply and the template's end-of-turn marker. A
+    template that does not render a conversation's beginning as a prefix of the whole is a
+    ConversationError (then name a conversation template instead).
+    """
+    renderer = _chat_renderer(processor)
+    if renderer is None:
+        raise ConversationError(
+            f'data.template = "{CHAT_TEMPLATE}" but the processor and its tokenizer have no chat template'
+        )
+    messages = [_message(processor, turn.role, turn.text) for turn in turns]
+    whole = renderer(messages, False)
+    pieces: list[Piece] = []
+    done = 0
+    for index, turn in enumerate(turns):
+        if turn.role != "assistant":
+            continue
+        before = renderer(messages[:index], True)
+        through = renderer(messages[: index + 1], False)
+        if not (whole.startswith(through) and through.startswith(before) and len(before) >= done):
+            raise ConversationError(
+                "the chat template does not render a conversation's beginning as its prefix"
+            )
+        pieces += [
+            Piece(whole[done : len(before)], False),
+            Piece(whole[len(before) : len(through)], True),
+        ]
+        done = len(through)
+    pieces.append(Piece(whole[done:], False))
+    return [piece for piece in pieces if piece.text]
+
+
+def encode(
+    processor,
+    prompts: list[str],
+    images: list,
+    model,
+    padding: bool = True,
+    videos: list | None = None,
+) -> dict:
+    """Processor outputs for ``prompts``, their ``images`` (one list per prompt, or one image per
+    prompt) and ``videos`` (frame arrays, in prompt order), on the model's device, with the pixel
+    values in the model's dtype."""
+    nested = bool(images) and all(isinstance(item, list | tuple) for item in images)
+    if nested:  # per prompt: OneVision lays out an image alone and one of several differently
+        images = [list(item) for item in images if item]
+    inputs = processor(
+        text=prompts,
+        images=images or None,
+        videos=videos or None,
+        padding=padding,
+        return_tensors="pt",
+    ).to(model.device)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].to(model.dtype)
     return inputs
+
+
+def _media_tokens(processor) -> dict[str, str]:
+    return {
+        "image": getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER,
+        "video": getattr(processor, "video_token", None) or VIDEO_PLACEHOLDER,
+    }
+
+
+def _chat_renderer(processor):
+    """``render(messages, add_generation_prompt) -> text`` through the processor's chat template,
+    else the tokenizer's; None if neither has one."""
+    if getattr(processor, "chat_template", None):
+        return lambda messages, generation: processor.apply_chat_template(
+            messages, add_generation_prompt=generation, tokenize=False
+        )
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(tokenizer, "chat_template", None):
+        return lambda messages, generation: tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation, tokenize=False
+        )
+    return None
+
+
+def _message(processor, role: str, text: str) -> dict:
+    """One chat message: llava-hf processor templates render content items (and drop a plain
+    string), so there the text's image and video tokens become items where they stand; a
+    tokenizer's template takes the text as it is."""
+    if getattr(processor, "chat_template", None):
+        tokens = _media_tokens(processor)
+        return {"role": role, "content": content_items(text, tokens["image"], tokens["video"])}
+    return {"role": role, "content": text}

@@ -13,6 +13,7 @@ REWEIGHT_TARGETS = ("mlp", "block")
 ROUTED_TOKENS = ("vision", "all")
 ROUTER_INPUTS = ("hidden", "normed")
 INFERENCE_ROUTING = ("topk", "threshold")
+BUDGETS = ("sample", "image")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class PMoDConfig:
         string: symmetric token reweighting: a skipped vision token becomes w * x.
         reweight: ``mlp`` scales the MLP branch of a kept vision token (released code);
             ``block`` scales the whole layer delta (paper eq. 4).
+        budget: who the kept share is counted over. ``sample`` (the paper's rule): each sample keeps
+            floor(n * R) of all its n vision tokens, images and video frames competing together;
+            ``image``: each image and each video frame keeps floor(n * R) of its own n tokens, so
+            one large image cannot take every slot from the others.
 
     Options from gamma-MoD (see docs/gamma.md), off by default:
         shared_router: one router for all MoD layers instead of one per layer.
@@ -61,6 +66,7 @@ class PMoDConfig:
     softmax_shift: float | None = None
     string: bool = True
     reweight: str = "mlp"
+    budget: str = "sample"
     shared_router: bool = False
     router_input: str = "hidden"
     routed_tokens: str = "vision"
@@ -75,16 +81,27 @@ class PMoDConfig:
                 f"unknown schedule {self.schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
             )
         if self.weight_norm not in WEIGHT_NORMS:
-            raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
+            raise ValueError(
+                f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}"
+            )
         if self.reweight not in REWEIGHT_TARGETS:
-            raise ValueError(f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}")
+            raise ValueError(
+                f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}"
+            )
         for name, allowed in (
             ("routed_tokens", ROUTED_TOKENS),
             ("router_input", ROUTER_INPUTS),
             ("inference_routing", INFERENCE_ROUTING),
+            ("budget", BUDGETS),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
+        if self.budget == "image" and self.routed_tokens != "vision":
+            raise ValueError(
+                'budget "image" splits vision tokens by image; it needs routed_tokens "vision"'
+            )
         if not 0.0 < self.routing_threshold < 1.0:
             raise ValueError(f"routing_threshold must be in (0, 1), got {self.routing_threshold}")
         if self.aux_loss_coef < 0:

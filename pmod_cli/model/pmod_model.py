@@ -48,7 +48,9 @@ class PMoDModelMixin:
 
     def install_routing_hooks(self) -> None:
         if not getattr(self, "_pmod_routing_hook", None):
-            self._pmod_routing_hook = self.register_forward_pre_hook(_add_routing_inputs, with_kwargs=True)
+            self._pmod_routing_hook = self.register_forward_pre_hook(
+                _add_routing_inputs, with_kwargs=True
+            )
             self._pmod_loss_hook = self.register_forward_hook(_add_routing_loss, with_kwargs=True)
 
 
@@ -56,11 +58,13 @@ def _add_routing_inputs(model, args, kwargs):
     """Forward pre-hook: tell the layers which tokens are vision tokens and which are real.
 
     A hook rather than a ``forward`` override keeps the HF signature that ``generate`` inspects.
-    ``vision_mask`` (batch, seq) may be passed instead of ``input_ids`` (with ``inputs_embeds``).
+    ``vision_mask`` (batch, seq) may be passed instead of ``input_ids`` (with ``inputs_embeds``),
+    and then, for ``budget="image"``, ``vision_groups`` (batch, seq) too.
     """
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     attention_mask = kwargs.get("attention_mask")
     vision_mask = kwargs.pop("vision_mask", None)
+    vision_groups = kwargs.pop("vision_groups", None)
     if vision_mask is None and input_ids is not None:
         vision_mask = model.pmod_family.vision_mask(input_ids, model.config)
     if vision_mask is not None:
@@ -69,8 +73,22 @@ def _add_routing_inputs(model, args, kwargs):
             token_valid = attention_mask[:, -seq:].bool()
         else:
             token_valid = torch.ones_like(vision_mask)
-        kwargs["pmod_routing"] = RoutingInputs(vision_mask=vision_mask, token_valid=token_valid)
+        if (
+            vision_groups is None
+            and input_ids is not None
+            and _per_image_budget(model)
+            and vision_mask.any()
+        ):
+            # which image / frame each vision token belongs to, from the images' own sizes
+            vision_groups = model.pmod_family.vision_groups(input_ids, model.config, kwargs)
+        kwargs["pmod_routing"] = RoutingInputs(
+            vision_mask=vision_mask, token_valid=token_valid, vision_groups=vision_groups
+        )
     return args, kwargs
+
+
+def _per_image_budget(model) -> bool:
+    return (model.config.pmod or {}).get("budget", "sample") == "image"
 
 
 def _add_routing_loss(model, args, kwargs, output):
@@ -99,4 +117,3 @@ def convert_decoder_layers(model, config: PMoDConfig) -> None:
         del text_model.pmod_shared_router
     for layer, ratio in zip(layers, ratios, strict=True):
         convert_layer(layer, ratio, config, shared_router)
-

@@ -3,16 +3,17 @@
     model, processor = build_model(recipe, stage="sft", dtype=torch.float32)
 
 From parts (``model.vision_tower`` + ``model.llm``): the vision tower and the language model
-are loaded with their weights, the tokenizer gets an ``<image>`` token (and a pad token if it
-has none), and a new mlp2x_gelu connector joins them in the HF model class of the recipe's model
-family (``model.layout``: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
+are loaded with their weights, the tokenizer gets the family's vision tokens (``<image>``, and
+OneVision's ``<video>``; a pad token if it has none), and a new mlp2x_gelu connector joins them in
+the HF model class of the recipe's model family (``model.layout``: ``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``).
 From a checkpoint (``model.checkpoint``): a directory or hub id of any registered family, dense or
 p-MoD, loaded by the one checkpoint loader (``pmod_cli.model.loading``). Then ``model.pretrained_connector``
 loads a pretrain stage's connector, and ``apply_pmod`` converts the model unless
 ``pmod.enabled`` is false.
 
 The parameters fall into four parts, the unit of freezing and of learning rates:
-``vision_tower``, ``connector`` (projector, and LLaVA-NeXT's image newline), ``llm`` (decoder,
+``vision_tower``, ``connector`` (projector, and the anyres families' image newline), ``llm`` (decoder,
 embeddings, lm_head) and ``router`` (the p-MoD routers).
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.templates import get_template
+from ..data.templates import CHAT_TEMPLATE, get_template
 from ..data.tiny import resolve_name
 from ..errors import UserError
 from ..model import apply_pmod, is_pmod_model
@@ -33,7 +34,6 @@ from ..model.families import FAMILIES, family_for_model, get_family, image_setti
 from .recipe import Recipe, check_aspect_ratio
 
 PARTS = ("vision_tower", "connector", "llm", "router")
-IMAGE_TOKEN = "<image>"
 # vision config model_type -> the HF class holding only the tower
 VISION_CLASSES = {
     "clip": "CLIPVisionModel",
@@ -54,7 +54,9 @@ def part_of(parameter_name: str) -> str:
     return "llm"
 
 
-_CONNECTOR_PARAMETERS = tuple(sorted({name for family in FAMILIES.values() for name in family.connector_parameters}))
+_CONNECTOR_PARAMETERS = tuple(
+    sorted({name for family in FAMILIES.values() for name in family.connector_parameters})
+)
 
 
 def trained_parts(recipe: Recipe, stage: str) -> tuple[str, ...]:
@@ -84,24 +86,30 @@ def image_processor(base, layout: str, aspect_ratio: str, grid_pinpoints: list[l
     return get_family(layout).image_processor(image_settings(base), aspect_ratio, grid_pinpoints)
 
 
-def _processor(tokenizer, image_processor, layout: str, vision_config, select_strategy: str, template: str):
-    return get_family(layout).processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=select_strategy,
-        # CLIP puts a CLS token in front of the patches; SigLIP has none
-        num_additional_image_tokens=1 if vision_config.model_type.startswith("clip") else 0,
-        image_token=IMAGE_TOKEN,
-        chat_template=get_template(template).jinja,
+def _processor(
+    tokenizer, image_processor, layout: str, vision_config, select_strategy: str, template: str
+):
+    # "chat_template": the processor gets none, so prompts use the language model's own (its tokenizer's)
+    chat_template = None if template == CHAT_TEMPLATE else get_template(template).jinja
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            'data.template = "chat_template" but model.llm\'s tokenizer has no chat template; name a template'
+        )
+    return get_family(layout).build_processor(
+        tokenizer, image_processor, vision_config, select_strategy, chat_template
     )
 
 
-def _prepare_tokenizer(tokenizer) -> bool:
-    """Give the tokenizer an <image> and a pad token; True if the vocabulary grew."""
+def _prepare_tokenizer(tokenizer, layout: str = "llava") -> bool:
+    """Give the tokenizer the family's vision tokens and a pad token; True if the vocabulary grew."""
     grew = False
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    missing = [
+        token
+        for token in get_family(layout).media_tokens.values()
+        if token not in tokenizer.get_vocab()
+    ]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
         grew = True
     if tokenizer.pad_token is None:
         # Vicuna has no pad token; LLaVA pads with <unk>
@@ -129,7 +137,15 @@ def _vision_config(reference: str, local_only: bool = False):
     return vision
 
 
-def llava_config(recipe: Recipe, vision_config, text_config, image_token_id: int):
+def media_token_ids(tokenizer, layout: str) -> dict[str, int]:
+    """The family's vision-token config keys and their ids (``image_token_id``, ``video_token_id``)."""
+    return {
+        key: tokenizer.convert_tokens_to_ids(token)
+        for key, token in get_family(layout).media_tokens.items()
+    }
+
+
+def llava_config(recipe: Recipe, vision_config, text_config, token_ids: dict[str, int]):
     """The HF config of the recipe's model family joining a vision tower and a language model."""
     model = recipe.model
     family = get_family(model.layout)
@@ -137,7 +153,7 @@ def llava_config(recipe: Recipe, vision_config, text_config, image_token_id: int
     return family.dense_config_class(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=image_token_id,
+        **token_ids,
         vision_feature_layer=model.vision_feature_layer,
         vision_feature_select_strategy=model.vision_feature_select_strategy,
         projector_hidden_act="gelu",  # mlp2x_gelu: Linear, GELU, Linear
@@ -164,27 +180,40 @@ def build_from_parts(recipe: Recipe, dtype: torch.dtype):
     vision_ref, llm_ref = resolve_name(model_section.vision_tower), resolve_name(model_section.llm)
     vision_config = _load(_vision_config, vision_ref, "model.vision_tower")
     vision_class = getattr(transformers, VISION_CLASSES[vision_config.model_type])
-    vision_tower = _load(vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype)
+    vision_tower = _load(
+        vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype
+    )
     llm = _load(AutoModelForCausalLM.from_pretrained, llm_ref, "model.llm", dtype=dtype)
     tokenizer = _load(AutoTokenizer.from_pretrained, llm_ref, "the tokenizer of model.llm")
-    base_image_processor = _load(AutoImageProcessor.from_pretrained, vision_ref, "the image processor of model.vision_tower")
+    base_image_processor = _load(
+        AutoImageProcessor.from_pretrained, vision_ref, "the image processor of model.vision_tower"
+    )
 
-    grew = _prepare_tokenizer(tokenizer)
-    config = llava_config(recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    grew = _prepare_tokenizer(tokenizer, model_section.layout)
+    config = llava_config(
+        recipe, vision_tower.config, llm.config, media_token_ids(tokenizer, model_section.layout)
+    )
     with torch.device("meta"):  # the shell only; the parts bring their weights
         model = family.dense_model_class(config)
     model.model.vision_tower = vision_tower
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     # a fresh connector, with torch's default Linear init as LLaVA's projector
-    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dtype=dtype)
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(
+        dtype=dtype
+    )
     family.init_new_connector(model, dtype)
     if grew:
         # llava-hf pads the vocabulary to a multiple of 64 after adding <image>
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     processor = _processor(
         tokenizer,
-        image_processor(base_image_processor, model_section.layout, data.image_aspect_ratio, model_section.image_grid_pinpoints),
+        image_processor(
+            base_image_processor,
+            model_section.layout,
+            data.image_aspect_ratio,
+            model_section.image_grid_pinpoints,
+        ),
         model_section.layout,
         vision_config,
         model_section.vision_feature_select_strategy,
@@ -204,9 +233,16 @@ def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
         check_aspect_ratio(family.name, recipe.data.image_aspect_ratio)
     except UserError as err:
         raise UserError(f"model.checkpoint: {err}") from None
-    processor.image_processor = family.adapt_image_processor(processor.image_processor, recipe.data.image_aspect_ratio)
-    _prepare_tokenizer(processor.tokenizer)
-    processor.chat_template = get_template(recipe.data.template).jinja
+    processor.image_processor = family.adapt_image_processor(
+        processor.image_processor, recipe.data.image_aspect_ratio
+    )
+    _prepare_tokenizer(processor.tokenizer, family.name)
+    if recipe.data.template != CHAT_TEMPLATE:  # else the checkpoint's own chat template stays
+        processor.chat_template = get_template(recipe.data.template).jinja
+    elif not (processor.chat_template or getattr(processor.tokenizer, "chat_template", None)):
+        raise UserError(
+            'data.template = "chat_template" but model.checkpoint has no chat template; name a template'
+        )
     return model, processor
 
 
@@ -241,9 +277,9 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
                 # saved names differ from module names across transformers versions
                 # ("multi_modal_projector.linear_1.weight" vs "model.multi_modal_projector...")
                 if "multi_modal_projector." in key:
-                    connector["model.multi_modal_projector." + key.split("multi_modal_projector.", 1)[1]] = (
-                        weights.get_tensor(key)
-                    )
+                    connector[
+                        "model.multi_modal_projector." + key.split("multi_modal_projector.", 1)[1]
+                    ] = weights.get_tensor(key)
                 elif key.endswith("image_newline"):
                     connector["model.image_newline"] = weights.get_tensor(key)
     own = {name: p for name, p in model.named_parameters() if part_of(name) == "connector"}
@@ -252,7 +288,9 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
         del own["model.image_newline"]
     missing = sorted(set(own) - set(connector))
     if missing:
-        raise UserError(f"model.pretrained_connector {directory} lacks {missing[0]}; was it trained for this layout?")
+        raise UserError(
+            f"model.pretrained_connector {directory} lacks {missing[0]}; was it trained for this layout?"
+        )
     with torch.no_grad():
         for name, parameter in own.items():
             if connector[name].shape != parameter.shape:
@@ -289,15 +327,22 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
         model, processor = build_from_parts(recipe, dtype)
     if recipe.model.pretrained_connector:
         load_connector(model, recipe.model.pretrained_connector)
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is not None:  # saved with the model: evaluation samples as many frames
+        video_processor.num_frames = recipe.data.video_frames
     if recipe.pmod.enabled:
         check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
         model = apply_pmod(model, recipe.pmod.config)
     elif is_pmod_model(model):
-        raise UserError("model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint")
+        raise UserError(
+            "model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint"
+        )
     try:
         model.set_attn_implementation(recipe.model.attn_implementation)
     except (ImportError, ValueError) as err:
-        raise UserError(f"model.attn_implementation = {recipe.model.attn_implementation!r}: {err}") from None
+        raise UserError(
+            f"model.attn_implementation = {recipe.model.attn_implementation!r}: {err}"
+        ) from None
     model.config.use_cache = False  # no KV cache while training
     set_trainable(model, trained_parts(recipe, stage))
     return model, processor

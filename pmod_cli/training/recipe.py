@@ -30,7 +30,6 @@ from ..model.config import PMoDConfig
 
 CONNECTORS = ("mlp2x_gelu",)
 SELECT_STRATEGIES = ("default", "full")
-ASPECT_RATIOS = ("pad", "crop", "anyres")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DEEPSPEED_PRESETS = ("zero2", "zero3")
@@ -47,11 +46,13 @@ class ModelSection:
         vision_tower: a CLIP / SigLIP vision model (path or hub id), with ``llm`` builds a new model.
         llm: a causal LM (Llama / Vicuna, Qwen2, Mistral), path or hub id; its tokenizer is used.
         layout: the model family (``pmod_cli.model.families``): ``llava`` (one image crop,
-            LLaVA-1.5) or ``llava_next`` (anyres).
+            LLaVA-1.5), ``llava_next`` (anyres) or ``llava_onevision`` (anyres_max_9, several
+            images, video).
         connector: the projector; ``mlp2x_gelu`` (Linear-GELU-Linear) is LLaVA's and HF's.
         vision_feature_layer: which vision layer feeds the projector (-2: the second to last).
         vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
-        image_grid_pinpoints: LLaVA-NeXT anyres resolutions, ``[[height, width], ...]`` in pixels.
+        image_grid_pinpoints: anyres resolutions, ``[[height, width], ...]`` in pixels (LLaVA-NeXT
+            needs them; OneVision defaults to transformers' 1x1 to 6x6 crops).
         pretrained_connector: a pretrain-stage output directory whose connector weights to load.
         preset: a shape preset of ``pmod_cli.model.presets`` used to plan (``--dry-run``) when the
             parts' configs are not on this machine.
@@ -87,12 +88,17 @@ class DataSection:
     """[data]: the training samples.
 
     Attributes:
-        path: LLaVA JSON or JSONL file (``tiny:shapes/sft_train.json`` for the tiny set).
-        image_folder: directory the samples' ``image`` paths are relative to.
-        template: conversation template: ``plain`` (pretrain), ``vicuna_v1``, ``chatml`` (Qwen2).
+        path: LLaVA JSON or JSONL file (``tiny:shapes/sft_train.json`` for the tiny set); samples
+            may name several images (``image``) and videos (``video``).
+        image_folder: directory the samples' ``image`` and ``video`` paths are relative to.
+        template: conversation template: ``plain`` (pretrain), ``vicuna_v1``, ``chatml`` (Qwen2),
+            or ``chat_template``: the checkpoint's own chat template (its processor's, else its
+            tokenizer's), the one evaluation prompts with.
         max_length: tokens per sample, image tokens included; text beyond is cut, image tokens never.
-        image_aspect_ratio: ``pad`` (to a square, LLaVA-1.5), ``crop`` (centre crop) or ``anyres``
-            (LLaVA-NeXT; required by and only valid with ``model.layout = "llava_next"``).
+        image_aspect_ratio: ``pad`` (to a square, LLaVA-1.5), ``crop`` (centre crop), ``anyres``
+            (LLaVA-NeXT; required by and only valid with ``model.layout = "llava_next"``) or
+            ``anyres_max_9`` (LLaVA-OneVision's, required by ``model.layout = "llava_onevision"``).
+        video_frames: frames sampled uniformly from each video (every video of a batch has as many).
         max_bad_fraction: stop if more than this fraction of samples is bad (missing image, ...).
         check_images: open every image's header before training (false: only check it exists).
     """
@@ -102,6 +108,7 @@ class DataSection:
     template: str = "vicuna_v1"
     max_length: int = 2048
     image_aspect_ratio: str = "pad"
+    video_frames: int = 8
     max_bad_fraction: float = 0.01
     check_images: bool = True
 
@@ -255,7 +262,9 @@ def _build_section(cls: type, values: dict[str, Any], section: str):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"unknown recipe key {section}.{key}; known keys of [{section}]: {', '.join(known)}")
+            raise UserError(
+                f"unknown recipe key {section}.{key}; known keys of [{section}]: {', '.join(known)}"
+            )
         kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
     return cls(**kwargs)
 
@@ -276,7 +285,9 @@ def _build_pmod(values: dict[str, Any]) -> PMoDSection:
     except ValueError as err:
         raise UserError(f"[pmod]: {err}") from None
     if mod_layers_from and config.mod_layers is not None:
-        raise UserError("[pmod]: give mod_layers or mod_layers_from (an ARank result file), not both")
+        raise UserError(
+            "[pmod]: give mod_layers or mod_layers_from (an ARank result file), not both"
+        )
     return PMoDSection(enabled=enabled, config=config, mod_layers_from=mod_layers_from)
 
 
@@ -287,43 +298,62 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 def validate(recipe: Recipe) -> Recipe:
     """Cross-field checks that do not need files or models."""
-    from ..data.templates import TEMPLATES
+    from ..data.templates import CHAT_TEMPLATE, TEMPLATES
     from ..model.families import FAMILIES
 
     model, data, train = recipe.model, recipe.data, recipe.train
     if model.checkpoint and (model.vision_tower or model.llm):
         raise UserError("set either model.checkpoint or model.vision_tower + model.llm, not both")
     if not model.checkpoint and not (model.vision_tower and model.llm):
-        raise UserError("the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm")
+        raise UserError(
+            "the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm"
+        )
     _choice(model.layout, tuple(FAMILIES), "model.layout")
     _choice(model.connector, CONNECTORS, "model.connector")
-    _choice(model.vision_feature_select_strategy, SELECT_STRATEGIES, "model.vision_feature_select_strategy")
+    _choice(
+        model.vision_feature_select_strategy,
+        SELECT_STRATEGIES,
+        "model.vision_feature_select_strategy",
+    )
     for pinpoint in model.image_grid_pinpoints:
         if len(pinpoint) != 2 or min(pinpoint) <= 0:
-            raise UserError(f"model.image_grid_pinpoints entries must be [height, width], got {pinpoint}")
+            raise UserError(
+                f"model.image_grid_pinpoints entries must be [height, width], got {pinpoint}"
+            )
     pmod = recipe.pmod.config  # checks needing the number of layers run when the model is known
     for ratio in pmod.ratios or ():
         if not 0.0 < ratio <= 1.0:
             raise UserError(f"pmod.ratios values must be in (0, 1], got {ratio}")
     negative = sorted(i for i in pmod.mod_layers or () if i < 0)
     if negative:
-        raise UserError(f"pmod.mod_layers must be layer indices (0 = the first layer), got {negative}")
+        raise UserError(
+            f"pmod.mod_layers must be layer indices (0 = the first layer), got {negative}"
+        )
     if not data.path:
         raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
-    _choice(data.template, tuple(TEMPLATES), "data.template")
-    _choice(data.image_aspect_ratio, ASPECT_RATIOS, "data.image_aspect_ratio")
+    _choice(data.template, (*TEMPLATES, CHAT_TEMPLATE), "data.template")
+    aspect_ratios = tuple(
+        dict.fromkeys(ratio for family in FAMILIES.values() for ratio in family.aspect_ratios)
+    )
+    _choice(data.image_aspect_ratio, aspect_ratios, "data.image_aspect_ratio")
     if model.vision_tower:
         check_aspect_ratio(model.layout, data.image_aspect_ratio)
     if data.max_length <= 0:
         raise UserError(f"data.max_length must be positive, got {data.max_length}")
+    if data.video_frames <= 0:
+        raise UserError(f"data.video_frames must be positive, got {data.video_frames}")
     if not 0.0 <= data.max_bad_fraction <= 1.0:
         raise UserError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
     if not train.output_dir:
         raise UserError("train.output_dir is not set")
     if train.max_steps == 0 or train.max_steps < -1:
-        raise UserError(f"train.max_steps must be positive (or -1 for num_epochs), got {train.max_steps}")
+        raise UserError(
+            f"train.max_steps must be positive (or -1 for num_epochs), got {train.max_steps}"
+        )
     if train.max_steps == -1 and train.num_epochs <= 0:
-        raise UserError(f"train.num_epochs must be positive when train.max_steps = -1, got {train.num_epochs}")
+        raise UserError(
+            f"train.num_epochs must be positive when train.max_steps = -1, got {train.num_epochs}"
+        )
     for key in ("global_batch_size", "per_device_batch_size", "save_steps", "logging_steps"):
         if getattr(train, key) <= 0:
             raise UserError(f"train.{key} must be positive, got {getattr(train, key)}")
@@ -333,8 +363,15 @@ def validate(recipe: Recipe) -> Recipe:
             f"train.per_device_batch_size ({train.per_device_batch_size})"
         )
     for key in (
-        "learning_rate", "connector_lr", "llm_lr", "router_lr", "vision_tower_lr", "weight_decay", "num_epochs",
-        "save_total_limit", "dataloader_num_workers",
+        "learning_rate",
+        "connector_lr",
+        "llm_lr",
+        "router_lr",
+        "vision_tower_lr",
+        "weight_decay",
+        "num_epochs",
+        "save_total_limit",
+        "dataloader_num_workers",
     ):
         if getattr(train, key) < 0:
             raise UserError(f"train.{key} must be >= 0, got {getattr(train, key)}")
@@ -342,7 +379,11 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(train.precision, PRECISIONS, "train.precision")
     if not 0.0 <= train.warmup_ratio < 1.0:
         raise UserError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
-    if train.deepspeed and train.deepspeed not in DEEPSPEED_PRESETS and not Path(train.deepspeed).is_file():
+    if (
+        train.deepspeed
+        and train.deepspeed not in DEEPSPEED_PRESETS
+        and not Path(train.deepspeed).is_file()
+    ):
         raise UserError(
             f"train.deepspeed = {train.deepspeed!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} nor an existing JSON file"
         )
@@ -387,7 +428,9 @@ def _is_string_key(section: str, key: str) -> bool:
 def recipe_from_dict(values: dict[str, Any], source: str = "") -> Recipe:
     unknown = sorted(set(values) - {"model", "pmod", "data", "train"})
     if unknown:
-        raise UserError(f"unknown recipe section [{unknown[0]}]; sections are [model], [pmod], [data], [train]")
+        raise UserError(
+            f"unknown recipe section [{unknown[0]}]; sections are [model], [pmod], [data], [train]"
+        )
     sections = {}
     for name, cls in _SECTIONS.items():
         section_values = values.get(name, {})

@@ -18,6 +18,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -30,9 +31,10 @@ from ..data.llava_data import (
     load_records,
     scan_records,
 )
-from ..data.templates import get_template
+from ..data.templates import CHAT_TEMPLATE, get_template
 from ..data.tiny import default_image_folder
 from ..errors import UserError
+from ..model.families import family_for_model
 from .build import PARTS, build_model, resolve_name
 from .recipe import DEEPSPEED_PRESETS, Recipe
 
@@ -74,7 +76,9 @@ def deepspeed_config_path(value: str) -> str:
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     if precision == "auto":
-        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        return (
+            "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        )
     if precision in ("bf16", "fp16") and not on_gpu:
         logger.warning("train.precision = %s needs a GPU; training in fp32 on the CPU", precision)
         return "fp32"
@@ -84,7 +88,9 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
 def data_paths(recipe: Recipe) -> tuple[Path, Path]:
     data_path = Path(resolve_name(recipe.data.path))
     image_folder = (
-        Path(resolve_name(recipe.data.image_folder)) if recipe.data.image_folder else default_image_folder(data_path)
+        Path(resolve_name(recipe.data.image_folder))
+        if recipe.data.image_folder
+        else default_image_folder(data_path)
     )
     return data_path, image_folder
 
@@ -101,12 +107,23 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
         data_logger.setLevel(logging.ERROR)
     try:
         scan = scan_records(
-            records, image_folder, recipe.data.max_bad_fraction, recipe.data.check_images, progress=not quiet
+            records,
+            image_folder,
+            recipe.data.max_bad_fraction,
+            recipe.data.check_images,
+            progress=not quiet,
         )
     finally:
         data_logger.setLevel(previous_level)
-    encoder = SampleEncoder(processor, get_template(recipe.data.template), recipe.data.max_length)
-    dataset = SupervisedDataset(records, scan.valid, image_folder, encoder)
+    template = recipe.data.template
+    encoder = SampleEncoder(
+        processor,
+        template if template == CHAT_TEMPLATE else get_template(template),
+        recipe.data.max_length,
+    )
+    dataset = SupervisedDataset(
+        records, scan.valid, image_folder, encoder, video_frames=recipe.data.video_frames
+    )
     return dataset, Collator(processor.tokenizer.pad_token_id), scan
 
 
@@ -117,7 +134,9 @@ def _check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path |
     previous = last_checkpoint(output_dir)
     if resume:
         if previous is None:
-            raise UserError(f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start")
+            raise UserError(
+                f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start"
+            )
         return previous
     if previous is not None and not overwrite:
         raise UserError(
@@ -138,7 +157,9 @@ def _clear_output_dir(output_dir: Path, is_main: bool) -> None:
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
 
 
-def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int):
+def _training_arguments(
+    recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int
+):
     from transformers import TrainingArguments
 
     train = recipe.train
@@ -156,7 +177,9 @@ def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gp
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False}
+        if train.gradient_checkpointing
+        else None,
         deepspeed=deepspeed_config_path(train.deepspeed) if train.deepspeed else None,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -187,7 +210,9 @@ def _reduce_counts(counts, args) -> list[float]:
 # ---- the stage ----------------------------------------------------------------------------
 
 
-def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Sequence = ()) -> StageResult:
+def run_stage(
+    stage: str, recipe: Recipe, resume: bool = False, callbacks: Sequence = ()
+) -> StageResult:
     """Build, train, save and summarise one stage; returns the summary and the loss log."""
     import datasets
     import transformers
@@ -218,7 +243,9 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(train.precision, on_gpu)
     # DeepSpeed keeps fp32 master weights itself, so the model can load in half precision
-    load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
+    load_dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
+    )
     # built before the arguments exist, so outside ZeRO-3's zero.Init: the parts' meta-device
     # shell, the connector copy and the routers need whole parameters; DeepSpeed partitions the
     # model when it starts
@@ -244,7 +271,7 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         processing_class=processor,
         callbacks=[clock, progress, *callbacks],
         part_learning_rates=rates,
-        image_token_id=model.config.image_token_id,
+        vision_mask=partial(family_for_model(model).vision_mask, config=model.config),
         recipe_toml=recipe.to_toml(),
         bad_sample_budget=budget,
     )
@@ -285,7 +312,13 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
     return StageResult(stage, output_dir, summary, list(trainer.state.log_history))
 
 
-def launch(stage: str, recipe_path: str | Path, overrides: Sequence[str] = (), resume: bool = False, dry_run: bool = False):
+def launch(
+    stage: str,
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    dry_run: bool = False,
+):
     """What ``pmod pretrain`` / ``pmod sft`` do: load the recipe, then plan or train."""
     from .recipe import load_recipe
 

@@ -1,11 +1,15 @@
 """The figure: per chosen layer, the image with kept patches shown and skipped ones dimmed.
 
-Panels are laid out as a grid: one column per chosen layer, one row per view (LLaVA-1.5: the
-image; LLaVA-NeXT: the base view, then the high-resolution view), and with ``matrix`` a last
-row spanning all columns with the paper's Figure 6 (layers x vision-token index). Each panel
-axes carries the label ``"layer {l} {view}"`` and the matrix ``"matrix"``, so callers and tests
-can find them; the overlays are collections with gid ``kept``, ``skipped``, ``weights`` (token
-rectangles in original-image pixels) and ``uncovered`` (image parts outside the view's tokens).
+Panels are laid out as a grid: one column per chosen layer, one row per picture and view (one
+image: the image, or LLaVA-NeXT's base view then its high-resolution view; several images: each
+image's rows in turn, so the images sit side by side across the layers; a video: one row per
+sampled frame, a frames x layers grid), and with ``matrix`` a last row spanning all columns with
+the paper's Figure 6 (layers x vision-token index). Each panel axes carries the label
+``"layer {l} {row}"`` (row: the view, e.g. ``base``, or with several pictures the picture's name,
+``image 2``, ``frame 3``, and a view other than ``image`` / ``frame``: ``image 1 base``) and the
+matrix ``"matrix"``, so callers and tests can find them; the overlays are collections with gid
+``kept``, ``skipped``, ``weights`` (token rectangles in original-image pixels) and ``uncovered``
+(picture parts outside the view's tokens).
 """
 
 from __future__ import annotations
@@ -29,31 +33,46 @@ WEIGHT_CMAP = "viridis"
 UNSEEN_NOTE = "hatched: no token of this view (cropped or unpadded away)"
 
 
-def views_of(boxes: list[PatchBox | None]) -> list[str]:
-    """The views the tokens fall in, in token order (``image``, or ``base`` then ``high-res``)."""
-    views: list[str] = []
+def views_of(boxes: list[PatchBox | None]) -> list[tuple[int, str]]:
+    """The (picture, view) rows the tokens fall in, in token order (``image``, or ``base`` then
+    ``high-res``, for each picture; ``frame`` for a video's frames)."""
+    rows: list[tuple[int, str]] = []
     for box in boxes:
-        if box is not None and box.view not in views:
-            views.append(box.view)
-    return views
+        if box is not None and (box.source, box.view) not in rows:
+            rows.append((box.source, box.view))
+    return rows
+
+
+def row_label(selection: TokenSelection, source: int, view: str) -> str:
+    """``base`` for one image's view; ``image 2``, ``frame 3`` or ``image 1 base`` with several pictures."""
+    name = selection.name_of(source)
+    if not name:
+        return view
+    return name if view in ("image", "frame") else f"{name} {view}"
 
 
 def _rectangles(boxes: list[PatchBox | None], indices) -> list[np.ndarray]:
     rectangles = []
     for index in indices:
         box = boxes[index]
-        rectangles.append(np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]]))
+        rectangles.append(
+            np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]])
+        )
     return rectangles
 
 
-def _panel_title(selection: LayerSelection, total: int, view: str | None, view_kept: int, view_total: int) -> str:
+def _panel_title(
+    selection: LayerSelection, total: int, view: str | None, view_kept: int, view_total: int
+) -> str:
     if selection.is_dense:
         head = f"layer {selection.layer} · dense: all {total} kept"
     else:
         head = f"layer {selection.layer} · R={selection.ratio:.2f} · kept {selection.kept_count}/{total}"
     if view is None:
         return head
-    return f"{head}\n{view} view: {view_kept}/{view_total}"
+    # a bare view name ("base") for one image's views; the picture's name ("frame 3") for several
+    suffix = " view" if view in ("base", "high-res", "image") else ""
+    return f"{head}\n{view}{suffix}: {view_kept}/{view_total}"
 
 
 def _layer_norm(weights: np.ndarray) -> Normalize:
@@ -75,7 +94,9 @@ def _uncovered(boxes: list[PatchBox | None], indices, height: int, width: int) -
     y1 = max(boxes[i].y1 for i in indices)
     strips = [(0, 0, width, y0), (0, y1, width, height), (0, y0, x0, y1), (x1, y0, width, y1)]
     return [
-        np.array([[a, b], [c, b], [c, d], [a, d]]) for a, b, c, d in strips if c - a > 1e-6 and d - b > 1e-6
+        np.array([[a, b], [c, b], [c, d], [a, d]])
+        for a, b, c, d in strips
+        if c - a > 1e-6 and d - b > 1e-6
     ]
 
 
@@ -83,33 +104,51 @@ def draw_selection(
     selection: TokenSelection, layers: list[int], *, heatmap: bool = False, matrix: bool = False
 ) -> Figure:
     """The figure for ``layers`` (decoder-layer indices), kept masks or (``heatmap``) router weights."""
-    views = views_of(selection.boxes)
-    height, width = selection.image.shape[:2]
-    panel_height = float(np.clip(PANEL_WIDTH_IN * height / width, 1.6, 6.0)) + 0.5  # + title
-    heights = [panel_height] * len(views) + ([MATRIX_HEIGHT_IN] if matrix else [])
-    figure = Figure(figsize=(PANEL_WIDTH_IN * len(layers) + (0.8 if heatmap else 0.2), sum(heights)), layout="constrained")
+    rows = views_of(selection.boxes)
+    panel_width = PANEL_WIDTH_IN if len(rows) <= 4 else max(1.8, PANEL_WIDTH_IN * 4 / len(rows))
+    heights = []
+    for source, _ in rows:
+        height, width = selection.pictures[source].shape[:2]
+        heights.append(float(np.clip(panel_width * height / width, 1.2, 6.0)) + 0.5)  # + title
+    heights += [MATRIX_HEIGHT_IN] if matrix else []
+    figure = Figure(
+        figsize=(panel_width * len(layers) + (0.8 if heatmap else 0.2), sum(heights)),
+        layout="constrained",
+    )
     grid = figure.add_gridspec(len(heights), len(layers), height_ratios=heights)
     weight_mappable = None
     panel_axes = []
 
     for column, layer_index in enumerate(layers):
-        for row, view in enumerate(views):
+        for row, (source, view) in enumerate(rows):
+            label = row_label(selection, source, view)
             axes = figure.add_subplot(grid[row, column])
-            axes.set_label(f"layer {layer_index} {view}")
-            mappable = _draw_panel(axes, selection, selection.layers[layer_index], view, len(views) > 1, heatmap)
+            axes.set_label(f"layer {layer_index} {label}")
+            mappable = _draw_panel(
+                axes,
+                selection,
+                selection.layers[layer_index],
+                source,
+                view,
+                label if len(rows) > 1 else None,
+                heatmap,
+            )
             if mappable is not None:
                 weight_mappable = mappable
-            if column == 0 and len(views) > 1:
-                axes.set_ylabel(f"{view} view", fontsize=9)
+            if column == 0 and len(rows) > 1:
+                axes.set_ylabel(label, fontsize=9)
             panel_axes.append(axes)
 
     if matrix:
-        matrix_axes = figure.add_subplot(grid[len(views), :])
+        matrix_axes = figure.add_subplot(grid[len(rows), :])
         matrix_axes.set_label("matrix")
         _draw_matrix(matrix_axes, selection, heatmap)
     if heatmap and weight_mappable is not None:
         colorbar = figure.colorbar(
-            weight_mappable, ax=panel_axes, shrink=0.8, label="router weight, per layer: min to max over its patches"
+            weight_mappable,
+            ax=panel_axes,
+            shrink=0.8,
+            label="router weight, per layer: min to max over its patches",
         )
         colorbar.ax.set_label("colorbar")
     shading = "colour: router weight" if heatmap else "dark: skipped"
@@ -117,43 +156,76 @@ def draw_selection(
     return figure
 
 
-def _draw_panel(axes, selection: TokenSelection, layer: LayerSelection, view: str, name_view: bool, heatmap: bool):
-    """One layer on one view: the image, then the overlays; returns the weight overlay if drawn."""
-    height, width = selection.image.shape[:2]
-    axes.imshow(selection.image)
+def _draw_panel(
+    axes,
+    selection: TokenSelection,
+    layer: LayerSelection,
+    source: int,
+    view: str,
+    row: str | None,
+    heatmap: bool,
+):
+    """One layer on one picture's view: the picture, then the overlays; returns the weight overlay if drawn."""
+    picture = selection.pictures[source]
+    height, width = picture.shape[:2]
+    axes.imshow(picture)
     axes.set_xticks([])
     axes.set_yticks([])
-    in_view = [i for i, box in enumerate(selection.boxes) if box is not None and box.view == view]
+    in_view = [
+        i
+        for i, box in enumerate(selection.boxes)
+        if box is not None and (box.source, box.view) == (source, view)
+    ]
     kept = [i for i in in_view if layer.kept[i]]
     skipped = [i for i in in_view if not layer.kept[i]]
     overlay = None
     if heatmap and not layer.is_dense:
         # scaled over the layer's image patches: newline tokens' weights would stretch the range
-        patch_weights = layer.weights[[i for i, box in enumerate(selection.boxes) if box is not None]]
+        patch_weights = layer.weights[
+            [i for i, box in enumerate(selection.boxes) if box is not None]
+        ]
         overlay = PolyCollection(
-            _rectangles(selection.boxes, in_view), array=_layer_norm(patch_weights)(layer.weights[in_view]),
-            cmap=WEIGHT_CMAP, norm=Normalize(0.0, 1.0), alpha=0.65, edgecolors="none",
+            _rectangles(selection.boxes, in_view),
+            array=_layer_norm(patch_weights)(layer.weights[in_view]),
+            cmap=WEIGHT_CMAP,
+            norm=Normalize(0.0, 1.0),
+            alpha=0.65,
+            edgecolors="none",
         )
         overlay.set_gid("weights")
         axes.add_collection(overlay)
     else:
-        veil = PolyCollection(_rectangles(selection.boxes, skipped), facecolors=[SKIPPED_SHADE], edgecolors="none")
+        veil = PolyCollection(
+            _rectangles(selection.boxes, skipped), facecolors=[SKIPPED_SHADE], edgecolors="none"
+        )
         veil.set_gid("skipped")
         axes.add_collection(veil)
-    outline = PolyCollection(_rectangles(selection.boxes, kept), facecolors="none", edgecolors=[KEPT_EDGE], linewidths=0.4)
+    outline = PolyCollection(
+        _rectangles(selection.boxes, kept),
+        facecolors="none",
+        edgecolors=[KEPT_EDGE],
+        linewidths=0.4,
+    )
     outline.set_gid("kept")
     axes.add_collection(outline)
     unseen = PolyCollection(
-        _uncovered(selection.boxes, in_view, height, width), facecolors=[UNCOVERED_SHADE],
-        edgecolors=[UNCOVERED_EDGE], hatch="//", linewidths=0.0,
+        _uncovered(selection.boxes, in_view, height, width),
+        facecolors=[UNCOVERED_SHADE],
+        edgecolors=[UNCOVERED_EDGE],
+        hatch="//",
+        linewidths=0.0,
     )
     unseen.set_gid("uncovered")
     axes.add_collection(unseen)
     axes.set_xlim(0, width)
     axes.set_ylim(height, 0)  # image convention: y grows downwards
-    title = _panel_title(layer, selection.num_vision, view if name_view else None, len(kept), len(in_view))
+    title = _panel_title(layer, selection.num_vision, row, len(kept), len(in_view))
     if heatmap:
-        title += " · no router" if layer.is_dense else f" · w {patch_weights.min():.3f}-{patch_weights.max():.3f}"
+        title += (
+            " · no router"
+            if layer.is_dense
+            else f" · w {patch_weights.min():.3f}-{patch_weights.max():.3f}"
+        )
     axes.set_title(title, fontsize=8)
     return overlay
 
@@ -168,14 +240,32 @@ def _draw_matrix(axes, selection: TokenSelection, heatmap: bool) -> None:
                 values[layer.layer] = _layer_norm(layer.weights)(layer.weights)
         cmap = colormaps[WEIGHT_CMAP].with_extremes(bad="#bbbbbb")  # NaN rows: dense layers
         axes.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0.0, vmax=1.0)
-        axes.set_title("router weight per layer (min to max) and vision token; grey: dense layer, no router", fontsize=9)
+        axes.set_title(
+            "router weight per layer (min to max) and vision token; grey: dense layer, no router",
+            fontsize=9,
+        )
     else:
-        values = np.stack([layer.kept for layer in selection.layers]).astype(float)  # (layers, n_vision)
-        axes.imshow(values, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#2b2b2b", "#f03c1e"]), vmin=0, vmax=1)
+        values = np.stack([layer.kept for layer in selection.layers]).astype(
+            float
+        )  # (layers, n_vision)
+        axes.imshow(
+            values,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=ListedColormap(["#2b2b2b", "#f03c1e"]),
+            vmin=0,
+            vmax=1,
+        )
         axes.set_title("kept (red) / skipped (dark) per layer and vision token", fontsize=9)
-    views = [box.view if box is not None else None for box in selection.boxes]
-    for index in range(1, len(views)):
-        if views[index] is not None and views[index - 1] is not None and views[index] != views[index - 1]:
-            axes.axvline(index - 0.5, color="white", linewidth=1.0)  # base | high-res boundary
+    rows = [(box.source, box.view) if box is not None else None for box in selection.boxes]
+    for index in range(1, len(rows)):
+        if (
+            rows[index] is not None
+            and rows[index - 1] is not None
+            and rows[index] != rows[index - 1]
+        ):
+            axes.axvline(
+                index - 0.5, color="white", linewidth=1.0
+            )  # base | high-res, image | image, frame | frame
     axes.set_xlabel("vision-token index")
     axes.set_ylabel("layer")

@@ -1,9 +1,10 @@
-"""Which vision tokens each layer of a p-MoD model keeps for one image and prompt."""
+"""Which vision tokens each layer of a p-MoD model keeps for a prompt with images and a video."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.routing import record_routing
-from .patches import PatchBox, patch_boxes_for
+from .patches import PatchBox
 
 
 @dataclass
@@ -36,29 +37,49 @@ class LayerSelection:
 
 @dataclass
 class TokenSelection:
-    """Everything the figure and the table need: the image, where tokens sit, what layers kept."""
+    """Everything the figure and the table need: the pictures, where tokens sit, what layers kept."""
 
-    image: np.ndarray  # (height, width, 3) uint8, the image as given
-    boxes: list[PatchBox | None]  # one per vision token; None: no place on the image (newline, CLS)
+    pictures: list[
+        np.ndarray
+    ]  # (height, width, 3) uint8: the images as given, then the video's frames
+    boxes: list[
+        PatchBox | None
+    ]  # one per vision token (box.source: its picture); None: no place (newline, CLS)
     layers: list[LayerSelection]  # every decoder layer, in order
+    names: list[str] = field(
+        default_factory=list
+    )  # per picture: "image 2", "frame 5"; empty: one image
 
     @property
     def num_vision(self) -> int:
         return len(self.boxes)
 
+    def name_of(self, source: int) -> str:
+        return self.names[source] if self.names else ""
+
 
 @torch.no_grad()
-def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSelection:
-    """Run one forward pass and read back every layer's kept vision tokens."""
-    image = image.convert("RGB")
-    text = build_prompt(processor, prompt, 1, template_for_model(model))
-    inputs = encode(processor, [text], [image], model)
-    vision_mask = family_for_model(model).vision_mask(inputs["input_ids"], model.config)[0].cpu()  # (seq,)
-    boxes = patch_boxes_for(processor, model.config, image.height, image.width)
-    if len(boxes) != int(vision_mask.sum()):
-        raise RuntimeError(
-            f"token mapping disagrees with the processor: {len(boxes)} patches for {int(vision_mask.sum())} image tokens"
-        )
+def select_tokens(
+    model,
+    processor,
+    images: Image.Image | Sequence[Image.Image],
+    prompt: str,
+    video: np.ndarray | None = None,
+) -> TokenSelection:
+    """Run one forward pass over ``images`` (one or several) and ``video`` ((frames, height, width,
+    3) uint8, as ``data.video.read_frames`` gives it) with ``prompt``, and read back every layer's
+    kept vision tokens."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    images = [image.convert("RGB") for image in images]
+    videos = [video] if video is not None else []
+    family = family_for_model(model)
+    text = build_prompt(
+        processor, prompt, len(images), template_for_model(model), num_videos=len(videos)
+    )
+    inputs = encode(processor, [text], [images], model, videos=videos)
+    input_ids = inputs["input_ids"][0].cpu()
+    vision_mask = family.vision_mask(inputs["input_ids"], model.config)[0].cpu()  # (seq,)
+    boxes = _token_boxes(family, processor, model.config, images, video, input_ids[vision_mask])
     with record_routing(model) as routing:
         model(**inputs)
     layers = []
@@ -75,7 +96,49 @@ def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSel
                 record.weights[0][vision_mask].numpy().astype(np.float32),
             )
         )
-    return TokenSelection(np.asarray(image), boxes, layers)
+    pictures = [np.asarray(image) for image in images] + (
+        [frame for frame in video] if video is not None else []
+    )
+    return TokenSelection(
+        pictures, boxes, layers, _picture_names(len(images), 0 if video is None else len(video))
+    )
+
+
+def _picture_names(images: int, frames: int) -> list[str]:
+    if images == 1 and not frames:
+        return []
+    return [f"image {i + 1}" for i in range(images)] + [f"frame {f + 1}" for f in range(frames)]
+
+
+def _token_boxes(
+    family, processor, config, images, video, vision_ids: torch.Tensor
+) -> list[PatchBox | None]:
+    """The box of every vision token, in token order: image tokens take the images' boxes in
+    turn, video tokens the frames' (each box tagged with its picture)."""
+    per_image = []
+    for source, image in enumerate(images):
+        layout = family.patch_boxes if len(images) == 1 else family.several_image_boxes
+        per_image += _tagged(layout(processor, config, image.height, image.width), source)
+    per_video = []
+    if video is not None:
+        frames, height, width = video.shape[:3]
+        for frame in range(frames):
+            per_video += _tagged(
+                family.frame_boxes(processor, config, height, width), len(images) + frame
+            )
+        per_video += [None] * family.video_extra_tokens
+    is_image = (vision_ids == config.image_token_id).tolist()
+    if sum(is_image) != len(per_image) or len(is_image) - sum(is_image) != len(per_video):
+        raise RuntimeError(
+            f"token mapping disagrees with the processor: {len(per_image)} + {len(per_video)} patches for "
+            f"{sum(is_image)} image and {len(is_image) - sum(is_image)} video tokens"
+        )
+    image_boxes, video_boxes = iter(per_image), iter(per_video)
+    return [next(image_boxes) if image else next(video_boxes) for image in is_image]
+
+
+def _tagged(boxes: list[PatchBox | None], source: int) -> list[PatchBox | None]:
+    return [dataclasses.replace(box, source=source) if box is not None else None for box in boxes]
 
 
 def default_layers(ratios: list[float], count: int = 4) -> list[int]:
@@ -101,7 +164,9 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         try:
             layer = int(part)
         except ValueError:
-            raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}") from None
+            raise UserError(
+                f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+            ) from None
         if not 0 <= layer < num_layers:
             raise UserError(
                 f"--layers: layer {layer} is out of range; the model has {num_layers} decoder layers (0-{num_layers - 1})"
@@ -109,6 +174,7 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         if layer not in chosen:
             chosen.append(layer)
     if not chosen:
-        raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}")
+        raise UserError(
+            f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+        )
     return chosen
-

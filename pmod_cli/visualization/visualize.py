@@ -1,4 +1,5 @@
-"""``pmod visualize``: load a p-MoD checkpoint, route one image, draw and tabulate what each layer kept."""
+"""``pmod visualize``: load a p-MoD checkpoint, route one or several images and/or a video, draw
+and tabulate what each layer kept."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from PIL import Image, UnidentifiedImageError
 from rich.table import Table
 
 from ..errors import UserError
+from ..model.families import family_for_config
 from ..model.loading import load_checkpoint
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
 
 DEFAULT_CHECKPOINT = Path("runs/tiny/sft")
 DEFAULT_PROMPT = "Describe the image."
+DEFAULT_VIDEO_PROMPT = "Describe the video."
+# frames sampled from a video when the checkpoint's video processor does not say (data.video_frames)
+DEFAULT_FRAMES = 8
 MAKE_DEFAULT_CHECKPOINT = "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml"
 
 
@@ -39,7 +44,9 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file") from None
+        raise UserError(
+            f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file"
+        ) from None
 
 
 def _checkpoint_config(checkpoint: Path | None):
@@ -65,17 +72,39 @@ def _checkpoint_config(checkpoint: Path | None):
     return Path(checkpoint), config
 
 
+def load_video(path: Path, num_frames: int | None = None):
+    """``num_frames`` frames of the video at ``path`` (None: only check that it opens), or a
+    UserError naming why it cannot be read."""
+    from ..data.video import VideoError, check_video, read_frames
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"video not found: {path}"
+            if not path.exists()
+            else f"{path} is a directory; pass a video file"
+        )
+    try:
+        return check_video(path) if num_frames is None else read_frames(path, num_frames)
+    except VideoError as err:
+        raise UserError(
+            f"cannot read {path} as a video ({err}); pass an MP4, WebM or other video file"
+        ) from None
+
+
 def _output_path(output: Path | None, image_path: Path) -> Path:
     output = Path(output) if output is not None else Path(f"{Path(image_path).stem}_pmod.png")
     supported = Figure().canvas.get_supported_filetypes()
     suffix = output.suffix.lower().lstrip(".")
     if suffix not in supported:
-        raise UserError(f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name")
+        raise UserError(
+            f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name"
+        )
     return output
 
 
 def visualize_routing(
-    image_path: Path,
+    image_paths: Path | Sequence[Path] = (),
     *,
     checkpoint: Path | None = None,
     layers: str | Sequence[int] | None = None,
@@ -84,15 +113,35 @@ def visualize_routing(
     matrix: bool = False,
     heatmap: bool = False,
     device: str | None = None,
+    video: Path | None = None,
+    frames: int | None = None,
 ) -> VisualizeResult:
-    """Route ``image_path`` through the checkpoint and write the figure; layers like ``"2,14,26"``."""
-    image = load_image(image_path)
-    output = _output_path(output, image_path)
+    """Route the images (one or several) and/or ``video`` through the checkpoint and write the
+    figure; layers like ``"2,14,26"``; ``frames`` sampled from the video (default: as the
+    checkpoint was trained, else 8)."""
+    image_paths = [image_paths] if isinstance(image_paths, str | Path) else list(image_paths)
+    if not image_paths and video is None:
+        raise UserError("give an image (or several) and/or --video VIDEO")
+    if frames is not None and frames < 1:
+        raise UserError(f"--frames must be at least 1, got {frames}")
+    images = [load_image(path) for path in image_paths]
+    if video is not None:
+        load_video(video)  # before the model loads: a bad file fails at once
+    output = _output_path(output, image_paths[0] if image_paths else video)
     checkpoint, config = _checkpoint_config(checkpoint)
-    num_layers = config.text_config.num_hidden_layers
-    chosen = parse_layers(layers, num_layers)
+    chosen = parse_layers(layers, config.text_config.num_hidden_layers)
+    family = family_for_config(config)
+    if video is not None and not family.takes_video:
+        raise UserError(f"{checkpoint} holds a {family.title} model, which takes no video")
     model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
-    selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT)
+    clip = None
+    if video is not None:
+        clip = load_video(
+            video,
+            frames or getattr(processor.video_processor, "num_frames", None) or DEFAULT_FRAMES,
+        )
+    default_prompt = DEFAULT_VIDEO_PROMPT if video is not None and not images else DEFAULT_PROMPT
+    selection = select_tokens(model, processor, images, prompt or default_prompt, video=clip)
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])
     figure = draw_selection(selection, chosen, heatmap=heatmap, matrix=matrix)

@@ -13,7 +13,13 @@ from transformers import (
 )
 
 from ..pmod_model import PMoDModelMixin
-from .base import ModelFamily, image_settings, register_family
+from .base import (
+    ModelFamily,
+    encoded_token_counts,
+    features_per_crop,
+    image_settings,
+    register_family,
+)
 
 
 class PMoDLlavaConfig(LlavaConfig):
@@ -43,6 +49,15 @@ class LlavaFamily(ModelFamily):
         # pad or crop as the recipe says, with the checkpoint's own sizes
         return self.image_processor(image_settings(image_processor), aspect_ratio, None)
 
+    def vision_token_groups(self, config, inputs: dict[str, Any]) -> list[tuple[int, list[int]]]:
+        counts = encoded_token_counts(inputs, "image")
+        if counts is None:
+            pixel_values = inputs.get("pixel_values")
+            counts = [features_per_crop(config)] * (
+                0 if pixel_values is None else pixel_values.shape[0]
+            )
+        return [(config.image_token_id, counts)]
+
     def image_tokens(self, shape) -> tuple[int, int]:
         return shape.vision.features_per_crop, 1
 
@@ -52,7 +67,9 @@ class LlavaFamily(ModelFamily):
         image_processor = processor.image_processor
         # LlavaImageProcessor's do_pad pads to a square first (LLaVA-1.5's "pad" aspect mode);
         # other processors' do_pad only pads batches, which a single image never needs
-        pad_to_square = hasattr(image_processor, "pad_to_square") and bool(getattr(image_processor, "do_pad", False))
+        pad_to_square = hasattr(image_processor, "pad_to_square") and bool(
+            getattr(image_processor, "do_pad", False)
+        )
         return llava_patch_boxes(
             image_height,
             image_width,

@@ -18,7 +18,8 @@ from transformers import (
 
 from ...errors import UserError
 from ..pmod_model import PMoDModelMixin
-from .base import ModelFamily, register_family
+from .anyres import anyres_tokens
+from .base import ModelFamily, encoded_token_counts, register_family
 
 
 class PMoDLlavaNextConfig(LlavaNextConfig):
@@ -52,10 +53,33 @@ class LlavaNextFamily(ModelFamily):
 
     def init_new_connector(self, model, dtype: torch.dtype) -> None:
         hidden = model.config.text_config.hidden_size
-        model.model.image_newline = nn.Parameter(torch.randn(hidden, dtype=dtype) / math.sqrt(hidden))
+        model.model.image_newline = nn.Parameter(
+            torch.randn(hidden, dtype=dtype) / math.sqrt(hidden)
+        )
+
+    def vision_token_groups(self, config, inputs: dict[str, Any]) -> list[tuple[int, list[int]]]:
+        counts = encoded_token_counts(inputs, "image")
+        if counts is not None:
+            return [(config.image_token_id, counts)]
+        image_sizes = inputs.get("image_sizes")
+        sizes = [] if image_sizes is None else image_sizes.tolist()
+        vision = config.vision_config
+        counts = [
+            anyres_tokens(
+                height,
+                width,
+                grid_pinpoints=config.image_grid_pinpoints,
+                tile_size=vision.image_size,
+                side=vision.image_size // vision.patch_size,
+            )[0]
+            for height, width in sizes
+        ]
+        return [(config.image_token_id, counts)]
 
     def image_tokens(self, shape) -> tuple[int, int]:
-        return max(_grid_tokens(shape, height, width) for height, width in shape.image_grid_pinpoints)
+        return max(
+            _grid_tokens(shape, height, width) for height, width in shape.image_grid_pinpoints
+        )
 
     def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
         from ...visualization.patches import llava_next_patch_boxes, processor_geometry
