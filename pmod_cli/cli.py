@@ -22,7 +22,9 @@ app = typer.Typer(
 @app.command()
 def flops(
     model: str = typer.Option(
-        None, "--model", help="Preset (default llava-next-7b); see docs/flops.md."
+        None,
+        "--model",
+        help="Preset (default llava-next-7b; also llava-onevision-qwen2-7b, ...); see docs/flops.md.",
     ),
     config: str = typer.Option(
         None, "--config", help="HF config.json or checkpoint dir, dense or p-MoD."
@@ -41,6 +43,11 @@ def flops(
     ),
     vision_tokens: int = typer.Option(
         None, "--vision-tokens", help="V (default: the largest image layout)."
+    ),
+    video_frames: int = typer.Option(
+        None,
+        "--video-frames",
+        help="Count a video of N frames instead of an image (LLaVA-OneVision: 196 tokens a frame).",
     ),
     text_tokens: int = typer.Option(None, "--text-tokens", help="T (default 58, as in the paper)."),
     count: str = typer.Option(
@@ -96,6 +103,7 @@ def flops(
         calibration=calibration,
         calibration_samples=calibration_samples,
         image_folder=image_folder,
+        video_frames=video_frames,
     )
     if plot is not None:
         from .efficiency.plot import plot_retention_ratios

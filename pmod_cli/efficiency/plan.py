@@ -75,6 +75,7 @@ def make_plan(
     calibration_samples: int | None = None,
     image_folder: str | Path | None = None,
     progress: bool = True,
+    video_frames: int | None = None,
 ) -> FlopsPlan:
     """Check the user's choices and count each p-MoD setting (one per beta).
 
@@ -88,11 +89,22 @@ def make_plan(
     if model is not None and config is not None:
         raise UserError("give either --model or --config, not both")
     if routed_tokens is not None and routed_tokens not in ROUTED_TOKENS:
-        raise UserError(f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}")
+        raise UserError(
+            f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}"
+        )
     if prefix_text_tokens is not None and prefix_text_tokens < 0:
         raise UserError(f"--prefix-text-tokens must be >= 0, got {prefix_text_tokens}")
     _check_calibration_flags(
-        model, config, betas, schedule, min_ratio, max_ratio, routed_tokens, calibration, calibration_samples, image_folder
+        model,
+        config,
+        betas,
+        schedule,
+        min_ratio,
+        max_ratio,
+        routed_tokens,
+        calibration,
+        calibration_samples,
+        image_folder,
     )
     if count not in COUNT_MODES:
         raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
@@ -111,6 +123,8 @@ def make_plan(
     for flag, value in (("--vision-tokens", vision_tokens), ("--text-tokens", text_tokens)):
         if value is not None and value < 0:
             raise UserError(f"{flag} must be >= 0, got {value}")
+    if video_frames is not None and (video_frames < 1 or vision_tokens is not None):
+        raise UserError("--video-frames must be at least 1 and cannot go with --vision-tokens")
 
     shape = read_model_shape(config) if config is not None else get_preset(model or DEFAULT_MODEL)
     base = shape.pmod or PMoDConfig()
@@ -151,6 +165,7 @@ def make_plan(
         dtype=dtype,
         routed_tokens=effective_routed,
         prefix_text_tokens=prefix_text_tokens,
+        video_frames=video_frames,
     )
     if calibration is not None:
         from .calibration import measure_retention_ratios
@@ -162,7 +177,9 @@ def make_plan(
             image_folder=image_folder,
             progress=progress,
         )
-        result = count_flops(shape, measured.ratios, mod_layers=measured.mod_layers, **token_options)
+        result = count_flops(
+            shape, measured.ratios, mod_layers=measured.mod_layers, **token_options
+        )
         return FlopsPlan(shape, (PlanEntry(base, result, measured),))
     if base.inference_routing == "threshold":
         raise UserError(
@@ -182,15 +199,29 @@ def make_plan(
 
 
 def _check_calibration_flags(
-    model, config, betas, schedule, min_ratio, max_ratio, routed_tokens, calibration, calibration_samples, image_folder
+    model,
+    config,
+    betas,
+    schedule,
+    min_ratio,
+    max_ratio,
+    routed_tokens,
+    calibration,
+    calibration_samples,
+    image_folder,
 ) -> None:
     if calibration is None:
-        for flag, value in (("--calibration-samples", calibration_samples), ("--image-folder", image_folder)):
+        for flag, value in (
+            ("--calibration-samples", calibration_samples),
+            ("--image-folder", image_folder),
+        ):
             if value is not None:
                 raise UserError(f"{flag} only applies with --calibration FILE.json")
         return
     if config is None or model is not None:
-        raise UserError("--calibration runs a checkpoint on samples: give --config CHECKPOINT_DIR (a p-MoD checkpoint)")
+        raise UserError(
+            "--calibration runs a checkpoint on samples: give --config CHECKPOINT_DIR (a p-MoD checkpoint)"
+        )
     changed = [
         flag
         for flag, value in (
@@ -203,7 +234,9 @@ def _check_calibration_flags(
         if value not in (None, (), [])
     ]
     if changed:
-        raise UserError(f"--calibration measures the checkpoint's own routing; drop {', '.join(changed)}")
+        raise UserError(
+            f"--calibration measures the checkpoint's own routing; drop {', '.join(changed)}"
+        )
 
 
 def plan_to_json(plan: FlopsPlan) -> dict:
@@ -228,7 +261,9 @@ def plan_to_json(plan: FlopsPlan) -> dict:
             {
                 "label": entry.label,
                 "ratios_source": entry.ratios_source,
-                "calibration": entry.calibration.to_dict() if entry.calibration is not None else None,
+                "calibration": entry.calibration.to_dict()
+                if entry.calibration is not None
+                else None,
                 "beta": entry.pmod.beta,
                 "schedule": entry.pmod.schedule,
                 "min_ratio": entry.pmod.min_ratio,

@@ -1,4 +1,5 @@
-"""The lmms-eval model ``pmod``: any p-MoD or plain HF LLaVA / LLaVA-NeXT checkpoint directory.
+"""The lmms-eval model ``pmod``: any p-MoD or plain HF checkpoint directory of a registered family
+(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision).
 
 Registered through the entry point group ``lmms_eval.models`` (see pyproject.toml), so both
 ``pmod eval`` and lmms-eval's own command line find it:
@@ -6,7 +7,8 @@ Registered through the entry point group ``lmms_eval.models`` (see pyproject.tom
     python -m lmms_eval --model pmod --model_args pretrained=DIR --tasks mme --batch_size 4
 
 It generates in batches (left padding: a p-MoD model answers each sample of a batch as it would
-alone), scores continuations for multiple-choice tasks (``loglikelihood``), and measures every
+alone), scores continuations for multiple-choice tasks (``loglikelihood``), takes a task's images
+(PIL images) and videos (file paths, ``num_frames`` frames each, decoded with PyAV), and measures every
 request (see ``measure.py``): ``model.measurements`` after a run, and lmms-eval's own
 "throughput" summary gets the means.
 """
@@ -14,6 +16,7 @@ request (see ``measure.py``): ``model.measurements`` after a run, and lmms-eval'
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
@@ -23,13 +26,22 @@ from lmms_eval.utils import Collator
 from PIL import Image
 
 from ..data.prompts import build_prompt, encode
+from ..data.video import VideoError, read_frames
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 DEFAULT_MAX_NEW_TOKENS = 256
+# frames sampled from a task's video when neither model_args nor the checkpoint say (LLaVA-OneVision's)
+DEFAULT_NUM_FRAMES = 32
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class PMoDLmms(lmms):
@@ -44,6 +56,7 @@ class PMoDLmms(lmms):
         batch_size: int | str = 1,
         dtype: str = "auto",
         attn_implementation: str | None = None,
+        num_frames: int | str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed-size here
         **unexpected,
     ) -> None:
@@ -51,8 +64,10 @@ class PMoDLmms(lmms):
         if unexpected:
             raise ValueError(
                 f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; "
-                "known: pretrained, device, batch_size, dtype, attn_implementation"
+                "known: pretrained, device, batch_size, dtype, attn_implementation, num_frames"
             )
+        if num_frames is not None and int(num_frames) < 1:
+            raise ValueError(f"num_frames must be a whole number >= 1, got {num_frames!r}")
         if str(batch_size) == "auto" or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if dtype not in DTYPES:
@@ -61,7 +76,10 @@ class PMoDLmms(lmms):
         self.batch_size_per_gpu = int(batch_size)
         self.pretrained = str(pretrained)
         self.model, self.processor = load_checkpoint(
-            pretrained, device=self._device, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            pretrained,
+            device=self._device,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
         )
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation: prompts end at the same column
@@ -69,22 +87,35 @@ class PMoDLmms(lmms):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         self.family = family_for_model(self.model)
+        # as many frames as the checkpoint trained with (pmod sft saves data.video_frames with it)
+        video_processor = getattr(self.processor, "video_processor", None)
+        self.num_frames = int(
+            num_frames or getattr(video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES
+        )
         self.fallback_template = template_for_model(self.model)
         # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
         self.model_config = self.model.config
         layers = self.model.config.text_config.num_hidden_layers
-        self.retention_ratios = list(getattr(self.model, "retention_ratios", None) or [1.0] * layers)
+        self.retention_ratios = list(
+            getattr(self.model, "retention_ratios", None) or [1.0] * layers
+        )
         self.measurements: list[SampleMeasurement] = []
         self._warmed_up = False
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PMoDLmms:
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> PMoDLmms:
         """lmms-eval's command line: ``--model_args`` and its own ``--batch_size`` / ``--device``
         (always passed); a key given in ``--model_args`` wins instead of clashing."""
         from lmms_eval.utils import simple_parse_args_string
 
         args = simple_parse_args_string(arg_string)
-        given = {key: value for key, value in (additional_config or {}).items() if value is not None and key not in args}
+        given = {
+            key: value
+            for key, value in (additional_config or {}).items()
+            if value is not None and key not in args
+        }
         return cls(**args, **given)
 
     @property
@@ -97,18 +128,37 @@ class PMoDLmms(lmms):
 
     # ---- prompts --------------------------------------------------------------------------
 
-    def build_prompt(self, context: str, num_images: int) -> str:
-        """The user turn through the checkpoint's chat template (images first, as in training)."""
-        return build_prompt(self.processor, context, num_images, self.fallback_template)
+    def build_prompt(self, context: str, num_images: int, num_videos: int = 0) -> str:
+        """The user turn through the checkpoint's chat template (images, then videos, first, as in training)."""
+        return build_prompt(self.processor, context, num_images, self.fallback_template, num_videos)
 
-    def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> list:
+    def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> tuple[list, list]:
+        """A request's (images, videos): PIL images as given, video files as ``num_frames`` frames."""
         if doc_to_visual is None:
-            return []
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-        return [visual for visual in (visuals or []) if visual is not None]
+            return [], []
+        images, videos = [], []
+        for visual in doc_to_visual(self.task_dict[task][split][doc_id]) or []:
+            if isinstance(visual, str | Path) and Path(visual).suffix.lower() not in IMAGE_SUFFIXES:
+                videos.append(self._video(Path(visual)))
+            elif isinstance(visual, str | Path):
+                with Image.open(visual) as opened:
+                    images.append(opened.convert("RGB"))
+            elif visual is not None:
+                images.append(visual)
+        return images, videos
 
-    def _encode(self, prompts: list[str], images: list) -> dict:
-        return encode(self.processor, prompts, images, self.model)
+    def _video(self, path: Path):
+        if not self.family.takes_video:
+            raise ValueError(
+                f"{self.pretrained} is a {self.family.title} model, which takes no video ({path})"
+            )
+        try:
+            return read_frames(path, self.num_frames)
+        except VideoError as err:
+            raise ValueError(f"cannot read the task's video {path}: {err}") from None
+
+    def _encode(self, prompts: list[str], images: list, videos: list | None = None) -> dict:
+        return encode(self.processor, prompts, images, self.model, videos=videos)
 
     def warm_up(self) -> None:
         """One short unmeasured generation, so the first measured request does not pay for
@@ -116,9 +166,16 @@ class PMoDLmms(lmms):
         if self._warmed_up:
             return
         self._warmed_up = True
-        inputs = self._encode([self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))])
+        inputs = self._encode(
+            [self.build_prompt("Warm up.", 1)], [[Image.new("RGB", (64, 64), (128, 128, 128))]]
+        )
         with torch.inference_mode():
-            self.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            self.model.generate(
+                **inputs,
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
 
     # ---- generate_until ----------------------------------------------------------------
 
@@ -126,8 +183,14 @@ class PMoDLmms(lmms):
         self.warm_up()
         collator = Collator(
             [request.args for request in requests],
-            sort_fn=lambda args: (-len(args[0]), args[0]),  # longest first: little padding per batch
-            group_fn=lambda args: {"__task": args[4], **args[1]},  # one task and one set of kwargs a batch
+            sort_fn=lambda args: (
+                -len(args[0]),
+                args[0],
+            ),  # longest first: little padding per batch
+            group_fn=lambda args: {
+                "__task": args[4],
+                **args[1],
+            },  # one task and one set of kwargs a batch
             grouping=True,
         )
         answers: list[str] = []
@@ -151,19 +214,28 @@ class PMoDLmms(lmms):
         # other task generation kwargs (e.g. image_aspect_ratio) are for other models
         do_sample = float(generation.get("temperature") or 0) > 0
         sampling = (
-            {"do_sample": True, "temperature": float(generation["temperature"]), "top_p": generation.get("top_p")}
+            {
+                "do_sample": True,
+                "temperature": float(generation["temperature"]),
+                "top_p": generation.get("top_p"),
+            }
             if do_sample
             else {"do_sample": False}
         )
 
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
-            prompts, images = [], []
-            for context, doc_to_visual, doc_id, task, split in zip(contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True):
-                visuals = self._visuals(doc_to_visual, doc_id, task, split)
-                prompts.append(self.build_prompt(context, len(visuals)))
-                images.extend(visuals)
-            inputs = self._encode(prompts, images)
+            prompts, images, videos = [], [], []
+            for context, doc_to_visual, doc_id, task, split in zip(
+                contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True
+            ):
+                sample_images, sample_videos = self._visuals(doc_to_visual, doc_id, task, split)
+                prompts.append(self.build_prompt(context, len(sample_images), len(sample_videos)))
+                images.append(
+                    sample_images
+                )  # per prompt: OneVision lays out one image and several differently
+                videos.extend(sample_videos)
+            inputs = self._encode(prompts, images, videos)
             probe = PrefillProbe(self.model, self._device)
             probe.start(inputs["attention_mask"])
             try:
@@ -184,7 +256,9 @@ class PMoDLmms(lmms):
             answers = [_cut_at_stop(text, until) for text in texts]
         end_to_end = time.perf_counter() - start
 
-        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
+        vision, text, prefix_text = _token_counts(
+            inputs, self.family.vision_mask(inputs["input_ids"], self.model_config)
+        )
         generated = _generated_counts(new_tokens, self.tokenizer.eos_token_id)
         measured = [
             SampleMeasurement(
@@ -236,14 +310,21 @@ class PMoDLmms(lmms):
             doc_id, task, split = -1, "", ""
         else:
             context, doc_to_target, doc_to_visual, doc_id, task, split = args
-            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self.task_dict[task][split][doc_id])
+            continuation = (
+                doc_to_target
+                if isinstance(doc_to_target, str)
+                else doc_to_target(self.task_dict[task][split][doc_id])
+            )
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             if doc_to_visual is None:
                 prompt, visuals = context, None
             else:
-                visuals = self._visuals(doc_to_visual, doc_id, task, split)
-                prompt = self.build_prompt(context, len(visuals))
+                images, videos = self._visuals(doc_to_visual, doc_id, task, split)
+                prompt, visuals = (
+                    self.build_prompt(context, len(images), len(videos)),
+                    (images, videos),
+                )
             inputs, context_length = self._encode_continuation(prompt, continuation, visuals)
             probe = PrefillProbe(self.model, self._device)
             probe.start(inputs["attention_mask"])
@@ -253,12 +334,16 @@ class PMoDLmms(lmms):
             finally:
                 probe.stop()
             # the token at position p is predicted by the logits at p - 1
-            predicting = logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)  # (n, vocab)
+            predicting = (
+                logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)
+            )  # (n, vocab)
             target = inputs["input_ids"][0, context_length:]
             log_likelihood = predicting.gather(1, target[:, None]).sum().item()
             greedy = bool((predicting.argmax(dim=-1) == target).all())
         end_to_end = time.perf_counter() - start
-        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
+        vision, text, prefix_text = _token_counts(
+            inputs, self.family.vision_mask(inputs["input_ids"], self.model_config)
+        )
         measurement = SampleMeasurement(
             task=task,
             doc_id=int(doc_id),
@@ -276,9 +361,11 @@ class PMoDLmms(lmms):
         )
         return -log_likelihood, greedy, measurement
 
-    def _encode_continuation(self, prompt: str, continuation: str, visuals: list | None) -> tuple[dict, int]:
+    def _encode_continuation(
+        self, prompt: str, continuation: str, visuals: tuple[list, list] | None
+    ) -> tuple[dict, int]:
         """``prompt + continuation`` encoded as one text (through the processor with ``visuals``,
-        plain tokenizer when None), and how many of its tokens are the prompt's.
+        (images, videos), plain tokenizer when None), and how many of its tokens are the prompt's.
 
         Encoded apart, a continuation can tokenize differently than it does after the prompt
         (SentencePiece: " A" alone is ["▁", "▁A"], after "Answer:" it is ["▁A"]). So, as
@@ -292,12 +379,19 @@ class PMoDLmms(lmms):
         whole_length = len(self.tokenizer(prompt + continuation)["input_ids"])
         continuation_length = max(0, whole_length - len(self.tokenizer(prompt)["input_ids"]))
         if visuals is None:  # an unconditional request: plain text, no template
-            inputs = dict(self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device))
+            inputs = dict(
+                self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device)
+            )
         else:
-            inputs = dict(self._encode([prompt + continuation], visuals))
+            images, videos = visuals
+            inputs = dict(self._encode([prompt + continuation], [images], videos))
         context_length = inputs["input_ids"].shape[1] - continuation_length
         if context_length == 0:  # something must predict the first token
-            start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            start_id = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id
+            )
             start = torch.tensor([[start_id]], dtype=inputs["input_ids"].dtype, device=self._device)
             inputs["input_ids"] = torch.cat([start, inputs["input_ids"]], dim=1)
             context_length = 1
@@ -315,7 +409,9 @@ def _cut_at_stop(text: str, until: list[str]) -> str:
     return text
 
 
-def _token_counts(inputs: dict, vision_mask: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+def _token_counts(
+    inputs: dict, vision_mask: torch.Tensor
+) -> tuple[list[int], list[int], list[int]]:
     """Per sample: V (image-feature positions), T (the other real tokens) of the prompt, and the
     text tokens up to the last image token (those compete too when a model routes all tokens)."""
     real = inputs["attention_mask"].bool()
@@ -351,7 +447,9 @@ def _log_to_lmms_eval(measured: list[SampleMeasurement], num_requests: int) -> N
             "prefill_latency_s": sum(m.prefill_s for m in measured) / len(measured),
             "end_to_end_latency_s": sum(m.end_to_end_s for m in measured) / len(measured),
             "kv_cache_bytes": sum(m.kv_cache_bytes for m in measured) / len(measured),
-            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv if dense_kv else 1.0,
+            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv
+            if dense_kv
+            else 1.0,
             "peak_memory_bytes": max(m.peak_memory_bytes for m in measured),
         },
     )

@@ -112,11 +112,7 @@ class LlavaOnevisionFamily(ModelFamily):
             )
         videos = encoded_token_counts(inputs, "video")
         if videos is None:
-            pixel_values_videos = inputs.get("pixel_values_videos")
-            frames = 0 if pixel_values_videos is None else pixel_values_videos.shape[1]
-            videos = [frames * pooled_frame_tokens(config) + 1] * (
-                0 if pixel_values_videos is None else len(pixel_values_videos)
-            )
+            videos = video_token_counts(config, inputs.get("pixel_values_videos"))
         return [
             (config.image_token_id, images),
             (config.video_token_id, frame_token_counts(config, videos)),
@@ -200,6 +196,14 @@ def image_token_counts(config, image_sizes: torch.Tensor | None, batch_num_image
         else:
             counts.append(features_per_crop(config) + 1)
     return counts
+
+
+def video_token_counts(config, pixel_values_videos: torch.Tensor | None) -> list[int]:
+    """Vision tokens of each video of a batch: its frames' pooled tokens and a closing newline."""
+    if pixel_values_videos is None:
+        return []
+    videos, frames = pixel_values_videos.shape[:2]  # (videos, frames, 3, height, width)
+    return [frames * pooled_frame_tokens(config) + 1] * videos
 
 
 def pooled_frame_tokens(config) -> int:
