@@ -178,7 +178,7 @@ def visualize(
 @app.command()
 def convert(
     source: Path = typer.Argument(
-        ..., help="A LLaVA / LLaVA-NeXT checkpoint directory (HF format)."
+        ..., help="A LLaVA / LLaVA-NeXT / LLaVA-OneVision checkpoint directory (HF format)."
     ),
     output: Path = typer.Argument(
         ..., help="Where to write the p-MoD checkpoint (a new directory)."
@@ -242,7 +242,7 @@ def sft(
 @app.command()
 def arank(
     checkpoint: Path = typer.Argument(
-        ..., help="A LLaVA / LLaVA-NeXT checkpoint directory, plain HF or p-MoD."
+        ..., help="A LLaVA / LLaVA-NeXT / OneVision checkpoint directory, plain HF or p-MoD."
     ),
     data: Path = typer.Option(
         ..., "--data", help="LLaVA-format JSON / JSONL image-question samples."
@@ -296,10 +296,12 @@ def arank(
 @app.command("eval")
 def evaluate(
     checkpoints: list[Path] = typer.Argument(
-        ..., help="p-MoD or plain LLaVA / LLaVA-NeXT checkpoint directories."
+        ..., help="p-MoD or plain LLaVA / LLaVA-NeXT / OneVision checkpoint directories."
     ),
     tasks: str = typer.Option(
-        ..., "--tasks", help="Comma-separated lmms-eval tasks, e.g. pmod_tiny_vqa or pmod_paper14."
+        ...,
+        "--tasks",
+        help="Comma-separated lmms-eval tasks, e.g. pmod_tiny_vqa, pmod_tiny_video or pmod_paper14.",
     ),
     limit: int = typer.Option(
         None, "--limit", help="Evaluate only the first N samples of each task."

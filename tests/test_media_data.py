@@ -197,3 +197,19 @@ def test_the_tiny_media_set_is_deterministic_and_every_sample_encodes(tmp_path, 
         assert dataset[position]["skipped"] == []
     held = json.loads((first / "heldout_video.json").read_text())
     assert all(sample["answer"] in sample["conversations"][1]["value"] for sample in held)
+
+
+def test_a_chat_template_must_render_a_conversation_s_beginning_as_its_prefix(onevision):
+    import copy
+
+    _, processor = onevision
+    processor = copy.copy(processor)
+    # the number of messages up front: a longer conversation does not extend a shorter one
+    processor.chat_template = (
+        "{{ messages | length }}{% for m in messages %}{{ m['role'] }}: "
+        "{% for item in m['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    encoder = SampleEncoder(processor, CHAT_TEMPLATE, 512)
+    with pytest.raises(SkipSample, match="beginning as its prefix"):
+        encoder.encode([{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}])

@@ -22,7 +22,18 @@ from pmod_cli.visualization.patches import (
 )
 
 # (width, height): square, wide, tall, odd sizes, extreme ratios, larger than every pinpoint
-SIZES = [(56, 56), (168, 56), (56, 168), (100, 37), (37, 100), (250, 200), (57, 113), (113, 57), (20, 90), (90, 20)]
+SIZES = [
+    (56, 56),
+    (168, 56),
+    (56, 168),
+    (100, 37),
+    (37, 100),
+    (250, 200),
+    (57, 113),
+    (113, 57),
+    (20, 90),
+    (90, 20),
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,9 @@ def token_pixels(image_processor, image: Image.Image, patch_size: int, cells, ti
             crop = 1 + tile_row * tiles_wide + tile_col
         else:
             crop, row, col = 0, cell.row, cell.col
-        patch = values[crop][:, row * patch_size : (row + 1) * patch_size, col * patch_size : (col + 1) * patch_size]
+        patch = values[crop][
+            :, row * patch_size : (row + 1) * patch_size, col * patch_size : (col + 1) * patch_size
+        ]
         patch = np.rint((patch * std + mean) * 255)
         real = patch[2] > 128
         per_token.append((patch[0][real], patch[1][real]))
@@ -99,10 +112,14 @@ def test_llava_next_boxes_match_the_processors_pixels(tiny_next, width, height):
         height, width, grid_pinpoints=GRID_PINPOINTS, tile_size=tile, cells_per_tile=tile // patch
     )
     cells = llava_next_cells(tile // patch, tile // patch, layout)
-    pixels = token_pixels(processor.image_processor, coordinate_image(width, height), patch, cells, layout.tiles_wide)
+    pixels = token_pixels(
+        processor.image_processor, coordinate_image(width, height), patch, cells, layout.tiles_wide
+    )
     assert_boxes_match_pixels(boxes, pixels, width, height, tile)
     # and as many tokens as the processor puts in the prompt
-    text = processor(images=coordinate_image(width, height), text="<image>\nhi", return_tensors="pt")
+    text = processor(
+        images=coordinate_image(width, height), text="<image>\nhi", return_tensors="pt"
+    )
     assert len(boxes) == int((text["input_ids"] == config.image_token_id).sum())
 
 
@@ -113,13 +130,18 @@ def test_llava_next_token_order_matches_hf_packing(tiny_next, width, height):
     config = model.config
     cells_per_tile = config.vision_config.image_size // config.vision_config.patch_size
     layout = anyres_layout(
-        height, width, grid_pinpoints=GRID_PINPOINTS, tile_size=config.vision_config.image_size,
+        height,
+        width,
+        grid_pinpoints=GRID_PINPOINTS,
+        tile_size=config.vision_config.image_size,
         cells_per_tile=cells_per_tile,
     )
     hidden = config.text_config.hidden_size
     tiles = layout.tiles_high * layout.tiles_wide
     features = torch.zeros(tiles + 1, cells_per_tile**2, hidden)  # (crops, patches, hidden)
-    rows, cols = torch.meshgrid(torch.arange(cells_per_tile), torch.arange(cells_per_tile), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(cells_per_tile), torch.arange(cells_per_tile), indexing="ij"
+    )
     features[0, :, 1], features[0, :, 2] = rows.flatten(), cols.flatten()
     for tile in range(tiles):  # tiles come in row-major order, as divide_to_patches cuts them
         tile_row, tile_col = divmod(tile, layout.tiles_wide)
@@ -133,8 +155,10 @@ def test_llava_next_token_order_matches_hf_packing(tiny_next, width, height):
     )
     ours = llava_next_cells(cells_per_tile, cells_per_tile, layout)
     expected = [
-        [0, cell.row, cell.col] if cell.view == BASE_VIEW
-        else [2, 0, 0] if cell.col is None
+        [0, cell.row, cell.col]
+        if cell.view == BASE_VIEW
+        else [2, 0, 0]
+        if cell.col is None
         else [1, cell.row, cell.col]
         for cell in ours
     ]
@@ -150,7 +174,9 @@ def test_llava_boxes_match_the_processors_pixels(tiny_llava, processor_kind, wid
     config = model.config
     patch, crop = config.vision_config.patch_size, config.vision_config.image_size
     if processor_kind == "clip_crop_smaller_than_resize":
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 70}, crop_size={"height": crop, "width": crop})
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 70}, crop_size={"height": crop, "width": crop}
+        )
     elif processor_kind == "llava_pad_to_square":  # the official LLaVA-1.5 "pad" aspect mode
         image_processor = LlavaImageProcessor(
             do_pad=True, size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}
@@ -158,13 +184,18 @@ def test_llava_boxes_match_the_processors_pixels(tiny_llava, processor_kind, wid
     else:
         image_processor = processor.image_processor
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     boxes = patch_boxes_for(processor, config, height, width)
     grid = crop // patch
     cells = [FeatureCell(IMAGE_VIEW, row, col) for row in range(grid) for col in range(grid)]
-    pixels = token_pixels(processor.image_processor, coordinate_image(width, height), patch, cells, 1)
+    pixels = token_pixels(
+        processor.image_processor, coordinate_image(width, height), patch, cells, 1
+    )
     assert_boxes_match_pixels(boxes, pixels, width, height, crop)
 
 
@@ -179,7 +210,12 @@ def test_llava_boxes_by_hand():
     # nothing maps into the cropped-away 28 px on either side
     assert min(box.x0 for box in boxes) == 28 and max(box.x1 for box in boxes) == 140
     with_cls = llava_patch_boxes(
-        112, 168, patch_size=14, size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, with_cls=True
+        112,
+        168,
+        patch_size=14,
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
+        with_cls=True,
     )
     assert with_cls[0] is None and with_cls[1:] == boxes
 
@@ -204,7 +240,9 @@ def test_llava_next_boxes_by_hand(tiny_next):
     assert first.y0 == pytest.approx(5 * 56 / 38) and first.y1 == pytest.approx(19 * 56 / 38)
     row2_col5 = high_res[9 + 5]
     assert row2_col5.x0 == pytest.approx(105) and row2_col5.x1 == pytest.approx(126)
-    assert row2_col5.y0 == pytest.approx(19 * 56 / 38) and row2_col5.y1 == pytest.approx(33 * 56 / 38)
+    assert row2_col5.y0 == pytest.approx(19 * 56 / 38) and row2_col5.y1 == pytest.approx(
+        33 * 56 / 38
+    )
 
 
 @pytest.mark.parametrize(
@@ -221,3 +259,58 @@ def test_llava_next_boxes_by_hand(tiny_next):
 )
 def test_unpadded_window(height, width, map_size, rows, cols):
     assert unpadded_window(height, width, *map_size) == (rows, cols)
+
+
+# ---- LLaVA-OneVision ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width,height", SIZES + [(224, 224), (230, 120)])
+def test_onevision_boxes_count_what_the_processor_counts(width, height):
+    model, processor = tiny_model(layout="onevision", layers=1)
+    inputs = processor(
+        text=["<image>"], images=[Image.new("RGB", (width, height))], return_tensors="pt"
+    )
+    tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert len(patch_boxes_for(processor, model.config, height, width)) == tokens
+
+
+def test_onevision_high_res_tokens_of_a_shrunk_map_cover_larger_cells():
+    from pmod_cli.visualization.patches import (
+        FRAME_VIEW,
+        onevision_frame_boxes,
+        onevision_patch_boxes,
+        onevision_several_image_boxes,
+    )
+
+    model, processor = tiny_model(layout="onevision", layers=1)
+    # 224 x 224: the 4x4 grid of 56 px tiles gives 16 x 16 features, shrunk by anyres_max_9 to 12 x 12
+    boxes = onevision_patch_boxes(processor, model.config, 224, 224)
+    assert len(boxes) == 16 + 12 * 13
+    assert [box.view for box in boxes[:16]] == [BASE_VIEW] * 16
+    assert (boxes[0].x0, boxes[0].x1) == (0, 56)  # the base view: 4 x 4 patches of 56 px
+    cell = 224 / 12
+    first, last_in_row = boxes[16], boxes[16 + 11]
+    assert first.view == HIGH_RES_VIEW and (first.x0, first.y0) == (0, 0)
+    assert (first.x1, first.y1) == pytest.approx((cell, cell))
+    assert (last_in_row.x0, last_in_row.x1) == pytest.approx((11 * cell, 224))
+    assert boxes[16 + 12] is None  # the row's newline
+    assert (boxes[-2].x1, boxes[-2].y1) == pytest.approx((224, 224)) and boxes[-1] is None
+    # one of several images: padded to a square (112 x 56 -> 28 px above and below), one crop of
+    # 4 x 4 patches of 28 px, then a newline
+    several = onevision_several_image_boxes(processor, model.config, 56, 112)
+    assert len(several) == 17 and several[-1] is None
+    assert (several[4].x0, several[4].y0, several[4].x1, several[4].y1) == (
+        0,
+        0,
+        28,
+        28,
+    )  # row 1 starts below the pad
+    # a video frame: squashed to one crop, 2 x 2 pooled tokens, each over half the frame
+    frame = onevision_frame_boxes(processor, model.config, 50, 70)
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in frame] == [
+        (0, 0, 35, 25),
+        (35, 0, 70, 25),
+        (0, 25, 35, 50),
+        (35, 25, 70, 50),
+    ]
+    assert {b.view for b in frame} == {FRAME_VIEW}

@@ -2,9 +2,10 @@
 
 A family says, in one place, everything the commands need to know about a kind of model: its HF
 classes and ``model_type``, its p-MoD classes, which language models and vision towers it takes,
-which input tokens are vision tokens, how its processor is built and which chat template it uses,
-how many vision tokens an image becomes (for FLOPs), where each vision token sits on the image
-(for ``pmod visualize``), and its name in recipes (``model.layout``). Every command reads it:
+which input tokens are vision tokens (image and video tokens) and which image or video frame each
+belongs to, how its processor is built and which chat template it uses, how many vision tokens an
+image or a video becomes (for FLOPs), where each vision token sits on the image or frame (for
+``pmod visualize``), and its name in recipes (``model.layout``). Every command reads it:
 
     family = family_for_model(model)           # or get_family("llava_next"), family_for_model_type(...)
     family.vision_mask(input_ids, model.config)
