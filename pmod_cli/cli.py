@@ -104,7 +104,23 @@ def visualize(
         image, checkpoint=checkpoint, layers=layers, prompt=prompt, output=output, matrix=matrix, heatmap=heatmap
     )
     Console().print(kept_table(result.selection, result.layers))
+    if result.selection.answer is not None:
+        typer.echo(f"answer: {result.selection.answer}")
     typer.echo(f"figure written to {result.output}")
+
+
+@app.command()
+def chat(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint directory, p-MoD or dense."),
+    question: str = typer.Argument(None, help="Ask this and exit; without it, ask in turns until an empty line or EOF."),
+    image: list[Path] = typer.Option(None, "--image", help="An image to ask about (repeatable)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+) -> None:
+    """Ask a checkpoint about images: the answer streamed, then one line of what it cost against the dense twin."""
+    from .evaluation.chat import run_chat
+
+    run_chat(checkpoint, image or [], question, max_new_tokens=max_new_tokens, device=device)
 
 
 @app.command()

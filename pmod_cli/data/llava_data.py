@@ -369,6 +369,19 @@ def load_image(path: Path) -> Image.Image:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
+def read_image(path: str | Path) -> Image.Image:
+    """An image a user named on the command line, as RGB, or a UserError saying why it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"image not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass an image file (PNG, JPEG, ...)")
+    try:
+        return load_image(path)
+    except SkipSample:
+        raise UserError(f"cannot read {path} as an image; pass a PNG, JPEG or other image file") from None
+
+
 # ---- dataset and collator -----------------------------------------------------------------
 
 

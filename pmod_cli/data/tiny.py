@@ -194,16 +194,11 @@ def _has_config(directory: Path) -> bool:
 
 
 def _write_tiny_base(directory: Path, layout: str) -> None:
-    from transformers.utils import logging as transformers_logging
+    from ..model.loading import quiet_progress_bars
 
     # built on first use inside a command: its progress bars would bury the command's own output
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
+    with quiet_progress_bars():
         _save_tiny_base(directory, layout)
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
 
 
 def _save_tiny_base(directory: Path, layout: str) -> None:

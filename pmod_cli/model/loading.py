@@ -4,6 +4,7 @@ training from ``model.checkpoint`` all load through ``load_checkpoint``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,21 @@ from ..errors import UserError
 from .config import PMoDConfig
 from .families import family_for_model_type, known_model_types
 from .modeling import apply_pmod
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside the
+    block: a command's output is its table or answer, and an error stays one line."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def default_device() -> str:
@@ -75,7 +91,8 @@ def load_checkpoint(
             "with processor.save_pretrained"
         ) from None
     try:
-        model = AutoModelForImageTextToText.from_pretrained(reference, **kwargs)
+        with quiet_progress_bars():
+            model = AutoModelForImageTextToText.from_pretrained(reference, **kwargs)
     except OSError as err:
         raise UserError(f"cannot load the checkpoint in {reference}: {_first_line(err)}") from None
     if pmod is not None:
@@ -95,8 +112,9 @@ def convert_checkpoint(source: str | Path, destination: str | Path, config: PMoD
         raise UserError(f"{destination} exists and is not empty; choose a new output directory")
     model, processor = load_checkpoint(source, pmod=config)
     staging = destination.with_name(destination.name + ".partial")
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
+    with quiet_progress_bars():
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     if destination.exists():
         destination.rmdir()
     staging.rename(destination)  # the directory appears whole or not at all

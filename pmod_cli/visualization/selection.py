@@ -41,6 +41,7 @@ class TokenSelection:
     image: np.ndarray  # (height, width, 3) uint8, the image as given
     boxes: list[PatchBox | None]  # one per vision token; None: no place on the image (newline, CLS)
     layers: list[LayerSelection]  # every decoder layer, in order
+    answer: str | None = None  # the model's answer to the prompt it routed
 
     @property
     def num_vision(self) -> int:
@@ -48,8 +49,9 @@ class TokenSelection:
 
 
 @torch.no_grad()
-def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSelection:
-    """Run one forward pass and read back every layer's kept vision tokens."""
+def select_tokens(model, processor, image: Image.Image, prompt: str, answer_tokens: int = 0) -> TokenSelection:
+    """Run the prompt and read back every layer's kept vision tokens in its prefill; with
+    ``answer_tokens`` the model also answers (greedy, up to that many tokens) in the same run."""
     image = image.convert("RGB")
     text = build_prompt(processor, prompt, 1, template_for_model(model))
     inputs = encode(processor, [text], [image], model)
@@ -59,14 +61,22 @@ def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSel
         raise RuntimeError(
             f"token mapping disagrees with the processor: {len(boxes)} patches for {int(vision_mask.sum())} image tokens"
         )
+    answer = None
     with record_routing(model) as routing:
-        model(**inputs)
+        if answer_tokens:
+            tokenizer = processor.tokenizer
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            output = model.generate(**inputs, max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad)
+            answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        else:
+            model(**inputs)
+    prefill = routing.calls[0] if routing.calls else {}
     layers = []
     for index, ratio in enumerate(model.retention_ratios):
         if ratio >= 1.0:  # a dense layer: it processed every token
             layers.append(LayerSelection(index, 1.0, np.ones(len(boxes), dtype=bool), None))
             continue
-        record = routing.layers[index]
+        record = prefill[index]
         layers.append(
             LayerSelection(
                 index,
@@ -75,7 +85,7 @@ def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSel
                 record.weights[0][vision_mask].numpy().astype(np.float32),
             )
         )
-    return TokenSelection(np.asarray(image), boxes, layers)
+    return TokenSelection(np.asarray(image), boxes, layers, answer)
 
 
 def default_layers(ratios: list[float], count: int = 4) -> list[int]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
 from rich.table import Table
 
+from ..data.llava_data import read_image
 from ..errors import UserError
 from ..model.loading import load_checkpoint
 from .figure import draw_selection
@@ -17,6 +17,7 @@ from .selection import TokenSelection, default_layers, parse_layers, select_toke
 
 DEFAULT_CHECKPOINT = Path("runs/tiny/sft")
 DEFAULT_PROMPT = "Describe the image."
+DEFAULT_ANSWER_TOKENS = 64
 MAKE_DEFAULT_CHECKPOINT = "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml"
 
 
@@ -26,20 +27,6 @@ class VisualizeResult:
     layers: list[int]  # the layers drawn
     figure: Figure
     output: Path
-
-
-def load_image(path: Path) -> Image.Image:
-    """The image as RGB, or a UserError naming why it cannot be read."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"image not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; pass an image file (PNG, JPEG, ...)")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file") from None
 
 
 def _checkpoint_config(checkpoint: Path | None):
@@ -84,15 +71,17 @@ def visualize_routing(
     matrix: bool = False,
     heatmap: bool = False,
     device: str | None = None,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
 ) -> VisualizeResult:
-    """Route ``image_path`` through the checkpoint and write the figure; layers like ``"2,14,26"``."""
-    image = load_image(image_path)
+    """Route ``image_path`` through the checkpoint and write the figure; layers like ``"2,14,26"``.
+    The model also answers the prompt (``answer_tokens`` at most; 0: no answer) in the same run."""
+    image = read_image(image_path)
     output = _output_path(output, image_path)
     checkpoint, config = _checkpoint_config(checkpoint)
     num_layers = config.text_config.num_hidden_layers
     chosen = parse_layers(layers, num_layers)
     model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
-    selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT)
+    selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT, answer_tokens)
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])
     figure = draw_selection(selection, chosen, heatmap=heatmap, matrix=matrix)
