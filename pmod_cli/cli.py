@@ -109,24 +109,31 @@ def visualize(
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="A LLaVA / LLaVA-NeXT checkpoint directory (HF format)."),
-    output: Path = typer.Argument(..., help="Where to write the p-MoD checkpoint (a new directory)."),
-    beta: float = typer.Option(0.5, "--beta", help="PRD shift: 0.5 keeps layers 0-7 dense at 32 layers."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine (PRD), linear, stepped, constant, interleaved."),
-    min_ratio: float = typer.Option(0.15, "--min-ratio", help="Lowest retention ratio of a MoD layer."),
-    max_ratio: float = typer.Option(0.85, "--max-ratio", help="Above it a layer stays dense."),
+    source: Path = typer.Argument(
+        ..., help="A llava-hf, original LLaVA or official p-MoD checkpoint directory (format detected)."
+    ),
+    output: Path = typer.Argument(..., help="Where to write the HF-native checkpoint (a new directory)."),
+    beta: float = typer.Option(None, "--beta", help="PRD shift (default 0.5): 0.5 keeps layers 0-7 dense at 32 layers."),
+    schedule: str = typer.Option(None, "--schedule", help="cosine (PRD), linear, stepped, constant, interleaved, cosine31, ..."),
+    min_ratio: float = typer.Option(None, "--min-ratio", help="Lowest retention ratio of a MoD layer (default 0.15)."),
+    max_ratio: float = typer.Option(None, "--max-ratio", help="Above it a layer stays dense (default 0.85)."),
+    dense: bool = typer.Option(False, "--dense", help="Write a plain llava-hf checkpoint (original LLaVA / official p-MoD sources)."),
+    vision_tower: Path = typer.Option(
+        None, "--vision-tower", help="The vision tower's local directory, when the config names a hub id."
+    ),
 ) -> None:
-    """Convert a LLaVA checkpoint into a p-MoD one (fresh routers: it computes like the original on kept tokens)."""
+    """Convert a checkpoint into a p-MoD one (or, with --dense, a llava-hf one); official p-MoD keeps its routers."""
     from .model.config import PMoDConfig
     from .model.loading import convert_checkpoint
 
+    given = {"beta": beta, "schedule": schedule, "min_ratio": min_ratio, "max_ratio": max_ratio}
+    overrides = {name: value for name, value in given.items() if value is not None}
     try:
-        config = PMoDConfig(schedule=schedule, beta=beta, min_ratio=min_ratio, max_ratio=max_ratio)
+        PMoDConfig().replace(**overrides)
     except ValueError as err:
         raise UserError(str(err)) from None
-    written = convert_checkpoint(source, output, config)
-    ratios = config.retention_ratios(_num_layers(written))
-    typer.echo(f"wrote {written}: {sum(r < 1 for r in ratios)} of {len(ratios)} layers are MoD")
+    written = convert_checkpoint(source, output, overrides=overrides, dense=dense, vision_tower=vision_tower)
+    typer.echo(f"wrote {written}: {_layer_summary(written)}")
 
 
 _RECIPE_HELP = "Recipe TOML with the sections model, pmod, data and train (see docs/recipes.md)."
@@ -242,11 +249,17 @@ class _WarningLines(logging.Handler):
         typer.secho(f"warning: {record.getMessage()}", fg=typer.colors.YELLOW, err=True)
 
 
-def _num_layers(checkpoint: Path) -> int:
+def _layer_summary(checkpoint: Path) -> str:
     import json
 
+    from .model.config import PMoDConfig
+
     config = json.loads((checkpoint / "config.json").read_text())
-    return config["text_config"]["num_hidden_layers"]
+    num_layers = config["text_config"]["num_hidden_layers"]
+    if "pmod" not in config:
+        return f"a dense {config['model_type']} checkpoint, {num_layers} layers"
+    ratios = PMoDConfig.from_dict(config["pmod"]).retention_ratios(num_layers)
+    return f"{sum(r < 1 for r in ratios)} of {len(ratios)} layers are MoD"
 
 
 def main() -> None:

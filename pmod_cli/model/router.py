@@ -2,7 +2,7 @@
 
 A router is ``Linear(hidden, 1)`` with bias, both zero at the start, applied to the hidden
 state entering the layer. A weight norm f maps the logits r to a token weight w = 1 + f(r);
-every norm gives f(0) = 0 for ``tanh``/``none`` so a fresh router leaves the model untouched.
+``tanh`` and ``none`` give f(0) = 0, so a fresh router leaves the model untouched.
 Adding a norm is one decorated function.
 """
 
@@ -31,6 +31,12 @@ def register_weight_norm(name: str) -> Callable[[WeightNormFn], WeightNormFn]:
 def tanh_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
     """TanhNorm: alpha * tanh(r), zero-centred and bounded by alpha."""
     return alpha * torch.tanh(logits)
+
+
+@register_weight_norm("sigmoid")
+def sigmoid_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+    """alpha * sigmoid(r): the released code's ``sigmoid`` norm (bounded, not zero-centred)."""
+    return alpha * torch.sigmoid(logits)
 
 
 @register_weight_norm("softmax")

@@ -7,7 +7,7 @@ are loaded with their weights, the tokenizer gets an ``<image>`` token (and a pa
 has none), and a new mlp2x_gelu connector joins them in an HF ``LlavaForConditionalGeneration``
 (or ``LlavaNextForConditionalGeneration``). From a checkpoint (``model.checkpoint``): an HF
 LLaVA / LLaVA-NeXT directory or hub id, dense or p-MoD. Then ``model.pretrained_connector``
-loads a pretrain stage's connector, and ``apply_pmod`` converts the model unless
+loads a pretrain stage's connector (or LLaVA's stage-1 ``mm_projector.bin``), and ``apply_pmod`` converts the model unless
 ``pmod.enabled`` is false.
 
 The parameters fall into four parts, the unit of freezing and of learning rates:
@@ -249,20 +249,47 @@ def _weight_files(directory: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
-    """Copy the connector weights of a pretrain output (an HF LLaVA directory) into ``model``."""
+def load_connector(model: nn.Module, source: str | Path) -> list[str]:
+    """Copy pretrained connector weights into ``model``: a pretrain output (an HF LLaVA
+    directory) or LLaVA's stage-1 ``mm_projector.bin`` (the file or its directory)."""
+    source = Path(resolve_name(str(source)))
+    if not source.exists():
+        raise UserError(
+            f"model.pretrained_connector {source} does not exist; run the pretrain stage first "
+            "(e.g. pmod pretrain recipes/tiny_pretrain.toml) or point it at a pretrain output_dir or a mm_projector.bin"
+        )
+    projector_file = source if source.is_file() else source / "mm_projector.bin"
+    if projector_file.is_file():
+        connector = _llava_projector(projector_file)
+    else:
+        connector = _pretrained_connector(source)
+    own = {name: p for name, p in model.named_parameters() if part_of(name) == "connector"}
+    if "model.image_newline" in own and "model.image_newline" not in connector:
+        # a LLaVA-NeXT sft from a base-resolution pretrain: the newline token starts fresh
+        del own["model.image_newline"]
+    missing = sorted(set(own) - set(connector))
+    if missing:
+        raise UserError(f"model.pretrained_connector {source} lacks {missing[0]}; was it trained for this layout?")
+    with torch.no_grad():
+        for name, parameter in own.items():
+            if connector[name].shape != parameter.shape:
+                raise UserError(
+                    f"model.pretrained_connector {source}: {name} is {tuple(connector[name].shape)}, "
+                    f"this model needs {tuple(parameter.shape)} (a different vision tower or LLM?)"
+                )
+            parameter.copy_(connector[name].to(parameter.dtype))
+    return sorted(own)
+
+
+def _pretrained_connector(directory: Path) -> dict[str, torch.Tensor]:
+    """The connector of a pretrain output directory, under the model's parameter names."""
     from safetensors import safe_open
 
-    directory = Path(resolve_name(str(directory)))
-    if not directory.is_dir():
-        raise UserError(
-            f"model.pretrained_connector {directory} does not exist; run the pretrain stage first "
-            "(e.g. pmod pretrain recipes/tiny_pretrain.toml) or point it at a pretrain output_dir"
-        )
     files = _weight_files(directory)
     if not files:
         raise UserError(
-            f"model.pretrained_connector {directory} holds no model.safetensors; point it at a pretrain output_dir"
+            f"model.pretrained_connector {directory} holds no model.safetensors or mm_projector.bin; "
+            "point it at a pretrain output_dir"
         )
     connector = {}
     for file in files:
@@ -276,22 +303,19 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
                     )
                 elif key.endswith("image_newline"):
                     connector["model.image_newline"] = weights.get_tensor(key)
-    own = {name: p for name, p in model.named_parameters() if part_of(name) == "connector"}
-    if "model.image_newline" in own and "model.image_newline" not in connector:
-        # a LLaVA-NeXT sft from a base-resolution pretrain: the newline token starts fresh
-        del own["model.image_newline"]
-    missing = sorted(set(own) - set(connector))
-    if missing:
-        raise UserError(f"model.pretrained_connector {directory} lacks {missing[0]}; was it trained for this layout?")
-    with torch.no_grad():
-        for name, parameter in own.items():
-            if connector[name].shape != parameter.shape:
-                raise UserError(
-                    f"model.pretrained_connector {directory}: {name} is {tuple(connector[name].shape)}, "
-                    f"this model needs {tuple(parameter.shape)} (a different vision tower or LLM?)"
-                )
-            parameter.copy_(connector[name].to(parameter.dtype))
-    return sorted(own)
+    return connector
+
+
+def _llava_projector(file: Path) -> dict[str, torch.Tensor]:
+    """LLaVA's ``mm_projector.bin`` (``model.mm_projector.{0,2}.*``, mlp2x_gelu) under llava-hf's names."""
+    from ..model.formats.original_llava import hf_weight_name
+    from ..model.formats.weights import read_file
+
+    tensors = read_file(file)  # torch.load(weights_only=True): tensors only
+    projector = {name: tensor for name, tensor in tensors.items() if name.startswith("model.mm_projector.")}
+    if not projector:
+        raise UserError(f"model.pretrained_connector {file} holds no model.mm_projector.* weights")
+    return {hf_weight_name(name): tensor for name, tensor in projector.items()}
 
 
 def check_pmod_layers(recipe: Recipe, num_layers: int) -> list[float]:

@@ -238,7 +238,7 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
         ("output", train.output_dir),
     ]
     if recipe.model.pretrained_connector:
-        found = Path(resolve_name(recipe.model.pretrained_connector)).is_dir()
+        found = Path(resolve_name(recipe.model.pretrained_connector)).exists()
         rows.append(
             ("pretrained connector", recipe.model.pretrained_connector + ("" if found else "  [yellow](not there yet: run the pretrain stage first)"))
         )

@@ -52,7 +52,8 @@ class ModelSection:
         vision_feature_layer: which vision layer feeds the projector (-2: the second to last).
         vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
         image_grid_pinpoints: LLaVA-NeXT anyres resolutions, ``[[height, width], ...]`` in pixels.
-        pretrained_connector: a pretrain-stage output directory whose connector weights to load.
+        pretrained_connector: a pretrain-stage output directory whose connector weights to load,
+            or LLaVA's stage-1 ``mm_projector.bin`` (the file or its directory).
         preset: a shape preset of ``pmod_cli.model.presets`` used to plan (``--dry-run``) when the
             parts' configs are not on this machine.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
