@@ -214,13 +214,9 @@ def _check_counts(samples: int, batch_size: int, dense_layers: int) -> None:
 
 
 def _num_decoder_layers(checkpoint: Path) -> int:
-    from transformers import AutoConfig
+    from ..model.loading import read_num_layers
 
-    # importing the model core registers the p-MoD model types with AutoConfig
-    from ..model.loading import read_model_type
-
-    read_model_type(checkpoint)
-    return AutoConfig.from_pretrained(checkpoint).text_config.num_hidden_layers
+    return read_num_layers(checkpoint)
 
 
 def measure_arank(

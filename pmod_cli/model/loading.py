@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     LlavaConfig,
@@ -41,6 +42,18 @@ def read_model_type(path: str | Path, vision_tower: str | Path | None = None) ->
     if detect_format(path) == "llava_hf":
         return read_config(path).get("model_type")
     return inspect_checkpoint(path, vision_tower).hf_model_type
+
+
+def read_num_layers(path: str | Path, vision_tower: str | Path | None = None) -> int:
+    """The number of decoder layers of a checkpoint in any format pmod reads (no weights loaded)."""
+    if detect_format(path) == "llava_hf":
+        try:
+            return AutoConfig.from_pretrained(str(path)).text_config.num_hidden_layers
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"cannot read the config of {path}: {str(err).splitlines()[0]}"
+            ) from None
+    return inspect_checkpoint(path, vision_tower).num_layers
 
 
 def load_checkpoint(
