@@ -21,30 +21,56 @@ app = typer.Typer(
 
 @app.command()
 def flops(
-    model: str = typer.Option(None, "--model", help="Preset (default llava-next-7b); see docs/flops.md."),
-    config: str = typer.Option(None, "--config", help="HF config.json or checkpoint dir, dense or p-MoD."),
-    beta: list[float] = typer.Option(None, "--beta", help="PRD shift (default 0.5); repeat to compare."),
-    schedule: str = typer.Option(None, "--schedule", help="cosine (PRD), linear, stepped, constant, interleaved."),
-    min_ratio: float = typer.Option(None, "--min-ratio", help="Lowest ratio of a MoD layer (default 0.15)."),
-    max_ratio: float = typer.Option(None, "--max-ratio", help="Above it a layer stays dense (default 0.85)."),
-    vision_tokens: int = typer.Option(None, "--vision-tokens", help="V (default: the largest image layout)."),
+    model: str = typer.Option(
+        None, "--model", help="Preset (default llava-next-7b); see docs/flops.md."
+    ),
+    config: str = typer.Option(
+        None, "--config", help="HF config.json or checkpoint dir, dense or p-MoD."
+    ),
+    beta: list[float] = typer.Option(
+        None, "--beta", help="PRD shift (default 0.5); repeat to compare."
+    ),
+    schedule: str = typer.Option(
+        None, "--schedule", help="cosine (PRD), linear, stepped, constant, interleaved."
+    ),
+    min_ratio: float = typer.Option(
+        None, "--min-ratio", help="Lowest ratio of a MoD layer (default 0.15)."
+    ),
+    max_ratio: float = typer.Option(
+        None, "--max-ratio", help="Above it a layer stays dense (default 0.85)."
+    ),
+    vision_tokens: int = typer.Option(
+        None, "--vision-tokens", help="V (default: the largest image layout)."
+    ),
     text_tokens: int = typer.Option(None, "--text-tokens", help="T (default 58, as in the paper)."),
     count: str = typer.Option(
-        "paper", "--count", help="paper (the paper's profiler) or full (+ attention, vision tower, projector)."
+        "paper",
+        "--count",
+        help="paper (the paper's profiler) or full (+ attention, vision tower, projector).",
     ),
     dtype: str = typer.Option("bf16", "--dtype", help="KV cache dtype: bf16, fp16, fp32, fp8."),
     routed_tokens: str = typer.Option(
-        None, "--routed-tokens", help="vision (p-MoD) or all (gamma-MoD: prompt text before the image competes too)."
+        None,
+        "--routed-tokens",
+        help="vision (p-MoD) or all (gamma-MoD: prompt text before the image competes too).",
     ),
     prefix_text_tokens: int = typer.Option(
-        None, "--prefix-text-tokens", help="With routed tokens all: text tokens up to the image that compete (default 35)."
+        None,
+        "--prefix-text-tokens",
+        help="With routed tokens all: text tokens up to the image that compete (default 35).",
     ),
     calibration: Path = typer.Option(
-        None, "--calibration", help="LLaVA JSON/JSONL samples: run --config CHECKPOINT on them and count the measured ratios."
+        None,
+        "--calibration",
+        help="LLaVA JSON/JSONL samples: run --config CHECKPOINT on them and count the measured ratios.",
     ),
-    calibration_samples: int = typer.Option(None, "--calibration-samples", help="Samples to measure (default 16)."),
+    calibration_samples: int = typer.Option(
+        None, "--calibration-samples", help="Samples to measure (default 16)."
+    ),
     image_folder: Path = typer.Option(
-        None, "--image-folder", help="With --calibration: the directory its image paths are relative to (default: its own)."
+        None,
+        "--image-folder",
+        help="With --calibration: the directory its image paths are relative to (default: its own).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     plot: str = typer.Option(None, "--plot", help="Draw retention ratio vs layer into this PNG."),
@@ -88,12 +114,28 @@ def flops(
 @app.command()
 def visualize(
     image: Path = typer.Argument(..., help="The image to route (PNG, JPEG, ...)."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="p-MoD checkpoint directory (default: the tiny default's runs/tiny/sft)."),
-    layers: str = typer.Option(None, "--layers", help="Comma-separated decoder layers, e.g. 2,14,26 (default: 4 MoD layers, first to last)."),
-    prompt: str = typer.Option(None, "--prompt", help="The question asked with the image (default: Describe the image.)."),
-    output: Path = typer.Option(None, "--output", help="Figure file (default: <image stem>_pmod.png)."),
-    matrix: bool = typer.Option(False, "--matrix", help="Add the layers x vision-token matrix (the paper's Figure 6)."),
-    heatmap: bool = typer.Option(False, "--heatmap", help="Colour patches by router weight instead of kept/skipped."),
+    checkpoint: Path = typer.Option(
+        None,
+        "--checkpoint",
+        help="p-MoD checkpoint directory (default: the tiny default's runs/tiny/sft).",
+    ),
+    layers: str = typer.Option(
+        None,
+        "--layers",
+        help="Comma-separated decoder layers, e.g. 2,14,26 (default: 4 MoD layers, first to last).",
+    ),
+    prompt: str = typer.Option(
+        None, "--prompt", help="The question asked with the image (default: Describe the image.)."
+    ),
+    output: Path = typer.Option(
+        None, "--output", help="Figure file (default: <image stem>_pmod.png)."
+    ),
+    matrix: bool = typer.Option(
+        False, "--matrix", help="Add the layers x vision-token matrix (the paper's Figure 6)."
+    ),
+    heatmap: bool = typer.Option(
+        False, "--heatmap", help="Colour patches by router weight instead of kept/skipped."
+    ),
 ) -> None:
     """Show which image patches each p-MoD layer keeps: a figure and a table of kept counts."""
     from rich.console import Console
@@ -101,7 +143,13 @@ def visualize(
     from .visualization.visualize import kept_table, visualize_routing
 
     result = visualize_routing(
-        image, checkpoint=checkpoint, layers=layers, prompt=prompt, output=output, matrix=matrix, heatmap=heatmap
+        image,
+        checkpoint=checkpoint,
+        layers=layers,
+        prompt=prompt,
+        output=output,
+        matrix=matrix,
+        heatmap=heatmap,
     )
     Console().print(kept_table(result.selection, result.layers))
     if result.selection.answer is not None:
@@ -112,10 +160,14 @@ def visualize(
 @app.command()
 def chat(
     checkpoint: Path = typer.Argument(..., help="A checkpoint directory, p-MoD or dense."),
-    question: str = typer.Argument(None, help="Ask this and exit; without it, ask in turns until an empty line or EOF."),
+    question: str = typer.Argument(
+        None, help="Ask this and exit; without it, ask in turns until an empty line or EOF."
+    ),
     image: list[Path] = typer.Option(None, "--image", help="An image to ask about (repeatable)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."
+    ),
 ) -> None:
     """Ask a checkpoint about images: the answer streamed, then one line of what it cost against the dense twin."""
     from .evaluation.chat import run_chat
@@ -125,24 +177,52 @@ def chat(
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="A LLaVA / LLaVA-NeXT checkpoint directory (HF format)."),
-    output: Path = typer.Argument(..., help="Where to write the p-MoD checkpoint (a new directory)."),
-    beta: float = typer.Option(0.5, "--beta", help="PRD shift: 0.5 keeps layers 0-7 dense at 32 layers."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine (PRD), linear, stepped, constant, interleaved."),
-    min_ratio: float = typer.Option(0.15, "--min-ratio", help="Lowest retention ratio of a MoD layer."),
-    max_ratio: float = typer.Option(0.85, "--max-ratio", help="Above it a layer stays dense."),
+    source: Path = typer.Argument(
+        ...,
+        help="A llava-hf, original LLaVA or official p-MoD checkpoint directory (format detected).",
+    ),
+    output: Path = typer.Argument(
+        ..., help="Where to write the HF-native checkpoint (a new directory)."
+    ),
+    beta: float = typer.Option(
+        None, "--beta", help="PRD shift (default 0.5): 0.5 keeps layers 0-7 dense at 32 layers."
+    ),
+    schedule: str = typer.Option(
+        None,
+        "--schedule",
+        help="cosine (PRD), linear, stepped, constant, interleaved, cosine31, ...",
+    ),
+    min_ratio: float = typer.Option(
+        None, "--min-ratio", help="Lowest retention ratio of a MoD layer (default 0.15)."
+    ),
+    max_ratio: float = typer.Option(
+        None, "--max-ratio", help="Above it a layer stays dense (default 0.85)."
+    ),
+    dense: bool = typer.Option(
+        False,
+        "--dense",
+        help="Write a plain llava-hf checkpoint (original LLaVA / official p-MoD sources).",
+    ),
+    vision_tower: Path = typer.Option(
+        None,
+        "--vision-tower",
+        help="The vision tower's local directory, when the config names a hub id.",
+    ),
 ) -> None:
-    """Convert a LLaVA checkpoint into a p-MoD one (fresh routers: it computes like the original on kept tokens)."""
+    """Convert a checkpoint into a p-MoD one (or, with --dense, a llava-hf one); official p-MoD keeps its routers."""
     from .model.config import PMoDConfig
     from .model.loading import convert_checkpoint
 
+    given = {"beta": beta, "schedule": schedule, "min_ratio": min_ratio, "max_ratio": max_ratio}
+    overrides = {name: value for name, value in given.items() if value is not None}
     try:
-        config = PMoDConfig(schedule=schedule, beta=beta, min_ratio=min_ratio, max_ratio=max_ratio)
+        PMoDConfig().replace(**overrides)
     except ValueError as err:
         raise UserError(str(err)) from None
-    written = convert_checkpoint(source, output, config)
-    ratios = config.retention_ratios(_num_layers(written))
-    typer.echo(f"wrote {written}: {sum(r < 1 for r in ratios)} of {len(ratios)} layers are MoD")
+    written = convert_checkpoint(
+        source, output, overrides=overrides, dense=dense, vision_tower=vision_tower
+    )
+    typer.echo(f"wrote {written}: {_layer_summary(written)}")
 
 
 _RECIPE_HELP = "Recipe TOML with the sections model, pmod, data and train (see docs/recipes.md)."
@@ -179,16 +259,40 @@ def sft(
 
 @app.command()
 def arank(
-    checkpoint: Path = typer.Argument(..., help="A LLaVA / LLaVA-NeXT checkpoint directory, plain HF or p-MoD."),
-    data: Path = typer.Option(..., "--data", help="LLaVA-format JSON / JSONL image-question samples."),
-    image_folder: Path = typer.Option(None, "--image-folder", help="Directory the samples' image paths are relative to (default: the data file's; tiny:shapes/images for tiny:shapes data)."),
-    samples: int = typer.Option(16, "--samples", help="How many image-question samples to average over."),
+    checkpoint: Path = typer.Argument(
+        ..., help="A LLaVA / LLaVA-NeXT checkpoint directory, plain HF or p-MoD."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="LLaVA-format JSON / JSONL image-question samples."
+    ),
+    image_folder: Path = typer.Option(
+        None,
+        "--image-folder",
+        help="Directory the samples' image paths are relative to (default: the data file's; tiny:shapes/images for tiny:shapes data).",
+    ),
+    samples: int = typer.Option(
+        16, "--samples", help="How many image-question samples to average over."
+    ),
     batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass."),
-    dense_layers: int = typer.Option(4, "--dense-layers", help="K: the K highest-ARank layers stay dense, the rest become MoD."),
-    output: Path = typer.Option(Path("arank.png"), "--output", help="Where to draw ARank per layer (PNG, PDF, SVG)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Precision of the model and its attention maps: float32, bfloat16, float16, auto."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-    save: Path = typer.Option(None, "--save", help="Write the ARank result file (JSON) that recipes and PMoDConfig can use."),
+    dense_layers: int = typer.Option(
+        4, "--dense-layers", help="K: the K highest-ARank layers stay dense, the rest become MoD."
+    ),
+    output: Path = typer.Option(
+        Path("arank.png"), "--output", help="Where to draw ARank per layer (PNG, PDF, SVG)."
+    ),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help="Precision of the model and its attention maps: float32, bfloat16, float16, auto.",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object instead of the table."
+    ),
+    save: Path = typer.Option(
+        None,
+        "--save",
+        help="Write the ARank result file (JSON) that recipes and PMoDConfig can use.",
+    ),
 ) -> None:
     """gamma-MoD's ARank: rank of each layer's attention maps, and the MoD layers it proposes."""
     from .analysis.arank import measure_arank
@@ -209,16 +313,32 @@ def arank(
 
 @app.command("eval")
 def evaluate(
-    checkpoints: list[Path] = typer.Argument(..., help="p-MoD or plain LLaVA / LLaVA-NeXT checkpoint directories."),
-    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lmms-eval tasks, e.g. pmod_tiny_vqa or pmod_paper14."),
-    limit: int = typer.Option(None, "--limit", help="Evaluate only the first N samples of each task."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Samples generated together (left padding)."),
-    include_path: Path = typer.Option(None, "--include-path", help="A directory of extra lmms-eval task YAMLs."),
-    output: Path = typer.Option(
-        None, "--output", help="Also write the report (and every measurement) to this JSON file; lmms-eval's own files go to FILE_lmms_eval/."
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="p-MoD or plain LLaVA / LLaVA-NeXT checkpoint directories."
     ),
-    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
-    count: str = typer.Option("paper", "--count", help="TFLOPs count: paper (as `pmod flops`) or full."),
+    tasks: str = typer.Option(
+        ..., "--tasks", help="Comma-separated lmms-eval tasks, e.g. pmod_tiny_vqa or pmod_paper14."
+    ),
+    limit: int = typer.Option(
+        None, "--limit", help="Evaluate only the first N samples of each task."
+    ),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Samples generated together (left padding)."
+    ),
+    include_path: Path = typer.Option(
+        None, "--include-path", help="A directory of extra lmms-eval task YAMLs."
+    ),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        help="Also write the report (and every measurement) to this JSON file; lmms-eval's own files go to FILE_lmms_eval/.",
+    ),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda or cuda:N (default: cuda when available)."
+    ),
+    count: str = typer.Option(
+        "paper", "--count", help="TFLOPs count: paper (as `pmod flops`) or full."
+    ),
 ) -> None:
     """Evaluate checkpoints with lmms-eval: accuracy and measured efficiency side by side."""
     from rich.console import Console
@@ -258,11 +378,17 @@ class _WarningLines(logging.Handler):
         typer.secho(f"warning: {record.getMessage()}", fg=typer.colors.YELLOW, err=True)
 
 
-def _num_layers(checkpoint: Path) -> int:
+def _layer_summary(checkpoint: Path) -> str:
     import json
 
+    from .model.config import PMoDConfig
+
     config = json.loads((checkpoint / "config.json").read_text())
-    return config["text_config"]["num_hidden_layers"]
+    num_layers = config["text_config"]["num_hidden_layers"]
+    if "pmod" not in config:
+        return f"a dense {config['model_type']} checkpoint, {num_layers} layers"
+    ratios = PMoDConfig.from_dict(config["pmod"]).retention_ratios(num_layers)
+    return f"{sum(r < 1 for r in ratios)} of {len(ratios)} layers are MoD"
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ names, output hooks (``output_hidden_states``) and gradient checkpointing stay t
 transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer:
 
 1. select: the router scores every token; each sample keeps floor(n_vision * R) of its own
-   vision tokens (top scores) and every real text token;
+   vision tokens (top scores, or top weights: ``selection.py``) and every real text token;
 2. gather: kept tokens, in their original order, with their original positions (RoPE);
 3. run: attention over this layer's own cache and mask, then the MLP;
 4. scatter: kept tokens go back to their places, skipped ones pass through;
@@ -28,6 +28,7 @@ from .cache import pmod_cache_layer
 from .config import PMoDConfig
 from .router import WEIGHT_NORM_FNS, Router
 from .routing import active_recorder
+from .selection import SELECTION_RULES
 
 
 @dataclass
@@ -71,7 +72,14 @@ class PMoDLayerMixin:
         cache_kwarg = _cache_kwarg(type(self.self_attn))
         cache = kwargs.pop(cache_kwarg, None)
         return self._mod_forward(
-            hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, pmod_routing, **kwargs
+            hidden_states,
+            position_ids,
+            cache,
+            cache_kwarg,
+            use_cache,
+            position_embeddings,
+            pmod_routing,
+            **kwargs,
         )
 
     # ---- the MoD path -------------------------------------------------------------------
@@ -92,30 +100,42 @@ class PMoDLayerMixin:
         last_image = torch.where(vision, index, -1).max(dim=1).values  # (batch,)
         return valid & (index <= last_image[:, None])
 
-    def _token_weights(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """w = 1 + f(r) for competing tokens, 1 for the others."""
+    def _normalised(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) of the layer's weight norm, for every token."""
         cfg = self.pmod_config
         shift = cfg.softmax_shift if cfg.softmax_shift is not None else -cfg.alpha / 2
-        offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
-        return 1.0 + offset * candidates.to(offset.dtype)
+        return 1.0 + WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
 
-    def _select(self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _token_weights(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) for competing tokens, 1 for the others."""
+        return torch.where(candidates, self._normalised(logits, candidates), 1.0)
+
+    def _select(
+        self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """(batch, seq) bool: the real tokens that do not compete, plus the winners of those that do."""
         if not self.training and self.pmod_config.inference_routing == "threshold":
-            selected = candidates & (torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold)
+            selected = candidates & (
+                torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold
+            )
             return (valid & ~candidates) | selected
-        batch, seq = logits.shape
         keep_count = torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
-        scores = logits.detach().float().masked_fill(~candidates, float("-inf"))
-        # stable sort: equal scores (a fresh router scores every token 0) keep the earliest tokens
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        arange = torch.arange(seq, device=logits.device).expand(batch, seq)
-        rank = torch.empty_like(order).scatter_(1, order, arange)
-        selected = candidates & (rank < keep_count[:, None])
+        rule = SELECTION_RULES[self.pmod_config.selection]
+        selected = rule(
+            logits, candidates, keep_count, lambda scores: self._normalised(scores, candidates)
+        )
         return (valid & ~candidates) | selected
 
     def _mod_forward(
-        self, hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, routing, **kwargs
+        self,
+        hidden_states,
+        position_ids,
+        cache,
+        cache_kwarg,
+        use_cache,
+        position_embeddings,
+        routing,
+        **kwargs,
     ):
         batch, seq, hidden = hidden_states.shape
         device = hidden_states.device
@@ -127,7 +147,11 @@ class PMoDLayerMixin:
         vision, valid = routing.vision_mask, routing.token_valid
 
         # 1. select
-        router_input = self.input_layernorm(hidden_states) if self.pmod_config.router_input == "normed" else hidden_states
+        router_input = (
+            self.input_layernorm(hidden_states)
+            if self.pmod_config.router_input == "normed"
+            else hidden_states
+        )
         logits = self.active_router(router_input)  # (batch, seq)
         candidates = self.competing_tokens(vision, valid)  # (batch, seq)
         weights = self._token_weights(logits, candidates)  # (batch, seq)
@@ -135,7 +159,9 @@ class PMoDLayerMixin:
         _record(self, keep, vision, weights, logits)
         if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
             # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
-            routing_loss = F.binary_cross_entropy_with_logits(logits[candidates].float(), keep[candidates].float())
+            routing_loss = F.binary_cross_entropy_with_logits(
+                logits[candidates].float(), keep[candidates].float()
+            )
             routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
 
         # 2. gather: kept tokens first, in order; a sample that keeps fewer is padded with
@@ -146,8 +172,12 @@ class PMoDLayerMixin:
             kept_index = keep[0].nonzero().view(1, kept)  # (1, kept)
             slot_valid = None
         else:
-            kept_index = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :kept]
-            slot_valid = torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]  # (batch, kept)
+            kept_index = torch.sort(
+                keep.to(torch.uint8), dim=1, descending=True, stable=True
+            ).indices[:, :kept]
+            slot_valid = (
+                torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]
+            )  # (batch, kept)
         gather_hidden = kept_index.unsqueeze(-1).expand(batch, kept, hidden)
         kept_states = hidden_states.gather(1, gather_hidden)  # (batch, kept, hidden)
         if position_ids is None:
@@ -155,14 +185,21 @@ class PMoDLayerMixin:
         kept_positions = position_ids.expand(batch, seq).gather(1, kept_index)  # (batch, kept)
         cos, sin = position_embeddings
         gather_rope = kept_index.unsqueeze(-1).expand(batch, kept, cos.shape[-1])
-        kept_rope = (cos.expand(batch, -1, -1).gather(1, gather_rope), sin.expand(batch, -1, -1).gather(1, gather_rope))
+        kept_rope = (
+            cos.expand(batch, -1, -1).gather(1, gather_rope),
+            sin.expand(batch, -1, -1).gather(1, gather_rope),
+        )
 
         # 3. run, on this layer's own cache and mask
         past_valid = past_positions = None
         if cache is not None:
             cache_layer = pmod_cache_layer(cache, self.self_attn.layer_idx)
             past_valid, past_positions = cache_layer.slot_valid, cache_layer.slot_positions
-            new_valid = slot_valid if slot_valid is not None else torch.ones(batch, kept, dtype=torch.bool, device=device)
+            new_valid = (
+                slot_valid
+                if slot_valid is not None
+                else torch.ones(batch, kept, dtype=torch.bool, device=device)
+            )
             cache_layer.record_slots(new_valid, kept_positions, seq)
         attn_mask = subset_attention_mask(
             self.self_attn.config._attn_implementation,
@@ -194,7 +231,9 @@ class PMoDLayerMixin:
         else:
             kept_out = kept_states + kept_weights * (attn_out + mlp_out)
         if self.pmod_config.string:
-            passed = hidden_states * weights.unsqueeze(-1)  # a fresh tensor: safe to scatter into in place
+            passed = hidden_states * weights.unsqueeze(
+                -1
+            )  # a fresh tensor: safe to scatter into in place
         else:
             passed = hidden_states.clone()
         if slot_valid is not None:  # padding slots write back what a skipped token would hold
@@ -234,8 +273,12 @@ def subset_attention_mask(
     padding slots left in the cache by earlier calls need masking. Returns None where the
     attention kernel's own causal mode is exact.
     """
-    if attn_implementation not in ("eager", "sdpa") and not attn_implementation.startswith("flash_attention"):
-        raise ValueError(f"p-MoD layers run with eager, sdpa or flash_attention_2 attention, not {attn_implementation!r}")
+    if attn_implementation not in ("eager", "sdpa") and not attn_implementation.startswith(
+        "flash_attention"
+    ):
+        raise ValueError(
+            f"p-MoD layers run with eager, sdpa or flash_attention_2 attention, not {attn_implementation!r}"
+        )
     batch, kept = query_positions.shape
     past = 0 if past_valid is None else past_valid.shape[1]
     all_past_valid = past == 0 or bool(past_valid.all())
@@ -244,23 +287,38 @@ def subset_attention_mask(
         if all_past_valid and query_valid is None:
             return None
         parts = [past_valid] if past else []
-        parts.append(query_valid if query_valid is not None else torch.ones_like(query_positions, dtype=torch.bool))
+        parts.append(
+            query_valid
+            if query_valid is not None
+            else torch.ones_like(query_positions, dtype=torch.bool)
+        )
         return torch.cat(parts, dim=1).long()
-    if sliding_window is None and all_past_valid and (past == 0 or kept == 1) and attn_implementation == "sdpa":
+    if (
+        sliding_window is None
+        and all_past_valid
+        and (past == 0 or kept == 1)
+        and attn_implementation == "sdpa"
+    ):
         return None
     device = query_positions.device
     causal = torch.ones(kept, kept, dtype=torch.bool, device=device).tril()
     allowed = causal.expand(batch, kept, kept)
     if sliding_window is not None:
-        allowed = allowed & (query_positions[:, :, None] - query_positions[:, None, :] < sliding_window)
+        allowed = allowed & (
+            query_positions[:, :, None] - query_positions[:, None, :] < sliding_window
+        )
     if past:
         past_allowed = past_valid[:, None, :].expand(batch, kept, past)
         if sliding_window is not None:
-            past_allowed = past_allowed & (query_positions[:, :, None] - past_positions[:, None, :] < sliding_window)
+            past_allowed = past_allowed & (
+                query_positions[:, :, None] - past_positions[:, None, :] < sliding_window
+            )
         allowed = torch.cat([past_allowed, allowed], dim=-1)
     allowed = allowed.unsqueeze(1)  # (batch, 1, kept, past + kept)
     if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     return allowed
 
 
@@ -278,7 +336,9 @@ def pmod_layer_class(base: type) -> type:
     return _PMOD_LAYER_CLASSES[base]
 
 
-def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_router: Router | None = None) -> nn.Module:
+def convert_layer(
+    layer: nn.Module, ratio: float, config: PMoDConfig, shared_router: Router | None = None
+) -> nn.Module:
     """Turn one HF decoder layer into a p-MoD layer, in place (a router only if it is MoD)."""
     base = type(layer).__bases__[1] if isinstance(layer, PMoDLayerMixin) else type(layer)
     layer.__class__ = pmod_layer_class(base)
@@ -288,7 +348,9 @@ def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_rou
     if own_router and getattr(layer, "router", None) is None:
         # the width from the config: under ZeRO-3's zero.Init a parameter's shape is (0,)
         reference = layer.input_layernorm.weight
-        layer.router = Router(layer.self_attn.config.hidden_size, device=reference.device, dtype=reference.dtype)
+        layer.router = Router(
+            layer.self_attn.config.hidden_size, device=reference.device, dtype=reference.dtype
+        )
     elif not own_router and getattr(layer, "router", None) is not None:
         del layer.router
     # a plain attribute, not a submodule: the shared router's parameters live once, on the text model

@@ -21,6 +21,7 @@ import torch
 
 from ...errors import UserError
 
+IMAGE_TOKEN = "<image>"
 DEFAULT_TEXT_MODELS = ("llama", "qwen2", "mistral")
 DEFAULT_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -83,6 +84,21 @@ class ModelFamily:
         """The family's image processor from a vision tower's size/crop/mean/std ``settings``."""
         raise NotImplementedError
 
+    def build_processor(
+        self, tokenizer, image_processor, vision_config, select_strategy: str, chat_template: str
+    ):
+        """The family's processor joining a tokenizer (with an ``<image>`` token) and an image processor."""
+        return self.processor_class(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=vision_config.patch_size,
+            vision_feature_select_strategy=select_strategy,
+            # CLIP puts a CLS token in front of the patches; SigLIP has none
+            num_additional_image_tokens=1 if vision_config.model_type.startswith("clip") else 0,
+            image_token=IMAGE_TOKEN,
+            chat_template=chat_template,
+        )
+
     def adapt_image_processor(self, image_processor, aspect_ratio: str) -> Any:
         """A checkpoint's image processor set to a recipe's ``data.image_aspect_ratio``."""
         return image_processor
@@ -101,17 +117,37 @@ class ModelFamily:
         raise NotImplementedError
 
 
+def prepare_tokenizer(tokenizer) -> bool:
+    """Give a language model's tokenizer an ``<image>`` and a pad token; True if the vocabulary grew."""
+    grew = False
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        grew = True
+    if tokenizer.pad_token is None:
+        # Vicuna has no pad token; LLaVA pads with <unk>
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            grew = True
+    return grew
+
+
 def image_settings(image_processor) -> dict[str, Any]:
     """Size, crop, mean, std and resampling of an image processor (a vision tower's own, or a
     checkpoint's), as keyword arguments for a family's image processor."""
     settings = dict(
         size=dict(image_processor.size),
-        crop_size=dict(image_processor.crop_size) if getattr(image_processor, "crop_size", None) else None,
+        crop_size=dict(image_processor.crop_size)
+        if getattr(image_processor, "crop_size", None)
+        else None,
         image_mean=image_processor.image_mean,
         image_std=image_processor.image_std,
         resample=image_processor.resample,
     )
-    if "height" in settings["size"] and settings["crop_size"] is None:  # SigLIP: a fixed square size
+    if (
+        "height" in settings["size"] and settings["crop_size"] is None
+    ):  # SigLIP: a fixed square size
         settings["crop_size"] = dict(settings["size"])
         settings["size"] = {"shortest_edge": settings["size"]["height"]}
     return settings
@@ -147,7 +183,9 @@ def family_for_model_type(model_type: str | None) -> ModelFamily:
     for family in FAMILIES.values():
         if model_type in (family.dense_model_type, family.pmod_model_type):
             return family
-    raise UserError(f"pmod does not know {model_type!r} models; it reads {', '.join(known_model_types())}")
+    raise UserError(
+        f"pmod does not know {model_type!r} models; it reads {', '.join(known_model_types())}"
+    )
 
 
 class UnsupportedModelError(UserError, TypeError):
