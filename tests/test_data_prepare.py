@@ -297,6 +297,9 @@ def test_killed_then_failed_runs_resume_to_the_same_json(next_source, next_prepa
         and (output / ".prepare" / "units" / "00001.json").exists()
     )
     assert not list((output / ".prepare" / "tmp").iterdir())  # its temporary removed
+    # shard 2's small images were written before its big one failed
+    after_failure = whole_images(output)
+    assert after_kill.items() < after_failure.items()
 
     # 3. the resumed run finishes with what an uninterrupted run wrote
     resumed = run_prepare(str(next_source), "-o", str(output), "--json")
@@ -306,8 +309,9 @@ def test_killed_then_failed_runs_resume_to_the_same_json(next_source, next_prepa
     assert (output / "dropped.jsonl").read_bytes() == (reference / "dropped.jsonl").read_bytes()
     final = whole_images(output)
     assert final.keys() == whole_images(reference).keys()
-    # images written before the kill were not written again
-    assert all(final[name] == stamp for name, stamp in after_kill.items())
+    # images written before were not written again: neither those of the finished shards nor
+    # those of shard 2, which the last run read again
+    assert all(final[name] == stamp for name, stamp in after_failure.items())
     assert not (output / ".prepare").exists()
 
 
