@@ -52,6 +52,12 @@ def noise_png(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def noise_jpeg(side: int, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(noise_png(side, seed))).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def chat(question="<image>\nWhat is shown?", answer="A shape."):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
@@ -344,6 +350,10 @@ MIX_SAMPLES = [
         "unreadable_image",
     ),
     (
+        {"id": "cut_jpg", "image": "coco/train2017/truncated.jpg", "conversations": chat()},
+        "unreadable_image",
+    ),
+    (
         {
             "id": "roles",
             "image": "coco/train2017/000000033471.jpg",
@@ -395,6 +405,7 @@ def write_mix665k(directory: Path) -> Path:
         ),  # the JSON says .jpg: a known 665K pitfall
         ("coco/train2017/not_an_image.jpg", b"<html>404</html>"),
         ("coco/train2017/truncated.png", noise_png(64, seed=3)[:-400]),
+        ("coco/train2017/truncated.jpg", noise_jpeg(64, seed=4)[:-300]),
     ]:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(content)
@@ -420,7 +431,7 @@ def test_mix665k_cleaning_counts_each_reason_and_keeps_samples_as_they_are(tmp_p
         "image_count_mismatch": 1,
         "bad_image_field": 1,
         "missing_image": 1,
-        "unreadable_image": 2,
+        "unreadable_image": 3,
     }
     assert report["image_folder"] == str(source.parent) and not (output / "images").exists()
     listed = [json.loads(line) for line in (output / "dropped.jsonl").read_text().splitlines()]
@@ -440,7 +451,7 @@ def test_the_report_table_names_every_reason_with_its_count(tmp_path, monkeypatc
     )
     assert code == 0
     table = " ".join(captured.out.split())
-    assert "read │ 12" in table and "kept │ 3 │ 1 text-only; image files: 2" in table
+    assert "read │ 13" in table and "kept │ 3 │ 1 text-only; image files: 2" in table
     for reason, count in Counter(expected_mix()[1].values()).items():
         assert f"dropped: {reason} │ {count} │" in table
     assert f'data.image_folder = "{source.parent}"' in table
@@ -510,6 +521,24 @@ def test_a_different_output_is_only_replaced_with_overwrite(
     )
     assert code == 2 and "not empty" in one_error_line(captured.err)
     assert [path.name for path in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_two_runs_never_write_one_directory(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    mix = write_mix665k(tmp_path)
+    output = tmp_path / "out"
+    output.mkdir()
+    descriptor = os.open(output, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # as a run in progress holds it
+        code, captured = run_cli(
+            monkeypatch, capsys, "data", "prepare", str(mix), "-o", str(output)
+        )
+    finally:
+        os.close(descriptor)
+    assert code == 2 and "another `pmod data prepare` is writing" in one_error_line(captured.err)
+    assert not any(output.iterdir())
 
 
 @pytest.mark.parametrize(
