@@ -371,6 +371,67 @@ def evaluate(
         typer.echo(f"report written to {output}")
 
 
+data_app = typer.Typer(
+    help="The paper's training data: turn it into what `pmod sft` reads.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: Path = typer.Argument(
+        None,
+        help="LLaVA-NeXT-Data parquet shards (a directory or one file), or a LLaVA JSON such as llava_v1_5_mix665k.json.",
+    ),
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        help="Output directory: data.json, images/, dropped.jsonl, prepare.json.",
+    ),
+    from_hub: str = typer.Option(
+        None,
+        "--from-hub",
+        help="Instead of SOURCE: stream a hub dataset in the LLaVA-NeXT-Data layout, e.g. lmms-lab/LLaVA-NeXT-Data.",
+    ),
+    split: str = typer.Option("train", "--split", help="With --from-hub: the split to read."),
+    image_folder: Path = typer.Option(
+        None,
+        "--image-folder",
+        help="With a LLaVA JSON: the directory its image paths are relative to (default: the JSON's).",
+    ),
+    workers: int = typer.Option(
+        None,
+        "--workers",
+        help="Threads checking and writing images (default: the CPUs, at most 8).",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace what --output holds from another source."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object instead of the table."
+    ),
+) -> None:
+    """Clean a LLaVA JSON, or write the LLaVA-NeXT parquet shards out as images + one LLaVA JSON (resumable)."""
+    import json
+
+    from .data.prepare import prepare_data, print_report, result_to_json
+
+    result = prepare_data(
+        source,
+        output,
+        from_hub=from_hub,
+        split=split,
+        image_folder=image_folder,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    if as_json:
+        typer.echo(json.dumps(result_to_json(result)))
+    else:
+        print_report(result)
+
+
 class _WarningLines(logging.Handler):
     """A package warning as one ``warning: ...`` line on stderr (as errors are ``error: ...``)."""
 
