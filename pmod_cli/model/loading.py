@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from ..errors import UserError
 from .config import PMoDConfig
 from .modeling import apply_pmod
+from .weights import check_weight_files, is_weight_read_error, weight_read_error
 
 DENSE_TYPES = ("llava", "llava_next")
 PMOD_TYPES = ("pmod_llava", "pmod_llava_next")
@@ -47,6 +48,7 @@ def load_checkpoint(
     ``pmod`` converts a dense checkpoint on load (or re-plans a p-MoD one).
     """
     read_model_type(path)
+    check_weight_files(path)  # a file cut short is named here, not deep inside from_pretrained
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -56,7 +58,13 @@ def load_checkpoint(
         model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
         processor = AutoProcessor.from_pretrained(str(path))
     except OSError as err:
-        raise UserError(f"cannot load the checkpoint in {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load the checkpoint in {path}: {str(err).splitlines()[0]}"
+        ) from None
+    except Exception as err:
+        if is_weight_read_error(err):  # damage the header checks cannot see
+            raise weight_read_error(path, err) from None
+        raise
     if pmod is not None:
         apply_pmod(model, pmod)
     return model.to(device).eval(), processor

@@ -40,7 +40,9 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file") from None
+        raise UserError(
+            f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file"
+        ) from None
 
 
 def _checkpoint_config(checkpoint: Path | None):
@@ -71,19 +73,12 @@ def _checkpoint_config(checkpoint: Path | None):
 
 
 def load_checkpoint(checkpoint: Path, device: str | None = None):
-    """Model (eval mode, on ``device``: CUDA when available) and processor of a p-MoD checkpoint."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """Model (eval mode, on ``device``: CUDA when available) and processor of a p-MoD checkpoint,
+    through the loader every command shares (damaged weight files are a one-line error)."""
+    from ..model.loading import load_checkpoint as load_shared
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        processor = AutoProcessor.from_pretrained(checkpoint)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load the processor from {checkpoint} ({type(err).__name__}); save it next to the model "
-            f"with processor.save_pretrained"
-        ) from None
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype="auto").to(device).eval()
-    return model, processor
+    return load_shared(checkpoint, device=device, dtype="auto")
 
 
 def _output_path(output: Path | None, image_path: Path) -> Path:
@@ -91,7 +86,9 @@ def _output_path(output: Path | None, image_path: Path) -> Path:
     supported = Figure().canvas.get_supported_filetypes()
     suffix = output.suffix.lower().lstrip(".")
     if suffix not in supported:
-        raise UserError(f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name")
+        raise UserError(
+            f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name"
+        )
     return output
 
 
