@@ -88,6 +88,7 @@ class RunLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_FILE
         self._handle = None
+        self._created_dir = False
 
     @property
     def held(self) -> bool:
@@ -95,6 +96,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise a UserError naming the live run that holds it."""
+        self._created_dir = not self.output_dir.exists()
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -134,6 +136,11 @@ class RunLock:
         finally:
             self._handle.close()  # closing drops the flock
             self._handle = None
+        if self._created_dir:  # a run that stopped before writing anything leaves no empty folder
+            try:
+                self.output_dir.rmdir()
+            except OSError:
+                pass
 
     def live_holder(self) -> LockHolder | None:
         """The run that seems to hold the lock now, judged by its pid (a dry run takes nothing)."""

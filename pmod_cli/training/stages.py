@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,10 @@ from ..data.tiny import default_image_folder
 from ..errors import UserError
 from .build import build_model, resolve_name
 from .recipe import DEEPSPEED_PRESETS, Recipe
+
+if TYPE_CHECKING:  # the trainer imports transformers' Trainer: loaded when a stage runs
+    from ..data.llava_data import ScanResult
+    from .trainer import PMoDTrainer, RichProgressCallback, WallClock
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +240,10 @@ def _is_main() -> bool:
 class _Run:
     """What a stage builds before it trains."""
 
-    trainer: object  # PMoDTrainer
-    scan: object  # ScanResult
-    clock: object  # WallClock
-    progress: object  # RichProgressCallback
+    trainer: PMoDTrainer
+    scan: ScanResult
+    clock: WallClock
+    progress: RichProgressCallback
     world_size: int
     on_gpu: bool
     resume_from: Path | None
@@ -279,13 +284,7 @@ def _build_run(stage: str, recipe: Recipe, resume: bool, callbacks: Sequence) ->
     # image newline, routers)
     transformers.set_seed(train.seed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = train.per_device_batch_size * world_size
-    if train.global_batch_size % per_step:
-        raise UserError(
-            f"train.global_batch_size {train.global_batch_size} is not a multiple of per_device_batch_size "
-            f"{train.per_device_batch_size} x {world_size} processes; change one of them"
-        )
-    accumulation = train.global_batch_size // per_step
+    accumulation = _accumulation(recipe, world_size)
     output_dir = Path(train.output_dir)
     resume_from = check_output_dir(output_dir, resume, train.overwrite_output_dir)
     if resume_from is not None:
@@ -330,6 +329,18 @@ def _build_run(stage: str, recipe: Recipe, resume: bool, callbacks: Sequence) ->
         _clear_output_dir(output_dir, _is_main())
         trainer.accelerator.wait_for_everyone()
     return _Run(trainer, scan, clock, progress, world_size, on_gpu, resume_from)
+
+
+def _accumulation(recipe: Recipe, world_size: int) -> int:
+    """Gradient accumulation steps: global batch / (per-device batch x processes)."""
+    train = recipe.train
+    per_step = train.per_device_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size {train.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{train.per_device_batch_size} x {world_size} processes; change one of them"
+        )
+    return train.global_batch_size // per_step
 
 
 def _resume_hint(trainer) -> str:

@@ -282,7 +282,7 @@ class PMoDTrainer(Trainer):
         )
         self._diverged(
             f"the training loss became {value} at step {self.state.global_step + 1}",
-            before_step=True,
+            "before its backward pass",
         )
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -295,20 +295,22 @@ class PMoDTrainer(Trainer):
             self._publish_pending()
         elif not self.args.fp16:  # fp16's loss scaling skips such a step by itself
             shown = float(grad_norm) if not finite else "NaN or infinite on another process"
+            step = self.state.global_step + 1
+            # DeepSpeed steps inside the backward pass: its gradient norm is known only after
+            when = (
+                "after DeepSpeed applied the step"
+                if self.is_deepspeed_enabled
+                else "before the optimizer step"
+            )
             self._diverged(
-                f"the gradients became non-finite at step {self.state.global_step + 1} (grad norm {shown})",
-                before_step=not self.is_deepspeed_enabled,
+                f"the gradients became non-finite at step {step} (grad norm {shown})", when
             )
         return grad_norm
 
-    def _diverged(self, what: str, before_step: bool) -> None:
-        """Stop: drop the checkpoint waiting for this step, name the last verified one."""
+    def _diverged(self, what: str, when: str) -> None:
+        """Stop (``when``: at which point of the step): drop the checkpoint waiting for this
+        step's verdict and name the last verified one."""
         self._discard_pending()
-        where = (
-            "stopped before the optimizer step"
-            if before_step
-            else "stopped (DeepSpeed had applied this step)"
-        )
         flags = " ".join(f"--set {key}={value:g}" for key, value in self._lower_rates().items())
         if self.published is not None:
             advice = (
@@ -317,7 +319,7 @@ class PMoDTrainer(Trainer):
             )
         else:
             advice = f"no checkpoint was verified yet; run again at lower learning rates ({flags})"
-        raise NonFiniteLossError(f"{what}; {where}, nothing after it was saved: {advice}")
+        raise NonFiniteLossError(f"{what}; stopped {when}, nothing after it was saved: {advice}")
 
     def _lower_rates(self) -> dict[str, float]:
         """A tenth of the rate of every trained part, under the recipe key that sets it."""
@@ -373,7 +375,7 @@ class PMoDTrainer(Trainer):
         if not on_every_rank(bad is None, self.args.device):
             self._diverged(
                 f"the weights became NaN or infinite at step {step} ({bad or 'on another process'})",
-                False,
+                "there",
             )
         if self.args.should_save:  # a half-written staging folder left by a crashed run
             shutil.rmtree(staged, ignore_errors=True)
@@ -429,7 +431,7 @@ class PMoDTrainer(Trainer):
         bad = first_non_finite(self.accelerator.unwrap_model(self.model))
         if not on_every_rank(bad is None, self.args.device):
             self._diverged(
-                f"the final weights are NaN or infinite ({bad or 'on another process'})", False
+                f"the final weights are NaN or infinite ({bad or 'on another process'})", "there"
             )
 
     def expected_save_seconds(self) -> float:
