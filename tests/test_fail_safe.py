@@ -85,7 +85,7 @@ def _damage(kind: str, source: Path, sharded: Path, target: Path) -> str:
         text = json.dumps(header, separators=(",", ":")).encode()
         assert len(text) <= size
         file.write_bytes(data[:8] + text.ljust(size) + data[8 + size :])
-        return str(target)
+        return str(file)
     raise ValueError(kind)
 
 

@@ -152,8 +152,11 @@ def is_weight_read_error(err: BaseException) -> bool:
 
 
 def weight_read_error(directory: str | Path, err: BaseException) -> UserError:
-    """The one-line error for weights that ``from_pretrained`` could not read from ``directory``."""
-    return UserError(f"cannot read the weights in {directory} ({_first_line(err)}); {FETCH_AGAIN}")
+    """The one-line error for weights that ``from_pretrained`` could not read from ``directory``
+    (named by file when there is one; its error does not say which shard)."""
+    files = weight_files(directory)
+    where = files[0] if len(files) == 1 else directory
+    return UserError(f"cannot read the weights in {where} ({_first_line(err)}); {FETCH_AGAIN}")
 
 
 def _first_line(err: BaseException) -> str:
