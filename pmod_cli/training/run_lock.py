@@ -104,7 +104,12 @@ class RunLock:
                 f"cannot create train.output_dir {self.output_dir}: {err.strerror or err}"
             ) from None
         for _ in range(10):  # retried only when another process replaced the file meanwhile
-            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+            try:
+                handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+            except OSError as err:
+                raise UserError(
+                    f"cannot write in train.output_dir {self.output_dir}: {err.strerror or err}"
+                ) from None
             try:
                 locked = self._lock(handle)
                 if locked and not self._same_file(handle):
