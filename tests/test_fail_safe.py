@@ -294,7 +294,7 @@ def test_divergence_never_publishes_a_poisoned_checkpoint_and_the_advice_works(
     absurd = [
         f"train.{key}=1e6" for key in ("learning_rate", "connector_lr", "llm_lr", "router_lr")
     ]
-    steps = ["train.max_steps=6", "train.save_steps=1", "train.save_total_limit=0"]
+    steps = ["train.max_steps=4", "train.save_steps=1", "train.save_total_limit=0"]
     with pytest.raises(NonFiniteLossError) as stopped:
         sft(recipe(tmp_path, small_data, *steps, *absurd))
     message = str(stopped.value)
@@ -312,7 +312,7 @@ def test_divergence_never_publishes_a_poisoned_checkpoint_and_the_advice_works(
     )
     step = int(named.name.split("-")[1])
     after = [entry for entry in resumed.log_history if "loss" in entry and entry["step"] > step]
-    assert [entry["step"] for entry in after] == list(range(step + 1, 7))
+    assert [entry["step"] for entry in after] == list(range(step + 1, 5))
     assert all(entry["learning_rate"] <= 1e-3 for entry in after)  # the new rate, not the saved one
     assert all(all_finite(c) for c in tmp_path.glob("checkpoint-*"))
 
