@@ -465,7 +465,7 @@ def main() -> None:
         app()
     except UserError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))  # a run stopped by a signal: 128 + its number
     finally:
         package_logger.removeHandler(handler)
         package_logger.propagate = propagate

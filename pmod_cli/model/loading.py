@@ -22,6 +22,7 @@ from .config import PMoDConfig
 from .families import family_for_config, family_for_model_type, known_model_types
 from .formats import detect_format, import_checkpoint, inspect_checkpoint, read_config
 from .modeling import apply_pmod, mod_layer_indices
+from .weights import check_weight_files, is_weight_read_error, weight_read_error
 
 
 @contextlib.contextmanager
@@ -130,11 +131,19 @@ def _load_hf_native(reference: str, dtype, attn_implementation):
             f"cannot load the processor of {reference} ({_first_line(err)}); save it next to the model "
             "with processor.save_pretrained"
         ) from None
+    if not is_hub_id(reference):
+        check_weight_files(
+            reference
+        )  # a file cut short is named here, not deep inside from_pretrained
     try:
         with quiet_progress_bars():
             model = AutoModelForImageTextToText.from_pretrained(reference, **kwargs)
     except OSError as err:
         raise UserError(f"cannot load the checkpoint in {reference}: {_first_line(err)}") from None
+    except Exception as err:
+        if is_weight_read_error(err):  # damage the header checks cannot see
+            raise weight_read_error(reference, err) from None
+        raise
     return model, processor
 
 

@@ -19,7 +19,6 @@ embeddings, lm_head) and ``router`` (the p-MoD routers).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -29,8 +28,16 @@ from ..data.templates import get_template
 from ..data.tiny import resolve_name
 from ..errors import UserError
 from ..model import apply_pmod, is_pmod_model
-from ..model.families import FAMILIES, IMAGE_TOKEN, family_for_model, get_family, image_settings
+from ..model.families import (
+    FAMILIES,
+    IMAGE_TOKEN,
+    family_for_config,
+    family_for_model,
+    get_family,
+    image_settings,
+)
 from ..model.families import prepare_tokenizer as add_image_and_pad_tokens
+from ..model.weights import check_weight_files, weight_files
 from .recipe import Recipe, check_aspect_ratio
 
 PARTS = ("vision_tower", "connector", "llm", "router")
@@ -133,12 +140,49 @@ def _load(loader, reference: str, what: str, **kwargs):
         raise UserError(f"cannot load {what} {reference!r}: {str(err).splitlines()[0]}") from None
 
 
+def processor_from_parts(recipe: Recipe, local_only: bool = False):
+    """(processor, whether the tokenizer's vocabulary grew) for a model built from parts: the
+    LLM's tokenizer with an ``<image>`` token, the family's image processing from the tower's."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model_section, data = recipe.model, recipe.data
+    vision_ref, llm_ref = resolve_name(model_section.vision_tower), resolve_name(model_section.llm)
+    vision_config = _load(_vision_config, vision_ref, "model.vision_tower", local_only=local_only)
+    tokenizer = _load(
+        AutoTokenizer.from_pretrained,
+        llm_ref,
+        "the tokenizer of model.llm",
+        local_files_only=local_only,
+    )
+    base_image_processor = _load(
+        AutoImageProcessor.from_pretrained,
+        vision_ref,
+        "the image processor of model.vision_tower",
+        local_files_only=local_only,
+    )
+    grew = prepare_tokenizer(tokenizer)
+    images = image_processor(
+        base_image_processor,
+        model_section.layout,
+        data.image_aspect_ratio,
+        model_section.image_grid_pinpoints,
+    )
+    processor = get_family(model_section.layout).build_processor(
+        tokenizer,
+        images,
+        vision_config,
+        model_section.vision_feature_select_strategy,
+        get_template(data.template).jinja,
+    )
+    return processor, grew
+
+
 def build_from_parts(recipe: Recipe, dtype: torch.dtype):
     """A new model of the recipe's family: loaded vision tower + loaded LLM + a fresh connector."""
     import transformers
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model_section, data = recipe.model, recipe.data
+    model_section = recipe.model
     family = get_family(model_section.layout)
     vision_ref, llm_ref = resolve_name(model_section.vision_tower), resolve_name(model_section.llm)
     vision_config = _load(_vision_config, vision_ref, "model.vision_tower")
@@ -147,12 +191,8 @@ def build_from_parts(recipe: Recipe, dtype: torch.dtype):
         vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype
     )
     llm = _load(AutoModelForCausalLM.from_pretrained, llm_ref, "model.llm", dtype=dtype)
-    tokenizer = _load(AutoTokenizer.from_pretrained, llm_ref, "the tokenizer of model.llm")
-    base_image_processor = _load(
-        AutoImageProcessor.from_pretrained, vision_ref, "the image processor of model.vision_tower"
-    )
-
-    grew = prepare_tokenizer(tokenizer)
+    processor, grew = processor_from_parts(recipe)
+    tokenizer = processor.tokenizer
     config = llava_config(
         recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     )
@@ -169,29 +209,22 @@ def build_from_parts(recipe: Recipe, dtype: torch.dtype):
     if grew:
         # llava-hf pads the vocabulary to a multiple of 64 after adding <image>
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    images = image_processor(
-        base_image_processor,
-        model_section.layout,
-        data.image_aspect_ratio,
-        model_section.image_grid_pinpoints,
-    )
-    processor = family.build_processor(
-        tokenizer,
-        images,
-        vision_config,
-        model_section.vision_feature_select_strategy,
-        get_template(data.template).jinja,
-    )
     return model, processor
 
 
-def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
-    """An existing checkpoint of any registered family (dense or p-MoD) and its processor, set up
-    for the recipe's data (aspect-ratio mode, template, <image> and pad tokens)."""
-    from ..model.loading import load_checkpoint as load
+def checkpoint_processor(recipe: Recipe, config, local_only: bool = False):
+    """The processor of ``model.checkpoint`` (whose HF ``config`` is given), set up for the recipe."""
+    from transformers import AutoProcessor
 
-    model, processor = load(resolve_name(recipe.model.checkpoint), device="cpu", dtype=dtype)
-    family = family_for_model(model)
+    reference = resolve_name(recipe.model.checkpoint)
+    processor = _load(
+        AutoProcessor.from_pretrained, reference, "model.checkpoint", local_files_only=local_only
+    )
+    return _for_recipe(processor, family_for_config(config), recipe)
+
+
+def _for_recipe(processor, family, recipe: Recipe):
+    """A checkpoint's processor with the recipe's aspect-ratio mode, template and special tokens."""
     try:
         check_aspect_ratio(family.name, recipe.data.image_aspect_ratio)
     except UserError as err:
@@ -201,16 +234,16 @@ def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
     )
     prepare_tokenizer(processor.tokenizer)
     processor.chat_template = get_template(recipe.data.template).jinja
-    return model, processor
+    return processor
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({directory / name for name in weight_map.values()})
-    single = directory / "model.safetensors"
-    return [single] if single.is_file() else []
+def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
+    """An existing checkpoint of any registered family (dense or p-MoD) and its processor, set up
+    for the recipe's data (aspect-ratio mode, template, <image> and pad tokens)."""
+    from ..model.loading import load_checkpoint as load
+
+    model, processor = load(resolve_name(recipe.model.checkpoint), device="cpu", dtype=dtype)
+    return model, _for_recipe(processor, family_for_model(model), recipe)
 
 
 def load_connector(model: nn.Module, source: str | Path) -> list[str]:
@@ -251,12 +284,13 @@ def _pretrained_connector(directory: Path) -> dict[str, torch.Tensor]:
     """The connector of a pretrain output directory, under the model's parameter names."""
     from safetensors import safe_open
 
-    files = _weight_files(directory)
+    files = [file for file in weight_files(directory) if file.suffix == ".safetensors"]
     if not files:
         raise UserError(
             f"model.pretrained_connector {directory} holds no model.safetensors or mm_projector.bin; "
             "point it at a pretrain output_dir"
         )
+    check_weight_files(directory)
     connector = {}
     for file in files:
         with safe_open(str(file), framework="pt") as weights:
@@ -275,7 +309,7 @@ def _pretrained_connector(directory: Path) -> dict[str, torch.Tensor]:
 def _llava_projector(file: Path) -> dict[str, torch.Tensor]:
     """LLaVA's ``mm_projector.bin`` (``model.mm_projector.{0,2}.*``, mlp2x_gelu) under llava-hf's names."""
     from ..model.formats.original_llava import hf_weight_name
-    from ..model.formats.weights import read_file
+    from ..model.weights import read_file
 
     tensors = read_file(file)  # torch.load(weights_only=True): tensors only
     projector = {

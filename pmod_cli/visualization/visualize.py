@@ -57,7 +57,9 @@ def _output_path(output: Path | None, image_path: Path) -> Path:
     supported = Figure().canvas.get_supported_filetypes()
     suffix = output.suffix.lower().lstrip(".")
     if suffix not in supported:
-        raise UserError(f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name")
+        raise UserError(
+            f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name"
+        )
     return output
 
 

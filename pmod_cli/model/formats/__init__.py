@@ -29,8 +29,8 @@ import torch
 from ...errors import UserError
 from ..config import PMoDConfig
 from ..families import IMAGE_TOKEN, get_family, known_model_types
+from ..weights import read_weights
 from . import official_pmod, original_llava
-from .weights import read_weights
 
 ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen")
 OFFICIAL_TYPES = ("pmod_llava_llama",)
