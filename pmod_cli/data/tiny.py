@@ -169,13 +169,17 @@ def tiny_llava(
     if layout == "llava":
         config = LlavaConfig(**common)
         model = LlavaForConditionalGeneration(config)
-        image_processor = LlavaImageProcessor(size={"shortest_edge": image_size}, crop_size=crop, do_pad=True)
+        image_processor = LlavaImageProcessor(
+            size={"shortest_edge": image_size}, crop_size=crop, do_pad=True
+        )
         processor = LlavaProcessor(image_processor=image_processor, **processor_args)
     else:
         config = LlavaNextConfig(**common, image_grid_pinpoints=NEXT_GRID_PINPOINTS)
         model = LlavaNextForConditionalGeneration(config)
         image_processor = LlavaNextImageProcessor(
-            size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=NEXT_GRID_PINPOINTS
+            size={"shortest_edge": image_size},
+            crop_size=crop,
+            image_grid_pinpoints=NEXT_GRID_PINPOINTS,
         )
         processor = LlavaNextProcessor(image_processor=image_processor, **processor_args)
     return model.eval(), processor
@@ -197,8 +201,14 @@ def build_tiny_base(path: str | Path | None = None, layout: str = "llava") -> Pa
     once: concurrent ranks wait for the first one, which writes to a temporary directory renamed
     into place (``cache.build_once``); a complete copy in place is never replaced.
     """
-    final = Path(path) if path is not None else tiny_root() / ("base" if layout == "llava" else "base_next")
-    return build_once(final, is_complete=_has_config, build=partial(_write_tiny_base, layout=layout))
+    final = (
+        Path(path)
+        if path is not None
+        else tiny_root() / ("base" if layout == "llava" else "base_next")
+    )
+    return build_once(
+        final, is_complete=_has_config, build=partial(_write_tiny_base, layout=layout)
+    )
 
 
 def _has_config(directory: Path) -> bool:
@@ -230,7 +240,9 @@ def resolve_tiny_path(value: str) -> Path:
     elif head == "shapes":
         synthetic.ensure_synthetic(root / "shapes")
     else:
-        raise UserError(f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>")
+        raise UserError(
+            f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>"
+        )
     return root / relative
 
 

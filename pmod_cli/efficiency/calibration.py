@@ -48,7 +48,12 @@ class Calibration:
         return f"ratios measured on {self.samples} calibration {noun} ({self.inference_routing} routing)"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratios": list(self.ratios), "mod_layers": list(self.mod_layers), "description": self.description}
+        return {
+            **asdict(self),
+            "ratios": list(self.ratios),
+            "mod_layers": list(self.mod_layers),
+            "description": self.description,
+        }
 
 
 def measure_retention_ratios(
@@ -75,24 +80,32 @@ def measure_retention_ratios(
         )
     model_type = read_model_type(checkpoint)
     if model_type not in PMOD_TYPES:
-        raise UserError(f"{checkpoint} is a dense {model_type} checkpoint: it routes nothing, so there is nothing to calibrate")
+        raise UserError(
+            f"{checkpoint} is a dense {model_type} checkpoint: it routes nothing, so there is nothing to calibrate"
+        )
     data = Path(resolve_name(data))
     if not data.is_file():
-        raise UserError(f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file")
+        raise UserError(
+            f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file"
+        )
     question_set = read_image_questions(data, image_folder, samples)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_checkpoint(checkpoint, device=device)
     decoder_layers = model.model.language_model.layers
     mod_layers = mod_layer_indices(model)
     if not mod_layers:
-        raise UserError(f"{checkpoint} has no MoD layer: every layer is dense, so there is nothing to calibrate")
+        raise UserError(
+            f"{checkpoint} has no MoD layer: every layer is dense, so there is nothing to calibrate"
+        )
     pmod = PMoDConfig.from_dict(model.config.pmod)
 
     kept_share_sums = dict.fromkeys(mod_layers, 0.0)
     vision_sum = text_sum = competing_sum = 0
     for question in _progress(question_set.questions, progress):
         inputs = processor(
-            text=[build_prompt(processor, question.question)], images=[open_image(question)], return_tensors="pt"
+            text=[build_prompt(processor, question.question)],
+            images=[open_image(question)],
+            return_tensors="pt",
         ).to(model.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -101,10 +114,14 @@ def measure_retention_ratios(
         token_valid = inputs["attention_mask"].bool().cpu()  # (1, seq)
         for layer in mod_layers:
             decision = routing.layers[layer]
-            competing = decoder_layers[layer].competing_tokens(decision.vision_mask, token_valid)  # (1, seq)
+            competing = decoder_layers[layer].competing_tokens(
+                decision.vision_mask, token_valid
+            )  # (1, seq)
             num_competing = int(competing.sum())
             if num_competing == 0:
-                raise RuntimeError(f"sample {question.sample_id}: no token competes in layer {layer}")
+                raise RuntimeError(
+                    f"sample {question.sample_id}: no token competes in layer {layer}"
+                )
             kept_share_sums[layer] += int((decision.keep_mask & competing).sum()) / num_competing
         vision = int(decision.vision_mask.sum())
         vision_sum += vision
@@ -112,7 +129,10 @@ def measure_retention_ratios(
         competing_sum += num_competing
 
     count = len(question_set.questions)
-    ratios = tuple(kept_share_sums[i] / count if i in kept_share_sums else 1.0 for i in range(len(decoder_layers)))
+    ratios = tuple(
+        kept_share_sums[i] / count if i in kept_share_sums else 1.0
+        for i in range(len(decoder_layers))
+    )
     return Calibration(
         checkpoint=str(checkpoint),
         data=str(data),
@@ -133,4 +153,10 @@ def _progress(items, enabled: bool):
     from rich.progress import track
 
     # on stderr and transient: stdout stays one JSON object, an error leaves only its line
-    return track(items, description="calibrating", console=Console(stderr=True), transient=True, disable=not enabled)
+    return track(
+        items,
+        description="calibrating",
+        console=Console(stderr=True),
+        transient=True,
+        disable=not enabled,
+    )

@@ -88,11 +88,22 @@ def make_plan(
     if model is not None and config is not None:
         raise UserError("give either --model or --config, not both")
     if routed_tokens is not None and routed_tokens not in ROUTED_TOKENS:
-        raise UserError(f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}")
+        raise UserError(
+            f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}"
+        )
     if prefix_text_tokens is not None and prefix_text_tokens < 0:
         raise UserError(f"--prefix-text-tokens must be >= 0, got {prefix_text_tokens}")
     _check_calibration_flags(
-        model, config, betas, schedule, min_ratio, max_ratio, routed_tokens, calibration, calibration_samples, image_folder
+        model,
+        config,
+        betas,
+        schedule,
+        min_ratio,
+        max_ratio,
+        routed_tokens,
+        calibration,
+        calibration_samples,
+        image_folder,
     )
     if count not in COUNT_MODES:
         raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
@@ -162,7 +173,9 @@ def make_plan(
             image_folder=image_folder,
             progress=progress,
         )
-        result = count_flops(shape, measured.ratios, mod_layers=measured.mod_layers, **token_options)
+        result = count_flops(
+            shape, measured.ratios, mod_layers=measured.mod_layers, **token_options
+        )
         return FlopsPlan(shape, (PlanEntry(base, result, measured),))
     if base.inference_routing == "threshold":
         raise UserError(
@@ -182,15 +195,29 @@ def make_plan(
 
 
 def _check_calibration_flags(
-    model, config, betas, schedule, min_ratio, max_ratio, routed_tokens, calibration, calibration_samples, image_folder
+    model,
+    config,
+    betas,
+    schedule,
+    min_ratio,
+    max_ratio,
+    routed_tokens,
+    calibration,
+    calibration_samples,
+    image_folder,
 ) -> None:
     if calibration is None:
-        for flag, value in (("--calibration-samples", calibration_samples), ("--image-folder", image_folder)):
+        for flag, value in (
+            ("--calibration-samples", calibration_samples),
+            ("--image-folder", image_folder),
+        ):
             if value is not None:
                 raise UserError(f"{flag} only applies with --calibration FILE.json")
         return
     if config is None or model is not None:
-        raise UserError("--calibration runs a checkpoint on samples: give --config CHECKPOINT_DIR (a p-MoD checkpoint)")
+        raise UserError(
+            "--calibration runs a checkpoint on samples: give --config CHECKPOINT_DIR (a p-MoD checkpoint)"
+        )
     changed = [
         flag
         for flag, value in (
@@ -203,7 +230,9 @@ def _check_calibration_flags(
         if value not in (None, (), [])
     ]
     if changed:
-        raise UserError(f"--calibration measures the checkpoint's own routing; drop {', '.join(changed)}")
+        raise UserError(
+            f"--calibration measures the checkpoint's own routing; drop {', '.join(changed)}"
+        )
 
 
 def plan_to_json(plan: FlopsPlan) -> dict:
@@ -228,7 +257,9 @@ def plan_to_json(plan: FlopsPlan) -> dict:
             {
                 "label": entry.label,
                 "ratios_source": entry.ratios_source,
-                "calibration": entry.calibration.to_dict() if entry.calibration is not None else None,
+                "calibration": entry.calibration.to_dict()
+                if entry.calibration is not None
+                else None,
                 "beta": entry.pmod.beta,
                 "schedule": entry.pmod.schedule,
                 "min_ratio": entry.pmod.min_ratio,

@@ -27,7 +27,12 @@ from ..model.loading import load_checkpoint
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -60,7 +65,10 @@ class PMoDLmms(lmms):
         self.batch_size_per_gpu = int(batch_size)
         self.pretrained = str(pretrained)
         self.model, self.processor = load_checkpoint(
-            pretrained, device=self._device, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            pretrained,
+            device=self._device,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
         )
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation: prompts end at the same column
@@ -71,18 +79,26 @@ class PMoDLmms(lmms):
         # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
         self.model_config = self.model.config
         layers = self.model.config.text_config.num_hidden_layers
-        self.retention_ratios = list(getattr(self.model, "retention_ratios", None) or [1.0] * layers)
+        self.retention_ratios = list(
+            getattr(self.model, "retention_ratios", None) or [1.0] * layers
+        )
         self.measurements: list[SampleMeasurement] = []
         self._warmed_up = False
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PMoDLmms:
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> PMoDLmms:
         """lmms-eval's command line: ``--model_args`` and its own ``--batch_size`` / ``--device``
         (always passed); a key given in ``--model_args`` wins instead of clashing."""
         from lmms_eval.utils import simple_parse_args_string
 
         args = simple_parse_args_string(arg_string)
-        given = {key: value for key, value in (additional_config or {}).items() if value is not None and key not in args}
+        given = {
+            key: value
+            for key, value in (additional_config or {}).items()
+            if value is not None and key not in args
+        }
         return cls(**args, **given)
 
     @property
@@ -101,15 +117,21 @@ class PMoDLmms(lmms):
         if getattr(self.processor, "chat_template", None):
             # llava-hf templates render content items and drop a plain string: the task's
             # image tokens become image items where they stand
-            content = _content_items(context, self.image_token) if placed else (
-                [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
+            content = (
+                _content_items(context, self.image_token)
+                if placed
+                else ([{"type": "image"}] * num_images + [{"type": "text", "text": context}])
             )
             messages = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
         question = context if placed else f"{self.image_token}\n" * num_images + context
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": question}]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
         # no template saved with the checkpoint: LLaVA-1.5's
         return get_template("vicuna_v1").generation_prompt(question)
 
@@ -133,9 +155,16 @@ class PMoDLmms(lmms):
         if self._warmed_up:
             return
         self._warmed_up = True
-        inputs = self._encode([self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))])
+        inputs = self._encode(
+            [self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))]
+        )
         with torch.inference_mode():
-            self.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            self.model.generate(
+                **inputs,
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
 
     # ---- generate_until ----------------------------------------------------------------
 
@@ -143,8 +172,14 @@ class PMoDLmms(lmms):
         self.warm_up()
         collator = Collator(
             [request.args for request in requests],
-            sort_fn=lambda args: (-len(args[0]), args[0]),  # longest first: little padding per batch
-            group_fn=lambda args: {"__task": args[4], **args[1]},  # one task and one set of kwargs a batch
+            sort_fn=lambda args: (
+                -len(args[0]),
+                args[0],
+            ),  # longest first: little padding per batch
+            group_fn=lambda args: {
+                "__task": args[4],
+                **args[1],
+            },  # one task and one set of kwargs a batch
             grouping=True,
         )
         answers: list[str] = []
@@ -168,7 +203,11 @@ class PMoDLmms(lmms):
         # other task generation kwargs (e.g. image_aspect_ratio) are for other models
         do_sample = float(generation.get("temperature") or 0) > 0
         sampling = (
-            {"do_sample": True, "temperature": float(generation["temperature"]), "top_p": generation.get("top_p")}
+            {
+                "do_sample": True,
+                "temperature": float(generation["temperature"]),
+                "top_p": generation.get("top_p"),
+            }
             if do_sample
             else {"do_sample": False}
         )
@@ -176,7 +215,9 @@ class PMoDLmms(lmms):
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             prompts, images = [], []
-            for context, doc_to_visual, doc_id, task, split in zip(contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True):
+            for context, doc_to_visual, doc_id, task, split in zip(
+                contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True
+            ):
                 visuals = self._visuals(doc_to_visual, doc_id, task, split)
                 prompts.append(self.build_prompt(context, len(visuals)))
                 images.extend(visuals)
@@ -253,7 +294,11 @@ class PMoDLmms(lmms):
             doc_id, task, split = -1, "", ""
         else:
             context, doc_to_target, doc_to_visual, doc_id, task, split = args
-            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self.task_dict[task][split][doc_id])
+            continuation = (
+                doc_to_target
+                if isinstance(doc_to_target, str)
+                else doc_to_target(self.task_dict[task][split][doc_id])
+            )
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             if doc_to_visual is None:
@@ -270,7 +315,9 @@ class PMoDLmms(lmms):
             finally:
                 probe.stop()
             # the token at position p is predicted by the logits at p - 1
-            predicting = logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)  # (n, vocab)
+            predicting = (
+                logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)
+            )  # (n, vocab)
             target = inputs["input_ids"][0, context_length:]
             log_likelihood = predicting.gather(1, target[:, None]).sum().item()
             greedy = bool((predicting.argmax(dim=-1) == target).all())
@@ -293,7 +340,9 @@ class PMoDLmms(lmms):
         )
         return -log_likelihood, greedy, measurement
 
-    def _encode_continuation(self, prompt: str, continuation: str, visuals: list | None) -> tuple[dict, int]:
+    def _encode_continuation(
+        self, prompt: str, continuation: str, visuals: list | None
+    ) -> tuple[dict, int]:
         """``prompt + continuation`` encoded as one text (through the processor with ``visuals``,
         plain tokenizer when None), and how many of its tokens are the prompt's.
 
@@ -309,12 +358,18 @@ class PMoDLmms(lmms):
         whole_length = len(self.tokenizer(prompt + continuation)["input_ids"])
         continuation_length = max(0, whole_length - len(self.tokenizer(prompt)["input_ids"]))
         if visuals is None:  # an unconditional request: plain text, no template
-            inputs = dict(self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device))
+            inputs = dict(
+                self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device)
+            )
         else:
             inputs = dict(self._encode([prompt + continuation], visuals))
         context_length = inputs["input_ids"].shape[1] - continuation_length
         if context_length == 0:  # something must predict the first token
-            start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            start_id = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id
+            )
             start = torch.tensor([[start_id]], dtype=inputs["input_ids"].dtype, device=self._device)
             inputs["input_ids"] = torch.cat([start, inputs["input_ids"]], dim=1)
             context_length = 1
@@ -380,7 +435,9 @@ def _log_to_lmms_eval(measured: list[SampleMeasurement], num_requests: int) -> N
             "prefill_latency_s": sum(m.prefill_s for m in measured) / len(measured),
             "end_to_end_latency_s": sum(m.end_to_end_s for m in measured) / len(measured),
             "kv_cache_bytes": sum(m.kv_cache_bytes for m in measured) / len(measured),
-            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv if dense_kv else 1.0,
+            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv
+            if dense_kv
+            else 1.0,
             "peak_memory_bytes": max(m.peak_memory_bytes for m in measured),
         },
     )

@@ -114,7 +114,9 @@ class CheckpointResult:
     scores: dict[str, TaskScore]
     efficiency: Efficiency | None
     measurements: list[SampleMeasurement] = field(default_factory=list)
-    answers: dict[str, list[dict]] = field(default_factory=dict)  # task -> [{doc_id, target, answer}]
+    answers: dict[str, list[dict]] = field(
+        default_factory=dict
+    )  # task -> [{doc_id, target, answer}]
     lmms_eval_results: dict = field(default_factory=dict)  # lmms-eval's own "results" section
 
 
@@ -173,12 +175,28 @@ def evaluate_checkpoints(
     labels = checkpoint_labels(checkpoints)
     for checkpoint, label in zip(checkpoints, labels, strict=True):
         with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
-            files = Path(lmms_eval_dir) / _file_name(label) if lmms_eval_dir is not None else Path(temporary)
+            files = (
+                Path(lmms_eval_dir) / _file_name(label)
+                if lmms_eval_dir is not None
+                else Path(temporary)
+            )
             cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
             results.append(
-                _evaluate_one(Path(checkpoint), label, tasks, task_manager, limit, batch_size, device, count, cli_args)
+                _evaluate_one(
+                    Path(checkpoint),
+                    label,
+                    tasks,
+                    task_manager,
+                    limit,
+                    batch_size,
+                    device,
+                    count,
+                    cli_args,
+                )
             )
-    return EvalReport(tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results)
+    return EvalReport(
+        tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results
+    )
 
 
 def _check_device(device: str | None) -> str:
@@ -234,7 +252,9 @@ def _leaf_tasks(manager, names: list[str], seen: frozenset = frozenset()) -> lis
     for name in names:
         entry = manager.task_index.get(name) if isinstance(name, str) else None
         if entry is None or name in seen:
-            if isinstance(name, dict) and isinstance(name.get("task"), str):  # an inline task config
+            if isinstance(name, dict) and isinstance(
+                name.get("task"), str
+            ):  # an inline task config
                 leaves.append(name["task"])
             elif isinstance(name, str):
                 leaves.append(name)
@@ -266,7 +286,9 @@ def judge_warnings(tasks: list[str], task_manager) -> list[str]:
     return warnings
 
 
-def lmms_eval_cli_args(tasks: list[str], limit: int | None, batch_size: int, device: str, output_path: str | Path) -> argparse.Namespace:
+def lmms_eval_cli_args(
+    tasks: list[str], limit: int | None, batch_size: int, device: str, output_path: str | Path
+) -> argparse.Namespace:
     """What lmms-eval's command line would hand its evaluator and tasks (``task.args``): the
     tasks' own files (``generate_submission_file``) go under ``output_path``, not ./submissions."""
     return argparse.Namespace(
@@ -296,7 +318,9 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
     return [str(checkpoint) for checkpoint in checkpoints]
 
 
-def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, device, count, cli_args) -> CheckpointResult:
+def _evaluate_one(
+    checkpoint, label, tasks, task_manager, limit, batch_size, device, count, cli_args
+) -> CheckpointResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from .lmms_model import PMoDLmms
@@ -316,7 +340,9 @@ def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, dev
             verbosity="WARNING",
             cli_args=cli_args,
         )
-    except Exception as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
+    except (
+        Exception
+    ) as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
         cause = _offline_cause(err)
         if cause is None:
             raise
@@ -351,7 +377,12 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         from huggingface_hub import errors as hub
     except ImportError:
         hub = None
-    names = ("HfHubHTTPError", "LocalTokenNotFoundError", "OfflineModeIsEnabled", "LocalEntryNotFoundError")
+    names = (
+        "HfHubHTTPError",
+        "LocalTokenNotFoundError",
+        "OfflineModeIsEnabled",
+        "LocalEntryNotFoundError",
+    )
     errors.extend(getattr(hub, name) for name in names if hasattr(hub, name))
     try:
         from datasets.exceptions import DatasetNotFoundError
@@ -401,7 +432,11 @@ def main_score(task: str, metrics: dict) -> TaskScore | None:
     key = next((k for k in numeric if wanted and k.split(",", 1)[0] == wanted), next(iter(numeric)))
     metric, filter_name = key.split(",", 1)
     stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-    return TaskScore(metric=metric, value=float(numeric[key]), stderr=float(stderr) if _is_number(stderr) else None)
+    return TaskScore(
+        metric=metric,
+        value=float(numeric[key]),
+        stderr=float(stderr) if _is_number(stderr) else None,
+    )
 
 
 def _is_number(value) -> bool:
@@ -411,7 +446,9 @@ def _is_number(value) -> bool:
         return False
 
 
-def summarize(network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str) -> Efficiency | None:
+def summarize(
+    network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str
+) -> Efficiency | None:
     """The efficiency rows of one checkpoint (None when nothing was measured); ``network`` is
     the evaluated HF model."""
     from ..efficiency.flops import count_flops_for_model
@@ -455,7 +492,13 @@ def _answers(samples: dict) -> dict[str, list[dict]]:
             response = sample.get("filtered_resps") or sample.get("resps")
             while isinstance(response, list) and len(response) == 1:
                 response = response[0]
-            rows.append({"doc_id": sample["doc_id"], "target": _plain(sample.get("target")), "answer": _plain(response)})
+            rows.append(
+                {
+                    "doc_id": sample["doc_id"],
+                    "target": _plain(sample.get("target")),
+                    "answer": _plain(response),
+                }
+            )
         answers[task] = rows
     return answers
 
@@ -517,7 +560,9 @@ def check_output_path(path: str | Path) -> None:
     a directory, or a parent that is a file or a directory this process cannot write in."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"--output {path} is a directory; give a file name, e.g. {path / 'eval.json'}")
+        raise UserError(
+            f"--output {path} is a directory; give a file name, e.g. {path / 'eval.json'}"
+        )
     existing = path.absolute().parent
     while not existing.exists():  # the first existing ancestor; the rest is created when writing
         existing = existing.parent
@@ -527,7 +572,9 @@ def check_output_path(path: str | Path) -> None:
         raise UserError(f"--output {path}: cannot write in {existing} (permission denied)")
     files = lmms_eval_dir_for(path)
     if files.exists() and not files.is_dir():
-        raise UserError(f"--output {path}: {files} (where lmms-eval's own files go) is a file, not a directory")
+        raise UserError(
+            f"--output {path}: {files} (where lmms-eval's own files go) is a file, not a directory"
+        )
 
 
 def write_json_atomically(data: dict, path: str | Path) -> Path:
@@ -539,7 +586,9 @@ def write_json_atomically(data: dict, path: str | Path) -> Path:
     try:
         if path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
     except OSError as err:
         raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
     try:

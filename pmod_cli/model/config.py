@@ -75,16 +75,22 @@ class PMoDConfig:
                 f"unknown schedule {self.schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
             )
         if self.weight_norm not in WEIGHT_NORMS:
-            raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
+            raise ValueError(
+                f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}"
+            )
         if self.reweight not in REWEIGHT_TARGETS:
-            raise ValueError(f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}")
+            raise ValueError(
+                f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}"
+            )
         for name, allowed in (
             ("routed_tokens", ROUTED_TOKENS),
             ("router_input", ROUTER_INPUTS),
             ("inference_routing", INFERENCE_ROUTING),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
         if not 0.0 < self.routing_threshold < 1.0:
             raise ValueError(f"routing_threshold must be in (0, 1), got {self.routing_threshold}")
         if self.aux_loss_coef < 0:

@@ -71,7 +71,14 @@ class PMoDLayerMixin:
         cache_kwarg = _cache_kwarg(type(self.self_attn))
         cache = kwargs.pop(cache_kwarg, None)
         return self._mod_forward(
-            hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, pmod_routing, **kwargs
+            hidden_states,
+            position_ids,
+            cache,
+            cache_kwarg,
+            use_cache,
+            position_embeddings,
+            pmod_routing,
+            **kwargs,
         )
 
     # ---- the MoD path -------------------------------------------------------------------
@@ -99,10 +106,14 @@ class PMoDLayerMixin:
         offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
         return 1.0 + offset * candidates.to(offset.dtype)
 
-    def _select(self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _select(
+        self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """(batch, seq) bool: the real tokens that do not compete, plus the winners of those that do."""
         if not self.training and self.pmod_config.inference_routing == "threshold":
-            selected = candidates & (torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold)
+            selected = candidates & (
+                torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold
+            )
             return (valid & ~candidates) | selected
         batch, seq = logits.shape
         keep_count = torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
@@ -115,7 +126,15 @@ class PMoDLayerMixin:
         return (valid & ~candidates) | selected
 
     def _mod_forward(
-        self, hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, routing, **kwargs
+        self,
+        hidden_states,
+        position_ids,
+        cache,
+        cache_kwarg,
+        use_cache,
+        position_embeddings,
+        routing,
+        **kwargs,
     ):
         batch, seq, hidden = hidden_states.shape
         device = hidden_states.device
@@ -126,15 +145,26 @@ class PMoDLayerMixin:
             vision, valid = routing.vision_mask, routing.token_valid
 
         # 1. select
-        router_input = self.input_layernorm(hidden_states) if self.pmod_config.router_input == "normed" else hidden_states
+        router_input = (
+            self.input_layernorm(hidden_states)
+            if self.pmod_config.router_input == "normed"
+            else hidden_states
+        )
         logits = self.active_router(router_input)  # (batch, seq)
         candidates = self.competing_tokens(vision, valid)  # (batch, seq)
         weights = self._token_weights(logits, candidates)  # (batch, seq)
         keep = self._select(logits, candidates, valid)  # (batch, seq)
         _record(self, keep, vision, weights, logits)
-        if self.training and self.pmod_config.aux_loss_coef > 0 and routing is not None and candidates.any():
+        if (
+            self.training
+            and self.pmod_config.aux_loss_coef > 0
+            and routing is not None
+            and candidates.any()
+        ):
             # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
-            routing_loss = F.binary_cross_entropy_with_logits(logits[candidates].float(), keep[candidates].float())
+            routing_loss = F.binary_cross_entropy_with_logits(
+                logits[candidates].float(), keep[candidates].float()
+            )
             routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
 
         # 2. gather: kept tokens first, in order; a sample that keeps fewer is padded with
@@ -145,8 +175,12 @@ class PMoDLayerMixin:
             kept_index = keep[0].nonzero().view(1, kept)  # (1, kept)
             slot_valid = None
         else:
-            kept_index = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :kept]
-            slot_valid = torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]  # (batch, kept)
+            kept_index = torch.sort(
+                keep.to(torch.uint8), dim=1, descending=True, stable=True
+            ).indices[:, :kept]
+            slot_valid = (
+                torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]
+            )  # (batch, kept)
         gather_hidden = kept_index.unsqueeze(-1).expand(batch, kept, hidden)
         kept_states = hidden_states.gather(1, gather_hidden)  # (batch, kept, hidden)
         if position_ids is None:
@@ -154,14 +188,21 @@ class PMoDLayerMixin:
         kept_positions = position_ids.expand(batch, seq).gather(1, kept_index)  # (batch, kept)
         cos, sin = position_embeddings
         gather_rope = kept_index.unsqueeze(-1).expand(batch, kept, cos.shape[-1])
-        kept_rope = (cos.expand(batch, -1, -1).gather(1, gather_rope), sin.expand(batch, -1, -1).gather(1, gather_rope))
+        kept_rope = (
+            cos.expand(batch, -1, -1).gather(1, gather_rope),
+            sin.expand(batch, -1, -1).gather(1, gather_rope),
+        )
 
         # 3. run, on this layer's own cache and mask
         past_valid = past_positions = None
         if cache is not None:
             cache_layer = pmod_cache_layer(cache, self.self_attn.layer_idx)
             past_valid, past_positions = cache_layer.slot_valid, cache_layer.slot_positions
-            new_valid = slot_valid if slot_valid is not None else torch.ones(batch, kept, dtype=torch.bool, device=device)
+            new_valid = (
+                slot_valid
+                if slot_valid is not None
+                else torch.ones(batch, kept, dtype=torch.bool, device=device)
+            )
             cache_layer.record_slots(new_valid, kept_positions, seq)
         attn_mask = subset_attention_mask(
             self.self_attn.config._attn_implementation,
@@ -193,7 +234,9 @@ class PMoDLayerMixin:
         else:
             kept_out = kept_states + kept_weights * (attn_out + mlp_out)
         if self.pmod_config.string:
-            passed = hidden_states * weights.unsqueeze(-1)  # a fresh tensor: safe to scatter into in place
+            passed = hidden_states * weights.unsqueeze(
+                -1
+            )  # a fresh tensor: safe to scatter into in place
         else:
             passed = hidden_states.clone()
         if slot_valid is not None:  # padding slots write back what a skipped token would hold
@@ -233,8 +276,12 @@ def subset_attention_mask(
     padding slots left in the cache by earlier calls need masking. Returns None where the
     attention kernel's own causal mode is exact.
     """
-    if attn_implementation not in ("eager", "sdpa") and not attn_implementation.startswith("flash_attention"):
-        raise ValueError(f"p-MoD layers run with eager, sdpa or flash_attention_2 attention, not {attn_implementation!r}")
+    if attn_implementation not in ("eager", "sdpa") and not attn_implementation.startswith(
+        "flash_attention"
+    ):
+        raise ValueError(
+            f"p-MoD layers run with eager, sdpa or flash_attention_2 attention, not {attn_implementation!r}"
+        )
     batch, kept = query_positions.shape
     past = 0 if past_valid is None else past_valid.shape[1]
     all_past_valid = past == 0 or bool(past_valid.all())
@@ -243,23 +290,38 @@ def subset_attention_mask(
         if all_past_valid and query_valid is None:
             return None
         parts = [past_valid] if past else []
-        parts.append(query_valid if query_valid is not None else torch.ones_like(query_positions, dtype=torch.bool))
+        parts.append(
+            query_valid
+            if query_valid is not None
+            else torch.ones_like(query_positions, dtype=torch.bool)
+        )
         return torch.cat(parts, dim=1).long()
-    if sliding_window is None and all_past_valid and (past == 0 or kept == 1) and attn_implementation == "sdpa":
+    if (
+        sliding_window is None
+        and all_past_valid
+        and (past == 0 or kept == 1)
+        and attn_implementation == "sdpa"
+    ):
         return None
     device = query_positions.device
     causal = torch.ones(kept, kept, dtype=torch.bool, device=device).tril()
     allowed = causal.expand(batch, kept, kept)
     if sliding_window is not None:
-        allowed = allowed & (query_positions[:, :, None] - query_positions[:, None, :] < sliding_window)
+        allowed = allowed & (
+            query_positions[:, :, None] - query_positions[:, None, :] < sliding_window
+        )
     if past:
         past_allowed = past_valid[:, None, :].expand(batch, kept, past)
         if sliding_window is not None:
-            past_allowed = past_allowed & (query_positions[:, :, None] - past_positions[:, None, :] < sliding_window)
+            past_allowed = past_allowed & (
+                query_positions[:, :, None] - past_positions[:, None, :] < sliding_window
+            )
         allowed = torch.cat([past_allowed, allowed], dim=-1)
     allowed = allowed.unsqueeze(1)  # (batch, 1, kept, past + kept)
     if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     return allowed
 
 
@@ -277,7 +339,9 @@ def pmod_layer_class(base: type) -> type:
     return _PMOD_LAYER_CLASSES[base]
 
 
-def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_router: Router | None = None) -> nn.Module:
+def convert_layer(
+    layer: nn.Module, ratio: float, config: PMoDConfig, shared_router: Router | None = None
+) -> nn.Module:
     """Turn one HF decoder layer into a p-MoD layer, in place (a router only if it is MoD)."""
     base = type(layer).__bases__[1] if isinstance(layer, PMoDLayerMixin) else type(layer)
     layer.__class__ = pmod_layer_class(base)
@@ -287,7 +351,9 @@ def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_rou
     if own_router and getattr(layer, "router", None) is None:
         # the width from the config: under ZeRO-3's zero.Init a parameter's shape is (0,)
         reference = layer.input_layernorm.weight
-        layer.router = Router(layer.self_attn.config.hidden_size, device=reference.device, dtype=reference.dtype)
+        layer.router = Router(
+            layer.self_attn.config.hidden_size, device=reference.device, dtype=reference.dtype
+        )
     elif not own_router and getattr(layer, "router", None) is not None:
         del layer.router
     # a plain attribute, not a submodule: the shared router's parameters live once, on the text model

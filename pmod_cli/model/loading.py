@@ -56,7 +56,9 @@ def load_checkpoint(
         model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
         processor = AutoProcessor.from_pretrained(str(path))
     except OSError as err:
-        raise UserError(f"cannot load the checkpoint in {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load the checkpoint in {path}: {str(err).splitlines()[0]}"
+        ) from None
     if pmod is not None:
         apply_pmod(model, pmod)
     return model.to(device).eval(), processor

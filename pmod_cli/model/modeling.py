@@ -70,7 +70,9 @@ class PMoDModelMixin:
 
     def _install_routing_hook(self) -> None:
         if not getattr(self, "_pmod_routing_hook", None):
-            self._pmod_routing_hook = self.register_forward_pre_hook(_add_routing_inputs, with_kwargs=True)
+            self._pmod_routing_hook = self.register_forward_pre_hook(
+                _add_routing_inputs, with_kwargs=True
+            )
             self._pmod_loss_hook = self.register_forward_hook(_add_routing_loss, with_kwargs=True)
 
 
@@ -190,20 +192,31 @@ def is_pmod_model(model) -> bool:
 
 
 def mod_layer_indices(model) -> list[int]:
-    return [i for i, layer in enumerate(model.model.language_model.layers) if isinstance(layer, PMoDLayerMixin) and layer.is_mod]
+    return [
+        i
+        for i, layer in enumerate(model.model.language_model.layers)
+        if isinstance(layer, PMoDLayerMixin) and layer.is_mod
+    ]
 
 
 def register() -> None:
     """Make p-MoD checkpoints loadable through the Auto classes (runs on ``import pmod_cli``)."""
     for config_class, model_class, processor_class, dense_type in (
         (PMoDLlavaConfig, PMoDLlavaForConditionalGeneration, LlavaProcessor, "llava"),
-        (PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration, LlavaNextProcessor, "llava_next"),
+        (
+            PMoDLlavaNextConfig,
+            PMoDLlavaNextForConditionalGeneration,
+            LlavaNextProcessor,
+            "llava_next",
+        ),
     ):
         # the same weight-name mapping as the dense model: llava-hf checkpoints load, and a model
         # loaded from one saves in the same layout
         dense_mapping = get_checkpoint_conversion_mapping(dense_type)
         if dense_mapping is not None:
-            register_checkpoint_conversion_mapping(config_class.model_type, dense_mapping, overwrite=True)
+            register_checkpoint_conversion_mapping(
+                config_class.model_type, dense_mapping, overwrite=True
+            )
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
         AutoProcessor.register(config_class, processor_class, exist_ok=True)

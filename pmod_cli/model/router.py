@@ -28,13 +28,17 @@ def register_weight_norm(name: str) -> Callable[[WeightNormFn], WeightNormFn]:
 
 
 @register_weight_norm("tanh")
-def tanh_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def tanh_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """TanhNorm: alpha * tanh(r), zero-centred and bounded by alpha."""
     return alpha * torch.tanh(logits)
 
 
 @register_weight_norm("softmax")
-def softmax_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def softmax_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """alpha * softmax(r) over each sample's competing tokens (the ablation's non-centred norm)."""
     masked = logits.masked_fill(~candidates, float("-inf"))
     probs = torch.softmax(masked.float(), dim=-1).nan_to_num(0.0).to(logits.dtype)
@@ -42,13 +46,17 @@ def softmax_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, s
 
 
 @register_weight_norm("shifted_softmax")
-def shifted_softmax_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def shifted_softmax_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """alpha * softmax(r) + b: the same range as TanhNorm but not zero-centred."""
     return softmax_norm(logits, candidates, alpha, shift) + shift
 
 
 @register_weight_norm("none")
-def no_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def no_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """The raw router output (the ablation row that overflows)."""
     return logits
 

@@ -87,15 +87,21 @@ def retention_ratios(
     """
     if ratios is not None:
         if len(ratios) != num_layers:
-            raise ValueError(f"pmod.ratios has {len(ratios)} entries but the model has {num_layers} layers")
+            raise ValueError(
+                f"pmod.ratios has {len(ratios)} entries but the model has {num_layers} layers"
+            )
         for r in ratios:
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"pmod.ratios values must be in (0, 1], got {r}")
         return [float(r) for r in ratios]
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}")
+        raise ValueError(
+            f"unknown schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+        )
     if not 0.0 < min_ratio <= max_ratio <= 1.0:
-        raise ValueError(f"need 0 < min_ratio <= max_ratio <= 1, got min {min_ratio}, max {max_ratio}")
+        raise ValueError(
+            f"need 0 < min_ratio <= max_ratio <= 1, got min {min_ratio}, max {max_ratio}"
+        )
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     fn = SCHEDULES[schedule]

@@ -48,7 +48,10 @@ def part_of(parameter_name: str) -> str:
         return "router"
     if parameter_name.startswith("model.vision_tower."):
         return "vision_tower"
-    if parameter_name.startswith("model.multi_modal_projector.") or parameter_name == "model.image_newline":
+    if (
+        parameter_name.startswith("model.multi_modal_projector.")
+        or parameter_name == "model.image_newline"
+    ):
         return "connector"
     return "llm"
 
@@ -86,7 +89,9 @@ def _image_processor(base, layout: str, aspect_ratio: str, grid_pinpoints: list[
         image_std=base.image_std,
         resample=base.resample,
     )
-    if "height" in settings["size"] and settings["crop_size"] is None:  # SigLIP: a fixed square size
+    if (
+        "height" in settings["size"] and settings["crop_size"] is None
+    ):  # SigLIP: a fixed square size
         settings["crop_size"] = dict(settings["size"])
         settings["size"] = {"shortest_edge": settings["size"]["height"]}
     if layout == "llava_next":
@@ -94,7 +99,9 @@ def _image_processor(base, layout: str, aspect_ratio: str, grid_pinpoints: list[
     return LlavaImageProcessor(**settings, do_pad=aspect_ratio == "pad")
 
 
-def _processor(tokenizer, image_processor, layout: str, vision_config, select_strategy: str, template: str):
+def _processor(
+    tokenizer, image_processor, layout: str, vision_config, select_strategy: str, template: str
+):
     from transformers import LlavaNextProcessor, LlavaProcessor
 
     processor_class = LlavaNextProcessor if layout == "llava_next" else LlavaProcessor
@@ -187,33 +194,54 @@ def build_from_parts(recipe: Recipe, dtype: torch.dtype):
     vision_ref, llm_ref = resolve_name(model_section.vision_tower), resolve_name(model_section.llm)
     vision_config = _load(_vision_config, vision_ref, "model.vision_tower")
     vision_class = getattr(transformers, VISION_CLASSES[vision_config.model_type])
-    vision_tower = _load(vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype)
+    vision_tower = _load(
+        vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype
+    )
     llm = _load(AutoModelForCausalLM.from_pretrained, llm_ref, "model.llm", dtype=dtype)
     tokenizer = _load(AutoTokenizer.from_pretrained, llm_ref, "the tokenizer of model.llm")
-    base_image_processor = _load(AutoImageProcessor.from_pretrained, vision_ref, "the image processor of model.vision_tower")
+    base_image_processor = _load(
+        AutoImageProcessor.from_pretrained, vision_ref, "the image processor of model.vision_tower"
+    )
 
     grew = _prepare_tokenizer(tokenizer)
-    config = llava_config(recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    model_class = LlavaNextForConditionalGeneration if model_section.layout == "llava_next" else LlavaForConditionalGeneration
+    config = llava_config(
+        recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    )
+    model_class = (
+        LlavaNextForConditionalGeneration
+        if model_section.layout == "llava_next"
+        else LlavaForConditionalGeneration
+    )
     with torch.device("meta"):  # the shell only; the parts bring their weights
         model = model_class(config)
     model.model.vision_tower = vision_tower
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     # a fresh connector, with torch's default Linear init as LLaVA's projector
-    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dtype=dtype)
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(
+        dtype=dtype
+    )
     if model_section.layout == "llava_next":
         hidden = config.text_config.hidden_size
-        model.model.image_newline = nn.Parameter(torch.randn(hidden, dtype=dtype) / math.sqrt(hidden))
+        model.model.image_newline = nn.Parameter(
+            torch.randn(hidden, dtype=dtype) / math.sqrt(hidden)
+        )
     if grew:
         # llava-hf pads the vocabulary to a multiple of 64 after adding <image>
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     image_processor = _image_processor(
-        base_image_processor, model_section.layout, data.image_aspect_ratio, model_section.image_grid_pinpoints
+        base_image_processor,
+        model_section.layout,
+        data.image_aspect_ratio,
+        model_section.image_grid_pinpoints,
     )
     processor = _processor(
-        tokenizer, image_processor, model_section.layout, vision_config,
-        model_section.vision_feature_select_strategy, data.template,
+        tokenizer,
+        image_processor,
+        model_section.layout,
+        vision_config,
+        model_section.vision_feature_select_strategy,
+        data.template,
     )
     return model, processor
 
@@ -226,15 +254,19 @@ def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
 
     reference = resolve_name(recipe.model.checkpoint)
     processor = _load(AutoProcessor.from_pretrained, reference, "model.checkpoint")
-    model = _load(AutoModelForImageTextToText.from_pretrained, reference, "model.checkpoint", dtype=dtype)
+    model = _load(
+        AutoModelForImageTextToText.from_pretrained, reference, "model.checkpoint", dtype=dtype
+    )
     layout = "llava_next" if hasattr(model.config, "image_grid_pinpoints") else "llava"
     if (recipe.data.image_aspect_ratio == "anyres") != (layout == "llava_next"):
         raise UserError(
-            f'model.checkpoint is a {layout} model: set data.image_aspect_ratio = '
-            f'{"anyres" if layout == "llava_next" else "pad (or crop)"}'
+            f"model.checkpoint is a {layout} model: set data.image_aspect_ratio = "
+            f"{'anyres' if layout == 'llava_next' else 'pad (or crop)'}"
         )
     if layout == "llava":  # pad / crop as the recipe says, with the checkpoint's own sizes
-        processor.image_processor = _image_processor(processor.image_processor, layout, recipe.data.image_aspect_ratio, None)
+        processor.image_processor = _image_processor(
+            processor.image_processor, layout, recipe.data.image_aspect_ratio, None
+        )
     _prepare_tokenizer(processor.tokenizer)
     processor.chat_template = get_template(recipe.data.template).jinja
     return model, processor
@@ -271,9 +303,9 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
                 # saved names differ from module names across transformers versions
                 # ("multi_modal_projector.linear_1.weight" vs "model.multi_modal_projector...")
                 if "multi_modal_projector." in key:
-                    connector["model.multi_modal_projector." + key.split("multi_modal_projector.", 1)[1]] = (
-                        weights.get_tensor(key)
-                    )
+                    connector[
+                        "model.multi_modal_projector." + key.split("multi_modal_projector.", 1)[1]
+                    ] = weights.get_tensor(key)
                 elif key.endswith("image_newline"):
                     connector["model.image_newline"] = weights.get_tensor(key)
     own = {name: p for name, p in model.named_parameters() if part_of(name) == "connector"}
@@ -282,7 +314,9 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
         del own["model.image_newline"]
     missing = sorted(set(own) - set(connector))
     if missing:
-        raise UserError(f"model.pretrained_connector {directory} lacks {missing[0]}; was it trained for this layout?")
+        raise UserError(
+            f"model.pretrained_connector {directory} lacks {missing[0]}; was it trained for this layout?"
+        )
     with torch.no_grad():
         for name, parameter in own.items():
             if connector[name].shape != parameter.shape:
@@ -323,11 +357,15 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
         check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
         model = apply_pmod(model, recipe.pmod.config)
     elif is_pmod_model(model):
-        raise UserError("model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint")
+        raise UserError(
+            "model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint"
+        )
     try:
         model.set_attn_implementation(recipe.model.attn_implementation)
     except (ImportError, ValueError) as err:
-        raise UserError(f"model.attn_implementation = {recipe.model.attn_implementation!r}: {err}") from None
+        raise UserError(
+            f"model.attn_implementation = {recipe.model.attn_implementation!r}: {err}"
+        ) from None
     model.config.use_cache = False  # no KV cache while training
     set_trainable(model, trained_parts(recipe, stage))
     return model, processor

@@ -102,10 +102,14 @@ def model_config(recipe: Recipe):
         if vision is not None and text is not None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(resolve_name(model.llm), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_name(model.llm), local_files_only=True
+            )
             _prepare_tokenizer(tokenizer)
             vision = getattr(vision, "vision_config", None) or vision
-            config = llava_config(recipe, vision, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+            config = llava_config(
+                recipe, vision, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            )
             if len(tokenizer) > config.text_config.vocab_size:
                 config.text_config.vocab_size = -(-len(tokenizer) // 64) * 64
             return config, f"parts {model.vision_tower} + {model.llm}"
@@ -145,8 +149,15 @@ def check_data(recipe: Recipe) -> DataCheck:
         return check
     records = load_records(data_path)
     # every sample is checked; too many bad ones is reported, not raised, in a plan
-    scan = scan_records(records, image_folder, max_bad_fraction=1.0, open_images=recipe.data.check_images)
-    check.total, check.usable, check.text_only, check.bad = scan.total, len(scan.valid), scan.text_only, scan.bad
+    scan = scan_records(
+        records, image_folder, max_bad_fraction=1.0, open_images=recipe.data.check_images
+    )
+    check.total, check.usable, check.text_only, check.bad = (
+        scan.total,
+        len(scan.valid),
+        scan.text_only,
+        scan.bad,
+    )
     if not scan.valid:
         check.problem = f"none of the {scan.total} samples is usable: a real run stops here"
     elif scan.bad_fraction > recipe.data.max_bad_fraction:
@@ -162,7 +173,9 @@ def make_training_plan(stage: str, recipe: Recipe) -> TrainingPlan:
     pmod_enabled = recipe.pmod.enabled
     model = _meta_model(config, pmod_enabled, recipe)
     parameters = set_trainable(model, trained_parts(recipe, stage))
-    if source.startswith("preset"):  # the preset's own numbers (e.g. Vicuna's 32000-token vocabulary)
+    if source.startswith(
+        "preset"
+    ):  # the preset's own numbers (e.g. Vicuna's 32000-token vocabulary)
         shape = get_preset(recipe.model.preset)
         if recipe.model.image_grid_pinpoints and shape.layout == "llava_next":
             pinpoints = tuple(tuple(p) for p in recipe.model.image_grid_pinpoints)
@@ -201,9 +214,13 @@ def _millions(count: int) -> str:
 
 def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(f"[bold]{plan.stage}[/bold] plan for {recipe.source or 'the recipe'}  (dry run: nothing is trained)")
-    console.print(f"model: {plan.model_source}, layout {plan.shape.layout}, "
-                  f"{'p-MoD' if plan.pmod_enabled else 'dense (pmod.enabled = false)'}")
+    console.print(
+        f"[bold]{plan.stage}[/bold] plan for {recipe.source or 'the recipe'}  (dry run: nothing is trained)"
+    )
+    console.print(
+        f"model: {plan.model_source}, layout {plan.shape.layout}, "
+        f"{'p-MoD' if plan.pmod_enabled else 'dense (pmod.enabled = false)'}"
+    )
 
     parts = Table(title="Parameters per part")
     for name in ("part", "parameters", "trainable", "learning rate"):
@@ -213,7 +230,12 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
         if total == 0:
             continue
         rate = plan.learning_rates.get(part)
-        parts.add_row(part, _millions(total), _millions(trainable) if trainable else "frozen", f"{rate:g}" if rate else "-")
+        parts.add_row(
+            part,
+            _millions(total),
+            _millions(trainable) if trainable else "frozen",
+            f"{rate:g}" if rate else "-",
+        )
     trainable = sum(t for t, _ in plan.parameters.values())
     total = sum(n for _, n in plan.parameters.values())
     parts.add_row("all", _millions(total), _millions(trainable), "", style="bold")
@@ -227,11 +249,22 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
     if train.max_steps <= 0 and plan.data.usable:
         steps += f" = {int(plan.data.usable * train.num_epochs // train.global_batch_size)} steps"
     rows = [
-        ("global batch", f"{train.global_batch_size} = {train.per_device_batch_size} per device x "
-                         f"{plan.accumulation} accumulation x {plan.world_size} process(es)"),
+        (
+            "global batch",
+            f"{train.global_batch_size} = {train.per_device_batch_size} per device x "
+            f"{plan.accumulation} accumulation x {plan.world_size} process(es)",
+        ),
         ("steps", steps),
-        ("schedule", f"{train.lr_scheduler}, warmup {train.warmup_ratio:g}, weight decay {train.weight_decay:g}"),
-        ("precision", f"{train.precision} (auto: bf16 on GPU, fp32 on CPU)" if train.precision == "auto" else train.precision),
+        (
+            "schedule",
+            f"{train.lr_scheduler}, warmup {train.warmup_ratio:g}, weight decay {train.weight_decay:g}",
+        ),
+        (
+            "precision",
+            f"{train.precision} (auto: bf16 on GPU, fp32 on CPU)"
+            if train.precision == "auto"
+            else train.precision,
+        ),
         ("gradient checkpointing", str(train.gradient_checkpointing).lower()),
         ("deepspeed", train.deepspeed or "none"),
         ("template / max length", f"{recipe.data.template} / {recipe.data.max_length}"),
@@ -240,7 +273,11 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
     if recipe.model.pretrained_connector:
         found = Path(resolve_name(recipe.model.pretrained_connector)).is_dir()
         rows.append(
-            ("pretrained connector", recipe.model.pretrained_connector + ("" if found else "  [yellow](not there yet: run the pretrain stage first)"))
+            (
+                "pretrained connector",
+                recipe.model.pretrained_connector
+                + ("" if found else "  [yellow](not there yet: run the pretrain stage first)"),
+            )
         )
     for label, value in rows:
         run.add_row(label, value)
@@ -267,4 +304,3 @@ def dry_run(stage: str, recipe: Recipe, console: Console | None = None) -> Train
     plan = make_training_plan(stage, recipe)
     print_training_plan(plan, recipe, console)
     return plan
-

@@ -74,7 +74,9 @@ def deepspeed_config_path(value: str) -> str:
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     if precision == "auto":
-        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        return (
+            "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        )
     if precision in ("bf16", "fp16") and not on_gpu:
         logger.warning("train.precision = %s needs a GPU; training in fp32 on the CPU", precision)
         return "fp32"
@@ -84,7 +86,9 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
 def data_paths(recipe: Recipe) -> tuple[Path, Path]:
     data_path = Path(resolve_name(recipe.data.path))
     image_folder = (
-        Path(resolve_name(recipe.data.image_folder)) if recipe.data.image_folder else default_image_folder(data_path)
+        Path(resolve_name(recipe.data.image_folder))
+        if recipe.data.image_folder
+        else default_image_folder(data_path)
     )
     return data_path, image_folder
 
@@ -101,7 +105,11 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
         data_logger.setLevel(logging.ERROR)
     try:
         scan = scan_records(
-            records, image_folder, recipe.data.max_bad_fraction, recipe.data.check_images, progress=not quiet
+            records,
+            image_folder,
+            recipe.data.max_bad_fraction,
+            recipe.data.check_images,
+            progress=not quiet,
         )
     finally:
         data_logger.setLevel(previous_level)
@@ -117,7 +125,9 @@ def _check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path |
     previous = last_checkpoint(output_dir)
     if resume:
         if previous is None:
-            raise UserError(f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start")
+            raise UserError(
+                f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start"
+            )
         return previous
     if previous is not None and not overwrite:
         raise UserError(
@@ -138,7 +148,9 @@ def _clear_output_dir(output_dir: Path, is_main: bool) -> None:
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
 
 
-def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int):
+def _training_arguments(
+    recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int
+):
     from transformers import TrainingArguments
 
     train = recipe.train
@@ -156,7 +168,9 @@ def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gp
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False}
+        if train.gradient_checkpointing
+        else None,
         deepspeed=deepspeed_config_path(train.deepspeed) if train.deepspeed else None,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -187,7 +201,9 @@ def _reduce_counts(counts, args) -> list[float]:
 # ---- the stage ----------------------------------------------------------------------------
 
 
-def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Sequence = ()) -> StageResult:
+def run_stage(
+    stage: str, recipe: Recipe, resume: bool = False, callbacks: Sequence = ()
+) -> StageResult:
     """Build, train, save and summarise one stage; returns the summary and the loss log."""
     import datasets
     import transformers
@@ -218,7 +234,9 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(train.precision, on_gpu)
     # DeepSpeed keeps fp32 master weights itself, so the model can load in half precision
-    load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
+    load_dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
+    )
     # built before the arguments exist, so outside ZeRO-3's zero.Init: the parts' meta-device
     # shell, the connector copy and the routers need whole parameters; DeepSpeed partitions the
     # model when it starts
@@ -285,7 +303,13 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
     return StageResult(stage, output_dir, summary, list(trainer.state.log_history))
 
 
-def launch(stage: str, recipe_path: str | Path, overrides: Sequence[str] = (), resume: bool = False, dry_run: bool = False):
+def launch(
+    stage: str,
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    dry_run: bool = False,
+):
     """What ``pmod pretrain`` / ``pmod sft`` do: load the recipe, then plan or train."""
     from .recipe import load_recipe
 

@@ -54,7 +54,11 @@ class _BlankImagePass:
         pixels = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
         states = self.llava.vision_tower(pixels, output_hidden_states=True).hidden_states
         layer = config.vision_feature_layer
-        selected = torch.cat([states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple)) else states[layer]
+        selected = (
+            torch.cat([states[i] for i in layer], dim=-1)
+            if isinstance(layer, (list, tuple))
+            else states[layer]
+        )
         self.features = self.llava.multi_modal_projector(selected)
 
 
@@ -72,7 +76,10 @@ class RunCounts:
     skipped_at_load: int = 0
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.samples, self.tokens, self.vision_tokens, self.skipped_at_load], dtype=torch.float64)
+        return torch.tensor(
+            [self.samples, self.tokens, self.vision_tokens, self.skipped_at_load],
+            dtype=torch.float64,
+        )
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
@@ -125,7 +132,9 @@ class PMoDTrainer(Trainer):
                 params = [
                     p
                     for name, p in model.named_parameters()
-                    if p.requires_grad and part_of(name) == part and (name in decay_names) == with_decay
+                    if p.requires_grad
+                    and part_of(name) == part
+                    and (name in decay_names) == with_decay
                 ]
                 if params:
                     groups.append(
@@ -145,7 +154,9 @@ class PMoDTrainer(Trainer):
         skipped = inputs.pop("num_skipped", None)
         if skipped is not None:
             self.counts.skipped_at_load += int(skipped)
-            passes = int(self.state.epoch or 0) + 1  # each pass over the data meets its bad samples again
+            passes = (
+                int(self.state.epoch or 0) + 1
+            )  # each pass over the data meets its bad samples again
             if self.counts.skipped_at_load > self.bad_sample_budget * passes:
                 raise UserError(
                     f"{self.counts.skipped_at_load} samples failed while loading, more than data.max_bad_fraction "
@@ -156,13 +167,21 @@ class PMoDTrainer(Trainer):
             self.counts.samples += int(mask.shape[0])
             self.counts.tokens += int(mask.sum())
             self.counts.vision_tokens += int((inputs["input_ids"] == self.image_token_id).sum())
-        blank = self._blank_image_pass(model) if model.training and inputs.get("pixel_values") is None else None
+        blank = (
+            self._blank_image_pass(model)
+            if model.training and inputs.get("pixel_values") is None
+            else None
+        )
         try:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         finally:
             if blank is not None:
                 blank.handle.remove()
-        if blank is not None and blank.features is not None:  # adds 0, but gives the tower a gradient
+        if (
+            blank is not None and blank.features is not None
+        ):  # adds 0, but gives the tower a gradient
             zero = 0.0 * blank.features.sum()
             result = (result[0] + zero, *result[1:]) if return_outputs else result + zero
         if model.training:
@@ -181,7 +200,9 @@ class PMoDTrainer(Trainer):
         llava = self.accelerator.unwrap_model(model).model  # LlavaModel / LlavaNextModel
         blank = _BlankImagePass(llava)
         # prepended: it must run before ZeRO-3's own hook gathers the language model
-        blank.handle = llava.language_model.register_forward_pre_hook(lambda module, args: blank.run(), prepend=True)
+        blank.handle = llava.language_model.register_forward_pre_hook(
+            lambda module, args: blank.run(), prepend=True
+        )
         return blank
 
     def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
@@ -191,9 +212,17 @@ class PMoDTrainer(Trainer):
         if on_every_rank(finite, loss.device):
             return
         step = self.state.global_step + 1
-        value = float(loss.detach().float().mean()) if not finite else "NaN or infinite on another process"
+        value = (
+            float(loss.detach().float().mean())
+            if not finite
+            else "NaN or infinite on another process"
+        )
         previous = last_checkpoint(self.args.output_dir)
-        where = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
+        where = (
+            f"the last good checkpoint is {previous}"
+            if previous
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteLossError(
             f"the training loss became {value} at step {step}; stopped before the optimizer step, "
             f"{where}. Lower train.learning_rate (or check the data) and run again"
@@ -258,7 +287,9 @@ def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         new_files = {path.name for path in staging.iterdir() if path.is_file()}
-        saved = any(name.startswith("model") and name.endswith(".safetensors") for name in new_files)
+        saved = any(
+            name.startswith("model") and name.endswith(".safetensors") for name in new_files
+        )
     else:
         saved = True
     if not on_every_rank(saved, trainer.args.device):
@@ -271,7 +302,9 @@ def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
         (staging / RECIPE_FILE).write_text(trainer.recipe_toml)
         new_files.add(RECIPE_FILE)
         (output_dir / "config.json").unlink(missing_ok=True)
-        for stale in output_dir.glob("model*.safetensors*"):  # weights of an earlier, differently sharded save
+        for stale in output_dir.glob(
+            "model*.safetensors*"
+        ):  # weights of an earlier, differently sharded save
             if stale.name not in new_files:
                 stale.unlink()
         for name in sorted(new_files - {"config.json"}) + ["config.json"]:
@@ -329,7 +362,9 @@ class RichProgressCallback(TrainerCallback):
             TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step, loss="")
+        self.task = self.progress.add_task(
+            self.description, total=state.max_steps, completed=state.global_step, loss=""
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:

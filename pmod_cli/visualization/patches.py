@@ -88,7 +88,9 @@ def resized_size(height: int, width: int, size: Any) -> tuple[int, int]:
         return fixed_height, fixed_width
     shortest = _size_field(size, "shortest_edge")
     if shortest is None or _size_field(size, "longest_edge"):
-        raise UserError(f"pmod visualize supports image processors sized by shortest_edge or height/width, not {size}")
+        raise UserError(
+            f"pmod visualize supports image processors sized by shortest_edge or height/width, not {size}"
+        )
     # as transformers' get_resize_output_image_size(default_to_square=False)
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(shortest * long / short)
@@ -119,7 +121,9 @@ def resize_crop(
         pad_top, pad_left = (side - height) // 2, (side - width) // 2
         padded_height = padded_width = side
     resized_height, resized_width = (
-        resized_size(padded_height, padded_width, size) if do_resize else (padded_height, padded_width)
+        resized_size(padded_height, padded_width, size)
+        if do_resize
+        else (padded_height, padded_width)
     )
     crop_top = crop_left = 0
     view_height, view_width = resized_height, resized_width
@@ -128,12 +132,24 @@ def resize_crop(
         crop_top = _crop_offset(resized_height, view_height)
         crop_left = _crop_offset(resized_width, view_width)
     return ResizeCrop(
-        height, width, pad_top, pad_left, padded_height, padded_width,
-        resized_height, resized_width, crop_top, crop_left, view_height, view_width,
+        height,
+        width,
+        pad_top,
+        pad_left,
+        padded_height,
+        padded_width,
+        resized_height,
+        resized_width,
+        crop_top,
+        crop_left,
+        view_height,
+        view_width,
     )
 
 
-def _clipped_box(view: str, x0: float, y0: float, x1: float, y1: float, height: int, width: int) -> PatchBox:
+def _clipped_box(
+    view: str, x0: float, y0: float, x1: float, y1: float, height: int, width: int
+) -> PatchBox:
     return PatchBox(
         view,
         min(max(x0, 0.0), width),
@@ -165,11 +181,20 @@ def llava_patch_boxes(
 ) -> list[PatchBox | None]:
     """One box per LLaVA-1.5 vision token, in token order (``None`` for a kept CLS token)."""
     chain = resize_crop(
-        image_height, image_width, size=size, crop_size=crop_size, do_resize=do_resize, pad_to_square=pad_to_square
+        image_height,
+        image_width,
+        size=size,
+        crop_size=crop_size,
+        do_resize=do_resize,
+        pad_to_square=pad_to_square,
     )
     rows, cols = chain.view_height // patch_size, chain.view_width // patch_size
     boxes: list[PatchBox | None] = [None] if with_cls else []
-    boxes += [_grid_box(chain, IMAGE_VIEW, row, col, patch_size) for row in range(rows) for col in range(cols)]
+    boxes += [
+        _grid_box(chain, IMAGE_VIEW, row, col, patch_size)
+        for row in range(rows)
+        for col in range(cols)
+    ]
     return boxes
 
 
@@ -193,7 +218,9 @@ class AnyresLayout:
     cols: range  # feature-map columns kept after unpadding
 
 
-def unpadded_window(image_height: int, image_width: int, map_height: int, map_width: int) -> tuple[range, range]:
+def unpadded_window(
+    image_height: int, image_width: int, map_height: int, map_width: int
+) -> tuple[range, range]:
     """Rows and columns of the (map_height, map_width) feature map that survive HF's ``unpad_image``."""
     if image_width / image_height > map_width / map_height:
         new_height = int(round(image_height * (map_width / image_width), 7))
@@ -205,30 +232,54 @@ def unpadded_window(image_height: int, image_width: int, map_height: int, map_wi
 
 
 def anyres_layout(
-    image_height: int, image_width: int, *, grid_pinpoints: list, tile_size: int, cells_per_tile: int
+    image_height: int,
+    image_width: int,
+    *,
+    grid_pinpoints: list,
+    tile_size: int,
+    cells_per_tile: int,
 ) -> AnyresLayout:
     """Best grid, aspect-preserving resize, padding and unpadding, as transformers 5.x does them."""
     best_height, best_width = select_best_resolution((image_height, image_width), grid_pinpoints)
     # get_patch_output_size
     scale_w, scale_h = best_width / image_width, best_height / image_height
     if scale_w < scale_h:
-        resized_width, resized_height = best_width, min(math.ceil(image_height * scale_w), best_height)
+        resized_width, resized_height = (
+            best_width,
+            min(math.ceil(image_height * scale_w), best_height),
+        )
     else:
-        resized_height, resized_width = best_height, min(math.ceil(image_width * scale_h), best_width)
+        resized_height, resized_width = (
+            best_height,
+            min(math.ceil(image_width * scale_h), best_width),
+        )
     # _get_padding_size: the odd pixel goes after the image
     paste_left, paste_top = (best_width - resized_width) // 2, (best_height - resized_height) // 2
     # the model derives the grid from the pinpoint and the vision tower's input size
     tiles_high, tiles_wide = best_height // tile_size, best_width // tile_size
-    rows, cols = unpadded_window(image_height, image_width, tiles_high * cells_per_tile, tiles_wide * cells_per_tile)
+    rows, cols = unpadded_window(
+        image_height, image_width, tiles_high * cells_per_tile, tiles_wide * cells_per_tile
+    )
     return AnyresLayout(
-        best_height, best_width, resized_height, resized_width, paste_top, paste_left,
-        tiles_high, tiles_wide, cells_per_tile, rows, cols,
+        best_height,
+        best_width,
+        resized_height,
+        resized_width,
+        paste_top,
+        paste_left,
+        tiles_high,
+        tiles_wide,
+        cells_per_tile,
+        rows,
+        cols,
     )
 
 
 def llava_next_cells(base_rows: int, base_cols: int, layout: AnyresLayout) -> list[FeatureCell]:
     """The feature cell of each LLaVA-NeXT vision token, in the order ``pack_image_features`` packs them."""
-    cells = [FeatureCell(BASE_VIEW, row, col) for row in range(base_rows) for col in range(base_cols)]
+    cells = [
+        FeatureCell(BASE_VIEW, row, col) for row in range(base_rows) for col in range(base_cols)
+    ]
     for row in layout.rows:
         cells += [FeatureCell(HIGH_RES_VIEW, row, col) for col in layout.cols]
         cells.append(FeatureCell(HIGH_RES_VIEW, row, None))  # the row's newline token
@@ -253,33 +304,60 @@ def llava_next_patch_boxes(
     """
     # base view: the whole image squashed to a square, then the usual resize and crop
     fixed_height, fixed_width = _size_field(size, "height"), _size_field(size, "width")
-    squash = (fixed_height, fixed_width) if fixed_height and fixed_width else (_size_field(size, "shortest_edge"),) * 2
-    base_chain = resize_crop(squash[0], squash[1], size=size, crop_size=crop_size, do_resize=do_resize)
+    squash = (
+        (fixed_height, fixed_width)
+        if fixed_height and fixed_width
+        else (_size_field(size, "shortest_edge"),) * 2
+    )
+    base_chain = resize_crop(
+        squash[0], squash[1], size=size, crop_size=crop_size, do_resize=do_resize
+    )
     to_squash_x, to_squash_y = image_width / squash[1], image_height / squash[0]
     # each tile goes through the same resize and crop before the vision tower
-    tile_chain = resize_crop(tile_size, tile_size, size=size, crop_size=crop_size, do_resize=do_resize)
+    tile_chain = resize_crop(
+        tile_size, tile_size, size=size, crop_size=crop_size, do_resize=do_resize
+    )
     cells_per_tile = tile_chain.view_height // patch_size
     layout = anyres_layout(
-        image_height, image_width, grid_pinpoints=grid_pinpoints, tile_size=tile_size, cells_per_tile=cells_per_tile
+        image_height,
+        image_width,
+        grid_pinpoints=grid_pinpoints,
+        tile_size=tile_size,
+        cells_per_tile=cells_per_tile,
     )
-    unresize_x, unresize_y = image_width / layout.resized_width, image_height / layout.resized_height
+    unresize_x, unresize_y = (
+        image_width / layout.resized_width,
+        image_height / layout.resized_height,
+    )
 
     def high_res_box(row: int, col: int) -> PatchBox:
         tile_row, cell_row = divmod(row, cells_per_tile)
         tile_col, cell_col = divmod(col, cells_per_tile)
         corners = []
         for dx, dy in ((0, 0), (1, 1)):
-            tile_x, tile_y = tile_chain.to_source((cell_col + dx) * patch_size, (cell_row + dy) * patch_size)
+            tile_x, tile_y = tile_chain.to_source(
+                (cell_col + dx) * patch_size, (cell_row + dy) * patch_size
+            )
             padded_x, padded_y = tile_col * tile_size + tile_x, tile_row * tile_size + tile_y
-            corners.append(((padded_x - layout.paste_left) * unresize_x, (padded_y - layout.paste_top) * unresize_y))
+            corners.append(
+                (
+                    (padded_x - layout.paste_left) * unresize_x,
+                    (padded_y - layout.paste_top) * unresize_y,
+                )
+            )
         (x0, y0), (x1, y1) = corners
         return _clipped_box(HIGH_RES_VIEW, x0, y0, x1, y1, image_height, image_width)
 
     def base_box(row: int, col: int) -> PatchBox:
         box = _grid_box(base_chain, BASE_VIEW, row, col, patch_size)
         return _clipped_box(
-            BASE_VIEW, box.x0 * to_squash_x, box.y0 * to_squash_y, box.x1 * to_squash_x, box.y1 * to_squash_y,
-            image_height, image_width,
+            BASE_VIEW,
+            box.x0 * to_squash_x,
+            box.y0 * to_squash_y,
+            box.x1 * to_squash_x,
+            box.y1 * to_squash_y,
+            image_height,
+            image_width,
         )
 
     base_rows, base_cols = base_chain.view_height // patch_size, base_chain.view_width // patch_size
@@ -297,7 +375,9 @@ def llava_next_patch_boxes(
 # ---- from a loaded processor and model config --------------------------------------------
 
 
-def patch_boxes_for(processor, model_config, image_height: int, image_width: int) -> list[PatchBox | None]:
+def patch_boxes_for(
+    processor, model_config, image_height: int, image_width: int
+) -> list[PatchBox | None]:
     """The boxes of every vision token the processor and model make of a (height, width) image."""
     image_processor = processor.image_processor
     vision = model_config.vision_config
@@ -305,7 +385,9 @@ def patch_boxes_for(processor, model_config, image_height: int, image_width: int
     common = dict(
         patch_size=vision.patch_size,
         size=image_processor.size,
-        crop_size=image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None,
+        crop_size=image_processor.crop_size
+        if getattr(image_processor, "do_center_crop", False)
+        else None,
         do_resize=bool(getattr(image_processor, "do_resize", True)),
     )
     if getattr(model_config, "image_grid_pinpoints", None) is not None:  # LLaVA-NeXT
@@ -315,11 +397,21 @@ def patch_boxes_for(processor, model_config, image_height: int, image_width: int
                 f"not {strategy!r}"
             )
         return llava_next_patch_boxes(
-            image_height, image_width, grid_pinpoints=model_config.image_grid_pinpoints, tile_size=vision.image_size, **common
+            image_height,
+            image_width,
+            grid_pinpoints=model_config.image_grid_pinpoints,
+            tile_size=vision.image_size,
+            **common,
         )
     # LlavaImageProcessor's do_pad pads to a square first (LLaVA-1.5's "pad" aspect mode);
     # other processors' do_pad only pads batches, which a single image never needs
-    pad_to_square = hasattr(image_processor, "pad_to_square") and bool(getattr(image_processor, "do_pad", False))
+    pad_to_square = hasattr(image_processor, "pad_to_square") and bool(
+        getattr(image_processor, "do_pad", False)
+    )
     return llava_patch_boxes(
-        image_height, image_width, pad_to_square=pad_to_square, with_cls=strategy == "full", **common
+        image_height,
+        image_width,
+        pad_to_square=pad_to_square,
+        with_cls=strategy == "full",
+        **common,
     )

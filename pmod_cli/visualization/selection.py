@@ -48,8 +48,12 @@ class TokenSelection:
 def build_prompt(processor, prompt: str) -> str:
     """The processor's chat template with one image, else LLaVA's plain ``<image>\\n`` form."""
     if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        return processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
     image_token = getattr(processor, "image_token", "<image>")
     return f"{image_token}\n{prompt}"
 
@@ -110,7 +114,9 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         try:
             layer = int(part)
         except ValueError:
-            raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}") from None
+            raise UserError(
+                f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+            ) from None
         if not 0 <= layer < num_layers:
             raise UserError(
                 f"--layers: layer {layer} is out of range; the model has {num_layers} decoder layers (0-{num_layers - 1})"
@@ -118,5 +124,7 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         if layer not in chosen:
             chosen.append(layer)
     if not chosen:
-        raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}")
+        raise UserError(
+            f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+        )
     return chosen

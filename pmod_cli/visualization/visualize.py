@@ -40,7 +40,9 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file") from None
+        raise UserError(
+            f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file"
+        ) from None
 
 
 def _checkpoint_config(checkpoint: Path | None):
@@ -91,7 +93,9 @@ def _output_path(output: Path | None, image_path: Path) -> Path:
     supported = Figure().canvas.get_supported_filetypes()
     suffix = output.suffix.lower().lstrip(".")
     if suffix not in supported:
-        raise UserError(f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name")
+        raise UserError(
+            f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name"
+        )
     return output
 
 
