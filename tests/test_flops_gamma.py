@@ -282,12 +282,18 @@ def test_calibration_measures_the_threshold_ratios_record_routing_shows(
     assert code == 0, err
     report = json.loads(out)
     expected, mod_layers = reference_ratios(checkpoint, data, 2)
-    assert report["retention_ratios"] == pytest.approx(expected, abs=1e-12)
-    assert report["mod_layers"] == mod_layers == [1, 2, 3]
+    assert report["plans"][0]["retention_ratios"] == pytest.approx(expected, abs=1e-12)
+    assert report["plans"][0]["mod_layers"] == mod_layers == [1, 2, 3]
     # a threshold decision, not top-k: the measured shares are not the schedule's
-    assert report["retention_ratios"] != PMoDConfig(beta=0.5).retention_ratios(4)
-    assert report["ratios_source"] == "ratios measured on 2 calibration samples (threshold routing)"
-    assert report["calibration"]["samples"] == 2 and report["inference_routing"] == "threshold"
+    assert report["plans"][0]["retention_ratios"] != PMoDConfig(beta=0.5).retention_ratios(4)
+    assert (
+        report["plans"][0]["ratios_source"]
+        == "ratios measured on 2 calibration samples (threshold routing)"
+    )
+    assert (
+        report["plans"][0]["calibration"]["samples"] == 2
+        and report["inference_routing"] == "threshold"
+    )
     assert (
         report["routed_tokens"] == "all"
         and report["prefix_text_tokens"] == DEFAULT_PREFIX_TEXT_TOKENS
@@ -297,7 +303,10 @@ def test_calibration_measures_the_threshold_ratios_record_routing_shows(
     counted = count_flops(
         shape, expected, mod_layers=mod_layers, text_tokens=58, routed_tokens="all"
     )
-    assert report["flops"] == counted.flops and report["kv_cache_bytes"] == counted.kv_cache_bytes
+    assert (
+        report["plans"][0]["flops"] == counted.flops
+        and report["plans"][0]["kv_cache_bytes"] == counted.kv_cache_bytes
+    )
 
     code, out, err = run_pmod(
         ["flops", "--config", checkpoint, "--calibration", data], monkeypatch, capsys
@@ -321,14 +330,14 @@ def test_mod_layers_list_and_routed_tokens_from_the_config(checkpoints, monkeypa
     )
     assert code == 0, err
     report = json.loads(out)
-    assert report["mod_layers"] == [1, 3] and report["routed_tokens"] == "all"
+    assert report["plans"][0]["mod_layers"] == [1, 3] and report["routed_tokens"] == "all"
     ratios = PMoDConfig(schedule="constant", beta=0.4, mod_layers=[1, 3]).retention_ratios(4)
-    assert report["retention_ratios"] == ratios
+    assert report["plans"][0]["retention_ratios"] == ratios
     expected = count_flops(
         read_model_shape(checkpoints / "listed"), ratios, text_tokens=58, routed_tokens="all"
     )
     assert (
-        report["flops"] == expected.flops
+        report["plans"][0]["flops"] == expected.flops
         and report["prefix_text_tokens"] == DEFAULT_PREFIX_TEXT_TOKENS
     )
     code, out, _ = run_pmod(
@@ -339,7 +348,7 @@ def test_mod_layers_list_and_routed_tokens_from_the_config(checkpoints, monkeypa
     report_10 = json.loads(out)
     assert report_10["prefix_text_tokens"] == 10
     # fewer competing text tokens: more tokens pass every MoD layer
-    assert report_10["flops"] > report["flops"]
+    assert report_10["plans"][0]["flops"] > report["plans"][0]["flops"]
 
 
 @pytest.mark.parametrize(

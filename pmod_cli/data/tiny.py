@@ -253,7 +253,8 @@ def is_tiny_path(value: str | None) -> bool:
 def resolve_name(value: str | Path) -> str:
     """A model, data or folder name as recipes and flags give it: ``tiny:...`` becomes the
     cached asset's path (built on first use); anything else (a path, a Hub id) stays as given."""
-    return str(resolve_tiny_path(value)) if is_tiny_path(str(value)) else str(value)
+    value = str(value)  # flags may arrive as Path objects
+    return str(resolve_tiny_path(value)) if is_tiny_path(value) else value
 
 
 def default_image_folder(data_path: str | Path) -> Path:

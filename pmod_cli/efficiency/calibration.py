@@ -24,6 +24,7 @@ import torch
 
 from ..data.tiny import resolve_name
 from ..errors import UserError
+from ..runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ def measure_retention_ratios(
         raise UserError(
             f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file"
         )
+    image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
     question_set = read_image_questions(data, image_folder, samples)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     model, processor = load_checkpoint(checkpoint, device=device)
     decoder_layers = model.model.language_model.layers
     mod_layers = mod_layer_indices(model)
