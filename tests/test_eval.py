@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import yaml
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 from typer.testing import CliRunner
 
+import pmod_cli
 from pmod_cli import PMoDConfig, apply_pmod
 from pmod_cli.cli import app, main
 from pmod_cli.errors import UserError
@@ -23,6 +27,7 @@ from pmod_cli.evaluation.run import PAPER_GROUP, evaluate_checkpoints, make_task
 from pmod_cli.evaluation.tasks import TASKS_DIR
 from pmod_cli.model.cache import kv_cache_bytes
 from pmod_cli.model.schedules import kept_count
+from pmod_cli.runtime import resolve_device
 
 PAPER_TASKS = [
     "ok_vqa", "scienceqa_img", "mme", "seedbench", "pope", "realworldqa", "gqa", "ai2d",
@@ -51,7 +56,14 @@ def expected_kv_bytes(measurement: dict, ratios: list[float], entry_bytes: int) 
     return sum((text + kept_count(vision, ratio)) * entry_bytes for ratio in ratios)
 
 
-def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_path):
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_path, umask_022):
     output = tmp_path / "reports" / "eval.json"
     result = CliRunner().invoke(
         app,
@@ -80,7 +92,16 @@ def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_pat
         assert row in result.output
     assert list(output.parent.iterdir()) == [output]  # written through a temporary file, renamed
 
+    # an ordinary file, as the umask says (not mkstemp's 0600)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o644
     report = json.loads(output.read_text())
+    assert report["schema_version"] == eval_run.EVAL_SCHEMA_VERSION
+    assert report["versions"] == {
+        "pmod": pmod_cli.__version__,
+        **{name: metadata.version(name) for name in ("torch", "transformers", "lmms_eval")},
+    }
+    made = datetime.strptime(report["created_utc"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - made).total_seconds()) < 3600
     pmod, dense = report["checkpoints"]
     assert [pmod["label"], dense["label"]] == ["pmod", "dense"]
     assert pmod["retention_ratios"] == pytest.approx([1.0, 0.75, 0.25, 0.15])
@@ -113,6 +134,21 @@ def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_pat
     assert pmod["efficiency"]["tflops_vs_dense"] < 1.0
     # same shape, same prompts: the same dense reference
     assert pmod["efficiency"]["dense_tflops"] == dense["efficiency"]["dense_tflops"]
+
+
+def test_json_on_stdout_names_the_command_and_the_dtype(checkpoints, monkeypatch, capsys):
+    args = [str(checkpoints["pmod"]), "--tasks", "pmod_tiny_vqa", "--limit", "2", "--device", "cpu"]
+    args += ["--dtype", "float32", "--json"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/pmod", "eval", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0, err
+    report = json.loads(out)  # exactly one JSON object, no table
+    assert report["command"] == "pmod eval " + " ".join(args)
+    assert report["dtype"] == "fp32" and report["device"] == "cpu"
+    (result,) = report["checkpoints"]
+    assert len(result["answers"]["pmod_tiny_vqa"]) == 2
 
 
 def test_batched_generation_answers_like_batch_one(checkpoints):
@@ -315,9 +351,9 @@ def test_a_failed_report_write_is_a_user_error_and_leaves_nothing(tmp_path):
 def test_cuda_index_is_checked_against_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert eval_run._check_device("cuda:0") == "cuda:0"
+    assert resolve_device("cuda:0") == "cuda:0"
     with pytest.raises(UserError, match="torch sees 1 CUDA GPU here"):
-        eval_run._check_device("cuda:1")
+        resolve_device("cuda:1")
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from importlib import metadata
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_pmod, cli
 from pmod_cli.efficiency.flops import count_flops, count_flops_for_model
+from pmod_cli.efficiency.plan import FLOPS_SCHEMA_VERSION
 from pmod_cli.errors import UserError
 from pmod_cli.model import kv_cache_bytes, kv_cache_lengths, retention_ratios
 from pmod_cli.model.presets import (
@@ -352,6 +354,11 @@ def test_cli_json_defaults_to_the_papers_setting(monkeypatch, capsys):
     assert code == 0, err
     report = json.loads(out)  # exactly one JSON object on stdout
     assert report["model"] == "llava-next-7b" and report["count"] == "paper"
+    assert (
+        report["schema_version"] == FLOPS_SCHEMA_VERSION
+        and report["command"] == "pmod flops --json"
+    )
+    assert report["versions"]["torch"] == metadata.version("torch")
     (plan,) = report["plans"]
     assert plan["beta"] == 0.5
     assert plan["baseline_tflops"] == pytest.approx(39.46, rel=0.005)
@@ -441,6 +448,24 @@ def test_cli_reads_dense_and_pmod_checkpoint_configs(tmp_path, monkeypatch, caps
     )
     (plan,) = json.loads(out)["plans"]
     assert (plan["beta"], plan["min_ratio"]) == (0.5, 0.2)
+
+    # every dtype spelling; auto is the dtype a checkpoint's config.json names, else bf16
+    half_dir = tmp_path / "half"
+    half_dir.mkdir()
+    stored = json.loads((pmod_dir / "config.json").read_text())
+    (half_dir / "config.json").write_text(json.dumps({**stored, "dtype": "float16"}))
+    kv_bytes = {}
+    for config, dtype in ((pmod_dir, "bfloat16"), (pmod_dir, "bf16"), (pmod_dir, "auto"),
+                          (pmod_dir, "float32"), (half_dir, "auto")):  # fmt: skip
+        _, out, err = run_pmod(
+            ["flops", "--config", str(config), "--dtype", dtype, "--json"], monkeypatch, capsys
+        )
+        report = json.loads(out)
+        kv_bytes[config.name, dtype] = (report["dtype"], report["plans"][0]["kv_cache_bytes"])
+    bf16 = kv_bytes["pmod", "bf16"]
+    assert bf16[0] == "bf16" and kv_bytes["pmod", "bfloat16"] == kv_bytes["pmod", "auto"] == bf16
+    assert kv_bytes["pmod", "float32"] == ("fp32", 2 * bf16[1])
+    assert kv_bytes["half", "auto"] == ("fp16", bf16[1])
 
 
 @pytest.mark.parametrize(

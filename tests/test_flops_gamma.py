@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_pmod, cli
 from pmod_cli.analysis.questions import build_prompt
+from pmod_cli.data.tiny import resolve_tiny_path
 from pmod_cli.efficiency.flops import DEFAULT_PREFIX_TEXT_TOKENS, count_flops, count_flops_for_model
 from pmod_cli.errors import UserError
 from pmod_cli.model import kv_cache_lengths, record_routing
@@ -387,3 +388,24 @@ def test_bad_gamma_flags_end_in_one_line_and_exit_2(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert message in lines[0]
+
+
+def test_calibration_takes_a_tiny_name(checkpoints, monkeypatch, capsys):
+    code, out, err = run_pmod(
+        ["flops", "--config", checkpoints / "threshold", "--calibration", "tiny:shapes/heldout.json",
+         "--calibration-samples", 2, "--device", "cpu", "--json"],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    calibration = json.loads(out)["plans"][0]["calibration"]
+    assert calibration["data"] == str(resolve_tiny_path("tiny:shapes/heldout.json"))
+    assert calibration["samples"] == 2
+
+
+def test_device_without_calibration_is_a_user_error(checkpoints, monkeypatch, capsys):
+    code, out, err = run_pmod(["flops", "--device", "cpu"], monkeypatch, capsys)
+    assert (
+        code == 2
+        and out == ""
+        and err.startswith("error: --device only applies with --calibration")
+    )
