@@ -29,7 +29,8 @@ def pmod_env(**extra: str) -> dict:
     env = {
         key: value for key, value in os.environ.items() if key not in ("NO_COLOR", "FORCE_COLOR")
     }
-    return {**env, "PYTHONPATH": str(ROOT), **extra}
+    path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout first
+    return {**env, "PYTHONPATH": path, **extra}
 
 
 def run_pmod(*args: str, **env: str) -> subprocess.CompletedProcess:
