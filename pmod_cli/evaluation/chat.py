@@ -123,7 +123,9 @@ def efficiency_line(answer: ChatAnswer) -> str:
 
 
 
-def run_chat(checkpoint, images, question: str | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device=None) -> None:
+def run_chat(
+    checkpoint, images, question: str | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device=None, dtype="auto"
+) -> None:
     """``pmod chat``: one question, or a conversation read line by line from stdin (at a terminal:
     until an empty line or end of input). Answers stream to stdout; each efficiency line goes to
     stderr, so ``pmod chat ... > answer.txt`` keeps only the answer."""
@@ -134,11 +136,13 @@ def run_chat(checkpoint, images, question: str | None, max_new_tokens: int = DEF
     from ..data.llava_data import read_image
     from ..errors import UserError
     from ..model.loading import load_checkpoint
+    from ..runtime import parse_dtype, resolve_device, torch_dtype
 
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     pictures = [read_image(path) for path in images]  # before the model loads: a bad path fails at once
-    model, processor = load_checkpoint(checkpoint, device=device, dtype="auto")
+    precision = torch_dtype(parse_dtype(dtype))
+    model, processor = load_checkpoint(checkpoint, device=resolve_device(device), dtype=precision)
     session = ChatSession(model, processor, pictures, max_new_tokens)
     notes = Console(stderr=True, highlight=False)
     questions = [question] if question is not None else _read_questions(notes, sys.stdin)

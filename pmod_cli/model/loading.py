@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..errors import UserError
+from ..runtime import resolve_device
 from .config import PMoDConfig
 from .families import family_for_config, family_for_model_type, known_model_types
 from .formats import detect_format, import_checkpoint, inspect_checkpoint, read_config
@@ -38,10 +39,6 @@ def quiet_progress_bars():
     finally:
         if was_enabled:
             transformers_logging.enable_progress_bar()
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def read_model_type(path: str | Path, vision_tower: str | Path | None = None) -> str:
@@ -101,7 +98,7 @@ def load_checkpoint(
             )
     if pmod is not None:
         apply_pmod(model, pmod)
-    return model.to(device or default_device()).eval(), processor
+    return model.to(resolve_device(device) if device is None else device).eval(), processor
 
 
 def _check_pmod(reference: str, vision_tower, required: bool) -> None:
@@ -132,9 +129,7 @@ def _load_hf_native(reference: str, dtype, attn_implementation):
             "with processor.save_pretrained"
         ) from None
     if not is_hub_id(reference):
-        check_weight_files(
-            reference
-        )  # a file cut short is named here, not deep inside from_pretrained
+        check_weight_files(reference)  # a file cut short is named here, not deep inside from_pretrained
     try:
         with quiet_progress_bars():
             model = AutoModelForImageTextToText.from_pretrained(reference, **kwargs)
@@ -244,3 +239,23 @@ def convert_checkpoint(
         destination.rmdir()
     staging.rename(destination)  # the directory appears whole or not at all
     return destination
+
+
+def pmod_overrides(**options) -> dict:
+    """The p-MoD options a user gave (those not None), checked: a bad value is a UserError."""
+    overrides = {name: value for name, value in options.items() if value is not None}
+    try:
+        PMoDConfig().replace(**overrides)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return overrides
+
+
+def checkpoint_summary(checkpoint: str | Path) -> str:
+    """One line about a written HF-native checkpoint: how many of its layers are MoD."""
+    config = read_config(checkpoint)
+    num_layers = config["text_config"]["num_hidden_layers"]
+    if "pmod" not in config:
+        return f"a dense {config['model_type']} checkpoint, {num_layers} layers"
+    ratios = PMoDConfig.from_dict(config["pmod"]).retention_ratios(num_layers)
+    return f"{sum(r < 1 for r in ratios)} of {len(ratios)} layers are MoD"

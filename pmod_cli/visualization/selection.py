@@ -49,13 +49,17 @@ class TokenSelection:
 
 
 @torch.no_grad()
-def select_tokens(model, processor, image: Image.Image, prompt: str, answer_tokens: int = 0) -> TokenSelection:
+def select_tokens(
+    model, processor, image: Image.Image, prompt: str, answer_tokens: int = 0
+) -> TokenSelection:
     """Run the prompt and read back every layer's kept vision tokens in its prefill; with
     ``answer_tokens`` the model also answers (greedy, up to that many tokens) in the same run."""
     image = image.convert("RGB")
     text = build_prompt(processor, prompt, 1, template_for_model(model))
     inputs = encode(processor, [text], [image], model)
-    vision_mask = family_for_model(model).vision_mask(inputs["input_ids"], model.config)[0].cpu()  # (seq,)
+    vision_mask = (
+        family_for_model(model).vision_mask(inputs["input_ids"], model.config)[0].cpu()
+    )  # (seq,)
     boxes = patch_boxes_for(processor, model.config, image.height, image.width)
     if len(boxes) != int(vision_mask.sum()):
         raise RuntimeError(
@@ -65,9 +69,17 @@ def select_tokens(model, processor, image: Image.Image, prompt: str, answer_toke
     with record_routing(model) as routing:
         if answer_tokens:
             tokenizer = processor.tokenizer
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            output = model.generate(**inputs, max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad)
-            answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            pad = (
+                tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else tokenizer.eos_token_id
+            )
+            output = model.generate(
+                **inputs, max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad
+            )
+            answer = tokenizer.decode(
+                output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            ).strip()
         else:
             model(**inputs)
     prefill = routing.calls[0] if routing.calls else {}
@@ -111,7 +123,9 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         try:
             layer = int(part)
         except ValueError:
-            raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}") from None
+            raise UserError(
+                f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+            ) from None
         if not 0 <= layer < num_layers:
             raise UserError(
                 f"--layers: layer {layer} is out of range; the model has {num_layers} decoder layers (0-{num_layers - 1})"
@@ -119,6 +133,7 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         if layer not in chosen:
             chosen.append(layer)
     if not chosen:
-        raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}")
+        raise UserError(
+            f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+        )
     return chosen
-
