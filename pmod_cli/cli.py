@@ -271,7 +271,10 @@ def convert(
         ..., metavar="OUTPUT", help="Where to write the HF-native checkpoint (a new directory)."
     ),
     beta: float = typer.Option(
-        None, "--beta", metavar="BETA", help="PRD shift (default 0.5): 0.5 keeps layers 0-7 dense at 32 layers."
+        None,
+        "--beta",
+        metavar="BETA",
+        help="PRD shift (default 0.5): 0.5 keeps layers 0-7 dense at 32 layers.",
     ),
     schedule: str = typer.Option(
         None,
@@ -280,13 +283,18 @@ def convert(
         help="cosine (PRD), linear, stepped, constant, interleaved, cosine31, ... (see docs/model.md).",
     ),
     min_ratio: float = typer.Option(
-        None, "--min-ratio", metavar="R", help="Lowest retention ratio of a MoD layer (default 0.15)."
+        None,
+        "--min-ratio",
+        metavar="R",
+        help="Lowest retention ratio of a MoD layer (default 0.15).",
     ),
     max_ratio: float = typer.Option(
         None, "--max-ratio", metavar="R", help="Above it a layer stays dense (default 0.85)."
     ),
     dense: bool = typer.Option(
-        False, "--dense", help="Write a plain llava-hf checkpoint (original LLaVA / official p-MoD sources)."
+        False,
+        "--dense",
+        help="Write a plain llava-hf checkpoint (original LLaVA / official p-MoD sources).",
     ),
     vision_tower: Path = typer.Option(
         None,
@@ -298,8 +306,12 @@ def convert(
     """Convert a checkpoint into a p-MoD one (or, with --dense, a llava-hf one); official p-MoD keeps its routers."""
     from .model.loading import checkpoint_summary, convert_checkpoint, pmod_overrides
 
-    overrides = pmod_overrides(beta=beta, schedule=schedule, min_ratio=min_ratio, max_ratio=max_ratio)
-    written = convert_checkpoint(source, output, overrides=overrides, dense=dense, vision_tower=vision_tower)
+    overrides = pmod_overrides(
+        beta=beta, schedule=schedule, min_ratio=min_ratio, max_ratio=max_ratio
+    )
+    written = convert_checkpoint(
+        source, output, overrides=overrides, dense=dense, vision_tower=vision_tower
+    )
     typer.echo(f"wrote {written}: {checkpoint_summary(written)}")
 
 
@@ -472,22 +484,34 @@ def evaluate(
 
 @app.command()
 def chat(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint directory, p-MoD or dense."),
-    question: str = typer.Argument(
-        None, metavar="QUESTION", help="Ask this and exit; without it, ask in turns until an empty line or EOF."
+    checkpoint: Path = typer.Argument(
+        ..., metavar="CHECKPOINT", help="A checkpoint directory, p-MoD or dense."
     ),
-    image: list[Path] = typer.Option(None, "--image", metavar="IMAGE", help="An image to ask about (repeatable)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", help="Longest answer, in tokens."),
+    question: str = typer.Argument(
+        None,
+        metavar="QUESTION",
+        help="Ask this and exit; without it, ask in turns until an empty line or EOF.",
+    ),
+    image: list[Path] = typer.Option(
+        None, "--image", metavar="IMAGE", help="An image to ask about (repeatable)."
+    ),
+    max_new_tokens: int = typer.Option(
+        256, "--max-new-tokens", metavar="N", help="Longest answer, in tokens."
+    ),
     device: str = _device_option(),
     dtype: str = _dtype_option("auto", "Precision the checkpoint runs in"),
 ) -> None:
     """Ask a checkpoint about images: the answer streamed, then one line of what it cost against the dense twin."""
     from .evaluation.chat import run_chat
 
-    run_chat(checkpoint, image or [], question, max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    run_chat(
+        checkpoint, image or [], question, max_new_tokens=max_new_tokens, device=device, dtype=dtype
+    )
 
 
-data_app = typer.Typer(help="The paper's training data: turn it into what `pmod sft` reads.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="The paper's training data: turn it into what `pmod sft` reads.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 
@@ -499,7 +523,11 @@ def data_prepare(
         help="LLaVA-NeXT-Data parquet shards (a directory or one file), or a LLaVA JSON such as llava_v1_5_mix665k.json.",
     ),
     output: Path = typer.Option(
-        ..., "--output", "-o", metavar="DIR", help="Output directory: data.json, images/, dropped.jsonl, prepare.json."
+        ...,
+        "--output",
+        "-o",
+        metavar="DIR",
+        help="Output directory: data.json, images/, dropped.jsonl, prepare.json.",
     ),
     from_hub: str = typer.Option(
         None,
@@ -507,7 +535,9 @@ def data_prepare(
         metavar="DATASET",
         help="Instead of SOURCE: stream a hub dataset in the LLaVA-NeXT-Data layout, e.g. lmms-lab/LLaVA-NeXT-Data.",
     ),
-    split: str = typer.Option("train", "--split", metavar="SPLIT", help="With --from-hub: the split to read."),
+    split: str = typer.Option(
+        "train", "--split", metavar="SPLIT", help="With --from-hub: the split to read."
+    ),
     image_folder: Path = typer.Option(
         None,
         "--image-folder",
@@ -515,9 +545,14 @@ def data_prepare(
         help="With a LLaVA JSON: the directory its image paths are relative to (default: the JSON's).",
     ),
     workers: int = typer.Option(
-        None, "--workers", metavar="N", help="Threads checking and writing images (default: the CPUs, at most 8)."
+        None,
+        "--workers",
+        metavar="N",
+        help="Threads checking and writing images (default: the CPUs, at most 8).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --output holds from another source."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace what --output holds from another source."
+    ),
     as_json: bool = _json_option(),
 ) -> None:
     """Clean a LLaVA JSON, or write the LLaVA-NeXT parquet shards out as images + one LLaVA JSON (resumable)."""

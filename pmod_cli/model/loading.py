@@ -129,7 +129,9 @@ def _load_hf_native(reference: str, dtype, attn_implementation):
             "with processor.save_pretrained"
         ) from None
     if not is_hub_id(reference):
-        check_weight_files(reference)  # a file cut short is named here, not deep inside from_pretrained
+        check_weight_files(
+            reference
+        )  # a file cut short is named here, not deep inside from_pretrained
     try:
         with quiet_progress_bars():
             model = AutoModelForImageTextToText.from_pretrained(reference, **kwargs)

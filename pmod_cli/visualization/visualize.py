@@ -83,7 +83,9 @@ def visualize_routing(
     checkpoint, config = _checkpoint_config(checkpoint)
     num_layers = config.text_config.num_hidden_layers
     chosen = parse_layers(layers, num_layers)
-    model, processor = load_checkpoint(checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True)
+    model, processor = load_checkpoint(
+        checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True
+    )
     selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT, answer_tokens)
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])
