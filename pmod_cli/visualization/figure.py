@@ -10,11 +10,14 @@ rectangles in original-image pixels) and ``uncovered`` (image parts outside the 
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .patches import PatchBox
 from .selection import LayerSelection, TokenSelection
@@ -42,11 +45,15 @@ def _rectangles(boxes: list[PatchBox | None], indices) -> list[np.ndarray]:
     rectangles = []
     for index in indices:
         box = boxes[index]
-        rectangles.append(np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]]))
+        rectangles.append(
+            np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]])
+        )
     return rectangles
 
 
-def _panel_title(selection: LayerSelection, total: int, view: str | None, view_kept: int, view_total: int) -> str:
+def _panel_title(
+    selection: LayerSelection, total: int, view: str | None, view_kept: int, view_total: int
+) -> str:
     if selection.is_dense:
         head = f"layer {selection.layer} · dense: all {total} kept"
     else:
@@ -75,7 +82,9 @@ def _uncovered(boxes: list[PatchBox | None], indices, height: int, width: int) -
     y1 = max(boxes[i].y1 for i in indices)
     strips = [(0, 0, width, y0), (0, y1, width, height), (0, y0, x0, y1), (x1, y0, width, y1)]
     return [
-        np.array([[a, b], [c, b], [c, d], [a, d]]) for a, b, c, d in strips if c - a > 1e-6 and d - b > 1e-6
+        np.array([[a, b], [c, b], [c, d], [a, d]])
+        for a, b, c, d in strips
+        if c - a > 1e-6 and d - b > 1e-6
     ]
 
 
@@ -87,7 +96,10 @@ def draw_selection(
     height, width = selection.image.shape[:2]
     panel_height = float(np.clip(PANEL_WIDTH_IN * height / width, 1.6, 6.0)) + 0.5  # + title
     heights = [panel_height] * len(views) + ([MATRIX_HEIGHT_IN] if matrix else [])
-    figure = Figure(figsize=(PANEL_WIDTH_IN * len(layers) + (0.8 if heatmap else 0.2), sum(heights)), layout="constrained")
+    figure = Figure(
+        figsize=(PANEL_WIDTH_IN * len(layers) + (0.8 if heatmap else 0.2), sum(heights)),
+        layout="constrained",
+    )
     grid = figure.add_gridspec(len(heights), len(layers), height_ratios=heights)
     weight_mappable = None
     panel_axes = []
@@ -96,7 +108,9 @@ def draw_selection(
         for row, view in enumerate(views):
             axes = figure.add_subplot(grid[row, column])
             axes.set_label(f"layer {layer_index} {view}")
-            mappable = _draw_panel(axes, selection, selection.layers[layer_index], view, len(views) > 1, heatmap)
+            mappable = _draw_panel(
+                axes, selection, selection.layers[layer_index], view, len(views) > 1, heatmap
+            )
             if mappable is not None:
                 weight_mappable = mappable
             if column == 0 and len(views) > 1:
@@ -109,15 +123,37 @@ def draw_selection(
         _draw_matrix(matrix_axes, selection, heatmap)
     if heatmap and weight_mappable is not None:
         colorbar = figure.colorbar(
-            weight_mappable, ax=panel_axes, shrink=0.8, label="router weight, per layer: min to max over its patches"
+            weight_mappable,
+            ax=panel_axes,
+            shrink=0.8,
+            label="router weight, per layer: min to max over its patches",
         )
         colorbar.ax.set_label("colorbar")
     shading = "colour: router weight" if heatmap else "dark: skipped"
-    figure.suptitle(f"{shading} · red outline: kept · {UNSEEN_NOTE}", fontsize=8)
+    legend = f"{shading} · red outline: kept · {UNSEEN_NOTE}"
+    # about 0.55 em per character: a one-panel figure wraps the legend instead of cutting it
+    line_chars = int(figure.get_figwidth() * 72 / (0.55 * 8))
+    figure.suptitle(textwrap.fill(legend, line_chars), fontsize=8)
     return figure
 
 
-def _draw_panel(axes, selection: TokenSelection, layer: LayerSelection, view: str, name_view: bool, heatmap: bool):
+def draw_matrix(selection: TokenSelection, *, heatmap: bool = False) -> Figure:
+    """The layers x vision-token matrix alone (the bottom row of ``draw_selection(matrix=True)``)."""
+    figure = Figure(figsize=(PANEL_WIDTH_IN * 2, MATRIX_HEIGHT_IN), layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_label("matrix")
+    _draw_matrix(axes, selection, heatmap)
+    return figure
+
+
+def _draw_panel(
+    axes,
+    selection: TokenSelection,
+    layer: LayerSelection,
+    view: str,
+    name_view: bool,
+    heatmap: bool,
+):
     """One layer on one view: the image, then the overlays; returns the weight overlay if drawn."""
     height, width = selection.image.shape[:2]
     axes.imshow(selection.image)
@@ -129,31 +165,53 @@ def _draw_panel(axes, selection: TokenSelection, layer: LayerSelection, view: st
     overlay = None
     if heatmap and not layer.is_dense:
         # scaled over the layer's image patches: newline tokens' weights would stretch the range
-        patch_weights = layer.weights[[i for i, box in enumerate(selection.boxes) if box is not None]]
+        patch_weights = layer.weights[
+            [i for i, box in enumerate(selection.boxes) if box is not None]
+        ]
         overlay = PolyCollection(
-            _rectangles(selection.boxes, in_view), array=_layer_norm(patch_weights)(layer.weights[in_view]),
-            cmap=WEIGHT_CMAP, norm=Normalize(0.0, 1.0), alpha=0.65, edgecolors="none",
+            _rectangles(selection.boxes, in_view),
+            array=_layer_norm(patch_weights)(layer.weights[in_view]),
+            cmap=WEIGHT_CMAP,
+            norm=Normalize(0.0, 1.0),
+            alpha=0.65,
+            edgecolors="none",
         )
         overlay.set_gid("weights")
         axes.add_collection(overlay)
     else:
-        veil = PolyCollection(_rectangles(selection.boxes, skipped), facecolors=[SKIPPED_SHADE], edgecolors="none")
+        veil = PolyCollection(
+            _rectangles(selection.boxes, skipped), facecolors=[SKIPPED_SHADE], edgecolors="none"
+        )
         veil.set_gid("skipped")
         axes.add_collection(veil)
-    outline = PolyCollection(_rectangles(selection.boxes, kept), facecolors="none", edgecolors=[KEPT_EDGE], linewidths=0.4)
+    outline = PolyCollection(
+        _rectangles(selection.boxes, kept),
+        facecolors="none",
+        edgecolors=[KEPT_EDGE],
+        linewidths=0.4,
+    )
     outline.set_gid("kept")
     axes.add_collection(outline)
     unseen = PolyCollection(
-        _uncovered(selection.boxes, in_view, height, width), facecolors=[UNCOVERED_SHADE],
-        edgecolors=[UNCOVERED_EDGE], hatch="//", linewidths=0.0,
+        _uncovered(selection.boxes, in_view, height, width),
+        facecolors=[UNCOVERED_SHADE],
+        edgecolors=[UNCOVERED_EDGE],
+        hatch="//",
+        linewidths=0.0,
     )
     unseen.set_gid("uncovered")
     axes.add_collection(unseen)
     axes.set_xlim(0, width)
     axes.set_ylim(height, 0)  # image convention: y grows downwards
-    title = _panel_title(layer, selection.num_vision, view if name_view else None, len(kept), len(in_view))
+    title = _panel_title(
+        layer, selection.num_vision, view if name_view else None, len(kept), len(in_view)
+    )
     if heatmap:
-        title += " · no router" if layer.is_dense else f" · w {patch_weights.min():.3f}-{patch_weights.max():.3f}"
+        title += (
+            " · no router"
+            if layer.is_dense
+            else f" · w {patch_weights.min():.3f}-{patch_weights.max():.3f}"
+        )
     axes.set_title(title, fontsize=8)
     return overlay
 
@@ -168,14 +226,32 @@ def _draw_matrix(axes, selection: TokenSelection, heatmap: bool) -> None:
                 values[layer.layer] = _layer_norm(layer.weights)(layer.weights)
         cmap = colormaps[WEIGHT_CMAP].with_extremes(bad="#bbbbbb")  # NaN rows: dense layers
         axes.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0.0, vmax=1.0)
-        axes.set_title("router weight per layer (min to max) and vision token; grey: dense layer, no router", fontsize=9)
+        axes.set_title(
+            "router weight per layer (min to max) and vision token; grey: dense layer, no router",
+            fontsize=9,
+        )
     else:
-        values = np.stack([layer.kept for layer in selection.layers]).astype(float)  # (layers, n_vision)
-        axes.imshow(values, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#2b2b2b", "#f03c1e"]), vmin=0, vmax=1)
+        values = np.stack([layer.kept for layer in selection.layers]).astype(
+            float
+        )  # (layers, n_vision)
+        axes.imshow(
+            values,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=ListedColormap(["#2b2b2b", "#f03c1e"]),
+            vmin=0,
+            vmax=1,
+        )
         axes.set_title("kept (red) / skipped (dark) per layer and vision token", fontsize=9)
     views = [box.view if box is not None else None for box in selection.boxes]
     for index in range(1, len(views)):
-        if views[index] is not None and views[index - 1] is not None and views[index] != views[index - 1]:
+        if (
+            views[index] is not None
+            and views[index - 1] is not None
+            and views[index] != views[index - 1]
+        ):
             axes.axvline(index - 0.5, color="white", linewidth=1.0)  # base | high-res boundary
     axes.set_xlabel("vision-token index")
     axes.set_ylabel("layer")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # few layers: no ticks at 0.5
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
