@@ -35,6 +35,11 @@ from pmod_cli.errors import UserError
 from pmod_cli.model.loading import load_checkpoint
 from pmod_cli.visualization.selection import select_tokens
 
+# gradio 6's queue still uses two pandas options that pandas 3 deprecates
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
 QUESTION = "what colour is the square?"
 MAX_NEW_TOKENS = 8
 RATIOS = [1.0, 0.5, 0.25]  # 16 vision tokens: layers keep 16, 8, 4
@@ -178,6 +183,22 @@ def test_dense_switch_runs_the_same_weights_dense_and_leaves_pmod_alone(
     assert table.index('data-method="pmod"') < table.index('data-method="dense"')
 
 
+def test_llava_next_routing_shown_is_the_prefill_routing(tmp_path):
+    """Two views and row-newline tokens: the demo's reading of the routing is visualize's."""
+    model, processor = tiny_model(layout="llava_next", layers=3)
+    apply_pmod(model, PMoDConfig(ratios=[1.0, 0.5, 0.25]))
+    randomize_routers(model)
+    image = random_image(90, 60, seed=3)
+    engine = DemoEngine(model, processor, select_methods(["pmod"]), max_new_tokens=2)
+    *_, finished = engine.stream(image, QUESTION, "pmod")
+    reference = select_tokens(model, processor, image, QUESTION)
+    assert finished.selection.boxes == reference.boxes and None in reference.boxes
+    for ours, theirs in zip(finished.selection.layers, reference.layers, strict=True):
+        np.testing.assert_array_equal(ours.kept, theirs.kept)
+    assert finished.selection.layers[2].kept_count == len(reference.boxes) // 4
+    assert overlay_image(finished.selection, 2).size == overlay_image(reference, 2).size
+
+
 def test_method_selector():
     assert [method.name for method in select_methods()] == ["pmod", "dense"]
     assert [method.name for method in select_methods(["dense,pmod", "dense"])] == ["dense", "pmod"]
@@ -279,7 +300,7 @@ def test_the_server_listens_on_loopback_and_serves_no_file_but_uploads(
 
 
 @pytest.fixture(scope="module")
-def browser_page(server):
+def browser_page():
     playwright_api = pytest.importorskip(
         "playwright.sync_api",
         reason="browser tests need the playwright package (pip install playwright)",
@@ -323,6 +344,8 @@ def test_in_a_browser_the_page_answers_and_shows_routing_and_costs(
     browser_page, server, checkpoints, expected, tmp_path, capsys
 ):
     page = browser_page
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     page.goto(server.url)
     page.wait_for_selector("#ask")
     page.locator("#image input[type=file]").set_input_files(str(checkpoints["image"]))
@@ -384,6 +407,9 @@ def test_in_a_browser_the_page_answers_and_shows_routing_and_costs(
         shown_image(page, "#overlay"), np.asarray(overlay_image(expected["selection"], 2))
     )
     page.screenshot(path=tmp_path / "layer2.png", full_page=True)
+    # system fonts, no analytics: the page asks nothing of any other host
+    outside = [url for url in requested if not url.startswith((server.url, "data:", "blob:"))]
+    assert requested and outside == []
     with capsys.disabled():
         print(
             f"\n[pmod demo] {len(seen)} answer states seen while streaming; screenshots in {tmp_path}"

@@ -39,64 +39,11 @@ def build_app(
         selection = gr.State(None)  # the first method's TokenSelection, for the slider
         with gr.Row():
             with gr.Column():
-                image = gr.Image(
-                    type="pil",
-                    image_mode="RGB",
-                    sources=["upload", "clipboard"],
-                    label="picture to ask about",
-                    elem_id="image",
-                )
-                question = gr.Textbox(label="question", lines=1, elem_id="question")
-                methods = gr.CheckboxGroup(
-                    choices=[(method.label, method.name) for method in engine.methods],
-                    value=[engine.methods[0].name],
-                    label="run as (side by side)",
-                    elem_id="methods",
-                )
-                ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                if examples:
-                    gr.Examples(
-                        examples=[[str(path), text] for path, text in examples],
-                        inputs=[image, question],
-                        label="examples",
-                    )
+                image, question, methods, ask = _request_inputs(engine, examples)
             with gr.Column():
-                answers = {
-                    method.name: gr.Textbox(
-                        label=f"answer · {method.label}",
-                        lines=3,
-                        interactive=False,
-                        elem_id=f"answer-{method.name}",
-                    )
-                    for method in engine.methods
-                }
-                efficiency = gr.HTML(elem_id="efficiency")
+                answers, efficiency = _answer_outputs(engine)
         with gr.Row():
-            with gr.Column():
-                layer = gr.Slider(
-                    0,
-                    num_layers - 1,
-                    value=default_layer(engine.ratios),
-                    step=1,
-                    label=f"decoder layer (0-{num_layers - 1})",
-                    elem_id="layer",
-                )
-                overlay = gr.Image(
-                    label="kept patches of the layer",
-                    show_label=False,  # the drawing carries its own title
-                    type="pil",
-                    format="png",
-                    interactive=False,
-                    elem_id="overlay",
-                )
-            matrix = gr.Image(
-                label="layers x vision tokens",
-                show_label=False,
-                type="pil",
-                format="png",
-                interactive=False,
-                elem_id="matrix",
-            )
+            layer, overlay, matrix = _routing_outputs(engine)
 
         def answer(picture, text, chosen, layer_index):
             shown = _clamp(layer_index, num_layers)
@@ -110,7 +57,8 @@ def build_app(
                 inputs=[image, question, methods, layer],
                 outputs=outputs,
                 api_name=api_name,
-                concurrency_limit=1,
+                concurrency_limit=1,  # one request at a time, whichever way it was sent
+                concurrency_id="answer",
             )
 
         def redraw(shown_selection, layer_index):
@@ -120,6 +68,74 @@ def build_app(
 
         layer.change(redraw, inputs=[selection, layer], outputs=[overlay], api_name=False)
     return app
+
+
+def _request_inputs(engine: DemoEngine, examples: Sequence[tuple[Path, str]]):
+    image = gr.Image(
+        type="pil",
+        image_mode="RGB",
+        sources=["upload", "clipboard"],
+        label="picture to ask about",
+        elem_id="image",
+    )
+    question = gr.Textbox(label="question", lines=1, elem_id="question")
+    methods = gr.CheckboxGroup(
+        choices=[(method.label, method.name) for method in engine.methods],
+        value=[engine.methods[0].name],
+        label="run as (side by side)",
+        elem_id="methods",
+    )
+    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+    if examples:
+        gr.Examples(
+            examples=[[str(path), text] for path, text in examples],
+            inputs=[image, question],
+            label="examples",
+        )
+    return image, question, methods, ask
+
+
+def _answer_outputs(engine: DemoEngine):
+    answers = {
+        method.name: gr.Textbox(
+            label=f"answer · {method.label}",
+            lines=3,
+            interactive=False,
+            elem_id=f"answer-{method.name}",
+        )
+        for method in engine.methods
+    }
+    return answers, gr.HTML(elem_id="efficiency")
+
+
+def _routing_outputs(engine: DemoEngine):
+    num_layers = len(engine.ratios)
+    with gr.Column():
+        layer = gr.Slider(
+            0,
+            num_layers - 1,
+            value=default_layer(engine.ratios),
+            step=1,
+            label=f"decoder layer (0-{num_layers - 1})",
+            elem_id="layer",
+        )
+        overlay = gr.Image(
+            label="kept patches of the layer",
+            show_label=False,  # the drawings carry their own titles
+            type="pil",
+            format="png",
+            interactive=False,
+            elem_id="overlay",
+        )
+    matrix = gr.Image(
+        label="layers x vision tokens",
+        show_label=False,
+        type="pil",
+        format="png",
+        interactive=False,
+        elem_id="matrix",
+    )
+    return layer, overlay, matrix
 
 
 def answer_request(engine: DemoEngine, picture, text: str, chosen: Sequence[str], layer: int):
