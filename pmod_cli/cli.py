@@ -185,9 +185,7 @@ def demo(
     ),
     port: int = typer.Option(7860, "--port", help="TCP port to listen on."),
     method: list[str] = typer.Option(
-        None,
-        "--method",
-        help="Ways to run a request offered side by side: pmod, dense (default: all).",
+        None, "--method", help="Ways to run a request offered side by side: pmod, dense (default: all)."
     ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
     device: str = typer.Option(
@@ -198,15 +196,11 @@ def demo(
     from .demo.server import serve_until_interrupted, start_demo
 
     server = start_demo(
-        checkpoint,
-        host=host,
-        port=port,
-        methods=method,
-        device=device,
-        max_new_tokens=max_new_tokens,
+        checkpoint, host=host, port=port, methods=method, device=device, max_new_tokens=max_new_tokens
     )
-    typer.echo(f"pmod demo: serving {server.url} (Ctrl-C stops it)")
-    serve_until_interrupted(server)
+    serve_until_interrupted(
+        server, on_ready=lambda: typer.echo(f"pmod demo: serving {server.url} (Ctrl-C stops it)")
+    )
 
 
 @app.command()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -297,6 +299,41 @@ def test_the_server_listens_on_loopback_and_serves_no_file_but_uploads(
     event = httpx.post(f"{base}/gradio_api/call/answer", json=request).json()["event_id"]
     stream = httpx.get(f"{base}/gradio_api/call/answer/{event}", timeout=60).text
     assert "event: error" in stream and "not uploaded by a user" in stream
+
+
+def test_the_command_serves_until_told_to_stop_and_leaves_no_files(checkpoints, tmp_path):
+    """The real `pmod demo` process: it announces the address once it serves, serves the page on
+    loopback, and a plain `kill` stops it cleanly (exit 0, its example files removed)."""
+    pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'pmod-cli[demo]'")
+    import httpx
+
+    port = free_port()
+    repo = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(repo)}
+    command = [
+        sys.executable,
+        "-m",
+        "pmod_cli",
+        "demo",
+        str(checkpoints["pmod"]),
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment
+    )
+    try:
+        announced = process.stdout.readline()
+        assert announced == f"pmod demo: serving http://127.0.0.1:{port}/ (Ctrl-C stops it)\n"
+        assert list(tmp_path.glob("pmod-demo-*"))  # the example images, while it serves
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200 and "pmod demo" in page.text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not list(tmp_path.glob("pmod-demo-*"))
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ import importlib.util
 import os
 import random
 import shutil
+import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,14 +125,25 @@ def start_demo(
     model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the server
-    from .app import THEME, build_app
+    from .app import build_app
     from .engine import DemoEngine
 
     engine = DemoEngine(model, processor, chosen, max_new_tokens)
-    examples_dir = Path(
-        tempfile.mkdtemp(prefix="pmod-demo-")
-    )  # Gradio takes examples from the temp dir
-    app = build_app(engine, _title(checkpoint, engine.ratios), write_examples(examples_dir))
+    # Gradio takes example files from the temp dir
+    examples_dir = Path(tempfile.mkdtemp(prefix="pmod-demo-"))
+    try:
+        app = build_app(engine, _title(checkpoint, engine.ratios), write_examples(examples_dir))
+        url = _launch(app, host, port, checkpoint)
+    except BaseException:  # a taken port, or Ctrl-C while starting: leave no files behind
+        shutil.rmtree(examples_dir, ignore_errors=True)
+        raise
+    return DemoServer(url, app, engine, examples_dir)
+
+
+def _launch(app, host: str, port: int, checkpoint: Path) -> str:
+    """Start serving in a background thread; the page's address."""
+    from .app import THEME
+
     try:
         _, url, _ = app.launch(
             server_name=host,
@@ -148,14 +161,25 @@ def start_demo(
             pwa=False,
         )
     except OSError as err:  # taken since the check
-        shutil.rmtree(examples_dir, ignore_errors=True)
         raise UserError(f"cannot serve on {host}:{port}: {err}") from None
-    return DemoServer(url, app, engine, examples_dir)
+    return url
 
 
-def serve_until_interrupted(server: DemoServer) -> None:
-    """Keep serving until Ctrl-C, then stop the server and remove its files."""
+def serve_until_interrupted(
+    server: DemoServer, on_ready: Callable[[], None] = lambda: None
+) -> None:
+    """Keep serving until Ctrl-C (or a plain ``kill``), then stop the server and remove its files;
+    ``on_ready`` runs once both stop it cleanly (to announce the address)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt  # Gradio's wait loop stops on it
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
+        on_ready()
         server.app.block_thread()
+    except KeyboardInterrupt:  # asked to stop before Gradio's loop was waiting: a clean stop too
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.close()
