@@ -5,6 +5,7 @@ weights dense; the server refuses every file but uploads; a real browser sees al
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -299,6 +300,38 @@ def test_the_server_listens_on_loopback_and_serves_no_file_but_uploads(
     event = httpx.post(f"{base}/gradio_api/call/answer", json=request).json()["event_id"]
     stream = httpx.get(f"{base}/gradio_api/call/answer/{event}", timeout=60).text
     assert "event: error" in stream and "not uploaded by a user" in stream
+
+
+def sse_events(text: str) -> list[tuple[str, object]]:
+    """(event, data) pairs of a Gradio ``/gradio_api/call`` event stream."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append((fields.get("event"), json.loads(fields.get("data", "null"))))
+    return events
+
+
+def test_the_server_streams_the_answer_piece_by_piece(server, checkpoints, expected):
+    """Over the wire, as the page receives it: one update per streamed piece, then the answer."""
+    import httpx
+
+    base = server.url.rstrip("/")
+    with open(checkpoints["image"], "rb") as upload:
+        (uploaded,) = httpx.post(
+            f"{base}/gradio_api/upload", files={"files": ("image.png", upload, "image/png")}
+        ).json()
+    request = {
+        "data": [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, QUESTION, ["pmod"], 1]
+    }
+    event = httpx.post(f"{base}/gradio_api/call/answer", json=request).json()["event_id"]
+    events = sse_events(httpx.get(f"{base}/gradio_api/call/answer/{event}", timeout=120).text)
+    assert events[-1][0] == "complete"
+    # the first output is the p-MoD answer box; a dict marks an output this update leaves alone
+    answers = [data[0] for _, data in events if isinstance(data[0], str) and data[0]]
+    assert answers[-1] == expected["answer"]
+    distinct = list(dict.fromkeys(answers))
+    assert len(distinct) >= 2  # a partial answer went out before the whole one
+    assert all(expected["answer"].startswith(piece.rstrip()) for piece in distinct)
 
 
 def test_the_command_serves_until_told_to_stop_and_leaves_no_files(checkpoints, tmp_path):
