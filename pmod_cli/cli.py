@@ -261,6 +261,47 @@ def visualize(
 
 
 @app.command()
+def demo(
+    checkpoint: Path = typer.Argument(
+        None,
+        metavar="CHECKPOINT",
+        help="p-MoD checkpoint directory (default: the tiny default's runs/tiny/sft).",
+    ),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        metavar="ADDRESS",
+        help="Address to listen on (0.0.0.0: every interface).",
+    ),
+    port: int = typer.Option(7860, "--port", metavar="PORT", help="TCP port to listen on."),
+    method: list[str] = typer.Option(
+        None,
+        "--method",
+        metavar="METHOD",
+        help="Ways to run a request offered side by side: pmod, dense (default: all).",
+    ),
+    max_new_tokens: int = typer.Option(
+        256, "--max-new-tokens", metavar="N", help="Longest answer, in tokens."
+    ),
+    device: str = _device_option(),
+) -> None:
+    """A local web page: ask about an image, watch the answer stream, the patches each layer kept and the costs."""
+    from .demo.server import serve_until_interrupted, start_demo
+
+    server = start_demo(
+        checkpoint,
+        host=host,
+        port=port,
+        methods=method,
+        device=device,
+        max_new_tokens=max_new_tokens,
+    )
+    serve_until_interrupted(
+        server, on_ready=lambda: typer.echo(f"pmod demo: serving {server.url} (Ctrl-C stops it)")
+    )
+
+
+@app.command()
 def convert(
     source: Path = typer.Argument(
         ...,

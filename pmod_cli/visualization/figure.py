@@ -11,11 +11,14 @@ rectangles in original-image pixels), ``uncovered`` (image parts outside the vie
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .patches import PatchBox
 from .selection import LayerSelection, TokenSelection
@@ -155,8 +158,20 @@ def draw_selection(
         )
         colorbar.ax.set_label("colorbar")
     shading = "colour: router weight" if heatmap else "dark: skipped"
+    legend = f"{shading} · red outline: kept · {UNSEEN_NOTE}"
+    # about 0.55 em per character: a one-panel figure wraps the legend instead of cutting it
+    line_chars = int(figure.get_figwidth() * 72 / (0.55 * 8))
     padding = f"\n{PADDING_NOTE}" if canvas != (0, 0, width, height) else ""
-    figure.suptitle(f"{shading} · red outline: kept · {UNSEEN_NOTE}{padding}", fontsize=8)
+    figure.suptitle(textwrap.fill(legend, line_chars) + padding, fontsize=8)
+    return figure
+
+
+def draw_matrix(selection: TokenSelection, *, heatmap: bool = False) -> Figure:
+    """The layers x vision-token matrix alone (the bottom row of ``draw_selection(matrix=True)``)."""
+    figure = Figure(figsize=(PANEL_WIDTH_IN * 2, MATRIX_HEIGHT_IN), layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_label("matrix")
+    _draw_matrix(axes, selection, heatmap)
     return figure
 
 
@@ -278,3 +293,5 @@ def _draw_matrix(axes, selection: TokenSelection, heatmap: bool) -> None:
             axes.axvline(index - 0.5, color="white", linewidth=1.0)  # base | high-res boundary
     axes.set_xlabel("vision-token index")
     axes.set_ylabel("layer")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # few layers: no ticks at 0.5
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))

@@ -12,7 +12,7 @@ from PIL import Image
 from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
-from ..model.routing import record_routing
+from ..model.routing import LayerRouting, record_routing
 from .patches import PatchBox, patch_boxes_for
 
 
@@ -82,13 +82,27 @@ def select_tokens(
             ).strip()
         else:
             model(**inputs)
-    prefill = routing.calls[0] if routing.calls else {}
+    return selection_from_routing(
+        model, image, boxes, routing.calls[0] if routing.calls else {}, answer
+    )
+
+
+def selection_from_routing(
+    model,
+    image: Image.Image,
+    boxes: list[PatchBox | None],
+    prefill: dict[int, LayerRouting],
+    answer: str | None = None,
+) -> TokenSelection:
+    """Every layer's kept vision tokens from the routing recorded in a prefill (``record_routing``'s
+    first call), e.g. of an answer generated elsewhere (``pmod demo`` records ``ChatSession.ask``)."""
     layers = []
     for index, ratio in enumerate(model.retention_ratios):
         if ratio >= 1.0:  # a dense layer: it processed every token
             layers.append(LayerSelection(index, 1.0, np.ones(len(boxes), dtype=bool), None))
             continue
         record = prefill[index]
+        vision_mask = record.vision_mask[0]  # (seq,)
         layers.append(
             LayerSelection(
                 index,
@@ -97,7 +111,7 @@ def select_tokens(
                 record.weights[0][vision_mask].numpy().astype(np.float32),
             )
         )
-    return TokenSelection(np.asarray(image), boxes, layers, answer)
+    return TokenSelection(np.asarray(image.convert("RGB")), boxes, layers, answer)
 
 
 def default_layers(ratios: list[float], count: int = 4) -> list[int]:
