@@ -174,6 +174,7 @@ def run_cli(monkeypatch, capsys, *argv):
             ["sft", "recipes/tiny.toml", "--dry-run", "--set", "pmod.mod_layers=[2, 9]"],
             "[pmod]: pmod.mod_layers",
         ),
+        # a dry run with missing data still plans, then exits 2 as the real run would stop
         (
             [
                 "sft",
@@ -184,23 +185,18 @@ def run_cli(monkeypatch, capsys, *argv):
                 "--set",
                 "data.image_folder=",
             ],
-            None,
+            "missing/data.json not found",
         ),
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line(monkeypatch, capsys, argv, named):
     monkeypatch.chdir(ROOT)
-    if named is None:  # a dry run with missing data reports it and still plans (exit 0)
-        monkeypatch.setattr(sys, "argv", ["pmod", *argv])
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-        assert exit_info.value.code in (0, None)
-        assert "missing/data.json not found" in capsys.readouterr().out.replace("\n", "")
-        return
     code, captured = run_cli(monkeypatch, capsys, *argv)
     lines = captured.err.strip().splitlines()
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
+    if "data.path=missing/data.json" in argv:
+        assert "plan for recipes/tiny.toml" in captured.out
 
 
 def test_dry_run_plans_real_recipes_without_download():

@@ -9,6 +9,7 @@ figure must outline exactly the bright regions of the image.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -165,6 +166,16 @@ def test_cli_prints_the_kept_table_and_writes_the_figure(
     rows = [line for line in out.splitlines() if "MoD" in line or "dense" in line]
     assert len(rows) == 2 and "2/16" in rows[0] and "16/16" in rows[1]
     assert f"figure written to {output}" in out
+
+    # --json: the same numbers as one object on stdout; -o is --output
+    code, out, err = run_cli(
+        monkeypatch, capsys, image, "--checkpoint", checkpoints["llava"], "-o", output,
+        "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["figure"] == str(output) and report["vision_tokens"] == 16
+    assert [(row["type"], row["kept"]) for row in report["layers"]] == [("MoD", 2), ("dense", 16)]
 
 
 @pytest.mark.parametrize(

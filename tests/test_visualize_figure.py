@@ -196,3 +196,52 @@ def test_parse_layers():
         parse_layers("2,x", 32)
     with pytest.raises(UserError, match="comma-separated layer numbers"):
         parse_layers(" , ", 32)
+
+
+def test_every_kept_token_is_drawn_also_on_padding():
+    """LLaVA-1.5's pad-to-square: the top and bottom token rows of a wide image see only padding;
+    kept ones are outlined at full size in a padding band, so the panel shows every kept token."""
+    height, width = 56, 168
+    boxes = llava_patch_boxes(
+        height, width, patch_size=14, size={"shortest_edge": 56}, crop_size=SQUARE_56,
+        pad_to_square=True,
+    )  # fmt: skip
+    kept = np.isin(np.arange(16), [0, 1, 5, 6, 13, 15])  # rows 0 and 3 are padding: 4 of the 6
+    layers = [
+        LayerSelection(0, 1.0, np.ones(16, dtype=bool), None),
+        LayerSelection(1, 0.4, kept, np.linspace(0.9, 1.1, 16)),
+    ]
+    selection = TokenSelection([np.full((height, width, 3), 200, dtype=np.uint8)], boxes, layers)
+    axes = panel(draw_selection(selection, [1]), "layer 1 image")
+    outlines = next(c for c in axes.collections if c.get_gid() == "kept").get_paths()
+    assert len(outlines) == layers[1].kept_count == 6 and "kept 6/16" in axes.get_title()
+    (left, right), (bottom, top) = axes.get_xlim(), axes.get_ylim()
+    for path in outlines:
+        xs, ys = path.vertices[:, 0], path.vertices[:, 1]
+        assert xs.max() - xs.min() == pytest.approx(42) and ys.max() - ys.min() == pytest.approx(42)
+        assert left <= xs.min() and xs.max() <= right and top <= ys.min() and ys.max() <= bottom
+    on_padding = [
+        p for p in outlines if p.vertices[:, 1].max() <= 0 or p.vertices[:, 1].min() >= height
+    ]
+    assert len(on_padding) == 4
+    # the band: 56 px of padding above and below the image, drawn around it
+    assert rectangles(axes, "padding") == {(0, -56, 168, 0), (0, 56, 168, 112)}
+
+
+def test_drawn_kept_boxes_match_the_kept_count_in_both_next_views():
+    selection = next_selection()
+    figure = draw_selection(selection, [1])
+    drawn = sum(
+        len(
+            next(
+                c for c in panel(figure, f"layer 1 {view}").collections if c.get_gid() == "kept"
+            ).get_paths()
+        )
+        for view in ("base", "high-res")
+    )
+    newlines_kept = sum(
+        bool(selection.layers[1].kept[i]) for i, box in enumerate(selection.boxes) if box is None
+    )
+    assert drawn == selection.layers[1].kept_count - newlines_kept
+    # no padding around an image the processor did not pad
+    assert rectangles(panel(figure, "layer 1 base"), "padding") == set()

@@ -92,8 +92,11 @@ def assert_boxes_match_pixels(boxes, pixels, width: int, height: int, view_size:
             assert box is None, f"token {index}: a newline token got a box"
             continue
         xs, ys = seen
-        if box.x1 - box.x0 < 1 or box.y1 - box.y0 < 1:  # a patch of pure padding: empty box
-            assert len(xs) == 0, f"token {index}: image pixels in the patch of empty box {box}"
+        # every token keeps its rectangle, also over padding (where it reaches past the image)
+        assert box.x1 - box.x0 > 1 and box.y1 - box.y0 > 1, f"token {index}: empty box {box}"
+        full, box = box, box.on_image(height, width)
+        if box is None or box.x1 - box.x0 < 1 or box.y1 - box.y0 < 1:  # a patch of pure padding
+            assert len(xs) == 0, f"token {index}: image pixels in the patch of padding box {full}"
             continue
         assert len(xs), f"token {index}: no image pixel in the patch of box {box}"
         assert box.x0 - tol_x <= xs.min() <= box.x0 + tol_x, (index, box, xs.min())
@@ -314,3 +317,20 @@ def test_onevision_high_res_tokens_of_a_shrunk_map_cover_larger_cells():
         (35, 25, 70, 50),
     ]
     assert {b.view for b in frame} == {FRAME_VIEW}
+
+
+def test_llava_pad_to_square_boxes_by_hand():
+    # 168x56 padded to 168x168 (56 px above and below), resized to 56x56: 4x4 patches of 42x42
+    boxes = llava_patch_boxes(
+        56, 168, patch_size=14, size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        pad_to_square=True,
+    )  # fmt: skip
+    rows = [
+        [(box.x0, box.y0, box.x1, box.y1) for box in boxes[row * 4 : row * 4 + 4]]
+        for row in range(4)
+    ]
+    # rows 0 and 3 are pure padding, above and below the image, at their full size
+    assert rows[0][1] == (42, -56, 84, -14) and rows[3][2] == (84, 70, 126, 112)
+    assert all(boxes[i].on_image(56, 168) is None for i in (*range(4), *range(12, 16)))
+    # rows 1 and 2 straddle the image edge: the on-image part is cut at it
+    assert rows[1][0] == (0, -14, 42, 28) and boxes[4].on_image(56, 168).y0 == 0

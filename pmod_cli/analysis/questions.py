@@ -175,7 +175,11 @@ def prompt_inputs(processor, model, questions: list[ImageQuestion], template: st
         sample_images, sample_videos = open_media(question, num_frames)
         prompts.append(
             build_prompt(
-                processor, question.question, len(sample_images), template, len(sample_videos)
+                processor,
+                question.question,
+                len(sample_images),
+                template,
+                num_videos=len(sample_videos),
             )
         )
         images.append(sample_images)

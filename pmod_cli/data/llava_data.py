@@ -65,6 +65,7 @@ IMAGE_ERROR_FIELD = "image_error"
 MEDIA_FIELDS = ("image", "video")
 # frames sampled from each video when the recipe does not say (data.video_frames)
 DEFAULT_VIDEO_FRAMES = 8
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class SkipSample(Exception):
@@ -92,8 +93,30 @@ def load_records(path: str | Path):
     return records
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a UserError naming the first byte that is not UTF-8 (Latin-1 text, a
+    surrogate encoded as bytes) and where it is."""
+    data = path.read_bytes()
+    bom = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        # 0xED 0xA0-0xBF starts a UTF-16 surrogate written as bytes, which UTF-8 forbids
+        surrogate = (
+            data[offset] == 0xED and offset + 1 < len(data) and 0xA0 <= data[offset + 1] <= 0xBF
+        )
+        reason = "a lone UTF-16 surrogate written as bytes" if surrogate else err.reason
+        raise UserError(
+            f"{path} is not UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} (line {line}, column {column}), "
+            f"{reason}; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _read_json_normalised(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         if path.suffix == ".jsonl":
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -284,6 +307,40 @@ def scan_records(
     return result
 
 
+def find_load_failures(
+    records,
+    indices: Sequence[int],
+    image_folder: str | Path,
+    encoder: SampleEncoder | None = None,
+    progress: bool = True,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
+) -> list[tuple[str, str]]:
+    """(sample id, reason) of the samples among ``indices`` that training would skip while
+    loading them: every image decoded in full (a file cut short passes the header check of
+    ``scan_records``), every video's ``video_frames`` frames decoded, and, given the ``encoder``,
+    the sample encoded as training encodes it (vision tokens or the whole answer past
+    ``data.max_length``). Slow: one pass of data loading."""
+    image_folder = Path(image_folder)
+    iterator = iter(indices)
+    if progress and len(indices) > 200:
+        from rich.progress import track
+
+        iterator = track(
+            iterator, total=len(indices), description="loading every sample", transient=True
+        )
+    failures = []
+    for index in iterator:
+        record = records[index]
+        try:
+            images = [load_image(path) for path in image_paths(record, image_folder)]
+            videos = [load_video(path, video_frames) for path in video_paths(record, image_folder)]
+            if encoder is not None:
+                encoder.encode(record["conversations"], images, videos, with_pixels=False)
+        except SkipSample as reason:
+            failures.append((sample_id(record, index), str(reason)))
+    return failures
+
+
 # ---- encoding -----------------------------------------------------------------------------
 
 
@@ -325,6 +382,17 @@ class SampleEncoder:
             {self.video_token_id} if self.video_token else set()
         )
         self.eos_token = self.tokenizer.eos_token or ""
+        self._counts_by_size: dict[tuple[int, int], int] = {}
+
+    def image_token_count(self, image: Image.Image) -> int:
+        """The image tokens the processor gives ``image``; it depends on the image's size only
+        (anyres picks the grid from it), so it is worked out once per size."""
+        if image.size not in self._counts_by_size:
+            out = self.processor(
+                text=self.processor.image_token, images=[image], return_tensors="pt"
+            )
+            self._counts_by_size[image.size] = int((out["input_ids"] == self.image_token_id).sum())
+        return self._counts_by_size[image.size]
 
     def vision_inputs(self, images: Sequence[Image.Image], videos: Sequence[np.ndarray]):
         """The vision tokens of each image and each video (by placeholder), and the processor's
@@ -429,12 +497,22 @@ class SampleEncoder:
         conversations: list[dict],
         images: Sequence[Image.Image] = (),
         videos: Sequence[np.ndarray] = (),
+        with_pixels: bool = True,
     ) -> EncodedSample:
+        """The sample's ids and labels (and pixel values, unless ``with_pixels`` is false: a
+        check of what training would keep needs only the token counts)."""
         try:
             turns = place_media(parse_turns(conversations), len(images), len(videos))
         except ConversationError as err:
             raise SkipSample(str(err)) from None
-        counts, vision_inputs = self.vision_inputs(images, videos)
+        if with_pixels or videos or len(images) > 1:
+            counts, vision_inputs = self.vision_inputs(images, videos)
+        else:  # one image alone: its count depends on its size only (cached), no pixels needed
+            counts = {IMAGE_PLACEHOLDER: [self.image_token_count(image) for image in images]}
+            counts[VIDEO_PLACEHOLDER] = []
+            vision_inputs = {}
+        if not with_pixels:
+            vision_inputs = {}
         pieces = self.pieces(turns)
         placed = [p for piece in pieces for p in media_placeholders(piece.text)]
         if placed.count(IMAGE_PLACEHOLDER) != len(images) or placed.count(VIDEO_PLACEHOLDER) != len(
@@ -523,6 +601,21 @@ def load_video(path: Path, num_frames: int) -> np.ndarray:
         return read_frames(path, num_frames)
     except VideoError as err:
         raise SkipSample(f"video {path} is unreadable ({err})") from None
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An image a user named on the command line, as RGB, or a UserError saying why it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"image not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass an image file (PNG, JPEG, ...)")
+    try:
+        return load_image(path)
+    except SkipSample:
+        raise UserError(
+            f"cannot read {path} as an image; pass a PNG, JPEG or other image file"
+        ) from None
 
 
 # ---- dataset and collator -----------------------------------------------------------------

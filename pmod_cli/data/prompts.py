@@ -15,6 +15,7 @@ conversations through the same chat template (``chat_template_pieces``).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from .templates import (
     CHAT_TEMPLATE,
@@ -34,30 +35,69 @@ def build_prompt(
     text: str,
     num_images: int = 1,
     fallback_template: str = "vicuna_v1",
+    history: Sequence[tuple[str, str]] = (),
+    *,
     num_videos: int = 0,
 ) -> str:
     """The user turn ``text`` with ``num_images`` images and ``num_videos`` videos, ending where the
-    assistant's answer starts."""
+    assistant's answer starts.
+
+    ``history`` holds earlier (question, answer) turns of the same conversation; the images and
+    videos belong to its first question (or to ``text`` when there is no history).
+    """
     tokens = _media_tokens(processor)
-    placed = any(token in text for token in tokens.values())  # the caller placed its images itself
+    questions = [question for question, _ in history] + [text]
     if getattr(processor, "chat_template", None):
-        if placed:
-            content = content_items(text, tokens["image"], tokens["video"])
-        else:
-            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
-            content.append({"type": "text", "text": text})
-        messages = [{"role": "user", "content": content}]
+        # llava-hf templates render content items and drop a plain string: media tokens placed in
+        # the text become image / video items where they stand
+        messages = []
+        for index, question in enumerate(questions):
+            media = (num_images, num_videos) if index == 0 else (0, 0)
+            messages.append({"role": "user", "content": _content(question, tokens, *media)})
+            if index < len(history):
+                messages.append(
+                    {"role": "assistant", "content": [{"type": "text", "text": history[index][1]}]}
+                )
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    question = (
-        text
-        if placed
-        else f"{tokens['image']}\n" * num_images + f"{tokens['video']}\n" * num_videos + text
-    )
+    questions[0] = _with_media_tokens(questions[0], tokens, num_images, num_videos)
     tokenizer = getattr(processor, "tokenizer", None)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
+        messages = []
+        for index, question in enumerate(questions):
+            messages.append({"role": "user", "content": question})
+            if index < len(history):
+                messages.append({"role": "assistant", "content": history[index][1]})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return get_template(fallback_template).generation_prompt(question)
+    template = get_template(fallback_template)
+    if not history:
+        return template.generation_prompt(questions[0])
+    # the formatted conversation up to where the last reply would start
+    turns = []
+    for index, question in enumerate(questions):
+        turns.append(Turn("user", question))
+        turns.append(Turn("assistant", history[index][1] if index < len(history) else ""))
+    pieces = template.format(turns, getattr(tokenizer, "eos_token", None) or "")
+    last_reply = max(index for index, piece in enumerate(pieces) if piece.is_target)
+    return "".join(piece.text for piece in pieces[:last_reply])
+
+
+def _placed(text: str, tokens: dict[str, str]) -> bool:
+    """Whether the caller placed its images / videos in the text itself."""
+    return any(token in text for token in tokens.values())
+
+
+def _with_media_tokens(text: str, tokens: dict[str, str], num_images: int, num_videos: int) -> str:
+    """Images first, then videos, as in training, unless the text places them itself."""
+    if _placed(text, tokens):
+        return text
+    return f"{tokens['image']}\n" * num_images + f"{tokens['video']}\n" * num_videos + text
+
+
+def _content(text: str, tokens: dict[str, str], num_images: int, num_videos: int) -> list[dict]:
+    if _placed(text, tokens):
+        return content_items(text, tokens["image"], tokens["video"])
+    media = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+    return media + [{"type": "text", "text": text}]
 
 
 def content_items(text: str, image_token: str, video_token: str = VIDEO_PLACEHOLDER) -> list[dict]:

@@ -242,16 +242,11 @@ def _has_config(directory: Path) -> bool:
 
 
 def _write_tiny_base(directory: Path, layout: str) -> None:
-    from transformers.utils import logging as transformers_logging
+    from ..model.loading import quiet_progress_bars
 
     # built on first use inside a command: its progress bars would bury the command's own output
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
+    with quiet_progress_bars():
         _save_tiny_base(directory, layout)
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
 
 
 def _save_tiny_base(directory: Path, layout: str) -> None:
@@ -312,7 +307,8 @@ def is_tiny_path(value: str | None) -> bool:
 def resolve_name(value: str | Path) -> str:
     """A model, data or folder name as recipes and flags give it: ``tiny:...`` becomes the
     cached asset's path (built on first use); anything else (a path, a Hub id) stays as given."""
-    return str(resolve_tiny_path(value)) if is_tiny_path(str(value)) else str(value)
+    value = str(value)  # flags may arrive as Path objects
+    return str(resolve_tiny_path(value)) if is_tiny_path(value) else value
 
 
 def default_image_folder(data_path: str | Path) -> Path:

@@ -24,6 +24,7 @@ import torch
 
 from ..data.tiny import resolve_name
 from ..errors import UserError
+from ..runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ def measure_retention_ratios(
         raise UserError(
             f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file"
         )
+    image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
     question_set = read_image_questions(data, image_folder, samples, videos=takes_video)
-    model, processor = load_checkpoint(checkpoint, device=device, require_pmod=True)
+    model, processor = load_checkpoint(checkpoint, device=resolve_device(device), require_pmod=True)
     decoder_layers = model.decoder_layers
     template = template_for_model(model)
     mod_layers = mod_layer_indices(model)

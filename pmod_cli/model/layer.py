@@ -6,8 +6,8 @@ names, output hooks (``output_hidden_states``) and gradient checkpointing stay t
 transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer:
 
 1. select: the router scores every token; each sample keeps floor(n_vision * R) of its own
-   vision tokens (top scores; with ``budget="image"`` each image and video frame keeps
-   floor(n * R) of its own) and every real text token;
+   vision tokens (top scores, or top weights: ``selection.py``; with ``budget="image"`` each
+   image and video frame keeps floor(n * R) of its own) and every real text token;
 2. gather: kept tokens, in their original order, with their original positions (RoPE);
 3. run: attention over this layer's own cache and mask, then the MLP;
 4. scatter: kept tokens go back to their places, skipped ones pass through;
@@ -29,6 +29,7 @@ from .cache import pmod_cache_layer
 from .config import PMoDConfig
 from .router import WEIGHT_NORM_FNS, Router
 from .routing import active_recorder
+from .selection import SELECTION_RULES
 
 
 @dataclass
@@ -102,12 +103,15 @@ class PMoDLayerMixin:
         last_image = torch.where(vision, index, -1).max(dim=1).values  # (batch,)
         return valid & (index <= last_image[:, None])
 
-    def _token_weights(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """w = 1 + f(r) for competing tokens, 1 for the others."""
+    def _normalised(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) of the layer's weight norm, for every token."""
         cfg = self.pmod_config
         shift = cfg.softmax_shift if cfg.softmax_shift is not None else -cfg.alpha / 2
-        offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
-        return 1.0 + offset * candidates.to(offset.dtype)
+        return 1.0 + WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
+
+    def _token_weights(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) for competing tokens, 1 for the others."""
+        return torch.where(candidates, self._normalised(logits, candidates), 1.0)
 
     def _select(
         self,
@@ -126,12 +130,16 @@ class PMoDLayerMixin:
                 torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold
             )
             return (valid & ~candidates) | selected
-        if groups is None:
-            groups = torch.zeros_like(candidates, dtype=torch.long)
-        scores = logits.detach().float().masked_fill(~candidates, float("-inf"))
-        rank, budget_size = rank_within_groups(scores, torch.where(candidates, groups, -1))
-        keep_count = torch.floor(budget_size * self.pmod_ratio + 1e-9).long()  # (batch, seq)
-        selected = candidates & (rank < keep_count)
+        if groups is not None:  # one budget per image / video frame, top scores within each
+            scores = logits.detach().float().masked_fill(~candidates, float("-inf"))
+            rank, budget_size = rank_within_groups(scores, torch.where(candidates, groups, -1))
+            keep_count = torch.floor(budget_size * self.pmod_ratio + 1e-9).long()  # (batch, seq)
+            return (valid & ~candidates) | (candidates & (rank < keep_count))
+        keep_count = torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
+        rule = SELECTION_RULES[self.pmod_config.selection]
+        selected = rule(
+            logits, candidates, keep_count, lambda scores: self._normalised(scores, candidates)
+        )
         return (valid & ~candidates) | selected
 
     def _budget_groups(self, routing: RoutingInputs) -> torch.Tensor | None:

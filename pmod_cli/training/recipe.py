@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from ..errors import UserError
 from ..model.config import PMoDConfig
@@ -53,7 +52,8 @@ class ModelSection:
         vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
         image_grid_pinpoints: anyres resolutions, ``[[height, width], ...]`` in pixels (LLaVA-NeXT
             needs them; OneVision defaults to transformers' 1x1 to 6x6 crops).
-        pretrained_connector: a pretrain-stage output directory whose connector weights to load.
+        pretrained_connector: a pretrain-stage output directory whose connector weights to load,
+            or LLaVA's stage-1 ``mm_projector.bin`` (the file or its directory).
         preset: a shape preset of ``pmod_cli.model.presets`` used to plan (``--dry-run``) when the
             parts' configs are not on this machine.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.

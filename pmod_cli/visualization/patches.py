@@ -19,6 +19,10 @@ unpadded map shrunk (bilinear) to about 9 crops when larger, so a high-res token
 proportionally larger cell; one of several images is padded to a square and squashed to one crop,
 then a newline; a video frame is squashed to one crop whose features are pooled 2x2, and one
 newline closes the video. ``PatchBox.source`` says which picture (image or frame) a box lies on.
+Where a processor pads (LLaVA-1.5's pad-to-square, a center crop larger than the resized image,
+the padding around a LLaVA-NeXT grid that unpadding does not cut), a token's rectangle reaches
+beyond the image: its coordinates run below 0 or past the width or height, so a token of pure
+padding keeps its full size and place, and the figure can draw it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ FRAME_VIEW = "frame"
 
 @dataclass(frozen=True)
 class PatchBox:
-    """One vision token's rectangle in original-image pixels (clipped to the image)."""
+    """One vision token's rectangle in original-image pixels; beyond the image where it covers
+    padding the processor added (negative, or past the width or height)."""
 
     view: str  # "image" (LLaVA-1.5), "base" or "high-res" (anyres), "frame" (video)
     x0: float
@@ -48,6 +53,14 @@ class PatchBox:
     x1: float
     y1: float
     source: int = 0  # which picture of the prompt it lies on: images, then video frames, in order
+
+    def on_image(self, height: int, width: int) -> PatchBox | None:
+        """The part on the (height, width) image; None for a token of pure padding."""
+        x0, x1 = min(max(self.x0, 0.0), width), min(max(self.x1, 0.0), width)
+        y0, y1 = min(max(self.y0, 0.0), height), min(max(self.y1, 0.0), height)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return PatchBox(self.view, x0, y0, x1, y1)
 
 
 @dataclass(frozen=True)
@@ -157,22 +170,10 @@ def resize_crop(
     )
 
 
-def _clipped_box(
-    view: str, x0: float, y0: float, x1: float, y1: float, height: int, width: int
-) -> PatchBox:
-    return PatchBox(
-        view,
-        min(max(x0, 0.0), width),
-        min(max(y0, 0.0), height),
-        min(max(x1, 0.0), width),
-        min(max(y1, 0.0), height),
-    )
-
-
 def _grid_box(chain: ResizeCrop, view: str, row: int, col: int, patch_size: int) -> PatchBox:
     x0, y0 = chain.to_source(col * patch_size, row * patch_size)
     x1, y1 = chain.to_source((col + 1) * patch_size, (row + 1) * patch_size)
-    return _clipped_box(view, x0, y0, x1, y1, chain.source_height, chain.source_width)
+    return PatchBox(view, x0, y0, x1, y1)
 
 
 # ---- LLaVA-1.5 ---------------------------------------------------------------------------
@@ -343,18 +344,16 @@ def llava_next_patch_boxes(
                 )
             )
         (x0, y0), (x1, y1) = corners
-        return _clipped_box(HIGH_RES_VIEW, x0, y0, x1, y1, image_height, image_width)
+        return PatchBox(HIGH_RES_VIEW, x0, y0, x1, y1)
 
     def base_box(row: int, col: int) -> PatchBox:
         box = _grid_box(base_chain, BASE_VIEW, row, col, patch_size)
-        return _clipped_box(
+        return PatchBox(
             BASE_VIEW,
             box.x0 * to_squash_x,
             box.y0 * to_squash_y,
             box.x1 * to_squash_x,
             box.y1 * to_squash_y,
-            image_height,
-            image_width,
         )
 
     base_rows, base_cols = base_chain.view_height // patch_size, base_chain.view_width // patch_size
@@ -427,7 +426,7 @@ def onevision_patch_boxes(
         for col in range(map_width):
             x0, y0 = to_image(cols.start + col * col_step, rows.start + row * row_step)
             x1, y1 = to_image(cols.start + (col + 1) * col_step, rows.start + (row + 1) * row_step)
-            boxes.append(_clipped_box(HIGH_RES_VIEW, x0, y0, x1, y1, image_height, image_width))
+            boxes.append(PatchBox(HIGH_RES_VIEW, x0, y0, x1, y1))
         boxes.append(None)  # the row's newline token
     return boxes
 
@@ -464,7 +463,7 @@ def onevision_frame_boxes(processor, config, frame_height: int, frame_width: int
         for col in range(pooled):
             x0, y0 = chain.to_source(col * step, row * step)
             x1, y1 = chain.to_source((col + 1) * step, (row + 1) * step)
-            boxes.append(_clipped_box(FRAME_VIEW, x0, y0, x1, y1, frame_height, frame_width))
+            boxes.append(PatchBox(FRAME_VIEW, x0, y0, x1, y1))
     return boxes
 
 

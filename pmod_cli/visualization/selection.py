@@ -13,7 +13,7 @@ from PIL import Image
 from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
-from ..model.routing import record_routing
+from ..model.routing import LayerRouting, record_routing
 from .patches import PatchBox
 
 
@@ -46,9 +46,9 @@ class TokenSelection:
         PatchBox | None
     ]  # one per vision token (box.source: its picture); None: no place (newline, CLS)
     layers: list[LayerSelection]  # every decoder layer, in order
-    names: list[str] = field(
-        default_factory=list
-    )  # per picture: "image 2", "frame 5"; empty: one image
+    # per picture: "image 2", "frame 5"; empty: one image
+    names: list[str] = field(default_factory=list)
+    answer: str | None = None  # the model's answer to the prompt it routed
 
     @property
     def num_vision(self) -> int:
@@ -64,11 +64,13 @@ def select_tokens(
     processor,
     images: Image.Image | Sequence[Image.Image],
     prompt: str,
+    answer_tokens: int = 0,
     video: np.ndarray | None = None,
 ) -> TokenSelection:
-    """Run one forward pass over ``images`` (one or several) and ``video`` ((frames, height, width,
-    3) uint8, as ``data.video.read_frames`` gives it) with ``prompt``, and read back every layer's
-    kept vision tokens."""
+    """Run the prompt over ``images`` (one or several) and ``video`` ((frames, height, width, 3)
+    uint8, as ``data.video.read_frames`` gives it) and read back every layer's kept vision tokens
+    in its prefill; with ``answer_tokens`` the model also answers (greedy, up to that many tokens)
+    in the same run."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     images = [image.convert("RGB") for image in images]
     videos = [video] if video is not None else []
@@ -80,14 +82,46 @@ def select_tokens(
     input_ids = inputs["input_ids"][0].cpu()
     vision_mask = family.vision_mask(inputs["input_ids"], model.config)[0].cpu()  # (seq,)
     boxes = _token_boxes(family, processor, model.config, images, video, input_ids[vision_mask])
+    answer = None
     with record_routing(model) as routing:
-        model(**inputs)
+        if answer_tokens:
+            tokenizer = processor.tokenizer
+            pad = (
+                tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else tokenizer.eos_token_id
+            )
+            output = model.generate(
+                **inputs, max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad
+            )
+            answer = tokenizer.decode(
+                output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            ).strip()
+        else:
+            model(**inputs)
+    return selection_from_routing(
+        model, images, boxes, routing.calls[0] if routing.calls else {}, answer, video
+    )
+
+
+def selection_from_routing(
+    model,
+    images: Image.Image | Sequence[Image.Image],
+    boxes: list[PatchBox | None],
+    prefill: dict[int, LayerRouting],
+    answer: str | None = None,
+    video: np.ndarray | None = None,
+) -> TokenSelection:
+    """Every layer's kept vision tokens from the routing recorded in a prefill (``record_routing``'s
+    first call), e.g. of an answer generated elsewhere (``pmod demo`` records ``ChatSession.ask``)."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
     layers = []
     for index, ratio in enumerate(model.retention_ratios):
         if ratio >= 1.0:  # a dense layer: it processed every token
             layers.append(LayerSelection(index, 1.0, np.ones(len(boxes), dtype=bool), None))
             continue
-        record = routing.layers[index]
+        record = prefill[index]
+        vision_mask = record.vision_mask[0]  # (seq,)
         layers.append(
             LayerSelection(
                 index,
@@ -96,12 +130,10 @@ def select_tokens(
                 record.weights[0][vision_mask].numpy().astype(np.float32),
             )
         )
-    pictures = [np.asarray(image) for image in images] + (
-        [frame for frame in video] if video is not None else []
-    )
-    return TokenSelection(
-        pictures, boxes, layers, _picture_names(len(images), 0 if video is None else len(video))
-    )
+    pictures = [np.asarray(image.convert("RGB")) for image in images]
+    pictures += [frame for frame in video] if video is not None else []
+    names = _picture_names(len(images), 0 if video is None else len(video))
+    return TokenSelection(pictures, boxes, layers, names, answer)
 
 
 def _picture_names(images: int, frames: int) -> list[str]:

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
 from rich.table import Table
 
+from ..data.llava_data import read_image
 from ..errors import UserError
 from ..model.families import family_for_config
 from ..model.loading import load_checkpoint
+from ..runtime import resolve_device
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
 
@@ -22,6 +23,7 @@ DEFAULT_PROMPT = "Describe the image."
 DEFAULT_VIDEO_PROMPT = "Describe the video."
 # frames sampled from a video when the checkpoint's video processor does not say (data.video_frames)
 DEFAULT_FRAMES = 8
+DEFAULT_ANSWER_TOKENS = 64
 MAKE_DEFAULT_CHECKPOINT = "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml"
 
 
@@ -31,22 +33,6 @@ class VisualizeResult:
     layers: list[int]  # the layers drawn
     figure: Figure
     output: Path
-
-
-def load_image(path: Path) -> Image.Image:
-    """The image as RGB, or a UserError naming why it cannot be read."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"image not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; pass an image file (PNG, JPEG, ...)")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(
-            f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file"
-        ) from None
 
 
 def _checkpoint_config(checkpoint: Path | None):
@@ -115,16 +101,18 @@ def visualize_routing(
     device: str | None = None,
     video: Path | None = None,
     frames: int | None = None,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
 ) -> VisualizeResult:
     """Route the images (one or several) and/or ``video`` through the checkpoint and write the
     figure; layers like ``"2,14,26"``; ``frames`` sampled from the video (default: as the
-    checkpoint was trained, else 8)."""
+    checkpoint was trained, else 8). The model also answers the prompt (``answer_tokens`` at most;
+    0: no answer) in the same run."""
     image_paths = [image_paths] if isinstance(image_paths, str | Path) else list(image_paths)
     if not image_paths and video is None:
         raise UserError("give an image (or several) and/or --video VIDEO")
     if frames is not None and frames < 1:
         raise UserError(f"--frames must be at least 1, got {frames}")
-    images = [load_image(path) for path in image_paths]
+    images = [read_image(path) for path in image_paths]
     if video is not None:
         load_video(video)  # before the model loads: a bad file fails at once
     output = _output_path(output, image_paths[0] if image_paths else video)
@@ -133,7 +121,9 @@ def visualize_routing(
     family = family_for_config(config)
     if video is not None and not family.takes_video:
         raise UserError(f"{checkpoint} holds a {family.title} model, which takes no video")
-    model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
+    model, processor = load_checkpoint(
+        checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True
+    )
     clip = None
     if video is not None:
         clip = load_video(
@@ -141,7 +131,9 @@ def visualize_routing(
             frames or getattr(processor.video_processor, "num_frames", None) or DEFAULT_FRAMES,
         )
     default_prompt = DEFAULT_VIDEO_PROMPT if video is not None and not images else DEFAULT_PROMPT
-    selection = select_tokens(model, processor, images, prompt or default_prompt, video=clip)
+    selection = select_tokens(
+        model, processor, images, prompt or default_prompt, answer_tokens, video=clip
+    )
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])
     figure = draw_selection(selection, chosen, heatmap=heatmap, matrix=matrix)
@@ -171,3 +163,23 @@ def kept_table(selection: TokenSelection, shown: list[int] | None = None) -> Tab
             "*" if shown and layer.layer in shown else "",
         )
     return table
+
+
+def kept_to_json(result: VisualizeResult) -> dict:
+    """``pmod visualize --json``: the figure's path and, per layer, what the table shows."""
+    total = result.selection.num_vision
+    return {
+        "figure": str(result.output),
+        "answer": result.selection.answer,
+        "vision_tokens": total,
+        "layers": [
+            {
+                "layer": layer.layer,
+                "type": "dense" if layer.is_dense else "MoD",
+                "ratio": layer.ratio,
+                "kept": layer.kept_count,
+                "drawn": layer.layer in result.layers,
+            }
+            for layer in result.selection.layers
+        ],
+    }

@@ -3,6 +3,7 @@
 from . import llava, llava_next, llava_onevision  # noqa: F401  (each module registers its family)
 from .base import (
     FAMILIES,
+    IMAGE_TOKEN,
     ModelFamily,
     UnsupportedModelError,
     family_for_config,
@@ -11,6 +12,7 @@ from .base import (
     get_family,
     image_settings,
     known_model_types,
+    prepare_tokenizer,
     register_family,
     template_for_model,
 )
@@ -20,6 +22,7 @@ from .llava_onevision import PMoDLlavaOnevisionConfig, PMoDLlavaOnevisionForCond
 
 __all__ = [
     "FAMILIES",
+    "IMAGE_TOKEN",
     "ModelFamily",
     "PMoDLlavaConfig",
     "PMoDLlavaForConditionalGeneration",
@@ -34,6 +37,7 @@ __all__ = [
     "get_family",
     "image_settings",
     "known_model_types",
+    "prepare_tokenizer",
     "register_family",
     "template_for_model",
 ]

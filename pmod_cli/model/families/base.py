@@ -16,12 +16,14 @@ Adding a family is one module in this package: a ``ModelFamily`` subclass decora
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
 from ...errors import UserError
 
+IMAGE_TOKEN = "<image>"
 DEFAULT_TEXT_MODELS = ("llama", "qwen2", "mistral")
 DEFAULT_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -194,6 +196,25 @@ def features_per_crop(config) -> int:
         vision.model_type.startswith("clip")
     )
     return tokens - int(config.vision_feature_select_strategy == "default")
+
+
+def prepare_tokenizer(tokenizer, media_tokens: Iterable[str] = (IMAGE_TOKEN,)) -> bool:
+    """Give a language model's tokenizer the family's vision placeholder tokens (``<image>``, and
+    ``<video>`` for a family that takes video) and a pad token; True if the vocabulary grew."""
+    grew = False
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in media_tokens if token not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        grew = True
+    if tokenizer.pad_token is None:
+        # Vicuna has no pad token; LLaVA pads with <unk>
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            grew = True
+    return grew
 
 
 def image_settings(image_processor) -> dict[str, Any]:
