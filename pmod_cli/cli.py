@@ -259,6 +259,11 @@ def visualize(
 ) -> None:
     """Show which image patches (and video frames' patches) each p-MoD layer keeps: a figure and a
     table of kept counts."""
+    if not images and video is None:  # checked before the ML stack loads, as Typer's own are
+        raise UserError(
+            "missing argument 'IMAGE': give one or more images, or --video FILE "
+            "(see 'pmod visualize --help')"
+        )
     from .visualization.visualize import kept_table, kept_to_json, visualize_routing
 
     result = visualize_routing(
