@@ -282,6 +282,9 @@ def test_per_image_budget_for_the_llava_families(layout):
 def test_per_image_budget_needs_vision_routing_and_its_groups():
     with pytest.raises(ValueError, match="routed_tokens"):
         PMoDConfig(budget="image", routed_tokens="all")
+    # the per-image budget ranks raw scores; the released code's weight rule has no such budget
+    with pytest.raises(ValueError, match="selection"):
+        PMoDConfig(budget="image", selection="weight")
     model, processor = pmod_model(ratios=[0.5, 1.0, 1.0, 1.0], budget="image")
     inputs = batch_inputs(processor, (0,))
     vision_mask = inputs["input_ids"] == model.config.image_token_id
