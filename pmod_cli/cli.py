@@ -365,6 +365,8 @@ def evaluate(
         count=count,
         lmms_eval_dir=lmms_eval_dir_for(output) if output is not None else None,
     )
+    if report is None:  # another process of a torchrun / accelerate launch: process 0 reports
+        return
     Console().print(report_table(report))
     if output is not None:
         write_json_atomically(report_to_json(report), output)
