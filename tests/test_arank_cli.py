@@ -20,6 +20,7 @@ from pmod_cli import PMoDConfig, apply_pmod
 from pmod_cli.analysis.arank import attention_rank, load_arank_layers
 from pmod_cli.cli import main
 from pmod_cli.data.prompts import build_prompt
+from pmod_cli.data.tiny import resolve_tiny_path
 from pmod_cli.model import mod_layer_indices, record_routing
 
 SELF_ATTENDING = {0: 8.0, 2: 4.0}  # layer -> scale; the stronger scale gives the lower ARank
@@ -252,7 +253,7 @@ def test_result_file_drives_the_conversion(workspace, tmp_path, monkeypatch, cap
         ("too many dense layers", "--dense-layers 4 must be between 0 and 3"),
         ("no samples", "--samples must be at least 1"),
         ("bad output suffix", "use a .png"),
-        ("bad dtype", "--dtype 'int8' is not one of"),
+        ("bad dtype", "--dtype must be one of"),
     ],
 )
 def test_user_errors_end_in_one_line_and_exit_code_2(
@@ -288,3 +289,15 @@ def test_user_errors_end_in_one_line_and_exit_code_2(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err and not (tmp_path / "out.png").exists()
+
+
+def test_tiny_names_for_checkpoint_and_data(tmp_path, monkeypatch, capsys):
+    """The names the docs give (``tiny:base``, ``tiny:shapes/heldout.json``) reach the resolver."""
+    code, out, err = run_cli(
+        monkeypatch, capsys, "tiny:base", "--data", "tiny:shapes/heldout.json", "--samples", 2,
+        "--batch-size", 2, "--dense-layers", 1, "--output", tmp_path / "arank.png", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"] == str(resolve_tiny_path("tiny:base")) and result["samples"] == 2
+    assert len(result["arank"]) == len(result["dense_layers"]) + len(result["mod_layers"])

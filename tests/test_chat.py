@@ -51,17 +51,35 @@ def greedy_answer(checkpoint, image_path, question, history=(), max_new_tokens=8
     prompt = build_prompt(processor, question, 1, "vicuna_v1", history)
     inputs = encode(processor, [prompt], images, model)
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    return processor.tokenizer.decode(
+        output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()
 
 
-def test_one_question_prints_the_greedy_answer_and_the_measured_costs(checkpoints, monkeypatch, capsys):
+def test_one_question_prints_the_greedy_answer_and_the_measured_costs(
+    checkpoints, monkeypatch, capsys
+):
     code, out, err = run_cli(
-        monkeypatch, capsys, "chat", checkpoints["pmod"], "--image", checkpoints["image"], "what colour is the square?",
-        "--max-new-tokens", "8",
+        monkeypatch,
+        capsys,
+        "chat",
+        checkpoints["pmod"],
+        "--image",
+        checkpoints["image"],
+        "what colour is the square?",
+        "--max-new-tokens",
+        "8",
     )
     assert code in (0, None)
-    assert out.strip() == greedy_answer(checkpoints["pmod"], checkpoints["image"], "what colour is the square?")
+    assert out.strip() == greedy_answer(
+        checkpoints["pmod"], checkpoints["image"], "what colour is the square?"
+    )
     (line,) = err.strip().splitlines()
     # 16 vision tokens; layers keep 16, 8, 4 of them next to every text token
     match = re.search(r"prompt (\d+) vision \+ (\d+) text tokens", line)
@@ -73,28 +91,49 @@ def test_one_question_prints_the_greedy_answer_and_the_measured_costs(checkpoint
 
 def test_a_conversation_from_stdin_keeps_its_history(checkpoints, monkeypatch, capsys):
     code, out, err = run_cli(
-        monkeypatch, capsys, "chat", checkpoints["dense"], "--image", checkpoints["image"], "--max-new-tokens", "6",
+        monkeypatch,
+        capsys,
+        "chat",
+        checkpoints["dense"],
+        "--image",
+        checkpoints["image"],
+        "--max-new-tokens",
+        "6",
         stdin="describe the image\n\nhow many circles\n",
     )
     assert code in (0, None)
     first, second = out.strip("\n").split("\n")
-    assert first.strip() == greedy_answer(checkpoints["dense"], checkpoints["image"], "describe the image", max_new_tokens=6)
+    assert first.strip() == greedy_answer(
+        checkpoints["dense"], checkpoints["image"], "describe the image", max_new_tokens=6
+    )
     history = [("describe the image", first.strip())]
-    assert second.strip() == greedy_answer(checkpoints["dense"], checkpoints["image"], "how many circles", history, 6)
+    assert second.strip() == greedy_answer(
+        checkpoints["dense"], checkpoints["image"], "how many circles", history, 6
+    )
     lines = err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("dense: ") and "(100.0% of dense)" in line for line in lines)
+    assert len(lines) == 2 and all(
+        line.startswith("dense: ") and "(100.0% of dense)" in line for line in lines
+    )
 
 
 def test_a_bad_image_is_one_error_line(checkpoints, tmp_path, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "chat", checkpoints["pmod"], "--image", tmp_path / "missing.png", "hi")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "chat", checkpoints["pmod"], "--image", tmp_path / "missing.png", "hi"
+    )
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
 
 
 def test_visualize_prints_the_answer_to_the_prompt_it_routed(checkpoints, tmp_path):
     result = visualize_routing(
-        checkpoints["image"], checkpoint=checkpoints["pmod"], prompt="what is it?", output=tmp_path / "v.png", answer_tokens=8
+        checkpoints["image"],
+        checkpoint=checkpoints["pmod"],
+        prompt="what is it?",
+        output=tmp_path / "v.png",
+        answer_tokens=8,
     )
-    assert result.selection.answer == greedy_answer(checkpoints["pmod"], checkpoints["image"], "what is it?")
+    assert result.selection.answer == greedy_answer(
+        checkpoints["pmod"], checkpoints["image"], "what is it?"
+    )
     # the routing shown is the answer's prefill: layer 2 keeps floor(16 * 0.25) vision tokens
     assert result.selection.layers[2].kept_count == 4

@@ -28,16 +28,8 @@ import torch
 from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import template_for_model
+from ..runtime import parse_dtype, resolve_device, torch_dtype
 from .questions import QuestionSet, open_image, read_image_questions
-
-# --dtype choices: the precision of the maps changes their numerical rank, so it is explicit
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "auto": "auto",
-}
-
 
 # ---- the measure ------------------------------------------------------------------------
 
@@ -255,7 +247,7 @@ def measure_arank(
     samples: int = 16,
     batch_size: int = 4,
     dense_layers: int = 4,
-    dtype: str = "float32",
+    dtype: str = "fp32",  # the precision of the maps changes their numerical rank: explicit
     device: str | None = None,
     progress: bool = True,
 ) -> ARankResult:
@@ -268,14 +260,13 @@ def measure_arank(
     checkpoint, data = Path(resolve_name(checkpoint)), Path(resolve_name(data))
     image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
     _check_counts(samples, batch_size, dense_layers)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    dtype = parse_dtype(dtype)
     num_layers = _num_decoder_layers(checkpoint)
     propose_layers([0.0] * num_layers, dense_layers)  # fails on a bad K before the model loads
     question_set = read_image_questions(data, image_folder, samples)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     model, processor = load_checkpoint(
-        checkpoint, device=device, dtype=DTYPES[dtype], attn_implementation="eager"
+        checkpoint, device=device, dtype=torch_dtype(dtype), attn_implementation="eager"
     )
     meter = AttentionRankMeter(model)
     _run_batches(meter, processor, question_set, batch_size, model.device, progress)

@@ -36,9 +36,16 @@ def build_prompt(
         # the text become image items where they stand
         messages = []
         for index, question in enumerate(questions):
-            messages.append({"role": "user", "content": _content(question, image_token, num_images if index == 0 else 0)})
+            messages.append(
+                {
+                    "role": "user",
+                    "content": _content(question, image_token, num_images if index == 0 else 0),
+                }
+            )
             if index < len(history):
-                messages.append({"role": "assistant", "content": [{"type": "text", "text": history[index][1]}]})
+                messages.append(
+                    {"role": "assistant", "content": [{"type": "text", "text": history[index][1]}]}
+                )
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     questions[0] = _with_image_tokens(questions[0], image_token, num_images)
     tokenizer = getattr(processor, "tokenizer", None)
@@ -88,7 +95,9 @@ def content_items(text: str, image_token: str) -> list[dict]:
 def encode(processor, prompts: list[str], images: list, model, padding: bool = True) -> dict:
     """Processor outputs for ``prompts`` and their ``images``, on the model's device, with the
     pixel values in the model's dtype."""
-    inputs = processor(text=prompts, images=images or None, padding=padding, return_tensors="pt").to(model.device)
+    inputs = processor(
+        text=prompts, images=images or None, padding=padding, return_tensors="pt"
+    ).to(model.device)
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs

@@ -156,7 +156,10 @@ def tiny_llava(
     )
     model = family.dense_model_class(config)
     # the family's first aspect-ratio mode: LLaVA-1.5 pads to a square, LLaVA-NeXT is anyres
-    sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    sizes = {
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+    }
     image_processor = family.image_processor(sizes, family.aspect_ratios[0], NEXT_GRID_PINPOINTS)
     processor = family.processor_class(
         image_processor=image_processor,
@@ -185,8 +188,14 @@ def build_tiny_base(path: str | Path | None = None, layout: str = "llava") -> Pa
     once: concurrent ranks wait for the first one, which writes to a temporary directory renamed
     into place (``cache.build_once``); a complete copy in place is never replaced.
     """
-    final = Path(path) if path is not None else tiny_root() / ("base" if layout == "llava" else "base_next")
-    return build_once(final, is_complete=_has_config, build=partial(_write_tiny_base, layout=layout))
+    final = (
+        Path(path)
+        if path is not None
+        else tiny_root() / ("base" if layout == "llava" else "base_next")
+    )
+    return build_once(
+        final, is_complete=_has_config, build=partial(_write_tiny_base, layout=layout)
+    )
 
 
 def _has_config(directory: Path) -> bool:
@@ -226,7 +235,9 @@ def resolve_tiny_path(value: str) -> Path:
     elif head == "shapes":
         synthetic.ensure_synthetic(root / "shapes")
     else:
-        raise UserError(f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>")
+        raise UserError(
+            f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>"
+        )
     return root / relative
 
 
@@ -237,7 +248,8 @@ def is_tiny_path(value: str | None) -> bool:
 def resolve_name(value: str | Path) -> str:
     """A model, data or folder name as recipes and flags give it: ``tiny:...`` becomes the
     cached asset's path (built on first use); anything else (a path, a Hub id) stays as given."""
-    return str(resolve_tiny_path(value)) if is_tiny_path(str(value)) else str(value)
+    value = str(value)  # flags may arrive as Path objects
+    return str(resolve_tiny_path(value)) if is_tiny_path(value) else value
 
 
 def default_image_folder(data_path: str | Path) -> Path:

@@ -201,7 +201,9 @@ def count_flops(
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown KV cache dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
     if routed_tokens not in ROUTED_TOKENS:
-        raise UserError(f"unknown routed_tokens {routed_tokens!r}; choose one of {', '.join(ROUTED_TOKENS)}")
+        raise UserError(
+            f"unknown routed_tokens {routed_tokens!r}; choose one of {', '.join(ROUTED_TOKENS)}"
+        )
     if attention_pairs not in ATTENTION_PAIRS:
         raise ValueError(
             f"attention_pairs must be one of {ATTENTION_PAIRS}, got {attention_pairs!r}"
@@ -229,7 +231,13 @@ def count_flops(
         shape, ratios, is_mod, tokens, include_full, attention_pairs, dtype
     )
     baseline_components, baseline_layers = _prefill_flops(
-        shape, [1.0] * num_layers, [False] * num_layers, tokens, include_full, attention_pairs, dtype
+        shape,
+        [1.0] * num_layers,
+        [False] * num_layers,
+        tokens,
+        include_full,
+        attention_pairs,
+        dtype,
     )
     return FlopsCount(
         model=shape.name,
@@ -253,7 +261,9 @@ def count_flops(
     )
 
 
-def _competing_text_tokens(routed_tokens: str, prefix_text_tokens: int | None, num_text: int) -> int:
+def _competing_text_tokens(
+    routed_tokens: str, prefix_text_tokens: int | None, num_text: int
+) -> int:
     """How many of the T text tokens compete with the image."""
     if routed_tokens == "vision":
         if prefix_text_tokens:

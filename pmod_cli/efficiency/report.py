@@ -80,7 +80,9 @@ def summary_table(plan: FlopsPlan) -> Table:
         table.add_column(entry.label, justify="right")
     results: list[FlopsCount] = [entry.result for entry in plan.entries]
 
-    table.add_row("TFLOPs", _total_tflops(first.baseline_tflops), *(_total_tflops(r.tflops) for r in results))
+    table.add_row(
+        "TFLOPs", _total_tflops(first.baseline_tflops), *(_total_tflops(r.tflops) for r in results)
+    )
     table.add_row(
         "  vs dense", "100.0%", *(f"{percent(r.ratio)} (-{percent(1 - r.ratio)})" for r in results)
     )
@@ -107,7 +109,11 @@ def summary_table(plan: FlopsPlan) -> Table:
         f"0 of {num_layers}",
         *(f"{len(r.mod_layers)} of {num_layers} ({_layer_span(r.mod_layers)})" for r in results),
     )
-    kept = "kept vision tokens" if first.routed_tokens == "vision" else "passing + kept competing tokens"
+    kept = (
+        "kept vision tokens"
+        if first.routed_tokens == "vision"
+        else "passing + kept competing tokens"
+    )
     table.caption = (
         f"{COUNT_MODES[first.count]}. KV cache: the paper's convention, mean retention ratio; "
         f"KV bytes: the real cache, {'T + ' if first.routed_tokens == 'vision' else ''}{kept} per layer, K and V."
@@ -133,7 +139,11 @@ def layer_table(plan: FlopsPlan) -> Table:
             table.add_column(name, justify="left" if name == "type" else "right")
         for row in first.layers:
             table.add_row(
-                str(row.layer), row.kind, f"{row.ratio:.3f}", str(row.kept_competing), str(row.tokens)
+                str(row.layer),
+                row.kind,
+                f"{row.ratio:.3f}",
+                str(row.kept_competing),
+                str(row.tokens),
             )
         return table
     # several settings side by side: one compact column each
@@ -143,7 +153,9 @@ def layer_table(plan: FlopsPlan) -> Table:
         cells = [str(index)]
         for entry in plan.entries:
             row = entry.result.layers[index]
-            cells.append("dense" if row.kind == "dense" else f"{row.ratio:.3f} ({row.kept_competing})")
+            cells.append(
+                "dense" if row.kind == "dense" else f"{row.ratio:.3f} ({row.kept_competing})"
+            )
         table.add_row(*cells)
     return table
 

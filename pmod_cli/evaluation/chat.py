@@ -61,7 +61,9 @@ class _CallbackStreamer(TextStreamer):
 class ChatSession:
     """A conversation about ``images`` with a loaded model (dense or p-MoD, any registered family)."""
 
-    def __init__(self, model, processor, images: list, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+    def __init__(
+        self, model, processor, images: list, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> None:
         self.model, self.processor, self.images = model, processor, list(images)
         self.max_new_tokens = max_new_tokens
         self.history: list[tuple[str, str]] = []
@@ -84,7 +86,9 @@ class ChatSession:
                 **inputs,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else tokenizer.eos_token_id,
                 streamer=_CallbackStreamer(tokenizer, on_text) if on_text is not None else None,
             )
         finally:
@@ -104,7 +108,9 @@ class ChatSession:
             end_to_end_s=end_to_end,
             kv_cache_bytes=probe.kv_bytes[0],
             dense_kv_cache_bytes=probe.dense_kv_bytes[0],
-            flops=count_flops_for_model(self.model, vision_tokens=vision, text_tokens=prompt_tokens - vision),
+            flops=count_flops_for_model(
+                self.model, vision_tokens=vision, text_tokens=prompt_tokens - vision
+            ),
             is_pmod=is_pmod_model(self.model),
         )
 
@@ -122,8 +128,14 @@ def efficiency_line(answer: ChatAnswer) -> str:
     )
 
 
-
-def run_chat(checkpoint, images, question: str | None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, device=None) -> None:
+def run_chat(
+    checkpoint,
+    images,
+    question: str | None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    device=None,
+    dtype="auto",
+) -> None:
     """``pmod chat``: one question, or a conversation read line by line from stdin (at a terminal:
     until an empty line or end of input). Answers stream to stdout; each efficiency line goes to
     stderr, so ``pmod chat ... > answer.txt`` keeps only the answer."""
@@ -134,11 +146,15 @@ def run_chat(checkpoint, images, question: str | None, max_new_tokens: int = DEF
     from ..data.llava_data import read_image
     from ..errors import UserError
     from ..model.loading import load_checkpoint
+    from ..runtime import parse_dtype, resolve_device, torch_dtype
 
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    pictures = [read_image(path) for path in images]  # before the model loads: a bad path fails at once
-    model, processor = load_checkpoint(checkpoint, device=device, dtype="auto")
+    pictures = [
+        read_image(path) for path in images
+    ]  # before the model loads: a bad path fails at once
+    precision = torch_dtype(parse_dtype(dtype))
+    model, processor = load_checkpoint(checkpoint, device=resolve_device(device), dtype=precision)
     session = ChatSession(model, processor, pictures, max_new_tokens)
     notes = Console(stderr=True, highlight=False)
     questions = [question] if question is not None else _read_questions(notes, sys.stdin)

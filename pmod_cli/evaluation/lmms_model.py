@@ -31,12 +31,13 @@ from lmms_eval.utils import Collator
 from PIL import Image
 
 from ..data.prompts import build_prompt, encode
+from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
+from ..runtime import parse_dtype, torch_dtype
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -63,15 +64,20 @@ class PMoDLmms(lmms):
             )
         if str(batch_size) == "auto" or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        try:  # lmms-eval reports bad model_args as ValueError
+            dtype = parse_dtype(dtype, flag="dtype")
+        except UserError as err:
+            raise ValueError(str(err)) from None
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self._join_processes()
         self.batch_size_per_gpu = int(batch_size)
         self.pretrained = str(pretrained)
         self.model, self.processor = load_checkpoint(
-            pretrained, device=self._device, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            pretrained,
+            device=self._device,
+            dtype=None if dtype == "auto" else torch_dtype(dtype),
+            attn_implementation=attn_implementation,
         )
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation: prompts end at the same column
@@ -83,7 +89,9 @@ class PMoDLmms(lmms):
         # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
         self.model_config = self.model.config
         layers = self.model.config.text_config.num_hidden_layers
-        self.retention_ratios = list(getattr(self.model, "retention_ratios", None) or [1.0] * layers)
+        self.retention_ratios = list(
+            getattr(self.model, "retention_ratios", None) or [1.0] * layers
+        )
         self.measurements: list[SampleMeasurement] = []
         self._warmed_up = False
 
@@ -128,13 +136,19 @@ class PMoDLmms(lmms):
             yield lambda n: progress.advance(task, n)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PMoDLmms:
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> PMoDLmms:
         """lmms-eval's command line: ``--model_args`` and its own ``--batch_size`` / ``--device``
         (always passed); a key given in ``--model_args`` wins instead of clashing."""
         from lmms_eval.utils import simple_parse_args_string
 
         args = simple_parse_args_string(arg_string)
-        given = {key: value for key, value in (additional_config or {}).items() if value is not None and key not in args}
+        given = {
+            key: value
+            for key, value in (additional_config or {}).items()
+            if value is not None and key not in args
+        }
         return cls(**args, **given)
 
     @property
@@ -166,9 +180,16 @@ class PMoDLmms(lmms):
         if self._warmed_up:
             return
         self._warmed_up = True
-        inputs = self._encode([self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))])
+        inputs = self._encode(
+            [self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))]
+        )
         with torch.inference_mode():
-            self.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            self.model.generate(
+                **inputs,
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
 
     # ---- generate_until ----------------------------------------------------------------
 
@@ -183,8 +204,14 @@ class PMoDLmms(lmms):
         self.warm_up()
         collator = Collator(
             [request.args for request in requests],
-            sort_fn=lambda args: (-len(args[0]), args[0]),  # longest first: little padding per batch
-            group_fn=lambda args: {"__task": args[4], **args[1]},  # one task and one set of kwargs a batch
+            sort_fn=lambda args: (
+                -len(args[0]),
+                args[0],
+            ),  # longest first: little padding per batch
+            group_fn=lambda args: {
+                "__task": args[4],
+                **args[1],
+            },  # one task and one set of kwargs a batch
             grouping=True,
         )
         answers: list[str] = []
@@ -210,7 +237,11 @@ class PMoDLmms(lmms):
         # other task generation kwargs (e.g. image_aspect_ratio) are for other models
         do_sample = float(generation.get("temperature") or 0) > 0
         sampling = (
-            {"do_sample": True, "temperature": float(generation["temperature"]), "top_p": generation.get("top_p")}
+            {
+                "do_sample": True,
+                "temperature": float(generation["temperature"]),
+                "top_p": generation.get("top_p"),
+            }
             if do_sample
             else {"do_sample": False}
         )
@@ -218,7 +249,9 @@ class PMoDLmms(lmms):
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             prompts, images = [], []
-            for context, doc_to_visual, doc_id, task, split in zip(contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True):
+            for context, doc_to_visual, doc_id, task, split in zip(
+                contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True
+            ):
                 visuals = self._visuals(doc_to_visual, doc_id, task, split)
                 prompts.append(self.build_prompt(context, len(visuals)))
                 images.extend(visuals)
@@ -243,7 +276,9 @@ class PMoDLmms(lmms):
             answers = [_cut_at_stop(text, until) for text in texts]
         end_to_end = time.perf_counter() - start
 
-        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
+        vision, text, prefix_text = _token_counts(
+            inputs, self.family.vision_mask(inputs["input_ids"], self.model_config)
+        )
         generated = _generated_counts(new_tokens, self.tokenizer.eos_token_id)
         measured = [
             SampleMeasurement(
@@ -299,7 +334,11 @@ class PMoDLmms(lmms):
             doc_id, task, split = -1, "", ""
         else:
             context, doc_to_target, doc_to_visual, doc_id, task, split = args
-            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self.task_dict[task][split][doc_id])
+            continuation = (
+                doc_to_target
+                if isinstance(doc_to_target, str)
+                else doc_to_target(self.task_dict[task][split][doc_id])
+            )
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             if doc_to_visual is None:
@@ -316,12 +355,16 @@ class PMoDLmms(lmms):
             finally:
                 probe.stop()
             # the token at position p is predicted by the logits at p - 1
-            predicting = logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)  # (n, vocab)
+            predicting = (
+                logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)
+            )  # (n, vocab)
             target = inputs["input_ids"][0, context_length:]
             log_likelihood = predicting.gather(1, target[:, None]).sum().item()
             greedy = bool((predicting.argmax(dim=-1) == target).all())
         end_to_end = time.perf_counter() - start
-        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
+        vision, text, prefix_text = _token_counts(
+            inputs, self.family.vision_mask(inputs["input_ids"], self.model_config)
+        )
         measurement = SampleMeasurement(
             task=task,
             doc_id=int(doc_id),
@@ -339,7 +382,9 @@ class PMoDLmms(lmms):
         )
         return -log_likelihood, greedy, measurement
 
-    def _encode_continuation(self, prompt: str, continuation: str, visuals: list | None) -> tuple[dict, int]:
+    def _encode_continuation(
+        self, prompt: str, continuation: str, visuals: list | None
+    ) -> tuple[dict, int]:
         """``prompt + continuation`` encoded as one text (through the processor with ``visuals``,
         plain tokenizer when None), and how many of its tokens are the prompt's.
 
@@ -355,12 +400,18 @@ class PMoDLmms(lmms):
         whole_length = len(self.tokenizer(prompt + continuation)["input_ids"])
         continuation_length = max(0, whole_length - len(self.tokenizer(prompt)["input_ids"]))
         if visuals is None:  # an unconditional request: plain text, no template
-            inputs = dict(self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device))
+            inputs = dict(
+                self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device)
+            )
         else:
             inputs = dict(self._encode([prompt + continuation], visuals))
         context_length = inputs["input_ids"].shape[1] - continuation_length
         if context_length == 0:  # something must predict the first token
-            start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            start_id = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id
+            )
             start = torch.tensor([[start_id]], dtype=inputs["input_ids"].dtype, device=self._device)
             inputs["input_ids"] = torch.cat([start, inputs["input_ids"]], dim=1)
             context_length = 1
@@ -394,7 +445,9 @@ def _cut_at_stop(text: str, until: list[str]) -> str:
     return text
 
 
-def _token_counts(inputs: dict, vision_mask: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+def _token_counts(
+    inputs: dict, vision_mask: torch.Tensor
+) -> tuple[list[int], list[int], list[int]]:
     """Per sample: V (image-feature positions), T (the other real tokens) of the prompt, and the
     text tokens up to the last image token (those compete too when a model routes all tokens)."""
     real = inputs["attention_mask"].bool()
@@ -430,7 +483,9 @@ def _log_to_lmms_eval(measured: list[SampleMeasurement], num_requests: int) -> N
             "prefill_latency_s": sum(m.prefill_s for m in measured) / len(measured),
             "end_to_end_latency_s": sum(m.end_to_end_s for m in measured) / len(measured),
             "kv_cache_bytes": sum(m.kv_cache_bytes for m in measured) / len(measured),
-            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv if dense_kv else 1.0,
+            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv
+            if dense_kv
+            else 1.0,
             "peak_memory_bytes": max(m.peak_memory_bytes for m in measured),
         },
     )

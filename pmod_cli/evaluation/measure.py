@@ -117,7 +117,9 @@ def held_kv_bytes(cache, attention_mask: torch.Tensor) -> tuple[list[int], list[
         if keys is None or keys.numel() == 0:
             continue
         if len(lengths) % len(real_tokens):
-            raise ValueError(f"the cache holds {len(lengths)} rows for a batch of {len(real_tokens)} samples")
+            raise ValueError(
+                f"the cache holds {len(lengths)} rows for a batch of {len(real_tokens)} samples"
+            )
         beams = len(lengths) // len(real_tokens)
         # one cached token: K and V over all key/value heads
         entry_bytes = 2 * keys.shape[1] * keys.shape[3] * keys.element_size()

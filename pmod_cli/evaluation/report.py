@@ -28,7 +28,10 @@ def format_seconds(value: float) -> str:
 
 
 def report_table(report: EvalReport) -> Table:
-    table = Table(title=f"pmod eval: {', '.join(report.tasks)}" + (f" (limit {report.limit})" if report.limit else ""))
+    table = Table(
+        title=f"pmod eval: {', '.join(report.tasks)}"
+        + (f" (limit {report.limit})" if report.limit else "")
+    )
     table.add_column("")
     for result in report.checkpoints:
         table.add_column(result.label, justify="right")
@@ -51,8 +54,14 @@ def report_table(report: EvalReport) -> Table:
         table.add_row(name, *(render(e) if e is not None else "-" for e in efficiencies))
 
     count = next((e.flops_count for e in efficiencies if e is not None), "paper")
-    row(f"TFLOPs ({count} count), vs dense", lambda e: f"{format_tflops(e.tflops)} ({e.tflops_ratio:.1%})")
-    row("KV cache per sample, vs dense", lambda e: f"{human_bytes(e.kv_cache_bytes)} ({e.kv_cache_ratio:.1%})")
+    row(
+        f"TFLOPs ({count} count), vs dense",
+        lambda e: f"{format_tflops(e.tflops)} ({e.tflops_ratio:.1%})",
+    )
+    row(
+        "KV cache per sample, vs dense",
+        lambda e: f"{human_bytes(e.kv_cache_bytes)} ({e.kv_cache_ratio:.1%})",
+    )
     row("prefill latency (mean)", lambda e: format_seconds(e.prefill_latency_s))
     row("end-to-end latency (mean)", lambda e: format_seconds(e.end_to_end_latency_s))
     kinds = {e.memory_kind for e in efficiencies if e is not None}
@@ -61,13 +70,19 @@ def report_table(report: EvalReport) -> Table:
     row("V + T tokens (mean)", lambda e: f"{e.mean_vision_tokens:.1f} + {e.mean_text_tokens:.1f}")
     row(
         "requests measured",
-        lambda e: f"{e.samples} (batch {e.batch_size}, {e.device}"
-        + (f", {e.processes} processes)" if e.processes > 1 else ")"),
+        lambda e: (
+            f"{e.samples} (batch {e.batch_size}, {e.device}"
+            + (f", {e.processes} processes)" if e.processes > 1 else ")")
+        ),
     )
     table.caption = (
         "TFLOPs: the `pmod flops` formula at the mean measured V and T. KV cache: held after prefill; "
         "dense = (T + V) entries in every layer for the same prompts. Latency at batch > 1 is the "
-        "batch's. " + "; ".join(f"{MEMORY_LABELS[kind]}: {MEMORY_KINDS[kind]}" for kind in sorted({e.memory_kind for e in efficiencies if e}))
+        "batch's. "
+        + "; ".join(
+            f"{MEMORY_LABELS[kind]}: {MEMORY_KINDS[kind]}"
+            for kind in sorted({e.memory_kind for e in efficiencies if e})
+        )
         + "."
     )
     return table

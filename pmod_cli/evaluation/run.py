@@ -32,6 +32,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.loading import read_model_type
+from ..provenance import report_header
+from ..runtime import parse_dtype, resolve_device
 from .measure import MEMORY_KINDS, SampleMeasurement
 from .tasks import TASKS_DIR
 
@@ -57,8 +59,9 @@ MAIN_METRICS = {
     "mmbench_en_dev": "gpt_eval_score",
     "mmmu_val": "mmmu_acc",
 }
+# eval.json's layout; raised when a field changes meaning or goes away (docs/eval.md)
+EVAL_SCHEMA_VERSION = 1
 PAPER_GROUP = "pmod_paper14"  # tasks/pmod_paper14: the paper's 14 benchmarks
-DEVICES = ("cpu", "cuda")
 # tasks whose main metric asks a GPT model to match the answers its own matching misses
 # (lmms-eval's mmbench: API_TYPE openai reads OPENAI_API_KEY, azure AZURE_API_KEY), and the
 # task that matches without one
@@ -120,7 +123,9 @@ class CheckpointResult:
     scores: dict[str, TaskScore]
     efficiency: Efficiency | None
     measurements: list[SampleMeasurement] = field(default_factory=list)
-    answers: dict[str, list[dict]] = field(default_factory=dict)  # task -> [{doc_id, target, answer}]
+    answers: dict[str, list[dict]] = field(
+        default_factory=dict
+    )  # task -> [{doc_id, target, answer}]
     lmms_eval_results: dict = field(default_factory=dict)  # lmms-eval's own "results" section
 
 
@@ -131,6 +136,7 @@ class EvalReport:
     batch_size: int
     device: str
     checkpoints: list[CheckpointResult]
+    dtype: str = "auto"  # as --dtype gives it: bf16, fp16, fp32 or auto (the checkpoint's own)
 
     @property
     def task_rows(self) -> list[str]:
@@ -149,6 +155,7 @@ def evaluate_checkpoints(
     batch_size: int = 1,
     include_path: str | Path | None = None,
     device: str | None = None,
+    dtype: str = "auto",
     count: str = "paper",
     lmms_eval_dir: str | Path | None = None,
 ) -> EvalReport | None:
@@ -167,7 +174,8 @@ def evaluate_checkpoints(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    device = _check_device(device)
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype)
     from ..efficiency.flops import COUNT_MODES
 
     if count not in COUNT_MODES:
@@ -180,14 +188,36 @@ def evaluate_checkpoints(
     labels = checkpoint_labels(checkpoints)
     for checkpoint, label in zip(checkpoints, labels, strict=True):
         with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
-            files = Path(lmms_eval_dir) / _file_name(label) if lmms_eval_dir is not None else Path(temporary)
+            files = (
+                Path(lmms_eval_dir) / _file_name(label)
+                if lmms_eval_dir is not None
+                else Path(temporary)
+            )
             cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
             results.append(
-                _evaluate_one(Path(checkpoint), label, tasks, task_manager, limit, batch_size, device, count, cli_args)
+                _evaluate_one(
+                    Path(checkpoint),
+                    label,
+                    tasks,
+                    task_manager,
+                    limit,
+                    batch_size,
+                    device,
+                    count,
+                    cli_args,
+                    dtype=dtype,
+                )
             )
     if not is_main_process():
         return None
-    return EvalReport(tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results)
+    return EvalReport(
+        tasks=list(tasks),
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        checkpoints=results,
+        dtype=dtype,
+    )
 
 
 def is_main_process() -> bool:
@@ -208,24 +238,6 @@ def gather_measurements(measurements: list[SampleMeasurement]) -> list[SampleMea
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(list(measurements), gathered, dst=0)
     return [m for share in gathered for m in share] if gathered is not None else []
-
-
-def _check_device(device: str | None) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = device.partition(":")
-    if kind not in DEVICES or (index and not index.isdigit()):
-        raise UserError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
-    if index and int(index) >= (count := torch.cuda.device_count()):
-        raise UserError(
-            f"--device {device}, but torch sees {count} CUDA GPU{'s' if count != 1 else ''} here "
-            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
-        )
-    return device
 
 
 def make_task_manager(tasks: list[str], include_path: str | Path | None = None):
@@ -263,7 +275,9 @@ def _leaf_tasks(manager, names: list[str], seen: frozenset = frozenset()) -> lis
     for name in names:
         entry = manager.task_index.get(name) if isinstance(name, str) else None
         if entry is None or name in seen:
-            if isinstance(name, dict) and isinstance(name.get("task"), str):  # an inline task config
+            if isinstance(name, dict) and isinstance(
+                name.get("task"), str
+            ):  # an inline task config
                 leaves.append(name["task"])
             elif isinstance(name, str):
                 leaves.append(name)
@@ -295,7 +309,9 @@ def judge_warnings(tasks: list[str], task_manager) -> list[str]:
     return warnings
 
 
-def lmms_eval_cli_args(tasks: list[str], limit: int | None, batch_size: int, device: str, output_path: str | Path) -> argparse.Namespace:
+def lmms_eval_cli_args(
+    tasks: list[str], limit: int | None, batch_size: int, device: str, output_path: str | Path
+) -> argparse.Namespace:
     """What lmms-eval's command line would hand its evaluator and tasks (``task.args``): the
     tasks' own files (``generate_submission_file``) go under ``output_path``, not ./submissions."""
     return argparse.Namespace(
@@ -325,12 +341,14 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
     return [str(checkpoint) for checkpoint in checkpoints]
 
 
-def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, device, count, cli_args) -> CheckpointResult:
+def _evaluate_one(
+    checkpoint, label, tasks, task_manager, limit, batch_size, device, count, cli_args, *, dtype
+) -> CheckpointResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from .lmms_model import PMoDLmms
 
-    model = PMoDLmms(pretrained=str(checkpoint), device=device, batch_size=batch_size)
+    model = PMoDLmms(pretrained=str(checkpoint), device=device, batch_size=batch_size, dtype=dtype)
     network = model.model  # lmms-eval's evaluator drops model.model when requests are done
     try:
         raw = simple_evaluate(
@@ -345,7 +363,9 @@ def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, dev
             verbosity="WARNING",
             cli_args=cli_args,
         )
-    except Exception as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
+    except (
+        Exception
+    ) as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
         cause = _offline_cause(err)
         if cause is None:
             raise
@@ -383,7 +403,12 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         from huggingface_hub import errors as hub
     except ImportError:
         hub = None
-    names = ("HfHubHTTPError", "LocalTokenNotFoundError", "OfflineModeIsEnabled", "LocalEntryNotFoundError")
+    names = (
+        "HfHubHTTPError",
+        "LocalTokenNotFoundError",
+        "OfflineModeIsEnabled",
+        "LocalEntryNotFoundError",
+    )
     errors.extend(getattr(hub, name) for name in names if hasattr(hub, name))
     try:
         from datasets.exceptions import DatasetNotFoundError
@@ -433,7 +458,11 @@ def main_score(task: str, metrics: dict) -> TaskScore | None:
     key = next((k for k in numeric if wanted and k.split(",", 1)[0] == wanted), next(iter(numeric)))
     metric, filter_name = key.split(",", 1)
     stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-    return TaskScore(metric=metric, value=float(numeric[key]), stderr=float(stderr) if _is_number(stderr) else None)
+    return TaskScore(
+        metric=metric,
+        value=float(numeric[key]),
+        stderr=float(stderr) if _is_number(stderr) else None,
+    )
 
 
 def _is_number(value) -> bool:
@@ -443,7 +472,9 @@ def _is_number(value) -> bool:
         return False
 
 
-def summarize(network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str) -> Efficiency | None:
+def summarize(
+    network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str
+) -> Efficiency | None:
     """The efficiency rows of one checkpoint (None when nothing was measured); ``network`` is
     the evaluated HF model."""
     from ..efficiency.flops import count_flops_for_model
@@ -488,7 +519,13 @@ def _answers(samples: dict) -> dict[str, list[dict]]:
             response = sample.get("filtered_resps") or sample.get("resps")
             while isinstance(response, list) and len(response) == 1:
                 response = response[0]
-            rows.append({"doc_id": sample["doc_id"], "target": _plain(sample.get("target")), "answer": _plain(response)})
+            rows.append(
+                {
+                    "doc_id": sample["doc_id"],
+                    "target": _plain(sample.get("target")),
+                    "answer": _plain(response),
+                }
+            )
         answers[task] = rows
     return answers
 
@@ -509,10 +546,7 @@ def _plain(value):
 
 
 def report_to_json(report: EvalReport) -> dict:
-    import lmms_eval
-
-    from .. import __version__
-
+    """The eval.json object: the provenance header (schema, versions, time, command), then the run."""
     checkpoints = []
     for result in report.checkpoints:
         checkpoints.append(
@@ -529,12 +563,12 @@ def report_to_json(report: EvalReport) -> dict:
             }
         )
     return {
-        "pmod_version": __version__,
-        "lmms_eval_version": getattr(lmms_eval, "__version__", None),
+        **report_header(EVAL_SCHEMA_VERSION),
         "tasks": report.tasks,
         "limit": report.limit,
         "batch_size": report.batch_size,
         "device": report.device,
+        "dtype": report.dtype,
         "checkpoints": checkpoints,
     }
 
@@ -550,7 +584,9 @@ def check_output_path(path: str | Path) -> None:
     a directory, or a parent that is a file or a directory this process cannot write in."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"--output {path} is a directory; give a file name, e.g. {path / 'eval.json'}")
+        raise UserError(
+            f"--output {path} is a directory; give a file name, e.g. {path / 'eval.json'}"
+        )
     existing = path.absolute().parent
     while not existing.exists():  # the first existing ancestor; the rest is created when writing
         existing = existing.parent
@@ -560,7 +596,9 @@ def check_output_path(path: str | Path) -> None:
         raise UserError(f"--output {path}: cannot write in {existing} (permission denied)")
     files = lmms_eval_dir_for(path)
     if files.exists() and not files.is_dir():
-        raise UserError(f"--output {path}: {files} (where lmms-eval's own files go) is a file, not a directory")
+        raise UserError(
+            f"--output {path}: {files} (where lmms-eval's own files go) is a file, not a directory"
+        )
 
 
 def write_json_atomically(data: dict, path: str | Path) -> Path:
@@ -572,10 +610,13 @@ def write_json_atomically(data: dict, path: str | Path) -> Path:
     try:
         if path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
     except OSError as err:
         raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
     try:
+        os.fchmod(handle, _new_file_mode())  # mkstemp makes 0600; a report is an ordinary file
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=1)
         os.replace(temporary, path)  # readers see the old file or the whole new one
@@ -585,3 +626,10 @@ def write_json_atomically(data: dict, path: str | Path) -> Path:
             raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
         raise
     return path
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask

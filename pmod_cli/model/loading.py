@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..errors import UserError
+from ..runtime import resolve_device
 from .adapters import is_adapter_directory, read_adapter_info, resolve_base
 from .config import PMoDConfig
 from .families import family_for_config, family_for_model_type, known_model_types
@@ -41,10 +42,6 @@ def quiet_progress_bars():
     finally:
         if was_enabled:
             transformers_logging.enable_progress_bar()
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def read_model_type(path: str | Path, vision_tower: str | Path | None = None) -> str:
@@ -100,11 +97,15 @@ def load_checkpoint(
     """
     reference = str(reference)
     if is_hub_id(reference):
-        model, processor = _load_hf_native(reference, dtype, attn_implementation, quantization_config)
+        model, processor = _load_hf_native(
+            reference, dtype, attn_implementation, quantization_config
+        )
     else:
         _check_pmod(reference, vision_tower, require_pmod and pmod is None and not dense)
         if is_adapter_directory(reference):
-            model, processor = _load_adapter(Path(reference), dtype, attn_implementation, vision_tower)
+            model, processor = _load_adapter(
+                Path(reference), dtype, attn_implementation, vision_tower
+            )
         elif detect_format(reference) == "llava_hf":
             model, processor = _load_hf_native(
                 reference, dtype, attn_implementation, quantization_config
@@ -116,7 +117,7 @@ def load_checkpoint(
     if pmod is not None:
         apply_pmod(model, pmod)
     if quantization_config is None:  # a quantized model is placed as it loads and cannot move
-        model = model.to(device or default_device())
+        model = model.to(resolve_device(device) if device is None else device)
     return model.eval(), processor
 
 
@@ -181,7 +182,11 @@ def _load_adapter(path: Path, dtype, attn_implementation, vision_tower):
     info = read_adapter_info(path)
     base = resolve_base(path, info)
     model, _ = load_checkpoint(
-        base, device="cpu", dtype=dtype, attn_implementation=attn_implementation, vision_tower=vision_tower
+        base,
+        device="cpu",
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        vision_tower=vision_tower,
     )
     if info.pmod is not None:
         apply_pmod(model, PMoDConfig.from_dict(info.pmod))
@@ -314,3 +319,23 @@ def convert_checkpoint(
         destination.rmdir()
     staging.rename(destination)  # the directory appears whole or not at all
     return destination
+
+
+def pmod_overrides(**options) -> dict:
+    """The p-MoD options a user gave (those not None), checked: a bad value is a UserError."""
+    overrides = {name: value for name, value in options.items() if value is not None}
+    try:
+        PMoDConfig().replace(**overrides)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return overrides
+
+
+def checkpoint_summary(checkpoint: str | Path) -> str:
+    """One line about a written HF-native checkpoint: how many of its layers are MoD."""
+    config = read_config(checkpoint)
+    num_layers = config["text_config"]["num_hidden_layers"]
+    if "pmod" not in config:
+        return f"a dense {config['model_type']} checkpoint, {num_layers} layers"
+    ratios = PMoDConfig.from_dict(config["pmod"]).retention_ratios(num_layers)
+    return f"{sum(r < 1 for r in ratios)} of {len(ratios)} layers are MoD"

@@ -52,7 +52,11 @@ def apply_pmod(model, config: PMoDConfig | None = None, **overrides: Any):
     """
     family = family_for_model(model)
     family.check_text_model(model.config.text_config.model_type)
-    pmod_config = config if config is not None else (model.pmod_config if is_pmod_model(model) else PMoDConfig())
+    pmod_config = (
+        config
+        if config is not None
+        else (model.pmod_config if is_pmod_model(model) else PMoDConfig())
+    )
     if overrides:
         pmod_config = pmod_config.replace(**overrides)
     model.config.__class__ = family.pmod_config_class
@@ -70,7 +74,9 @@ def is_pmod_model(model) -> bool:
 def mod_layer_indices(model) -> list[int]:
     """Indices of the decoder layers that route (ratio < 1); none for a dense model."""
     layers = family_for_model(model).decoder_layers(model)
-    return [i for i, layer in enumerate(layers) if isinstance(layer, PMoDLayerMixin) and layer.is_mod]
+    return [
+        i for i, layer in enumerate(layers) if isinstance(layer, PMoDLayerMixin) and layer.is_mod
+    ]
 
 
 def register() -> None:
@@ -80,7 +86,11 @@ def register() -> None:
         # and a model loaded from one saves in the same layout
         dense_mapping = get_checkpoint_conversion_mapping(family.dense_model_type)
         if dense_mapping is not None:
-            register_checkpoint_conversion_mapping(family.pmod_model_type, dense_mapping, overwrite=True)
+            register_checkpoint_conversion_mapping(
+                family.pmod_model_type, dense_mapping, overwrite=True
+            )
         AutoConfig.register(family.pmod_model_type, family.pmod_config_class, exist_ok=True)
-        AutoModelForImageTextToText.register(family.pmod_config_class, family.pmod_model_class, exist_ok=True)
+        AutoModelForImageTextToText.register(
+            family.pmod_config_class, family.pmod_model_class, exist_ok=True
+        )
         AutoProcessor.register(family.pmod_config_class, family.processor_class, exist_ok=True)

@@ -48,7 +48,9 @@ class PMoDModelMixin:
 
     def install_routing_hooks(self) -> None:
         if not getattr(self, "_pmod_routing_hook", None):
-            self._pmod_routing_hook = self.register_forward_pre_hook(_add_routing_inputs, with_kwargs=True)
+            self._pmod_routing_hook = self.register_forward_pre_hook(
+                _add_routing_inputs, with_kwargs=True
+            )
             self._pmod_loss_hook = self.register_forward_hook(_add_routing_loss, with_kwargs=True)
 
 
@@ -99,4 +101,3 @@ def convert_decoder_layers(model, config: PMoDConfig) -> None:
         del text_model.pmod_shared_router
     for layer, ratio in zip(layers, ratios, strict=True):
         convert_layer(layer, ratio, config, shared_router)
-

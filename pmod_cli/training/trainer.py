@@ -175,7 +175,9 @@ class PMoDTrainer(Trainer):
         self.lora = is_lora_model(self.model)
         self.full_names = full_trained_names(self.model) if self.lora else []
         self.adapter_info = adapter_info(recipe, self.model) if self.lora else None
-        self.meter = StepMeter(unwrap_lora(self.model), half_precision=self.args.bf16 or self.args.fp16)
+        self.meter = StepMeter(
+            unwrap_lora(self.model), half_precision=self.args.bf16 or self.args.fp16
+        )
         self.add_callback(self.meter)
 
     @property
@@ -292,7 +294,9 @@ class PMoDTrainer(Trainer):
         0 x its features to the loss; LLaVA's own training does the same."""
         if not self.is_deepspeed_enabled or self.accelerator.state.deepspeed_plugin.zero_stage != 3:
             return None
-        llava = unwrap_lora(self.accelerator.unwrap_model(model)).model  # LlavaModel / LlavaNextModel
+        llava = unwrap_lora(
+            self.accelerator.unwrap_model(model)
+        ).model  # LlavaModel / LlavaNextModel
         blank = _BlankImagePass(llava)
         # prepended: it must run before ZeRO-3's own hook gathers the language model
         blank.handle = llava.language_model.register_forward_pre_hook(
@@ -388,7 +392,9 @@ class PMoDTrainer(Trainer):
 
         for name in (PEFT_WEIGHTS_FILE, FULL_WEIGHTS_FILE):
             if not (checkpoint / name).is_file():
-                raise UserError(f"--resume: {checkpoint} has no {name}; it is not a checkpoint of a LoRA run")
+                raise UserError(
+                    f"--resume: {checkpoint} has no {name}; it is not a checkpoint of a LoRA run"
+                )
         result = set_peft_model_state_dict(model, read_file(checkpoint / PEFT_WEIGHTS_FILE))
         missing = [key for key in result.missing_keys if ".lora_" in key]
         if missing or result.unexpected_keys:

@@ -12,6 +12,7 @@ from rich.table import Table
 from ..data.llava_data import read_image
 from ..errors import UserError
 from ..model.loading import load_checkpoint
+from ..runtime import resolve_device
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
 
@@ -74,7 +75,9 @@ def visualize_routing(
     output = _output_path(output, image_path)
     checkpoint, num_layers = _checkpoint_layers(checkpoint)
     chosen = parse_layers(layers, num_layers)
-    model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
+    model, processor = load_checkpoint(
+        checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True
+    )
     selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT, answer_tokens)
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])
@@ -105,3 +108,23 @@ def kept_table(selection: TokenSelection, shown: list[int] | None = None) -> Tab
             "*" if shown and layer.layer in shown else "",
         )
     return table
+
+
+def kept_to_json(result: VisualizeResult) -> dict:
+    """``pmod visualize --json``: the figure's path and, per layer, what the table shows."""
+    total = result.selection.num_vision
+    return {
+        "figure": str(result.output),
+        "answer": result.selection.answer,
+        "vision_tokens": total,
+        "layers": [
+            {
+                "layer": layer.layer,
+                "type": "dense" if layer.is_dense else "MoD",
+                "ratio": layer.ratio,
+                "kept": layer.kept_count,
+                "drawn": layer.layer in result.layers,
+            }
+            for layer in result.selection.layers
+        ],
+    }

@@ -52,7 +52,9 @@ class LlavaFamily(ModelFamily):
         image_processor = processor.image_processor
         # LlavaImageProcessor's do_pad pads to a square first (LLaVA-1.5's "pad" aspect mode);
         # other processors' do_pad only pads batches, which a single image never needs
-        pad_to_square = hasattr(image_processor, "pad_to_square") and bool(getattr(image_processor, "do_pad", False))
+        pad_to_square = hasattr(image_processor, "pad_to_square") and bool(
+            getattr(image_processor, "do_pad", False)
+        )
         return llava_patch_boxes(
             image_height,
             image_width,
