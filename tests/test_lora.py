@@ -186,10 +186,20 @@ def test_lora_resume_continues_exactly_and_the_adapter_alone_loads(tmp_path, mon
             adapter(**inputs).logits, merged(**inputs).logits, rtol=0, atol=1e-5
         )
 
-    # pmod visualize takes the adapter directory as it takes a checkpoint
+    # pmod convert writes the adapter directory out as the merged checkpoint
     from typer.testing import CliRunner
 
     from pmod_cli.cli import app
+
+    converted = CliRunner().invoke(app, ["convert", str(tmp_path / "b"), str(tmp_path / "c")])
+    assert converted.exit_code == 0, converted.output
+    written, _ = load_checkpoint(tmp_path / "c")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            written(**inputs).logits, merged(**inputs).logits, rtol=0, atol=1e-5
+        )
+
+    # pmod visualize takes the adapter directory as it takes a checkpoint
 
     image = tmp_path / "image.png"
     random_image(112, 112, 3).save(image)
