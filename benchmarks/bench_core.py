@@ -3,6 +3,7 @@
     python benchmarks/bench_core.py --preset cpu            # ~1000 vision tokens, hidden 512, 16 layers
     python benchmarks/bench_core.py --preset video          # LLaVA-OneVision, 16 frames = 4097 vision tokens
     python benchmarks/bench_core.py --preset gpu            # LLaVA-NeXT-7B shape, bf16 (needs a GPU)
+    python benchmarks/bench_core.py --preset smoke          # toy size: does it run at all
 
 One random-weight LLaVA model (``video``: LLaVA-OneVision, whose frames are pooled 2x2 as the model
 does) is built, a deep copy is converted with ``apply_pmod`` (beta 0.5 by default), and both run the
@@ -71,6 +72,8 @@ PRESETS = {
     # the CPU language model under a 16-frame video: 448 px frames of 32 x 32 patches, pooled to
     # 16 x 16 = 256 tokens each, 4097 vision tokens in all (a Qwen2 decoder, as OneVision's)
     "video": Preset(512, 1376, 16, 8, 8, 2048, 32, 58, torch.float32, "cpu", 3, frames=16),
+    # a few seconds on any CPU: checks that the benchmark runs (gpu_check's own test), times nothing
+    "smoke": Preset(64, 128, 4, 4, 2, 256, 4, 16, torch.float32, "cpu", 1),
 }
 
 

@@ -250,6 +250,9 @@ def test_prepared_data_passes_sft_dry_run(next_prepared, tmp_path, monkeypatch, 
             f"data.path={data}",
             "--set",
             f"data.image_folder={image_folder}",
+            # a fresh connector: the recipe's runs/tiny/pretrain exists only where it was made
+            "--set",
+            "model.pretrained_connector=",
         )
         out = " ".join(captured.out.split())
         assert code == 0, captured.err

@@ -213,3 +213,15 @@ def test_a_chat_template_must_render_a_conversation_s_beginning_as_its_prefix(on
     encoder = SampleEncoder(processor, CHAT_TEMPLATE, 512)
     with pytest.raises(SkipSample, match="beginning as its prefix"):
         encoder.encode([{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}])
+
+
+def test_group_by_modality_length_counts_a_video_sample_as_a_vision_sample():
+    from pmod_cli.training.sampler import modality_lengths
+
+    turns = [{"from": "human", "value": "what moves?"}, {"from": "gpt", "value": "a circle"}]
+    rows = [
+        {"conversations": turns, "video": "clip.mp4"},
+        {"conversations": turns, "image": ["a.png", "b.png"]},
+        {"conversations": turns, "image": None, "video": None},
+    ]
+    assert modality_lengths(rows, range(3)) == [4, 4, -4]

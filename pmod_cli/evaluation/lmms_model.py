@@ -11,10 +11,18 @@ alone), scores continuations for multiple-choice tasks (``loglikelihood``), take
 (PIL images) and videos (file paths, ``num_frames`` frames each, decoded with PyAV), and measures every
 request (see ``measure.py``): ``model.measurements`` after a run, and lmms-eval's own
 "throughput" summary gets the means.
+
+Under ``torchrun`` / ``accelerate launch`` it runs data-parallel, as lmms-eval's own models do:
+each process loads the model on its device (``cuda:LOCAL_RANK``, or the CPU with gloo), lmms-eval
+hands each its share of the requests and gathers the results on process 0. The requests lmms-eval
+adds to even out the processes' shares (``__padding_only__``) are answered without running the
+model: they are not scored, and not measured. Process 0 shows a progress bar of its requests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -71,6 +79,8 @@ class PMoDLmms(lmms):
         except UserError as err:
             raise ValueError(str(err)) from None
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self._join_processes()
         self.batch_size_per_gpu = int(batch_size)
         self.pretrained = str(pretrained)
         self.model, self.processor = load_checkpoint(
@@ -99,6 +109,46 @@ class PMoDLmms(lmms):
         )
         self.measurements: list[SampleMeasurement] = []
         self._warmed_up = False
+
+    def _join_processes(self) -> None:
+        """One of several processes (torchrun, accelerate launch): its rank, and its own GPU
+        unless a device index was given (gloo between CPU processes)."""
+        from accelerate import Accelerator
+
+        on_cpu = self._device.type == "cpu"
+        self.accelerator = Accelerator(cpu=on_cpu)  # sets up the process group
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        if not on_cpu and self._device.index is None:
+            self._device = self.accelerator.device
+
+    @contextlib.contextmanager
+    def _progress(self, kind: str, total: int):
+        """A progress bar of this call's requests (process 0 only, on stderr); yields advance(n)."""
+        if self.rank != 0 or total == 0:
+            yield lambda n: None
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        share = f" (process 0 of {self.world_size})" if self.world_size > 1 else ""
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(
+            *columns,
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as progress:
+            task = progress.add_task(f"{kind} requests{share}", total=total)
+            yield lambda n: progress.advance(task, n)
 
     @classmethod
     def create_from_arg_string(
@@ -180,6 +230,13 @@ class PMoDLmms(lmms):
     # ---- generate_until ----------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
+        real, padding = _split_padding(requests)
+        answers = self._generate_real(real)
+        return _with_padding(answers, padding, len(requests), "")
+
+    def _generate_real(self, requests: list[Instance]) -> list[str]:
+        if not requests:
+            return []
         self.warm_up()
         collator = Collator(
             [request.args for request in requests],
@@ -195,12 +252,14 @@ class PMoDLmms(lmms):
         )
         answers: list[str] = []
         measured: list[SampleMeasurement] = []
-        for batch in collator.get_batched(n=self.batch_size):
-            batch_answers, batch_measured = self._generate_batch(batch)
-            answers.extend(batch_answers)
-            measured.extend(batch_measured)
-            for args, answer in zip(batch, batch_answers, strict=True):
-                self.cache_hook.add_partial("generate_until", (args[0], args[1]), answer)
+        with self._progress("generate_until", len(requests)) as advance:
+            for batch in collator.get_batched(n=self.batch_size):
+                batch_answers, batch_measured = self._generate_batch(batch)
+                answers.extend(batch_answers)
+                measured.extend(batch_measured)
+                for args, answer in zip(batch, batch_answers, strict=True):
+                    self.cache_hook.add_partial("generate_until", (args[0], args[1]), answer)
+                advance(len(batch))
         self.measurements.extend(measured)
         _log_to_lmms_eval(measured, len(requests))
         return collator.get_original(answers)
@@ -291,17 +350,21 @@ class PMoDLmms(lmms):
         its base-class docstring describes. Each pair travels inside a ``GenerationResult``: the
         0.7 evaluator turns any other non-string output into its ``str()``.
         """
-        self.warm_up()
+        real, padding = _split_padding(requests)
+        if real:
+            self.warm_up()
         results = []
         measured = []
-        for request in requests:
-            nll, greedy, measurement = self._score(request.args)
-            results.append(GenerationResult(text=(nll, greedy)))
-            measured.append(measurement)
-            self.cache_hook.add_partial("loglikelihood", request.args[:2], (nll, greedy))
+        with self._progress("loglikelihood", len(real)) as advance:
+            for request in real:
+                nll, greedy, measurement = self._score(request.args)
+                results.append(GenerationResult(text=(nll, greedy)))
+                measured.append(measurement)
+                self.cache_hook.add_partial("loglikelihood", request.args[:2], (nll, greedy))
+                advance(1)
         self.measurements.extend(measured)
-        _log_to_lmms_eval(measured, len(requests))
-        return results
+        _log_to_lmms_eval(measured, len(real))
+        return _with_padding(results, padding, len(requests), GenerationResult(text=(0.0, False)))
 
     def _score(self, args: tuple) -> tuple[float, bool, SampleMeasurement]:
         if len(args) == 2:  # an unconditional request (acc_mutual_info): no image, no template
@@ -400,6 +463,22 @@ class PMoDLmms(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
+
+
+def _split_padding(requests: list[Instance]) -> tuple[list[Instance], set[int]]:
+    """(the real requests, the positions of lmms-eval's padding-only ones)."""
+    padding = {
+        i
+        for i, request in enumerate(requests)
+        if (getattr(request, "metadata", None) or {}).get("__padding_only__")
+    }
+    return [r for i, r in enumerate(requests) if i not in padding], padding
+
+
+def _with_padding(answers: list, padding: set[int], total: int, filler) -> list:
+    """The real answers back in the requests' order, ``filler`` where lmms-eval padded."""
+    real = iter(answers)
+    return [filler if i in padding else next(real) for i in range(total)]
 
 
 def _cut_at_stop(text: str, until: list[str]) -> str:

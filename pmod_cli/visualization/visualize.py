@@ -12,8 +12,8 @@ from rich.table import Table
 
 from ..data.llava_data import read_image
 from ..errors import UserError
-from ..model.families import family_for_config
-from ..model.loading import load_checkpoint
+from ..model.families import family_for_model_type
+from ..model.loading import load_checkpoint, read_model_type
 from ..runtime import resolve_device
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
@@ -35,12 +35,11 @@ class VisualizeResult:
     output: Path
 
 
-def _checkpoint_config(checkpoint: Path | None):
-    """The checkpoint to show (the tiny default's when none is given) and its config, before the
-    weights load: a bad ``--layers`` fails at once."""
-    import transformers
-
-    from ..model.loading import read_model_type
+def _checkpoint_layers(checkpoint: Path | None) -> tuple[Path, int]:
+    """The checkpoint to show (the tiny default's when none is given) and its number of layers,
+    before the weights load: a bad ``--layers`` fails at once. Any format the loader reads (a LoRA
+    adapter directory too)."""
+    from ..model.loading import read_num_layers
 
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -49,13 +48,7 @@ def _checkpoint_config(checkpoint: Path | None):
                 f"no checkpoint given and the tiny default's SFT checkpoint {checkpoint} does not exist; "
                 f"make it with `{MAKE_DEFAULT_CHECKPOINT}` or pass --checkpoint DIR"
             )
-    read_model_type(checkpoint)
-    try:
-        config = transformers.AutoConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load a model config from {checkpoint}: {first_line}") from None
-    return Path(checkpoint), config
+    return Path(checkpoint), read_num_layers(checkpoint)
 
 
 def load_video(path: Path, num_frames: int | None = None):
@@ -116,9 +109,9 @@ def visualize_routing(
     if video is not None:
         load_video(video)  # before the model loads: a bad file fails at once
     output = _output_path(output, image_paths[0] if image_paths else video)
-    checkpoint, config = _checkpoint_config(checkpoint)
-    chosen = parse_layers(layers, config.text_config.num_hidden_layers)
-    family = family_for_config(config)
+    checkpoint, num_layers = _checkpoint_layers(checkpoint)
+    chosen = parse_layers(layers, num_layers)
+    family = family_for_model_type(read_model_type(checkpoint))
     if video is not None and not family.takes_video:
         raise UserError(f"{checkpoint} holds a {family.title} model, which takes no video")
     model, processor = load_checkpoint(
