@@ -312,7 +312,7 @@ def test_onevision_several_images_side_by_side(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "case,message",
     [
-        ("no input", "give an image"),
+        ("no input", "missing argument 'IMAGE'"),
         ("unreadable video", "cannot read"),
         ("video for LLaVA", "takes no video"),
     ],

@@ -37,6 +37,7 @@ from ..data.tiny import default_image_folder
 from ..errors import UserError
 from ..model.families import family_for_model
 from .build import build_model, resolve_name
+from .lora import unwrap_lora
 from .recipe import DEEPSPEED_PRESETS, Recipe
 
 if TYPE_CHECKING:  # the trainer imports transformers' Trainer: loaded when a stage runs
@@ -342,7 +343,7 @@ def _build_run(stage: str, recipe: Recipe, resume: bool, callbacks: Sequence) ->
         processing_class=processor,
         callbacks=[clock, progress, *callbacks],
         recipe=recipe,
-        vision_mask=partial(family_for_model(model).vision_mask, config=model.config),
+        vision_mask=partial(family_for_model(unwrap_lora(model)).vision_mask, config=model.config),
         bad_sample_budget=recipe.data.max_bad_fraction * scan.total - len(scan.bad),
     )
     trainer.remove_callback(PrinterCallback)  # the rich callback prints the losses
