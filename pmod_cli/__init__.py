@@ -3,7 +3,28 @@
 Importing the package registers the p-MoD model types with transformers' Auto classes.
 """
 
-from .model import PMoDConfig, apply_pmod, record_routing
+from .model import (
+    MethodConfig,
+    PMoDConfig,
+    apply_dense,
+    apply_fastv,
+    apply_method,
+    apply_pmod,
+    apply_pool,
+    apply_random,
+    record_routing,
+)
 
 __version__ = "0.1.0"
-__all__ = ["PMoDConfig", "__version__", "apply_pmod", "record_routing"]
+__all__ = [
+    "MethodConfig",
+    "PMoDConfig",
+    "__version__",
+    "apply_dense",
+    "apply_fastv",
+    "apply_method",
+    "apply_pmod",
+    "apply_pool",
+    "apply_random",
+    "record_routing",
+]

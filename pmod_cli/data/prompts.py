@@ -15,7 +15,9 @@ from __future__ import annotations
 from .templates import IMAGE_PLACEHOLDER, get_template
 
 
-def build_prompt(processor, text: str, num_images: int = 1, fallback_template: str = "vicuna_v1") -> str:
+def build_prompt(
+    processor, text: str, num_images: int = 1, fallback_template: str = "vicuna_v1"
+) -> str:
     """The user turn ``text`` with ``num_images`` images, ending where the assistant's answer starts."""
     image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
     placed = image_token in text  # the caller placed its images itself
@@ -50,8 +52,23 @@ def content_items(text: str, image_token: str) -> list[dict]:
 
 def encode(processor, prompts: list[str], images: list, model, padding: bool = True) -> dict:
     """Processor outputs for ``prompts`` and their ``images``, on the model's device, with the
-    pixel values in the model's dtype."""
-    inputs = processor(text=prompts, images=images or None, padding=padding, return_tensors="pt").to(model.device)
+    pixel values in the model's dtype; for a model that pools its vision tokens (the ``pool``
+    method), with each image's placeholders cut to the pooled count."""
+    inputs = processor(
+        text=prompts, images=images or None, padding=padding, return_tensors="pt"
+    ).to(model.device)
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    method = getattr(model, "token_method", None)
+    if method is not None and method.name == "pool":
+        from ..model.methods import pool_image_placeholders
+
+        tokenizer = processor.tokenizer
+        inputs = pool_image_placeholders(
+            inputs,
+            model.config.image_token_id,
+            method.pool_tokens,
+            tokenizer.pad_token_id,
+            tokenizer.padding_side,
+        )
     return inputs

@@ -8,7 +8,11 @@ Registered through the entry point group ``lmms_eval.models`` (see pyproject.tom
 It generates in batches (left padding: a p-MoD model answers each sample of a batch as it would
 alone), scores continuations for multiple-choice tasks (``loglikelihood``), and measures every
 request (see ``measure.py``): ``model.measurements`` after a run, and lmms-eval's own
-"throughput" summary gets the means.
+"throughput" summary gets the means. ``method`` runs the checkpoint with a training-free
+baseline instead of its own routing (``model/methods.py``), e.g.
+``--model_args pretrained=DIR,method=fastv,fastv_layer=2,fastv_ratio=0.5``; with
+``match_tflops=true`` FastV's R or pool's N is solved, on the first requests, to cost what the
+checkpoint's p-MoD plan costs on them.
 """
 
 from __future__ import annotations
@@ -25,10 +29,16 @@ from PIL import Image
 from ..data.prompts import build_prompt, encode
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
+from ..model.methods import MethodConfig
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -45,13 +55,21 @@ class PMoDLmms(lmms):
         dtype: str = "auto",
         attn_implementation: str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed-size here
+        method: str | MethodConfig | None = None,
+        fastv_layer: int = 2,
+        fastv_ratio: float = 0.5,
+        fastv_score: str = "last",
+        pool_tokens: int | None = None,
+        seed: int = 0,
+        match_tflops: bool | str = False,
         **unexpected,
     ) -> None:
         super().__init__()
         if unexpected:
             raise ValueError(
-                f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; "
-                "known: pretrained, device, batch_size, dtype, attn_implementation"
+                f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; known: pretrained, device, "
+                "batch_size, dtype, attn_implementation, method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, "
+                "seed, match_tflops"
             )
         if str(batch_size) == "auto" or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
@@ -61,7 +79,10 @@ class PMoDLmms(lmms):
         self.batch_size_per_gpu = int(batch_size)
         self.pretrained = str(pretrained)
         self.model, self.processor = load_checkpoint(
-            pretrained, device=self._device, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            pretrained,
+            device=self._device,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
         )
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation: prompts end at the same column
@@ -70,26 +91,95 @@ class PMoDLmms(lmms):
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         self.family = family_for_model(self.model)
         self.fallback_template = template_for_model(self.model)
+        self.method = _method_config(
+            method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
+        )
+        self._match_pending = str(match_tflops).lower() in (
+            "true",
+            "1",
+            "yes",
+        ) and self.method.name in ("fastv", "pool")
+        self._apply_method_now()
         # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
         self.model_config = self.model.config
         layers = self.model.config.text_config.num_hidden_layers
-        self.retention_ratios = list(getattr(self.model, "retention_ratios", None) or [1.0] * layers)
+        self.retention_ratios = list(
+            getattr(self.model, "retention_ratios", None) or [1.0] * layers
+        )
         self.measurements: list[SampleMeasurement] = []
         self._warmed_up = False
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PMoDLmms:
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> PMoDLmms:
         """lmms-eval's command line: ``--model_args`` and its own ``--batch_size`` / ``--device``
         (always passed); a key given in ``--model_args`` wins instead of clashing."""
         from lmms_eval.utils import simple_parse_args_string
 
         args = simple_parse_args_string(arg_string)
-        given = {key: value for key, value in (additional_config or {}).items() if value is not None and key not in args}
+        given = {
+            key: value
+            for key, value in (additional_config or {}).items()
+            if value is not None and key not in args
+        }
         return cls(**args, **given)
 
     @property
     def device(self) -> torch.device:
         return self._device
+
+    # ---- the method -----------------------------------------------------------------------
+
+    def _apply_method_now(self) -> None:
+        """Install the method (a matched one once its setting is solved, see ``_settle_method``)."""
+        from ..model.modeling import apply_method, is_pmod_model
+
+        if self.method is None:  # the checkpoint as saved
+            return
+        if self.method.name == "pmod" and not is_pmod_model(self.model):
+            raise ValueError(
+                f"{self.pretrained} is a dense checkpoint: it has no trained routers for method pmod "
+                "(evaluate it without a method, or with method dense)"
+            )
+        if not self._match_pending:
+            apply_method(self.model, self.method)
+
+    def _settle_method(self, contexts: list[str], first_visuals: list) -> None:
+        """Solve a matched method's setting on these requests: at the vision tokens of the first
+        request's images and the mean text tokens of all prompts, the setting whose count is
+        closest to what the checkpoint's p-MoD plan costs there (a dense checkpoint: the
+        released schedule, beta 0.5)."""
+        if not self._match_pending:
+            return
+        from ..efficiency.flops import count_flops, match_method
+        from ..model.modeling import apply_method
+        from ..model.presets import shape_from_hf_config
+
+        self._match_pending = False
+        if not first_visuals:
+            raise ValueError("match_tflops needs requests with images to measure V on")
+        inputs = self._encode([self.build_prompt(contexts[0], len(first_visuals))], first_visuals)
+        vision_tokens = int(self.family.vision_mask(inputs["input_ids"], self.model.config).sum())
+        text_lengths = [
+            len(self.tokenizer(self.build_prompt(context, 1))["input_ids"]) - 1
+            for context in contexts
+        ]
+        text_tokens = round(sum(text_lengths) / len(text_lengths))
+        apply_method(
+            self.model, MethodConfig()
+        )  # the p-MoD plan (fresh routers for a dense checkpoint)
+        shape = shape_from_hf_config(self.model.config)
+        ratios = self.model.retention_ratios
+        options = dict(vision_tokens=vision_tokens, text_tokens=text_tokens)
+        target = count_flops(shape, ratios, **options).flops
+        self.method = match_method(shape, ratios, self.method, target, **options)
+        self.matched_at = {
+            "vision_tokens": vision_tokens,
+            "text_tokens": text_tokens,
+            "target_tflops": target / 1e12,
+        }
+        apply_method(self.model, self.method)
 
     @property
     def batch_size(self) -> int:
@@ -116,18 +206,36 @@ class PMoDLmms(lmms):
         if self._warmed_up:
             return
         self._warmed_up = True
-        inputs = self._encode([self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))])
+        inputs = self._encode(
+            [self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))]
+        )
         with torch.inference_mode():
-            self.model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            self.model.generate(
+                **inputs,
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
 
     # ---- generate_until ----------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
+        if self._match_pending and requests:
+            first = requests[0].args
+            self._settle_method(
+                [r.args[0] for r in requests], self._visuals(first[2], first[3], first[4], first[5])
+            )
         self.warm_up()
         collator = Collator(
             [request.args for request in requests],
-            sort_fn=lambda args: (-len(args[0]), args[0]),  # longest first: little padding per batch
-            group_fn=lambda args: {"__task": args[4], **args[1]},  # one task and one set of kwargs a batch
+            sort_fn=lambda args: (
+                -len(args[0]),
+                args[0],
+            ),  # longest first: little padding per batch
+            group_fn=lambda args: {
+                "__task": args[4],
+                **args[1],
+            },  # one task and one set of kwargs a batch
             grouping=True,
         )
         answers: list[str] = []
@@ -151,7 +259,11 @@ class PMoDLmms(lmms):
         # other task generation kwargs (e.g. image_aspect_ratio) are for other models
         do_sample = float(generation.get("temperature") or 0) > 0
         sampling = (
-            {"do_sample": True, "temperature": float(generation["temperature"]), "top_p": generation.get("top_p")}
+            {
+                "do_sample": True,
+                "temperature": float(generation["temperature"]),
+                "top_p": generation.get("top_p"),
+            }
             if do_sample
             else {"do_sample": False}
         )
@@ -159,13 +271,16 @@ class PMoDLmms(lmms):
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             prompts, images = [], []
-            for context, doc_to_visual, doc_id, task, split in zip(contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True):
+            for context, doc_to_visual, doc_id, task, split in zip(
+                contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True
+            ):
                 visuals = self._visuals(doc_to_visual, doc_id, task, split)
                 prompts.append(self.build_prompt(context, len(visuals)))
                 images.extend(visuals)
             inputs = self._encode(prompts, images)
+            vision, text, prefix_text = self._token_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
-            probe.start(inputs["attention_mask"])
+            probe.start(inputs["attention_mask"], self._pooled_away(inputs))
             try:
                 with torch.inference_mode():
                     output = self.model.generate(
@@ -184,7 +299,6 @@ class PMoDLmms(lmms):
             answers = [_cut_at_stop(text, until) for text in texts]
         end_to_end = time.perf_counter() - start
 
-        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
         generated = _generated_counts(new_tokens, self.tokenizer.eos_token_id)
         measured = [
             SampleMeasurement(
@@ -217,6 +331,12 @@ class PMoDLmms(lmms):
         its base-class docstring describes. Each pair travels inside a ``GenerationResult``: the
         0.7 evaluator turns any other non-string output into its ``str()``.
         """
+        if self._match_pending and requests:
+            first = requests[0].args
+            visuals = (
+                self._visuals(first[2], first[3], first[4], first[5]) if len(first) > 2 else []
+            )
+            self._settle_method([r.args[0] for r in requests], visuals)
         self.warm_up()
         results = []
         measured = []
@@ -236,7 +356,11 @@ class PMoDLmms(lmms):
             doc_id, task, split = -1, "", ""
         else:
             context, doc_to_target, doc_to_visual, doc_id, task, split = args
-            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self.task_dict[task][split][doc_id])
+            continuation = (
+                doc_to_target
+                if isinstance(doc_to_target, str)
+                else doc_to_target(self.task_dict[task][split][doc_id])
+            )
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             if doc_to_visual is None:
@@ -245,20 +369,22 @@ class PMoDLmms(lmms):
                 visuals = self._visuals(doc_to_visual, doc_id, task, split)
                 prompt = self.build_prompt(context, len(visuals))
             inputs, context_length = self._encode_continuation(prompt, continuation, visuals)
+            vision, text, prefix_text = self._token_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
-            probe.start(inputs["attention_mask"])
+            probe.start(inputs["attention_mask"], self._pooled_away(inputs))
             try:
                 with torch.inference_mode():
                     logits = self.model(**inputs, use_cache=True).logits  # (1, seq, vocab)
             finally:
                 probe.stop()
             # the token at position p is predicted by the logits at p - 1
-            predicting = logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)  # (n, vocab)
+            predicting = (
+                logits[0, context_length - 1 : -1].float().log_softmax(dim=-1)
+            )  # (n, vocab)
             target = inputs["input_ids"][0, context_length:]
             log_likelihood = predicting.gather(1, target[:, None]).sum().item()
             greedy = bool((predicting.argmax(dim=-1) == target).all())
         end_to_end = time.perf_counter() - start
-        vision, text, prefix_text = _token_counts(inputs, self.family.vision_mask(inputs["input_ids"], self.model_config))
         measurement = SampleMeasurement(
             task=task,
             doc_id=int(doc_id),
@@ -276,7 +402,34 @@ class PMoDLmms(lmms):
         )
         return -log_likelihood, greedy, measurement
 
-    def _encode_continuation(self, prompt: str, continuation: str, visuals: list | None) -> tuple[dict, int]:
+    def _token_counts(self, inputs: dict) -> tuple[list[int], list[int], list[int]]:
+        """Per sample V, T and prefix text (see ``_token_counts``); under the pool method V is the
+        images' vision tokens before pooling, as the dense model would see them."""
+        vision, text, prefix_text = _token_counts(
+            inputs, self.family.vision_mask(inputs["input_ids"], self.model.config)
+        )
+        pooled_away = self._pooled_away(inputs)
+        if pooled_away is not None:
+            vision = [v + extra for v, extra in zip(vision, pooled_away, strict=True)]
+        return vision, text, prefix_text
+
+    def _pooled_away(self, inputs: dict) -> list[int] | None:
+        """Per sample, the vision tokens pooling removed (None unless the model pools)."""
+        method = getattr(self.model, "token_method", None)
+        if method is None or method.name != "pool":
+            return None
+        from ..model.presets import shape_from_hf_config
+
+        per_image = shape_from_hf_config(self.model.config).vision_tokens
+        pooled = (
+            self.family.vision_mask(inputs["input_ids"], self.model.config)
+            & inputs["attention_mask"].bool()
+        ).sum(dim=1)
+        return [int(n) // method.pool_tokens * (per_image - method.pool_tokens) for n in pooled]
+
+    def _encode_continuation(
+        self, prompt: str, continuation: str, visuals: list | None
+    ) -> tuple[dict, int]:
         """``prompt + continuation`` encoded as one text (through the processor with ``visuals``,
         plain tokenizer when None), and how many of its tokens are the prompt's.
 
@@ -292,12 +445,18 @@ class PMoDLmms(lmms):
         whole_length = len(self.tokenizer(prompt + continuation)["input_ids"])
         continuation_length = max(0, whole_length - len(self.tokenizer(prompt)["input_ids"]))
         if visuals is None:  # an unconditional request: plain text, no template
-            inputs = dict(self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device))
+            inputs = dict(
+                self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device)
+            )
         else:
             inputs = dict(self._encode([prompt + continuation], visuals))
         context_length = inputs["input_ids"].shape[1] - continuation_length
         if context_length == 0:  # something must predict the first token
-            start_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            start_id = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id
+            )
             start = torch.tensor([[start_id]], dtype=inputs["input_ids"].dtype, device=self._device)
             inputs["input_ids"] = torch.cat([start, inputs["input_ids"]], dim=1)
             context_length = 1
@@ -308,6 +467,26 @@ class PMoDLmms(lmms):
         raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
 
 
+def _method_config(
+    method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
+) -> MethodConfig | None:
+    """The method asked for in model_args (lmms-eval's command line passes strings), None: the
+    checkpoint as saved."""
+    if method is None or isinstance(method, MethodConfig):
+        return method
+    matched = str(match_tflops).lower() in ("true", "1", "yes")
+    return MethodConfig(
+        name=str(method),
+        fastv_layer=int(fastv_layer),
+        fastv_ratio=float(fastv_ratio),
+        fastv_score=str(fastv_score),
+        seed=int(seed),
+        pool_tokens=int(pool_tokens)
+        if pool_tokens is not None
+        else (1 if matched and method == "pool" else None),
+    )
+
+
 def _cut_at_stop(text: str, until: list[str]) -> str:
     for stop in until:
         if stop:
@@ -315,7 +494,9 @@ def _cut_at_stop(text: str, until: list[str]) -> str:
     return text
 
 
-def _token_counts(inputs: dict, vision_mask: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+def _token_counts(
+    inputs: dict, vision_mask: torch.Tensor
+) -> tuple[list[int], list[int], list[int]]:
     """Per sample: V (image-feature positions), T (the other real tokens) of the prompt, and the
     text tokens up to the last image token (those compete too when a model routes all tokens)."""
     real = inputs["attention_mask"].bool()
@@ -351,7 +532,9 @@ def _log_to_lmms_eval(measured: list[SampleMeasurement], num_requests: int) -> N
             "prefill_latency_s": sum(m.prefill_s for m in measured) / len(measured),
             "end_to_end_latency_s": sum(m.end_to_end_s for m in measured) / len(measured),
             "kv_cache_bytes": sum(m.kv_cache_bytes for m in measured) / len(measured),
-            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv if dense_kv else 1.0,
+            "kv_cache_vs_dense": sum(m.kv_cache_bytes for m in measured) / dense_kv
+            if dense_kv
+            else 1.0,
             "peak_memory_bytes": max(m.peak_memory_bytes for m in measured),
         },
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from .measure import MEMORY_KINDS
@@ -28,10 +29,15 @@ def format_seconds(value: float) -> str:
 
 
 def report_table(report: EvalReport) -> Table:
-    table = Table(title=f"pmod eval: {', '.join(report.tasks)}" + (f" (limit {report.limit})" if report.limit else ""))
+    table = Table(
+        title=f"pmod eval: {', '.join(report.tasks)}"
+        + (f" (limit {report.limit})" if report.limit else "")
+    )
     table.add_column("")
     for result in report.checkpoints:
-        table.add_column(result.label, justify="right")
+        table.add_column(
+            escape(result.label), justify="right"
+        )  # a label is text, never rich markup
     for task in report.task_rows:
         metric = next(r.scores[task].metric for r in report.checkpoints if task in r.scores)
         cells = []
@@ -51,8 +57,14 @@ def report_table(report: EvalReport) -> Table:
         table.add_row(name, *(render(e) if e is not None else "-" for e in efficiencies))
 
     count = next((e.flops_count for e in efficiencies if e is not None), "paper")
-    row(f"TFLOPs ({count} count), vs dense", lambda e: f"{format_tflops(e.tflops)} ({e.tflops_ratio:.1%})")
-    row("KV cache per sample, vs dense", lambda e: f"{human_bytes(e.kv_cache_bytes)} ({e.kv_cache_ratio:.1%})")
+    row(
+        f"TFLOPs ({count} count), vs dense",
+        lambda e: f"{format_tflops(e.tflops)} ({e.tflops_ratio:.1%})",
+    )
+    row(
+        "KV cache per sample, vs dense",
+        lambda e: f"{human_bytes(e.kv_cache_bytes)} ({e.kv_cache_ratio:.1%})",
+    )
     row("prefill latency (mean)", lambda e: format_seconds(e.prefill_latency_s))
     row("end-to-end latency (mean)", lambda e: format_seconds(e.end_to_end_latency_s))
     kinds = {e.memory_kind for e in efficiencies if e is not None}
@@ -63,7 +75,11 @@ def report_table(report: EvalReport) -> Table:
     table.caption = (
         "TFLOPs: the `pmod flops` formula at the mean measured V and T. KV cache: held after prefill; "
         "dense = (T + V) entries in every layer for the same prompts. Latency at batch > 1 is the "
-        "batch's. " + "; ".join(f"{MEMORY_LABELS[kind]}: {MEMORY_KINDS[kind]}" for kind in sorted({e.memory_kind for e in efficiencies if e}))
+        "batch's. "
+        + "; ".join(
+            f"{MEMORY_LABELS[kind]}: {MEMORY_KINDS[kind]}"
+            for kind in sorted({e.memory_kind for e in efficiencies if e})
+        )
         + "."
     )
     return table

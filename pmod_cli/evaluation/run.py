@@ -11,6 +11,11 @@ every request; the efficiency summary turns the measurements into the report's r
 - KV cache: mean bytes a sample held after prefill, and its share of what the dense twin holds
   for the same prompts, (T + V) entries in every layer (computed from the measured token counts);
 - latencies and peak memory as ``measure.py`` defines them.
+
+``methods`` evaluates each checkpoint once per token-reduction method (``model/methods.py``: its
+own routing, dense, FastV, random, pool), each a column of the same table:
+
+    evaluate_checkpoints(["runs/grid/pmod"], ["pmod_grid_vqa"], methods=["pmod", "fastv"], match_tflops=True)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.loading import read_model_type
+from ..model.methods import MethodConfig
 from .measure import MEMORY_KINDS, SampleMeasurement
 from .tasks import TASKS_DIR
 
@@ -114,8 +120,12 @@ class CheckpointResult:
     scores: dict[str, TaskScore]
     efficiency: Efficiency | None
     measurements: list[SampleMeasurement] = field(default_factory=list)
-    answers: dict[str, list[dict]] = field(default_factory=dict)  # task -> [{doc_id, target, answer}]
+    answers: dict[str, list[dict]] = field(
+        default_factory=dict
+    )  # task -> [{doc_id, target, answer}]
     lmms_eval_results: dict = field(default_factory=dict)  # lmms-eval's own "results" section
+    method: MethodConfig | None = None  # the method it ran (None: the checkpoint as saved)
+    matched_at: dict | None = None  # --match-tflops: the V, T and TFLOPs it matched at
 
 
 @dataclass
@@ -145,8 +155,11 @@ def evaluate_checkpoints(
     device: str | None = None,
     count: str = "paper",
     lmms_eval_dir: str | Path | None = None,
+    methods: list[MethodConfig | str | None] | None = None,
+    match_tflops: bool = False,
 ) -> EvalReport:
-    """Run lmms-eval on each checkpoint; user errors (paths, task names, flags) raise UserError.
+    """Run lmms-eval on each checkpoint (once per method of ``methods``, None: as saved); user
+    errors (paths, task names, flags) raise UserError.
 
     lmms-eval's own files (the submission files of ok_vqa, textvqa_val, mmbench_en_dev, ...) go
     to ``lmms_eval_dir/<label>/submissions``; without it to a temporary directory, deleted after
@@ -154,8 +167,11 @@ def evaluate_checkpoints(
     """
     if not checkpoints:
         raise UserError("give at least one checkpoint directory")
+    methods = [MethodConfig(name=m) if isinstance(m, str) else m for m in (methods or [None])]
     for checkpoint in checkpoints:
         read_model_type(checkpoint)  # a clear error before anything loads
+        for method in methods:
+            check_method_fits(checkpoint, method)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -171,14 +187,55 @@ def evaluate_checkpoints(
 
     results = []
     labels = checkpoint_labels(checkpoints)
-    for checkpoint, label in zip(checkpoints, labels, strict=True):
-        with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
-            files = Path(lmms_eval_dir) / _file_name(label) if lmms_eval_dir is not None else Path(temporary)
-            cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
-            results.append(
-                _evaluate_one(Path(checkpoint), label, tasks, task_manager, limit, batch_size, device, count, cli_args)
-            )
-    return EvalReport(tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results)
+    for checkpoint, checkpoint_label in zip(checkpoints, labels, strict=True):
+        for method in methods:
+            name = checkpoint_label if method is None else f"{checkpoint_label}_{method.name}"
+            with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
+                files = (
+                    Path(lmms_eval_dir) / _file_name(name)
+                    if lmms_eval_dir is not None
+                    else Path(temporary)
+                )
+                cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
+                run = _Run(
+                    Path(checkpoint), checkpoint_label, method, match_tflops and method is not None
+                )
+                results.append(
+                    _evaluate_one(
+                        run, tasks, task_manager, limit, batch_size, device, count, cli_args
+                    )
+                )
+    return EvalReport(
+        tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results
+    )
+
+
+@dataclass(frozen=True)
+class _Run:
+    checkpoint: Path
+    checkpoint_label: str
+    method: MethodConfig | None
+    match_tflops: bool
+
+
+def check_method_fits(checkpoint: str | Path, method: MethodConfig | None) -> None:
+    """Refuse, before anything is evaluated, a method the checkpoint cannot run."""
+    from ..model.families import get_family, known_model_types
+    from ..model.presets import read_model_shape
+
+    if method is None:
+        return
+    if method.name == "pmod" and read_model_type(checkpoint) not in known_model_types(pmod=True):
+        raise UserError(
+            f"{checkpoint} is a dense checkpoint: it has no trained routers for --method pmod "
+            "(evaluate it without --method, or with --method dense)"
+        )
+    shape = read_model_shape(checkpoint)
+    if method.name == "pool" and not get_family(shape.layout).single_grid_images:
+        raise UserError(
+            f"--method pool averages one square patch grid per image; {checkpoint} is a {shape.layout} model"
+        )
+    method.check(shape.text.num_layers, shape.vision_tokens if method.name == "pool" else None)
 
 
 def _check_device(device: str | None) -> str:
@@ -234,7 +291,9 @@ def _leaf_tasks(manager, names: list[str], seen: frozenset = frozenset()) -> lis
     for name in names:
         entry = manager.task_index.get(name) if isinstance(name, str) else None
         if entry is None or name in seen:
-            if isinstance(name, dict) and isinstance(name.get("task"), str):  # an inline task config
+            if isinstance(name, dict) and isinstance(
+                name.get("task"), str
+            ):  # an inline task config
                 leaves.append(name["task"])
             elif isinstance(name, str):
                 leaves.append(name)
@@ -266,7 +325,9 @@ def judge_warnings(tasks: list[str], task_manager) -> list[str]:
     return warnings
 
 
-def lmms_eval_cli_args(tasks: list[str], limit: int | None, batch_size: int, device: str, output_path: str | Path) -> argparse.Namespace:
+def lmms_eval_cli_args(
+    tasks: list[str], limit: int | None, batch_size: int, device: str, output_path: str | Path
+) -> argparse.Namespace:
     """What lmms-eval's command line would hand its evaluator and tasks (``task.args``): the
     tasks' own files (``generate_submission_file``) go under ``output_path``, not ./submissions."""
     return argparse.Namespace(
@@ -296,12 +357,21 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
     return [str(checkpoint) for checkpoint in checkpoints]
 
 
-def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, device, count, cli_args) -> CheckpointResult:
+def _evaluate_one(
+    run: _Run, tasks, task_manager, limit, batch_size, device, count, cli_args
+) -> CheckpointResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from .lmms_model import PMoDLmms
 
-    model = PMoDLmms(pretrained=str(checkpoint), device=device, batch_size=batch_size)
+    checkpoint = run.checkpoint
+    model = PMoDLmms(
+        pretrained=str(checkpoint),
+        device=device,
+        batch_size=batch_size,
+        method=run.method,
+        match_tflops=run.match_tflops,
+    )
     network = model.model  # lmms-eval's evaluator drops model.model when requests are done
     try:
         raw = simple_evaluate(
@@ -316,7 +386,9 @@ def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, dev
             verbosity="WARNING",
             cli_args=cli_args,
         )
-    except Exception as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
+    except (
+        Exception
+    ) as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
         cause = _offline_cause(err)
         if cause is None:
             raise
@@ -331,6 +403,12 @@ def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, dev
     }
     efficiency = summarize(network, model.measurements, batch_size, device, count)
     del network
+    # after the run: a matched method knows its setting only once it saw the requests
+    label = (
+        run.checkpoint_label
+        if model.method is None
+        else f"{run.checkpoint_label}: {model.method.label}"
+    )
     return CheckpointResult(
         checkpoint=str(checkpoint),
         label=label,
@@ -341,6 +419,8 @@ def _evaluate_one(checkpoint, label, tasks, task_manager, limit, batch_size, dev
         measurements=list(model.measurements),
         answers=_answers(raw.get("samples", {})),
         lmms_eval_results=_plain(raw["results"]),
+        method=model.method,
+        matched_at=getattr(model, "matched_at", None),
     )
 
 
@@ -351,7 +431,12 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         from huggingface_hub import errors as hub
     except ImportError:
         hub = None
-    names = ("HfHubHTTPError", "LocalTokenNotFoundError", "OfflineModeIsEnabled", "LocalEntryNotFoundError")
+    names = (
+        "HfHubHTTPError",
+        "LocalTokenNotFoundError",
+        "OfflineModeIsEnabled",
+        "LocalEntryNotFoundError",
+    )
     errors.extend(getattr(hub, name) for name in names if hasattr(hub, name))
     try:
         from datasets.exceptions import DatasetNotFoundError
@@ -401,7 +486,11 @@ def main_score(task: str, metrics: dict) -> TaskScore | None:
     key = next((k for k in numeric if wanted and k.split(",", 1)[0] == wanted), next(iter(numeric)))
     metric, filter_name = key.split(",", 1)
     stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-    return TaskScore(metric=metric, value=float(numeric[key]), stderr=float(stderr) if _is_number(stderr) else None)
+    return TaskScore(
+        metric=metric,
+        value=float(numeric[key]),
+        stderr=float(stderr) if _is_number(stderr) else None,
+    )
 
 
 def _is_number(value) -> bool:
@@ -411,7 +500,9 @@ def _is_number(value) -> bool:
         return False
 
 
-def summarize(network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str) -> Efficiency | None:
+def summarize(
+    network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str
+) -> Efficiency | None:
     """The efficiency rows of one checkpoint (None when nothing was measured); ``network`` is
     the evaluated HF model."""
     from ..efficiency.flops import count_flops_for_model
@@ -455,7 +546,13 @@ def _answers(samples: dict) -> dict[str, list[dict]]:
             response = sample.get("filtered_resps") or sample.get("resps")
             while isinstance(response, list) and len(response) == 1:
                 response = response[0]
-            rows.append({"doc_id": sample["doc_id"], "target": _plain(sample.get("target")), "answer": _plain(response)})
+            rows.append(
+                {
+                    "doc_id": sample["doc_id"],
+                    "target": _plain(sample.get("target")),
+                    "answer": _plain(response),
+                }
+            )
         answers[task] = rows
     return answers
 
@@ -488,6 +585,9 @@ def report_to_json(report: EvalReport) -> dict:
                 "label": result.label,
                 "model_type": result.model_type,
                 "retention_ratios": result.retention_ratios,
+                "method": result.method.to_dict() if result.method is not None else None,
+                "method_label": result.method.label if result.method is not None else None,
+                "matched_at": result.matched_at,
                 "scores": {task: asdict(score) for task, score in result.scores.items()},
                 "efficiency": result.efficiency.to_dict() if result.efficiency else None,
                 "lmms_eval_results": result.lmms_eval_results,
@@ -517,7 +617,9 @@ def check_output_path(path: str | Path) -> None:
     a directory, or a parent that is a file or a directory this process cannot write in."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"--output {path} is a directory; give a file name, e.g. {path / 'eval.json'}")
+        raise UserError(
+            f"--output {path} is a directory; give a file name, e.g. {path / 'eval.json'}"
+        )
     existing = path.absolute().parent
     while not existing.exists():  # the first existing ancestor; the rest is created when writing
         existing = existing.parent
@@ -527,7 +629,9 @@ def check_output_path(path: str | Path) -> None:
         raise UserError(f"--output {path}: cannot write in {existing} (permission denied)")
     files = lmms_eval_dir_for(path)
     if files.exists() and not files.is_dir():
-        raise UserError(f"--output {path}: {files} (where lmms-eval's own files go) is a file, not a directory")
+        raise UserError(
+            f"--output {path}: {files} (where lmms-eval's own files go) is a file, not a directory"
+        )
 
 
 def write_json_atomically(data: dict, path: str | Path) -> Path:
@@ -539,7 +643,9 @@ def write_json_atomically(data: dict, path: str | Path) -> Path:
     try:
         if path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
     except OSError as err:
         raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
     try:

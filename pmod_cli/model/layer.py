@@ -12,6 +12,10 @@ transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer
 4. scatter: kept tokens go back to their places, skipped ones pass through;
 5. reweight: w = 1 + f(r) scales the MLP branch (or the whole delta) of a kept vision token,
    and with STRing a skipped vision token becomes w * x.
+
+The training-free baselines of ``methods.py`` run the same path with another step 1 and no
+step 5: ``random`` draws the kept tokens at p-MoD's budget, ``fastv`` keeps the set that the last
+layer before it ranked by attention (that layer runs dense and ranks on the side).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,13 @@ from torch import nn
 
 from .cache import pmod_cache_layer
 from .config import PMoDConfig
+from .methods import (
+    MethodConfig,
+    fastv_attention_scores,
+    fastv_kept,
+    prompt_ends,
+    random_scores,
+)
 from .router import WEIGHT_NORM_FNS, Router
 from .routing import active_recorder
 
@@ -37,6 +49,11 @@ class RoutingInputs:
     vision_mask: torch.Tensor  # (batch, seq) bool: image-feature positions
     token_valid: torch.Tensor  # (batch, seq) bool: real tokens (False for padding)
     aux_losses: list[torch.Tensor] = field(default_factory=list)  # the layers' routing losses
+    prompt_length: int | None = (
+        None  # inside generate: the prompt's width (FastV ranks with its end)
+    )
+    fastv_keep: torch.Tensor | None = None  # (batch, seq) bool: the set FastV's layers process
+    fastv_scores: torch.Tensor | None = None  # (batch, seq): the attention that ranked it
 
 
 class PMoDLayerMixin:
@@ -44,9 +61,14 @@ class PMoDLayerMixin:
 
     pmod_ratio: float = 1.0
     pmod_config: PMoDConfig | None = None
+    # what the layer does (methods.layer_modes): dense, route (p-MoD), random or fastv
+    token_mode: str = "dense"
+    token_method: MethodConfig = MethodConfig()
+    ranks_for_fastv: bool = False  # the last layer before FastV's: ranks the vision tokens
 
     @property
     def is_mod(self) -> bool:
+        """A p-MoD layer (has a ratio below 1 and, with its own router, a router)."""
         return self.pmod_ratio < 1.0
 
     def forward(
@@ -59,19 +81,28 @@ class PMoDLayerMixin:
         pmod_routing: RoutingInputs | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        if not self.is_mod:
+        if self.token_mode == "dense":
+            layer_kwargs = dict(
+                attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+            )
+            if self.ranks_for_fastv and pmod_routing is not None:
+                return self._dense_forward_ranking(
+                    hidden_states, position_embeddings, pmod_routing, **layer_kwargs, **kwargs
+                )
             return super().forward(
-                hidden_states,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
+                hidden_states, position_embeddings=position_embeddings, **layer_kwargs, **kwargs
             )
         cache_kwarg = _cache_kwarg(type(self.self_attn))
         cache = kwargs.pop(cache_kwarg, None)
         return self._mod_forward(
-            hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, pmod_routing, **kwargs
+            hidden_states,
+            position_ids,
+            cache,
+            cache_kwarg,
+            use_cache,
+            position_embeddings,
+            pmod_routing,
+            **kwargs,
         )
 
     # ---- the MoD path -------------------------------------------------------------------
@@ -99,23 +130,111 @@ class PMoDLayerMixin:
         offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
         return 1.0 + offset * candidates.to(offset.dtype)
 
-    def _select(self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _select(
+        self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         """(batch, seq) bool: the real tokens that do not compete, plus the winners of those that do."""
         if not self.training and self.pmod_config.inference_routing == "threshold":
-            selected = candidates & (torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold)
+            selected = candidates & (
+                torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold
+            )
             return (valid & ~candidates) | selected
-        batch, seq = logits.shape
-        keep_count = torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
-        scores = logits.detach().float().masked_fill(~candidates, float("-inf"))
-        # stable sort: equal scores (a fresh router scores every token 0) keep the earliest tokens
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        arange = torch.arange(seq, device=logits.device).expand(batch, seq)
-        rank = torch.empty_like(order).scatter_(1, order, arange)
-        selected = candidates & (rank < keep_count[:, None])
-        return (valid & ~candidates) | selected
+        return keep_top(logits, candidates, valid, self._budget(candidates))
+
+    def _budget(self, candidates: torch.Tensor) -> torch.Tensor:
+        """(batch,) competing tokens each sample keeps: floor(n * R_l), p-MoD's (and random's) budget."""
+        return torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()
+
+    def _route(self, hidden_states: torch.Tensor, routing: RoutingInputs):
+        """p-MoD's step 1: the router scores, the kept tokens and their weights w = 1 + f(r)."""
+        vision, valid = routing.vision_mask, routing.token_valid
+        router_input = (
+            self.input_layernorm(hidden_states)
+            if self.pmod_config.router_input == "normed"
+            else hidden_states
+        )
+        logits = self.active_router(router_input)  # (batch, seq)
+        candidates = self.competing_tokens(vision, valid)  # (batch, seq)
+        weights = self._token_weights(logits, candidates)  # (batch, seq)
+        keep = self._select(logits, candidates, valid)  # (batch, seq)
+        if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
+            # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
+            routing_loss = F.binary_cross_entropy_with_logits(
+                logits[candidates].float(), keep[candidates].float()
+            )
+            routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
+        return keep, weights, logits
+
+    def _baseline_keep(self, routing: RoutingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """A baseline's step 1: (kept tokens, the scores that chose them); no router."""
+        vision, valid = routing.vision_mask, routing.token_valid
+        candidates = vision & valid
+        if self.token_mode == "random":
+            scores = random_scores(candidates, self.token_method.seed, self.self_attn.layer_idx)
+            return keep_top(scores, candidates, valid, self._budget(candidates)), scores
+        if routing.fastv_keep is None:  # fastv: nothing was ranked, so no vision token is here
+            if candidates.any():
+                raise RuntimeError(
+                    f"FastV layer {self.self_attn.layer_idx} got vision tokens that no layer ranked"
+                )
+            return valid, torch.zeros(valid.shape, device=valid.device)
+        return routing.fastv_keep, routing.fastv_scores
+
+    def _dense_forward_ranking(
+        self, hidden_states, position_embeddings, routing: RoutingInputs, **kwargs
+    ):
+        """The dense layer just before FastV's: runs as usual, then ranks the vision tokens by the
+        attention they received in it, recomputed from its own q and k projections (captured,
+        not recomputed), so no attention backend has to return its weights."""
+        candidates = routing.vision_mask & routing.token_valid
+        if not candidates.any():  # a decoding step: the kept set is already in the cache
+            return super().forward(hidden_states, position_embeddings=position_embeddings, **kwargs)
+        cache = kwargs.get(_cache_kwarg(type(self.self_attn)))
+        if cache is not None and cache.get_seq_length(self.self_attn.layer_idx) > 0:
+            raise NotImplementedError(
+                "FastV ranks the vision tokens at prefill; an image after a cached prefix is not supported"
+            )
+        projections: dict[str, torch.Tensor] = {}
+        hooks = [
+            self.self_attn.q_proj.register_forward_hook(partial(_keep_output, projections, "q")),
+            self.self_attn.k_proj.register_forward_hook(partial(_keep_output, projections, "k")),
+        ]
+        try:
+            output = super().forward(
+                hidden_states, position_embeddings=position_embeddings, **kwargs
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        method = self.token_method
+        scores = fastv_attention_scores(
+            projections["q"].detach(),
+            projections["k"].detach(),
+            position_embeddings,
+            self.self_attn,
+            routing.token_valid,
+            prompt_ends(routing.token_valid, routing.prompt_length),
+            method.fastv_score,
+            _sliding_window(self.self_attn),
+        )  # (batch, seq)
+        keep_count = torch.tensor(
+            [fastv_kept(int(n), method.fastv_ratio) for n in candidates.sum(dim=1)],
+            device=candidates.device,
+        )
+        routing.fastv_keep = keep_top(scores, candidates, routing.token_valid, keep_count)
+        routing.fastv_scores = scores
+        return output
 
     def _mod_forward(
-        self, hidden_states, position_ids, cache, cache_kwarg, use_cache, position_embeddings, routing, **kwargs
+        self,
+        hidden_states,
+        position_ids,
+        cache,
+        cache_kwarg,
+        use_cache,
+        position_embeddings,
+        routing,
+        **kwargs,
     ):
         batch, seq, hidden = hidden_states.shape
         device = hidden_states.device
@@ -124,19 +243,15 @@ class PMoDLayerMixin:
                 f"MoD layer {self.self_attn.layer_idx} got no routing inputs: call the p-MoD model (its forward "
                 "pre-hook passes pmod_routing), not the language model or the layer on its own"
             )
-        vision, valid = routing.vision_mask, routing.token_valid
+        routed = self.token_mode == "route"
 
-        # 1. select
-        router_input = self.input_layernorm(hidden_states) if self.pmod_config.router_input == "normed" else hidden_states
-        logits = self.active_router(router_input)  # (batch, seq)
-        candidates = self.competing_tokens(vision, valid)  # (batch, seq)
-        weights = self._token_weights(logits, candidates)  # (batch, seq)
-        keep = self._select(logits, candidates, valid)  # (batch, seq)
-        _record(self, keep, vision, weights, logits)
-        if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
-            # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
-            routing_loss = F.binary_cross_entropy_with_logits(logits[candidates].float(), keep[candidates].float())
-            routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
+        # 1. select: p-MoD's router, or a baseline's choice (no reweighting: w = 1)
+        if routed:
+            keep, weights, logits = self._route(hidden_states, routing)  # (batch, seq) each
+        else:
+            keep, logits = self._baseline_keep(routing)
+            weights = torch.ones(keep.shape, dtype=hidden_states.dtype, device=device)
+        _record(self, keep, routing.vision_mask, weights, logits)
 
         # 2. gather: kept tokens first, in order; a sample that keeps fewer is padded with
         # (invalid) skipped tokens, which always sit after its valid slots
@@ -146,8 +261,12 @@ class PMoDLayerMixin:
             kept_index = keep[0].nonzero().view(1, kept)  # (1, kept)
             slot_valid = None
         else:
-            kept_index = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :kept]
-            slot_valid = torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]  # (batch, kept)
+            kept_index = torch.sort(
+                keep.to(torch.uint8), dim=1, descending=True, stable=True
+            ).indices[:, :kept]
+            slot_valid = (
+                torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]
+            )  # (batch, kept)
         gather_hidden = kept_index.unsqueeze(-1).expand(batch, kept, hidden)
         kept_states = hidden_states.gather(1, gather_hidden)  # (batch, kept, hidden)
         if position_ids is None:
@@ -155,14 +274,21 @@ class PMoDLayerMixin:
         kept_positions = position_ids.expand(batch, seq).gather(1, kept_index)  # (batch, kept)
         cos, sin = position_embeddings
         gather_rope = kept_index.unsqueeze(-1).expand(batch, kept, cos.shape[-1])
-        kept_rope = (cos.expand(batch, -1, -1).gather(1, gather_rope), sin.expand(batch, -1, -1).gather(1, gather_rope))
+        kept_rope = (
+            cos.expand(batch, -1, -1).gather(1, gather_rope),
+            sin.expand(batch, -1, -1).gather(1, gather_rope),
+        )
 
         # 3. run, on this layer's own cache and mask
         past_valid = past_positions = None
         if cache is not None:
             cache_layer = pmod_cache_layer(cache, self.self_attn.layer_idx)
             past_valid, past_positions = cache_layer.slot_valid, cache_layer.slot_positions
-            new_valid = slot_valid if slot_valid is not None else torch.ones(batch, kept, dtype=torch.bool, device=device)
+            new_valid = (
+                slot_valid
+                if slot_valid is not None
+                else torch.ones(batch, kept, dtype=torch.bool, device=device)
+            )
             cache_layer.record_slots(new_valid, kept_positions, seq)
         attn_mask = subset_attention_mask(
             self.self_attn.config._attn_implementation,
@@ -187,20 +313,41 @@ class PMoDLayerMixin:
         after_attn = kept_states + attn_out
         mlp_out = self.mlp(self.post_attention_layernorm(after_attn))  # (batch, kept, hidden)
 
-        # 4-5. reweight and scatter back
+        # 4-5. reweight and scatter back (a baseline's kept tokens leave as the plain layer's)
         kept_weights = weights.gather(1, kept_index).unsqueeze(-1)  # (batch, kept, 1)
-        if self.pmod_config.reweight == "mlp":
+        if self.pmod_config.reweight == "mlp" or not routed:
             kept_out = after_attn + kept_weights * mlp_out
         else:
             kept_out = kept_states + kept_weights * (attn_out + mlp_out)
-        if self.pmod_config.string:
-            passed = hidden_states * weights.unsqueeze(-1)  # a fresh tensor: safe to scatter into in place
+        string = self.pmod_config.string and routed
+        if string:
+            passed = hidden_states * weights.unsqueeze(
+                -1
+            )  # a fresh tensor: safe to scatter into in place
         else:
             passed = hidden_states.clone()
         if slot_valid is not None:  # padding slots write back what a skipped token would hold
-            skipped_value = kept_states * kept_weights if self.pmod_config.string else kept_states
+            skipped_value = kept_states * kept_weights if string else kept_states
             kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, skipped_value)
         return passed.scatter_(1, gather_hidden, kept_out)
+
+
+def keep_top(
+    scores: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, keep_count: torch.Tensor
+) -> torch.Tensor:
+    """(batch, seq) bool: every real token that does not compete, plus the ``keep_count`` (batch,)
+    best-scored competing tokens of each sample."""
+    batch, seq = scores.shape
+    scores = scores.detach().float().masked_fill(~candidates, float("-inf"))
+    # stable sort: equal scores (a fresh router scores every token 0) keep the earliest tokens
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    arange = torch.arange(seq, device=scores.device).expand(batch, seq)
+    rank = torch.empty_like(order).scatter_(1, order, arange)
+    return (valid & ~candidates) | (candidates & (rank < keep_count[:, None]))
+
+
+def _keep_output(store: dict, name: str, module, args, output) -> None:
+    store[name] = output
 
 
 @functools.cache
@@ -234,8 +381,12 @@ def subset_attention_mask(
     padding slots left in the cache by earlier calls need masking. Returns None where the
     attention kernel's own causal mode is exact.
     """
-    if attn_implementation not in ("eager", "sdpa") and not attn_implementation.startswith("flash_attention"):
-        raise ValueError(f"p-MoD layers run with eager, sdpa or flash_attention_2 attention, not {attn_implementation!r}")
+    if attn_implementation not in ("eager", "sdpa") and not attn_implementation.startswith(
+        "flash_attention"
+    ):
+        raise ValueError(
+            f"p-MoD layers run with eager, sdpa or flash_attention_2 attention, not {attn_implementation!r}"
+        )
     batch, kept = query_positions.shape
     past = 0 if past_valid is None else past_valid.shape[1]
     all_past_valid = past == 0 or bool(past_valid.all())
@@ -244,23 +395,38 @@ def subset_attention_mask(
         if all_past_valid and query_valid is None:
             return None
         parts = [past_valid] if past else []
-        parts.append(query_valid if query_valid is not None else torch.ones_like(query_positions, dtype=torch.bool))
+        parts.append(
+            query_valid
+            if query_valid is not None
+            else torch.ones_like(query_positions, dtype=torch.bool)
+        )
         return torch.cat(parts, dim=1).long()
-    if sliding_window is None and all_past_valid and (past == 0 or kept == 1) and attn_implementation == "sdpa":
+    if (
+        sliding_window is None
+        and all_past_valid
+        and (past == 0 or kept == 1)
+        and attn_implementation == "sdpa"
+    ):
         return None
     device = query_positions.device
     causal = torch.ones(kept, kept, dtype=torch.bool, device=device).tril()
     allowed = causal.expand(batch, kept, kept)
     if sliding_window is not None:
-        allowed = allowed & (query_positions[:, :, None] - query_positions[:, None, :] < sliding_window)
+        allowed = allowed & (
+            query_positions[:, :, None] - query_positions[:, None, :] < sliding_window
+        )
     if past:
         past_allowed = past_valid[:, None, :].expand(batch, kept, past)
         if sliding_window is not None:
-            past_allowed = past_allowed & (query_positions[:, :, None] - past_positions[:, None, :] < sliding_window)
+            past_allowed = past_allowed & (
+                query_positions[:, :, None] - past_positions[:, None, :] < sliding_window
+            )
         allowed = torch.cat([past_allowed, allowed], dim=-1)
     allowed = allowed.unsqueeze(1)  # (batch, 1, kept, past + kept)
     if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     return allowed
 
 
@@ -278,17 +444,25 @@ def pmod_layer_class(base: type) -> type:
     return _PMOD_LAYER_CLASSES[base]
 
 
-def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_router: Router | None = None) -> nn.Module:
+def convert_layer(
+    layer: nn.Module, ratio: float, config: PMoDConfig, shared_router: Router | None = None
+) -> nn.Module:
     """Turn one HF decoder layer into a p-MoD layer, in place (a router only if it is MoD)."""
     base = type(layer).__bases__[1] if isinstance(layer, PMoDLayerMixin) else type(layer)
     layer.__class__ = pmod_layer_class(base)
     layer.pmod_ratio = float(ratio)
     layer.pmod_config = config
+    # p-MoD's own behaviour; methods.layer_modes may give the layer another (install_method)
+    layer.token_mode = "route" if ratio < 1.0 else "dense"
+    layer.token_method = MethodConfig()
+    layer.ranks_for_fastv = False
     own_router = ratio < 1.0 and not config.shared_router
     if own_router and getattr(layer, "router", None) is None:
         # the width from the config: under ZeRO-3's zero.Init a parameter's shape is (0,)
         reference = layer.input_layernorm.weight
-        layer.router = Router(layer.self_attn.config.hidden_size, device=reference.device, dtype=reference.dtype)
+        layer.router = Router(
+            layer.self_attn.config.hidden_size, device=reference.device, dtype=reference.dtype
+        )
     elif not own_router and getattr(layer, "router", None) is not None:
         del layer.router
     # a plain attribute, not a submodule: the shared router's parameters live once, on the text model
@@ -299,4 +473,9 @@ def convert_layer(layer: nn.Module, ratio: float, config: PMoDConfig, shared_rou
 def _record(layer, keep, vision, weights, logits) -> None:
     recorder = active_recorder()
     if recorder is not None:
-        recorder.add(layer.self_attn.layer_idx, layer.pmod_ratio, keep, vision, weights, logits)
+        ratio = (
+            1.0 - layer.token_method.fastv_ratio
+            if layer.token_mode == "fastv"
+            else layer.pmod_ratio
+        )
+        recorder.add(layer.self_attn.layer_idx, ratio, keep, vision, weights, logits)

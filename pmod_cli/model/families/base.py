@@ -43,6 +43,8 @@ class ModelFamily:
     # chat template when a checkpoint saved none: text model_type -> template name (data/templates.py)
     default_templates: ClassVar[dict[str, str]] = {"qwen2": "chatml"}
     fallback_template: ClassVar[str] = "vicuna_v1"
+    # each image is one square grid of vision tokens (the ``pool`` method averages it)
+    single_grid_images: ClassVar[bool] = False
 
     @property
     def dense_model_type(self) -> str:
@@ -106,12 +108,16 @@ def image_settings(image_processor) -> dict[str, Any]:
     checkpoint's), as keyword arguments for a family's image processor."""
     settings = dict(
         size=dict(image_processor.size),
-        crop_size=dict(image_processor.crop_size) if getattr(image_processor, "crop_size", None) else None,
+        crop_size=dict(image_processor.crop_size)
+        if getattr(image_processor, "crop_size", None)
+        else None,
         image_mean=image_processor.image_mean,
         image_std=image_processor.image_std,
         resample=image_processor.resample,
     )
-    if "height" in settings["size"] and settings["crop_size"] is None:  # SigLIP: a fixed square size
+    if (
+        "height" in settings["size"] and settings["crop_size"] is None
+    ):  # SigLIP: a fixed square size
         settings["crop_size"] = dict(settings["size"])
         settings["size"] = {"shortest_edge": settings["size"]["height"]}
     return settings
@@ -147,7 +153,9 @@ def family_for_model_type(model_type: str | None) -> ModelFamily:
     for family in FAMILIES.values():
         if model_type in (family.dense_model_type, family.pmod_model_type):
             return family
-    raise UserError(f"pmod does not know {model_type!r} models; it reads {', '.join(known_model_types())}")
+    raise UserError(
+        f"pmod does not know {model_type!r} models; it reads {', '.join(known_model_types())}"
+    )
 
 
 class UnsupportedModelError(UserError, TypeError):

@@ -19,6 +19,7 @@ from .base import ModelFamily, image_settings, register_family
 class PMoDLlavaConfig(LlavaConfig):
     model_type = "pmod_llava"
     pmod: dict | None = None
+    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
 
 
 class PMoDLlavaForConditionalGeneration(PMoDModelMixin, LlavaForConditionalGeneration):
@@ -35,6 +36,7 @@ class LlavaFamily(ModelFamily):
     pmod_model_class = PMoDLlavaForConditionalGeneration
     processor_class = LlavaProcessor
     aspect_ratios = ("pad", "crop")
+    single_grid_images = True
 
     def image_processor(self, settings: dict[str, Any], aspect_ratio: str, grid_pinpoints) -> Any:
         return LlavaImageProcessor(**settings, do_pad=aspect_ratio == "pad")
@@ -52,7 +54,9 @@ class LlavaFamily(ModelFamily):
         image_processor = processor.image_processor
         # LlavaImageProcessor's do_pad pads to a square first (LLaVA-1.5's "pad" aspect mode);
         # other processors' do_pad only pads batches, which a single image never needs
-        pad_to_square = hasattr(image_processor, "pad_to_square") and bool(getattr(image_processor, "do_pad", False))
+        pad_to_square = hasattr(image_processor, "pad_to_square") and bool(
+            getattr(image_processor, "do_pad", False)
+        )
         return llava_patch_boxes(
             image_height,
             image_width,

@@ -24,6 +24,7 @@ from .base import ModelFamily, register_family
 class PMoDLlavaNextConfig(LlavaNextConfig):
     model_type = "pmod_llava_next"
     pmod: dict | None = None
+    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
 
 
 class PMoDLlavaNextForConditionalGeneration(PMoDModelMixin, LlavaNextForConditionalGeneration):
@@ -52,10 +53,14 @@ class LlavaNextFamily(ModelFamily):
 
     def init_new_connector(self, model, dtype: torch.dtype) -> None:
         hidden = model.config.text_config.hidden_size
-        model.model.image_newline = nn.Parameter(torch.randn(hidden, dtype=dtype) / math.sqrt(hidden))
+        model.model.image_newline = nn.Parameter(
+            torch.randn(hidden, dtype=dtype) / math.sqrt(hidden)
+        )
 
     def image_tokens(self, shape) -> tuple[int, int]:
-        return max(_grid_tokens(shape, height, width) for height, width in shape.image_grid_pinpoints)
+        return max(
+            _grid_tokens(shape, height, width) for height, width in shape.image_grid_pinpoints
+        )
 
     def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
         from ...visualization.patches import llava_next_patch_boxes, processor_geometry
