@@ -2,16 +2,19 @@
 
 Built so that the prompt has the shape of LLaVA-1.5's (576 vision tokens against 58 text tokens):
 a 224 px image is 16 x 16 = 256 patches of 14 px, each a vision token, and a question with its
-ChatML prompt is at most 40 text tokens. A scene holds 4-8 marks, each filling one cell of the
-patch grid: one of six colours and one of four kinds (square, ring, cross, dot), on a tinted
-background. The rest of the 256 tokens are background, so a method that drops tokens must find
+ChatML prompt is at most 40 text tokens. A scene holds 4-8 marks, each a block of 2 x 2 cells of
+the patch grid at any position (apart from the others): one of six colours and one of four kinds
+(square, ring, cross, dot, drawn in each of its cells), on a tinted background. The marks cover
+16-32 of the 256 tokens, the rest is background, so a method that drops tokens must find
 the few that matter.
 
-Questions (one word answers, each needs the image; the answer is balanced within its kind):
+Questions (one word answers, each needs the image; the text alone gives no more than the prior
+of its kind):
 
 - ``colour``: "What colour is the ring?" (the image has exactly one ring): 6 answers;
 - ``kind``: "What shape is the red mark?" (exactly one red mark): 4 answers;
-- ``count``: "How many red marks are there?": 0-3, equally often;
+- ``count``: "How many red marks are there?": 0-3 (the count is drawn first, so all four come
+  often; 3 least, as fewer scenes have three marks of one colour);
 - ``exists``: "Is there a blue cross?": yes / no, equally often.
 
 Files (LLaVA JSON, written by ``generate``): ``captions.json`` (pretrain: every mark in reading
@@ -39,11 +42,12 @@ from PIL import Image, ImageDraw
 from .cache import build_once
 
 # bump when the generated content changes, so cached copies are rebuilt
-GRID_VERSION = 1
+GRID_VERSION = 2
 
 IMAGE_SIZE = 224
 CELL = 14  # one patch of the vision tower
 GRID = IMAGE_SIZE // CELL  # 16 cells a side: 256 vision tokens
+MARK_CELLS = 2  # a mark is MARK_CELLS x MARK_CELLS cells
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -60,14 +64,14 @@ MAX_COUNT = 3
 
 TRAIN_IMAGES = 12000
 HELDOUT_IMAGES = 2400
-QUESTIONS_PER_TRAIN_IMAGE = 3
+QUESTIONS_PER_TRAIN_IMAGE = 4
 
 
 @dataclass(frozen=True)
 class Mark:
     kind: str
     colour: str
-    row: int
+    row: int  # its top-left cell
     col: int
 
 
@@ -80,10 +84,14 @@ class GridScene:
 
 def random_scene(rng: random.Random) -> GridScene:
     count = rng.randint(*MARKS_PER_IMAGE)
-    cells = rng.sample(range(GRID * GRID), count)
+    corners: list[tuple[int, int]] = []
+    while len(corners) < count:  # a free cell between any two marks: they never touch
+        row, col = rng.randrange(GRID - MARK_CELLS + 1), rng.randrange(GRID - MARK_CELLS + 1)
+        if all(max(abs(row - r), abs(col - c)) > MARK_CELLS for r, c in corners):
+            corners.append((row, col))
+    colours = list(COLOURS)
     marks = tuple(
-        Mark(rng.choice(KINDS), rng.choice(list(COLOURS)), cell // GRID, cell % GRID)
-        for cell in sorted(cells)
+        Mark(rng.choice(KINDS), rng.choice(colours), row, col) for row, col in sorted(corners)
     )
     return GridScene(rng.choice(BACKGROUNDS), marks, rng.randrange(2**31))
 
@@ -97,17 +105,25 @@ def draw_scene(scene: GridScene) -> Image.Image:
     image = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(image)
     for mark in scene.marks:
-        x, y, fill = mark.col * CELL, mark.row * CELL, COLOURS[mark.colour]
-        if mark.kind == "square":
-            draw.rectangle([x + 1, y + 1, x + 12, y + 12], fill=fill)
-        elif mark.kind == "ring":
-            draw.rectangle([x + 1, y + 1, x + 12, y + 12], outline=fill, width=3)
-        elif mark.kind == "cross":
-            draw.rectangle([x + 5, y + 1, x + 8, y + 12], fill=fill)
-            draw.rectangle([x + 1, y + 5, x + 12, y + 8], fill=fill)
-        else:  # dot
-            draw.rectangle([x + 4, y + 4, x + 9, y + 9], fill=fill)
+        for row in range(mark.row, mark.row + MARK_CELLS):
+            for col in range(mark.col, mark.col + MARK_CELLS):
+                _draw_cell(draw, mark.kind, col * CELL, row * CELL, COLOURS[mark.colour])
     return image
+
+
+def _draw_cell(
+    draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, fill: tuple[int, int, int]
+) -> None:
+    """One cell of a mark: its kind's pattern inside the 14 px patch at (x, y)."""
+    if kind == "square":
+        draw.rectangle([x + 1, y + 1, x + 12, y + 12], fill=fill)
+    elif kind == "ring":
+        draw.rectangle([x + 1, y + 1, x + 12, y + 12], outline=fill, width=3)
+    elif kind == "cross":
+        draw.rectangle([x + 5, y + 1, x + 8, y + 12], fill=fill)
+        draw.rectangle([x + 1, y + 5, x + 12, y + 8], fill=fill)
+    else:  # dot
+        draw.rectangle([x + 4, y + 4, x + 9, y + 9], fill=fill)
 
 
 def caption(scene: GridScene) -> str:
@@ -311,4 +327,10 @@ def grid_base(path: str | Path, layers: int = 6, hidden: int = 128, seed: int = 
         template="chatml",
     )
     fixed_patch_encoder(model.model.vision_tower)
-    return save_llava_with_parts(model, processor, Path(path))
+    path = save_llava_with_parts(model, processor, Path(path))
+    (path / "VERSION").write_text(str(GRID_VERSION))  # its tokenizer learned this version's text
+    return path
+
+
+def base_is_current(path: Path) -> bool:
+    return (path / "config.json").is_file() and _is_current(path)

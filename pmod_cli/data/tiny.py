@@ -278,9 +278,9 @@ def resolve_tiny_path(value: str) -> Path:
 
         ensure_grid(root / "grid")
     elif head == "grid_base":
-        from .grid import grid_base
+        from .grid import base_is_current, grid_base
 
-        build_once(root / "grid_base", is_complete=_has_config, build=_quiet(grid_base))
+        build_once(root / "grid_base", is_complete=base_is_current, build=_quiet(grid_base))
     else:
         raise UserError(
             f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>, "

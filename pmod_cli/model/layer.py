@@ -180,51 +180,6 @@ class PMoDLayerMixin:
             return valid, torch.zeros(valid.shape, device=valid.device)
         return routing.fastv_keep, routing.fastv_scores
 
-    def _dense_forward_ranking(
-        self, hidden_states, position_embeddings, routing: RoutingInputs, **kwargs
-    ):
-        """The dense layer just before FastV's: runs as usual, then ranks the vision tokens by the
-        attention they received in it, recomputed from its own q and k projections (captured,
-        not recomputed), so no attention backend has to return its weights."""
-        candidates = routing.vision_mask & routing.token_valid
-        if not candidates.any():  # a decoding step: the kept set is already in the cache
-            return super().forward(hidden_states, position_embeddings=position_embeddings, **kwargs)
-        cache = kwargs.get(_cache_kwarg(type(self.self_attn)))
-        if cache is not None and cache.get_seq_length(self.self_attn.layer_idx) > 0:
-            raise NotImplementedError(
-                "FastV ranks the vision tokens at prefill; an image after a cached prefix is not supported"
-            )
-        projections: dict[str, torch.Tensor] = {}
-        hooks = [
-            self.self_attn.q_proj.register_forward_hook(partial(_keep_output, projections, "q")),
-            self.self_attn.k_proj.register_forward_hook(partial(_keep_output, projections, "k")),
-        ]
-        try:
-            output = super().forward(
-                hidden_states, position_embeddings=position_embeddings, **kwargs
-            )
-        finally:
-            for hook in hooks:
-                hook.remove()
-        method = self.token_method
-        scores = fastv_attention_scores(
-            projections["q"].detach(),
-            projections["k"].detach(),
-            position_embeddings,
-            self.self_attn,
-            routing.token_valid,
-            prompt_ends(routing.token_valid, routing.prompt_length),
-            method.fastv_score,
-            _sliding_window(self.self_attn),
-        )  # (batch, seq)
-        keep_count = torch.tensor(
-            [fastv_kept(int(n), method.fastv_ratio) for n in candidates.sum(dim=1)],
-            device=candidates.device,
-        )
-        routing.fastv_keep = keep_top(scores, candidates, routing.token_valid, keep_count)
-        routing.fastv_scores = scores
-        return output
-
     def _mod_forward(
         self,
         hidden_states,
@@ -330,6 +285,53 @@ class PMoDLayerMixin:
             skipped_value = kept_states * kept_weights if string else kept_states
             kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, skipped_value)
         return passed.scatter_(1, gather_hidden, kept_out)
+
+    # ---- the last dense layer before FastV's: ranks the vision tokens on the side ----------
+
+    def _dense_forward_ranking(
+        self, hidden_states, position_embeddings, routing: RoutingInputs, **kwargs
+    ):
+        """The dense layer just before FastV's: runs as usual, then ranks the vision tokens by the
+        attention they received in it, recomputed from its own q and k projections (captured,
+        not recomputed), so no attention backend has to return its weights."""
+        candidates = routing.vision_mask & routing.token_valid
+        if not candidates.any():  # a decoding step: the kept set is already in the cache
+            return super().forward(hidden_states, position_embeddings=position_embeddings, **kwargs)
+        cache = kwargs.get(_cache_kwarg(type(self.self_attn)))
+        if cache is not None and cache.get_seq_length(self.self_attn.layer_idx) > 0:
+            raise NotImplementedError(
+                "FastV ranks the vision tokens at prefill; an image after a cached prefix is not supported"
+            )
+        projections: dict[str, torch.Tensor] = {}
+        hooks = [
+            self.self_attn.q_proj.register_forward_hook(partial(_keep_output, projections, "q")),
+            self.self_attn.k_proj.register_forward_hook(partial(_keep_output, projections, "k")),
+        ]
+        try:
+            output = super().forward(
+                hidden_states, position_embeddings=position_embeddings, **kwargs
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        method = self.token_method
+        scores = fastv_attention_scores(
+            projections["q"].detach(),
+            projections["k"].detach(),
+            position_embeddings,
+            self.self_attn,
+            routing.token_valid,
+            prompt_ends(routing.token_valid, routing.prompt_length),
+            method.fastv_score,
+            _sliding_window(self.self_attn),
+        )  # (batch, seq)
+        keep_count = torch.tensor(
+            [fastv_kept(int(n), method.fastv_ratio) for n in candidates.sum(dim=1)],
+            device=candidates.device,
+        )
+        routing.fastv_keep = keep_top(scores, candidates, routing.token_valid, keep_count)
+        routing.fastv_scores = scores
+        return output
 
 
 def keep_top(
