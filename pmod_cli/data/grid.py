@@ -2,11 +2,11 @@
 
 Built so that the prompt has the shape of LLaVA-1.5's (576 vision tokens against 58 text tokens):
 a 224 px image is 16 x 16 = 256 patches of 14 px, each a vision token, and a question with its
-ChatML prompt is at most 40 text tokens. A scene holds 4-8 marks, each a block of 2 x 2 cells of
+ChatML prompt is at most 40 text tokens. A scene holds 3-6 marks, each a block of 3 x 3 cells of
 the patch grid at any position (apart from the others): one of six colours and one of four kinds
-(square, ring, cross, dot, drawn in each of its cells), on a tinted background. The marks cover
-16-32 of the 256 tokens, the rest is background, so a method that drops tokens must find
-the few that matter.
+(square, ring, cross, dot, drawn in each of its cells), on a light background whose cells differ a
+little in shade. The marks cover 27-54 of the 256 tokens, the rest is background, so a method that
+drops tokens must keep the ones that matter.
 
 Questions (one word answers, each needs the image; the text alone gives no more than the prior
 of its kind):
@@ -42,12 +42,12 @@ from PIL import Image, ImageDraw
 from .cache import build_once
 
 # bump when the generated content changes, so cached copies are rebuilt
-GRID_VERSION = 2
+GRID_VERSION = 3
 
 IMAGE_SIZE = 224
 CELL = 14  # one patch of the vision tower
 GRID = IMAGE_SIZE // CELL  # 16 cells a side: 256 vision tokens
-MARK_CELLS = 2  # a mark is MARK_CELLS x MARK_CELLS cells
+MARK_CELLS = 3  # a mark is MARK_CELLS x MARK_CELLS cells
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -57,8 +57,8 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 KINDS = ("square", "ring", "cross", "dot")
-BACKGROUNDS = [(235, 235, 235), (190, 190, 190), (225, 215, 190), (60, 60, 60)]
-MARKS_PER_IMAGE = (4, 8)
+BACKGROUNDS = [(215, 215, 215)]
+MARKS_PER_IMAGE = (3, 6)
 CATEGORIES = ("colour", "kind", "count", "exists")
 MAX_COUNT = 3
 
