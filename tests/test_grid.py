@@ -63,11 +63,11 @@ def test_questions_are_answered_by_the_scene_and_balanced():
                 kinds = [kind for _, kind in names]
                 assert kinds.count(words[-1]) == 1 and names[kinds.index(words[-1])][0] == answer
             elif category == "count":
-                assert sum(colour == words[2] for colour, _ in names) == int(answer)
+                assert len(names) == int(answer)
             elif category == "exists":
                 assert ((words[-2], words[-1]) in names) == (answer == "yes")
-    assert set(answers["count"]) == {"0", "1", "2", "3"}
-    assert min(answers["count"].values()) > 0.1 * sum(answers["count"].values())
+    assert set(answers["count"]) == {"3", "4", "5", "6"}
+    assert min(answers["count"].values()) > 0.2 * sum(answers["count"].values())
     assert abs(answers["exists"]["yes"] - answers["exists"]["no"]) < 0.2 * sum(
         answers["exists"].values()
     )
@@ -101,6 +101,7 @@ def test_the_fixed_patch_encoder_reports_each_cells_colours(grid_set):
     anchors = torch.tensor([grid.ANCHOR, -grid.ANCHOR] * 4).expand(256, 8)
     raw = torch.cat([means, anchors, torch.zeros(256, features.shape[1] - 35)], dim=1)
     expected = torch.nn.functional.layer_norm(raw, raw.shape[-1:])
+    expected[:, 27:] = 0  # the anchors steady the layernorm and are dropped from its output
     assert torch.allclose(features, expected, atol=1e-4)
     # marks and background differ: the features carry the image
     assert features.std(dim=0)[:27].min() > 0.01

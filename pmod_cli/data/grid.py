@@ -13,8 +13,7 @@ of its kind):
 
 - ``colour``: "What colour is the ring?" (the image has exactly one ring): 6 answers;
 - ``kind``: "What shape is the red mark?" (exactly one red mark): 4 answers;
-- ``count``: "How many red marks are there?": 0-3 (the count is drawn first, so all four come
-  often; 3 least, as fewer scenes have three marks of one colour);
+- ``count``: "How many marks are there?": 3-6, equally often;
 - ``exists``: "Is there a blue cross?": yes / no, equally often.
 
 Files (LLaVA JSON, written by ``generate``): ``captions.json`` (pretrain: every mark in reading
@@ -42,7 +41,7 @@ from PIL import Image, ImageDraw
 from .cache import build_once
 
 # bump when the generated content changes, so cached copies are rebuilt
-GRID_VERSION = 3
+GRID_VERSION = 4
 
 IMAGE_SIZE = 224
 CELL = 14  # one patch of the vision tower
@@ -60,7 +59,6 @@ KINDS = ("square", "ring", "cross", "dot")
 BACKGROUNDS = [(215, 215, 215)]
 MARKS_PER_IMAGE = (3, 6)
 CATEGORIES = ("colour", "kind", "count", "exists")
-MAX_COUNT = 3
 
 TRAIN_IMAGES = 12000
 HELDOUT_IMAGES = 2400
@@ -148,12 +146,8 @@ def question(scene: GridScene, category: str, rng: random.Random) -> tuple[str, 
             return None
         colour = rng.choice(unique)
         return f"What shape is the {colour} mark?", kinds[colours.index(colour)]
-    if category == "count":
-        wanted = rng.randint(0, MAX_COUNT)  # the answer first, so that 0-3 come equally often
-        matching = [colour for colour in COLOURS if colours.count(colour) == wanted]
-        if not matching:
-            return None
-        return f"How many {rng.choice(matching)} marks are there?", str(wanted)
+    if category == "count":  # the same text for every image: only the image tells
+        return "How many marks are there?", str(len(scene.marks))
     present = {(mark.colour, mark.kind) for mark in scene.marks}
     if rng.random() < 0.5:
         colour, kind = rng.choice(sorted(present))
@@ -280,8 +274,10 @@ def fixed_patch_encoder(vision_tower) -> None:
     LLaVA reads the layer -2 output of a one-layer tower: the pre-layernormed patch embeddings.
     The patch embedding (a 14 x 14 convolution) averages the normalised pixels of each sub-block
     and channel; the position embedding adds the same anchor vector to every token (positions
-    reach the language model through RoPE), so the layernorm rescales every token alike and
-    colour, brightness and the layout inside the cell survive it.
+    reach the language model through RoPE), so the layernorm divides every token by about the
+    same spread and colour, brightness and the layout inside the cell survive it. The layernorm
+    then drops the anchors (weight 0 outside the 27 features): what leaves the tower is the cell's
+    colours, not a large constant shared by every token.
     """
     embeddings = getattr(
         vision_tower, "vision_model", vision_tower
@@ -302,12 +298,15 @@ def fixed_patch_encoder(vision_tower) -> None:
                 feature += 1
     anchor = torch.zeros(hidden)
     anchor[feature : feature + 8] = torch.tensor([ANCHOR, -ANCHOR] * 4)
+    layernorm = getattr(vision_tower, "vision_model", vision_tower).pre_layrnorm
     with torch.no_grad():
         embeddings.patch_embedding.weight.copy_(weight)
         embeddings.position_embedding.weight.copy_(
             anchor.expand_as(embeddings.position_embedding.weight)
         )
         embeddings.class_embedding.zero_()
+        layernorm.weight.zero_()[:feature] = 1.0
+        layernorm.bias.zero_()
 
 
 def grid_base(path: str | Path, layers: int = 6, hidden: int = 128, seed: int = 0) -> Path:
