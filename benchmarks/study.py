@@ -232,15 +232,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace, times: dict) -> tuple[Path, Path]:
+    """The connector pretrain (unless --pretrain-steps 0), then p-MoD and dense with one budget."""
     out = args.out
     pretrain, pmod_dir, dense_dir = out / "pretrain", out / "pmod", out / "dense"
-    if not (pretrain / "config.json").exists():
-        times["pretrain"] = run(
-            "pretrain", "recipes/grid_pretrain.toml", "--set", f"train.output_dir={pretrain}",
-            "--set", f"train.max_steps={args.pretrain_steps}", "--set", f"train.save_steps={args.pretrain_steps}",
-        )  # fmt: skip
+    connector = ""  # a fresh connector, the same for both (seeded by train.seed)
+    if args.pretrain_steps > 0:
+        connector = str(pretrain)
+        if not (pretrain / "config.json").exists():
+            times["pretrain"] = run(
+                "pretrain", "recipes/grid_pretrain.toml", "--set", f"train.output_dir={pretrain}",
+                "--set", f"train.max_steps={args.pretrain_steps}", "--set", f"train.save_steps={args.pretrain_steps}",
+            )  # fmt: skip
     common = [
-        "--set", f"model.pretrained_connector={pretrain}", "--set", f"train.max_steps={args.steps}",
+        "--set", f"model.pretrained_connector={connector}", "--set", f"train.max_steps={args.steps}",
         "--set", f"train.save_steps={args.steps}",
     ]  # fmt: skip
     if not (pmod_dir / "config.json").exists():
@@ -248,15 +252,8 @@ def train(args: argparse.Namespace, times: dict) -> tuple[Path, Path]:
             "sft", "recipes/grid.toml", *common, "--set", f"train.output_dir={pmod_dir}"
         )
     if not (dense_dir / "config.json").exists():
-        times["sft dense"] = run(
-            "sft",
-            "recipes/grid.toml",
-            *common,
-            "--set",
-            "pmod.enabled=false",
-            "--set",
-            f"train.output_dir={dense_dir}",
-        )
+        dense = ["--set", "pmod.enabled=false", "--set", f"train.output_dir={dense_dir}"]
+        times["sft dense"] = run("sft", "recipes/grid.toml", *common, *dense)
     return pmod_dir, dense_dir
 
 

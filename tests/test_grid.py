@@ -42,8 +42,10 @@ def test_prompts_have_256_vision_and_at_most_40_text_tokens(grid_set):
         vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
         assert vision == 256
         assert inputs["input_ids"].shape[1] - vision <= 40
-    # a reply ends in the token generation stops at
+    # a reply ends in the token generation stops at, and every answer is one token
     assert processor.tokenizer.eos_token == "<|im_end|>"
+    for answer in [*grid.COLOURS, *grid.KINDS, "yes", "no", "3", "4", "5", "6"]:
+        assert len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) == 1, answer
 
 
 def test_questions_are_answered_by_the_scene_and_balanced():
@@ -64,10 +66,10 @@ def test_questions_are_answered_by_the_scene_and_balanced():
                 assert kinds.count(words[-1]) == 1 and names[kinds.index(words[-1])][0] == answer
             elif category == "count":
                 assert len(names) == int(answer)
-            elif category == "exists":
-                assert ((words[-2], words[-1]) in names) == (answer == "yes")
+            elif category == "exists":  # "Is there a blue mark?"
+                assert any(colour == words[-2] for colour, _ in names) == (answer == "yes")
     assert set(answers["count"]) == {"3", "4", "5", "6"}
-    assert min(answers["count"].values()) > 0.2 * sum(answers["count"].values())
+    assert min(answers["count"].values()) > 0.15 * sum(answers["count"].values())
     assert abs(answers["exists"]["yes"] - answers["exists"]["no"]) < 0.2 * sum(
         answers["exists"].values()
     )

@@ -14,7 +14,7 @@ of its kind):
 - ``colour``: "What colour is the ring?" (the image has exactly one ring): 6 answers;
 - ``kind``: "What shape is the red mark?" (exactly one red mark): 4 answers;
 - ``count``: "How many marks are there?": 3-6, equally often;
-- ``exists``: "Is there a blue cross?": yes / no, equally often.
+- ``exists``: "Is there a blue mark?": yes / no, about equally often.
 
 Files (LLaVA JSON, written by ``generate``): ``captions.json`` (pretrain: every mark in reading
 order), ``sft_train.json`` (three questions per image as one conversation), ``heldout.json``
@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 from .cache import build_once
 
 # bump when the generated content changes, so cached copies are rebuilt
-GRID_VERSION = 4
+GRID_VERSION = 5
 
 IMAGE_SIZE = 224
 CELL = 14  # one patch of the vision tower
@@ -148,13 +148,13 @@ def question(scene: GridScene, category: str, rng: random.Random) -> tuple[str, 
         return f"What shape is the {colour} mark?", kinds[colours.index(colour)]
     if category == "count":  # the same text for every image: only the image tells
         return "How many marks are there?", str(len(scene.marks))
-    present = {(mark.colour, mark.kind) for mark in scene.marks}
-    if rng.random() < 0.5:
-        colour, kind = rng.choice(sorted(present))
-        return f"Is there {_article(colour)} {colour} {kind}?", "yes"
-    absent = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in present]
-    colour, kind = rng.choice(absent)
-    return f"Is there {_article(colour)} {colour} {kind}?", "no"
+    present = sorted({mark.colour for mark in scene.marks})
+    absent = [colour for colour in COLOURS if colour not in present]
+    if rng.random() < 0.5 or not absent:
+        colour, answer = rng.choice(present), "yes"
+    else:
+        colour, answer = rng.choice(absent), "no"
+    return f"Is there {_article(colour)} {colour} mark?", answer
 
 
 def _article(word: str) -> str:
@@ -179,8 +179,9 @@ def corpus(limit: int = 600) -> list[str]:
         scene = random_scene(rng)
         texts.append(caption(scene))
         category, text, answer = any_question(scene, rng, CATEGORIES[index % len(CATEGORIES)])
-        texts.append(f"{text} {answer}")
-    return texts
+        texts.append(text)
+    # every answer as it stands in a reply, so that each is one token
+    return texts + [word for word in [*COLOURS, *KINDS, "yes", "no"] for _ in range(50)]
 
 
 def _conversation(turns: list[tuple[str, str]]) -> list[dict]:
