@@ -52,16 +52,26 @@ PRESETS = {
 def build_dense(preset: Preset, vision_tokens: int) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        image_size=14 * preset.grid, patch_size=14,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=14 * preset.grid,
+        patch_size=14,
     )
     text = LlamaConfig(
-        hidden_size=preset.hidden, intermediate_size=preset.intermediate, num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads, num_key_value_heads=preset.kv_heads, vocab_size=preset.vocab,
+        hidden_size=preset.hidden,
+        intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads,
+        vocab_size=preset.vocab,
         max_position_embeddings=8192,
     )
     config = LlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=preset.vocab - 1,
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=preset.vocab - 1,
         image_seq_length=vision_tokens,
     )
     with torch.device(preset.device):
@@ -129,15 +139,21 @@ def measure(models: dict, inputs, preset: Preset) -> dict[str, dict[str, float]]
     for model in models.values():
         model.eval()
     for name, best in interleaved_best(
-        {name: (lambda m=model: prefill(m)) for name, model in models.items()}, preset.device, preset.repeats
+        {name: (lambda m=model: prefill(m)) for name, model in models.items()},
+        preset.device,
+        preset.repeats,
     ).items():
         results[name]["prefill_s"] = best
     for name, model in models.items():
         output = prefill(model)
-        results[name]["kv_cache_bytes"] = kv_cache_bytes(output["cache"] if "cache" in output else output["past_key_values"])
+        results[name]["kv_cache_bytes"] = kv_cache_bytes(
+            output["cache"] if "cache" in output else output["past_key_values"]
+        )
         model.train()
     for name, best in interleaved_best(
-        {name: (lambda m=model: train_step(m)) for name, model in models.items()}, preset.device, preset.repeats
+        {name: (lambda m=model: train_step(m)) for name, model in models.items()},
+        preset.device,
+        preset.repeats,
     ).items():
         results[name]["train_step_s"] = best
     for model in models.values():
@@ -218,12 +234,20 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"p-MoD (beta {args.beta}) vs dense, preset {args.preset}, {report['device']}")
+    table = Table(
+        title=f"p-MoD (beta {args.beta}) vs dense, preset {args.preset}, {report['device']}"
+    )
     for column in ("metric", "dense", "p-MoD", "p-MoD / dense"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for key in results["dense"]:
-        fmt = (lambda v: f"{v * 1000:.1f} ms") if key.endswith("_s") else (lambda v: f"{v / 2**20:.1f} MiB")
-        table.add_row(key, fmt(results["dense"][key]), fmt(results["pmod"][key]), f"{ratios[key]:.3f}")
+        fmt = (
+            (lambda v: f"{v * 1000:.1f} ms")
+            if key.endswith("_s")
+            else (lambda v: f"{v / 2**20:.1f} MiB")
+        )
+        table.add_row(
+            key, fmt(results["dense"][key]), fmt(results["pmod"][key]), f"{ratios[key]:.3f}"
+        )
     Console().print(table)
 
 

@@ -70,15 +70,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600, help="SFT steps of each model")
     parser.add_argument("--out", type=Path, default=Path("runs/repro"))
-    parser.add_argument("--limit", type=int, default=None, help="held-out questions (default: all 300)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="held-out questions (default: all 300)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument(
-        "--fresh-router-control", action="store_true",
+        "--fresh-router-control",
+        action="store_true",
         help="also evaluate the trained p-MoD model with its routers reset to zero (keeps the first tokens)",
     )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="recipe override for both SFT runs, e.g. train.tune_vision_tower=true (repeatable)",
     )
     args = parser.parse_args()
@@ -86,27 +93,57 @@ def main() -> None:
     pretrain = args.out / "pretrain"
     times = {}
     if not (pretrain / "config.json").exists():
-        times["pretrain"] = run("pretrain", "recipes/tiny_pretrain.toml", "--set", f"train.output_dir={pretrain}")
-    common = ["--set", f"model.pretrained_connector={pretrain}", "--set", f"train.max_steps={args.steps}"]
+        times["pretrain"] = run(
+            "pretrain", "recipes/tiny_pretrain.toml", "--set", f"train.output_dir={pretrain}"
+        )
+    common = [
+        "--set",
+        f"model.pretrained_connector={pretrain}",
+        "--set",
+        f"train.max_steps={args.steps}",
+    ]
     for override in args.overrides:
         common += ["--set", override]
     pmod_dir, dense_dir = args.out / f"pmod_beta{args.beta}", args.out / "dense"
     if not (pmod_dir / "config.json").exists():
         times["sft p-MoD"] = run(
-            "sft", "recipes/tiny.toml", *common, "--set", f"pmod.beta={args.beta}", "--set", f"train.output_dir={pmod_dir}"
+            "sft",
+            "recipes/tiny.toml",
+            *common,
+            "--set",
+            f"pmod.beta={args.beta}",
+            "--set",
+            f"train.output_dir={pmod_dir}",
         )
     if not (dense_dir / "config.json").exists():
         times["sft dense"] = run(
-            "sft", "recipes/tiny.toml", *common, "--set", "pmod.enabled=false", "--set", f"train.output_dir={dense_dir}"
+            "sft",
+            "recipes/tiny.toml",
+            *common,
+            "--set",
+            "pmod.enabled=false",
+            "--set",
+            f"train.output_dir={dense_dir}",
         )
     checkpoints = [pmod_dir, dense_dir]
     if args.fresh_router_control:
-        checkpoints.append(with_fresh_routers(pmod_dir, args.out / f"pmod_beta{args.beta}_fresh_routers"))
+        checkpoints.append(
+            with_fresh_routers(pmod_dir, args.out / f"pmod_beta{args.beta}_fresh_routers")
+        )
     report_path = args.out / "eval.json"
     limit = ["--limit", str(args.limit)] if args.limit else []
     times["eval"] = run(
-        "eval", *map(str, checkpoints), "--tasks", "pmod_tiny_vqa", "--batch-size", str(args.batch_size),
-        "--device", "cpu", "--output", str(report_path), *limit,
+        "eval",
+        *map(str, checkpoints),
+        "--tasks",
+        "pmod_tiny_vqa",
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        "cpu",
+        "--output",
+        str(report_path),
+        *limit,
     )
 
     report = json.loads(report_path.read_text())
@@ -119,9 +156,16 @@ def main() -> None:
     ratios = pmod["retention_ratios"]
     mean_ratio = sum(ratios) / len(ratios)
     print()
-    print(f"steps per model: {args.steps}; wall times: " + ", ".join(f"{k} {v_:.0f} s" for k, v_ in times.items()))
-    print(f"held-out exact match: p-MoD {acc_pmod:.4f}, dense {acc_dense:.4f}, gap {100 * (acc_dense - acc_pmod):+.1f} points")
-    print(f"TFLOPs (paper count): p-MoD {eff_pmod['tflops']:.6f}, dense {eff_dense['tflops']:.6f}, ratio {tflops_ratio:.3f}")
+    print(
+        f"steps per model: {args.steps}; wall times: "
+        + ", ".join(f"{k} {v_:.0f} s" for k, v_ in times.items())
+    )
+    print(
+        f"held-out exact match: p-MoD {acc_pmod:.4f}, dense {acc_dense:.4f}, gap {100 * (acc_dense - acc_pmod):+.1f} points"
+    )
+    print(
+        f"TFLOPs (paper count): p-MoD {eff_pmod['tflops']:.6f}, dense {eff_dense['tflops']:.6f}, ratio {tflops_ratio:.3f}"
+    )
     print(f"KV cache vs dense: {eff_pmod['kv_cache_vs_dense']:.3f}")
     print(
         f"prompt: V = {v:.1f} vision tokens, T = {t:.1f} text tokens; mean retention over layers {mean_ratio:.3f}; "
@@ -129,12 +173,18 @@ def main() -> None:
     )
     print("held-out exact match per question type:")
     for result in report["checkpoints"]:
-        print(f"  {result['label']:>16}: " + ", ".join(
-            f"{category} {right}/{total}" for category, (right, total) in per_category(result).items()
-        ))
+        print(
+            f"  {result['label']:>16}: "
+            + ", ".join(
+                f"{category} {right}/{total}"
+                for category, (right, total) in per_category(result).items()
+            )
+        )
     accuracy_ok = acc_dense - acc_pmod <= 0.02
     flops_ok = tflops_ratio <= 0.60
-    print(f"accuracy within 2 points: {'yes' if accuracy_ok else 'no'}; TFLOPs <= 60 %: {'yes' if flops_ok else 'no'}")
+    print(
+        f"accuracy within 2 points: {'yes' if accuracy_ok else 'no'}; TFLOPs <= 60 %: {'yes' if flops_ok else 'no'}"
+    )
 
 
 if __name__ == "__main__":

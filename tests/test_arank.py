@@ -49,7 +49,9 @@ def test_a_sink_head_has_rank_one():
 
 @pytest.mark.parametrize("block", [2, 3, 5])
 def test_block_sinks_have_one_rank_per_block_with_more_than_one_token(block):
-    targets = [i - i % block for i in range(N)]  # each token attends to the first token of its block
+    targets = [
+        i - i % block for i in range(N)
+    ]  # each token attends to the first token of its block
     blocks_with_followers = len({t for i, t in enumerate(targets) if t != i})
     assert attention_rank(one_hot_map(targets)).item() == blocks_with_followers
 
@@ -84,7 +86,9 @@ def test_default_tolerance_ignores_rounding_noise_but_counts_small_real_attentio
 
 
 def test_heads_are_ranked_one_by_one_and_half_precision_maps_work():
-    heads = torch.stack([torch.eye(N), one_hot_map([0] * N), causal_softmax(torch.zeros(N, N))])  # (heads, n, n)
+    heads = torch.stack(
+        [torch.eye(N), one_hot_map([0] * N), causal_softmax(torch.zeros(N, N))]
+    )  # (heads, n, n)
     assert attention_rank(heads).tolist() == [0, 1, N - 1]
     assert attention_rank(heads.to(torch.bfloat16)).tolist() == [0, 1, N - 1]
     untouched = heads.clone()
@@ -107,13 +111,23 @@ def test_a_dense_layer_count_that_leaves_no_mod_layer_is_a_user_error(dense):
 
 
 def result(**overrides) -> ARankResult:
-    values = dict(model="ckpt", samples=3, arank=[5.0, 1.0, 4.0, 2.0], dense_layers=[0, 2], mod_layers=[1, 3])
+    values = dict(
+        model="ckpt", samples=3, arank=[5.0, 1.0, 4.0, 2.0], dense_layers=[0, 2], mod_layers=[1, 3]
+    )
     return ARankResult(**{**values, **overrides})
 
 
 def test_result_file_round_trip_gives_the_mod_layers(tmp_path):
-    path = result(tokens=[9.0, 7.0, 9.0, 7.0], checkpoint_mod_layers=[1]).save(tmp_path / "sub" / "arank.json")
-    assert set(json.loads(path.read_text())) >= {"arank", "dense_layers", "mod_layers", "model", "samples"}
+    path = result(tokens=[9.0, 7.0, 9.0, 7.0], checkpoint_mod_layers=[1]).save(
+        tmp_path / "sub" / "arank.json"
+    )
+    assert set(json.loads(path.read_text())) >= {
+        "arank",
+        "dense_layers",
+        "mod_layers",
+        "model",
+        "samples",
+    }
     assert load_arank_layers(path) == [1, 3]
     assert load_arank_layers(path, num_layers=4) == [1, 3]
     assert load_arank_result(path) == result(tokens=[9.0, 7.0, 9.0, 7.0], checkpoint_mod_layers=[1])
@@ -125,7 +139,10 @@ def test_result_file_round_trip_gives_the_mod_layers(tmp_path):
         (None, "does not exist"),
         ("{not json", "cannot read"),
         (json.dumps({"arank": [1.0]}), "missing model, samples, dense_layers, mod_layers"),
-        (json.dumps({**result().to_dict(), "mod_layers": [1, 9]}), "mod_layers must be a list of layer indices in 0..3"),
+        (
+            json.dumps({**result().to_dict(), "mod_layers": [1, 9]}),
+            "mod_layers must be a list of layer indices in 0..3",
+        ),
         (json.dumps({**result().to_dict(), "arank": "high"}), "arank must be a list of numbers"),
     ],
 )
@@ -165,23 +182,40 @@ def test_questions_are_first_user_turns_of_image_samples_in_file_order(tmp_path)
         tmp_path,
         [
             {"id": "text", "conversations": conversation("no image here")},
-            {"id": "bad", "image": "a.png", "conversations": [{"from": "gpt", "value": "reply first"}]},
-            {"id": 1, "image": "a.png", "conversations": conversation("<image>\nWhat colour?")
-             + [{"from": "human", "value": "second question"}, {"from": "gpt", "value": "x"}]},
+            {
+                "id": "bad",
+                "image": "a.png",
+                "conversations": [{"from": "gpt", "value": "reply first"}],
+            },
+            {
+                "id": 1,
+                "image": "a.png",
+                "conversations": conversation("<image>\nWhat colour?")
+                + [{"from": "human", "value": "second question"}, {"from": "gpt", "value": "x"}],
+            },
             {"id": 2, "image": "a.png", "conversations": conversation("How many?\n<image>")},
             {"id": 3, "image": "a.png", "conversations": conversation("<image> Third")},
         ],
     )
     read = read_image_questions(data, tmp_path / "img", limit=2)
-    assert [(q.sample_id, q.question) for q in read.questions] == [("1", "What colour?"), ("2", "How many?")]
+    assert [(q.sample_id, q.question) for q in read.questions] == [
+        ("1", "What colour?"),
+        ("2", "How many?"),
+    ]
     assert read.questions[0].image == tmp_path / "img" / "a.png"
     assert read.skipped == 2
 
 
 def test_a_missing_or_unreadable_image_is_a_user_error_naming_the_sample(tmp_path):
-    data = write_samples(tmp_path, [{"id": "s7", "image": "a.png", "conversations": conversation("<image>\nq")}])
-    with pytest.raises(UserError, match=r"image .*a\.png of sample s7 not found; pass --image-folder"):
-        read_image_questions(data, None, limit=4)  # default folder: the data file's, where a.png is not
+    data = write_samples(
+        tmp_path, [{"id": "s7", "image": "a.png", "conversations": conversation("<image>\nq")}]
+    )
+    with pytest.raises(
+        UserError, match=r"image .*a\.png of sample s7 not found; pass --image-folder"
+    ):
+        read_image_questions(
+            data, None, limit=4
+        )  # default folder: the data file's, where a.png is not
     (tmp_path / "img" / "a.png").write_text("not an image")
     with pytest.raises(UserError, match="of sample s7 is unreadable"):
         read_image_questions(data, tmp_path / "img", limit=4)
@@ -192,18 +226,33 @@ def test_question_only_and_fastchat_style_samples_are_read(tmp_path):
         tmp_path,
         [
             {"id": "odd-image", "image": 7, "conversations": conversation("<image>\nskipped")},
-            {"id": "question", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}]},
-            {"id": "greeting", "image": "a.png", "conversations": [
-                {"from": "gpt", "value": "Hi! Ask me."}, *conversation("<image>\nHow many?")]},
+            {
+                "id": "question",
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}],
+            },
+            {
+                "id": "greeting",
+                "image": "a.png",
+                "conversations": [
+                    {"from": "gpt", "value": "Hi! Ask me."},
+                    *conversation("<image>\nHow many?"),
+                ],
+            },
         ],
     )
     read = read_image_questions(data, tmp_path / "img", limit=4)
-    assert [(q.sample_id, q.question) for q in read.questions] == [("question", "What colour?"), ("greeting", "How many?")]
+    assert [(q.sample_id, q.question) for q in read.questions] == [
+        ("question", "What colour?"),
+        ("greeting", "How many?"),
+    ]
     assert read.skipped == 1
 
 
 def test_a_decompression_bomb_is_a_user_error_not_a_traceback(tmp_path, monkeypatch):
-    data = write_samples(tmp_path, [{"id": "s1", "image": "a.png", "conversations": conversation("<image>\nq")}])
+    data = write_samples(
+        tmp_path, [{"id": "s1", "image": "a.png", "conversations": conversation("<image>\nq")}]
+    )
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 20x20 is a decompression bomb now
     with pytest.raises(UserError, match=r"of sample s1 is unreadable \(DecompressionBombError\)"):
         read_image_questions(data, tmp_path / "img", limit=4)
@@ -216,7 +265,11 @@ def test_tiny_shapes_data_finds_its_images_without_an_image_folder(tmp_path, mon
     shapes = tiny_root() / "shapes"
     (shapes / "images" / "heldout").mkdir(parents=True)
     Image.new("RGB", (20, 20), "red").save(shapes / "images" / "heldout" / "h.png")
-    sample = {"id": "h", "image": "heldout/h.png", "conversations": conversation("<image>\nColour?")}
+    sample = {
+        "id": "h",
+        "image": "heldout/h.png",
+        "conversations": conversation("<image>\nColour?"),
+    }
     (shapes / "heldout.json").write_text(json.dumps([sample]))
     read = read_image_questions(shapes / "heldout.json", None, limit=4)
     assert read.questions[0].image == shapes / "images" / "heldout" / "h.png"
@@ -229,6 +282,14 @@ def test_a_file_without_image_questions_is_a_user_error(tmp_path):
 
 
 def test_a_tie_at_the_dense_mod_cut_is_reported():
-    assert tied_at_cut(result(arank=[5.0, 4.0, 4.0, 1.0], dense_layers=[0, 1], mod_layers=[2, 3])) == [1, 2]
-    assert tied_at_cut(result(arank=[5.0, 4.0, 3.0, 3.0], dense_layers=[0, 1], mod_layers=[2, 3])) == []
-    assert tied_at_cut(result(arank=[5.0, 4.0, 3.0, 3.0], dense_layers=[], mod_layers=[0, 1, 2, 3])) == []
+    assert tied_at_cut(
+        result(arank=[5.0, 4.0, 4.0, 1.0], dense_layers=[0, 1], mod_layers=[2, 3])
+    ) == [1, 2]
+    assert (
+        tied_at_cut(result(arank=[5.0, 4.0, 3.0, 3.0], dense_layers=[0, 1], mod_layers=[2, 3]))
+        == []
+    )
+    assert (
+        tied_at_cut(result(arank=[5.0, 4.0, 3.0, 3.0], dense_layers=[], mod_layers=[0, 1, 2, 3]))
+        == []
+    )

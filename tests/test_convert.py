@@ -22,7 +22,9 @@ def test_convert_writes_a_pmod_checkpoint_that_computes_like_the_original(tmp_pa
     processor.save_pretrained(tmp_path / "dense")
     result = subprocess.run(
         PMOD + ["convert", str(tmp_path / "dense"), str(tmp_path / "pmod"), "--beta", "2.0"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "0 of 4 layers are MoD" in result.stdout
@@ -35,7 +37,10 @@ def test_convert_writes_a_pmod_checkpoint_that_computes_like_the_original(tmp_pa
 
 def test_convert_refuses_bad_input_in_one_line(tmp_path):
     cases = [
-        (["convert", str(tmp_path / "missing"), str(tmp_path / "out")], "checkpoint directory not found"),
+        (
+            ["convert", str(tmp_path / "missing"), str(tmp_path / "out")],
+            "checkpoint directory not found",
+        ),
         (["convert", str(tmp_path), str(tmp_path / "out"), "--beta", "-1"], "beta must be >= 0"),
     ]
     for args, message in cases:

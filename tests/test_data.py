@@ -89,17 +89,27 @@ def test_jinja_chat_template_builds_the_training_prompt(llava_processor, templat
     spec = get_template(template)
     llava_processor.chat_template = spec.jinja
     question = "<image>\nWhat colour is the square?"
-    rendered = llava_processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    rendered = llava_processor.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True
+    )
     assert rendered == spec.generation_prompt(question)
-    structured = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}]
+    structured = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}],
+        }
+    ]
     assert llava_processor.apply_chat_template(structured, add_generation_prompt=True) == rendered
     # a whole conversation renders as the training pieces do
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": "red"}]
     encoder = SampleEncoder(llava_processor, spec, 1024)
     pieces = spec.format(
-        parse_turns([{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]), encoder.eos_token
+        parse_turns([{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]),
+        encoder.eos_token,
     )
-    assert llava_processor.apply_chat_template(turns).rstrip("\n") == "".join(p.text for p in pieces).rstrip("\n")
+    assert llava_processor.apply_chat_template(turns).rstrip("\n") == "".join(
+        p.text for p in pieces
+    ).rstrip("\n")
 
 
 def test_truncation_never_cuts_image_tokens(llava_processor):
@@ -108,9 +118,9 @@ def test_truncation_never_cuts_image_tokens(llava_processor):
     image_end = int((full.input_ids == encoder.image_token_id).nonzero().max()) + 1
     # room for the image and the first reply: the text is cut, the image intact
     first_reply_end = int((full.labels != IGNORE_INDEX).nonzero()[0]) + 3
-    cut = SampleEncoder(llava_processor, get_template("vicuna_v1"), max_length=first_reply_end).encode(
-        CONVERSATION, [image()]
-    )
+    cut = SampleEncoder(
+        llava_processor, get_template("vicuna_v1"), max_length=first_reply_end
+    ).encode(CONVERSATION, [image()])
     assert cut.truncated and len(cut.input_ids) == first_reply_end
     assert int((cut.input_ids == encoder.image_token_id).sum()) == 64
     # a limit inside the image tokens skips the sample instead
@@ -127,10 +137,16 @@ def test_truncation_never_cuts_image_tokens(llava_processor):
 
 def test_anyres_token_counts_follow_the_processor(next_processor):
     encoder = SampleEncoder(next_processor, get_template("vicuna_v1"), max_length=1024)
-    samples = [encoder.encode(CONVERSATION, [image(w, h)]) for w, h in ((112, 56), (56, 112), (112, 112))]
+    samples = [
+        encoder.encode(CONVERSATION, [image(w, h)]) for w, h in ((112, 56), (56, 112), (112, 112))
+    ]
     for sample, (w, h) in zip(samples, ((112, 56), (56, 112), (112, 112)), strict=True):
-        expected = next_processor(text="<image>", images=[image(w, h)], return_tensors="pt")["input_ids"]
-        assert int((sample.input_ids == encoder.image_token_id).sum()) == int((expected == encoder.image_token_id).sum())
+        expected = next_processor(text="<image>", images=[image(w, h)], return_tensors="pt")[
+            "input_ids"
+        ]
+        assert int((sample.input_ids == encoder.image_token_id).sum()) == int(
+            (expected == encoder.image_token_id).sum()
+        )
         assert sample.image_sizes.tolist() == [[h, w]]
     counts = {int((s.input_ids == encoder.image_token_id).sum()) for s in samples}
     assert len(counts) >= 2  # the count depends on the image's shape
@@ -143,17 +159,25 @@ def test_anyres_token_counts_follow_the_processor(next_processor):
     lengths = [len(s.input_ids) for s in samples]
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
     shortest = lengths.index(min(lengths))
-    assert bool((batch["labels"][shortest, min(lengths):] == IGNORE_INDEX).all())
+    assert bool((batch["labels"][shortest, min(lengths) :] == IGNORE_INDEX).all())
 
 
 def test_text_only_samples_and_missing_placeholder(llava_processor):
     encoder = SampleEncoder(llava_processor, get_template("vicuna_v1"), max_length=1024)
-    text_only = encoder.encode([{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}])
-    assert text_only.pixel_values is None and supervised_text(llava_processor, text_only) == " hi</s>"
+    text_only = encoder.encode(
+        [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]
+    )
+    assert (
+        text_only.pixel_values is None and supervised_text(llava_processor, text_only) == " hi</s>"
+    )
     # LLaVA data sometimes leaves <image> out: the image then leads the first turn
-    no_placeholder = encoder.encode([{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}], [image()])
+    no_placeholder = encoder.encode(
+        [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}], [image()]
+    )
     assert int((no_placeholder.input_ids == encoder.image_token_id).sum()) == 64
-    batch = Collator(0)([{**vars(text_only), "skipped": []}, {**vars(no_placeholder), "skipped": ["x"]}])
+    batch = Collator(0)(
+        [{**vars(text_only), "skipped": []}, {**vars(no_placeholder), "skipped": ["x"]}]
+    )
     assert batch["pixel_values"].shape[0] == 1 and int(batch["num_skipped"]) == 1
 
 
@@ -167,10 +191,13 @@ def write_dataset(folder: Path, samples: list[dict], suffix=".json") -> Path:
 
 
 def qa(sample_id, image_name=None):
-    sample = {"id": sample_id, "conversations": [
-        {"from": "human", "value": ("<image>\n" if image_name else "") + "What is it?"},
-        {"from": "gpt", "value": "a square"},
-    ]}
+    sample = {
+        "id": sample_id,
+        "conversations": [
+            {"from": "human", "value": ("<image>\n" if image_name else "") + "What is it?"},
+            {"from": "gpt", "value": "a square"},
+        ],
+    }
     if image_name:
         sample["image"] = image_name
     return sample
@@ -183,7 +210,12 @@ def test_bad_samples_are_named_counted_and_limited(tmp_path, caplog, llava_proce
     data = (tmp_path / "truncated.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut
     samples = [qa(f"ok{i}", "good.png") for i in range(6)]
-    samples += [qa("gone", "missing.png"), qa("junk", "not_an_image.png"), qa("cut", "truncated.png"), qa(7)]
+    samples += [
+        qa("gone", "missing.png"),
+        qa("junk", "not_an_image.png"),
+        qa("cut", "truncated.png"),
+        qa(7),
+    ]
     path = write_dataset(tmp_path, samples, suffix=".jsonl")
     records = load_records(path)
 
@@ -197,10 +229,14 @@ def test_bad_samples_are_named_counted_and_limited(tmp_path, caplog, llava_proce
         scan_records(records, tmp_path, max_bad_fraction=0.1)
 
     # an image that only fails to decode in full is replaced by the next sample, and counted
-    dataset = SupervisedDataset(records, scan.valid, tmp_path, SampleEncoder(llava_processor, get_template("plain"), 512))
+    dataset = SupervisedDataset(
+        records, scan.valid, tmp_path, SampleEncoder(llava_processor, get_template("plain"), 512)
+    )
     cut_position = [records[i]["id"] for i in scan.valid].index("cut")
     item = dataset[cut_position]
-    assert item["skipped"] == ["cut"] and item["pixel_values"] is None  # the text-only sample after it
+    assert (
+        item["skipped"] == ["cut"] and item["pixel_values"] is None
+    )  # the text-only sample after it
 
 
 def test_mixed_id_types_fall_back_to_plain_json(tmp_path):
@@ -221,9 +257,13 @@ def test_synthetic_set_is_deterministic_and_scorable(tmp_path):
     second = synthetic.generate(tmp_path / "b", train_images=12, heldout_images=30)
     for name in ("captions.json", "sft_train.json", "heldout.json"):
         assert (first / name).read_text() == (second / name).read_text()
-    assert (first / "images/train/train_00003.png").read_bytes() == (second / "images/train/train_00003.png").read_bytes()
+    assert (first / "images/train/train_00003.png").read_bytes() == (
+        second / "images/train/train_00003.png"
+    ).read_bytes()
     heldout = json.loads((first / "heldout.json").read_text())
-    assert all(" " not in r["answer"] and r["conversations"][1]["value"] == r["answer"] for r in heldout)
+    assert all(
+        " " not in r["answer"] and r["conversations"][1]["value"] == r["answer"] for r in heldout
+    )
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in heldout)
     sizes = {Image.open(first / "images" / r["image"]).size for r in heldout}
     assert len({w / h for w, h in sizes}) >= 3  # square, landscape and portrait images
@@ -262,7 +302,9 @@ def test_a_late_builder_leaves_the_complete_copy_in_place(tmp_path):
     staging = tmp_path / ".asset-late"
     write_copy(staging, "second")
     publish(staging, final, has_version)
-    assert (final / "data.txt").read_text() == "first" and (final / "data.txt").stat().st_ino == in_use
+    assert (final / "data.txt").read_text() == "first" and (
+        final / "data.txt"
+    ).stat().st_ino == in_use
     assert sorted(p.name for p in tmp_path.iterdir()) == ["asset"]  # the late copy is discarded
 
 
@@ -295,7 +337,9 @@ def test_concurrent_builders_build_once_and_all_get_the_copy(tmp_path):
         results = list(pool.map(lambda _: worker(), range(4)))
     assert results == [final] * 4 and len(builds) == 1
     assert (final / "data.txt").read_text() == "built"
-    assert not [p for p in final.parent.iterdir() if p.name.startswith(".asset-")]  # no staging left
+    assert not [
+        p for p in final.parent.iterdir() if p.name.startswith(".asset-")
+    ]  # no staging left
 
 
 def test_synthetic_set_counts_as_built_only_at_its_version(tmp_path):
@@ -313,8 +357,10 @@ def test_leading_assistant_and_trailing_user_turns_are_dropped_in_training():
     unanswered = {"from": "human", "value": "And the triangle?"}
     turns = parse_turns([greeting, *CONVERSATION, unanswered])
     assert [(t.role, t.text) for t in turns] == [
-        ("user", "<image>\nWhat colour is the square?"), ("assistant", "red"),
-        ("user", "How many circles are there?"), ("assistant", "2"),
+        ("user", "<image>\nWhat colour is the square?"),
+        ("assistant", "red"),
+        ("user", "How many circles are there?"),
+        ("assistant", "2"),
     ]
     with pytest.raises(ConversationError, match="no user turn followed by an assistant reply"):
         parse_turns([CONVERSATION[0]])
@@ -326,7 +372,11 @@ def test_leading_assistant_and_trailing_user_turns_are_dropped_in_training():
 
 def test_plain_keeps_the_images_of_later_turns(llava_processor):
     encoder = SampleEncoder(llava_processor, get_template("plain"), max_length=1024)
-    conversation = [*CONVERSATION[:2], {"from": "human", "value": "<image>\nAnd this one?"}, {"from": "gpt", "value": "blue"}]
+    conversation = [
+        *CONVERSATION[:2],
+        {"from": "human", "value": "<image>\nAnd this one?"},
+        {"from": "gpt", "value": "blue"},
+    ]
     sample = encoder.encode(conversation, [image(), image(colour=(0, 0, 200))])
     assert int((sample.input_ids == encoder.image_token_id).sum()) == 2 * 64
     assert sample.pixel_values.shape[0] == 2
@@ -345,18 +395,30 @@ def metaspace_tokenizer():
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     # trained on words (no merge across a word start), used like Llama's: no split at spaces
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first", split=True
+    )
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"], show_progress=False
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        show_progress=False,
     )
     corpus = [VICUNA_SYSTEM, *(turn["value"] for turn in CONVERSATION), "USER: ASSISTANT:"]
     tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first", split=False
+    )
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     bos = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
 
@@ -367,8 +429,12 @@ def test_a_sample_is_tokenized_as_one_text_like_the_eval_prompt(llava_processor)
     tokenizer = metaspace_tokenizer()
     template = get_template("vicuna_v1")
     processor = LlavaProcessor(
-        image_processor=llava_processor.image_processor, tokenizer=tokenizer, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template.jinja,
+        image_processor=llava_processor.image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template.jinja,
     )
     encoder = SampleEncoder(processor, template, max_length=1024)
     sample = encoder.encode(CONVERSATION, [image()])
@@ -379,11 +445,24 @@ def test_a_sample_is_tokenized_as_one_text_like_the_eval_prompt(llava_processor)
     assert tokenizer.unk_token_id not in sample.input_ids.tolist()
     # the labels: exactly the reply tokens " red</s>" and " 2</s>", no stray word-start piece
     supervised = sample.labels != IGNORE_INDEX
-    assert tokenizer.convert_ids_to_tokens(sample.labels[supervised].tolist()) == ["▁red", "</s>", "▁2", "</s>"]
+    assert tokenizer.convert_ids_to_tokens(sample.labels[supervised].tolist()) == [
+        "▁red",
+        "</s>",
+        "▁2",
+        "</s>",
+    ]
     assert torch.equal(sample.labels[supervised], sample.input_ids[supervised])
     # the evaluation prompt (the chat template, through the processor) is the sample's beginning
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": "What colour is the square?"},
+                ],
+            }
+        ],
         add_generation_prompt=True,
     )
     prompt_ids = processor(text=[prompt], images=[image()], return_tensors="pt")["input_ids"][0]
@@ -410,11 +489,18 @@ def truncated_png(path: Path) -> None:
 def test_consecutive_bad_samples_are_counted_once_each(tmp_path, caplog, llava_processor):
     image().save(tmp_path / "good.png")
     truncated_png(tmp_path / "cut.png")
-    samples = [qa("ok0", "good.png"), qa("cut1", "cut.png"), qa("cut2", "cut.png"), qa("cut3", "cut.png"),
-               qa("ok4", "good.png")]
+    samples = [
+        qa("ok0", "good.png"),
+        qa("cut1", "cut.png"),
+        qa("cut2", "cut.png"),
+        qa("cut3", "cut.png"),
+        qa("ok4", "good.png"),
+    ]
     records = load_records(write_dataset(tmp_path, samples))
     scan = scan_records(records, tmp_path, max_bad_fraction=0.0)  # the header check passes them
-    dataset = SupervisedDataset(records, scan.valid, tmp_path, SampleEncoder(llava_processor, get_template("plain"), 512))
+    dataset = SupervisedDataset(
+        records, scan.valid, tmp_path, SampleEncoder(llava_processor, get_template("plain"), 512)
+    )
     with caplog.at_level(logging.WARNING):
         items = [dataset[position] for position in range(len(dataset))]
     assert [name for item in items for name in item["skipped"]] == ["cut1", "cut2", "cut3"]
@@ -422,14 +508,20 @@ def test_consecutive_bad_samples_are_counted_once_each(tmp_path, caplog, llava_p
     assert caplog.text.count("skipping sample cut2") == 1
 
 
-def test_an_all_bad_data_set_gives_up_after_a_bounded_search(tmp_path, monkeypatch, llava_processor):
+def test_an_all_bad_data_set_gives_up_after_a_bounded_search(
+    tmp_path, monkeypatch, llava_processor
+):
     truncated_png(tmp_path / "cut.png")
     records = load_records(write_dataset(tmp_path, [qa(f"cut{i}", "cut.png") for i in range(20)]))
-    dataset = SupervisedDataset(records, range(20), tmp_path, SampleEncoder(llava_processor, get_template("plain"), 512))
+    dataset = SupervisedDataset(
+        records, range(20), tmp_path, SampleEncoder(llava_processor, get_template("plain"), 512)
+    )
     monkeypatch.setattr(llava_data, "MAX_REPLACEMENT_TRIES", 3)
     calls = []
     encode_index = dataset.encode_index
-    monkeypatch.setattr(dataset, "encode_index", lambda position: calls.append(position) or encode_index(position))
+    monkeypatch.setattr(
+        dataset, "encode_index", lambda position: calls.append(position) or encode_index(position)
+    )
     with pytest.raises(UserError, match=r"sample cut5 and the 3 after it fail to encode"):
         dataset[5]
     assert calls == [5, 6, 7, 8]
@@ -440,7 +532,12 @@ def test_no_usable_sample_is_a_user_error_before_training(tmp_path, llava_proces
     scan = scan_records(records, tmp_path / "wrong_folder", max_bad_fraction=1.0)
     assert scan.valid == []
     with pytest.raises(UserError, match="none of the 3 samples is usable"):
-        SupervisedDataset(records, scan.valid, tmp_path, SampleEncoder(llava_processor, get_template("plain"), 512))
+        SupervisedDataset(
+            records,
+            scan.valid,
+            tmp_path,
+            SampleEncoder(llava_processor, get_template("plain"), 512),
+        )
 
 
 def test_pil_errors_beyond_oserror_make_a_bad_sample(tmp_path, monkeypatch, caplog):
@@ -449,7 +546,9 @@ def test_pil_errors_beyond_oserror_make_a_bad_sample(tmp_path, monkeypatch, capl
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 112x112 is a decompression bomb now
     with caplog.at_level(logging.WARNING):
         scan = scan_records(records, tmp_path, max_bad_fraction=1.0)
-    assert scan.bad == [("big", f"image {tmp_path / 'big.png'} is unreadable (DecompressionBombError)")]
+    assert scan.bad == [
+        ("big", f"image {tmp_path / 'big.png'} is unreadable (DecompressionBombError)")
+    ]
     assert "skipping sample big" in caplog.text
     with pytest.raises(SkipSample, match="DecompressionBombError"):
         load_image(tmp_path / "big.png")
@@ -483,11 +582,15 @@ def test_a_tokenizer_without_offsets_gives_the_same_sample(llava_processor):
 
         def __call__(self, text, **kwargs):
             if kwargs.get("return_offsets_mapping"):
-                raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+                raise NotImplementedError(
+                    "return_offset_mapping is not available when using Python tokenizers"
+                )
             return self.tokenizer(text, **kwargs)
 
     encoder = SampleEncoder(llava_processor, get_template("vicuna_v1"), max_length=1024)
     expected = encoder.encode(CONVERSATION, [image()])
     encoder.tokenizer = WithoutOffsets(encoder.tokenizer)
     sample = encoder.encode(CONVERSATION, [image()])
-    assert torch.equal(sample.input_ids, expected.input_ids) and torch.equal(sample.labels, expected.labels)
+    assert torch.equal(sample.input_ids, expected.input_ids) and torch.equal(
+        sample.labels, expected.labels
+    )

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import yaml
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 from typer.testing import CliRunner
 
+import pmod_cli
 from pmod_cli import PMoDConfig, apply_pmod
 from pmod_cli.cli import app, main
 from pmod_cli.errors import UserError
@@ -23,6 +27,7 @@ from pmod_cli.evaluation.run import PAPER_GROUP, evaluate_checkpoints, make_task
 from pmod_cli.evaluation.tasks import TASKS_DIR
 from pmod_cli.model.cache import kv_cache_bytes
 from pmod_cli.model.schedules import kept_count
+from pmod_cli.runtime import resolve_device
 
 PAPER_TASKS = [
     "ok_vqa", "scienceqa_img", "mme", "seedbench", "pope", "realworldqa", "gqa", "ai2d",
@@ -51,14 +56,31 @@ def expected_kv_bytes(measurement: dict, ratios: list[float], entry_bytes: int) 
     return sum((text + kept_count(vision, ratio)) * entry_bytes for ratio in ratios)
 
 
-def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_path):
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_path, umask_022):
     output = tmp_path / "reports" / "eval.json"
     result = CliRunner().invoke(
         app,
         [
-            "eval", str(checkpoints["pmod"]), str(checkpoints["dense"]),
-            "--tasks", "pmod_tiny_vqa,pmod_tiny_vqa_mc", "--limit", "4", "--batch-size", "2",
-            "--output", str(output), "--device", "cpu",
+            "eval",
+            str(checkpoints["pmod"]),
+            str(checkpoints["dense"]),
+            "--tasks",
+            "pmod_tiny_vqa,pmod_tiny_vqa_mc",
+            "--limit",
+            "4",
+            "--batch-size",
+            "2",
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
         ],  # fmt: skip
         terminal_width=200,
     )
@@ -70,7 +92,16 @@ def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_pat
         assert row in result.output
     assert list(output.parent.iterdir()) == [output]  # written through a temporary file, renamed
 
+    # an ordinary file, as the umask says (not mkstemp's 0600)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o644
     report = json.loads(output.read_text())
+    assert report["schema_version"] == eval_run.EVAL_SCHEMA_VERSION
+    assert report["versions"] == {
+        "pmod": pmod_cli.__version__,
+        **{name: metadata.version(name) for name in ("torch", "transformers", "lmms_eval")},
+    }
+    made = datetime.strptime(report["created_utc"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - made).total_seconds()) < 3600
     pmod, dense = report["checkpoints"]
     assert [pmod["label"], dense["label"]] == ["pmod", "dense"]
     assert pmod["retention_ratios"] == pytest.approx([1.0, 0.75, 0.25, 0.15])
@@ -93,12 +124,31 @@ def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_pat
     assert dense["efficiency"]["tflops_vs_dense"] == 1.0
     entry_bytes = 2 * 2 * 16 * 4  # K and V, 2 kv heads of 16 dims, fp32
     for measurement in pmod["measurements"]:
-        assert measurement["kv_cache_bytes"] == expected_kv_bytes(measurement, pmod["retention_ratios"], entry_bytes)
-        assert measurement["dense_kv_cache_bytes"] == expected_kv_bytes(measurement, [1.0] * 4, entry_bytes)
+        assert measurement["kv_cache_bytes"] == expected_kv_bytes(
+            measurement, pmod["retention_ratios"], entry_bytes
+        )
+        assert measurement["dense_kv_cache_bytes"] == expected_kv_bytes(
+            measurement, [1.0] * 4, entry_bytes
+        )
     assert pmod["efficiency"]["kv_cache_vs_dense"] < 1.0
     assert pmod["efficiency"]["tflops_vs_dense"] < 1.0
     # same shape, same prompts: the same dense reference
     assert pmod["efficiency"]["dense_tflops"] == dense["efficiency"]["dense_tflops"]
+
+
+def test_json_on_stdout_names_the_command_and_the_dtype(checkpoints, monkeypatch, capsys):
+    args = [str(checkpoints["pmod"]), "--tasks", "pmod_tiny_vqa", "--limit", "2", "--device", "cpu"]
+    args += ["--dtype", "float32", "--json"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/pmod", "eval", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0, err
+    report = json.loads(out)  # exactly one JSON object, no table
+    assert report["command"] == "pmod eval " + " ".join(args)
+    assert report["dtype"] == "fp32" and report["device"] == "cpu"
+    (result,) = report["checkpoints"]
+    assert len(result["answers"]["pmod_tiny_vqa"]) == 2
 
 
 def test_batched_generation_answers_like_batch_one(checkpoints):
@@ -132,7 +182,13 @@ def test_loglikelihood_is_the_continuation_loss(checkpoints):
     image = random_image(56, 56, seed=3)
     lm.task_dict = {"shapes": {"test": [{"image": image}]}}
     args = ("What colour is the square?", " red", lambda doc: [doc["image"]], 0, "shapes", "test")
-    (result,) = lm.loglikelihood([Instance("loglikelihood", args, idx=0, metadata={"task": "shapes", "doc_id": 0, "repeats": 1})])
+    (result,) = lm.loglikelihood(
+        [
+            Instance(
+                "loglikelihood", args, idx=0, metadata={"task": "shapes", "doc_id": 0, "repeats": 1}
+            )
+        ]
+    )
     nll, greedy = result.text  # lmms-eval reads the pair from GenerationResult.text
 
     # reference: HF's own loss over the continuation tokens, on the same prompt
@@ -142,7 +198,9 @@ def test_loglikelihood_is_the_continuation_loss(checkpoints):
     labels = input_ids.clone()
     labels[:, : prompt["input_ids"].shape[1]] = -100
     with torch.no_grad():
-        loss = lm.model(input_ids=input_ids, pixel_values=prompt["pixel_values"], labels=labels).loss
+        loss = lm.model(
+            input_ids=input_ids, pixel_values=prompt["pixel_values"], labels=labels
+        ).loss
     assert nll == pytest.approx(loss.item() * continuation.shape[1], rel=1e-4)
     assert isinstance(greedy, bool)
 
@@ -157,7 +215,12 @@ def test_loglikelihood_is_the_continuation_loss(checkpoints):
 
 
 def test_lmms_eval_command_line_runs_the_pmod_model(checkpoints, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     command = [
         sys.executable, "-m", "lmms_eval", "--model", "pmod",
         "--model_args", f"pretrained={checkpoints['pmod']},device=cpu",
@@ -205,15 +268,30 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     "arguments, message",
     [
         (["{root}/missing", "--tasks", "pmod_tiny_vqa"], "checkpoint directory not found"),
-        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (
+            ["{pmod}", "--tasks", "pmod_tiny_vqa", "--batch-size", "0"],
+            "--batch-size must be at least 1",
+        ),
         (["{pmod}", "--tasks", "pmod_tiny_vqa", "--limit", "0"], "--limit must be at least 1"),
         (["{pmod}", "--tasks", "pmod_tiny_vqa", "--device", "tpu"], "--device must be cpu or cuda"),
         (["{pmod}", "--tasks", "pmod_tiny_vqa", "--count", "most"], "unknown FLOPs count 'most'"),
-        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--include-path", "{root}/none"], "is not a directory"),
+        (
+            ["{pmod}", "--tasks", "pmod_tiny_vqa", "--include-path", "{root}/none"],
+            "is not a directory",
+        ),
         (["{pmod}", "--tasks", "pmod_tiny_vqa,mmee"], "unknown task 'mmee'; did you mean mme"),
-        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--device", "cuda:x"], "--device must be cpu or cuda"),
-        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--output", "{root}"], "is a directory; give a file name"),
-        (["{pmod}", "--tasks", "pmod_tiny_vqa", "--output", "{pmod}/config.json/eval.json"], "config.json is a file, not a directory"),
+        (
+            ["{pmod}", "--tasks", "pmod_tiny_vqa", "--device", "cuda:x"],
+            "--device must be cpu or cuda",
+        ),
+        (
+            ["{pmod}", "--tasks", "pmod_tiny_vqa", "--output", "{root}"],
+            "is a directory; give a file name",
+        ),
+        (
+            ["{pmod}", "--tasks", "pmod_tiny_vqa", "--output", "{pmod}/config.json/eval.json"],
+            "config.json is a file, not a directory",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line(checkpoints, monkeypatch, capsys, arguments, message):
@@ -226,7 +304,9 @@ def test_user_errors_exit_2_with_one_line(checkpoints, monkeypatch, capsys, argu
 
 @pytest.mark.skipif(os.environ.get("HF_DATASETS_OFFLINE") != "1", reason="would download MME")
 def test_a_benchmark_without_its_data_is_a_user_error(checkpoints, monkeypatch, capsys):
-    code, stderr = run_main(monkeypatch, capsys, str(checkpoints["pmod"]), "--tasks", "mme", "--limit", "1")
+    code, stderr = run_main(
+        monkeypatch, capsys, str(checkpoints["pmod"]), "--tasks", "mme", "--limit", "1"
+    )
     assert code == 2
     # the model loads first (its progress bar), then one line, no traceback
     assert stderr.splitlines()[-1].startswith("error: cannot fetch the data of mme")
@@ -240,9 +320,19 @@ def test_output_is_checked_before_anything_is_evaluated(checkpoints, monkeypatch
     monkeypatch.setattr(eval_run, "evaluate_checkpoints", never)
     access = os.access
     # a folder this process may not write in (chmod would not stop root)
-    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else access(path, mode))
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == tmp_path else access(path, mode)
+    )
     target = tmp_path / "new" / "eval.json"
-    code, stderr = run_main(monkeypatch, capsys, str(checkpoints["pmod"]), "--tasks", "pmod_tiny_vqa", "--output", str(target))
+    code, stderr = run_main(
+        monkeypatch,
+        capsys,
+        str(checkpoints["pmod"]),
+        "--tasks",
+        "pmod_tiny_vqa",
+        "--output",
+        str(target),
+    )
     assert code == 2 and stderr.startswith("error: ") and f"cannot write in {tmp_path}" in stderr
     assert list(tmp_path.iterdir()) == []  # nothing created
 
@@ -261,15 +351,17 @@ def test_a_failed_report_write_is_a_user_error_and_leaves_nothing(tmp_path):
 def test_cuda_index_is_checked_against_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert eval_run._check_device("cuda:0") == "cuda:0"
+    assert resolve_device("cuda:0") == "cuda:0"
     with pytest.raises(UserError, match="torch sees 1 CUDA GPU here"):
-        eval_run._check_device("cuda:1")
+        resolve_device("cuda:1")
 
 
 @pytest.mark.parametrize(
     "make_error",
     [
-        lambda: __import__("huggingface_hub").errors.LocalTokenNotFoundError("Token is required (`token=True`)"),
+        lambda: __import__("huggingface_hub").errors.LocalTokenNotFoundError(
+            "Token is required (`token=True`)"
+        ),
         lambda: __import__("httpx").ConnectError("[Errno -3] Temporary failure in name resolution"),
         lambda: __import__("httpx").ConnectTimeout("timed out"),
         lambda: __import__("datasets").exceptions.DatasetNotFoundError("lmms-lab/MME"),
@@ -288,7 +380,9 @@ def test_network_and_login_errors_are_found_behind_wrappers(make_error):
     assert eval_run._offline_cause(ValueError("a bug")) is None
 
 
-def test_missing_hub_login_ends_in_one_error_line_after_the_judge_warning(checkpoints, monkeypatch, capsys):
+def test_missing_hub_login_ends_in_one_error_line_after_the_judge_warning(
+    checkpoints, monkeypatch, capsys
+):
     from huggingface_hub.errors import LocalTokenNotFoundError
 
     def simple_evaluate(**kwargs):
@@ -300,15 +394,30 @@ def test_missing_hub_login_ends_in_one_error_line_after_the_judge_warning(checkp
     monkeypatch.setattr("lmms_eval.evaluator.simple_evaluate", simple_evaluate)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("API_TYPE", raising=False)
-    code, stderr = run_main(monkeypatch, capsys, str(checkpoints["pmod"]), "--tasks", "mmbench_en_dev", "--device", "cpu")
+    code, stderr = run_main(
+        monkeypatch,
+        capsys,
+        str(checkpoints["pmod"]),
+        "--tasks",
+        "mmbench_en_dev",
+        "--device",
+        "cpu",
+    )
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.startswith(("warning:", "error:"))]
-    assert lines[0].startswith("warning: mmbench_en_dev's gpt_eval_score") and "OPENAI_API_KEY" in lines[0]
-    assert lines[-1].startswith("error: cannot fetch the data of mmbench_en_dev: LocalTokenNotFoundError")
+    assert (
+        lines[0].startswith("warning: mmbench_en_dev's gpt_eval_score")
+        and "OPENAI_API_KEY" in lines[0]
+    )
+    assert lines[-1].startswith(
+        "error: cannot fetch the data of mmbench_en_dev: LocalTokenNotFoundError"
+    )
     assert "Traceback" not in stderr
 
 
-def test_task_files_go_beside_the_report_not_into_the_current_directory(checkpoints, monkeypatch, tmp_path):
+def test_task_files_go_beside_the_report_not_into_the_current_directory(
+    checkpoints, monkeypatch, tmp_path
+):
     # a task whose aggregation writes a submission file, as ok_vqa / textvqa_val / mmbench do
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -337,15 +446,39 @@ def test_task_files_go_beside_the_report_not_into_the_current_directory(checkpoi
     result = CliRunner().invoke(
         app,
         [
-            "eval", str(checkpoints["pmod"]), "--tasks", "pmod_tiny_vqa_submitting", "--include-path", str(tasks),
-            "--limit", "2", "--output", str(output), "--device", "cpu",
+            "eval",
+            str(checkpoints["pmod"]),
+            "--tasks",
+            "pmod_tiny_vqa_submitting",
+            "--include-path",
+            str(tasks),
+            "--limit",
+            "2",
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
         ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
     assert list(work.iterdir()) == []
-    submitted = json.loads((tmp_path / "reports" / "eval_lmms_eval" / "pmod" / "submissions" / "tiny_submission.json").read_text())
+    submitted = json.loads(
+        (
+            tmp_path
+            / "reports"
+            / "eval_lmms_eval"
+            / "pmod"
+            / "submissions"
+            / "tiny_submission.json"
+        ).read_text()
+    )
     assert len(submitted) == 2
-    assert json.loads(output.read_text())["checkpoints"][0]["scores"]["pmod_tiny_vqa_submitting"]["value"] == 0.0
+    assert (
+        json.loads(output.read_text())["checkpoints"][0]["scores"]["pmod_tiny_vqa_submitting"][
+            "value"
+        ]
+        == 0.0
+    )
 
 
 def test_beam_search_is_measured_per_sample(checkpoints):
@@ -354,7 +487,9 @@ def test_beam_search_is_measured_per_sample(checkpoints):
     from pmod_cli.evaluation.lmms_model import PMoDLmms
 
     lm = PMoDLmms(pretrained=str(checkpoints["pmod"]), device="cpu", batch_size=2)
-    lm.task_dict = {"shapes": {"test": [{"image": random_image(56, 56, seed=seed)} for seed in range(2)]}}
+    lm.task_dict = {
+        "shapes": {"test": [{"image": random_image(56, 56, seed=seed)} for seed in range(2)]}
+    }
     held = {}
     for beams in (1, 3):
         lm.measurements = []
@@ -366,11 +501,15 @@ def test_beam_search_is_measured_per_sample(checkpoints):
                 idx=0,
                 metadata={"task": "shapes", "doc_id": doc_id, "repeats": 1},
             )
-            for doc_id, question in enumerate(["What colour is the square?", "How many circles are there?"])
+            for doc_id, question in enumerate(
+                ["What colour is the square?", "How many circles are there?"]
+            )
         ]
         answers = lm.generate_until(requests)
         assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
-        held[beams] = {m.doc_id: (m.kv_cache_bytes, m.dense_kv_cache_bytes) for m in lm.measurements}
+        held[beams] = {
+            m.doc_id: (m.kv_cache_bytes, m.dense_kv_cache_bytes) for m in lm.measurements
+        }
     # each of a sample's beams holds what the sample alone holds
     assert held[3] == {doc: (3 * kv, 3 * dense) for doc, (kv, dense) in held[1].items()}
 
@@ -380,7 +519,8 @@ def test_model_args_batch_size_wins_over_lmms_eval_s_own(checkpoints):
 
     # lmms-eval's command line always passes its --batch_size (default 1) and --device
     lm = PMoDLmms.create_from_arg_string(
-        f"pretrained={checkpoints['pmod']},batch_size=3,device=cpu", {"batch_size": 1, "max_batch_size": None, "device": "cuda"}
+        f"pretrained={checkpoints['pmod']},batch_size=3,device=cpu",
+        {"batch_size": 1, "max_batch_size": None, "device": "cuda"},
     )
     assert lm.batch_size == 3 and lm.device.type == "cpu"
 
@@ -392,11 +532,19 @@ def sentencepiece_like_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tokenizer.train_from_iterator(["Answer: A", "Answer: B", "Question: which one? Answer: A"], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tokenizer.train_from_iterator(
+        ["Answer: A", "Answer: B", "Question: which one? Answer: A"], trainer
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def test_continuation_tokens_are_those_it_has_after_the_context():
@@ -406,7 +554,10 @@ def test_continuation_tokens_are_those_it_has_after_the_context():
     lm.tokenizer, lm._device = sentencepiece_like_tokenizer(), torch.device("cpu")
     alone = lm.tokenizer.tokenize(" A")
     assert alone == ["▁", "▁A"]  # what tokenizing the continuation apart would score
-    for context, continuation in (("Answer:", " A"), ("Answer: ", "A")):  # a trailing space moves over
+    for context, continuation in (
+        ("Answer:", " A"),
+        ("Answer: ", "A"),
+    ):  # a trailing space moves over
         inputs, context_length = lm._encode_continuation(context, continuation, None)
         tokens = lm.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
         assert tokens[:context_length] == ["▁Answer:"] and tokens[context_length:] == ["▁A"]
@@ -424,6 +575,15 @@ def test_image_tokens_placed_by_the_task_become_image_items():
         "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}"
         "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
     )
-    assert build_prompt(processor, "<image>\nWhat colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"
-    assert build_prompt(processor, "Left: <image> right: <image>", 2) == "USER: Left:<image>\nright:<image>\n ASSISTANT:"
-    assert build_prompt(processor, "What colour is the square?", 1) == "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    assert (
+        build_prompt(processor, "<image>\nWhat colour is the square?", 1)
+        == "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    )
+    assert (
+        build_prompt(processor, "Left: <image> right: <image>", 2)
+        == "USER: Left:<image>\nright:<image>\n ASSISTANT:"
+    )
+    assert (
+        build_prompt(processor, "What colour is the square?", 1)
+        == "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    )

@@ -37,7 +37,9 @@ def test_a_family_is_one_entry_every_command_reads(tmp_path, name):
     directory = save_checkpoint(model, processor, tmp_path / name)
     saved_type = json.loads((directory / "config.json").read_text())["model_type"]
     assert saved_type == family.pmod_model_type and family_for_model_type(saved_type) is family
-    assert saved_type in known_model_types(pmod=True) and family.dense_model_type in known_model_types(pmod=False)
+    assert saved_type in known_model_types(
+        pmod=True
+    ) and family.dense_model_type in known_model_types(pmod=False)
     # the loader, the FLOPs shape and the patch mapping all resolve the family from the checkpoint
     loaded, loaded_processor = load_checkpoint(directory, require_pmod=True)
     assert type(loaded) is family.pmod_model_class and loaded.retention_ratios == [0.5, 1.0]
@@ -78,9 +80,13 @@ def test_visualize_routes_the_prompt_that_eval_routes():
     assert eval_prompt.startswith("A chat between") and eval_prompt.endswith("ASSISTANT:")
     image = random_image(56, 56, seed=1)
     routed = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: routed.append(kwargs["input_ids"]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: routed.append(kwargs["input_ids"]), with_kwargs=True
+    )
     select_tokens(model, processor, image, "Describe the image.")
     hook.remove()
-    expected = encode(processor, [build_prompt(processor, "Describe the image.", 1)], [image], model)["input_ids"]
+    expected = encode(
+        processor, [build_prompt(processor, "Describe the image.", 1)], [image], model
+    )["input_ids"]
     assert torch.equal(routed[0], expected)
     assert torch.equal(expected, encode(processor, [eval_prompt], [image], model)["input_ids"])

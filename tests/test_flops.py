@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from importlib import metadata
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_pmod, cli
 from pmod_cli.efficiency.flops import count_flops, count_flops_for_model
+from pmod_cli.efficiency.plan import FLOPS_SCHEMA_VERSION
 from pmod_cli.errors import UserError
 from pmod_cli.model import kv_cache_bytes, kv_cache_lengths, retention_ratios
 from pmod_cli.model.presets import (
@@ -351,14 +353,19 @@ def test_cli_json_defaults_to_the_papers_setting(monkeypatch, capsys):
     code, out, err = run_pmod(["flops", "--json"], monkeypatch, capsys)
     assert code == 0, err
     report = json.loads(out)  # exactly one JSON object on stdout
+    assert report["model"] == "llava-next-7b" and report["count"] == "paper"
     assert (
-        report["model"] == "llava-next-7b" and report["count"] == "paper" and report["beta"] == 0.5
+        report["schema_version"] == FLOPS_SCHEMA_VERSION
+        and report["command"] == "pmod flops --json"
     )
-    assert report["baseline_tflops"] == pytest.approx(39.46, rel=0.005)
-    assert report["tflops"] == pytest.approx(21.94, rel=0.005)
-    assert report["kv_cache_ratio"] == pytest.approx(0.538, rel=0.005)
-    assert len(report["retention_ratios"]) == 32 and report["retention_ratios"][:8] == [1.0] * 8
-    assert [row["kind"] for row in report["layers"]][7:9] == ["dense", "MoD"]
+    assert report["versions"]["torch"] == metadata.version("torch")
+    (plan,) = report["plans"]
+    assert plan["beta"] == 0.5
+    assert plan["baseline_tflops"] == pytest.approx(39.46, rel=0.005)
+    assert plan["tflops"] == pytest.approx(21.94, rel=0.005)
+    assert plan["kv_cache_ratio"] == pytest.approx(0.538, rel=0.005)
+    assert len(plan["retention_ratios"]) == 32 and plan["retention_ratios"][:8] == [1.0] * 8
+    assert [row["kind"] for row in plan["layers"]][7:9] == ["dense", "MoD"]
 
 
 def test_cli_several_betas_give_one_plan_each(monkeypatch, capsys):
@@ -381,11 +388,13 @@ def test_cli_several_betas_give_one_plan_each(monkeypatch, capsys):
     report = json.loads(out)
     assert code == 0 and report["count"] == "full"
     assert [plan["beta"] for plan in report["plans"]] == [0.5, 0.4]
-    assert report["tflops"] == report["plans"][0]["tflops"]
-    assert report["plans"][1]["tflops"] < report["plans"][0]["tflops"] < report["baseline_tflops"]
+    first, second = report["plans"]
+    # each setting once, in plans; the top level holds what they share
+    assert not {"tflops", "beta", "layers", "retention_ratios"} & set(report)
+    assert second["tflops"] < first["tflops"] < first["baseline_tflops"]
     # the full count is above the paper count for the same setting
-    assert report["tflops"] > preset_count("llava-1.5-7b", 0.5).tflops
-    assert "vision_tower" in report["components_flops"]
+    assert first["tflops"] > preset_count("llava-1.5-7b", 0.5).tflops
+    assert "vision_tower" in first["components_flops"]
 
 
 def test_cli_tables_label_the_count_mode(monkeypatch, capsys):
@@ -423,21 +432,40 @@ def test_cli_reads_dense_and_pmod_checkpoint_configs(tmp_path, monkeypatch, caps
 
     _, out, _ = run_pmod(["flops", "--config", str(dense_dir), "--json"], monkeypatch, capsys)
     report = json.loads(out)
-    assert report["vision_tokens"] == TINY_LLAVA.vision_tokens and report["beta"] == 0.5
+    assert report["vision_tokens"] == TINY_LLAVA.vision_tokens and report["plans"][0]["beta"] == 0.5
     assert report["text_tokens"] == 58  # a config does not store T: the paper's default
-    assert report["baseline_flops"] == count_flops(TINY_LLAVA, text_tokens=58).baseline_flops
+    baseline = count_flops(TINY_LLAVA, text_tokens=58).baseline_flops
+    assert report["plans"][0]["baseline_flops"] == baseline
 
     _, out, _ = run_pmod(["flops", "--config", str(pmod_dir), "--json"], monkeypatch, capsys)
-    report = json.loads(out)
-    assert (report["beta"], report["min_ratio"]) == (0.3, 0.2)
-    assert report["retention_ratios"] == model.retention_ratios
+    (plan,) = json.loads(out)["plans"]
+    assert (plan["beta"], plan["min_ratio"]) == (0.3, 0.2)
+    assert plan["retention_ratios"] == model.retention_ratios
 
     # flags override the stored setting, the rest of it stays
     _, out, _ = run_pmod(
         ["flops", "--config", str(pmod_dir), "--beta", "0.5", "--json"], monkeypatch, capsys
     )
-    report = json.loads(out)
-    assert (report["beta"], report["min_ratio"]) == (0.5, 0.2)
+    (plan,) = json.loads(out)["plans"]
+    assert (plan["beta"], plan["min_ratio"]) == (0.5, 0.2)
+
+    # every dtype spelling; auto is the dtype a checkpoint's config.json names, else bf16
+    half_dir = tmp_path / "half"
+    half_dir.mkdir()
+    stored = json.loads((pmod_dir / "config.json").read_text())
+    (half_dir / "config.json").write_text(json.dumps({**stored, "dtype": "float16"}))
+    kv_bytes = {}
+    for config, dtype in ((pmod_dir, "bfloat16"), (pmod_dir, "bf16"), (pmod_dir, "auto"),
+                          (pmod_dir, "float32"), (half_dir, "auto")):  # fmt: skip
+        _, out, err = run_pmod(
+            ["flops", "--config", str(config), "--dtype", dtype, "--json"], monkeypatch, capsys
+        )
+        report = json.loads(out)
+        kv_bytes[config.name, dtype] = (report["dtype"], report["plans"][0]["kv_cache_bytes"])
+    bf16 = kv_bytes["pmod", "bf16"]
+    assert bf16[0] == "bf16" and kv_bytes["pmod", "bfloat16"] == kv_bytes["pmod", "auto"] == bf16
+    assert kv_bytes["pmod", "float32"] == ("fp32", 2 * bf16[1])
+    assert kv_bytes["half", "auto"] == ("fp16", bf16[1])
 
 
 @pytest.mark.parametrize(

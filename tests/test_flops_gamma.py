@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_pmod, cli
 from pmod_cli.data.prompts import build_prompt
+from pmod_cli.data.tiny import resolve_tiny_path
 from pmod_cli.efficiency.flops import DEFAULT_PREFIX_TEXT_TOKENS, count_flops, count_flops_for_model
 from pmod_cli.errors import UserError
 from pmod_cli.model import kv_cache_lengths, record_routing
@@ -31,8 +32,24 @@ from pmod_cli.model.presets import (
 SMALL = ModelShape(
     "small",
     "llava",
-    TextShape("llama", num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=2, vocab_size=10),
-    VisionShape("clip_vision_model", num_layers=1, hidden_size=8, intermediate_size=16, num_heads=2, image_size=28, patch_size=14),
+    TextShape(
+        "llama",
+        num_layers=2,
+        hidden_size=8,
+        intermediate_size=16,
+        num_heads=2,
+        num_kv_heads=2,
+        vocab_size=10,
+    ),
+    VisionShape(
+        "clip_vision_model",
+        num_layers=1,
+        hidden_size=8,
+        intermediate_size=16,
+        num_heads=2,
+        image_size=28,
+        patch_size=14,
+    ),
     image_token_id=9,
 )
 
@@ -50,7 +67,9 @@ def run_pmod(args, monkeypatch, capsys):
 
 def test_routed_all_count_equals_a_hand_computation():
     # V = 6 vision, T = 5 text of which P = 2 before the image; layer 0 dense, layer 1 keeps half
-    result = count_flops(SMALL, [1.0, 0.5], vision_tokens=6, text_tokens=5, routed_tokens="all", prefix_text_tokens=2)
+    result = count_flops(
+        SMALL, [1.0, 0.5], vision_tokens=6, text_tokens=5, routed_tokens="all", prefix_text_tokens=2
+    )
     per_token = 2 * (4 * 8 * 8 + 3 * 8 * 16)  # q, k, v, o and gate, up, down: 1280
     # layer 1: the 3 question tokens pass, floor((6 + 2) * 0.5) = 4 of the 8 competing are kept
     assert [row.tokens for row in result.layers] == [11, 7]
@@ -77,9 +96,16 @@ def test_prefix_default_no_image_and_mod_layers_with_measured_ratio_one():
     # 23 question tokens pass, floor((576 + 35) / 2) = 305 competing are kept
     assert default.layers[8].tokens == 23 + 305
     # T below the default split: all text before the image competes
-    assert count_flops(SMALL, [1.0, 0.5], vision_tokens=6, text_tokens=5, routed_tokens="all").prefix_text_tokens == 5
+    assert (
+        count_flops(
+            SMALL, [1.0, 0.5], vision_tokens=6, text_tokens=5, routed_tokens="all"
+        ).prefix_text_tokens
+        == 5
+    )
     # no image: no last image token, nothing competes, every layer processes every token
-    no_image = count_flops(SMALL, [1.0, 0.5], vision_tokens=0, text_tokens=5, routed_tokens="all", prefix_text_tokens=2)
+    no_image = count_flops(
+        SMALL, [1.0, 0.5], vision_tokens=0, text_tokens=5, routed_tokens="all", prefix_text_tokens=2
+    )
     assert [row.tokens for row in no_image.layers] == [5, 5] and no_image.competing_tokens == 0
     # a MoD layer that measured 1.0 is still a MoD layer: it keeps everything and pays its router
     measured = count_flops(SMALL, [1.0, 1.0], vision_tokens=6, text_tokens=5, mod_layers=[1])
@@ -88,7 +114,14 @@ def test_prefix_default_no_image_and_mod_layers_with_measured_ratio_one():
     with pytest.raises(UserError, match="only compete when routed_tokens is 'all'"):
         count_flops(SMALL, [1.0, 0.5], prefix_text_tokens=3)
     with pytest.raises(UserError, match="between 0 and the 5 text tokens"):
-        count_flops(SMALL, [1.0, 0.5], vision_tokens=6, text_tokens=5, routed_tokens="all", prefix_text_tokens=6)
+        count_flops(
+            SMALL,
+            [1.0, 0.5],
+            vision_tokens=6,
+            text_tokens=5,
+            routed_tokens="all",
+            prefix_text_tokens=6,
+        )
 
 
 # ---- against real models ------------------------------------------------------------------
@@ -97,7 +130,13 @@ def test_prefix_default_no_image_and_mod_layers_with_measured_ratio_one():
 @pytest.mark.parametrize("layout", ["llava", "llava_next"])
 def test_predicted_kv_lengths_equal_the_real_cache_with_text_competing(layout):
     model, processor = tiny_model("llama", layout, layers=4)
-    apply_pmod(model, ratios=[0.5, 1.0, 0.3, 0.6], routed_tokens="all", masked_routing=True, shared_router=True)
+    apply_pmod(
+        model,
+        ratios=[0.5, 1.0, 0.3, 0.6],
+        routed_tokens="all",
+        masked_routing=True,
+        shared_router=True,
+    )
     randomize_routers(model, std=1.0)
     prompt = build_prompt(processor, "how many circles are there on the left side?")
     inputs = processor(text=[prompt], images=[random_image(70, 50, 3)], return_tensors="pt")
@@ -120,20 +159,36 @@ def test_predicted_kv_lengths_equal_the_real_cache_with_text_competing(layout):
     assert kv_cache_lengths(cache) == [[row.tokens] for row in predicted.layers]
     assert predicted.mod_layers == [0, 2, 3]
     # the helper of the training summary and eval report reads routed_tokens from the model
-    from_model = count_flops_for_model(model, vision_tokens=num_vision, text_tokens=num_text, prefix_text_tokens=prefix)
+    from_model = count_flops_for_model(
+        model, vision_tokens=num_vision, text_tokens=num_text, prefix_text_tokens=prefix
+    )
     assert from_model.routed_tokens == "all" and from_model.flops == predicted.flops
 
 
 def test_shared_router_count_equals_flop_counter_on_real_prefill():
     # tiny_prefill_inputs puts T // 2 text tokens before the image, the rest after it
-    model = AutoModelForImageTextToText.from_config(TINY_LLAVA.to_hf_config(), attn_implementation="eager").eval()
-    apply_pmod(model, ratios=[0.5, 1.0, 0.3, 0.6], routed_tokens="all", shared_router=True, router_input="normed")
+    model = AutoModelForImageTextToText.from_config(
+        TINY_LLAVA.to_hf_config(), attn_implementation="eager"
+    ).eval()
+    apply_pmod(
+        model,
+        ratios=[0.5, 1.0, 0.3, 0.6],
+        routed_tokens="all",
+        shared_router=True,
+        router_input="normed",
+    )
     measured, cache = measure(model, tiny_prefill_inputs(TINY_LLAVA))
     predicted = count_flops(
-        TINY_LLAVA, model.retention_ratios, dtype="fp32", routed_tokens="all", prefix_text_tokens=TINY_LLAVA.text_tokens // 2
+        TINY_LLAVA,
+        model.retention_ratios,
+        dtype="fp32",
+        routed_tokens="all",
+        prefix_text_tokens=TINY_LLAVA.text_tokens // 2,
     )
     # one shared Linear(d, 1), run by each of the 3 MoD layers over every token
-    assert predicted.components["routers"] == 3 * 2 * 64 * (TINY_LLAVA.text_tokens + TINY_LLAVA.vision_tokens)
+    assert predicted.components["routers"] == 3 * 2 * 64 * (
+        TINY_LLAVA.text_tokens + TINY_LLAVA.vision_tokens
+    )
     assert measured["paper"] == predicted.flops
     assert kv_cache_lengths(cache) == [[row.tokens] for row in predicted.layers]
 
@@ -191,7 +246,9 @@ def reference_ratios(checkpoint, data, num_samples):
     for sample in samples:
         question = sample["conversations"][0]["value"].replace("<image>", "").strip()
         image = Image.open(data.parent / sample["image"]).convert("RGB")
-        inputs = processor(text=[build_prompt(processor, question)], images=[image], return_tensors="pt")
+        inputs = processor(
+            text=[build_prompt(processor, question)], images=[image], return_tensors="pt"
+        )
         with torch.no_grad(), record_routing(model) as routing:
             model(**inputs)
         for layer, decision in routing.layers.items():
@@ -205,27 +262,56 @@ def reference_ratios(checkpoint, data, num_samples):
     return ratios, sorted(shares)
 
 
-def test_calibration_measures_the_threshold_ratios_record_routing_shows(checkpoints, monkeypatch, capsys):
+def test_calibration_measures_the_threshold_ratios_record_routing_shows(
+    checkpoints, monkeypatch, capsys
+):
     checkpoint, data = checkpoints / "threshold", checkpoints / "calib.json"
     code, out, err = run_pmod(
-        ["flops", "--config", checkpoint, "--calibration", data, "--calibration-samples", 2, "--json"], monkeypatch, capsys
+        [
+            "flops",
+            "--config",
+            checkpoint,
+            "--calibration",
+            data,
+            "--calibration-samples",
+            2,
+            "--json",
+        ],
+        monkeypatch,
+        capsys,
     )
     assert code == 0, err
     report = json.loads(out)
     expected, mod_layers = reference_ratios(checkpoint, data, 2)
-    assert report["retention_ratios"] == pytest.approx(expected, abs=1e-12)
-    assert report["mod_layers"] == mod_layers == [1, 2, 3]
+    assert report["plans"][0]["retention_ratios"] == pytest.approx(expected, abs=1e-12)
+    assert report["plans"][0]["mod_layers"] == mod_layers == [1, 2, 3]
     # a threshold decision, not top-k: the measured shares are not the schedule's
-    assert report["retention_ratios"] != PMoDConfig(beta=0.5).retention_ratios(4)
-    assert report["ratios_source"] == "ratios measured on 2 calibration samples (threshold routing)"
-    assert report["calibration"]["samples"] == 2 and report["inference_routing"] == "threshold"
-    assert report["routed_tokens"] == "all" and report["prefix_text_tokens"] == DEFAULT_PREFIX_TEXT_TOKENS
+    assert report["plans"][0]["retention_ratios"] != PMoDConfig(beta=0.5).retention_ratios(4)
+    assert (
+        report["plans"][0]["ratios_source"]
+        == "ratios measured on 2 calibration samples (threshold routing)"
+    )
+    assert (
+        report["plans"][0]["calibration"]["samples"] == 2
+        and report["inference_routing"] == "threshold"
+    )
+    assert (
+        report["routed_tokens"] == "all"
+        and report["prefix_text_tokens"] == DEFAULT_PREFIX_TEXT_TOKENS
+    )
     # the count uses the measured ratios, with every MoD layer's router
     shape = shape_from_hf_config(AutoModelForImageTextToText.from_pretrained(checkpoint).config)
-    counted = count_flops(shape, expected, mod_layers=mod_layers, text_tokens=58, routed_tokens="all")
-    assert report["flops"] == counted.flops and report["kv_cache_bytes"] == counted.kv_cache_bytes
+    counted = count_flops(
+        shape, expected, mod_layers=mod_layers, text_tokens=58, routed_tokens="all"
+    )
+    assert (
+        report["plans"][0]["flops"] == counted.flops
+        and report["plans"][0]["kv_cache_bytes"] == counted.kv_cache_bytes
+    )
 
-    code, out, err = run_pmod(["flops", "--config", checkpoint, "--calibration", data], monkeypatch, capsys)
+    code, out, err = run_pmod(
+        ["flops", "--config", checkpoint, "--calibration", data], monkeypatch, capsys
+    )
     assert code == 0, err
     assert "ratios measured on 3 calibration samples (threshold routing)" in out
     assert "p-MoD (measured ratios)" in out and "kept competing" in out
@@ -240,21 +326,30 @@ def test_threshold_routing_without_calibration_is_one_line_error(checkpoints, mo
 
 
 def test_mod_layers_list_and_routed_tokens_from_the_config(checkpoints, monkeypatch, capsys):
-    code, out, err = run_pmod(["flops", "--config", checkpoints / "listed", "--json"], monkeypatch, capsys)
+    code, out, err = run_pmod(
+        ["flops", "--config", checkpoints / "listed", "--json"], monkeypatch, capsys
+    )
     assert code == 0, err
     report = json.loads(out)
-    assert report["mod_layers"] == [1, 3] and report["routed_tokens"] == "all"
+    assert report["plans"][0]["mod_layers"] == [1, 3] and report["routed_tokens"] == "all"
     ratios = PMoDConfig(schedule="constant", beta=0.4, mod_layers=[1, 3]).retention_ratios(4)
-    assert report["retention_ratios"] == ratios
-    expected = count_flops(read_model_shape(checkpoints / "listed"), ratios, text_tokens=58, routed_tokens="all")
-    assert report["flops"] == expected.flops and report["prefix_text_tokens"] == DEFAULT_PREFIX_TEXT_TOKENS
+    assert report["plans"][0]["retention_ratios"] == ratios
+    expected = count_flops(
+        read_model_shape(checkpoints / "listed"), ratios, text_tokens=58, routed_tokens="all"
+    )
+    assert (
+        report["plans"][0]["flops"] == expected.flops
+        and report["prefix_text_tokens"] == DEFAULT_PREFIX_TEXT_TOKENS
+    )
     code, out, _ = run_pmod(
-        ["flops", "--config", checkpoints / "listed", "--prefix-text-tokens", "10", "--json"], monkeypatch, capsys
+        ["flops", "--config", checkpoints / "listed", "--prefix-text-tokens", "10", "--json"],
+        monkeypatch,
+        capsys,
     )
     report_10 = json.loads(out)
     assert report_10["prefix_text_tokens"] == 10
     # fewer competing text tokens: more tokens pass every MoD layer
-    assert report_10["flops"] > report["flops"]
+    assert report_10["plans"][0]["flops"] > report["plans"][0]["flops"]
 
 
 @pytest.mark.parametrize(
@@ -263,18 +358,54 @@ def test_mod_layers_list_and_routed_tokens_from_the_config(checkpoints, monkeypa
         (["--calibration", "{data}"], "give --config CHECKPOINT_DIR"),
         (["--config", "{threshold}", "--calibration", "{data}", "--beta", "0.3"], "drop --beta"),
         (["--config", "{threshold}", "--calibration", "{root}/nowhere.json"], "calibration file"),
-        (["--config", "{threshold}/config.json", "--calibration", "{data}"], "checkpoint directory with weights"),
-        (["--config", "{threshold}", "--calibration", "{data}", "--calibration-samples", "0"], "at least 1"),
+        (
+            ["--config", "{threshold}/config.json", "--calibration", "{data}"],
+            "checkpoint directory with weights",
+        ),
+        (
+            ["--config", "{threshold}", "--calibration", "{data}", "--calibration-samples", "0"],
+            "at least 1",
+        ),
         (["--calibration-samples", "4"], "only applies with --calibration"),
         (["--prefix-text-tokens", "10"], "add --routed-tokens all"),
         (["--routed-tokens", "text"], "--routed-tokens must be one of vision, all"),
-        (["--routed-tokens", "all", "--prefix-text-tokens", "80"], "--prefix-text-tokens 80 is more than the 58 text tokens"),
+        (
+            ["--routed-tokens", "all", "--prefix-text-tokens", "80"],
+            "--prefix-text-tokens 80 is more than the 58 text tokens",
+        ),
     ],
 )
-def test_bad_gamma_flags_end_in_one_line_and_exit_2(args, message, checkpoints, monkeypatch, capsys):
-    paths = {"data": checkpoints / "calib.json", "threshold": checkpoints / "threshold", "root": checkpoints}
+def test_bad_gamma_flags_end_in_one_line_and_exit_2(
+    args, message, checkpoints, monkeypatch, capsys
+):
+    paths = {
+        "data": checkpoints / "calib.json",
+        "threshold": checkpoints / "threshold",
+        "root": checkpoints,
+    }
     code, out, err = run_pmod(["flops", *(a.format(**paths) for a in args)], monkeypatch, capsys)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert message in lines[0]
+
+
+def test_calibration_takes_a_tiny_name(checkpoints, monkeypatch, capsys):
+    code, out, err = run_pmod(
+        ["flops", "--config", checkpoints / "threshold", "--calibration", "tiny:shapes/heldout.json",
+         "--calibration-samples", 2, "--device", "cpu", "--json"],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    calibration = json.loads(out)["plans"][0]["calibration"]
+    assert calibration["data"] == str(resolve_tiny_path("tiny:shapes/heldout.json"))
+    assert calibration["samples"] == 2
+
+
+def test_device_without_calibration_is_a_user_error(checkpoints, monkeypatch, capsys):
+    code, out, err = run_pmod(["flops", "--device", "cpu"], monkeypatch, capsys)
+    assert (
+        code == 2
+        and out == ""
+        and err.startswith("error: --device only applies with --calibration")
+    )

@@ -11,10 +11,18 @@ from transformers import AutoModelForImageTextToText
 from pmod_cli import apply_pmod, record_routing
 from pmod_cli.model import kv_cache_lengths
 
-GAMMA = dict(shared_router=True, router_input="normed", routed_tokens="all", masked_routing=True, aux_loss_coef=0.01)
+GAMMA = dict(
+    shared_router=True,
+    router_input="normed",
+    routed_tokens="all",
+    masked_routing=True,
+    aux_loss_coef=0.01,
+)
 OPTION_SETS = {
     "gamma-topk": dict(GAMMA, ratios=LAYER0_MOD),
-    "gamma-threshold": dict(GAMMA, ratios=LAYER0_MOD, inference_routing="threshold", routing_threshold=0.5),
+    "gamma-threshold": dict(
+        GAMMA, ratios=LAYER0_MOD, inference_routing="threshold", routing_threshold=0.5
+    ),
     "pmod-threshold": dict(beta=0.5, inference_routing="threshold", routing_threshold=0.4),
 }
 
@@ -33,7 +41,10 @@ def test_shared_router_is_one_set_of_parameters(tmp_path):
     assert len(mod_layers) == 3
     assert all(layer.active_router is text_model.pmod_shared_router for layer in mod_layers)
     router_params = [name for name, _ in model.named_parameters() if "router" in name]
-    assert router_params == ["model.language_model.pmod_shared_router.weight", "model.language_model.pmod_shared_router.bias"]
+    assert router_params == [
+        "model.language_model.pmod_shared_router.weight",
+        "model.language_model.pmod_shared_router.bias",
+    ]
     model.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     inputs = batch_inputs(processor)
@@ -67,7 +78,8 @@ def test_unmasked_routing_lets_every_text_token_compete_in_training():
     with record_routing(model) as routing:
         model(**inputs, labels=inputs["input_ids"])
     skipped_text = [
-        (~d.keep_mask & ~d.vision_mask & inputs["attention_mask"].bool()).any() for d in routing.layers.values()
+        (~d.keep_mask & ~d.vision_mask & inputs["attention_mask"].bool()).any()
+        for d in routing.layers.values()
     ]
     assert any(skipped_text)
 
@@ -98,7 +110,9 @@ def test_threshold_routing_keeps_tokens_above_the_threshold():
     kept_counts = set()
     for decision in routing.layers.values():
         last_image = torch.where(decision.vision_mask, positions, -1).max(dim=1).values
-        competing = real & (positions <= last_image[:, None])  # system prompt and image, at inference
+        competing = real & (
+            positions <= last_image[:, None]
+        )  # system prompt and image, at inference
         assert torch.equal(decision.keep_mask & ~competing, real & ~competing)
         above = torch.sigmoid(decision.logits) > 0.5
         assert torch.equal(decision.keep_mask & competing, above & competing)
@@ -109,7 +123,9 @@ def test_threshold_routing_keeps_tokens_above_the_threshold():
 @pytest.mark.parametrize("name", sorted(OPTION_SETS))
 def test_equivalences_hold_under_the_options(name):
     model, processor = converted(**OPTION_SETS[name])
-    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    kwargs = dict(
+        max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
     inputs = batch_inputs(processor)
     with torch.no_grad():
         cached = model.generate(**inputs, **kwargs)

@@ -24,7 +24,11 @@ def test_gamma_llava_1_5_is_the_published_setting(tmp_path):
     recipe = load_recipe(RECIPES / "gamma_llava_1_5.toml")
     config = recipe.pmod.config
     assert recipe.pmod.enabled and config.shared_router and config.masked_routing
-    assert (config.routed_tokens, config.router_input, config.inference_routing) == ("all", "normed", "threshold")
+    assert (config.routed_tokens, config.router_input, config.inference_routing) == (
+        "all",
+        "normed",
+        "threshold",
+    )
     assert config.aux_loss_coef == 0.01 and config.routing_threshold == 0.5
     # the released code: layers 0, 1, 2 and 31 dense, every other layer skips half its competing tokens
     ratios = config.retention_ratios(32)
@@ -62,7 +66,10 @@ def test_gamma_tiny_trains_end_to_end(tmp_path):
     assert mod_layer_indices(model) == [0, 3, 4, 5]
     # one router for all MoD layers, and training moved it off its zero initialisation
     routers = {name: p for name, p in model.named_parameters() if "router" in name}
-    assert sorted(routers) == ["model.language_model.pmod_shared_router.bias", "model.language_model.pmod_shared_router.weight"]
+    assert sorted(routers) == [
+        "model.language_model.pmod_shared_router.bias",
+        "model.language_model.pmod_shared_router.weight",
+    ]
     assert routers["model.language_model.pmod_shared_router.weight"].abs().sum() > 0
 
     # the trained checkpoint answers under threshold routing
@@ -71,7 +78,11 @@ def test_gamma_tiny_trains_end_to_end(tmp_path):
     from pmod_cli.data.prompts import build_prompt
 
     image = Image.new("RGB", (112, 112), "red")
-    inputs = processor(text=[build_prompt(processor, "What colour is the square?")], images=[image], return_tensors="pt")
+    inputs = processor(
+        text=[build_prompt(processor, "What colour is the square?")],
+        images=[image],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
@@ -84,18 +95,29 @@ def test_recipe_takes_its_mod_layers_from_an_arank_result_file(tmp_path):
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     result = tmp_path / "arank.json"
     # 6 layers (the tiny LLM); ARank proposes MoD in layers 1, 3, 5
-    ARankResult(model="tiny", samples=4, arank=[9.0, 2.0, 8.0, 1.0, 7.0, 3.0], dense_layers=[0, 2, 4],
-                mod_layers=[1, 3, 5]).save(result)
+    ARankResult(
+        model="tiny",
+        samples=4,
+        arank=[9.0, 2.0, 8.0, 1.0, 7.0, 3.0],
+        dense_layers=[0, 2, 4],
+        mod_layers=[1, 3, 5],
+    ).save(result)
     overrides = [f"pmod.mod_layers_from={result}", "pmod.schedule=constant", "pmod.beta=0.5"]
     recipe = load_recipe(recipes / "tiny.toml", overrides)
     plan = make_training_plan("sft", recipe)
     assert plan.retention_ratios == [1.0, 0.5, 1.0, 0.5, 1.0, 0.5]
     # the resolved recipe (saved with every checkpoint) names the layers, not the file
-    assert "mod_layers = [1, 3, 5]" in recipe.to_toml() and "mod_layers_from" not in recipe.to_toml()
+    assert (
+        "mod_layers = [1, 3, 5]" in recipe.to_toml() and "mod_layers_from" not in recipe.to_toml()
+    )
 
     with pytest.raises(UserError, match="not both"):
         load_recipe(recipes / "tiny.toml", [*overrides, "pmod.mod_layers=[1]"])
     wrong_size = tmp_path / "arank8.json"
-    ARankResult(model="other", samples=4, arank=[1.0] * 8, dense_layers=[0], mod_layers=list(range(1, 8))).save(wrong_size)
+    ARankResult(
+        model="other", samples=4, arank=[1.0] * 8, dense_layers=[0], mod_layers=list(range(1, 8))
+    ).save(wrong_size)
     with pytest.raises(UserError, match="8-layer model but this model has 6 layers"):
-        make_training_plan("sft", load_recipe(recipes / "tiny.toml", [f"pmod.mod_layers_from={wrong_size}"]))
+        make_training_plan(
+            "sft", load_recipe(recipes / "tiny.toml", [f"pmod.mod_layers_from={wrong_size}"])
+        )

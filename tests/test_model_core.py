@@ -28,7 +28,10 @@ LAYER0_MOD = [0.5, 1.0, 0.3, 0.6]
 def batch_inputs(processor, indices=(0, 1)):
     images = [random_image(60, 40, 0), random_image(40, 90, 1)]
     return processor(
-        images=[images[i] for i in indices], text=[PROMPTS[i] for i in indices], return_tensors="pt", padding=True
+        images=[images[i] for i in indices],
+        text=[PROMPTS[i] for i in indices],
+        return_tensors="pt",
+        padding=True,
     )
 
 
@@ -59,7 +62,9 @@ def test_cached_generation_equals_uncached(text, layout, ratios):
     model, processor = pmod_model(text, layout, **overrides)
     inputs = batch_inputs(processor)  # two images of different sizes, left-padded
     assert inputs["attention_mask"].min() == 0
-    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    kwargs = dict(
+        max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
     with torch.no_grad():
         cached = model.generate(**inputs, use_cache=True, **kwargs)
         uncached = model.generate(**inputs, use_cache=False, **kwargs)
@@ -71,7 +76,9 @@ def test_cached_generation_equals_uncached(text, layout, ratios):
 @pytest.mark.parametrize("text,layout", COMBOS)
 def test_sample_alone_equals_sample_in_batch(text, layout):
     model, processor = pmod_model(text, layout, ratios=LAYER0_MOD)
-    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    kwargs = dict(
+        max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
     with torch.no_grad():
         batched = model.generate(**batch_inputs(processor), **kwargs)
         for index in (0, 1):
@@ -90,13 +97,21 @@ def test_kv_cache_lengths_follow_the_formula(text, layout):
     real_text = (inputs["attention_mask"].sum(1) - torch.tensor(vision)).tolist()
     new_tokens = 3
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
     lengths = kv_cache_lengths(out.past_key_values)
     # the last generated token is not yet in the cache
     for layer, ratio in enumerate(LAYER0_MOD):
         if ratio < 1.0:
-            expected = [t + kept_count(v, ratio) + new_tokens - 1 for t, v in zip(real_text, vision, strict=True)]
+            expected = [
+                t + kept_count(v, ratio) + new_tokens - 1
+                for t, v in zip(real_text, vision, strict=True)
+            ]
             assert lengths[layer] == expected, f"layer {layer}"
         else:
             assert lengths[layer] == [inputs["input_ids"].shape[1] + new_tokens - 1] * 2
@@ -192,7 +207,9 @@ def test_checkpoint_does_not_load_as_dense_without_pmod(tmp_path):
         f"try:\n    AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r})\n"
         "except Exception as err:\n    print('refused', type(err).__name__); sys.exit(0)\nsys.exit(1)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "refused" in result.stdout, result.stdout + result.stderr
 
 
@@ -217,7 +234,11 @@ def test_eager_and_sdpa_agree():
         inputs = batch_inputs(processor)
         with torch.no_grad():
             results[attn] = model.generate(
-                **inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True
+                **inputs,
+                max_new_tokens=4,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
             )
     assert torch.equal(results["eager"].sequences, results["sdpa"].sequences)
     for a, b in zip(results["eager"].logits, results["sdpa"].logits, strict=True):
@@ -243,7 +264,9 @@ def test_routing_keeps_top_scored_vision_tokens_and_all_text():
     assert set(routing.layers) == {i for i, r in enumerate(model.retention_ratios) if r < 1}
     for decision in routing.layers.values():
         assert torch.equal(decision.vision_mask, vision)
-        assert torch.equal(decision.keep_mask & ~vision, real & ~vision)  # text always passes, padding never
+        assert torch.equal(
+            decision.keep_mask & ~vision, real & ~vision
+        )  # text always passes, padding never
         for b in range(2):
             kept_scores = decision.logits[b][decision.keep_mask[b] & vision[b]]
             skipped_scores = decision.logits[b][~decision.keep_mask[b] & vision[b]]
@@ -271,8 +294,15 @@ def test_weight_norms_and_reweight_targets():
 
 
 def test_apply_pmod_rejects_unsupported_models():
-    text_only = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, vocab_size=100))
+    text_only = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=100,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
         apply_pmod(text_only)
     with pytest.raises(ValueError, match="schedule"):
@@ -287,7 +317,9 @@ def test_public_api():
 def test_mod_layer_equals_the_hf_layer_run_on_the_kept_tokens(text, layout):
     """Reference: the untouched HF layer on the kept subset (original positions), skipped tokens as they are."""
     model, processor = tiny_model(text, layout)
-    apply_pmod(model, ratios=[1.0, 0.5, 1.0, 1.0])  # fresh router: w = 1, ties keep the earliest tokens
+    apply_pmod(
+        model, ratios=[1.0, 0.5, 1.0, 1.0]
+    )  # fresh router: w = 1, ties keep the earliest tokens
     inputs = batch_inputs(processor, (1,))
     with torch.no_grad():
         states = model(**inputs, output_hidden_states=True).hidden_states
@@ -301,7 +333,10 @@ def test_mod_layer_equals_the_hf_layer_run_on_the_kept_tokens(text, layout):
         base_forward = type(layer).__bases__[1].forward.__wrapped__
         subset = entering[keep][None]
         expected_kept = base_forward(
-            layer, subset, attention_mask=None, position_ids=positions,
+            layer,
+            subset,
+            attention_mask=None,
+            position_ids=positions,
             position_embeddings=text_model.rotary_emb(subset, positions),
         )[0]
     assert torch.allclose(leaving[keep], expected_kept, atol=1e-5)

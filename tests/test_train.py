@@ -43,8 +43,16 @@ def pretrained(tmp_path_factory) -> Path:
     mp = pytest.MonkeyPatch()
     try:
         mp.chdir(ROOT)
-        run_cli(mp, "pretrain", "recipes/tiny_pretrain.toml", "--set", "train.max_steps=3", "--set", f"train.output_dir={output}",
-                *sum((["--set", o] for o in FAST), []))
+        run_cli(
+            mp,
+            "pretrain",
+            "recipes/tiny_pretrain.toml",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            f"train.output_dir={output}",
+            *sum((["--set", o] for o in FAST), []),
+        )
     finally:
         mp.undo()
     return output
@@ -53,7 +61,12 @@ def pretrained(tmp_path_factory) -> Path:
 def sft_recipe(output: Path, pretrained: Path, *overrides: str):
     return load_recipe(
         ROOT / "recipes" / "tiny.toml",
-        [f"train.output_dir={output}", f"model.pretrained_connector={pretrained}", *FAST, *overrides],
+        [
+            f"train.output_dir={output}",
+            f"model.pretrained_connector={pretrained}",
+            *FAST,
+            *overrides,
+        ],
     )
 
 
@@ -69,12 +82,18 @@ def test_pretrain_trains_only_the_connector(pretrained):
     # the connector is new (and trained); the vision tower and the LLM are untouched
     assert changed and all("multi_modal_projector" in key for key in changed)
     summary = json.loads((pretrained / "summary.json").read_text())
-    assert summary["stage"] == "pretrain" and summary["kv_cache_ratio"] == 1.0 and not summary["pmod"]
+    assert (
+        summary["stage"] == "pretrain" and summary["kv_cache_ratio"] == 1.0 and not summary["pmod"]
+    )
 
 
 def test_sft_loads_the_pretrained_connector(pretrained, tmp_path):
     model, _ = build_model(sft_recipe(tmp_path, pretrained), "sft")
-    saved = {k.split("multi_modal_projector.", 1)[1]: v for k, v in weights(pretrained).items() if "multi_modal_projector" in k}
+    saved = {
+        k.split("multi_modal_projector.", 1)[1]: v
+        for k, v in weights(pretrained).items()
+        if "multi_modal_projector" in k
+    }
     for name, parameter in model.model.multi_modal_projector.named_parameters():
         assert torch.equal(parameter.detach(), saved[name])
     trainable = {part_of(n) for n, p in model.named_parameters() if p.requires_grad}
@@ -84,8 +103,18 @@ def test_sft_loads_the_pretrained_connector(pretrained, tmp_path):
 def test_tiny_sft_end_to_end(pretrained, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     output = tmp_path / "sft"
-    run_cli(monkeypatch, "sft", "recipes/tiny.toml", "--set", "train.max_steps=12", "--set", f"train.output_dir={output}",
-            "--set", f"model.pretrained_connector={pretrained}", *sum((["--set", o] for o in FAST), []))
+    run_cli(
+        monkeypatch,
+        "sft",
+        "recipes/tiny.toml",
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        f"train.output_dir={output}",
+        "--set",
+        f"model.pretrained_connector={pretrained}",
+        *sum((["--set", o] for o in FAST), []),
+    )
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["samples"] == 96 and summary["pmod"]
     assert summary["final_loss"] < summary["first_loss"] - 1.0  # the SFT loss clearly falls
@@ -120,7 +149,9 @@ def test_resume_continues_exactly(pretrained, tmp_path):
     steps = ["train.max_steps=6", "train.save_steps=3"]
     uninterrupted = sft(sft_recipe(tmp_path / "a", pretrained, *steps))
     sft(sft_recipe(tmp_path / "b", pretrained, *steps), callbacks=[StopAfter(3)])
-    assert (tmp_path / "b" / "checkpoint-3").is_dir() and not (tmp_path / "b" / "checkpoint-6").exists()
+    assert (tmp_path / "b" / "checkpoint-3").is_dir() and not (
+        tmp_path / "b" / "checkpoint-6"
+    ).exists()
     resumed = sft(sft_recipe(tmp_path / "b", pretrained, *steps), resume=True)
 
     expected = dict(uninterrupted.losses)
@@ -149,7 +180,13 @@ class PoisonAfter(TrainerCallback):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pretrained, tmp_path):
-    recipe = sft_recipe(tmp_path, pretrained, "train.max_steps=6", "train.save_steps=2", "train.overwrite_output_dir=false")
+    recipe = sft_recipe(
+        tmp_path,
+        pretrained,
+        "train.max_steps=6",
+        "train.save_steps=2",
+        "train.overwrite_output_dir=false",
+    )
     # a staging folder left by a crashed run is not reused for the same step
     leftover = tmp_path / ".incomplete" / "checkpoint-2"
     leftover.mkdir(parents=True)
@@ -198,9 +235,15 @@ def test_seed_fixes_the_fresh_connector(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "build_model", build_and_stop)
 
     def fresh_connector(seed: int) -> torch.Tensor:
-        recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [
-            f"train.output_dir={tmp_path}", "model.pretrained_connector=", f"train.seed={seed}", *FAST,
-        ])
+        recipe = load_recipe(
+            ROOT / "recipes" / "tiny.toml",
+            [
+                f"train.output_dir={tmp_path}",
+                "model.pretrained_connector=",
+                f"train.seed={seed}",
+                *FAST,
+            ],
+        )
         with pytest.raises(Initialised) as stopped:
             sft(recipe)
         return stopped.value.args[0]
@@ -234,11 +277,21 @@ class FakeTrainer:
 def test_publish_model_replaces_a_whole_model_or_nothing(tmp_path):
     publish_model(FakeTrainer({"config.json": "old", "model.safetensors": "old"}), tmp_path)
     # a sharded save replaces the single file; config.json comes last
-    publish_model(FakeTrainer({
-        "config.json": "new", "model-00001-of-00002.safetensors": "new", "model-00002-of-00002.safetensors": "new",
-        "model.safetensors.index.json": "new",
-    }), tmp_path)
-    assert not (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").read_text() == "new"
+    publish_model(
+        FakeTrainer(
+            {
+                "config.json": "new",
+                "model-00001-of-00002.safetensors": "new",
+                "model-00002-of-00002.safetensors": "new",
+                "model.safetensors.index.json": "new",
+            }
+        ),
+        tmp_path,
+    )
+    assert (
+        not (tmp_path / "model.safetensors").exists()
+        and (tmp_path / "config.json").read_text() == "new"
+    )
     assert not (tmp_path / ".incomplete").exists()
     # no weights saved (e.g. ZeRO-3 without gathering them): the model in place is left alone
     with pytest.raises(UserError, match="no model weights"):
@@ -248,7 +301,9 @@ def test_publish_model_replaces_a_whole_model_or_nothing(tmp_path):
 
 
 def _agree(rank: int, world_size: int, port: int, results) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         results.put((rank, on_every_rank(rank != 1, "cpu"), on_every_rank(True, "cpu")))
     finally:
@@ -259,7 +314,9 @@ def test_non_finite_check_agrees_across_ranks():
     """One rank's NaN stops every rank (none is left waiting in a collective)."""
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_agree, args=(rank, 2, 29641, results)) for rank in range(2)]
+    processes = [
+        context.Process(target=_agree, args=(rank, 2, 29641, results)) for rank in range(2)
+    ]
     for process in processes:
         process.start()
     found = sorted(results.get(timeout=120) for _ in processes)
@@ -269,18 +326,37 @@ def test_non_finite_check_agrees_across_ranks():
 
 
 def test_dense_baseline_and_llava_next_anyres(tmp_path):
-    dense = sft(load_recipe(ROOT / "recipes" / "tiny.toml", [
-        f"train.output_dir={tmp_path / 'dense'}", "model.pretrained_connector=", "pmod.enabled=false",
-        "train.max_steps=2", *FAST,
-    ]))
+    dense = sft(
+        load_recipe(
+            ROOT / "recipes" / "tiny.toml",
+            [
+                f"train.output_dir={tmp_path / 'dense'}",
+                "model.pretrained_connector=",
+                "pmod.enabled=false",
+                "train.max_steps=2",
+                *FAST,
+            ],
+        )
+    )
     assert json.loads((tmp_path / "dense" / "config.json").read_text())["model_type"] == "llava"
     assert dense.summary["flops_ratio"] == 1.0
 
     # a LLaVA-NeXT checkpoint, anyres images of several shapes, p-MoD on
-    next_ = sft(load_recipe(ROOT / "recipes" / "tiny.toml", [
-        f"train.output_dir={tmp_path / 'next'}", "model.vision_tower=", "model.llm=", "model.pretrained_connector=",
-        "model.checkpoint=tiny:base_next", "data.image_aspect_ratio=anyres", "train.max_steps=2", *FAST,
-    ]))
+    next_ = sft(
+        load_recipe(
+            ROOT / "recipes" / "tiny.toml",
+            [
+                f"train.output_dir={tmp_path / 'next'}",
+                "model.vision_tower=",
+                "model.llm=",
+                "model.pretrained_connector=",
+                "model.checkpoint=tiny:base_next",
+                "data.image_aspect_ratio=anyres",
+                "train.max_steps=2",
+                *FAST,
+            ],
+        )
+    )
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "next")
     assert type(model).__name__ == "PMoDLlavaNextForConditionalGeneration"
     assert next_.summary["mean_vision_tokens"] > 16  # base crop plus high-res crops
@@ -300,14 +376,30 @@ def test_zero3_sft_with_text_only_micro_batches_on_two_cpu_processes(pretrained,
     data.write_text(json.dumps(records))
     output = tmp_path / "z3"
     overrides = [
-        "train.deepspeed=zero3", "train.max_steps=3", "train.save_steps=3", "train.global_batch_size=2",
-        "train.per_device_batch_size=1", "train.logging_steps=1", f"train.output_dir={output}",
-        f"model.pretrained_connector={pretrained}", f"data.path={data}",
+        "train.deepspeed=zero3",
+        "train.max_steps=3",
+        "train.save_steps=3",
+        "train.global_batch_size=2",
+        "train.per_device_batch_size=1",
+        "train.logging_steps=1",
+        f"train.output_dir={output}",
+        f"model.pretrained_connector={pretrained}",
+        f"data.path={data}",
         f"data.image_folder={resolve_tiny_path('tiny:shapes/images')}",
     ]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29634",
-        "-m", "pmod_cli", "sft", str(ROOT / "recipes" / "tiny.toml"), *sum((["--set", o] for o in overrides), []),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29634",
+        "-m",
+        "pmod_cli",
+        "sft",
+        str(ROOT / "recipes" / "tiny.toml"),
+        *sum((["--set", o] for o in overrides), []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -322,21 +414,42 @@ def test_zero3_sft_with_text_only_micro_batches_on_two_cpu_processes(pretrained,
 def test_deepspeed_zero2_on_two_cpu_processes(pretrained, tmp_path):
     output = tmp_path / "ds"
     overrides = [
-        "train.deepspeed=zero2", "train.max_steps=2", "train.save_steps=2", "train.global_batch_size=8",
-        "train.per_device_batch_size=4", "train.logging_steps=1", f"train.output_dir={output}",
+        "train.deepspeed=zero2",
+        "train.max_steps=2",
+        "train.save_steps=2",
+        "train.global_batch_size=8",
+        "train.per_device_batch_size=4",
+        "train.logging_steps=1",
+        f"train.output_dir={output}",
     ]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
-        "-m", "pmod_cli.cli", "pretrain", str(ROOT / "recipes" / "tiny_pretrain.toml"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29633",
+        "-m",
+        "pmod_cli.cli",
+        "pretrain",
+        str(ROOT / "recipes" / "tiny_pretrain.toml"),
         *sum((["--set", o] for o in overrides), []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # DeepSpeed logs through its own handler on stdout; pmod keeps stdout for results
+    assert not re.search(r"\] \[(INFO|WARNING)\] \[", result.stdout), result.stdout[-2000:]
+    if not torch.cuda.is_available():
+        assert "Setting accelerator to CPU" in result.stderr
     summary = json.loads((output / "summary.json").read_text())
     # 8 samples per step = 4 per process x 2 processes x 1 accumulation
     assert summary["processes"] == 2 and summary["samples"] == 16
     assert (output / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own optimizer shards
-    assert {p.name for p in (output / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert {p.name for p in (output / "checkpoint-2").glob("rng_state_*.pth")} == {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
     model = AutoModelForImageTextToText.from_pretrained(output)
     assert type(model).__name__ == "LlavaForConditionalGeneration"

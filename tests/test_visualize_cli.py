@@ -9,6 +9,7 @@ figure must outline exactly the bright regions of the image.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -36,7 +37,10 @@ def brightness_router_model(layout: str, first_layer_ratio: float):
             for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
                 linear.weight.zero_()
                 linear.bias.zero_()
-        for linear in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+        for linear in (
+            model.model.multi_modal_projector.linear_1,
+            model.model.multi_modal_projector.linear_2,
+        ):
             linear.weight.zero_()
             linear.weight[0, 0] = 1.0
             linear.bias.zero_()
@@ -75,8 +79,15 @@ def kept_rectangles(figure, label):
     axes = next(axes for axes in figure.axes if axes.get_label() == label)
     kept = next(c for c in axes.collections if c.get_gid() == "kept")
     return {
-        tuple(round(float(v), 2) for v in (p.vertices[:, 0].min(), p.vertices[:, 1].min(),
-                                           p.vertices[:, 0].max(), p.vertices[:, 1].max()))
+        tuple(
+            round(float(v), 2)
+            for v in (
+                p.vertices[:, 0].min(),
+                p.vertices[:, 1].min(),
+                p.vertices[:, 0].max(),
+                p.vertices[:, 1].max(),
+            )
+        )
         for p in kept.get_paths()
     }
 
@@ -84,8 +95,12 @@ def kept_rectangles(figure, label):
 def test_llava_figure_outlines_exactly_the_bright_patches(checkpoints, tmp_path):
     # 168x112 -> resized 84x56 -> centre crop 56: the crop covers original x 28..140 in 28-px patches.
     # bright: patch (row 1, col 2) and (row 3, col 0), plus a strip the crop cuts away
-    image = image_file(tmp_path / "two.png", 168, 112, [(84, 28, 112, 56), (28, 84, 56, 112), (0, 0, 20, 112)])
-    result = visualize_routing(image, checkpoint=checkpoints["llava"], layers="0,1", output=tmp_path / "out.png")
+    image = image_file(
+        tmp_path / "two.png", 168, 112, [(84, 28, 112, 56), (28, 84, 56, 112), (0, 0, 20, 112)]
+    )
+    result = visualize_routing(
+        image, checkpoint=checkpoints["llava"], layers="0,1", output=tmp_path / "out.png"
+    )
     assert result.output.exists()
     assert kept_rectangles(result.figure, "layer 0 image") == {(84, 28, 112, 56), (28, 84, 56, 112)}
     assert result.selection.layers[0].kept_count == 2 and result.selection.layers[1].is_dense
@@ -98,13 +113,26 @@ def test_llava_next_figure_outlines_the_bright_region_in_both_views(checkpoints,
     # row 2 spans original y (28-9)*56/38 .. (42-9)*56/38
     image = image_file(tmp_path / "wide.png", 168, 56, [(84, 28, 126, 42)])
     result = visualize_routing(
-        image, checkpoint=checkpoints["next"], layers=[0, 1], output=tmp_path / "out.png", matrix=True
+        image,
+        checkpoint=checkpoints["next"],
+        layers=[0, 1],
+        output=tmp_path / "out.png",
+        matrix=True,
     )
     assert kept_rectangles(result.figure, "layer 0 base") == {(84, 28, 126, 42)}
     row2 = (round(19 * 56 / 38, 2), round(33 * 56 / 38, 2))
-    assert kept_rectangles(result.figure, "layer 0 high-res") == {(84, row2[0], 105, row2[1]), (105, row2[0], 126, row2[1])}
+    assert kept_rectangles(result.figure, "layer 0 high-res") == {
+        (84, row2[0], 105, row2[1]),
+        (105, row2[0], 126, row2[1]),
+    }
     labels = {axes.get_label() for axes in result.figure.axes}
-    assert labels == {"layer 0 base", "layer 0 high-res", "layer 1 base", "layer 1 high-res", "matrix"}
+    assert labels == {
+        "layer 0 base",
+        "layer 0 high-res",
+        "layer 1 base",
+        "layer 1 high-res",
+        "matrix",
+    }
     with Image.open(result.output) as written:
         assert written.format == "PNG"
 
@@ -117,17 +145,37 @@ def run_cli(monkeypatch, capsys, *args):
     return exit_info.value.code, captured.out, captured.err
 
 
-def test_cli_prints_the_kept_table_and_writes_the_figure(checkpoints, tmp_path, monkeypatch, capsys):
+def test_cli_prints_the_kept_table_and_writes_the_figure(
+    checkpoints, tmp_path, monkeypatch, capsys
+):
     image = image_file(tmp_path / "two.png", 168, 112, [(84, 28, 112, 56), (28, 84, 56, 112)])
     output = tmp_path / "figs" / "routing.png"
     code, out, _ = run_cli(
-        monkeypatch, capsys, image, "--checkpoint", checkpoints["llava"], "--heatmap", "--matrix", "--output", output
+        monkeypatch,
+        capsys,
+        image,
+        "--checkpoint",
+        checkpoints["llava"],
+        "--heatmap",
+        "--matrix",
+        "--output",
+        output,
     )
     assert code == 0
     assert output.exists()
     rows = [line for line in out.splitlines() if "MoD" in line or "dense" in line]
     assert len(rows) == 2 and "2/16" in rows[0] and "16/16" in rows[1]
     assert f"figure written to {output}" in out
+
+    # --json: the same numbers as one object on stdout; -o is --output
+    code, out, err = run_cli(
+        monkeypatch, capsys, image, "--checkpoint", checkpoints["llava"], "-o", output,
+        "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["figure"] == str(output) and report["vision_tokens"] == 16
+    assert [(row["type"], row["kept"]) for row in report["layers"]] == [("MoD", 2), ("dense", 16)]
 
 
 @pytest.mark.parametrize(
@@ -136,12 +184,17 @@ def test_cli_prints_the_kept_table_and_writes_the_figure(checkpoints, tmp_path, 
         ("layer out of range", "layer 2 is out of range; the model has 2 decoder layers (0-1)"),
         ("missing image", "image not found"),
         ("unreadable image", "cannot read"),
-        ("no default checkpoint", "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml"),
+        (
+            "no default checkpoint",
+            "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml",
+        ),
         ("dense checkpoint", "not a p-MoD one"),
         ("bad output suffix", "use a .png"),
     ],
 )
-def test_user_errors_end_in_one_line_and_exit_code_2(case, message, checkpoints, tmp_path, monkeypatch, capsys):
+def test_user_errors_end_in_one_line_and_exit_code_2(
+    case, message, checkpoints, tmp_path, monkeypatch, capsys
+):
     image = image_file(tmp_path / "ok.png", 56, 56, [])
     args = [image, "--checkpoint", checkpoints["llava"], "--output", tmp_path / "out.png"]
     if case == "layer out of range":

@@ -22,7 +22,18 @@ from pmod_cli.visualization.patches import (
 )
 
 # (width, height): square, wide, tall, odd sizes, extreme ratios, larger than every pinpoint
-SIZES = [(56, 56), (168, 56), (56, 168), (100, 37), (37, 100), (250, 200), (57, 113), (113, 57), (20, 90), (90, 20)]
+SIZES = [
+    (56, 56),
+    (168, 56),
+    (56, 168),
+    (100, 37),
+    (37, 100),
+    (250, 200),
+    (57, 113),
+    (113, 57),
+    (20, 90),
+    (90, 20),
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,9 @@ def token_pixels(image_processor, image: Image.Image, patch_size: int, cells, ti
             crop = 1 + tile_row * tiles_wide + tile_col
         else:
             crop, row, col = 0, cell.row, cell.col
-        patch = values[crop][:, row * patch_size : (row + 1) * patch_size, col * patch_size : (col + 1) * patch_size]
+        patch = values[crop][
+            :, row * patch_size : (row + 1) * patch_size, col * patch_size : (col + 1) * patch_size
+        ]
         patch = np.rint((patch * std + mean) * 255)
         real = patch[2] > 128
         per_token.append((patch[0][real], patch[1][real]))
@@ -79,8 +92,11 @@ def assert_boxes_match_pixels(boxes, pixels, width: int, height: int, view_size:
             assert box is None, f"token {index}: a newline token got a box"
             continue
         xs, ys = seen
-        if box.x1 - box.x0 < 1 or box.y1 - box.y0 < 1:  # a patch of pure padding: empty box
-            assert len(xs) == 0, f"token {index}: image pixels in the patch of empty box {box}"
+        # every token keeps its rectangle, also over padding (where it reaches past the image)
+        assert box.x1 - box.x0 > 1 and box.y1 - box.y0 > 1, f"token {index}: empty box {box}"
+        full, box = box, box.on_image(height, width)
+        if box is None or box.x1 - box.x0 < 1 or box.y1 - box.y0 < 1:  # a patch of pure padding
+            assert len(xs) == 0, f"token {index}: image pixels in the patch of padding box {full}"
             continue
         assert len(xs), f"token {index}: no image pixel in the patch of box {box}"
         assert box.x0 - tol_x <= xs.min() <= box.x0 + tol_x, (index, box, xs.min())
@@ -99,10 +115,14 @@ def test_llava_next_boxes_match_the_processors_pixels(tiny_next, width, height):
         height, width, grid_pinpoints=GRID_PINPOINTS, tile_size=tile, cells_per_tile=tile // patch
     )
     cells = llava_next_cells(tile // patch, tile // patch, layout)
-    pixels = token_pixels(processor.image_processor, coordinate_image(width, height), patch, cells, layout.tiles_wide)
+    pixels = token_pixels(
+        processor.image_processor, coordinate_image(width, height), patch, cells, layout.tiles_wide
+    )
     assert_boxes_match_pixels(boxes, pixels, width, height, tile)
     # and as many tokens as the processor puts in the prompt
-    text = processor(images=coordinate_image(width, height), text="<image>\nhi", return_tensors="pt")
+    text = processor(
+        images=coordinate_image(width, height), text="<image>\nhi", return_tensors="pt"
+    )
     assert len(boxes) == int((text["input_ids"] == config.image_token_id).sum())
 
 
@@ -113,13 +133,18 @@ def test_llava_next_token_order_matches_hf_packing(tiny_next, width, height):
     config = model.config
     cells_per_tile = config.vision_config.image_size // config.vision_config.patch_size
     layout = anyres_layout(
-        height, width, grid_pinpoints=GRID_PINPOINTS, tile_size=config.vision_config.image_size,
+        height,
+        width,
+        grid_pinpoints=GRID_PINPOINTS,
+        tile_size=config.vision_config.image_size,
         cells_per_tile=cells_per_tile,
     )
     hidden = config.text_config.hidden_size
     tiles = layout.tiles_high * layout.tiles_wide
     features = torch.zeros(tiles + 1, cells_per_tile**2, hidden)  # (crops, patches, hidden)
-    rows, cols = torch.meshgrid(torch.arange(cells_per_tile), torch.arange(cells_per_tile), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(cells_per_tile), torch.arange(cells_per_tile), indexing="ij"
+    )
     features[0, :, 1], features[0, :, 2] = rows.flatten(), cols.flatten()
     for tile in range(tiles):  # tiles come in row-major order, as divide_to_patches cuts them
         tile_row, tile_col = divmod(tile, layout.tiles_wide)
@@ -133,8 +158,10 @@ def test_llava_next_token_order_matches_hf_packing(tiny_next, width, height):
     )
     ours = llava_next_cells(cells_per_tile, cells_per_tile, layout)
     expected = [
-        [0, cell.row, cell.col] if cell.view == BASE_VIEW
-        else [2, 0, 0] if cell.col is None
+        [0, cell.row, cell.col]
+        if cell.view == BASE_VIEW
+        else [2, 0, 0]
+        if cell.col is None
         else [1, cell.row, cell.col]
         for cell in ours
     ]
@@ -150,7 +177,9 @@ def test_llava_boxes_match_the_processors_pixels(tiny_llava, processor_kind, wid
     config = model.config
     patch, crop = config.vision_config.patch_size, config.vision_config.image_size
     if processor_kind == "clip_crop_smaller_than_resize":
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 70}, crop_size={"height": crop, "width": crop})
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 70}, crop_size={"height": crop, "width": crop}
+        )
     elif processor_kind == "llava_pad_to_square":  # the official LLaVA-1.5 "pad" aspect mode
         image_processor = LlavaImageProcessor(
             do_pad=True, size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}
@@ -158,13 +187,18 @@ def test_llava_boxes_match_the_processors_pixels(tiny_llava, processor_kind, wid
     else:
         image_processor = processor.image_processor
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     boxes = patch_boxes_for(processor, config, height, width)
     grid = crop // patch
     cells = [FeatureCell(IMAGE_VIEW, row, col) for row in range(grid) for col in range(grid)]
-    pixels = token_pixels(processor.image_processor, coordinate_image(width, height), patch, cells, 1)
+    pixels = token_pixels(
+        processor.image_processor, coordinate_image(width, height), patch, cells, 1
+    )
     assert_boxes_match_pixels(boxes, pixels, width, height, crop)
 
 
@@ -179,7 +213,12 @@ def test_llava_boxes_by_hand():
     # nothing maps into the cropped-away 28 px on either side
     assert min(box.x0 for box in boxes) == 28 and max(box.x1 for box in boxes) == 140
     with_cls = llava_patch_boxes(
-        112, 168, patch_size=14, size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, with_cls=True
+        112,
+        168,
+        patch_size=14,
+        size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56},
+        with_cls=True,
     )
     assert with_cls[0] is None and with_cls[1:] == boxes
 
@@ -204,7 +243,9 @@ def test_llava_next_boxes_by_hand(tiny_next):
     assert first.y0 == pytest.approx(5 * 56 / 38) and first.y1 == pytest.approx(19 * 56 / 38)
     row2_col5 = high_res[9 + 5]
     assert row2_col5.x0 == pytest.approx(105) and row2_col5.x1 == pytest.approx(126)
-    assert row2_col5.y0 == pytest.approx(19 * 56 / 38) and row2_col5.y1 == pytest.approx(33 * 56 / 38)
+    assert row2_col5.y0 == pytest.approx(19 * 56 / 38) and row2_col5.y1 == pytest.approx(
+        33 * 56 / 38
+    )
 
 
 @pytest.mark.parametrize(
@@ -221,3 +262,20 @@ def test_llava_next_boxes_by_hand(tiny_next):
 )
 def test_unpadded_window(height, width, map_size, rows, cols):
     assert unpadded_window(height, width, *map_size) == (rows, cols)
+
+
+def test_llava_pad_to_square_boxes_by_hand():
+    # 168x56 padded to 168x168 (56 px above and below), resized to 56x56: 4x4 patches of 42x42
+    boxes = llava_patch_boxes(
+        56, 168, patch_size=14, size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        pad_to_square=True,
+    )  # fmt: skip
+    rows = [
+        [(box.x0, box.y0, box.x1, box.y1) for box in boxes[row * 4 : row * 4 + 4]]
+        for row in range(4)
+    ]
+    # rows 0 and 3 are pure padding, above and below the image, at their full size
+    assert rows[0][1] == (42, -56, 84, -14) and rows[3][2] == (84, 70, 126, 112)
+    assert all(boxes[i].on_image(56, 168) is None for i in (*range(4), *range(12, 16)))
+    # rows 1 and 2 straddle the image edge: the on-image part is cut at it
+    assert rows[1][0] == (0, -14, 42, 28) and boxes[4].on_image(56, 168).y0 == 0

@@ -47,7 +47,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator(_CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     fast.image_token = IMAGE_TOKEN
@@ -74,7 +78,13 @@ def _text_config(text_model: str, vocab_size: int, pad_token_id: int, layers: in
     raise ValueError(text_model)
 
 
-def tiny_model(text_model: str = "llama", layout: str = "llava", layers: int = 4, attn: str = "sdpa", seed: int = 0):
+def tiny_model(
+    text_model: str = "llama",
+    layout: str = "llava",
+    layers: int = 4,
+    attn: str = "sdpa",
+    seed: int = 0,
+):
     """A random-weight LLaVA (``layout='llava'``) or LLaVA-NeXT model and its processor."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
@@ -101,14 +111,22 @@ def tiny_model(text_model: str = "llama", layout: str = "llava", layers: int = 4
         config = LlavaConfig(**common, image_seq_length=(BASE_IMAGE // PATCH) ** 2)
         model_class = LlavaForConditionalGeneration
         image_processor = CLIPImageProcessor(
-            size={"shortest_edge": BASE_IMAGE}, crop_size={"height": BASE_IMAGE, "width": BASE_IMAGE}
+            size={"shortest_edge": BASE_IMAGE},
+            crop_size={"height": BASE_IMAGE, "width": BASE_IMAGE},
         )
         processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
         )
     else:
-        config = LlavaNextConfig(**common, image_grid_pinpoints=GRID_PINPOINTS, image_seq_length=(BASE_IMAGE // PATCH) ** 2)
+        config = LlavaNextConfig(
+            **common,
+            image_grid_pinpoints=GRID_PINPOINTS,
+            image_seq_length=(BASE_IMAGE // PATCH) ** 2,
+        )
         model_class = LlavaNextForConditionalGeneration
         image_processor = LlavaNextImageProcessor(
             size={"shortest_edge": BASE_IMAGE},
@@ -116,8 +134,11 @@ def tiny_model(text_model: str = "llama", layout: str = "llava", layers: int = 4
             image_grid_pinpoints=GRID_PINPOINTS,
         )
         processor = LlavaNextProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
         )
     config.text_config._attn_implementation = attn
     model = model_class(config).eval()

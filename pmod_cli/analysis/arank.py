@@ -28,11 +28,8 @@ import torch
 from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import template_for_model
+from ..runtime import parse_dtype, resolve_device, torch_dtype
 from .questions import QuestionSet, open_image, read_image_questions
-
-# --dtype choices: the precision of the maps changes their numerical rank, so it is explicit
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
 
 # ---- the measure ------------------------------------------------------------------------
 
@@ -94,13 +91,17 @@ class AttentionRankMeter:
         # a MoD layer's maps cover its kept tokens, which fill the first slots of every row
         kept = self._routing.layers[layer_index].keep_mask.sum(dim=1)  # (batch,)
         if int(kept.max()) != queries:
-            raise RuntimeError(f"layer {layer_index}: {queries} attention rows but {int(kept.max())} kept tokens")
+            raise RuntimeError(
+                f"layer {layer_index}: {queries} attention rows but {int(kept.max())} kept tokens"
+            )
         return [torch.arange(int(count)) for count in kept]
 
     def _rank_layer(self, layer_index: int, module, args, output) -> None:
         attention = output[1]  # (batch, heads, queries, keys)
         if attention is None:
-            raise RuntimeError("the attention module returned no weights; load the model with attn_implementation='eager'")
+            raise RuntimeError(
+                "the attention module returned no weights; load the model with attn_implementation='eager'"
+            )
         for sample, slots in enumerate(self._token_slots(layer_index, attention.shape[-2])):
             slots = slots.to(attention.device)
             maps = attention[sample][:, slots][:, :, slots]  # (heads, n, n)
@@ -148,8 +149,12 @@ class ARankResult:
     arank: list[float]  # per decoder layer, mean over heads and samples
     dense_layers: list[int]  # proposed: the highest-ARank layers
     mod_layers: list[int]  # proposed: all the others
-    tokens: list[float] = field(default_factory=list)  # per layer, mean n of the n x n maps (kept tokens in MoD layers)
-    checkpoint_mod_layers: list[int] = field(default_factory=list)  # layers already MoD in the checkpoint
+    tokens: list[float] = field(
+        default_factory=list
+    )  # per layer, mean n of the n x n maps (kept tokens in MoD layers)
+    checkpoint_mod_layers: list[int] = field(
+        default_factory=list
+    )  # layers already MoD in the checkpoint
     dtype: str = ""  # precision of the attention maps
     skipped: int = 0  # samples of the data file passed over (no image, malformed conversation)
 
@@ -170,23 +175,32 @@ def load_arank_result(path: str | Path) -> ARankResult:
     """Read an ARank result file written by ``pmod arank --save``; a UserError if it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"ARank result file {path} does not exist; write one with `pmod arank CHECKPOINT --data FILE --save {path}`")
+        raise UserError(
+            f"ARank result file {path} does not exist; write one with `pmod arank CHECKPOINT --data FILE --save {path}`"
+        )
     try:
         values = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read {path} as JSON: {err}") from None
     missing = [key for key in RESULT_KEYS if not isinstance(values, dict) or key not in values]
     if missing:
-        raise UserError(f"{path} is not an ARank result file (missing {', '.join(missing)}); write one with `pmod arank --save`")
-    if not isinstance(values["arank"], list) or not all(isinstance(v, int | float) for v in values["arank"]):
+        raise UserError(
+            f"{path} is not an ARank result file (missing {', '.join(missing)}); write one with `pmod arank --save`"
+        )
+    if not isinstance(values["arank"], list) or not all(
+        isinstance(v, int | float) for v in values["arank"]
+    ):
         raise UserError(f"{path}: arank must be a list of numbers, one per decoder layer")
     num_layers = len(values["arank"])
     for key in ("dense_layers", "mod_layers", "checkpoint_mod_layers"):
         layers = values.get(key, [])
         if not isinstance(layers, list) or not all(
-            isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < num_layers for layer in layers
+            isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < num_layers
+            for layer in layers
         ):
-            raise UserError(f"{path}: {key} must be a list of layer indices in 0..{num_layers - 1}, got {layers!r}")
+            raise UserError(
+                f"{path}: {key} must be a list of layer indices in 0..{num_layers - 1}, got {layers!r}"
+            )
     known = {f.name for f in fields(ARankResult)}
     return ARankResult(**{key: value for key, value in values.items() if key in known})
 
@@ -210,19 +224,19 @@ def load_arank_layers(path: str | Path, num_layers: int | None = None) -> list[i
 
 
 def _check_counts(samples: int, batch_size: int, dense_layers: int) -> None:
-    for flag, value, least in (("--samples", samples, 1), ("--batch-size", batch_size, 1), ("--dense-layers", dense_layers, 0)):
+    for flag, value, least in (
+        ("--samples", samples, 1),
+        ("--batch-size", batch_size, 1),
+        ("--dense-layers", dense_layers, 0),
+    ):
         if value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
 
 
 def _num_decoder_layers(checkpoint: Path) -> int:
-    from transformers import AutoConfig
+    from ..model.loading import read_num_layers
 
-    # importing the model core registers the p-MoD model types with AutoConfig
-    from ..model.loading import read_model_type
-
-    read_model_type(checkpoint)
-    return AutoConfig.from_pretrained(checkpoint).text_config.num_hidden_layers
+    return read_num_layers(checkpoint)
 
 
 def measure_arank(
@@ -233,7 +247,7 @@ def measure_arank(
     samples: int = 16,
     batch_size: int = 4,
     dense_layers: int = 4,
-    dtype: str = "float32",
+    dtype: str = "fp32",  # the precision of the maps changes their numerical rank: explicit
     device: str | None = None,
     progress: bool = True,
 ) -> ARankResult:
@@ -246,13 +260,14 @@ def measure_arank(
     checkpoint, data = Path(resolve_name(checkpoint)), Path(resolve_name(data))
     image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
     _check_counts(samples, batch_size, dense_layers)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    dtype = parse_dtype(dtype)
     num_layers = _num_decoder_layers(checkpoint)
     propose_layers([0.0] * num_layers, dense_layers)  # fails on a bad K before the model loads
     question_set = read_image_questions(data, image_folder, samples)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype], attn_implementation="eager")
+    device = resolve_device(device)
+    model, processor = load_checkpoint(
+        checkpoint, device=device, dtype=torch_dtype(dtype), attn_implementation="eager"
+    )
     meter = AttentionRankMeter(model)
     _run_batches(meter, processor, question_set, batch_size, model.device, progress)
     aranks = meter.aranks()
@@ -270,15 +285,30 @@ def measure_arank(
     )
 
 
-def _run_batches(meter: AttentionRankMeter, processor, question_set: QuestionSet, batch_size: int, device, progress: bool) -> None:
+def _run_batches(
+    meter: AttentionRankMeter,
+    processor,
+    question_set: QuestionSet,
+    batch_size: int,
+    device,
+    progress: bool,
+) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     questions = question_set.questions
     template = template_for_model(meter.model)
-    columns = (TextColumn("ARank"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeElapsedColumn())
+    columns = (
+        TextColumn("ARank"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
+        TimeElapsedColumn(),
+    )
     # transient: an error midway leaves only its one line on stderr
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
+    with Progress(
+        *columns, console=Console(stderr=True), transient=True, disable=not progress
+    ) as bar:
         task = bar.add_task("ARank", total=len(questions))
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]

@@ -33,10 +33,14 @@ class ImageQuestion:
 @dataclass
 class QuestionSet:
     questions: list[ImageQuestion]
-    skipped: int  # samples passed over: no image, or a conversation or image field that cannot be parsed
+    skipped: (
+        int  # samples passed over: no image, or a conversation or image field that cannot be parsed
+    )
 
 
-def read_image_questions(data: str | Path, image_folder: str | Path | None, limit: int) -> QuestionSet:
+def read_image_questions(
+    data: str | Path, image_folder: str | Path | None, limit: int
+) -> QuestionSet:
     """The first ``limit`` usable samples of a LLaVA JSON / JSONL file, in file order.
 
     A sample needs a first user turn; a reply is not needed (question-only files do). Samples
@@ -50,7 +54,9 @@ def read_image_questions(data: str | Path, image_folder: str | Path | None, limi
     data = Path(data)
     folder = Path(image_folder) if image_folder is not None else default_image_folder(data)
     if image_folder is not None and not folder.is_dir():
-        raise UserError(f"image folder {folder} does not exist; pass the directory the data's image paths are relative to")
+        raise UserError(
+            f"image folder {folder} does not exist; pass the directory the data's image paths are relative to"
+        )
     if not data.is_file():
         raise UserError(f"data file {data} does not exist; pass --data, a LLaVA JSON or JSONL file")
     records = _quiet_load_records(data)
@@ -84,7 +90,9 @@ def read_image_questions(data: str | Path, image_folder: str | Path | None, limi
         question = turns[0].text.replace(IMAGE_PLACEHOLDER, "").strip()
         questions.append(ImageQuestion(sample_id(record, index), paths[0], question))
     if not questions:
-        raise UserError(f"{data} holds no sample with an image and a question ({skipped} samples skipped)")
+        raise UserError(
+            f"{data} holds no sample with an image and a question ({skipped} samples skipped)"
+        )
     return QuestionSet(questions, skipped)
 
 

@@ -16,7 +16,9 @@ MOD_COLOUR = "tab:orange"
 def arank_table(result: ARankResult) -> Table:
     """Layer, ARank, mean map size, the checkpoint's layer type (p-MoD only) and the proposal."""
     already_mod = set(result.checkpoint_mod_layers)
-    table = Table(title=f"ARank per layer: {result.model}, {result.samples} samples, {result.dtype} maps")
+    table = Table(
+        title=f"ARank per layer: {result.model}, {result.samples} samples, {result.dtype} maps"
+    )
     table.add_column("layer", justify="right")
     table.add_column("ARank", justify="right")
     table.add_column("tokens", justify="right")
@@ -36,7 +38,9 @@ def arank_table(result: ARankResult) -> Table:
     )
     tied = tied_at_cut(result)
     if tied:
-        table.caption += f"; layers {format_layers(tied)} tie at the cut, the earlier ones stay dense"
+        table.caption += (
+            f"; layers {format_layers(tied)} tie at the cut, the earlier ones stay dense"
+        )
     return table
 
 
@@ -58,7 +62,9 @@ def format_layers(layers: list[int]) -> str:
             runs[-1].append(layer)
         else:
             runs.append([layer])
-    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs) or "none"
+    return (
+        ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs) or "none"
+    )
 
 
 def check_plot_path(path: str | Path) -> Path:
@@ -68,11 +74,15 @@ def check_plot_path(path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in FigureCanvasAgg.get_supported_filetypes():
-        raise UserError(f"--output {path}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name")
+        raise UserError(
+            f"--output {path}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name"
+        )
     return path
 
 
-def report_arank(result: ARankResult, output: str | Path, save: str | Path | None = None, as_json: bool = False) -> None:
+def report_arank(
+    result: ARankResult, output: str | Path, save: str | Path | None = None, as_json: bool = False
+) -> None:
     """Draw the plot, write the result file if asked, and print the table (or one JSON object)."""
     import json
 
@@ -81,18 +91,26 @@ def report_arank(result: ARankResult, output: str | Path, save: str | Path | Non
     plot = plot_arank(result, output)
     saved = result.save(save) if save is not None else None
     if as_json:
-        print(json.dumps({**result.to_dict(), "plot": str(plot), "saved": str(saved) if saved else None}))
+        print(
+            json.dumps(
+                {**result.to_dict(), "plot": str(plot), "saved": str(saved) if saved else None}
+            )
+        )
         return
     console = Console()
     console.print(arank_table(result))
     # plain lines, never wrapped: paths stay whole and copyable
     notes = []
     if result.skipped:
-        notes.append(f"{result.skipped} samples without an image or a parseable conversation were skipped")
+        notes.append(
+            f"{result.skipped} samples without an image or a parseable conversation were skipped"
+        )
     notes.append(f"plot written to {plot}")
     if saved is not None:
         notes.append(f"ARank result written to {saved}")
-    notes.append(f"recipe: mod_layers = {result.mod_layers}")  # a line to paste into a recipe's [pmod]
+    notes.append(
+        f"recipe: mod_layers = {result.mod_layers}"
+    )  # a line to paste into a recipe's [pmod]
     for note in notes:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
 
@@ -119,17 +137,38 @@ def plot_arank(result: ARankResult, path: str | Path) -> Path:
         linewidth=0.4,
     )
     for layer in already_mod:  # hatch separately: bar() takes one hatch for all bars
-        axes.bar(layer, result.arank[layer], color="none", hatch="//", edgecolor="black", linewidth=0.4)
-    handles = [Patch(color=DENSE_COLOUR, label="proposed dense"), Patch(color=MOD_COLOUR, label="proposed MoD")]
+        axes.bar(
+            layer, result.arank[layer], color="none", hatch="//", edgecolor="black", linewidth=0.4
+        )
+    handles = [
+        Patch(color=DENSE_COLOUR, label="proposed dense"),
+        Patch(color=MOD_COLOUR, label="proposed MoD"),
+    ]
     if already_mod:
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="MoD in checkpoint (kept tokens)"))
+        handles.append(
+            Patch(
+                facecolor="white",
+                edgecolor="black",
+                hatch="//",
+                label="MoD in checkpoint (kept tokens)",
+            )
+        )
     # below the axes: the bars reach the top
-    axes.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(handles), frameon=False)
+    axes.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=len(handles),
+        frameon=False,
+    )
     axes.set_xticks(layers)
     axes.tick_params(axis="x", labelsize=7)
     axes.set_xlabel("decoder layer")
     axes.set_ylabel("ARank (mean over heads, samples)")
-    axes.set_title(f"{Path(result.model).name}: ARank per layer ({result.samples} samples)", fontsize=9)
+    axes.set_title(
+        f"{Path(result.model).name}: ARank per layer ({result.samples} samples)", fontsize=9
+    )
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     try:

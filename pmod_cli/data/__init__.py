@@ -1,6 +1,6 @@
 """Data: the LLaVA JSON format, conversation templates, and the tiny default (base model + synthetic set).
 
-    from pmod_cli.data import build_tiny_base, save_tiny_checkpoint, get_template
+from pmod_cli.data import build_tiny_base, save_tiny_checkpoint, get_template
 """
 
 from .llava_data import (

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def build_once(final: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], object]) -> Path:
+def build_once(
+    final: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], object]
+) -> Path:
     """``final``, built by ``build(directory)`` unless a complete copy is already there."""
     final = Path(final)
     if is_complete(final):
@@ -53,7 +55,9 @@ def publish(staging: Path, final: Path, is_complete: Callable[[Path], bool]) -> 
             aside = None
     try:
         os.rename(staging, final)
-    except OSError:  # another process renamed its copy in first (a rename never replaces a full directory)
+    except (
+        OSError
+    ):  # another process renamed its copy in first (a rename never replaces a full directory)
         shutil.rmtree(staging, ignore_errors=True)
     if aside is not None and not is_complete(aside):
         shutil.rmtree(aside, ignore_errors=True)

@@ -44,9 +44,16 @@ MAX_NAMED_WARNINGS = 50
 # how many samples after a failed one SupervisedDataset tries before giving up
 MAX_REPLACEMENT_TRIES = 100
 # what PIL raises on a bad image file: not only OSError (a decompression bomb, broken chunks)
-PIL_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError)
+PIL_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    Image.DecompressionBombError,
+    ValueError,
+    SyntaxError,
+)
 # set by _read_json_normalised where a sample's "image" field is neither a path nor a list of paths
 IMAGE_ERROR_FIELD = "image_error"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class SkipSample(Exception):
@@ -62,7 +69,9 @@ def load_records(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file {path} does not exist; set data.path to a LLaVA JSON or JSONL file")
+        raise UserError(
+            f"data file {path} does not exist; set data.path to a LLaVA JSON or JSONL file"
+        )
     try:
         records = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception:  # noqa: BLE001 - mixed-type fields (LLaVA-665K's ids) defeat arrow's schema
@@ -72,8 +81,30 @@ def load_records(path: str | Path):
     return records
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a UserError naming the first byte that is not UTF-8 (Latin-1 text, a
+    surrogate encoded as bytes) and where it is."""
+    data = path.read_bytes()
+    bom = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        # 0xED 0xA0-0xBF starts a UTF-16 surrogate written as bytes, which UTF-8 forbids
+        surrogate = (
+            data[offset] == 0xED and offset + 1 < len(data) and 0xA0 <= data[offset + 1] <= 0xBF
+        )
+        reason = "a lone UTF-16 surrogate written as bytes" if surrogate else err.reason
+        raise UserError(
+            f"{path} is not UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} (line {line}, column {column}), "
+            f"{reason}; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _read_json_normalised(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         if path.suffix == ".jsonl":
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -185,7 +216,9 @@ def scan_records(
     if progress and len(records) > 5000:
         from rich.progress import track
 
-        iterator = track(iterator, total=len(records), description="checking samples", transient=True)
+        iterator = track(
+            iterator, total=len(records), description="checking samples", transient=True
+        )
     for index, record in iterator:
         try:
             check_record(record, image_folder, open_images)
@@ -208,6 +241,37 @@ def scan_records(
             "fix data.path / data.image_folder or raise data.max_bad_fraction"
         )
     return result
+
+
+def find_load_failures(
+    records,
+    indices: Sequence[int],
+    image_folder: str | Path,
+    encoder: SampleEncoder | None = None,
+    progress: bool = True,
+) -> list[tuple[str, str]]:
+    """(sample id, reason) of the samples among ``indices`` that training would skip while
+    loading them: every image decoded in full (a file cut short passes the header check of
+    ``scan_records``) and, given the ``encoder``, the sample encoded as training encodes it
+    (image tokens or the whole answer past ``data.max_length``). Slow: one pass of data loading."""
+    image_folder = Path(image_folder)
+    iterator = iter(indices)
+    if progress and len(indices) > 200:
+        from rich.progress import track
+
+        iterator = track(
+            iterator, total=len(indices), description="loading every sample", transient=True
+        )
+    failures = []
+    for index in iterator:
+        record = records[index]
+        try:
+            images = [load_image(path) for path in image_paths(record, image_folder)]
+            if encoder is not None:
+                encoder.encode(record["conversations"], images, with_pixels=False)
+        except SkipSample as reason:
+            failures.append((sample_id(record, index), str(reason)))
+    return failures
 
 
 # ---- encoding -----------------------------------------------------------------------------
@@ -240,13 +304,28 @@ class SampleEncoder:
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eos_token = self.tokenizer.eos_token or ""
+        self._counts_by_size: dict[tuple[int, int], int] = {}
 
-    def _images(self, images: Sequence[Image.Image]) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    def image_token_count(self, image: Image.Image) -> int:
+        """The image tokens the processor gives ``image``; it depends on the image's size only
+        (anyres picks the grid from it), so it is worked out once per size."""
+        if image.size not in self._counts_by_size:
+            out = self.processor(
+                text=self.processor.image_token, images=[image], return_tensors="pt"
+            )
+            self._counts_by_size[image.size] = int((out["input_ids"] == self.image_token_id).sum())
+        return self._counts_by_size[image.size]
+
+    def _images(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
         """Per image: the number of image tokens; and the stacked pixel values (and image sizes)."""
         counts, pixels, sizes = [], [], []
         for image in images:
             # the processor decides how many tokens an image becomes (anyres: depends on its size)
-            out = self.processor(text=self.processor.image_token, images=[image], return_tensors="pt")
+            out = self.processor(
+                text=self.processor.image_token, images=[image], return_tensors="pt"
+            )
             counts.append(int((out["input_ids"] == self.image_token_id).sum()))
             pixels.append(out["pixel_values"])
             if "image_sizes" in out:
@@ -255,10 +334,14 @@ class SampleEncoder:
             return counts, None, None
         if pixels[0].dim() == 5:  # LLaVA-NeXT: (1, crops, 3, H, W); crops differ between images
             most = max(p.shape[1] for p in pixels)
-            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+            pixels = [
+                torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels
+            ]
         return counts, torch.cat(pixels), torch.cat(sizes) if sizes else None
 
-    def render(self, pieces: Sequence[Piece], counts: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    def render(
+        self, pieces: Sequence[Piece], counts: Sequence[int]
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The text of the pieces, ``<image>`` i expanded to ``counts[i]`` image tokens, and the
         (start, end) character spans of the target pieces."""
         parts: list[str] = []
@@ -282,7 +365,9 @@ class SampleEncoder:
         token, whether it starts inside one of ``spans``."""
         try:
             # verbose=False: no warning about texts past the tokenizer's model_max_length, cut here
-            encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+            encoded = self.tokenizer(
+                text, add_special_tokens=True, return_offsets_mapping=True, verbose=False
+            )
         except NotImplementedError:  # a slow (Python) tokenizer has no offsets
             return self._tokenize_by_prefixes(text, spans)
         ids = list(encoded["input_ids"])
@@ -297,17 +382,30 @@ class SampleEncoder:
             targets.append(span_index < len(spans) and spans[span_index][0] <= start)
         return ids, targets
 
-    def _tokenize_by_prefixes(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    def _tokenize_by_prefixes(
+        self, text: str, spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[bool]]:
         # token i is a target if it lies between the token counts of the text up to a span's ends
         ids = list(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
         targets = [False] * len(ids)
         for start, end in spans:
-            first = len(self.tokenizer(text[:start], add_special_tokens=True, verbose=False)["input_ids"])
-            last = len(self.tokenizer(text[:end], add_special_tokens=True, verbose=False)["input_ids"])
+            first = len(
+                self.tokenizer(text[:start], add_special_tokens=True, verbose=False)["input_ids"]
+            )
+            last = len(
+                self.tokenizer(text[:end], add_special_tokens=True, verbose=False)["input_ids"]
+            )
             targets[first:last] = [True] * (last - first)
         return ids, targets
 
-    def encode(self, conversations: list[dict], images: Sequence[Image.Image] = ()) -> EncodedSample:
+    def encode(
+        self,
+        conversations: list[dict],
+        images: Sequence[Image.Image] = (),
+        with_pixels: bool = True,
+    ) -> EncodedSample:
+        """The sample's ids and labels (and pixel values, unless ``with_pixels`` is false: a
+        check of what training would keep needs only the token counts)."""
         try:
             turns = parse_turns(conversations)
         except ConversationError as err:
@@ -319,10 +417,19 @@ class SampleEncoder:
             turns[0] = Turn(turns[0].role, f"{missing}\n{turns[0].text}")
         elif placeholders > len(images):
             raise SkipSample(f"{placeholders} <image> placeholders but {len(images)} images")
-        counts, pixel_values, image_sizes = self._images(images)
+        if with_pixels:
+            counts, pixel_values, image_sizes = self._images(images)
+        else:
+            counts, pixel_values, image_sizes = (
+                [self.image_token_count(image) for image in images],
+                None,
+                None,
+            )
         pieces = self.template.format(turns, self.eos_token)
         if sum(piece.text.count(IMAGE_PLACEHOLDER) for piece in pieces) != len(images):
-            raise SkipSample(f"the {self.template.name} template does not place all of its {len(images)} images")
+            raise SkipSample(
+                f"the {self.template.name} template does not place all of its {len(images)} images"
+            )
         text, spans = self.render(pieces, counts)
         ids, targets = self.tokenize(text, spans)
 
@@ -336,7 +443,9 @@ class SampleEncoder:
             token if target and not image else IGNORE_INDEX
             for token, target, image in zip(ids, targets, is_image, strict=True)
         ]
-        image_end = max((position + 1 for position, image in enumerate(is_image) if image), default=0)
+        image_end = max(
+            (position + 1 for position, image in enumerate(is_image) if image), default=0
+        )
         truncated = len(ids) > self.max_length
         if truncated:
             if image_end > self.max_length:
@@ -345,7 +454,9 @@ class SampleEncoder:
                 )
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
-            raise SkipSample("no assistant reply left to train on (empty, or cut by data.max_length)")
+            raise SkipSample(
+                "no assistant reply left to train on (empty, or cut by data.max_length)"
+            )
         return EncodedSample(
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
@@ -369,6 +480,21 @@ def load_image(path: Path) -> Image.Image:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
+def read_image(path: str | Path) -> Image.Image:
+    """An image a user named on the command line, as RGB, or a UserError saying why it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"image not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass an image file (PNG, JPEG, ...)")
+    try:
+        return load_image(path)
+    except SkipSample:
+        raise UserError(
+            f"cannot read {path} as an image; pass a PNG, JPEG or other image file"
+        ) from None
+
+
 # ---- dataset and collator -----------------------------------------------------------------
 
 
@@ -383,7 +509,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
     ``MAX_REPLACEMENT_TRIES`` failed candidates in a row it gives up with a UserError.
     """
 
-    def __init__(self, records, indices: Sequence[int], image_folder: str | Path, encoder: SampleEncoder) -> None:
+    def __init__(
+        self, records, indices: Sequence[int], image_folder: str | Path, encoder: SampleEncoder
+    ) -> None:
         self.records = records
         self.indices = list(indices)
         self.image_folder = Path(image_folder)
@@ -419,7 +547,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     logger.warning("skipping sample %s: %s", self.sample_name(current), reason)
                     skipped.append(self.sample_name(current))
                 else:  # a replacement candidate: named and counted when it is asked for itself
-                    logger.debug("replacement sample %s fails too: %s", self.sample_name(current), reason)
+                    logger.debug(
+                        "replacement sample %s fails too: %s", self.sample_name(current), reason
+                    )
                 continue
             return {
                 "input_ids": sample.input_ids,
@@ -428,8 +558,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "image_sizes": sample.image_sizes,
                 "skipped": skipped,
             }
-        failed = f"sample {self.sample_name(position)}" + (f" and the {tries - 1} after it fail" if tries > 1 else " fails")
-        raise UserError(f"{failed} to encode (see the warnings above); check data.max_length and the images")
+        failed = f"sample {self.sample_name(position)}" + (
+            f" and the {tries - 1} after it fail" if tries > 1 else " fails"
+        )
+        raise UserError(
+            f"{failed} to encode (see the warnings above); check data.max_length and the images"
+        )
 
 
 class Collator:
@@ -458,7 +592,10 @@ class Collator:
         if pixels:
             if pixels[0].dim() == 5:  # LLaVA-NeXT: pad the crop dimension to the batch's largest
                 most = max(p.shape[1] for p in pixels)
-                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+                pixels = [
+                    torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1]))
+                    for p in pixels
+                ]
             batch["pixel_values"] = torch.cat(pixels)
             sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
             if sizes:

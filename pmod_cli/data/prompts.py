@@ -12,30 +12,72 @@ Images go first, as in training, unless the text already places them with image 
 
 from __future__ import annotations
 
-from .templates import IMAGE_PLACEHOLDER, get_template
+from collections.abc import Sequence
+
+from .templates import IMAGE_PLACEHOLDER, Turn, get_template
 
 
 def build_prompt(
-    processor, text: str, num_images: int = 1, fallback_template: str = "vicuna_v1"
+    processor,
+    text: str,
+    num_images: int = 1,
+    fallback_template: str = "vicuna_v1",
+    history: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The user turn ``text`` with ``num_images`` images, ending where the assistant's answer starts."""
+    """The user turn ``text`` with ``num_images`` images, ending where the assistant's answer starts.
+
+    ``history`` holds earlier (question, answer) turns of the same conversation; the images belong
+    to its first question (or to ``text`` when there is no history).
+    """
     image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
-    placed = image_token in text  # the caller placed its images itself
+    questions = [question for question, _ in history] + [text]
     if getattr(processor, "chat_template", None):
-        # llava-hf templates render content items and drop a plain string: the text's image tokens
-        # become image items where they stand
-        if placed:
-            content = content_items(text, image_token)
-        else:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
-        messages = [{"role": "user", "content": content}]
+        # llava-hf templates render content items and drop a plain string: image tokens placed in
+        # the text become image items where they stand
+        messages = []
+        for index, question in enumerate(questions):
+            messages.append(
+                {
+                    "role": "user",
+                    "content": _content(question, image_token, num_images if index == 0 else 0),
+                }
+            )
+            if index < len(history):
+                messages.append(
+                    {"role": "assistant", "content": [{"type": "text", "text": history[index][1]}]}
+                )
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    question = text if placed else f"{image_token}\n" * num_images + text
+    questions[0] = _with_image_tokens(questions[0], image_token, num_images)
     tokenizer = getattr(processor, "tokenizer", None)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
+        messages = []
+        for index, question in enumerate(questions):
+            messages.append({"role": "user", "content": question})
+            if index < len(history):
+                messages.append({"role": "assistant", "content": history[index][1]})
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return get_template(fallback_template).generation_prompt(question)
+    template = get_template(fallback_template)
+    if not history:
+        return template.generation_prompt(questions[0])
+    # the formatted conversation up to where the last reply would start
+    turns = []
+    for index, question in enumerate(questions):
+        turns.append(Turn("user", question))
+        turns.append(Turn("assistant", history[index][1] if index < len(history) else ""))
+    pieces = template.format(turns, getattr(tokenizer, "eos_token", None) or "")
+    last_reply = max(index for index, piece in enumerate(pieces) if piece.is_target)
+    return "".join(piece.text for piece in pieces[:last_reply])
+
+
+def _with_image_tokens(text: str, image_token: str, num_images: int) -> str:
+    """Images first, as in training, unless the text places them itself."""
+    return text if image_token in text else f"{image_token}\n" * num_images + text
+
+
+def _content(text: str, image_token: str, num_images: int) -> list[dict]:
+    if image_token in text:
+        return content_items(text, image_token)
+    return [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
 
 
 def content_items(text: str, image_token: str) -> list[dict]:

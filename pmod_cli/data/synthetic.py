@@ -128,9 +128,13 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
         pairs.append(("shape", f"What shape is the {shape.colour} object?", shape.kind))
         side = _side(scene, shape)
         if side is not None:
-            options = "left or on the right" if side in ("left", "right") else "top or at the bottom"
+            options = (
+                "left or on the right" if side in ("left", "right") else "top or at the bottom"
+            )
             preposition = "on the" if side in ("left", "right") else "at the"
-            pairs.append(("position", f"Is the {shape.colour} {shape.kind} {preposition} {options}?", side))
+            pairs.append(
+                ("position", f"Is the {shape.colour} {shape.kind} {preposition} {options}?", side)
+            )
     pairs.append(("count", "How many shapes are there?", str(len(scene.shapes))))
     kind = rng.choice(SHAPES)
     pairs.append(("count", f"How many {kind}s are there?", str(len(by_kind.get(kind, [])))))
@@ -140,7 +144,9 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
 def caption(scene: Scene) -> str:
     parts = [f"a {s.colour} {s.kind}" for s in scene.shapes]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    background = {0: "white", 1: "grey", 2: "black", 3: "beige"}[BACKGROUNDS.index(scene.background)]
+    background = {0: "white", 1: "grey", 2: "black", 3: "beige"}[
+        BACKGROUNDS.index(scene.background)
+    ]
     noun = "shape" if len(parts) == 1 else "shapes"
     return f"{NUMBER_WORDS[len(parts)].capitalize()} {noun} on a {background} background: {listed}."
 
@@ -173,7 +179,9 @@ def _dump(path: Path, records: list[dict]) -> None:
     path.write_text(json.dumps(records, indent=1))
 
 
-def generate(root: str | Path, train_images: int = TRAIN_IMAGES, heldout_images: int = HELDOUT_IMAGES) -> Path:
+def generate(
+    root: str | Path, train_images: int = TRAIN_IMAGES, heldout_images: int = HELDOUT_IMAGES
+) -> Path:
     """Write the synthetic set under ``root`` (images/, captions.json, sft_train.json, heldout.json)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

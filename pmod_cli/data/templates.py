@@ -18,7 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,9 @@ def get_template(name: str) -> ConversationTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise KeyError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATES)}") from None
+        raise KeyError(
+            f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATES)}"
+        ) from None
 
 
 def parse_turns(conversations: list[dict], require_reply: bool = True) -> list[Turn]:
@@ -96,11 +104,15 @@ def parse_turns(conversations: list[dict], require_reply: bool = True) -> list[T
     if require_reply and turns and turns[-1].role == "user" and len(turns) % 2 == 1:
         turns = turns[:-1]
     if not turns:
-        raise ConversationError("no user turn followed by an assistant reply" if require_reply else "no user turn")
+        raise ConversationError(
+            "no user turn followed by an assistant reply" if require_reply else "no user turn"
+        )
     for index, turn in enumerate(turns):
         expected = "user" if index % 2 == 0 else "assistant"
         if turn.role != expected:
-            raise ConversationError(f"turn {index} is from the {turn.role}, expected the {expected}")
+            raise ConversationError(
+                f"turn {index} is from the {turn.role}, expected the {expected}"
+            )
     if require_reply and turns[-1].role != "assistant":
         raise ConversationError("the conversation ends without an assistant reply")
     return turns
@@ -112,7 +124,9 @@ def parse_turns(conversations: list[dict], require_reply: bool = True) -> list[T
 def _plain_format(turns: list[Turn], eos_token: str) -> list[Piece]:
     # LLaVA pretrain: the images stand for the user's text; the first reply is the caption. Later
     # turns are dropped, but not their images: every image of the sample leads
-    images = sum(turn.text.count(IMAGE_PLACEHOLDER) for index, turn in enumerate(turns) if index != 1)
+    images = sum(
+        turn.text.count(IMAGE_PLACEHOLDER) for index, turn in enumerate(turns) if index != 1
+    )
     return [Piece(IMAGE_PLACEHOLDER * images, False), Piece(turns[1].text + "\n", True)]
 
 
@@ -192,7 +206,11 @@ CHATML_SYSTEM = "You are a helpful assistant."
 def _chatml_format(turns: list[Turn], eos_token: str) -> list[Piece]:
     pieces = [Piece(f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n", False)]
     for index in range(0, len(turns), 2):
-        pieces.append(Piece(f"<|im_start|>user\n{turns[index].text}<|im_end|>\n<|im_start|>assistant\n", False))
+        pieces.append(
+            Piece(
+                f"<|im_start|>user\n{turns[index].text}<|im_end|>\n<|im_start|>assistant\n", False
+            )
+        )
         pieces.append(Piece(f"{turns[index + 1].text}<|im_end|>", True))
         pieces.append(Piece("\n", False))
     return pieces
@@ -211,7 +229,9 @@ register_template(
             "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>\n"
             "{% for message in messages %}"
             "{% if message['role'] == 'user' %}<|im_start|>user\n" + _JINJA_CONTENT + "<|im_end|>\n"
-            "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n" + _JINJA_CONTENT + "<|im_end|>\n"
+            "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
+            + _JINJA_CONTENT
+            + "<|im_end|>\n"
             "{% endif %}"
             "{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

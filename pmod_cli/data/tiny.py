@@ -221,25 +221,11 @@ def _has_config(directory: Path) -> bool:
 
 
 def _write_tiny_base(directory: Path, layout: str) -> None:
-    _quiet(_save_tiny_base)(directory, layout)
+    from ..model.loading import quiet_progress_bars
 
-
-def _quiet(build):
-    """``build`` without transformers' progress bars: built on first use inside a command, they
-    would bury the command's own output."""
-
-    def quiet_build(*args, **kwargs):
-        from transformers.utils import logging as transformers_logging
-
-        was_enabled = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.disable_progress_bar()
-        try:
-            return build(*args, **kwargs)
-        finally:
-            if was_enabled:
-                transformers_logging.enable_progress_bar()
-
-    return quiet_build
+    # built on first use inside a command: its progress bars would bury the command's own output
+    with quiet_progress_bars():
+        _save_tiny_base(directory, layout)
 
 
 def _save_tiny_base(directory: Path, layout: str) -> None:
@@ -278,15 +264,23 @@ def resolve_tiny_path(value: str) -> Path:
 
         ensure_grid(root / "grid")
     elif head == "grid_base":
-        from .grid import base_is_current, grid_base
+        from .grid import base_is_current
 
-        build_once(root / "grid_base", is_complete=base_is_current, build=_quiet(grid_base))
+        build_once(root / "grid_base", is_complete=base_is_current, build=_quiet_grid_base)
     else:
         raise UserError(
             f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>, "
             "tiny:grid_base, tiny:grid/<file>"
         )
     return root / relative
+
+
+def _quiet_grid_base(directory: Path) -> None:
+    from ..model.loading import quiet_progress_bars
+    from .grid import grid_base
+
+    with quiet_progress_bars():  # built on first use inside a command (see _write_tiny_base)
+        grid_base(directory)
 
 
 def is_tiny_path(value: str | None) -> bool:
@@ -296,7 +290,8 @@ def is_tiny_path(value: str | None) -> bool:
 def resolve_name(value: str | Path) -> str:
     """A model, data or folder name as recipes and flags give it: ``tiny:...`` becomes the
     cached asset's path (built on first use); anything else (a path, a Hub id) stays as given."""
-    return str(resolve_tiny_path(value)) if is_tiny_path(str(value)) else str(value)
+    value = str(value)  # flags may arrive as Path objects
+    return str(resolve_tiny_path(value)) if is_tiny_path(value) else value
 
 
 def default_image_folder(data_path: str | Path) -> Path:

@@ -24,6 +24,7 @@ import torch
 
 from ..data.tiny import resolve_name
 from ..errors import UserError
+from ..runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,12 @@ class Calibration:
         return f"ratios measured on {self.samples} calibration {noun} ({self.inference_routing} routing)"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratios": list(self.ratios), "mod_layers": list(self.mod_layers), "description": self.description}
+        return {
+            **asdict(self),
+            "ratios": list(self.ratios),
+            "mod_layers": list(self.mod_layers),
+            "description": self.description,
+        }
 
 
 def measure_retention_ratios(
@@ -78,14 +84,19 @@ def measure_retention_ratios(
     read_model_type(checkpoint)
     data = Path(resolve_name(data))
     if not data.is_file():
-        raise UserError(f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file")
+        raise UserError(
+            f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file"
+        )
+    image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
     question_set = read_image_questions(data, image_folder, samples)
-    model, processor = load_checkpoint(checkpoint, device=device, require_pmod=True)
+    model, processor = load_checkpoint(checkpoint, device=resolve_device(device), require_pmod=True)
     decoder_layers = model.decoder_layers
     template = template_for_model(model)
     mod_layers = mod_layer_indices(model)
     if not mod_layers:
-        raise UserError(f"{checkpoint} has no MoD layer: every layer is dense, so there is nothing to calibrate")
+        raise UserError(
+            f"{checkpoint} has no MoD layer: every layer is dense, so there is nothing to calibrate"
+        )
     pmod = PMoDConfig.from_dict(model.config.pmod)
 
     kept_share_sums = dict.fromkeys(mod_layers, 0.0)
@@ -98,10 +109,14 @@ def measure_retention_ratios(
         token_valid = inputs["attention_mask"].bool().cpu()  # (1, seq)
         for layer in mod_layers:
             decision = routing.layers[layer]
-            competing = decoder_layers[layer].competing_tokens(decision.vision_mask, token_valid)  # (1, seq)
+            competing = decoder_layers[layer].competing_tokens(
+                decision.vision_mask, token_valid
+            )  # (1, seq)
             num_competing = int(competing.sum())
             if num_competing == 0:
-                raise RuntimeError(f"sample {question.sample_id}: no token competes in layer {layer}")
+                raise RuntimeError(
+                    f"sample {question.sample_id}: no token competes in layer {layer}"
+                )
             kept_share_sums[layer] += int((decision.keep_mask & competing).sum()) / num_competing
         vision = int(decision.vision_mask.sum())
         vision_sum += vision
@@ -109,7 +124,10 @@ def measure_retention_ratios(
         competing_sum += num_competing
 
     count = len(question_set.questions)
-    ratios = tuple(kept_share_sums[i] / count if i in kept_share_sums else 1.0 for i in range(len(decoder_layers)))
+    ratios = tuple(
+        kept_share_sums[i] / count if i in kept_share_sums else 1.0
+        for i in range(len(decoder_layers))
+    )
     return Calibration(
         checkpoint=str(checkpoint),
         data=str(data),
@@ -130,4 +148,10 @@ def _progress(items, enabled: bool):
     from rich.progress import track
 
     # on stderr and transient: stdout stays one JSON object, an error leaves only its line
-    return track(items, description="calibrating", console=Console(stderr=True), transient=True, disable=not enabled)
+    return track(
+        items,
+        description="calibrating",
+        console=Console(stderr=True),
+        transient=True,
+        disable=not enabled,
+    )

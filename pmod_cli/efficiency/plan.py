@@ -20,11 +20,17 @@ from ..model.config import PMoDConfig
 from ..model.methods import MethodConfig, methods_from_flags
 from ..model.presets import ModelShape, get_preset, read_model_shape
 from ..model.schedules import SCHEDULES
+from ..provenance import report_header
+from ..runtime import DTYPE_SPELLINGS, parse_dtype
 from .calibration import Calibration
-from .flops import COUNT_MODES, DTYPE_BYTES, ROUTED_TOKENS, FlopsCount, count_flops, match_method
+from .flops import COUNT_MODES, ROUTED_TOKENS, FlopsCount, count_flops, match_method
 
 # the paper's headline setting: p-MoD-LLaVA-NeXT-7B
 DEFAULT_MODEL = "llava-next-7b"
+# the KV cache dtype of the paper's accounting, and of --dtype auto without a checkpoint dtype
+DEFAULT_KV_DTYPE = "bf16"
+# the --json layout; raised when a field changes meaning or goes away (docs/flops.md)
+FLOPS_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ def make_plan(
     calibration: str | Path | None = None,
     calibration_samples: int | None = None,
     image_folder: str | Path | None = None,
+    device: str | None = None,
     progress: bool = True,
     methods: Sequence[str] = (),
     fastv_layer: int | None = None,
@@ -97,7 +104,8 @@ def make_plan(
     ``ratios`` list). Otherwise the released defaults (PRD cosine, beta 0.5, 0.15-0.85) apply.
     ``calibration`` (a LLaVA JSON / JSONL file) runs the ``config`` checkpoint on
     ``calibration_samples`` samples and counts the ratios it measured; a threshold-routing
-    checkpoint needs it.
+    checkpoint needs it. ``dtype`` (the KV cache's) takes the ``--dtype`` spellings and ``fp8``;
+    ``auto`` is the checkpoint's stored dtype (bf16 without one).
     ``methods`` adds training-free baselines (``fastv``, ``random``, ``pool``; ``pmod`` and ``dense``
     are always shown) after the p-MoD settings, counted at the first one's plan; ``match_tflops``
     solves FastV's ratio and pool's token count so that their count matches it.
@@ -124,11 +132,13 @@ def make_plan(
         calibration,
         calibration_samples,
         image_folder,
+        device,
     )
     if count not in COUNT_MODES:
         raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
-    if dtype not in DTYPE_BYTES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    dtype = parse_dtype(dtype, extra=("fp8",))
+    if dtype == "auto":
+        dtype = (_stored_dtype(config) if config is not None else None) or DEFAULT_KV_DTYPE
     for beta in betas:
         if not beta >= 0:  # also rejects nan
             raise UserError(f"--beta must be >= 0, got {beta}")
@@ -191,6 +201,7 @@ def make_plan(
             calibration,
             samples=16 if calibration_samples is None else calibration_samples,
             image_folder=image_folder,
+            device=device,
             progress=progress,
         )
         result = count_flops(
@@ -261,11 +272,13 @@ def _check_calibration_flags(
     calibration,
     calibration_samples,
     image_folder,
+    device,
 ) -> None:
     if calibration is None:
         for flag, value in (
             ("--calibration-samples", calibration_samples),
             ("--image-folder", image_folder),
+            ("--device", device),  # without calibration no model runs
         ):
             if value is not None:
                 raise UserError(f"{flag} only applies with --calibration FILE.json")
@@ -292,7 +305,8 @@ def _check_calibration_flags(
 
 
 def plan_to_json(plan: FlopsPlan) -> dict:
-    """One JSON object: the run, the first setting's numbers at the top level, all in ``plans``."""
+    """One JSON object: the report header (schema, versions, time, command), the model and the
+    count settings, then one entry per p-MoD setting in ``plans``."""
     plans = []
     for entry in plan.entries:
         numbers = entry.result.to_dict()
@@ -327,6 +341,7 @@ def plan_to_json(plan: FlopsPlan) -> dict:
         )
     first = plan.first
     return {
+        **report_header(FLOPS_SCHEMA_VERSION),
         "model": plan.shape.name,
         "description": plan.shape.description,
         "layout": plan.shape.layout,
@@ -340,6 +355,24 @@ def plan_to_json(plan: FlopsPlan) -> dict:
         "prefix_text_tokens": first.prefix_text_tokens,
         "competing_tokens": first.competing_tokens,
         "inference_routing": plan.entries[0].pmod.inference_routing,
-        **plans[0],
         "plans": plans,
     }
+
+
+def _stored_dtype(config: str | Path) -> str | None:
+    """The dtype a checkpoint's config.json names (``dtype``, older ``torch_dtype``), as a short name."""
+    import json
+
+    path = Path(config)
+    config_file = path / "config.json" if path.is_dir() else path
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # read_model_shape has already said what is wrong with it
+    sections = [values, values.get("text_config") or {}] if isinstance(values, dict) else []
+    for section in sections:
+        for key in ("dtype", "torch_dtype"):
+            name = section.get(key)
+            if isinstance(name, str) and name.lower() in DTYPE_SPELLINGS and name != "auto":
+                return DTYPE_SPELLINGS[name.lower()]
+    return None

@@ -27,18 +27,14 @@ from lmms_eval.utils import Collator
 from PIL import Image
 
 from ..data.prompts import build_prompt, encode
+from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
 from ..model.methods import MethodConfig
+from ..runtime import parse_dtype, torch_dtype
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
 
-DTYPES = {
-    "auto": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -73,15 +69,17 @@ class PMoDLmms(lmms):
             )
         if str(batch_size) == "auto" or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        try:  # lmms-eval reports bad model_args as ValueError
+            dtype = parse_dtype(dtype, flag="dtype")
+        except UserError as err:
+            raise ValueError(str(err)) from None
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size_per_gpu = int(batch_size)
         self.pretrained = str(pretrained)
         self.model, self.processor = load_checkpoint(
             pretrained,
             device=self._device,
-            dtype=DTYPES[dtype],
+            dtype=None if dtype == "auto" else torch_dtype(dtype),
             attn_implementation=attn_implementation,
         )
         self.tokenizer = self.processor.tokenizer

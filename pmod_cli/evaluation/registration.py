@@ -10,4 +10,6 @@ MODEL_NAME = "pmod"
 
 
 def manifest() -> ModelManifest:
-    return ModelManifest(model_id=MODEL_NAME, simple_class_path="pmod_cli.evaluation.lmms_model.PMoDLmms")
+    return ModelManifest(
+        model_id=MODEL_NAME, simple_class_path="pmod_cli.evaluation.lmms_model.PMoDLmms"
+    )

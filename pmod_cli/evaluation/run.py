@@ -33,6 +33,8 @@ from pathlib import Path
 from ..errors import UserError
 from ..model.loading import read_model_type
 from ..model.methods import MethodConfig
+from ..provenance import report_header
+from ..runtime import parse_dtype, resolve_device
 from .measure import MEMORY_KINDS, SampleMeasurement
 from .tasks import TASKS_DIR
 
@@ -58,8 +60,9 @@ MAIN_METRICS = {
     "mmbench_en_dev": "gpt_eval_score",
     "mmmu_val": "mmmu_acc",
 }
+# eval.json's layout; raised when a field changes meaning or goes away (docs/eval.md)
+EVAL_SCHEMA_VERSION = 1
 PAPER_GROUP = "pmod_paper14"  # tasks/pmod_paper14: the paper's 14 benchmarks
-DEVICES = ("cpu", "cuda")
 # tasks whose main metric asks a GPT model to match the answers its own matching misses
 # (lmms-eval's mmbench: API_TYPE openai reads OPENAI_API_KEY, azure AZURE_API_KEY), and the
 # task that matches without one
@@ -135,6 +138,7 @@ class EvalReport:
     batch_size: int
     device: str
     checkpoints: list[CheckpointResult]
+    dtype: str = "auto"  # as --dtype gives it: bf16, fp16, fp32 or auto (the checkpoint's own)
 
     @property
     def task_rows(self) -> list[str]:
@@ -153,6 +157,7 @@ def evaluate_checkpoints(
     batch_size: int = 1,
     include_path: str | Path | None = None,
     device: str | None = None,
+    dtype: str = "auto",
     count: str = "paper",
     lmms_eval_dir: str | Path | None = None,
     methods: list[MethodConfig | str | None] | None = None,
@@ -176,7 +181,8 @@ def evaluate_checkpoints(
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    device = _check_device(device)
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype)
     from ..efficiency.flops import COUNT_MODES
 
     if count not in COUNT_MODES:
@@ -202,11 +208,24 @@ def evaluate_checkpoints(
                 )
                 results.append(
                     _evaluate_one(
-                        run, tasks, task_manager, limit, batch_size, device, count, cli_args
+                        run,
+                        tasks,
+                        task_manager,
+                        limit,
+                        batch_size,
+                        device,
+                        count,
+                        cli_args,
+                        dtype=dtype,
                     )
                 )
     return EvalReport(
-        tasks=list(tasks), limit=limit, batch_size=batch_size, device=device, checkpoints=results
+        tasks=list(tasks),
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        checkpoints=results,
+        dtype=dtype,
     )
 
 
@@ -236,24 +255,6 @@ def check_method_fits(checkpoint: str | Path, method: MethodConfig | None) -> No
             f"--method pool averages one square patch grid per image; {checkpoint} is a {shape.layout} model"
         )
     method.check(shape.text.num_layers, shape.vision_tokens if method.name == "pool" else None)
-
-
-def _check_device(device: str | None) -> str:
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = device.partition(":")
-    if kind not in DEVICES or (index and not index.isdigit()):
-        raise UserError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
-    if index and int(index) >= (count := torch.cuda.device_count()):
-        raise UserError(
-            f"--device {device}, but torch sees {count} CUDA GPU{'s' if count != 1 else ''} here "
-            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
-        )
-    return device
 
 
 def make_task_manager(tasks: list[str], include_path: str | Path | None = None):
@@ -358,7 +359,7 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
 
 
 def _evaluate_one(
-    run: _Run, tasks, task_manager, limit, batch_size, device, count, cli_args
+    run: _Run, tasks, task_manager, limit, batch_size, device, count, cli_args, *, dtype
 ) -> CheckpointResult:
     from lmms_eval.evaluator import simple_evaluate
 
@@ -371,6 +372,7 @@ def _evaluate_one(
         batch_size=batch_size,
         method=run.method,
         match_tflops=run.match_tflops,
+        dtype=dtype,
     )
     network = model.model  # lmms-eval's evaluator drops model.model when requests are done
     try:
@@ -573,10 +575,7 @@ def _plain(value):
 
 
 def report_to_json(report: EvalReport) -> dict:
-    import lmms_eval
-
-    from .. import __version__
-
+    """The eval.json object: the provenance header (schema, versions, time, command), then the run."""
     checkpoints = []
     for result in report.checkpoints:
         checkpoints.append(
@@ -596,12 +595,12 @@ def report_to_json(report: EvalReport) -> dict:
             }
         )
     return {
-        "pmod_version": __version__,
-        "lmms_eval_version": getattr(lmms_eval, "__version__", None),
+        **report_header(EVAL_SCHEMA_VERSION),
         "tasks": report.tasks,
         "limit": report.limit,
         "batch_size": report.batch_size,
         "device": report.device,
+        "dtype": report.dtype,
         "checkpoints": checkpoints,
     }
 
@@ -649,6 +648,7 @@ def write_json_atomically(data: dict, path: str | Path) -> Path:
     except OSError as err:
         raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
     try:
+        os.fchmod(handle, _new_file_mode())  # mkstemp makes 0600; a report is an ordinary file
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=1)
         os.replace(temporary, path)  # readers see the old file or the whole new one
@@ -658,3 +658,10 @@ def write_json_atomically(data: dict, path: str | Path) -> Path:
             raise UserError(f"cannot write the report to {path}: {err.strerror or err}") from None
         raise
     return path
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask

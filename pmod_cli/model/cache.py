@@ -22,7 +22,9 @@ class PMoDCacheLayer(DynamicLayer):
         self.slot_valid: torch.Tensor | None = None  # (batch, stored) bool
         self.slot_positions: torch.Tensor | None = None  # (batch, stored) long
 
-    def record_slots(self, valid: torch.Tensor, positions: torch.Tensor, num_new_tokens: int) -> None:
+    def record_slots(
+        self, valid: torch.Tensor, positions: torch.Tensor, num_new_tokens: int
+    ) -> None:
         """Remember which of the slots about to be stored are real, and where they sat."""
         if self.slot_valid is None:
             self.slot_valid, self.slot_positions = valid, positions
@@ -47,13 +49,17 @@ class PMoDCacheLayer(DynamicLayer):
         self.slot_valid = self.slot_positions = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a p-MoD cache layer cannot be cropped (assisted decoding is not supported)")
+        raise NotImplementedError(
+            "a p-MoD cache layer cannot be cropped (assisted decoding is not supported)"
+        )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.slot_valid is not None:
             self.slot_valid = self.slot_valid.index_select(0, beam_idx.to(self.slot_valid.device))
-            self.slot_positions = self.slot_positions.index_select(0, beam_idx.to(self.slot_positions.device))
+            self.slot_positions = self.slot_positions.index_select(
+                0, beam_idx.to(self.slot_positions.device)
+            )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -93,7 +99,9 @@ def kv_cache_lengths(cache: Cache) -> list[list[int]]:
     lengths = []
     for layer in cache.layers:
         if isinstance(layer, PMoDCacheLayer):
-            lengths.append(layer.slot_valid.sum(dim=1).tolist() if layer.slot_valid is not None else [])
+            lengths.append(
+                layer.slot_valid.sum(dim=1).tolist() if layer.slot_valid is not None else []
+            )
         elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
             batch, _, stored, _ = layer.keys.shape
             lengths.append([stored] * batch)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .schedules import SCHEDULES, retention_ratios
+from .selection import SELECTION_RULES
 
-WEIGHT_NORMS = ("tanh", "softmax", "shifted_softmax", "none")
+WEIGHT_NORMS = ("tanh", "sigmoid", "softmax", "shifted_softmax", "none")
 REWEIGHT_TARGETS = ("mlp", "block")
 ROUTED_TOKENS = ("vision", "all")
 ROUTER_INPUTS = ("hidden", "normed")
@@ -21,19 +22,26 @@ class PMoDConfig:
 
     Attributes:
         schedule: retention-ratio schedule (``cosine`` is PRD; also ``linear``, ``stepped``,
-            ``constant``, ``interleaved``).
+            ``constant``, ``interleaved``; the released code's forms ``cosine31``, ``linear31``
+            (a fixed 31 in place of L - 1), ``interleave``, ``deep_all``,
+            ``deep_all_include_last`` (MoD layers at ratio beta)).
         beta: shift of the schedule; 0.5 gives dense layers 0-7 and MoD layers 8-31 at 32 layers.
         max_ratio: a layer whose scheduled ratio exceeds this stays dense (no router).
         min_ratio: lower clamp of the ratio of a MoD layer.
         ratios: explicit per-layer ratios (1.0 = dense); overrides schedule and thresholds.
         mod_layers: only these layers may be MoD (e.g. chosen by ARank); the rest are dense.
         alpha: gating factor of the weight norm (TanhNorm: w = 1 + alpha * tanh(r)).
-        weight_norm: ``tanh`` (TanhNorm), ``softmax`` (alpha * softmax over the sample's vision
-            tokens), ``shifted_softmax`` (alpha * softmax + shift), ``none`` (raw router output).
+        weight_norm: ``tanh`` (TanhNorm), ``sigmoid`` (alpha * sigmoid), ``softmax`` (alpha *
+            softmax over the sample's vision tokens), ``shifted_softmax`` (alpha * softmax +
+            shift), ``none`` (raw router output).
         softmax_shift: the shift b of ``shifted_softmax``; None means -alpha / 2 (zero-centred range).
         string: symmetric token reweighting: a skipped vision token becomes w * x.
         reweight: ``mlp`` scales the MLP branch of a kept vision token (released code);
             ``block`` scales the whole layer delta (paper eq. 4).
+        selection: which competing tokens win (``model/selection.py``): ``score`` ranks the raw
+            router scores (the paper's rule); ``weight`` ranks the normalised weights with
+            torch.topk as the released code does, ties and all (set on checkpoints imported
+            from the released code).
 
     Options from gamma-MoD (see docs/gamma.md), off by default:
         shared_router: one router for all MoD layers instead of one per layer.
@@ -61,6 +69,7 @@ class PMoDConfig:
     softmax_shift: float | None = None
     string: bool = True
     reweight: str = "mlp"
+    selection: str = "score"
     shared_router: bool = False
     router_input: str = "hidden"
     routed_tokens: str = "vision"
@@ -75,16 +84,26 @@ class PMoDConfig:
                 f"unknown schedule {self.schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
             )
         if self.weight_norm not in WEIGHT_NORMS:
-            raise ValueError(f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}")
+            raise ValueError(
+                f"unknown weight_norm {self.weight_norm!r}; choose one of {', '.join(WEIGHT_NORMS)}"
+            )
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(
+                f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTION_RULES)}"
+            )
         if self.reweight not in REWEIGHT_TARGETS:
-            raise ValueError(f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}")
+            raise ValueError(
+                f"unknown reweight {self.reweight!r}; choose one of {', '.join(REWEIGHT_TARGETS)}"
+            )
         for name, allowed in (
             ("routed_tokens", ROUTED_TOKENS),
             ("router_input", ROUTER_INPUTS),
             ("inference_routing", INFERENCE_ROUTING),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
         if not 0.0 < self.routing_threshold < 1.0:
             raise ValueError(f"routing_threshold must be in (0, 1), got {self.routing_threshold}")
         if self.aux_loss_coef < 0:

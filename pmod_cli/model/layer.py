@@ -6,7 +6,7 @@ names, output hooks (``output_hidden_states``) and gradient checkpointing stay t
 transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer:
 
 1. select: the router scores every token; each sample keeps floor(n_vision * R) of its own
-   vision tokens (top scores) and every real text token;
+   vision tokens (top scores, or top weights: ``selection.py``) and every real text token;
 2. gather: kept tokens, in their original order, with their original positions (RoPE);
 3. run: attention over this layer's own cache and mask, then the MLP;
 4. scatter: kept tokens go back to their places, skipped ones pass through;
@@ -40,6 +40,7 @@ from .methods import (
 )
 from .router import WEIGHT_NORM_FNS, Router
 from .routing import active_recorder
+from .selection import SELECTION_RULES, by_score
 
 
 @dataclass
@@ -123,12 +124,15 @@ class PMoDLayerMixin:
         last_image = torch.where(vision, index, -1).max(dim=1).values  # (batch,)
         return valid & (index <= last_image[:, None])
 
-    def _token_weights(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """w = 1 + f(r) for competing tokens, 1 for the others."""
+    def _normalised(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) of the layer's weight norm, for every token."""
         cfg = self.pmod_config
         shift = cfg.softmax_shift if cfg.softmax_shift is not None else -cfg.alpha / 2
-        offset = WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
-        return 1.0 + offset * candidates.to(offset.dtype)
+        return 1.0 + WEIGHT_NORM_FNS[cfg.weight_norm](logits, candidates, cfg.alpha, shift)
+
+    def _token_weights(self, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """w = 1 + f(r) for competing tokens, 1 for the others."""
+        return torch.where(candidates, self._normalised(logits, candidates), 1.0)
 
     def _select(
         self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
@@ -139,7 +143,14 @@ class PMoDLayerMixin:
                 torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold
             )
             return (valid & ~candidates) | selected
-        return keep_top(logits, candidates, valid, self._budget(candidates))
+        rule = SELECTION_RULES[self.pmod_config.selection]
+        selected = rule(
+            logits,
+            candidates,
+            self._budget(candidates),
+            lambda scores: self._normalised(scores, candidates),
+        )
+        return (valid & ~candidates) | selected
 
     def _budget(self, candidates: torch.Tensor) -> torch.Tensor:
         """(batch,) competing tokens each sample keeps: floor(n * R_l), p-MoD's (and random's) budget."""
@@ -338,14 +349,8 @@ def keep_top(
     scores: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, keep_count: torch.Tensor
 ) -> torch.Tensor:
     """(batch, seq) bool: every real token that does not compete, plus the ``keep_count`` (batch,)
-    best-scored competing tokens of each sample."""
-    batch, seq = scores.shape
-    scores = scores.detach().float().masked_fill(~candidates, float("-inf"))
-    # stable sort: equal scores (a fresh router scores every token 0) keep the earliest tokens
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    arange = torch.arange(seq, device=scores.device).expand(batch, seq)
-    rank = torch.empty_like(order).scatter_(1, order, arange)
-    return (valid & ~candidates) | (candidates & (rank < keep_count[:, None]))
+    best-scored competing tokens of each sample (the ``score`` rule: ties keep the earliest)."""
+    return (valid & ~candidates) | by_score(scores, candidates, keep_count, None)
 
 
 def _keep_output(store: dict, name: str, module, args, output) -> None:

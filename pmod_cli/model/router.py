@@ -2,7 +2,7 @@
 
 A router is ``Linear(hidden, 1)`` with bias, both zero at the start, applied to the hidden
 state entering the layer. A weight norm f maps the logits r to a token weight w = 1 + f(r);
-every norm gives f(0) = 0 for ``tanh``/``none`` so a fresh router leaves the model untouched.
+``tanh`` and ``none`` give f(0) = 0, so a fresh router leaves the model untouched.
 Adding a norm is one decorated function.
 """
 
@@ -28,13 +28,25 @@ def register_weight_norm(name: str) -> Callable[[WeightNormFn], WeightNormFn]:
 
 
 @register_weight_norm("tanh")
-def tanh_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def tanh_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """TanhNorm: alpha * tanh(r), zero-centred and bounded by alpha."""
     return alpha * torch.tanh(logits)
 
 
+@register_weight_norm("sigmoid")
+def sigmoid_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
+    """alpha * sigmoid(r): the released code's ``sigmoid`` norm (bounded, not zero-centred)."""
+    return alpha * torch.sigmoid(logits)
+
+
 @register_weight_norm("softmax")
-def softmax_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def softmax_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """alpha * softmax(r) over each sample's competing tokens (the ablation's non-centred norm)."""
     masked = logits.masked_fill(~candidates, float("-inf"))
     probs = torch.softmax(masked.float(), dim=-1).nan_to_num(0.0).to(logits.dtype)
@@ -42,13 +54,17 @@ def softmax_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, s
 
 
 @register_weight_norm("shifted_softmax")
-def shifted_softmax_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def shifted_softmax_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """alpha * softmax(r) + b: the same range as TanhNorm but not zero-centred."""
     return softmax_norm(logits, candidates, alpha, shift) + shift
 
 
 @register_weight_norm("none")
-def no_norm(logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float) -> torch.Tensor:
+def no_norm(
+    logits: torch.Tensor, candidates: torch.Tensor, alpha: float, shift: float
+) -> torch.Tensor:
     """The raw router output (the ablation row that overflows)."""
     return logits
 

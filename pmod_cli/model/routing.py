@@ -1,8 +1,8 @@
 """Recording what each MoD layer kept: for visualisation, analysis and tests.
 
-    with record_routing(model) as routing:
-        model(**inputs)
-    routing.layers[14].keep_mask  # (batch, seq) bool
+with record_routing(model) as routing:
+    model(**inputs)
+routing.layers[14].keep_mask  # (batch, seq) bool
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ class RoutingRecord:
 
     def add(self, layer_idx, ratio, keep, vision, weights, logits) -> None:
         entry = LayerRouting(
-            ratio, keep.detach().cpu(), vision.detach().cpu(), weights.detach().float().cpu(), logits.detach().float().cpu()
+            ratio,
+            keep.detach().cpu(),
+            vision.detach().cpu(),
+            weights.detach().float().cpu(),
+            logits.detach().float().cpu(),
         )
         if layer_idx in self.layers or not self.calls:  # a new forward call starts
             self.calls.append({})

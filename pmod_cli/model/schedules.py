@@ -4,9 +4,11 @@ A schedule maps (layer index l, number of layers L, shift beta) to a raw ratio R
 thresholds of the paper (eq. 6, as the released code applies them) then turn it into the ratio
 a layer uses: R_l > max_ratio -> 1.0 (a dense layer, no router); otherwise max(R_l, min_ratio).
 
-Every schedule is shifted by ``beta`` so that, before thresholds, its mean over the layers is
-about ``beta``; that is what lets the paper's ablation compare them at one budget.
-Adding a schedule is one decorated function.
+The schedules of the paper's ablation are shifted by ``beta`` so that, before thresholds, their
+mean over the layers is about ``beta``; that is what lets the ablation compare them at one budget.
+The released code's non-decay modes (``interleave``, ``deep_all``) use ``beta`` as the ratio of
+their MoD layers instead. A dense layer of a schedule returns 1.0. Adding a schedule is one
+decorated function.
 """
 
 from __future__ import annotations
@@ -63,6 +65,43 @@ def interleaved(layer: int, num_layers: int, beta: float) -> float:
     return 1.0 if layer % 2 == 0 else 2.0 * beta - 1.0
 
 
+# ---- the released code's forms ------------------------------------------------------------
+# The released code writes its decay with a fixed 31 (a 32-layer model's L - 1) and its non-decay
+# modes as fixed layer sets at ratio beta. These reproduce a released checkpoint's layers exactly;
+# the forms above are the same ideas for any depth.
+
+
+@register_schedule("cosine31")
+def cosine31(layer: int, num_layers: int, beta: float) -> float:
+    """PRD as the released code computes it: R_l = 0.5 cos(pi l / 31) + beta, 31 whatever the depth
+    (equal to ``cosine`` at 32 layers; at 40 layers the curve turns back up)."""
+    return math.cos(layer * math.pi / 31) / 2 + beta  # the code's own arithmetic, bit for bit
+
+
+@register_schedule("linear31")
+def linear31(layer: int, num_layers: int, beta: float) -> float:
+    """The released code's linear decay: R_l = 0.5 - l / 31 + beta."""
+    return (-layer / 31 + 0.5) + beta
+
+
+@register_schedule("interleave")
+def interleave(layer: int, num_layers: int, beta: float) -> float:
+    """The released code's ``interleave``: odd layers are MoD at ratio beta, even layers dense."""
+    return beta if layer % 2 == 1 else 1.0
+
+
+@register_schedule("deep_all")
+def deep_all(layer: int, num_layers: int, beta: float) -> float:
+    """The released code's ``deep_all``: layers 2 .. L-2 are MoD at ratio beta (not the last)."""
+    return beta if 2 <= layer < num_layers - 1 else 1.0
+
+
+@register_schedule("deep_all_include_last")
+def deep_all_include_last(layer: int, num_layers: int, beta: float) -> float:
+    """The released code's ``deep_all_include_last``: layers 2 .. L-1 are MoD at ratio beta."""
+    return beta if layer >= 2 else 1.0
+
+
 def apply_thresholds(raw: float, min_ratio: float, max_ratio: float) -> float:
     """Paper eq. 6 as released: above ``max_ratio`` the layer stays dense; below ``min_ratio`` clamp."""
     if raw > max_ratio:
@@ -87,15 +126,21 @@ def retention_ratios(
     """
     if ratios is not None:
         if len(ratios) != num_layers:
-            raise ValueError(f"pmod.ratios has {len(ratios)} entries but the model has {num_layers} layers")
+            raise ValueError(
+                f"pmod.ratios has {len(ratios)} entries but the model has {num_layers} layers"
+            )
         for r in ratios:
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"pmod.ratios values must be in (0, 1], got {r}")
         return [float(r) for r in ratios]
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}")
+        raise ValueError(
+            f"unknown schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+        )
     if not 0.0 < min_ratio <= max_ratio <= 1.0:
-        raise ValueError(f"need 0 < min_ratio <= max_ratio <= 1, got min {min_ratio}, max {max_ratio}")
+        raise ValueError(
+            f"need 0 < min_ratio <= max_ratio <= 1, got min {min_ratio}, max {max_ratio}"
+        )
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     fn = SCHEDULES[schedule]

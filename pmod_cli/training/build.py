@@ -8,7 +8,7 @@ has none), and a new mlp2x_gelu connector joins them in the HF model class of th
 family (``model.layout``: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
 From a checkpoint (``model.checkpoint``): a directory or hub id of any registered family, dense or
 p-MoD, loaded by the one checkpoint loader (``pmod_cli.model.loading``). Then ``model.pretrained_connector``
-loads a pretrain stage's connector, and ``apply_pmod`` converts the model unless
+loads a pretrain stage's connector (or LLaVA's stage-1 ``mm_projector.bin``), and ``apply_pmod`` converts the model unless
 ``pmod.enabled`` is false.
 
 The parameters fall into four parts, the unit of freezing and of learning rates:
@@ -19,7 +19,6 @@ embeddings, lm_head) and ``router`` (the p-MoD routers).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -29,11 +28,19 @@ from ..data.templates import get_template
 from ..data.tiny import resolve_name
 from ..errors import UserError
 from ..model import apply_pmod, is_pmod_model
-from ..model.families import FAMILIES, family_for_model, get_family, image_settings
+from ..model.families import (
+    FAMILIES,
+    IMAGE_TOKEN,
+    family_for_config,
+    family_for_model,
+    get_family,
+    image_settings,
+)
+from ..model.families import prepare_tokenizer as add_image_and_pad_tokens
+from ..model.weights import check_weight_files, weight_files
 from .recipe import Recipe, check_aspect_ratio
 
 PARTS = ("vision_tower", "connector", "llm", "router")
-IMAGE_TOKEN = "<image>"
 # vision config model_type -> the HF class holding only the tower
 VISION_CLASSES = {
     "clip": "CLIPVisionModel",
@@ -54,7 +61,9 @@ def part_of(parameter_name: str) -> str:
     return "llm"
 
 
-_CONNECTOR_PARAMETERS = tuple(sorted({name for family in FAMILIES.values() for name in family.connector_parameters}))
+_CONNECTOR_PARAMETERS = tuple(
+    sorted({name for family in FAMILIES.values() for name in family.connector_parameters})
+)
 
 
 def trained_parts(recipe: Recipe, stage: str) -> tuple[str, ...]:
@@ -84,32 +93,9 @@ def image_processor(base, layout: str, aspect_ratio: str, grid_pinpoints: list[l
     return get_family(layout).image_processor(image_settings(base), aspect_ratio, grid_pinpoints)
 
 
-def _processor(tokenizer, image_processor, layout: str, vision_config, select_strategy: str, template: str):
-    return get_family(layout).processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=select_strategy,
-        # CLIP puts a CLS token in front of the patches; SigLIP has none
-        num_additional_image_tokens=1 if vision_config.model_type.startswith("clip") else 0,
-        image_token=IMAGE_TOKEN,
-        chat_template=get_template(template).jinja,
-    )
-
-
-def _prepare_tokenizer(tokenizer) -> bool:
-    """Give the tokenizer an <image> and a pad token; True if the vocabulary grew."""
-    grew = False
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        grew = True
-    if tokenizer.pad_token is None:
-        # Vicuna has no pad token; LLaVA pads with <unk>
-        if tokenizer.unk_token is not None:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
-            grew = True
+def prepare_tokenizer(tokenizer) -> bool:
+    """The family tokenizer preparation (``<image>`` and pad tokens), right padding for training."""
+    grew = add_image_and_pad_tokens(tokenizer)
     tokenizer.padding_side = "right"
     return grew
 
@@ -154,43 +140,101 @@ def _load(loader, reference: str, what: str, **kwargs):
         raise UserError(f"cannot load {what} {reference!r}: {str(err).splitlines()[0]}") from None
 
 
+def processor_from_parts(recipe: Recipe, local_only: bool = False):
+    """(processor, whether the tokenizer's vocabulary grew) for a model built from parts: the
+    LLM's tokenizer with an ``<image>`` token, the family's image processing from the tower's."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model_section, data = recipe.model, recipe.data
+    vision_ref, llm_ref = resolve_name(model_section.vision_tower), resolve_name(model_section.llm)
+    vision_config = _load(_vision_config, vision_ref, "model.vision_tower", local_only=local_only)
+    tokenizer = _load(
+        AutoTokenizer.from_pretrained,
+        llm_ref,
+        "the tokenizer of model.llm",
+        local_files_only=local_only,
+    )
+    base_image_processor = _load(
+        AutoImageProcessor.from_pretrained,
+        vision_ref,
+        "the image processor of model.vision_tower",
+        local_files_only=local_only,
+    )
+    grew = prepare_tokenizer(tokenizer)
+    images = image_processor(
+        base_image_processor,
+        model_section.layout,
+        data.image_aspect_ratio,
+        model_section.image_grid_pinpoints,
+    )
+    processor = get_family(model_section.layout).build_processor(
+        tokenizer,
+        images,
+        vision_config,
+        model_section.vision_feature_select_strategy,
+        get_template(data.template).jinja,
+    )
+    return processor, grew
+
+
 def build_from_parts(recipe: Recipe, dtype: torch.dtype):
     """A new model of the recipe's family: loaded vision tower + loaded LLM + a fresh connector."""
     import transformers
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model_section, data = recipe.model, recipe.data
+    model_section = recipe.model
     family = get_family(model_section.layout)
     vision_ref, llm_ref = resolve_name(model_section.vision_tower), resolve_name(model_section.llm)
     vision_config = _load(_vision_config, vision_ref, "model.vision_tower")
     vision_class = getattr(transformers, VISION_CLASSES[vision_config.model_type])
-    vision_tower = _load(vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype)
+    vision_tower = _load(
+        vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype
+    )
     llm = _load(AutoModelForCausalLM.from_pretrained, llm_ref, "model.llm", dtype=dtype)
-    tokenizer = _load(AutoTokenizer.from_pretrained, llm_ref, "the tokenizer of model.llm")
-    base_image_processor = _load(AutoImageProcessor.from_pretrained, vision_ref, "the image processor of model.vision_tower")
-
-    grew = _prepare_tokenizer(tokenizer)
-    config = llava_config(recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    processor, grew = processor_from_parts(recipe)
+    tokenizer = processor.tokenizer
+    config = llava_config(
+        recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    )
     with torch.device("meta"):  # the shell only; the parts bring their weights
         model = family.dense_model_class(config)
     model.model.vision_tower = vision_tower
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     # a fresh connector, with torch's default Linear init as LLaVA's projector
-    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dtype=dtype)
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(
+        dtype=dtype
+    )
     family.init_new_connector(model, dtype)
     if grew:
         # llava-hf pads the vocabulary to a multiple of 64 after adding <image>
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    processor = _processor(
-        tokenizer,
-        image_processor(base_image_processor, model_section.layout, data.image_aspect_ratio, model_section.image_grid_pinpoints),
-        model_section.layout,
-        vision_config,
-        model_section.vision_feature_select_strategy,
-        data.template,
-    )
     return model, processor
+
+
+def checkpoint_processor(recipe: Recipe, config, local_only: bool = False):
+    """The processor of ``model.checkpoint`` (whose HF ``config`` is given), set up for the recipe."""
+    from transformers import AutoProcessor
+
+    reference = resolve_name(recipe.model.checkpoint)
+    processor = _load(
+        AutoProcessor.from_pretrained, reference, "model.checkpoint", local_files_only=local_only
+    )
+    return _for_recipe(processor, family_for_config(config), recipe)
+
+
+def _for_recipe(processor, family, recipe: Recipe):
+    """A checkpoint's processor with the recipe's aspect-ratio mode, template and special tokens."""
+    try:
+        check_aspect_ratio(family.name, recipe.data.image_aspect_ratio)
+    except UserError as err:
+        raise UserError(f"model.checkpoint: {err}") from None
+    processor.image_processor = family.adapt_image_processor(
+        processor.image_processor, recipe.data.image_aspect_ratio
+    )
+    prepare_tokenizer(processor.tokenizer)
+    processor.chat_template = get_template(recipe.data.template).jinja
+    return processor
 
 
 def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
@@ -199,41 +243,54 @@ def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
     from ..model.loading import load_checkpoint as load
 
     model, processor = load(resolve_name(recipe.model.checkpoint), device="cpu", dtype=dtype)
-    family = family_for_model(model)
-    try:
-        check_aspect_ratio(family.name, recipe.data.image_aspect_ratio)
-    except UserError as err:
-        raise UserError(f"model.checkpoint: {err}") from None
-    processor.image_processor = family.adapt_image_processor(processor.image_processor, recipe.data.image_aspect_ratio)
-    _prepare_tokenizer(processor.tokenizer)
-    processor.chat_template = get_template(recipe.data.template).jinja
-    return model, processor
+    return model, _for_recipe(processor, family_for_model(model), recipe)
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({directory / name for name in weight_map.values()})
-    single = directory / "model.safetensors"
-    return [single] if single.is_file() else []
+def load_connector(model: nn.Module, source: str | Path) -> list[str]:
+    """Copy pretrained connector weights into ``model``: a pretrain output (an HF LLaVA
+    directory) or LLaVA's stage-1 ``mm_projector.bin`` (the file or its directory)."""
+    source = Path(resolve_name(str(source)))
+    if not source.exists():
+        raise UserError(
+            f"model.pretrained_connector {source} does not exist; run the pretrain stage first "
+            "(e.g. pmod pretrain recipes/tiny_pretrain.toml) or point it at a pretrain output_dir or a mm_projector.bin"
+        )
+    projector_file = source if source.is_file() else source / "mm_projector.bin"
+    if projector_file.is_file():
+        connector = _llava_projector(projector_file)
+    else:
+        connector = _pretrained_connector(source)
+    own = {name: p for name, p in model.named_parameters() if part_of(name) == "connector"}
+    if "model.image_newline" in own and "model.image_newline" not in connector:
+        # a LLaVA-NeXT sft from a base-resolution pretrain: the newline token starts fresh
+        del own["model.image_newline"]
+    missing = sorted(set(own) - set(connector))
+    if missing:
+        raise UserError(
+            f"model.pretrained_connector {source} lacks {missing[0]}; was it trained for this layout?"
+        )
+    with torch.no_grad():
+        for name, parameter in own.items():
+            if connector[name].shape != parameter.shape:
+                raise UserError(
+                    f"model.pretrained_connector {source}: {name} is {tuple(connector[name].shape)}, "
+                    f"this model needs {tuple(parameter.shape)} (a different vision tower or LLM?)"
+                )
+            parameter.copy_(connector[name].to(parameter.dtype))
+    return sorted(own)
 
 
-def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
-    """Copy the connector weights of a pretrain output (an HF LLaVA directory) into ``model``."""
+def _pretrained_connector(directory: Path) -> dict[str, torch.Tensor]:
+    """The connector of a pretrain output directory, under the model's parameter names."""
     from safetensors import safe_open
 
-    directory = Path(resolve_name(str(directory)))
-    if not directory.is_dir():
-        raise UserError(
-            f"model.pretrained_connector {directory} does not exist; run the pretrain stage first "
-            "(e.g. pmod pretrain recipes/tiny_pretrain.toml) or point it at a pretrain output_dir"
-        )
-    files = _weight_files(directory)
+    files = [file for file in weight_files(directory) if file.suffix == ".safetensors"]
     if not files:
         raise UserError(
-            f"model.pretrained_connector {directory} holds no model.safetensors; point it at a pretrain output_dir"
+            f"model.pretrained_connector {directory} holds no model.safetensors or mm_projector.bin; "
+            "point it at a pretrain output_dir"
         )
+    check_weight_files(directory)
     connector = {}
     for file in files:
         with safe_open(str(file), framework="pt") as weights:
@@ -241,27 +298,26 @@ def load_connector(model: nn.Module, directory: str | Path) -> list[str]:
                 # saved names differ from module names across transformers versions
                 # ("multi_modal_projector.linear_1.weight" vs "model.multi_modal_projector...")
                 if "multi_modal_projector." in key:
-                    connector["model.multi_modal_projector." + key.split("multi_modal_projector.", 1)[1]] = (
-                        weights.get_tensor(key)
-                    )
+                    connector[
+                        "model.multi_modal_projector." + key.split("multi_modal_projector.", 1)[1]
+                    ] = weights.get_tensor(key)
                 elif key.endswith("image_newline"):
                     connector["model.image_newline"] = weights.get_tensor(key)
-    own = {name: p for name, p in model.named_parameters() if part_of(name) == "connector"}
-    if "model.image_newline" in own and "model.image_newline" not in connector:
-        # a LLaVA-NeXT sft from a base-resolution pretrain: the newline token starts fresh
-        del own["model.image_newline"]
-    missing = sorted(set(own) - set(connector))
-    if missing:
-        raise UserError(f"model.pretrained_connector {directory} lacks {missing[0]}; was it trained for this layout?")
-    with torch.no_grad():
-        for name, parameter in own.items():
-            if connector[name].shape != parameter.shape:
-                raise UserError(
-                    f"model.pretrained_connector {directory}: {name} is {tuple(connector[name].shape)}, "
-                    f"this model needs {tuple(parameter.shape)} (a different vision tower or LLM?)"
-                )
-            parameter.copy_(connector[name].to(parameter.dtype))
-    return sorted(own)
+    return connector
+
+
+def _llava_projector(file: Path) -> dict[str, torch.Tensor]:
+    """LLaVA's ``mm_projector.bin`` (``model.mm_projector.{0,2}.*``, mlp2x_gelu) under llava-hf's names."""
+    from ..model.formats.original_llava import hf_weight_name
+    from ..model.weights import read_file
+
+    tensors = read_file(file)  # torch.load(weights_only=True): tensors only
+    projector = {
+        name: tensor for name, tensor in tensors.items() if name.startswith("model.mm_projector.")
+    }
+    if not projector:
+        raise UserError(f"model.pretrained_connector {file} holds no model.mm_projector.* weights")
+    return {hf_weight_name(name): tensor for name, tensor in projector.items()}
 
 
 def check_pmod_layers(recipe: Recipe, num_layers: int) -> list[float]:
@@ -293,11 +349,15 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
         check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
         model = apply_pmod(model, recipe.pmod.config)
     elif is_pmod_model(model):
-        raise UserError("model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint")
+        raise UserError(
+            "model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint"
+        )
     try:
         model.set_attn_implementation(recipe.model.attn_implementation)
     except (ImportError, ValueError) as err:
-        raise UserError(f"model.attn_implementation = {recipe.model.attn_implementation!r}: {err}") from None
+        raise UserError(
+            f"model.attn_implementation = {recipe.model.attn_implementation!r}: {err}"
+        ) from None
     model.config.use_cache = False  # no KV cache while training
     set_trainable(model, trained_parts(recipe, stage))
     return model, processor

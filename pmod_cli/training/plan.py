@@ -4,7 +4,13 @@ The model is built on the ``meta`` device from its config (the parts' or checkpo
 when it is on this machine, else the shape preset ``model.preset``), so a 7B plan needs no
 download and no memory. The plan lists the parameters per part and which train, the p-MoD
 schedule with the TFLOPs and KV cache of ``pmod flops`` (same code), the derived batch
-arithmetic and the data check (every sample: structure, image present and readable).
+arithmetic and the data check: every sample's structure, every image decoded in full and,
+when the tokenizer and image processor are on this machine, every sample encoded as training
+encodes it (so an answer past ``data.max_length`` counts as bad, as in training).
+
+Whatever would make a real run stop (bad data over ``data.max_bad_fraction``, a missing
+pretrained connector, an output directory in use or holding another run, a ``--resume`` the
+checkpoint refuses) is listed; ``dry_run`` then ends in a ``UserError`` (exit code 2).
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from ..model.presets import ModelShape, get_preset, shape_from_hf_config
 from .build import (
     IMAGE_TOKEN,
     PARTS,
-    _prepare_tokenizer,
     check_pmod_layers,
     llava_config,
+    prepare_tokenizer,
     resolve_name,
     set_trainable,
     trained_parts,
@@ -45,6 +51,8 @@ class DataCheck:
     usable: int = 0
     text_only: int = 0
     bad: list[tuple[str, str]] = field(default_factory=list)
+    failing_at_load: int = 0  # of ``bad``: pass the header check, fail when loaded in full
+    encoded: bool = False  # samples were encoded (tokenizer on this machine), not only decoded
     problem: str = ""
 
 
@@ -60,6 +68,7 @@ class TrainingPlan:
     accumulation: int
     data: DataCheck
     pmod_enabled: bool
+    blockers: list[str] = field(default_factory=list)  # why a real run would stop
 
     @property
     def retention_ratios(self) -> list[float]:
@@ -102,10 +111,14 @@ def model_config(recipe: Recipe):
         if vision is not None and text is not None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(resolve_name(model.llm), local_files_only=True)
-            _prepare_tokenizer(tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_name(model.llm), local_files_only=True
+            )
+            prepare_tokenizer(tokenizer)
             vision = getattr(vision, "vision_config", None) or vision
-            config = llava_config(recipe, vision, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+            config = llava_config(
+                recipe, vision, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+            )
             if len(tokenizer) > config.text_config.vocab_size:
                 config.text_config.vocab_size = -(-len(tokenizer) // 64) * 64
             return config, f"parts {model.vision_tower} + {model.llm}"
@@ -131,38 +144,99 @@ def _meta_model(config, pmod_enabled: bool, recipe: Recipe):
     return model
 
 
-def check_data(recipe: Recipe) -> DataCheck:
-    from ..data.llava_data import load_records, scan_records
+def check_data(recipe: Recipe, processor=None) -> DataCheck:
+    """Every sample checked as a real run checks it, up front and while loading (``processor``:
+    encode each sample too; without it images are decoded but lengths are not checked)."""
+    from ..data.llava_data import SampleEncoder, find_load_failures, load_records, scan_records
+    from ..data.templates import get_template
     from .stages import data_paths
 
     data_path, image_folder = data_paths(recipe)
     check = DataCheck(path=str(data_path), found=data_path.is_file())
     if not check.found:
-        check.problem = f"{data_path} not found: a real run stops here (set data.path)"
+        check.problem = f"{data_path} not found (set data.path)"
         return check
     if recipe.data.image_folder and not image_folder.is_dir():
         check.problem = f"data.image_folder {image_folder} is not a directory"
         return check
     records = load_records(data_path)
     # every sample is checked; too many bad ones is reported, not raised, in a plan
-    scan = scan_records(records, image_folder, max_bad_fraction=1.0, open_images=recipe.data.check_images)
-    check.total, check.usable, check.text_only, check.bad = scan.total, len(scan.valid), scan.text_only, scan.bad
-    if not scan.valid:
-        check.problem = f"none of the {scan.total} samples is usable: a real run stops here"
-    elif scan.bad_fraction > recipe.data.max_bad_fraction:
+    scan = scan_records(
+        records, image_folder, max_bad_fraction=1.0, open_images=recipe.data.check_images
+    )
+    encoder = None
+    if processor is not None:
+        encoder = SampleEncoder(
+            processor, get_template(recipe.data.template), recipe.data.max_length
+        )
+    failures = find_load_failures(records, scan.valid, image_folder, encoder)
+    check.total, check.text_only, check.encoded = scan.total, scan.text_only, encoder is not None
+    check.bad, check.failing_at_load = scan.bad + failures, len(failures)
+    check.usable = len(scan.valid) - len(failures)
+    if not check.usable:
+        check.problem = f"none of the {scan.total} samples is usable"
+    elif len(check.bad) > recipe.data.max_bad_fraction * scan.total:
         check.problem = (
-            f"{len(scan.bad)} of {scan.total} samples are bad, more than data.max_bad_fraction "
-            f"{recipe.data.max_bad_fraction:g}: a real run stops here"
+            f"{len(check.bad)} of {scan.total} samples are bad ({len(failures)} of them only when loaded in full), "
+            f"more than data.max_bad_fraction {recipe.data.max_bad_fraction:g}"
         )
     return check
 
 
-def make_training_plan(stage: str, recipe: Recipe) -> TrainingPlan:
+def _plan_processor(recipe: Recipe, config, source: str):
+    """The processor a real run would use, if its files are on this machine; else None."""
+    from .build import checkpoint_processor, processor_from_parts
+
+    if source.startswith("preset"):
+        return None
+    try:
+        if recipe.model.checkpoint:
+            return checkpoint_processor(recipe, config, local_only=True)
+        return processor_from_parts(recipe, local_only=True)[0]
+    except UserError:
+        return None
+
+
+def run_blockers(stage: str, recipe: Recipe, resume: bool, data: DataCheck) -> list[str]:
+    """Why a real run of this recipe would refuse to start or stop on its data, here and now."""
+    from .resume import check_not_finished, check_same_run
+    from .run_lock import RunLock
+    from .stages import check_output_dir
+
+    blockers = [f"data: {data.problem}"] if data.problem else []
+    train = recipe.train
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if train.global_batch_size % (train.per_device_batch_size * world_size):
+        blockers.append(
+            f"train.global_batch_size {train.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{train.per_device_batch_size} x {world_size} processes"
+        )
+    connector = recipe.model.pretrained_connector
+    if connector and not Path(resolve_name(connector)).is_dir():
+        blockers.append(
+            f"model.pretrained_connector {connector} does not exist yet (run the pretrain stage first)"
+        )
+    holder = RunLock(train.output_dir).live_holder()
+    if holder is not None:
+        blockers.append(f"{train.output_dir} is in use by another run: {holder.describe()}")
+    try:
+        resume_from = check_output_dir(Path(train.output_dir), resume, train.overwrite_output_dir)
+        if resume_from is not None:
+            check_not_finished(recipe, resume_from)
+            check_same_run(recipe, resume_from)
+    except UserError as err:
+        blockers.append(str(err))
+    return blockers
+
+
+def make_training_plan(stage: str, recipe: Recipe, resume: bool = False) -> TrainingPlan:
     config, source = model_config(recipe)
     pmod_enabled = recipe.pmod.enabled
     model = _meta_model(config, pmod_enabled, recipe)
     parameters = set_trainable(model, trained_parts(recipe, stage))
-    if source.startswith("preset"):  # the preset's own numbers (e.g. Vicuna's 32000-token vocabulary)
+    if source.startswith(
+        "preset"
+    ):  # the preset's own numbers (e.g. Vicuna's 32000-token vocabulary)
         shape = get_preset(recipe.model.preset)
         if recipe.model.image_grid_pinpoints and shape.image_grid_pinpoints:
             pinpoints = tuple(tuple(p) for p in recipe.model.image_grid_pinpoints)
@@ -181,6 +255,7 @@ def make_training_plan(stage: str, recipe: Recipe) -> TrainingPlan:
     per_step = recipe.train.per_device_batch_size * world_size
     accumulation = max(recipe.train.global_batch_size // per_step, 1)
     rates = {part: recipe.part_learning_rate(part) for part in PARTS if parameters[part][0]}
+    data = check_data(recipe, _plan_processor(recipe, config, source))
     return TrainingPlan(
         stage=stage,
         model_source=source,
@@ -190,8 +265,9 @@ def make_training_plan(stage: str, recipe: Recipe) -> TrainingPlan:
         shape=shape,
         world_size=world_size,
         accumulation=accumulation,
-        data=check_data(recipe),
+        data=data,
         pmod_enabled=pmod_enabled,
+        blockers=run_blockers(stage, recipe, resume, data),
     )
 
 
@@ -201,9 +277,13 @@ def _millions(count: int) -> str:
 
 def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(f"[bold]{plan.stage}[/bold] plan for {recipe.source or 'the recipe'}  (dry run: nothing is trained)")
-    console.print(f"model: {plan.model_source}, layout {plan.shape.layout}, "
-                  f"{'p-MoD' if plan.pmod_enabled else 'dense (pmod.enabled = false)'}")
+    console.print(
+        f"[bold]{plan.stage}[/bold] plan for {recipe.source or 'the recipe'}  (dry run: nothing is trained)"
+    )
+    console.print(
+        f"model: {plan.model_source}, layout {plan.shape.layout}, "
+        f"{'p-MoD' if plan.pmod_enabled else 'dense (pmod.enabled = false)'}"
+    )
 
     parts = Table(title="Parameters per part")
     for name in ("part", "parameters", "trainable", "learning rate"):
@@ -213,7 +293,12 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
         if total == 0:
             continue
         rate = plan.learning_rates.get(part)
-        parts.add_row(part, _millions(total), _millions(trainable) if trainable else "frozen", f"{rate:g}" if rate else "-")
+        parts.add_row(
+            part,
+            _millions(total),
+            _millions(trainable) if trainable else "frozen",
+            f"{rate:g}" if rate else "-",
+        )
     trainable = sum(t for t, _ in plan.parameters.values())
     total = sum(n for _, n in plan.parameters.values())
     parts.add_row("all", _millions(total), _millions(trainable), "", style="bold")
@@ -227,20 +312,35 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
     if train.max_steps <= 0 and plan.data.usable:
         steps += f" = {int(plan.data.usable * train.num_epochs // train.global_batch_size)} steps"
     rows = [
-        ("global batch", f"{train.global_batch_size} = {train.per_device_batch_size} per device x "
-                         f"{plan.accumulation} accumulation x {plan.world_size} process(es)"),
+        (
+            "global batch",
+            f"{train.global_batch_size} = {train.per_device_batch_size} per device x "
+            f"{plan.accumulation} accumulation x {plan.world_size} process(es)",
+        ),
         ("steps", steps),
-        ("schedule", f"{train.lr_scheduler}, warmup {train.warmup_ratio:g}, weight decay {train.weight_decay:g}"),
-        ("precision", f"{train.precision} (auto: bf16 on GPU, fp32 on CPU)" if train.precision == "auto" else train.precision),
+        (
+            "schedule",
+            f"{train.lr_scheduler}, warmup {train.warmup_ratio:g}, weight decay {train.weight_decay:g}",
+        ),
+        (
+            "precision",
+            f"{train.precision} (auto: bf16 on GPU, fp32 on CPU)"
+            if train.precision == "auto"
+            else train.precision,
+        ),
         ("gradient checkpointing", str(train.gradient_checkpointing).lower()),
         ("deepspeed", train.deepspeed or "none"),
         ("template / max length", f"{recipe.data.template} / {recipe.data.max_length}"),
         ("output", train.output_dir),
     ]
     if recipe.model.pretrained_connector:
-        found = Path(resolve_name(recipe.model.pretrained_connector)).is_dir()
+        found = Path(resolve_name(recipe.model.pretrained_connector)).exists()
         rows.append(
-            ("pretrained connector", recipe.model.pretrained_connector + ("" if found else "  [yellow](not there yet: run the pretrain stage first)"))
+            (
+                "pretrained connector",
+                recipe.model.pretrained_connector
+                + ("" if found else "  [yellow](not there yet: run the pretrain stage first)"),
+            )
         )
     for label, value in rows:
         run.add_row(label, value)
@@ -252,19 +352,31 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
         console.print(layer_table(flops_plan))
 
     data = plan.data
-    if data.found and not data.problem:
+    if data.found:
+        checked = (
+            "encoded" if data.encoded else "images decoded; lengths not checked (no tokenizer here)"
+        )
         console.print(
             f"data: {data.path}: {data.total} samples, {data.usable} usable ({data.text_only} text-only), "
-            f"{len(data.bad)} bad"
+            f"{len(data.bad)} bad, {data.failing_at_load} of them only when loaded in full ({checked})"
         )
     for sample, reason in data.bad[:10]:
         console.print(f"  bad sample {sample}: {reason}", style="yellow")
-    if data.problem:
-        console.print(f"data: {data.problem}", style="bold yellow")
+    if len(data.bad) > 10:
+        console.print(f"  ... and {len(data.bad) - 10} more bad samples", style="yellow")
+    for blocker in plan.blockers:
+        console.print(f"a real run would stop: {blocker}", style="bold yellow")
 
 
-def dry_run(stage: str, recipe: Recipe, console: Console | None = None) -> TrainingPlan:
-    plan = make_training_plan(stage, recipe)
+def dry_run(
+    stage: str, recipe: Recipe, console: Console | None = None, resume: bool = False
+) -> TrainingPlan:
+    """Plan and print; a UserError (exit code 2) if a real run would stop."""
+    plan = make_training_plan(stage, recipe, resume=resume)
     print_training_plan(plan, recipe, console)
+    if plan.blockers:
+        more = (
+            f" (and {len(plan.blockers) - 1} more, listed above)" if len(plan.blockers) > 1 else ""
+        )
+        raise UserError(f"a real run would stop: {plan.blockers[0]}{more}")
     return plan
-

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from ..errors import UserError
 from ..model.config import PMoDConfig
@@ -52,7 +51,8 @@ class ModelSection:
         vision_feature_layer: which vision layer feeds the projector (-2: the second to last).
         vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
         image_grid_pinpoints: LLaVA-NeXT anyres resolutions, ``[[height, width], ...]`` in pixels.
-        pretrained_connector: a pretrain-stage output directory whose connector weights to load.
+        pretrained_connector: a pretrain-stage output directory whose connector weights to load,
+            or LLaVA's stage-1 ``mm_projector.bin`` (the file or its directory).
         preset: a shape preset of ``pmod_cli.model.presets`` used to plan (``--dry-run``) when the
             parts' configs are not on this machine.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
@@ -255,7 +255,9 @@ def _build_section(cls: type, values: dict[str, Any], section: str):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"unknown recipe key {section}.{key}; known keys of [{section}]: {', '.join(known)}")
+            raise UserError(
+                f"unknown recipe key {section}.{key}; known keys of [{section}]: {', '.join(known)}"
+            )
         kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
     return cls(**kwargs)
 
@@ -276,7 +278,9 @@ def _build_pmod(values: dict[str, Any]) -> PMoDSection:
     except ValueError as err:
         raise UserError(f"[pmod]: {err}") from None
     if mod_layers_from and config.mod_layers is not None:
-        raise UserError("[pmod]: give mod_layers or mod_layers_from (an ARank result file), not both")
+        raise UserError(
+            "[pmod]: give mod_layers or mod_layers_from (an ARank result file), not both"
+        )
     return PMoDSection(enabled=enabled, config=config, mod_layers_from=mod_layers_from)
 
 
@@ -294,20 +298,30 @@ def validate(recipe: Recipe) -> Recipe:
     if model.checkpoint and (model.vision_tower or model.llm):
         raise UserError("set either model.checkpoint or model.vision_tower + model.llm, not both")
     if not model.checkpoint and not (model.vision_tower and model.llm):
-        raise UserError("the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm")
+        raise UserError(
+            "the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm"
+        )
     _choice(model.layout, tuple(FAMILIES), "model.layout")
     _choice(model.connector, CONNECTORS, "model.connector")
-    _choice(model.vision_feature_select_strategy, SELECT_STRATEGIES, "model.vision_feature_select_strategy")
+    _choice(
+        model.vision_feature_select_strategy,
+        SELECT_STRATEGIES,
+        "model.vision_feature_select_strategy",
+    )
     for pinpoint in model.image_grid_pinpoints:
         if len(pinpoint) != 2 or min(pinpoint) <= 0:
-            raise UserError(f"model.image_grid_pinpoints entries must be [height, width], got {pinpoint}")
+            raise UserError(
+                f"model.image_grid_pinpoints entries must be [height, width], got {pinpoint}"
+            )
     pmod = recipe.pmod.config  # checks needing the number of layers run when the model is known
     for ratio in pmod.ratios or ():
         if not 0.0 < ratio <= 1.0:
             raise UserError(f"pmod.ratios values must be in (0, 1], got {ratio}")
     negative = sorted(i for i in pmod.mod_layers or () if i < 0)
     if negative:
-        raise UserError(f"pmod.mod_layers must be layer indices (0 = the first layer), got {negative}")
+        raise UserError(
+            f"pmod.mod_layers must be layer indices (0 = the first layer), got {negative}"
+        )
     if not data.path:
         raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
     _choice(data.template, tuple(TEMPLATES), "data.template")
@@ -321,9 +335,13 @@ def validate(recipe: Recipe) -> Recipe:
     if not train.output_dir:
         raise UserError("train.output_dir is not set")
     if train.max_steps == 0 or train.max_steps < -1:
-        raise UserError(f"train.max_steps must be positive (or -1 for num_epochs), got {train.max_steps}")
+        raise UserError(
+            f"train.max_steps must be positive (or -1 for num_epochs), got {train.max_steps}"
+        )
     if train.max_steps == -1 and train.num_epochs <= 0:
-        raise UserError(f"train.num_epochs must be positive when train.max_steps = -1, got {train.num_epochs}")
+        raise UserError(
+            f"train.num_epochs must be positive when train.max_steps = -1, got {train.num_epochs}"
+        )
     for key in ("global_batch_size", "per_device_batch_size", "save_steps", "logging_steps"):
         if getattr(train, key) <= 0:
             raise UserError(f"train.{key} must be positive, got {getattr(train, key)}")
@@ -333,8 +351,15 @@ def validate(recipe: Recipe) -> Recipe:
             f"train.per_device_batch_size ({train.per_device_batch_size})"
         )
     for key in (
-        "learning_rate", "connector_lr", "llm_lr", "router_lr", "vision_tower_lr", "weight_decay", "num_epochs",
-        "save_total_limit", "dataloader_num_workers",
+        "learning_rate",
+        "connector_lr",
+        "llm_lr",
+        "router_lr",
+        "vision_tower_lr",
+        "weight_decay",
+        "num_epochs",
+        "save_total_limit",
+        "dataloader_num_workers",
     ):
         if getattr(train, key) < 0:
             raise UserError(f"train.{key} must be >= 0, got {getattr(train, key)}")
@@ -342,7 +367,11 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(train.precision, PRECISIONS, "train.precision")
     if not 0.0 <= train.warmup_ratio < 1.0:
         raise UserError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
-    if train.deepspeed and train.deepspeed not in DEEPSPEED_PRESETS and not Path(train.deepspeed).is_file():
+    if (
+        train.deepspeed
+        and train.deepspeed not in DEEPSPEED_PRESETS
+        and not Path(train.deepspeed).is_file()
+    ):
         raise UserError(
             f"train.deepspeed = {train.deepspeed!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} nor an existing JSON file"
         )
@@ -387,7 +416,9 @@ def _is_string_key(section: str, key: str) -> bool:
 def recipe_from_dict(values: dict[str, Any], source: str = "") -> Recipe:
     unknown = sorted(set(values) - {"model", "pmod", "data", "train"})
     if unknown:
-        raise UserError(f"unknown recipe section [{unknown[0]}]; sections are [model], [pmod], [data], [train]")
+        raise UserError(
+            f"unknown recipe section [{unknown[0]}]; sections are [model], [pmod], [data], [train]"
+        )
     sections = {}
     for name, cls in _SECTIONS.items():
         section_values = values.get(name, {})

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,8 +34,12 @@ from ..data.llava_data import (
 from ..data.templates import get_template
 from ..data.tiny import default_image_folder
 from ..errors import UserError
-from .build import PARTS, build_model, resolve_name
+from .build import build_model, resolve_name
 from .recipe import DEEPSPEED_PRESETS, Recipe
+
+if TYPE_CHECKING:  # the trainer imports transformers' Trainer: loaded when a stage runs
+    from ..data.llava_data import ScanResult
+    from .trainer import PMoDTrainer, RichProgressCallback, WallClock
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,9 @@ def deepspeed_config_path(value: str) -> str:
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     if precision == "auto":
-        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        return (
+            "bf16" if on_gpu and torch.cuda.is_bf16_supported() else ("fp16" if on_gpu else "fp32")
+        )
     if precision in ("bf16", "fp16") and not on_gpu:
         logger.warning("train.precision = %s needs a GPU; training in fp32 on the CPU", precision)
         return "fp32"
@@ -84,7 +91,9 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
 def data_paths(recipe: Recipe) -> tuple[Path, Path]:
     data_path = Path(resolve_name(recipe.data.path))
     image_folder = (
-        Path(resolve_name(recipe.data.image_folder)) if recipe.data.image_folder else default_image_folder(data_path)
+        Path(resolve_name(recipe.data.image_folder))
+        if recipe.data.image_folder
+        else default_image_folder(data_path)
     )
     return data_path, image_folder
 
@@ -101,7 +110,11 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
         data_logger.setLevel(logging.ERROR)
     try:
         scan = scan_records(
-            records, image_folder, recipe.data.max_bad_fraction, recipe.data.check_images, progress=not quiet
+            records,
+            image_folder,
+            recipe.data.max_bad_fraction,
+            recipe.data.check_images,
+            progress=not quiet,
         )
     finally:
         data_logger.setLevel(previous_level)
@@ -110,14 +123,16 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
     return dataset, Collator(processor.tokenizer.pad_token_id), scan
 
 
-def _check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint to resume from; refuses to mix with an earlier run. Deletes nothing."""
     from .trainer import last_checkpoint
 
     previous = last_checkpoint(output_dir)
     if resume:
         if previous is None:
-            raise UserError(f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start")
+            raise UserError(
+                f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start"
+            )
         return previous
     if previous is not None and not overwrite:
         raise UserError(
@@ -138,7 +153,9 @@ def _clear_output_dir(output_dir: Path, is_main: bool) -> None:
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
 
 
-def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int):
+def _training_arguments(
+    recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int
+):
     from transformers import TrainingArguments
 
     train = recipe.train
@@ -156,7 +173,9 @@ def _training_arguments(recipe: Recipe, accumulation: int, precision: str, on_gp
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False}
+        if train.gradient_checkpointing
+        else None,
         deepspeed=deepspeed_config_path(train.deepspeed) if train.deepspeed else None,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -187,42 +206,102 @@ def _reduce_counts(counts, args) -> list[float]:
 # ---- the stage ----------------------------------------------------------------------------
 
 
-def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Sequence = ()) -> StageResult:
-    """Build, train, save and summarise one stage; returns the summary and the loss log."""
+def run_stage(
+    stage: str, recipe: Recipe, resume: bool = False, callbacks: Sequence = ()
+) -> StageResult:
+    """Build, train, save and summarise one stage; returns the summary and the loss log.
+
+    The output directory is locked for the run (rank 0 holds the lock for every process); a
+    SIGINT / SIGTERM stops it at a step boundary (see ``interrupt``)."""
     import datasets
     import transformers
-    from rich.console import Console
-    from transformers import PrinterCallback
 
-    from .summary import efficiency_summary, summary_table
-    from .trainer import PMoDTrainer, RichProgressCallback, WallClock, publish_model
+    from .interrupt import SignalWatch
+    from .run_lock import RunLock
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    watch = SignalWatch()
+    lock = RunLock(recipe.train.output_dir)
+    with watch.installed():
+        try:
+            if _is_main():
+                lock.acquire()
+            return _locked_stage(stage, recipe, resume, callbacks, watch)
+        finally:
+            lock.release()
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class _Run:
+    """What a stage builds before it trains."""
+
+    trainer: PMoDTrainer
+    scan: ScanResult
+    clock: WallClock
+    progress: RichProgressCallback
+    world_size: int
+    on_gpu: bool
+    resume_from: Path | None
+
+
+def _locked_stage(
+    stage: str, recipe: Recipe, resume: bool, callbacks: Sequence, watch
+) -> StageResult:
+    from .interrupt import StopOnSignal
+
+    run = _build_run(stage, recipe, resume, callbacks)
+    trainer = run.trainer
+    stop = StopOnSignal(watch, trainer.expected_save_seconds)
+    trainer.add_callback(stop)
+    watch.describe_now = lambda signum: _resume_hint(trainer)
+    watch.phase = "training"
+    try:
+        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    finally:
+        run.progress.on_train_end(trainer.args, trainer.state, trainer.control)
+    watch.phase = "finishing"  # a signal from here on waits: saving the model takes seconds
+    trainer.finish_checkpoints()
+    if stop.stopped_at is not None:
+        _raise_stopped(trainer, stop, watch.received)
+    return _finish_stage(stage, recipe, run)
+
+
+def _build_run(stage: str, recipe: Recipe, resume: bool, callbacks: Sequence) -> _Run:
+    """Model, data and trainer of a stage, after the output directory is checked."""
+    import transformers
+    from transformers import PrinterCallback
+
+    from .resume import check_not_finished, check_same_run
+    from .trainer import PMoDTrainer, RichProgressCallback, WallClock
+
     train = recipe.train
     # the Trainer seeds again later; this covers what is created before it (fresh connector,
     # image newline, routers)
     transformers.set_seed(train.seed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    per_step = train.per_device_batch_size * world_size
-    if train.global_batch_size % per_step:
-        raise UserError(
-            f"train.global_batch_size {train.global_batch_size} is not a multiple of per_device_batch_size "
-            f"{train.per_device_batch_size} x {world_size} processes; change one of them"
-        )
-    accumulation = train.global_batch_size // per_step
+    accumulation = _accumulation(recipe, world_size)
     output_dir = Path(train.output_dir)
-    resume_from = _check_output_dir(output_dir, resume, train.overwrite_output_dir)
+    resume_from = check_output_dir(output_dir, resume, train.overwrite_output_dir)
+    if resume_from is not None:
+        check_not_finished(recipe, resume_from)
 
     on_gpu = torch.cuda.is_available()
     precision = resolve_precision(train.precision, on_gpu)
     # DeepSpeed keeps fp32 master weights itself, so the model can load in half precision
-    load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
+    load_dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if train.deepspeed else None
+    )
     # built before the arguments exist, so outside ZeRO-3's zero.Init: the parts' meta-device
     # shell, the connector copy and the routers need whole parameters; DeepSpeed partitions the
     # model when it starts
     model, processor = build_model(recipe, stage, load_dtype or torch.float32)
+    if resume_from is not None:  # after building: pmod.mod_layers_from is read by then
+        check_same_run(recipe, resume_from)
     args = _training_arguments(recipe, accumulation, precision, on_gpu, world_size)
     if train.deepspeed and world_size > 1:
         import deepspeed
@@ -230,9 +309,7 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         # ZeRO-3 asks DeepSpeed's own comm layer for the world size; on CPU nothing has set that
         # layer up yet (it wraps the existing process group)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    dataset, collator, scan = prepare_data(recipe, processor, quiet=not is_main)
-    rates = {part: recipe.part_learning_rate(part) for part in PARTS}
-    budget = recipe.data.max_bad_fraction * scan.total - len(scan.bad)
+    dataset, collator, scan = prepare_data(recipe, processor, quiet=not _is_main())
 
     progress = RichProgressCallback(f"{stage} {recipe.source or ''}".strip())
     clock = WallClock()
@@ -243,23 +320,73 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         data_collator=collator,
         processing_class=processor,
         callbacks=[clock, progress, *callbacks],
-        part_learning_rates=rates,
+        recipe=recipe,
         image_token_id=model.config.image_token_id,
-        recipe_toml=recipe.to_toml(),
-        bad_sample_budget=budget,
+        bad_sample_budget=recipe.data.max_bad_fraction * scan.total - len(scan.bad),
     )
     trainer.remove_callback(PrinterCallback)  # the rich callback prints the losses
     if resume_from is None and train.overwrite_output_dir:
-        _clear_output_dir(output_dir, is_main)
+        _clear_output_dir(output_dir, _is_main())
         trainer.accelerator.wait_for_everyone()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        progress.on_train_end(args, trainer.state, trainer.control)
-    wall = clock.seconds
+    return _Run(trainer, scan, clock, progress, world_size, on_gpu, resume_from)
+
+
+def _accumulation(recipe: Recipe, world_size: int) -> int:
+    """Gradient accumulation steps: global batch / (per-device batch x processes)."""
+    train = recipe.train
+    per_step = train.per_device_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size {train.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{train.per_device_batch_size} x {world_size} processes; change one of them"
+        )
+    return train.global_batch_size // per_step
+
+
+def _resume_hint(trainer) -> str:
+    """What ``--resume`` starts from now."""
+    if trainer.published is None:
+        return "no checkpoint was saved yet: run again without --resume to start"
+    step = trainer.published.name.rsplit("-", 1)[1]
+    return f"add --resume to the same command to continue from {trainer.published} (step {step})"
+
+
+def _raise_stopped(trainer, stop, signum: int | None) -> None:
+    import signal
+
+    from .interrupt import SAVE_ON_STOP_SECONDS, RunInterrupted, signal_name
+
+    signum = signum or signal.SIGTERM  # another process was signalled: the launcher's usual signal
+    where = (
+        f"stopped by {signal_name(signum)} at step {stop.stopped_at} of {trainer.state.max_steps}"
+    )
+    if stop.saved_on_stop and trainer.published is not None:
+        raise RunInterrupted(
+            f"{where} and saved {trainer.published} there; add --resume to the same command to continue from "
+            f"step {stop.stopped_at}",
+            signum,
+        )
+    saved = (
+        f"not saved there (a checkpoint takes about {stop.estimated_seconds:.0f} s, more than the "
+        f"{SAVE_ON_STOP_SECONDS:.0f} s a stop allows)"
+    )
+    raise RunInterrupted(f"{where}, {saved}; {_resume_hint(trainer)}", signum)
+
+
+def _finish_stage(stage: str, recipe: Recipe, run: _Run) -> StageResult:
+    """Publish the final model, then write and print the summary."""
+    from rich.console import Console
+
+    from .summary import efficiency_summary, summary_table
+    from .trainer import publish_model
+
+    trainer, scan = run.trainer, run.scan
+    output_dir = Path(recipe.train.output_dir)
+    wall = run.clock.seconds
+    trainer.check_final_weights()
     publish_model(trainer, output_dir)
 
-    samples, tokens, vision_tokens, skipped_at_load = _reduce_counts(trainer.counts, args)
+    samples, tokens, vision_tokens, skipped_at_load = _reduce_counts(trainer.counts, trainer.args)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = efficiency_summary(
         trainer.accelerator.unwrap_model(trainer.model),
@@ -268,8 +395,8 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         tokens=int(tokens),
         vision_tokens=int(vision_tokens),
         wall_seconds=wall,
-        processes=world_size,
-        on_gpu=on_gpu,
+        processes=run.world_size,
+        on_gpu=run.on_gpu,
         steps=trainer.state.global_step,
         skipped_bad=len(scan.bad),
         skipped_at_load=int(skipped_at_load),
@@ -278,14 +405,25 @@ def run_stage(stage: str, recipe: Recipe, resume: bool = False, callbacks: Seque
         final_loss=losses[-1] if losses else None,
     )
     if trainer.is_world_process_zero():
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        except OSError as err:
+            raise UserError(
+                f"the model is saved in {output_dir}, but summary.json is not: {err.strerror or err}"
+            ) from None
         console = Console()
         console.print(summary_table(summary))
         console.print(f"model saved to {output_dir}")
     return StageResult(stage, output_dir, summary, list(trainer.state.log_history))
 
 
-def launch(stage: str, recipe_path: str | Path, overrides: Sequence[str] = (), resume: bool = False, dry_run: bool = False):
+def launch(
+    stage: str,
+    recipe_path: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    dry_run: bool = False,
+):
     """What ``pmod pretrain`` / ``pmod sft`` do: load the recipe, then plan or train."""
     from .recipe import load_recipe
 
@@ -293,5 +431,5 @@ def launch(stage: str, recipe_path: str | Path, overrides: Sequence[str] = (), r
     if dry_run:
         from .plan import dry_run as plan_and_print
 
-        return plan_and_print(stage, recipe)
+        return plan_and_print(stage, recipe, resume=resume)
     return run_stage(stage, recipe, resume=resume)

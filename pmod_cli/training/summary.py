@@ -33,7 +33,9 @@ def efficiency_summary(
 ) -> dict[str, Any]:
     mean_vision = round(vision_tokens / samples) if samples else 0
     mean_text = round((tokens - vision_tokens) / samples) if samples else 0
-    flops = count_flops_for_model(model, vision_tokens=mean_vision, text_tokens=max(mean_text, 1), count="paper")
+    flops = count_flops_for_model(
+        model, vision_tokens=mean_vision, text_tokens=max(mean_text, 1), count="paper"
+    )
     hours = wall_seconds * processes / 3600
     return {
         "stage": stage,

@@ -3,12 +3,19 @@
 ``PMoDTrainer`` adds to ``transformers.Trainer``:
 
 - per-part learning rates: one optimizer parameter group per trained part (connector, llm,
-  router, vision_tower), each with its recipe rate (the scheduler scales them all alike);
-- a stop on a NaN / infinite loss, before the backward pass and on every rank at once, naming
-  the last good checkpoint;
-- atomic checkpoints: written under ``<output_dir>/.incomplete/`` and renamed to
-  ``checkpoint-N`` once every rank has finished, with the resolved recipe inside, so a
-  ``checkpoint-N`` directory is always complete (``--resume`` never sees a half-written one);
+  router, vision_tower), each with its recipe rate (the scheduler scales them all alike); on
+  ``--resume`` the recipe's rates replace those saved with the optimizer, so a run that
+  diverged can continue from its last checkpoint at a lower rate;
+- a stop on divergence, on every rank at once: a NaN / infinite loss (before the backward
+  pass) or gradient norm (before the optimizer step; DeepSpeed steps inside the backward pass,
+  so there it is after), naming the last verified checkpoint and the ``--resume`` that
+  continues from it at lower rates;
+- checkpoints that are whole and finite: each is checked for NaN / infinite weights and
+  optimizer state, written under ``<output_dir>/.incomplete/``, and renamed to
+  ``checkpoint-N`` only once the next step has computed a finite loss and gradients from it
+  (or training ends), with the resolved recipe inside; a ``checkpoint-N`` directory is always
+  complete and never diverged. A save that fails (a full disk) removes its partial directory
+  and says how much space a checkpoint needs;
 - counts of samples, tokens, vision tokens and samples skipped while loading, for the summary.
 
 ``RichProgressCallback`` replaces tqdm with a rich progress bar and loss lines.
@@ -16,6 +23,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -24,17 +32,35 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import (
-    PREFIX_CHECKPOINT_DIR,
-    get_last_checkpoint,
-    rotate_checkpoints,
-)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import UserError
+from ..model.weights import check_weight_files
 from .build import PARTS, part_of
+from .checkpoints import (
+    RECIPE_FILE,
+    STAGING_DIR,
+    checkpoint_bytes,
+    first_non_finite,
+    free_bytes,
+    human_bytes,
+    is_out_of_space,
+    last_checkpoint,
+)
+from .interrupt import RunInterrupted
+from .recipe import Recipe
 
-STAGING_DIR = ".incomplete"
-RECIPE_FILE = "recipe.toml"
+__all__ = [
+    "RECIPE_FILE",
+    "STAGING_DIR",
+    "PMoDTrainer",
+    "last_checkpoint",
+    "on_every_rank",
+    "publish_model",
+]
+
+# write speed assumed for a checkpoint not yet timed in this run (a local SSD does better)
+ASSUMED_WRITE_BYTES_PER_SECOND = 500e6
 
 
 class _BlankImagePass:
@@ -54,12 +80,21 @@ class _BlankImagePass:
         pixels = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
         states = self.llava.vision_tower(pixels, output_hidden_states=True).hidden_states
         layer = config.vision_feature_layer
-        selected = torch.cat([states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple)) else states[layer]
+        selected = (
+            torch.cat([states[i] for i in layer], dim=-1)
+            if isinstance(layer, (list, tuple))
+            else states[layer]
+        )
         self.features = self.llava.multi_modal_projector(selected)
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the run stopped before the optimizer step."""
+    """The run diverged: a NaN or infinite loss, gradient norm or weight; nothing after the last
+    verified checkpoint was saved."""
+
+
+class CheckpointSpaceError(UserError):
+    """A checkpoint (or the final model) did not fit on the disk; its partial copy was removed."""
 
 
 @dataclass
@@ -72,16 +107,10 @@ class RunCounts:
     skipped_at_load: int = 0
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.samples, self.tokens, self.vision_tokens, self.skipped_at_load], dtype=torch.float64)
-
-
-def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """The highest complete ``checkpoint-N`` in ``output_dir`` (staged ones are ignored)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    found = get_last_checkpoint(str(output_dir))
-    return Path(found) if found else None
+        return torch.tensor(
+            [self.samples, self.tokens, self.vision_tokens, self.skipped_at_load],
+            dtype=torch.float64,
+        )
 
 
 def on_every_rank(flag: bool, device: torch.device | str) -> bool:
@@ -93,23 +122,38 @@ def on_every_rank(flag: bool, device: torch.device | str) -> bool:
     return bool(value.item())
 
 
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:  # not empty (or gone): left as it is
+        pass
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
 class PMoDTrainer(Trainer):
     def __init__(
         self,
         *args,
-        part_learning_rates: dict[str, float],
+        recipe: Recipe,
         image_token_id: int,
-        recipe_toml: str,
         bad_sample_budget: float = float("inf"),
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.part_learning_rates = part_learning_rates
+        self.recipe = recipe
+        self.recipe_toml = recipe.to_toml()
+        self.part_learning_rates = {part: recipe.part_learning_rate(part) for part in PARTS}
         self.image_token_id = image_token_id
-        self.recipe_toml = recipe_toml
         # how many more samples may fail while loading before the run stops
         self.bad_sample_budget = bad_sample_budget
         self.counts = RunCounts()
+        self.published: Path | None = None  # the last checkpoint verified and in place
+        self.last_save_seconds: float | None = None
+        self._pending: Path | None = None  # staged; published once the next step is finite
+        self._group_parts: list[str] = []  # the part of each optimizer parameter group
         self._staging_root: str | None = None
 
     # ---- optimizer: one group per part ---------------------------------------------------
@@ -125,7 +169,9 @@ class PMoDTrainer(Trainer):
                 params = [
                     p
                     for name, p in model.named_parameters()
-                    if p.requires_grad and part_of(name) == part and (name in decay_names) == with_decay
+                    if p.requires_grad
+                    and part_of(name) == part
+                    and (name in decay_names) == with_decay
                 ]
                 if params:
                     groups.append(
@@ -133,19 +179,48 @@ class PMoDTrainer(Trainer):
                             "params": params,
                             "lr": self.part_learning_rates[part],
                             "weight_decay": self.args.weight_decay if with_decay else 0.0,
+                            "pmod_decay": with_decay,
                         }
                     )
+                    self._group_parts.append(part)
         optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = optimizer_class(groups, **optimizer_kwargs)
         return self.optimizer
 
-    # ---- the step: counting, NaN stop ----------------------------------------------------
+    def _apply_recipe_rates(self) -> None:
+        """The optimizer and scheduler states loaded on ``--resume`` carry the rates and weight
+        decay the checkpoint was trained with; the recipe's replace them (the scheduler's factor
+        for the current step kept), so a resume at a lower rate trains at that rate."""
+        scheduler = getattr(
+            self.lr_scheduler, "scheduler", self.lr_scheduler
+        )  # accelerate's wrapper
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self._group_parts):  # not the optimizer create_optimizer made
+            return
+        base_rates = getattr(scheduler, "base_lrs", None)
+        factors = getattr(scheduler, "lr_lambdas", None)
+        for index, (group, part) in enumerate(zip(groups, self._group_parts, strict=True)):
+            rate = self.part_learning_rates[part]
+            group["initial_lr"] = rate
+            if group.get("pmod_decay"):
+                group["weight_decay"] = self.args.weight_decay
+            if base_rates is not None:
+                base_rates[index] = rate
+            group["lr"] = rate * (
+                factors[index](scheduler.last_epoch) if factors is not None else 1.0
+            )
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in groups]
+
+    # ---- the step: counting, divergence stop -----------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop("num_skipped", None)
         if skipped is not None:
             self.counts.skipped_at_load += int(skipped)
-            passes = int(self.state.epoch or 0) + 1  # each pass over the data meets its bad samples again
+            passes = (
+                int(self.state.epoch or 0) + 1
+            )  # each pass over the data meets its bad samples again
             if self.counts.skipped_at_load > self.bad_sample_budget * passes:
                 raise UserError(
                     f"{self.counts.skipped_at_load} samples failed while loading, more than data.max_bad_fraction "
@@ -156,13 +231,21 @@ class PMoDTrainer(Trainer):
             self.counts.samples += int(mask.shape[0])
             self.counts.tokens += int(mask.sum())
             self.counts.vision_tokens += int((inputs["input_ids"] == self.image_token_id).sum())
-        blank = self._blank_image_pass(model) if model.training and inputs.get("pixel_values") is None else None
+        blank = (
+            self._blank_image_pass(model)
+            if model.training and inputs.get("pixel_values") is None
+            else None
+        )
         try:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         finally:
             if blank is not None:
                 blank.handle.remove()
-        if blank is not None and blank.features is not None:  # adds 0, but gives the tower a gradient
+        if (
+            blank is not None and blank.features is not None
+        ):  # adds 0, but gives the tower a gradient
             zero = 0.0 * blank.features.sum()
             result = (result[0] + zero, *result[1:]) if return_outputs else result + zero
         if model.training:
@@ -181,7 +264,9 @@ class PMoDTrainer(Trainer):
         llava = self.accelerator.unwrap_model(model).model  # LlavaModel / LlavaNextModel
         blank = _BlankImagePass(llava)
         # prepended: it must run before ZeRO-3's own hook gathers the language model
-        blank.handle = llava.language_model.register_forward_pre_hook(lambda module, args: blank.run(), prepend=True)
+        blank.handle = llava.language_model.register_forward_pre_hook(
+            lambda module, args: blank.run(), prepend=True
+        )
         return blank
 
     def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
@@ -190,15 +275,61 @@ class PMoDTrainer(Trainer):
         finite = bool(torch.isfinite(loss.detach()).all())
         if on_every_rank(finite, loss.device):
             return
-        step = self.state.global_step + 1
-        value = float(loss.detach().float().mean()) if not finite else "NaN or infinite on another process"
-        previous = last_checkpoint(self.args.output_dir)
-        where = f"the last good checkpoint is {previous}" if previous else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"the training loss became {value} at step {step}; stopped before the optimizer step, "
-            f"{where}. Lower train.learning_rate (or check the data) and run again"
-            + (" with --resume" if previous else "")
+        value = (
+            float(loss.detach().float().mean())
+            if not finite
+            else "NaN or infinite on another process"
         )
+        self._diverged(
+            f"the training loss became {value} at step {self.state.global_step + 1}",
+            "before its backward pass",
+        )
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The gradient norm of this step, checked on every rank before the optimizer step: a
+        NaN or infinite norm stops the run; a finite one publishes the checkpoint staged at the
+        previous step (its weights gave a finite loss and finite gradients)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        finite = grad_norm is None or math.isfinite(float(grad_norm))
+        if on_every_rank(finite, self.args.device):
+            self._publish_pending()
+        elif not self.args.fp16:  # fp16's loss scaling skips such a step by itself
+            shown = float(grad_norm) if not finite else "NaN or infinite on another process"
+            step = self.state.global_step + 1
+            # DeepSpeed steps inside the backward pass: its gradient norm is known only after
+            when = (
+                "after DeepSpeed applied the step"
+                if self.is_deepspeed_enabled
+                else "before the optimizer step"
+            )
+            self._diverged(
+                f"the gradients became non-finite at step {step} (grad norm {shown})", when
+            )
+        return grad_norm
+
+    def _diverged(self, what: str, when: str) -> None:
+        """Stop (``when``: at which point of the step): drop the checkpoint waiting for this
+        step's verdict and name the last verified one."""
+        self._discard_pending()
+        flags = " ".join(f"--set {key}={value:g}" for key, value in self._lower_rates().items())
+        if self.published is not None:
+            advice = (
+                f"the last verified checkpoint is {self.published} (step {_step_of(self.published)}); to continue "
+                f"from it at lower learning rates, add --resume {flags} to the command that started this run"
+            )
+        else:
+            advice = f"no checkpoint was verified yet; run again at lower learning rates ({flags})"
+        raise NonFiniteLossError(f"{what}; stopped {when}, nothing after it was saved: {advice}")
+
+    def _lower_rates(self) -> dict[str, float]:
+        """A tenth of the rate of every trained part, under the recipe key that sets it."""
+        rates = {}
+        for part in dict.fromkeys(self._group_parts):
+            own = getattr(self.recipe.train, f"{part}_lr") > 0
+            rates[f"train.{part}_lr" if own else "train.learning_rate"] = (
+                self.part_learning_rates[part] / 10
+            )
+        return rates
 
     # ---- resuming ------------------------------------------------------------------------
 
@@ -206,6 +337,7 @@ class PMoDTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # they load their own shards
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.model if model is None else model
+        check_weight_files(resume_from_checkpoint)
         # transformers 5 saves LLaVA weights under their original checkpoint names
         # ("language_model.model.layers..."); from_pretrained maps them back, the Trainer's plain
         # load_state_dict would miss every key and silently resume from the current weights
@@ -213,7 +345,21 @@ class PMoDTrainer(Trainer):
         reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
         model.load_state_dict(reloaded.state_dict(), strict=True)
 
-    # ---- atomic checkpoints --------------------------------------------------------------
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        self._apply_recipe_rates()
+        bad = first_non_finite(self.model, self.optimizer)
+        if not on_every_rank(bad is None, self.args.device):
+            raise UserError(
+                f"--resume: {checkpoint} holds NaN or infinite values ({bad or 'on another process'}): it was saved "
+                "after the run had diverged, by a pmod that did not check checkpoints; delete it to resume from "
+                "the checkpoint before it, or start over"
+            )
+        self.published = Path(checkpoint)
+
+    # ---- checkpoints: staged, verified, published ------------------------------------------
 
     def _get_output_dir(self, trial) -> str:
         if self._staging_root is not None:
@@ -221,27 +367,118 @@ class PMoDTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        step = self.state.global_step
         output_dir = Path(self.args.output_dir)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = output_dir / STAGING_DIR / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        self._publish_pending()  # one left by a step fp16 skipped: its weights were checked
+        bad = first_non_finite(self.model, self.optimizer)
+        if not on_every_rank(bad is None, self.args.device):
+            self._diverged(
+                f"the weights became NaN or infinite at step {step} ({bad or 'on another process'})",
+                "there",
+            )
         if self.args.should_save:  # a half-written staging folder left by a crashed run
-            shutil.rmtree(output_dir / STAGING_DIR / name, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self._staging_root = str(output_dir / STAGING_DIR)
+        started = time.perf_counter()
+        failure = self._write_staged(model, trial, staged)
+        if not on_every_rank(failure is None, self.args.device):
+            raise_save_failure(self, staged, failure, f"checkpoint-{step}", with_optimizer=True)
+        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        self.last_save_seconds = time.perf_counter() - started
+        self._pending = staged
+
+    def _write_staged(self, model, trial, staged: Path) -> Exception | None:
+        self._staging_root = str(staged.parent)
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                (staged / RECIPE_FILE).write_text(self.recipe_toml)
+        except RunInterrupted:
+            raise
+        except Exception as err:  # noqa: BLE001 - judged by raise_save_failure, on every rank together
+            return err
         finally:
             self._staging_root = None
-        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        return None
+
+    def _publish_pending(self) -> None:
+        staged, self._pending = self._pending, None
+        if staged is None:
+            return
+        final = staged.parent.parent / staged.name
         if self.args.should_save:
-            staged = output_dir / STAGING_DIR / name
-            (staged / RECIPE_FILE).write_text(self.recipe_toml)
-            final = output_dir / name
             if final.exists():  # the same step of an earlier, overwritten run
                 shutil.rmtree(final)
             os.replace(staged, final)
+            _remove_if_empty(staged.parent)
             if self.args.save_total_limit:
-                rotate_checkpoints(str(output_dir), save_total_limit=self.args.save_total_limit)
+                rotate_checkpoints(str(final.parent), save_total_limit=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+        self.published = final
+
+    def _discard_pending(self) -> None:
+        staged, self._pending = self._pending, None
+        if staged is not None and self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)
+            _remove_if_empty(staged.parent)
+
+    def finish_checkpoints(self) -> None:
+        """Publish the checkpoint of the last step (no step follows to verify it further)."""
+        self._publish_pending()
+
+    def check_final_weights(self) -> None:
+        bad = first_non_finite(self.accelerator.unwrap_model(self.model))
+        if not on_every_rank(bad is None, self.args.device):
+            self._diverged(
+                f"the final weights are NaN or infinite ({bad or 'on another process'})", "there"
+            )
+
+    def expected_save_seconds(self) -> float:
+        """How long a checkpoint takes: the last one's time, else its size at an assumed speed."""
+        if self.last_save_seconds is not None:
+            return self.last_save_seconds
+        size = checkpoint_bytes(self.model, self.optimizer, self.is_deepspeed_enabled)
+        return size.total / ASSUMED_WRITE_BYTES_PER_SECOND
+
+
+def raise_save_failure(
+    trainer: PMoDTrainer,
+    staged: Path,
+    failure: Exception | None,
+    what: str,
+    with_optimizer: bool = False,
+) -> None:
+    """A save failed on some process: remove its partial directory, then explain (a full disk
+    as one line with the space needed) or re-raise (a bug)."""
+    if trainer.args.should_save:
+        shutil.rmtree(staged, ignore_errors=True)
+        _remove_if_empty(staged.parent)
+    output_dir = Path(trainer.args.output_dir)
+    optimizer = trainer.optimizer if with_optimizer else None
+    size = checkpoint_bytes(
+        trainer.model, optimizer, trainer.is_deepspeed_enabled and with_optimizer
+    )
+    if failure is None:
+        raise UserError(
+            f"{what} could not be saved on another process (its error is above); the partial copy was removed"
+        )
+    if not is_out_of_space(failure, staged.parent, size.total):
+        raise failure
+    needed = human_bytes(size.total)
+    if size.optimizer:
+        needed += f" (weights {human_bytes(size.weights)} + optimizer state {human_bytes(size.optimizer)})"
+    kept = (
+        f"{trainer.published} is untouched"
+        if trainer.published is not None
+        else "no earlier checkpoint was saved"
+    )
+    raise CheckpointSpaceError(
+        f"no space left on the device of {output_dir} while saving {what}: it needs about {needed}, "
+        f"{human_bytes(free_bytes(output_dir))} is free. The partial copy was removed and {kept}; free some space "
+        "(a checkpoint is rotated out only after the next one is complete: keep room for one more than "
+        "train.save_total_limit) and continue with --resume"
+    )
 
 
 def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
@@ -254,11 +491,21 @@ def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
     if trainer.args.should_save and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # on every rank: ZeRO-3 gathers the weights
+    failure = None
+    try:
+        trainer.save_model(str(staging))  # on every rank: ZeRO-3 gathers the weights
+        if trainer.args.should_save:
+            (staging / RECIPE_FILE).write_text(trainer.recipe_toml)
+    except Exception as err:  # noqa: BLE001 - judged by raise_save_failure, on every rank together
+        failure = err
+    if not on_every_rank(failure is None, trainer.args.device):
+        raise_save_failure(trainer, staging, failure, "the final model")
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         new_files = {path.name for path in staging.iterdir() if path.is_file()}
-        saved = any(name.startswith("model") and name.endswith(".safetensors") for name in new_files)
+        saved = any(
+            name.startswith("model") and name.endswith(".safetensors") for name in new_files
+        )
     else:
         saved = True
     if not on_every_rank(saved, trainer.args.device):
@@ -268,10 +515,10 @@ def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
             f"{output_dir} are kept"
         )
     if trainer.args.should_save:
-        (staging / RECIPE_FILE).write_text(trainer.recipe_toml)
-        new_files.add(RECIPE_FILE)
         (output_dir / "config.json").unlink(missing_ok=True)
-        for stale in output_dir.glob("model*.safetensors*"):  # weights of an earlier, differently sharded save
+        for stale in output_dir.glob(
+            "model*.safetensors*"
+        ):  # weights of an earlier, differently sharded save
             if stale.name not in new_files:
                 stale.unlink()
         for name in sorted(new_files - {"config.json"}) + ["config.json"]:
@@ -329,7 +576,9 @@ class RichProgressCallback(TrainerCallback):
             TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step, loss="")
+        self.task = self.progress.add_task(
+            self.description, total=state.max_steps, completed=state.global_step, loss=""
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -5,16 +5,20 @@ image; LLaVA-NeXT: the base view, then the high-resolution view), and with ``mat
 row spanning all columns with the paper's Figure 6 (layers x vision-token index). Each panel
 axes carries the label ``"layer {l} {view}"`` and the matrix ``"matrix"``, so callers and tests
 can find them; the overlays are collections with gid ``kept``, ``skipped``, ``weights`` (token
-rectangles in original-image pixels) and ``uncovered`` (image parts outside the view's tokens).
+rectangles in original-image pixels), ``uncovered`` (image parts outside the view's tokens) and
+``padding`` (the band around the image where tokens of padding the processor added are drawn).
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .patches import PatchBox
 from .selection import LayerSelection, TokenSelection
@@ -27,6 +31,8 @@ UNCOVERED_SHADE = (0.55, 0.55, 0.55, 0.55)  # image parts no token of the view c
 UNCOVERED_EDGE = (1.0, 1.0, 1.0, 0.8)  # the hatch colour
 WEIGHT_CMAP = "viridis"
 UNSEEN_NOTE = "hatched: no token of this view (cropped or unpadded away)"
+PADDING_SHADE = (0.78, 0.78, 0.82, 1.0)  # the band of padding the processor added around the image
+PADDING_NOTE = "grey band: padding the processor added (its tokens are drawn there)"
 
 
 def views_of(boxes: list[PatchBox | None]) -> list[str]:
@@ -42,11 +48,15 @@ def _rectangles(boxes: list[PatchBox | None], indices) -> list[np.ndarray]:
     rectangles = []
     for index in indices:
         box = boxes[index]
-        rectangles.append(np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]]))
+        rectangles.append(
+            np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]])
+        )
     return rectangles
 
 
-def _panel_title(selection: LayerSelection, total: int, view: str | None, view_kept: int, view_total: int) -> str:
+def _panel_title(
+    selection: LayerSelection, total: int, view: str | None, view_kept: int, view_total: int
+) -> str:
     if selection.is_dense:
         head = f"layer {selection.layer} · dense: all {total} kept"
     else:
@@ -64,19 +74,43 @@ def _layer_norm(weights: np.ndarray) -> Normalize:
     return Normalize(low, high)
 
 
+def _strips(outer: tuple, inner: tuple) -> list[np.ndarray]:
+    """``outer`` less ``inner`` (rectangles x0, y0, x1, y1; inner within outer): up to four strips."""
+    left, top, right, bottom = outer
+    x0, y0, x1, y1 = inner
+    strips = [
+        (left, top, right, y0),
+        (left, y1, right, bottom),
+        (left, y0, x0, y1),
+        (x1, y0, right, y1),
+    ]
+    return [
+        np.array([[a, b], [c, b], [c, d], [a, d]])
+        for a, b, c, d in strips
+        if c - a > 1e-6 and d - b > 1e-6
+    ]
+
+
 def _uncovered(boxes: list[PatchBox | None], indices, height: int, width: int) -> list[np.ndarray]:
     """The image outside a view's tokens (cropped away, or cut by unpadding): up to four strips.
 
     A view's tokens form a grid, so together they cover one rectangle.
     """
-    x0 = min(boxes[i].x0 for i in indices)
-    y0 = min(boxes[i].y0 for i in indices)
-    x1 = max(boxes[i].x1 for i in indices)
-    y1 = max(boxes[i].y1 for i in indices)
-    strips = [(0, 0, width, y0), (0, y1, width, height), (0, y0, x0, y1), (x1, y0, width, y1)]
-    return [
-        np.array([[a, b], [c, b], [c, d], [a, d]]) for a, b, c, d in strips if c - a > 1e-6 and d - b > 1e-6
-    ]
+    x0 = min(max(min(boxes[i].x0 for i in indices), 0), width)
+    y0 = min(max(min(boxes[i].y0 for i in indices), 0), height)
+    x1 = max(min(max(boxes[i].x1 for i in indices), width), x0)
+    y1 = max(min(max(boxes[i].y1 for i in indices), height), y0)
+    return _strips((0, 0, width, height), (x0, y0, x1, y1))
+
+
+def _canvas(boxes: list[PatchBox | None], indices, height: int, width: int) -> tuple:
+    """The image and every token of ``indices``: tokens over padding reach beyond the image."""
+    return (
+        min(0.0, *(boxes[i].x0 for i in indices)),
+        min(0.0, *(boxes[i].y0 for i in indices)),
+        max(float(width), *(boxes[i].x1 for i in indices)),
+        max(float(height), *(boxes[i].y1 for i in indices)),
+    )
 
 
 def draw_selection(
@@ -85,9 +119,15 @@ def draw_selection(
     """The figure for ``layers`` (decoder-layer indices), kept masks or (``heatmap``) router weights."""
     views = views_of(selection.boxes)
     height, width = selection.image.shape[:2]
-    panel_height = float(np.clip(PANEL_WIDTH_IN * height / width, 1.6, 6.0)) + 0.5  # + title
+    placed = [i for i, box in enumerate(selection.boxes) if box is not None]
+    left, top, right, bottom = canvas = _canvas(selection.boxes, placed, height, width)
+    aspect = (bottom - top) / (right - left)
+    panel_height = float(np.clip(PANEL_WIDTH_IN * aspect, 1.6, 6.0)) + 0.5  # + title
     heights = [panel_height] * len(views) + ([MATRIX_HEIGHT_IN] if matrix else [])
-    figure = Figure(figsize=(PANEL_WIDTH_IN * len(layers) + (0.8 if heatmap else 0.2), sum(heights)), layout="constrained")
+    figure = Figure(
+        figsize=(PANEL_WIDTH_IN * len(layers) + (0.8 if heatmap else 0.2), sum(heights)),
+        layout="constrained",
+    )
     grid = figure.add_gridspec(len(heights), len(layers), height_ratios=heights)
     weight_mappable = None
     panel_axes = []
@@ -96,7 +136,9 @@ def draw_selection(
         for row, view in enumerate(views):
             axes = figure.add_subplot(grid[row, column])
             axes.set_label(f"layer {layer_index} {view}")
-            mappable = _draw_panel(axes, selection, selection.layers[layer_index], view, len(views) > 1, heatmap)
+            mappable = _draw_panel(
+                axes, selection, selection.layers[layer_index], view, len(views) > 1, heatmap
+            )
             if mappable is not None:
                 weight_mappable = mappable
             if column == 0 and len(views) > 1:
@@ -109,53 +151,109 @@ def draw_selection(
         _draw_matrix(matrix_axes, selection, heatmap)
     if heatmap and weight_mappable is not None:
         colorbar = figure.colorbar(
-            weight_mappable, ax=panel_axes, shrink=0.8, label="router weight, per layer: min to max over its patches"
+            weight_mappable,
+            ax=panel_axes,
+            shrink=0.8,
+            label="router weight, per layer: min to max over its patches",
         )
         colorbar.ax.set_label("colorbar")
     shading = "colour: router weight" if heatmap else "dark: skipped"
-    figure.suptitle(f"{shading} · red outline: kept · {UNSEEN_NOTE}", fontsize=8)
+    legend = f"{shading} · red outline: kept · {UNSEEN_NOTE}"
+    # about 0.55 em per character: a one-panel figure wraps the legend instead of cutting it
+    line_chars = int(figure.get_figwidth() * 72 / (0.55 * 8))
+    padding = f"\n{PADDING_NOTE}" if canvas != (0, 0, width, height) else ""
+    figure.suptitle(textwrap.fill(legend, line_chars) + padding, fontsize=8)
     return figure
 
 
-def _draw_panel(axes, selection: TokenSelection, layer: LayerSelection, view: str, name_view: bool, heatmap: bool):
-    """One layer on one view: the image, then the overlays; returns the weight overlay if drawn."""
+def draw_matrix(selection: TokenSelection, *, heatmap: bool = False) -> Figure:
+    """The layers x vision-token matrix alone (the bottom row of ``draw_selection(matrix=True)``)."""
+    figure = Figure(figsize=(PANEL_WIDTH_IN * 2, MATRIX_HEIGHT_IN), layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_label("matrix")
+    _draw_matrix(axes, selection, heatmap)
+    return figure
+
+
+def _draw_panel(
+    axes,
+    selection: TokenSelection,
+    layer: LayerSelection,
+    view: str,
+    name_view: bool,
+    heatmap: bool,
+):
+    """One layer on one view: the image in its padding, then the overlays; returns the weight
+    overlay if drawn. Tokens over padding are drawn there, so every kept token shows."""
     height, width = selection.image.shape[:2]
-    axes.imshow(selection.image)
+    in_view = [i for i, box in enumerate(selection.boxes) if box is not None and box.view == view]
+    left, top, right, bottom = canvas = _canvas(selection.boxes, in_view, height, width)
+    padding = PolyCollection(
+        _strips(canvas, (0, 0, width, height)), facecolors=[PADDING_SHADE], edgecolors="none"
+    )
+    padding.set_gid("padding")
+    axes.add_collection(padding)
+    axes.imshow(selection.image, extent=(0, width, height, 0))
     axes.set_xticks([])
     axes.set_yticks([])
-    in_view = [i for i, box in enumerate(selection.boxes) if box is not None and box.view == view]
     kept = [i for i in in_view if layer.kept[i]]
-    skipped = [i for i in in_view if not layer.kept[i]]
-    overlay = None
-    if heatmap and not layer.is_dense:
-        # scaled over the layer's image patches: newline tokens' weights would stretch the range
-        patch_weights = layer.weights[[i for i, box in enumerate(selection.boxes) if box is not None]]
-        overlay = PolyCollection(
-            _rectangles(selection.boxes, in_view), array=_layer_norm(patch_weights)(layer.weights[in_view]),
-            cmap=WEIGHT_CMAP, norm=Normalize(0.0, 1.0), alpha=0.65, edgecolors="none",
-        )
-        overlay.set_gid("weights")
-        axes.add_collection(overlay)
-    else:
-        veil = PolyCollection(_rectangles(selection.boxes, skipped), facecolors=[SKIPPED_SHADE], edgecolors="none")
-        veil.set_gid("skipped")
-        axes.add_collection(veil)
-    outline = PolyCollection(_rectangles(selection.boxes, kept), facecolors="none", edgecolors=[KEPT_EDGE], linewidths=0.4)
-    outline.set_gid("kept")
-    axes.add_collection(outline)
+    overlay, weight_range = _draw_tokens(axes, selection, layer, in_view, kept, heatmap)
     unseen = PolyCollection(
-        _uncovered(selection.boxes, in_view, height, width), facecolors=[UNCOVERED_SHADE],
-        edgecolors=[UNCOVERED_EDGE], hatch="//", linewidths=0.0,
+        _uncovered(selection.boxes, in_view, height, width),
+        facecolors=[UNCOVERED_SHADE],
+        edgecolors=[UNCOVERED_EDGE],
+        hatch="//",
+        linewidths=0.0,
     )
     unseen.set_gid("uncovered")
     axes.add_collection(unseen)
-    axes.set_xlim(0, width)
-    axes.set_ylim(height, 0)  # image convention: y grows downwards
-    title = _panel_title(layer, selection.num_vision, view if name_view else None, len(kept), len(in_view))
+    axes.set_xlim(left, right)
+    axes.set_ylim(bottom, top)  # image convention: y grows downwards
+    title = _panel_title(
+        layer, selection.num_vision, view if name_view else None, len(kept), len(in_view)
+    )
     if heatmap:
-        title += " · no router" if layer.is_dense else f" · w {patch_weights.min():.3f}-{patch_weights.max():.3f}"
+        title += (
+            " · no router"
+            if layer.is_dense
+            else f" · w {weight_range[0]:.3f}-{weight_range[1]:.3f}"
+        )
     axes.set_title(title, fontsize=8)
     return overlay
+
+
+def _draw_tokens(axes, selection: TokenSelection, layer: LayerSelection, in_view, kept, heatmap):
+    """Skipped tokens veiled (or every token coloured by router weight), kept ones outlined;
+    returns the weight overlay (None without one) and the weight range it spans."""
+    boxes = selection.boxes
+    if heatmap and not layer.is_dense:
+        # scaled over the layer's image patches: newline tokens' weights would stretch the range
+        patch_weights = layer.weights[[i for i, box in enumerate(boxes) if box is not None]]
+        overlay = PolyCollection(
+            _rectangles(boxes, in_view),
+            array=_layer_norm(patch_weights)(layer.weights[in_view]),
+            cmap=WEIGHT_CMAP,
+            norm=Normalize(0.0, 1.0),
+            alpha=0.65,
+            edgecolors="none",
+        )
+        overlay.set_gid("weights")
+        axes.add_collection(overlay)
+        weight_range = (float(patch_weights.min()), float(patch_weights.max()))
+    else:
+        overlay, weight_range = None, None
+        skipped = [i for i in in_view if not layer.kept[i]]
+        veil = PolyCollection(
+            _rectangles(boxes, skipped), facecolors=[SKIPPED_SHADE], edgecolors="none"
+        )
+        veil.set_gid("skipped")
+        axes.add_collection(veil)
+    outline = PolyCollection(
+        _rectangles(boxes, kept), facecolors="none", edgecolors=[KEPT_EDGE], linewidths=0.4
+    )
+    outline.set_gid("kept")
+    axes.add_collection(outline)
+    return overlay, weight_range
 
 
 def _draw_matrix(axes, selection: TokenSelection, heatmap: bool) -> None:
@@ -168,14 +266,32 @@ def _draw_matrix(axes, selection: TokenSelection, heatmap: bool) -> None:
                 values[layer.layer] = _layer_norm(layer.weights)(layer.weights)
         cmap = colormaps[WEIGHT_CMAP].with_extremes(bad="#bbbbbb")  # NaN rows: dense layers
         axes.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0.0, vmax=1.0)
-        axes.set_title("router weight per layer (min to max) and vision token; grey: dense layer, no router", fontsize=9)
+        axes.set_title(
+            "router weight per layer (min to max) and vision token; grey: dense layer, no router",
+            fontsize=9,
+        )
     else:
-        values = np.stack([layer.kept for layer in selection.layers]).astype(float)  # (layers, n_vision)
-        axes.imshow(values, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#2b2b2b", "#f03c1e"]), vmin=0, vmax=1)
+        values = np.stack([layer.kept for layer in selection.layers]).astype(
+            float
+        )  # (layers, n_vision)
+        axes.imshow(
+            values,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=ListedColormap(["#2b2b2b", "#f03c1e"]),
+            vmin=0,
+            vmax=1,
+        )
         axes.set_title("kept (red) / skipped (dark) per layer and vision token", fontsize=9)
     views = [box.view if box is not None else None for box in selection.boxes]
     for index in range(1, len(views)):
-        if views[index] is not None and views[index - 1] is not None and views[index] != views[index - 1]:
+        if (
+            views[index] is not None
+            and views[index - 1] is not None
+            and views[index] != views[index - 1]
+        ):
             axes.axvline(index - 0.5, color="white", linewidth=1.0)  # base | high-res boundary
     axes.set_xlabel("vision-token index")
     axes.set_ylabel("layer")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # few layers: no ticks at 0.5
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))

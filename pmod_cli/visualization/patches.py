@@ -12,6 +12,11 @@ is resized (aspect kept) into the best grid of ``image_grid_pinpoints``, padded 
 tiles; the tiles' patch features form one (grid_h * cells, grid_w * cells) map whose padding
 rows or columns are cut away ("unpadding") and after each remaining row comes one learned
 newline token, which has no place on the image (``None``).
+
+Where a processor pads (LLaVA-1.5's pad-to-square, a center crop larger than the resized image,
+the padding around a LLaVA-NeXT grid that unpadding does not cut), a token's rectangle reaches
+beyond the image: its coordinates run below 0 or past the width or height, so a token of pure
+padding keeps its full size and place, and the figure can draw it.
 """
 
 from __future__ import annotations
@@ -31,13 +36,22 @@ IMAGE_VIEW = "image"
 
 @dataclass(frozen=True)
 class PatchBox:
-    """One vision token's rectangle in original-image pixels (clipped to the image)."""
+    """One vision token's rectangle in original-image pixels; beyond the image where it covers
+    padding the processor added (negative, or past the width or height)."""
 
     view: str  # "image" (LLaVA-1.5), "base" or "high-res" (LLaVA-NeXT)
     x0: float
     y0: float
     x1: float
     y1: float
+
+    def on_image(self, height: int, width: int) -> PatchBox | None:
+        """The part on the (height, width) image; None for a token of pure padding."""
+        x0, x1 = min(max(self.x0, 0.0), width), min(max(self.x1, 0.0), width)
+        y0, y1 = min(max(self.y0, 0.0), height), min(max(self.y1, 0.0), height)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return PatchBox(self.view, x0, y0, x1, y1)
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,9 @@ def resized_size(height: int, width: int, size: Any) -> tuple[int, int]:
         return fixed_height, fixed_width
     shortest = _size_field(size, "shortest_edge")
     if shortest is None or _size_field(size, "longest_edge"):
-        raise UserError(f"pmod visualize supports image processors sized by shortest_edge or height/width, not {size}")
+        raise UserError(
+            f"pmod visualize supports image processors sized by shortest_edge or height/width, not {size}"
+        )
     # as transformers' get_resize_output_image_size(default_to_square=False)
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(shortest * long / short)
@@ -119,7 +135,9 @@ def resize_crop(
         pad_top, pad_left = (side - height) // 2, (side - width) // 2
         padded_height = padded_width = side
     resized_height, resized_width = (
-        resized_size(padded_height, padded_width, size) if do_resize else (padded_height, padded_width)
+        resized_size(padded_height, padded_width, size)
+        if do_resize
+        else (padded_height, padded_width)
     )
     crop_top = crop_left = 0
     view_height, view_width = resized_height, resized_width
@@ -128,25 +146,25 @@ def resize_crop(
         crop_top = _crop_offset(resized_height, view_height)
         crop_left = _crop_offset(resized_width, view_width)
     return ResizeCrop(
-        height, width, pad_top, pad_left, padded_height, padded_width,
-        resized_height, resized_width, crop_top, crop_left, view_height, view_width,
-    )
-
-
-def _clipped_box(view: str, x0: float, y0: float, x1: float, y1: float, height: int, width: int) -> PatchBox:
-    return PatchBox(
-        view,
-        min(max(x0, 0.0), width),
-        min(max(y0, 0.0), height),
-        min(max(x1, 0.0), width),
-        min(max(y1, 0.0), height),
+        height,
+        width,
+        pad_top,
+        pad_left,
+        padded_height,
+        padded_width,
+        resized_height,
+        resized_width,
+        crop_top,
+        crop_left,
+        view_height,
+        view_width,
     )
 
 
 def _grid_box(chain: ResizeCrop, view: str, row: int, col: int, patch_size: int) -> PatchBox:
     x0, y0 = chain.to_source(col * patch_size, row * patch_size)
     x1, y1 = chain.to_source((col + 1) * patch_size, (row + 1) * patch_size)
-    return _clipped_box(view, x0, y0, x1, y1, chain.source_height, chain.source_width)
+    return PatchBox(view, x0, y0, x1, y1)
 
 
 # ---- LLaVA-1.5 ---------------------------------------------------------------------------
@@ -165,11 +183,20 @@ def llava_patch_boxes(
 ) -> list[PatchBox | None]:
     """One box per LLaVA-1.5 vision token, in token order (``None`` for a kept CLS token)."""
     chain = resize_crop(
-        image_height, image_width, size=size, crop_size=crop_size, do_resize=do_resize, pad_to_square=pad_to_square
+        image_height,
+        image_width,
+        size=size,
+        crop_size=crop_size,
+        do_resize=do_resize,
+        pad_to_square=pad_to_square,
     )
     rows, cols = chain.view_height // patch_size, chain.view_width // patch_size
     boxes: list[PatchBox | None] = [None] if with_cls else []
-    boxes += [_grid_box(chain, IMAGE_VIEW, row, col, patch_size) for row in range(rows) for col in range(cols)]
+    boxes += [
+        _grid_box(chain, IMAGE_VIEW, row, col, patch_size)
+        for row in range(rows)
+        for col in range(cols)
+    ]
     return boxes
 
 
@@ -193,7 +220,9 @@ class AnyresLayout:
     cols: range  # feature-map columns kept after unpadding
 
 
-def unpadded_window(image_height: int, image_width: int, map_height: int, map_width: int) -> tuple[range, range]:
+def unpadded_window(
+    image_height: int, image_width: int, map_height: int, map_width: int
+) -> tuple[range, range]:
     """Rows and columns of the (map_height, map_width) feature map that survive HF's ``unpad_image``."""
     if image_width / image_height > map_width / map_height:
         new_height = int(round(image_height * (map_width / image_width), 7))
@@ -205,30 +234,54 @@ def unpadded_window(image_height: int, image_width: int, map_height: int, map_wi
 
 
 def anyres_layout(
-    image_height: int, image_width: int, *, grid_pinpoints: list, tile_size: int, cells_per_tile: int
+    image_height: int,
+    image_width: int,
+    *,
+    grid_pinpoints: list,
+    tile_size: int,
+    cells_per_tile: int,
 ) -> AnyresLayout:
     """Best grid, aspect-preserving resize, padding and unpadding, as transformers 5.x does them."""
     best_height, best_width = select_best_resolution((image_height, image_width), grid_pinpoints)
     # get_patch_output_size
     scale_w, scale_h = best_width / image_width, best_height / image_height
     if scale_w < scale_h:
-        resized_width, resized_height = best_width, min(math.ceil(image_height * scale_w), best_height)
+        resized_width, resized_height = (
+            best_width,
+            min(math.ceil(image_height * scale_w), best_height),
+        )
     else:
-        resized_height, resized_width = best_height, min(math.ceil(image_width * scale_h), best_width)
+        resized_height, resized_width = (
+            best_height,
+            min(math.ceil(image_width * scale_h), best_width),
+        )
     # _get_padding_size: the odd pixel goes after the image
     paste_left, paste_top = (best_width - resized_width) // 2, (best_height - resized_height) // 2
     # the model derives the grid from the pinpoint and the vision tower's input size
     tiles_high, tiles_wide = best_height // tile_size, best_width // tile_size
-    rows, cols = unpadded_window(image_height, image_width, tiles_high * cells_per_tile, tiles_wide * cells_per_tile)
+    rows, cols = unpadded_window(
+        image_height, image_width, tiles_high * cells_per_tile, tiles_wide * cells_per_tile
+    )
     return AnyresLayout(
-        best_height, best_width, resized_height, resized_width, paste_top, paste_left,
-        tiles_high, tiles_wide, cells_per_tile, rows, cols,
+        best_height,
+        best_width,
+        resized_height,
+        resized_width,
+        paste_top,
+        paste_left,
+        tiles_high,
+        tiles_wide,
+        cells_per_tile,
+        rows,
+        cols,
     )
 
 
 def llava_next_cells(base_rows: int, base_cols: int, layout: AnyresLayout) -> list[FeatureCell]:
     """The feature cell of each LLaVA-NeXT vision token, in the order ``pack_image_features`` packs them."""
-    cells = [FeatureCell(BASE_VIEW, row, col) for row in range(base_rows) for col in range(base_cols)]
+    cells = [
+        FeatureCell(BASE_VIEW, row, col) for row in range(base_rows) for col in range(base_cols)
+    ]
     for row in layout.rows:
         cells += [FeatureCell(HIGH_RES_VIEW, row, col) for col in layout.cols]
         cells.append(FeatureCell(HIGH_RES_VIEW, row, None))  # the row's newline token
@@ -253,33 +306,58 @@ def llava_next_patch_boxes(
     """
     # base view: the whole image squashed to a square, then the usual resize and crop
     fixed_height, fixed_width = _size_field(size, "height"), _size_field(size, "width")
-    squash = (fixed_height, fixed_width) if fixed_height and fixed_width else (_size_field(size, "shortest_edge"),) * 2
-    base_chain = resize_crop(squash[0], squash[1], size=size, crop_size=crop_size, do_resize=do_resize)
+    squash = (
+        (fixed_height, fixed_width)
+        if fixed_height and fixed_width
+        else (_size_field(size, "shortest_edge"),) * 2
+    )
+    base_chain = resize_crop(
+        squash[0], squash[1], size=size, crop_size=crop_size, do_resize=do_resize
+    )
     to_squash_x, to_squash_y = image_width / squash[1], image_height / squash[0]
     # each tile goes through the same resize and crop before the vision tower
-    tile_chain = resize_crop(tile_size, tile_size, size=size, crop_size=crop_size, do_resize=do_resize)
+    tile_chain = resize_crop(
+        tile_size, tile_size, size=size, crop_size=crop_size, do_resize=do_resize
+    )
     cells_per_tile = tile_chain.view_height // patch_size
     layout = anyres_layout(
-        image_height, image_width, grid_pinpoints=grid_pinpoints, tile_size=tile_size, cells_per_tile=cells_per_tile
+        image_height,
+        image_width,
+        grid_pinpoints=grid_pinpoints,
+        tile_size=tile_size,
+        cells_per_tile=cells_per_tile,
     )
-    unresize_x, unresize_y = image_width / layout.resized_width, image_height / layout.resized_height
+    unresize_x, unresize_y = (
+        image_width / layout.resized_width,
+        image_height / layout.resized_height,
+    )
 
     def high_res_box(row: int, col: int) -> PatchBox:
         tile_row, cell_row = divmod(row, cells_per_tile)
         tile_col, cell_col = divmod(col, cells_per_tile)
         corners = []
         for dx, dy in ((0, 0), (1, 1)):
-            tile_x, tile_y = tile_chain.to_source((cell_col + dx) * patch_size, (cell_row + dy) * patch_size)
+            tile_x, tile_y = tile_chain.to_source(
+                (cell_col + dx) * patch_size, (cell_row + dy) * patch_size
+            )
             padded_x, padded_y = tile_col * tile_size + tile_x, tile_row * tile_size + tile_y
-            corners.append(((padded_x - layout.paste_left) * unresize_x, (padded_y - layout.paste_top) * unresize_y))
+            corners.append(
+                (
+                    (padded_x - layout.paste_left) * unresize_x,
+                    (padded_y - layout.paste_top) * unresize_y,
+                )
+            )
         (x0, y0), (x1, y1) = corners
-        return _clipped_box(HIGH_RES_VIEW, x0, y0, x1, y1, image_height, image_width)
+        return PatchBox(HIGH_RES_VIEW, x0, y0, x1, y1)
 
     def base_box(row: int, col: int) -> PatchBox:
         box = _grid_box(base_chain, BASE_VIEW, row, col, patch_size)
-        return _clipped_box(
-            BASE_VIEW, box.x0 * to_squash_x, box.y0 * to_squash_y, box.x1 * to_squash_x, box.y1 * to_squash_y,
-            image_height, image_width,
+        return PatchBox(
+            BASE_VIEW,
+            box.x0 * to_squash_x,
+            box.y0 * to_squash_y,
+            box.x1 * to_squash_x,
+            box.y1 * to_squash_y,
         )
 
     base_rows, base_cols = base_chain.view_height // patch_size, base_chain.view_width // patch_size
@@ -303,14 +381,20 @@ def processor_geometry(processor, model_config) -> dict[str, Any]:
     return dict(
         patch_size=model_config.vision_config.patch_size,
         size=image_processor.size,
-        crop_size=image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None,
+        crop_size=image_processor.crop_size
+        if getattr(image_processor, "do_center_crop", False)
+        else None,
         do_resize=bool(getattr(image_processor, "do_resize", True)),
     )
 
 
-def patch_boxes_for(processor, model_config, image_height: int, image_width: int) -> list[PatchBox | None]:
+def patch_boxes_for(
+    processor, model_config, image_height: int, image_width: int
+) -> list[PatchBox | None]:
     """The boxes of every vision token the processor and model make of a (height, width) image:
     the model's family knows its token layout."""
     from ..model.families import family_for_config
 
-    return family_for_config(model_config).patch_boxes(processor, model_config, image_height, image_width)
+    return family_for_config(model_config).patch_boxes(
+        processor, model_config, image_height, image_width
+    )

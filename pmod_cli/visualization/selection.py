@@ -12,7 +12,7 @@ from PIL import Image
 from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
-from ..model.routing import record_routing
+from ..model.routing import LayerRouting, record_routing
 from .patches import PatchBox, patch_boxes_for
 
 
@@ -41,6 +41,7 @@ class TokenSelection:
     image: np.ndarray  # (height, width, 3) uint8, the image as given
     boxes: list[PatchBox | None]  # one per vision token; None: no place on the image (newline, CLS)
     layers: list[LayerSelection]  # every decoder layer, in order
+    answer: str | None = None  # the model's answer to the prompt it routed
 
     @property
     def num_vision(self) -> int:
@@ -48,25 +49,60 @@ class TokenSelection:
 
 
 @torch.no_grad()
-def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSelection:
-    """Run one forward pass and read back every layer's kept vision tokens."""
+def select_tokens(
+    model, processor, image: Image.Image, prompt: str, answer_tokens: int = 0
+) -> TokenSelection:
+    """Run the prompt and read back every layer's kept vision tokens in its prefill; with
+    ``answer_tokens`` the model also answers (greedy, up to that many tokens) in the same run."""
     image = image.convert("RGB")
     text = build_prompt(processor, prompt, 1, template_for_model(model))
     inputs = encode(processor, [text], [image], model)
-    vision_mask = family_for_model(model).vision_mask(inputs["input_ids"], model.config)[0].cpu()  # (seq,)
+    vision_mask = (
+        family_for_model(model).vision_mask(inputs["input_ids"], model.config)[0].cpu()
+    )  # (seq,)
     boxes = patch_boxes_for(processor, model.config, image.height, image.width)
     if len(boxes) != int(vision_mask.sum()):
         raise RuntimeError(
             f"token mapping disagrees with the processor: {len(boxes)} patches for {int(vision_mask.sum())} image tokens"
         )
+    answer = None
     with record_routing(model) as routing:
-        model(**inputs)
+        if answer_tokens:
+            tokenizer = processor.tokenizer
+            pad = (
+                tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else tokenizer.eos_token_id
+            )
+            output = model.generate(
+                **inputs, max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad
+            )
+            answer = tokenizer.decode(
+                output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            ).strip()
+        else:
+            model(**inputs)
+    return selection_from_routing(
+        model, image, boxes, routing.calls[0] if routing.calls else {}, answer
+    )
+
+
+def selection_from_routing(
+    model,
+    image: Image.Image,
+    boxes: list[PatchBox | None],
+    prefill: dict[int, LayerRouting],
+    answer: str | None = None,
+) -> TokenSelection:
+    """Every layer's kept vision tokens from the routing recorded in a prefill (``record_routing``'s
+    first call), e.g. of an answer generated elsewhere (``pmod demo`` records ``ChatSession.ask``)."""
     layers = []
     for index, ratio in enumerate(model.retention_ratios):
         if ratio >= 1.0:  # a dense layer: it processed every token
             layers.append(LayerSelection(index, 1.0, np.ones(len(boxes), dtype=bool), None))
             continue
-        record = routing.layers[index]
+        record = prefill[index]
+        vision_mask = record.vision_mask[0]  # (seq,)
         layers.append(
             LayerSelection(
                 index,
@@ -75,7 +111,7 @@ def select_tokens(model, processor, image: Image.Image, prompt: str) -> TokenSel
                 record.weights[0][vision_mask].numpy().astype(np.float32),
             )
         )
-    return TokenSelection(np.asarray(image), boxes, layers)
+    return TokenSelection(np.asarray(image.convert("RGB")), boxes, layers, answer)
 
 
 def default_layers(ratios: list[float], count: int = 4) -> list[int]:
@@ -101,7 +137,9 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         try:
             layer = int(part)
         except ValueError:
-            raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}") from None
+            raise UserError(
+                f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+            ) from None
         if not 0 <= layer < num_layers:
             raise UserError(
                 f"--layers: layer {layer} is out of range; the model has {num_layers} decoder layers (0-{num_layers - 1})"
@@ -109,6 +147,7 @@ def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[in
         if layer not in chosen:
             chosen.append(layer)
     if not chosen:
-        raise UserError(f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}")
+        raise UserError(
+            f"--layers takes comma-separated layer numbers like 2,14,26, got {layers!r}"
+        )
     return chosen
-

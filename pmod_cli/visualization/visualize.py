@@ -7,16 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
 from rich.table import Table
 
+from ..data.llava_data import read_image
 from ..errors import UserError
 from ..model.loading import load_checkpoint
+from ..runtime import resolve_device
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
 
 DEFAULT_CHECKPOINT = Path("runs/tiny/sft")
 DEFAULT_PROMPT = "Describe the image."
+DEFAULT_ANSWER_TOKENS = 64
 MAKE_DEFAULT_CHECKPOINT = "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml"
 
 
@@ -26,20 +28,6 @@ class VisualizeResult:
     layers: list[int]  # the layers drawn
     figure: Figure
     output: Path
-
-
-def load_image(path: Path) -> Image.Image:
-    """The image as RGB, or a UserError naming why it cannot be read."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"image not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; pass an image file (PNG, JPEG, ...)")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read {path} as an image ({type(err).__name__}); pass a PNG, JPEG or other image file") from None
 
 
 def _checkpoint_config(checkpoint: Path | None):
@@ -70,7 +58,9 @@ def _output_path(output: Path | None, image_path: Path) -> Path:
     supported = Figure().canvas.get_supported_filetypes()
     suffix = output.suffix.lower().lstrip(".")
     if suffix not in supported:
-        raise UserError(f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name")
+        raise UserError(
+            f"--output {output}: cannot write a {suffix or 'suffix-less'} file; use a .png (or .pdf, .svg) name"
+        )
     return output
 
 
@@ -84,15 +74,19 @@ def visualize_routing(
     matrix: bool = False,
     heatmap: bool = False,
     device: str | None = None,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
 ) -> VisualizeResult:
-    """Route ``image_path`` through the checkpoint and write the figure; layers like ``"2,14,26"``."""
-    image = load_image(image_path)
+    """Route ``image_path`` through the checkpoint and write the figure; layers like ``"2,14,26"``.
+    The model also answers the prompt (``answer_tokens`` at most; 0: no answer) in the same run."""
+    image = read_image(image_path)
     output = _output_path(output, image_path)
     checkpoint, config = _checkpoint_config(checkpoint)
     num_layers = config.text_config.num_hidden_layers
     chosen = parse_layers(layers, num_layers)
-    model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
-    selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT)
+    model, processor = load_checkpoint(
+        checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True
+    )
+    selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT, answer_tokens)
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])
     figure = draw_selection(selection, chosen, heatmap=heatmap, matrix=matrix)
@@ -122,3 +116,23 @@ def kept_table(selection: TokenSelection, shown: list[int] | None = None) -> Tab
             "*" if shown and layer.layer in shown else "",
         )
     return table
+
+
+def kept_to_json(result: VisualizeResult) -> dict:
+    """``pmod visualize --json``: the figure's path and, per layer, what the table shows."""
+    total = result.selection.num_vision
+    return {
+        "figure": str(result.output),
+        "answer": result.selection.answer,
+        "vision_tokens": total,
+        "layers": [
+            {
+                "layer": layer.layer,
+                "type": "dense" if layer.is_dense else "MoD",
+                "ratio": layer.ratio,
+                "kept": layer.kept_count,
+                "drawn": layer.layer in result.layers,
+            }
+            for layer in result.selection.layers
+        ],
+    }

@@ -3,6 +3,7 @@
 from . import llava, llava_next  # noqa: F401  (each module registers its family)
 from .base import (
     FAMILIES,
+    IMAGE_TOKEN,
     ModelFamily,
     UnsupportedModelError,
     family_for_config,
@@ -11,6 +12,7 @@ from .base import (
     get_family,
     image_settings,
     known_model_types,
+    prepare_tokenizer,
     register_family,
     template_for_model,
 )
@@ -19,6 +21,7 @@ from .llava_next import PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGenerati
 
 __all__ = [
     "FAMILIES",
+    "IMAGE_TOKEN",
     "ModelFamily",
     "PMoDLlavaConfig",
     "PMoDLlavaForConditionalGeneration",
@@ -31,6 +34,7 @@ __all__ = [
     "get_family",
     "image_settings",
     "known_model_types",
+    "prepare_tokenizer",
     "register_family",
     "template_for_model",
 ]

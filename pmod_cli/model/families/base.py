@@ -21,6 +21,7 @@ import torch
 
 from ...errors import UserError
 
+IMAGE_TOKEN = "<image>"
 DEFAULT_TEXT_MODELS = ("llama", "qwen2", "mistral")
 DEFAULT_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -85,6 +86,21 @@ class ModelFamily:
         """The family's image processor from a vision tower's size/crop/mean/std ``settings``."""
         raise NotImplementedError
 
+    def build_processor(
+        self, tokenizer, image_processor, vision_config, select_strategy: str, chat_template: str
+    ):
+        """The family's processor joining a tokenizer (with an ``<image>`` token) and an image processor."""
+        return self.processor_class(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=vision_config.patch_size,
+            vision_feature_select_strategy=select_strategy,
+            # CLIP puts a CLS token in front of the patches; SigLIP has none
+            num_additional_image_tokens=1 if vision_config.model_type.startswith("clip") else 0,
+            image_token=IMAGE_TOKEN,
+            chat_template=chat_template,
+        )
+
     def adapt_image_processor(self, image_processor, aspect_ratio: str) -> Any:
         """A checkpoint's image processor set to a recipe's ``data.image_aspect_ratio``."""
         return image_processor
@@ -101,6 +117,22 @@ class ModelFamily:
     def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
         """One ``PatchBox`` (or None: no place on the image) per vision token of an image."""
         raise NotImplementedError
+
+
+def prepare_tokenizer(tokenizer) -> bool:
+    """Give a language model's tokenizer an ``<image>`` and a pad token; True if the vocabulary grew."""
+    grew = False
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        grew = True
+    if tokenizer.pad_token is None:
+        # Vicuna has no pad token; LLaVA pads with <unk>
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            grew = True
+    return grew
 
 
 def image_settings(image_processor) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""``pmod chat`` and the answer ``pmod visualize`` prints: what a user reads equals what the model
+generates for the prompt every other command builds, and the efficiency line is the measured one."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+import torch
+from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
+
+from pmod_cli import PMoDConfig, apply_pmod
+from pmod_cli.cli import main
+from pmod_cli.data.prompts import build_prompt, encode
+from pmod_cli.model.loading import load_checkpoint
+from pmod_cli.visualization.visualize import visualize_routing
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    dense_model, dense_processor = tiny_model(layout="llava", layers=3)
+    dense = save_checkpoint(dense_model, dense_processor, root / "dense")
+    model, processor = tiny_model(layout="llava", layers=3)
+    apply_pmod(model, PMoDConfig(ratios=[1.0, 0.5, 0.25]))
+    randomize_routers(model)
+    pmod = save_checkpoint(model, processor, root / "pmod")
+    image = root / "image.png"
+    random_image(70, 56, seed=5).save(image)
+    return {"dense": dense, "pmod": pmod, "image": image}
+
+
+def run_cli(monkeypatch, capsys, *args, stdin: str | None = None):
+    monkeypatch.setattr(sys, "argv", ["pmod", *map(str, args)])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def greedy_answer(checkpoint, image_path, question, history=(), max_new_tokens=8):
+    model, processor = load_checkpoint(checkpoint)
+    from PIL import Image
+
+    with Image.open(image_path) as image:
+        images = [image.convert("RGB")]
+    prompt = build_prompt(processor, question, 1, "vicuna_v1", history)
+    inputs = encode(processor, [prompt], images, model)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    return processor.tokenizer.decode(
+        output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()
+
+
+def test_one_question_prints_the_greedy_answer_and_the_measured_costs(
+    checkpoints, monkeypatch, capsys
+):
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "chat",
+        checkpoints["pmod"],
+        "--image",
+        checkpoints["image"],
+        "what colour is the square?",
+        "--max-new-tokens",
+        "8",
+    )
+    assert code in (0, None)
+    assert out.strip() == greedy_answer(
+        checkpoints["pmod"], checkpoints["image"], "what colour is the square?"
+    )
+    (line,) = err.strip().splitlines()
+    # 16 vision tokens; layers keep 16, 8, 4 of them next to every text token
+    match = re.search(r"prompt (\d+) vision \+ (\d+) text tokens", line)
+    vision, text = int(match[1]), int(match[2])
+    assert vision == 16
+    kv_share = (3 * text + 16 + 8 + 4) / (3 * (text + vision))
+    assert line.startswith("p-MoD: ") and f"({100 * kv_share:.1f}% of dense)" in line
+
+
+def test_a_conversation_from_stdin_keeps_its_history(checkpoints, monkeypatch, capsys):
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "chat",
+        checkpoints["dense"],
+        "--image",
+        checkpoints["image"],
+        "--max-new-tokens",
+        "6",
+        stdin="describe the image\n\nhow many circles\n",
+    )
+    assert code in (0, None)
+    first, second = out.strip("\n").split("\n")
+    assert first.strip() == greedy_answer(
+        checkpoints["dense"], checkpoints["image"], "describe the image", max_new_tokens=6
+    )
+    history = [("describe the image", first.strip())]
+    assert second.strip() == greedy_answer(
+        checkpoints["dense"], checkpoints["image"], "how many circles", history, 6
+    )
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(
+        line.startswith("dense: ") and "(100.0% of dense)" in line for line in lines
+    )
+
+
+def test_a_bad_image_is_one_error_line(checkpoints, tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(
+        monkeypatch, capsys, "chat", checkpoints["pmod"], "--image", tmp_path / "missing.png", "hi"
+    )
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
+
+
+def test_visualize_prints_the_answer_to_the_prompt_it_routed(checkpoints, tmp_path):
+    result = visualize_routing(
+        checkpoints["image"],
+        checkpoint=checkpoints["pmod"],
+        prompt="what is it?",
+        output=tmp_path / "v.png",
+        answer_tokens=8,
+    )
+    assert result.selection.answer == greedy_answer(
+        checkpoints["pmod"], checkpoints["image"], "what is it?"
+    )
+    # the routing shown is the answer's prefill: layer 2 keeps floor(16 * 0.25) vision tokens
+    assert result.selection.layers[2].kept_count == 4
