@@ -107,3 +107,23 @@ def test_the_fixed_patch_encoder_reports_each_cells_colours(grid_set):
     assert torch.allclose(features, expected, atol=1e-4)
     # marks and background differ: the features carry the image
     assert features.std(dim=0)[:27].min() > 0.01
+
+
+def test_the_turn_of_a_training_question_does_not_tell_its_kind(grid_set):
+    """Held-out questions are all first turns: if the training turns came in a fixed order of
+    kinds, a model could answer the kind of question the position implies without reading it."""
+    root, _, _ = grid_set
+    prefixes = {
+        "What colour": "colour",
+        "What shape": "kind",
+        "How many": "count",
+        "Is there": "exists",
+    }
+    first_turns = Counter()
+    for record in json.loads((root / "sft_train.json").read_text()):
+        questions = [
+            turn["value"].removeprefix("<image>\n") for turn in record["conversations"][::2]
+        ]
+        kinds = [next(k for p, k in prefixes.items() if q.startswith(p)) for q in questions]
+        first_turns[kinds[0]] += 1
+    assert len(first_turns) >= 3, first_turns

@@ -17,7 +17,8 @@ of its kind):
 - ``exists``: "Is there a blue mark?": yes / no, about equally often.
 
 Files (LLaVA JSON, written by ``generate``): ``captions.json`` (pretrain: every mark in reading
-order), ``sft_train.json`` (three questions per image as one conversation), ``heldout.json``
+order), ``sft_train.json`` (four questions per image, one of each kind in a random order, as one
+conversation), ``heldout.json``
 (one question per held-out image, with ``answer`` and ``category``). Seeded: the same version
 always writes the same files.
 
@@ -41,7 +42,10 @@ from PIL import Image, ImageDraw
 from .cache import build_once
 
 # bump when the generated content changes, so cached copies are rebuilt
-GRID_VERSION = 5
+GRID_VERSION = 6
+# bump when the base model changes (its tokenizer learns the set's text, so a new set is a new base)
+BASE_VERSION = f"{GRID_VERSION}.1"
+LLM_LAYERS, LLM_HIDDEN = 6, 64
 
 IMAGE_SIZE = 224
 CELL = 14  # one patch of the vision tower
@@ -212,7 +216,7 @@ def generate(
     root.mkdir(parents=True, exist_ok=True)
     question_rng = random.Random(11)
     captions, conversations, heldout = [], [], []
-    for index, (scene, name) in enumerate(_scenes(root, "train", train_images, seed=3)):
+    for scene, name in _scenes(root, "train", train_images, seed=3):
         sample_id = Path(name).stem
         captions.append(
             {
@@ -221,9 +225,10 @@ def generate(
                 "conversations": _conversation([("Describe the image.", caption(scene))]),
             }
         )
+        # the kinds in a fresh order for every image: with a fixed order the turn's position
+        # alone would tell the kind of question (held-out questions are all first turns)
         turns = []
-        for turn in range(QUESTIONS_PER_TRAIN_IMAGE):
-            first = CATEGORIES[(index * QUESTIONS_PER_TRAIN_IMAGE + turn) % len(CATEGORIES)]
+        for first in question_rng.sample(CATEGORIES, QUESTIONS_PER_TRAIN_IMAGE):
             _, text, answer = any_question(scene, question_rng, first)
             turns.append((text, answer))
         conversations.append(
@@ -310,7 +315,9 @@ def fixed_patch_encoder(vision_tower) -> None:
         layernorm.bias.zero_()
 
 
-def grid_base(path: str | Path, layers: int = 6, hidden: int = 128, seed: int = 0) -> Path:
+def grid_base(
+    path: str | Path, layers: int = LLM_LAYERS, hidden: int = LLM_HIDDEN, seed: int = 0
+) -> Path:
     """Write the study's base checkpoint to ``path``, with its parts in ``vision_tower/`` and ``llm/``."""
     from .tiny import save_llava_with_parts, tiny_llava
 
@@ -328,9 +335,14 @@ def grid_base(path: str | Path, layers: int = 6, hidden: int = 128, seed: int = 
     )
     fixed_patch_encoder(model.model.vision_tower)
     path = save_llava_with_parts(model, processor, Path(path))
-    (path / "VERSION").write_text(str(GRID_VERSION))  # its tokenizer learned this version's text
+    (path / "VERSION").write_text(BASE_VERSION)
     return path
 
 
 def base_is_current(path: Path) -> bool:
-    return (path / "config.json").is_file() and _is_current(path)
+    version_file = path / "VERSION"
+    return (
+        (path / "config.json").is_file()
+        and version_file.is_file()
+        and version_file.read_text().strip() == BASE_VERSION
+    )
