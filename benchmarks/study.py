@@ -216,7 +216,7 @@ def print_table(table: list[dict]) -> None:
         cells = ", ".join(
             f"{category} {a}/{b}" for category, (a, b) in entry["per_category"].items()
         )
-        print(f"  {entry['method']:<14} {cells}")
+        print(f"  {entry['method']:<22} {cells}")
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument(
-        "--steps", type=int, default=1200, help="SFT steps of each model (batch 16)"
+        "--steps", type=int, default=2000, help="SFT steps of each model (batch 16)"
     )
     parser.add_argument(
         "--pretrain-steps",
