@@ -159,6 +159,7 @@ def summarize(rows: list[dict], names: dict[str, str]) -> list[dict]:
                 "vs_dense": paired(row["right"], dense["right"]),
                 "vs_pmod": paired(row["right"], pmod["right"]),
                 "per_category": per_category(row["right"]),
+                "right_ids": sorted(row["right"]),
             }
         )
     return table
@@ -174,6 +175,26 @@ def per_category(right: dict[int, bool]) -> dict[str, tuple[int, int]]:
         counts[0] += int(correct)
         counts[1] += 1
     return {category: (a, b) for category, (a, b) in sorted(tally.items())}
+
+
+def text_only_ceiling(doc_ids: list[int]) -> dict[str, tuple[int, int]]:
+    """Per kind of question, how many of these questions its most frequent answer gets right:
+    the best a model that ignores the image can do (each kind's text is the same up to the
+    colour or kind it names)."""
+    from collections import Counter
+
+    from pmod_cli.data.tiny import resolve_tiny_path
+
+    questions = json.loads(resolve_tiny_path("tiny:grid/heldout.json").read_text())
+    answers: dict[str, Counter] = {}
+    for doc_id in doc_ids:
+        answers.setdefault(questions[doc_id]["category"], Counter())[
+            questions[doc_id]["answer"]
+        ] += 1
+    return {
+        category: (counts.most_common(1)[0][1], sum(counts.values()))
+        for category, counts in sorted(answers.items())
+    }
 
 
 def format_difference(entry: dict) -> str:
@@ -212,6 +233,10 @@ def print_table(table: list[dict]) -> None:
         + ", ".join(f"{e['method']} {e['tflops_vs_pmod'] - 1:+.1%}" for e in matched)
     )
     print("\nper question type (right / asked):")
+    ceiling = text_only_ceiling(sorted(table[0]["right_ids"]))
+    cells = ", ".join(f"{category} {a}/{b}" for category, (a, b) in ceiling.items())
+    total = sum(a for a, _ in ceiling.values()) / sum(b for _, b in ceiling.values())
+    print(f"  {'most frequent answer':<22} {cells} ({100 * total:.1f} %: the text alone)")
     for entry in table:
         cells = ", ".join(
             f"{category} {a}/{b}" for category, (a, b) in entry["per_category"].items()
