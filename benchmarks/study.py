@@ -1,5 +1,6 @@
 """The small-scale study: does p-MoD beat training-free token reduction at the same TFLOPs, and stay
-close to the dense model? One command, about an hour on an idle 2-core CPU:
+close to the dense model? One command, estimated at 35-40 minutes on an idle 2-core CPU (0.73
+CPU-seconds per SFT step measured; not yet run in full, see docs/eval.md):
 
     .venv/bin/python benchmarks/study.py --out runs/study
 
