@@ -2,6 +2,7 @@
 
     python benchmarks/bench_core.py --preset cpu            # ~1000 vision tokens, hidden 512, 16 layers
     python benchmarks/bench_core.py --preset gpu            # LLaVA-NeXT-7B shape, bf16 (needs a GPU)
+    python benchmarks/bench_core.py --preset smoke          # toy size: does it run at all
 
 One random-weight LLaVA model is built, a deep copy is converted with ``apply_pmod`` (beta 0.5 by
 default), and both run the same inputs, after a warm-up. Times are the best of ``--repeats`` rounds in which dense and p-MoD alternate. Peak memory of a training step is the CUDA allocator's peak on GPU; on CPU, which has no
@@ -46,6 +47,8 @@ PRESETS = {
     # LLaVA-NeXT-7B shape: 32 layers, hidden 4096; 54 x 54 = 2916 vision tokens (the paper's 2928
     # is no square grid: within 0.5 %)
     "gpu": Preset(4096, 11008, 32, 32, 32, 32000, 54, 58, torch.bfloat16, "cuda", 10),
+    # a few seconds on any CPU: checks that the benchmark runs (gpu_check's own test), times nothing
+    "smoke": Preset(64, 128, 4, 4, 2, 256, 4, 16, torch.float32, "cpu", 1),
 }
 
 

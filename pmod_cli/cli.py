@@ -364,7 +364,7 @@ def convert(
     source: Path = typer.Argument(
         ...,
         metavar="SOURCE",
-        help="A llava-hf, original LLaVA or official p-MoD checkpoint directory (format detected).",
+        help="A llava-hf, original LLaVA or official p-MoD checkpoint directory, or a LoRA adapter directory (format detected).",
     ),
     output: Path = typer.Argument(
         ..., metavar="OUTPUT", help="Where to write the HF-native checkpoint (a new directory)."
@@ -414,7 +414,7 @@ def convert(
     typer.echo(f"wrote {written}: {checkpoint_summary(written)}")
 
 
-_RECIPE_HELP = "Recipe TOML with the sections model, pmod, data and train (see docs/recipes.md)."
+_RECIPE_HELP = "Recipe TOML with the sections model, pmod, data, train and (optional) lora (see docs/recipes.md)."
 _SET_HELP = "Override a recipe key (repeatable), e.g. --set train.max_steps=20."
 _RESUME_HELP = "Continue exactly from the last checkpoint-N in train.output_dir."
 _DRY_RUN_HELP = "Check the recipe and every data sample, print the plan (parts, schedule, TFLOPs); train nothing."
@@ -589,6 +589,8 @@ def evaluate(
         methods=methods,
         match_tflops=match_tflops,
     )
+    if report is None:  # another process of a torchrun / accelerate launch: process 0 reports
+        return
     report_json = report_to_json(report)
     if as_json:
         import json

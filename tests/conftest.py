@@ -15,3 +15,16 @@ os.environ.setdefault(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "pmod-tests"
     ),
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA GPU: skipped where torch sees none
+    (scripts/gpu_check.sh runs them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -250,7 +250,8 @@ def test_prepared_data_passes_sft_dry_run(next_prepared, tmp_path, monkeypatch, 
             f"data.path={data}",
             "--set",
             f"data.image_folder={image_folder}",
-            "--set",  # a fresh connector: the dry run must not need the demo's pretrain output
+            # a fresh connector: the recipe's runs/tiny/pretrain exists only where it was made
+            "--set",
             "model.pretrained_connector=",
         )
         out = " ".join(captured.out.split())

@@ -587,3 +587,37 @@ def test_image_tokens_placed_by_the_task_become_image_items():
         build_prompt(processor, "What colour is the square?", 1)
         == "USER: <image>\nWhat colour is the square? ASSISTANT:"
     )
+
+
+def test_two_processes_give_the_scores_of_one(checkpoints, tmp_path):
+    """``torchrun --nproc_per_node 2`` on the CPU (gloo): each process takes its share of the
+    requests, process 0 reports once, with the scores, answers and measured requests of one
+    process; lmms-eval's padding of the uneven shares (5 questions) is neither scored nor measured."""
+    tasks = ["pmod_tiny_vqa", "pmod_tiny_vqa_mc"]
+    one = eval_run.report_to_json(
+        evaluate_checkpoints([checkpoints["pmod"]], tasks, limit=5, device="cpu")
+    )
+    output = tmp_path / "two.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29652",
+        "-m", "pmod_cli", "eval", str(checkpoints["pmod"]), "--tasks", ",".join(tasks), "--limit", "5",
+        "--device", "cpu", "--output", str(output),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("pmod eval: pmod_tiny_vqa") == 1  # one report, from process 0
+    single, double = one["checkpoints"][0], json.loads(output.read_text())["checkpoints"][0]
+    assert double["scores"] == single["scores"]
+    for task in tasks:
+        assert sorted(map(json.dumps, double["answers"][task])) == sorted(
+            map(json.dumps, single["answers"][task])
+        )
+
+    def requests(result):
+        return sorted((m["task"], m["doc_id"], m["request"]) for m in result["measurements"])
+
+    assert requests(double) == requests(single) and len(requests(single)) > 5
+    assert double["efficiency"]["processes"] == 2 and single["efficiency"]["processes"] == 1
+    assert double["efficiency"]["samples"] == single["efficiency"]["samples"]
+    assert double["efficiency"]["tflops"] == single["efficiency"]["tflops"]

@@ -8,15 +8,24 @@ Registered through the entry point group ``lmms_eval.models`` (see pyproject.tom
 It generates in batches (left padding: a p-MoD model answers each sample of a batch as it would
 alone), scores continuations for multiple-choice tasks (``loglikelihood``), and measures every
 request (see ``measure.py``): ``model.measurements`` after a run, and lmms-eval's own
-"throughput" summary gets the means. ``method`` runs the checkpoint with a training-free
-baseline instead of its own routing (``model/methods.py``), e.g.
-``--model_args pretrained=DIR,method=fastv,fastv_layer=2,fastv_ratio=0.5``; with
-``match_tflops=true`` FastV's R or pool's N is solved, on the first requests, to cost what the
-checkpoint's p-MoD plan costs on them.
+"throughput" summary gets the means.
+
+Under ``torchrun`` / ``accelerate launch`` it runs data-parallel, as lmms-eval's own models do:
+each process loads the model on its device (``cuda:LOCAL_RANK``, or the CPU with gloo), lmms-eval
+hands each its share of the requests and gathers the results on process 0. The requests lmms-eval
+adds to even out the processes' shares (``__padding_only__``) are answered without running the
+model: they are not scored, and not measured. Process 0 shows a progress bar of its requests.
+
+``method`` runs the checkpoint with a training-free baseline instead of its own routing
+(``model/methods.py``), e.g. ``--model_args pretrained=DIR,method=fastv,fastv_layer=2,fastv_ratio=0.5``;
+with ``match_tflops=true`` FastV's R or pool's N is solved, on the first requests, to cost what
+the checkpoint's p-MoD plan costs on them (in a multi-process run, on each process's share).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import torch
@@ -74,6 +83,8 @@ class PMoDLmms(lmms):
         except UserError as err:
             raise ValueError(str(err)) from None
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self._join_processes()
         self.batch_size_per_gpu = int(batch_size)
         self.pretrained = str(pretrained)
         self.model, self.processor = load_checkpoint(
@@ -106,6 +117,46 @@ class PMoDLmms(lmms):
         )
         self.measurements: list[SampleMeasurement] = []
         self._warmed_up = False
+
+    def _join_processes(self) -> None:
+        """One of several processes (torchrun, accelerate launch): its rank, and its own GPU
+        unless a device index was given (gloo between CPU processes)."""
+        from accelerate import Accelerator
+
+        on_cpu = self._device.type == "cpu"
+        self.accelerator = Accelerator(cpu=on_cpu)  # sets up the process group
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        if not on_cpu and self._device.index is None:
+            self._device = self.accelerator.device
+
+    @contextlib.contextmanager
+    def _progress(self, kind: str, total: int):
+        """A progress bar of this call's requests (process 0 only, on stderr); yields advance(n)."""
+        if self.rank != 0 or total == 0:
+            yield lambda n: None
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        share = f" (process 0 of {self.world_size})" if self.world_size > 1 else ""
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(
+            *columns,
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as progress:
+            task = progress.add_task(f"{kind} requests{share}", total=total)
+            yield lambda n: progress.advance(task, n)
 
     @classmethod
     def create_from_arg_string(
@@ -218,7 +269,14 @@ class PMoDLmms(lmms):
     # ---- generate_until ----------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        if self._match_pending and requests:
+        real, padding = _split_padding(requests)
+        answers = self._generate_real(real)
+        return _with_padding(answers, padding, len(requests), "")
+
+    def _generate_real(self, requests: list[Instance]) -> list[str]:
+        if not requests:
+            return []
+        if self._match_pending:
             first = requests[0].args
             self._settle_method(
                 [r.args[0] for r in requests], self._visuals(first[2], first[3], first[4], first[5])
@@ -238,12 +296,14 @@ class PMoDLmms(lmms):
         )
         answers: list[str] = []
         measured: list[SampleMeasurement] = []
-        for batch in collator.get_batched(n=self.batch_size):
-            batch_answers, batch_measured = self._generate_batch(batch)
-            answers.extend(batch_answers)
-            measured.extend(batch_measured)
-            for args, answer in zip(batch, batch_answers, strict=True):
-                self.cache_hook.add_partial("generate_until", (args[0], args[1]), answer)
+        with self._progress("generate_until", len(requests)) as advance:
+            for batch in collator.get_batched(n=self.batch_size):
+                batch_answers, batch_measured = self._generate_batch(batch)
+                answers.extend(batch_answers)
+                measured.extend(batch_measured)
+                for args, answer in zip(batch, batch_answers, strict=True):
+                    self.cache_hook.add_partial("generate_until", (args[0], args[1]), answer)
+                advance(len(batch))
         self.measurements.extend(measured)
         _log_to_lmms_eval(measured, len(requests))
         return collator.get_original(answers)
@@ -329,23 +389,27 @@ class PMoDLmms(lmms):
         its base-class docstring describes. Each pair travels inside a ``GenerationResult``: the
         0.7 evaluator turns any other non-string output into its ``str()``.
         """
-        if self._match_pending and requests:
-            first = requests[0].args
+        real, padding = _split_padding(requests)
+        if self._match_pending and real:
+            first = real[0].args
             visuals = (
                 self._visuals(first[2], first[3], first[4], first[5]) if len(first) > 2 else []
             )
-            self._settle_method([r.args[0] for r in requests], visuals)
-        self.warm_up()
+            self._settle_method([r.args[0] for r in real], visuals)
+        if real:
+            self.warm_up()
         results = []
         measured = []
-        for request in requests:
-            nll, greedy, measurement = self._score(request.args)
-            results.append(GenerationResult(text=(nll, greedy)))
-            measured.append(measurement)
-            self.cache_hook.add_partial("loglikelihood", request.args[:2], (nll, greedy))
+        with self._progress("loglikelihood", len(real)) as advance:
+            for request in real:
+                nll, greedy, measurement = self._score(request.args)
+                results.append(GenerationResult(text=(nll, greedy)))
+                measured.append(measurement)
+                self.cache_hook.add_partial("loglikelihood", request.args[:2], (nll, greedy))
+                advance(1)
         self.measurements.extend(measured)
-        _log_to_lmms_eval(measured, len(requests))
-        return results
+        _log_to_lmms_eval(measured, len(real))
+        return _with_padding(results, padding, len(requests), GenerationResult(text=(0.0, False)))
 
     def _score(self, args: tuple) -> tuple[float, bool, SampleMeasurement]:
         if len(args) == 2:  # an unconditional request (acc_mutual_info): no image, no template
@@ -483,6 +547,22 @@ def _method_config(
         if pool_tokens is not None
         else (1 if matched and method == "pool" else None),
     )
+
+
+def _split_padding(requests: list[Instance]) -> tuple[list[Instance], set[int]]:
+    """(the real requests, the positions of lmms-eval's padding-only ones)."""
+    padding = {
+        i
+        for i, request in enumerate(requests)
+        if (getattr(request, "metadata", None) or {}).get("__padding_only__")
+    }
+    return [r for i, r in enumerate(requests) if i not in padding], padding
+
+
+def _with_padding(answers: list, padding: set[int], total: int, filler) -> list:
+    """The real answers back in the requests' order, ``filler`` where lmms-eval padded."""
+    real = iter(answers)
+    return [filler if i in padding else next(real) for i in range(total)]
 
 
 def _cut_at_stop(text: str, until: list[str]) -> str:

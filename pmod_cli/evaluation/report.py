@@ -71,7 +71,13 @@ def report_table(report: EvalReport) -> Table:
     memory_label = MEMORY_LABELS[kinds.pop()] if len(kinds) == 1 else "peak memory"
     row(memory_label, lambda e: human_bytes(e.peak_memory_bytes))
     row("V + T tokens (mean)", lambda e: f"{e.mean_vision_tokens:.1f} + {e.mean_text_tokens:.1f}")
-    row("requests measured", lambda e: f"{e.samples} (batch {e.batch_size}, {e.device})")
+    row(
+        "requests measured",
+        lambda e: (
+            f"{e.samples} (batch {e.batch_size}, {e.device}"
+            + (f", {e.processes} processes)" if e.processes > 1 else ")")
+        ),
+    )
     table.caption = (
         "TFLOPs: the `pmod flops` formula at the mean measured V and T. KV cache: held after prefill; "
         "dense = (T + V) entries in every layer for the same prompts. Latency at batch > 1 is the "

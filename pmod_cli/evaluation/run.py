@@ -16,6 +16,11 @@ every request; the efficiency summary turns the measurements into the report's r
 own routing, dense, FastV, random, pool), each a column of the same table:
 
     evaluate_checkpoints(["runs/grid/pmod"], ["pmod_grid_vqa"], methods=["pmod", "fastv"], match_tflops=True)
+
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) each process evaluates its share
+of the requests (``lmms_model``); lmms-eval gathers the scores on process 0, and so does pmod the
+measurements, so the efficiency rows cover every request. Only process 0 gets a report
+(``evaluate_checkpoints`` returns None on the others).
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ class Efficiency:
     end_to_end_latency_s: float
     peak_memory_bytes: int  # the largest of any batch
     memory_kind: str  # see measure.MEMORY_KINDS
+    processes: int = 1  # the processes that shared the requests (torchrun / accelerate launch)
 
     @property
     def tflops_ratio(self) -> float:
@@ -162,9 +168,10 @@ def evaluate_checkpoints(
     lmms_eval_dir: str | Path | None = None,
     methods: list[MethodConfig | str | None] | None = None,
     match_tflops: bool = False,
-) -> EvalReport:
+) -> EvalReport | None:
     """Run lmms-eval on each checkpoint (once per method of ``methods``, None: as saved); user
-    errors (paths, task names, flags) raise UserError.
+    errors (paths, task names, flags) raise UserError. None on every process but the first of a
+    multi-process run.
 
     lmms-eval's own files (the submission files of ok_vqa, textvqa_val, mmbench_en_dev, ...) go
     to ``lmms_eval_dir/<label>/submissions``; without it to a temporary directory, deleted after
@@ -219,6 +226,8 @@ def evaluate_checkpoints(
                         dtype=dtype,
                     )
                 )
+    if not is_main_process():
+        return None
     return EvalReport(
         tasks=list(tasks),
         limit=limit,
@@ -255,6 +264,26 @@ def check_method_fits(checkpoint: str | Path, method: MethodConfig | None) -> No
             f"--method pool averages one square patch grid per image; {checkpoint} is a {shape.layout} model"
         )
     method.check(shape.text.num_layers, shape.vision_tokens if method.name == "pool" else None)
+
+
+def is_main_process() -> bool:
+    """Process 0 of a torchrun / accelerate launch (or the only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gather_measurements(measurements: list[SampleMeasurement]) -> list[SampleMeasurement]:
+    """Every process's measurements on process 0 (a collective; the others get [])."""
+    import torch.distributed as dist
+
+    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
+        return list(measurements)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(list(measurements), gathered, dst=0)
+    return [m for share in gathered for m in share] if gathered is not None else []
 
 
 def make_task_manager(tasks: list[str], include_path: str | Path | None = None):
@@ -398,12 +427,15 @@ def _evaluate_one(
             f"cannot fetch the data of {', '.join(tasks)}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
             "(lmms-eval's benchmarks download from the Hugging Face Hub: check the network, HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and HF_TOKEN)"
         ) from None
+    measurements = gather_measurements(model.measurements)
+    if raw is None:  # not process 0: lmms-eval gathered the results there
+        return None
     scores = {
         task: score
         for task, metrics in raw["results"].items()
         if (score := main_score(task, metrics)) is not None
     }
-    efficiency = summarize(network, model.measurements, batch_size, device, count)
+    efficiency = summarize(network, measurements, batch_size, device, count)
     del network
     # after the run: a matched method knows its setting only once it saw the requests
     label = (
@@ -418,7 +450,7 @@ def _evaluate_one(
         retention_ratios=model.retention_ratios,
         scores=scores,
         efficiency=efficiency,
-        measurements=list(model.measurements),
+        measurements=measurements,
         answers=_answers(raw.get("samples", {})),
         lmms_eval_results=_plain(raw["results"]),
         method=model.method,
@@ -537,6 +569,7 @@ def summarize(
         end_to_end_latency_s=sum(m.end_to_end_s for m in measurements) / n,
         peak_memory_bytes=max(m.peak_memory_bytes for m in measurements),
         memory_kind=measurements[0].memory_kind,
+        processes=world_size(),
     )
 
 

@@ -2,9 +2,10 @@
 
 ``pmod eval``, ``visualize``, ``arank``, ``chat``, flops calibration, ``convert`` and training from
 ``model.checkpoint`` all load through ``load_checkpoint``. It reads HF-native directories of any
-registered model family (dense, or p-MoD with its own ``model_type``) as they are, and original
+registered model family (dense, or p-MoD with its own ``model_type``) as they are, original
 LLaVA and official p-MoD checkpoints through ``model.formats``, translated in memory (their vision
-tower must then be a local directory: the config's ``mm_vision_tower`` or ``vision_tower=``).
+tower must then be a local directory: the config's ``mm_vision_tower`` or ``vision_tower=``), and
+LoRA adapter directories (``model.adapters``), merged into their base checkpoint on load.
 ``convert_checkpoint`` writes any of them as an HF-native directory.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..errors import UserError
 from ..runtime import resolve_device
+from .adapters import is_adapter_directory, read_adapter_info, resolve_base
 from .config import PMoDConfig
 from .families import family_for_config, family_for_model_type, known_model_types
 from .formats import detect_format, import_checkpoint, inspect_checkpoint, read_config
@@ -45,6 +48,8 @@ def read_model_type(path: str | Path, vision_tower: str | Path | None = None) ->
     """The ``model_type`` the checkpoint loads as (a registered family's dense or p-MoD type); a
     UserError if the directory is unusable. A foreign checkpoint is checked as far as it can be
     without its weights (its settings and its vision tower)."""
+    if is_adapter_directory(path):
+        return read_adapter_info(path).model_type
     if detect_format(path) == "llava_hf":
         return read_config(path).get("model_type")
     return inspect_checkpoint(path, vision_tower).hf_model_type
@@ -52,6 +57,8 @@ def read_model_type(path: str | Path, vision_tower: str | Path | None = None) ->
 
 def read_num_layers(path: str | Path, vision_tower: str | Path | None = None) -> int:
     """The number of decoder layers of a checkpoint in any format pmod reads (no weights loaded)."""
+    if is_adapter_directory(path):
+        return read_adapter_info(path).num_layers
     if detect_format(path) == "llava_hf":
         try:
             return AutoConfig.from_pretrained(str(path)).text_config.num_hidden_layers
@@ -78,27 +85,40 @@ def load_checkpoint(
     require_pmod: bool = False,
     vision_tower: str | Path | None = None,
     dense: bool = False,
+    quantization_config=None,
 ):
     """Load ``(model, processor)`` from a checkpoint in any format pmod reads (or a Hub id), in eval mode.
 
     ``device=None`` picks CUDA when available. ``pmod`` converts a dense checkpoint on load (or
     re-plans a p-MoD one); ``require_pmod`` refuses a dense checkpoint (commands that show
     routing); ``dense`` loads an official p-MoD checkpoint without its routers (every layer dense).
+    ``quantization_config`` (an HF-native checkpoint only: QLoRA training) loads it quantized,
+    placed on the current CUDA device.
     """
     reference = str(reference)
     if is_hub_id(reference):
-        model, processor = _load_hf_native(reference, dtype, attn_implementation)
+        model, processor = _load_hf_native(
+            reference, dtype, attn_implementation, quantization_config
+        )
     else:
         _check_pmod(reference, vision_tower, require_pmod and pmod is None and not dense)
-        if detect_format(reference) == "llava_hf":
-            model, processor = _load_hf_native(reference, dtype, attn_implementation)
+        if is_adapter_directory(reference):
+            model, processor = _load_adapter(
+                Path(reference), dtype, attn_implementation, vision_tower
+            )
+        elif detect_format(reference) == "llava_hf":
+            model, processor = _load_hf_native(
+                reference, dtype, attn_implementation, quantization_config
+            )
         else:
             model, processor = _load_foreign(
                 Path(reference), dtype, attn_implementation, vision_tower, dense
             )
     if pmod is not None:
         apply_pmod(model, pmod)
-    return model.to(resolve_device(device) if device is None else device).eval(), processor
+    if quantization_config is None:  # a quantized model is placed as it loads and cannot move
+        model = model.to(resolve_device(device) if device is None else device)
+    return model.eval(), processor
 
 
 def _check_pmod(reference: str, vision_tower, required: bool) -> None:
@@ -115,12 +135,14 @@ def _check_pmod(reference: str, vision_tower, required: bool) -> None:
         )
 
 
-def _load_hf_native(reference: str, dtype, attn_implementation):
+def _load_hf_native(reference: str, dtype, attn_implementation, quantization_config=None):
     kwargs = {
         key: value
         for key, value in (("dtype", dtype), ("attn_implementation", attn_implementation))
         if value
     }
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map=_current_cuda_device())
     try:
         processor = AutoProcessor.from_pretrained(reference)
     except (OSError, ValueError) as err:
@@ -142,6 +164,61 @@ def _load_hf_native(reference: str, dtype, attn_implementation):
             raise weight_read_error(reference, err) from None
         raise
     return model, processor
+
+
+def _current_cuda_device() -> dict[str, int]:
+    """``device_map`` putting the whole model on this process's GPU (LOCAL_RANK under a launcher)."""
+    return {"": torch.cuda.current_device()}
+
+
+def _load_adapter(path: Path, dtype, attn_implementation, vision_tower):
+    """A LoRA adapter directory: its base loaded (any format), converted as it was trained, the
+    parts trained in full loaded, and PEFT's adapter merged in (``model.adapters``)."""
+    from peft import PeftModel
+
+    from .adapters import FULL_WEIGHTS_FILE
+    from .weights import read_file
+
+    info = read_adapter_info(path)
+    base = resolve_base(path, info)
+    model, _ = load_checkpoint(
+        base,
+        device="cpu",
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        vision_tower=vision_tower,
+    )
+    if info.pmod is not None:
+        apply_pmod(model, PMoDConfig.from_dict(info.pmod))
+    _load_full_weights(model, read_file(path / FULL_WEIGHTS_FILE), path)
+    try:
+        with quiet_progress_bars(), warnings.catch_warnings():
+            # PEFT asks for transformers' deprecated gradient-checkpointing flag
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (ValueError, RuntimeError) as err:  # adapter and base do not fit
+        raise UserError(
+            f"cannot put the LoRA adapter {path} on its base {base}: {_first_line(err)}"
+        ) from None
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the processor of {path} ({_first_line(err)})") from None
+    return model, processor
+
+
+def _load_full_weights(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The parts an adapter run trained in full, by parameter name and shape."""
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in parameters:
+                raise UserError(f"{path}: the adapter's base has no parameter {name}")
+            if parameters[name].shape != tensor.shape:
+                raise UserError(
+                    f"{path}: {name} is {tuple(tensor.shape)}, the base's {tuple(parameters[name].shape)}"
+                )
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
 
 
 def _load_foreign(path: Path, dtype, attn_implementation, vision_tower, dense: bool):
@@ -208,7 +285,8 @@ def convert_checkpoint(
     dense: bool = False,
     vision_tower: str | Path | None = None,
 ) -> Path:
-    """Write ``source`` (any format pmod reads) to ``destination`` as an HF-native checkpoint.
+    """Write ``source`` (any format pmod reads, a LoRA adapter merged) to ``destination`` as an
+    HF-native checkpoint.
 
     A p-MoD checkpoint by default: ``config`` (fresh routers) for a dense source, an official
     p-MoD checkpoint's own settings and routers otherwise; ``overrides`` change single options of
@@ -218,8 +296,8 @@ def convert_checkpoint(
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise UserError(f"{destination} exists and is not empty; choose a new output directory")
-    fmt = detect_format(source)
-    if dense and (fmt == "llava_hf" or config is not None or overrides):
+    fmt = "lora_adapter" if is_adapter_directory(source) else detect_format(source)
+    if dense and (fmt in ("llava_hf", "lora_adapter") or config is not None or overrides):
         raise UserError(
             "--dense writes original LLaVA and official p-MoD checkpoints as plain llava-hf ones, without "
             "p-MoD options; drop --dense or the schedule options"

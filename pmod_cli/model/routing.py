@@ -62,9 +62,16 @@ def active_recorder() -> RoutingRecord | None:
 @contextlib.contextmanager
 def record_routing(model=None) -> Iterator[RoutingRecord]:
     """Record every MoD layer's decision inside the block; ``layers`` holds the last call's."""
-    record = RoutingRecord()
-    token = _ACTIVE.set(record)
-    try:
+    with recording(RoutingRecord()) as record:
         yield record
+
+
+@contextlib.contextmanager
+def recording(recorder):
+    """Hand every MoD layer's decision inside the block to ``recorder``: anything with
+    ``RoutingRecord.add``'s signature (training counts kept tokens on the device with one)."""
+    token = _ACTIVE.set(recorder)
+    try:
+        yield recorder
     finally:
         _ACTIVE.reset(token)

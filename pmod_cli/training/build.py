@@ -13,7 +13,8 @@ loads a pretrain stage's connector (or LLaVA's stage-1 ``mm_projector.bin``), an
 
 The parameters fall into four parts, the unit of freezing and of learning rates:
 ``vision_tower``, ``connector`` (projector, and LLaVA-NeXT's image newline), ``llm`` (decoder,
-embeddings, lm_head) and ``router`` (the p-MoD routers).
+embeddings, lm_head) and ``router`` (the p-MoD routers). With ``[lora]`` the model is wrapped by
+PEFT last (``lora.py``): the ``llm`` part then trains through its adapters only.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..model.families import (
 )
 from ..model.families import prepare_tokenizer as add_image_and_pad_tokens
 from ..model.weights import check_weight_files, weight_files
+from .lora import PEFT_PREFIX, add_lora, check_stage, is_lora_model, quantization_config
 from .recipe import Recipe, check_aspect_ratio
 
 PARTS = ("vision_tower", "connector", "llm", "router")
@@ -51,7 +53,9 @@ VISION_CLASSES = {
 
 
 def part_of(parameter_name: str) -> str:
-    """Which part a parameter of a (p-MoD) model of any registered family belongs to."""
+    """Which part a parameter of a (p-MoD) model of any registered family belongs to (PEFT's
+    names too: a LoRA adapter belongs to the part of the layer it adapts)."""
+    parameter_name = parameter_name.removeprefix(PEFT_PREFIX)
     if ".router." in parameter_name or ".pmod_shared_router." in parameter_name:
         return "router"
     if parameter_name.startswith("model.vision_tower."):
@@ -75,13 +79,16 @@ def trained_parts(recipe: Recipe, stage: str) -> tuple[str, ...]:
 
 
 def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """Freeze everything outside ``parts``; returns {part: (trainable, total) parameter counts}."""
+    """Freeze everything outside ``parts`` (and, with LoRA, the language model's own weights:
+    its adapters train); returns {part: (trainable, total) parameter counts}."""
+    lora = is_lora_model(model)
     counts = {part: [0, 0] for part in PARTS}
     for name, parameter in model.named_parameters():
         part = part_of(name)
-        parameter.requires_grad_(part in parts)
+        trained = part in parts and not (lora and part == "llm" and ".lora_" not in name)
+        parameter.requires_grad_(trained)
         counts[part][1] += parameter.numel()
-        counts[part][0] += parameter.numel() if part in parts else 0
+        counts[part][0] += parameter.numel() if trained else 0
     return {part: (trainable, total) for part, (trainable, total) in counts.items()}
 
 
@@ -177,8 +184,9 @@ def processor_from_parts(recipe: Recipe, local_only: bool = False):
     return processor, grew
 
 
-def build_from_parts(recipe: Recipe, dtype: torch.dtype):
-    """A new model of the recipe's family: loaded vision tower + loaded LLM + a fresh connector."""
+def build_from_parts(recipe: Recipe, dtype: torch.dtype, quantization=None):
+    """A new model of the recipe's family: loaded vision tower + loaded LLM + a fresh connector
+    (``quantization``: a bitsandbytes config the LLM loads with, on this process's GPU)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -190,7 +198,14 @@ def build_from_parts(recipe: Recipe, dtype: torch.dtype):
     vision_tower = _load(
         vision_class.from_pretrained, vision_ref, "model.vision_tower", dtype=dtype
     )
-    llm = _load(AutoModelForCausalLM.from_pretrained, llm_ref, "model.llm", dtype=dtype)
+    quantized = (
+        {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+        if quantization is not None
+        else {}
+    )
+    llm = _load(
+        AutoModelForCausalLM.from_pretrained, llm_ref, "model.llm", dtype=dtype, **quantized
+    )
     processor, grew = processor_from_parts(recipe)
     tokenizer = processor.tokenizer
     config = llava_config(
@@ -237,12 +252,17 @@ def _for_recipe(processor, family, recipe: Recipe):
     return processor
 
 
-def load_checkpoint(recipe: Recipe, dtype: torch.dtype):
+def load_checkpoint(recipe: Recipe, dtype: torch.dtype, quantization=None):
     """An existing checkpoint of any registered family (dense or p-MoD) and its processor, set up
     for the recipe's data (aspect-ratio mode, template, <image> and pad tokens)."""
     from ..model.loading import load_checkpoint as load
 
-    model, processor = load(resolve_name(recipe.model.checkpoint), device="cpu", dtype=dtype)
+    model, processor = load(
+        resolve_name(recipe.model.checkpoint),
+        device="cpu",
+        dtype=dtype,
+        quantization_config=quantization,
+    )
     return model, _for_recipe(processor, family_for_model(model), recipe)
 
 
@@ -338,11 +358,15 @@ def check_pmod_layers(recipe: Recipe, num_layers: int) -> list[float]:
 
 
 def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
-    """The model (with parts frozen per ``stage``) and processor of a recipe."""
+    """The model (with parts frozen per ``stage``; with ``[lora]`` wrapped by PEFT) and
+    processor of a recipe."""
+    check_stage(recipe, stage)
+    lora = recipe.lora if recipe.lora.enabled else None
+    quantization = quantization_config() if lora is not None and lora.qlora else None
     if recipe.model.checkpoint:
-        model, processor = load_checkpoint(recipe, dtype)
+        model, processor = load_checkpoint(recipe, dtype, quantization)
     else:
-        model, processor = build_from_parts(recipe, dtype)
+        model, processor = build_from_parts(recipe, dtype, quantization)
     if recipe.model.pretrained_connector:
         load_connector(model, recipe.model.pretrained_connector)
     if recipe.pmod.enabled:
@@ -359,5 +383,7 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
             f"model.attn_implementation = {recipe.model.attn_implementation!r}: {err}"
         ) from None
     model.config.use_cache = False  # no KV cache while training
+    if lora is not None:
+        model = add_lora(model, lora, recipe.train.gradient_checkpointing)
     set_trainable(model, trained_parts(recipe, stage))
     return model, processor

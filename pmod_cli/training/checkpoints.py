@@ -93,15 +93,17 @@ class CheckpointSize:
 
 
 def checkpoint_bytes(
-    model: torch.nn.Module, optimizer=None, deepspeed: bool = False
+    model: torch.nn.Module, optimizer=None, deepspeed: bool = False, trained_only: bool = False
 ) -> CheckpointSize:
-    """About the bytes of one checkpoint: the weights as they are held, plus the optimizer state
-    (measured; under DeepSpeed, 12 bytes per trained parameter: its fp32 master copy and Adam's
-    two moments, summed over processes). Tokenizer, RNG and trainer state files are small."""
+    """About the bytes of one checkpoint: the weights as they are held (``trained_only``: those
+    that train, as a LoRA adapter directory holds), plus the optimizer state (measured; under
+    DeepSpeed, 12 bytes per trained parameter: its fp32 master copy and Adam's two moments,
+    summed over processes). Tokenizer, RNG and trainer state files are small."""
     weights = trained = 0
     for parameter in model.parameters():
         count = getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3: the full size
-        weights += count * parameter.element_size()
+        if parameter.requires_grad or not trained_only:
+            weights += count * parameter.element_size()
         trained += count if parameter.requires_grad else 0
     if deepspeed:
         optimizer_bytes = trained * _ZERO_OPTIMIZER_BYTES

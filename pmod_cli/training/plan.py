@@ -40,7 +40,9 @@ from .build import (
     set_trainable,
     trained_parts,
 )
+from .lora import adapted_layers, add_lora, check_stage, describe, unwrap_lora
 from .recipe import Recipe
+from .tracking import check_trackers
 
 
 @dataclass
@@ -69,6 +71,11 @@ class TrainingPlan:
     data: DataCheck
     pmod_enabled: bool
     blockers: list[str] = field(default_factory=list)  # why a real run would stop
+    lora: str = ""  # the adapters, in one line; empty without [lora]
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(trainable for trainable, _ in self.parameters.values())
 
     @property
     def retention_ratios(self) -> list[float]:
@@ -204,6 +211,12 @@ def run_blockers(stage: str, recipe: Recipe, resume: bool, data: DataCheck) -> l
     from .stages import check_output_dir
 
     blockers = [f"data: {data.problem}"] if data.problem else []
+    if recipe.lora.enabled and recipe.lora.qlora and not torch.cuda.is_available():
+        blockers.append("lora.qlora loads the language model in 4-bit, which needs a CUDA GPU")
+    try:
+        check_trackers(recipe)
+    except UserError as err:
+        blockers.append(str(err))
     train = recipe.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if train.global_batch_size % (train.per_device_batch_size * world_size):
@@ -230,9 +243,14 @@ def run_blockers(stage: str, recipe: Recipe, resume: bool, data: DataCheck) -> l
 
 
 def make_training_plan(stage: str, recipe: Recipe, resume: bool = False) -> TrainingPlan:
+    check_stage(recipe, stage)
     config, source = model_config(recipe)
     pmod_enabled = recipe.pmod.enabled
     model = _meta_model(config, pmod_enabled, recipe)
+    lora = ""
+    if recipe.lora.enabled:  # the adapters' shapes do not depend on 4-bit weights
+        model = add_lora(model, dataclasses.replace(recipe.lora, qlora=False), False)
+        lora = describe(recipe.lora, adapted_layers(model))
     parameters = set_trainable(model, trained_parts(recipe, stage))
     if source.startswith(
         "preset"
@@ -242,8 +260,8 @@ def make_training_plan(stage: str, recipe: Recipe, resume: bool = False) -> Trai
             pinpoints = tuple(tuple(p) for p in recipe.model.image_grid_pinpoints)
             shape = dataclasses.replace(shape, image_grid_pinpoints=pinpoints)
     else:
-        shape = shape_from_hf_config(model.config, name=source)
-    ratios = model.retention_ratios if pmod_enabled else None
+        shape = shape_from_hf_config(unwrap_lora(model).config, name=source)
+    ratios = unwrap_lora(model).retention_ratios if pmod_enabled else None
     pmod = recipe.pmod.config
     flops = count_flops(
         shape,
@@ -268,6 +286,7 @@ def make_training_plan(stage: str, recipe: Recipe, resume: bool = False) -> Trai
         data=data,
         pmod_enabled=pmod_enabled,
         blockers=run_blockers(stage, recipe, resume, data),
+        lora=lora,
     )
 
 
@@ -299,10 +318,13 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
             _millions(trainable) if trainable else "frozen",
             f"{rate:g}" if rate else "-",
         )
-    trainable = sum(t for t, _ in plan.parameters.values())
+    trainable = plan.trainable_parameters
     total = sum(n for _, n in plan.parameters.values())
     parts.add_row("all", _millions(total), _millions(trainable), "", style="bold")
+    if plan.lora:
+        parts.caption = f"llm: LoRA adapters train, its own weights are frozen ({plan.lora})"
     console.print(parts)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
     train = recipe.train
     run = Table(title="Run")

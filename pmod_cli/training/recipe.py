@@ -3,8 +3,8 @@
     recipe = load_recipe("recipes/llava_1_5.toml", overrides=["train.max_steps=20"])
     recipe.train.learning_rate, recipe.pmod.config.beta, recipe.data.path
 
-A recipe has four sections, each one dataclass below: ``[model]``, ``[pmod]``, ``[data]``,
-``[train]``. ``[pmod]`` holds ``enabled`` plus the fields of ``PMoDConfig`` (the model core's
+A recipe has five sections, each one dataclass below: ``[model]``, ``[pmod]``, ``[data]``,
+``[train]`` and the optional ``[lora]``. ``[pmod]`` holds ``enabled`` plus the fields of ``PMoDConfig`` (the model core's
 own dataclass, so every conversion option is a recipe key). An unknown key, a value of the
 wrong type or a bad choice is a ``UserError`` naming the key. Overrides are ``section.key=value``
 with the value read as a TOML value (``20``, ``0.4``, ``true``, ``"x"``, ``[1, 0.5]``); a value
@@ -34,6 +34,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DEEPSPEED_PRESETS = ("zero2", "zero3")
 STAGES = ("pretrain", "sft")
+LORA_SAVES = ("merged", "adapter")
+# experiment trackers pmod documents; any other name of the HF Trainer's integrations works too
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -133,6 +136,12 @@ class TrainSection:
         seed: seeds data order and initialisation.
         dataloader_num_workers: processes loading and encoding samples.
         overwrite_output_dir: start over even if output_dir holds checkpoints of an earlier run.
+        report_to: experiment tracking through the HF Trainer's integrations: ``none``,
+            ``tensorboard`` (event files under ``output_dir/runs/``), ``wandb`` (offline when
+            it cannot reach its server), or a list of them.
+        group_by_modality_length: every optimizer step takes samples of one modality (all with an
+            image, or all text-only), similar lengths sharing a micro-batch, as LLaVA's trainer does.
+        tf32: TF32 matrix products on an Ampere or newer GPU (ignored on the CPU).
     """
 
     output_dir: str = ""
@@ -159,6 +168,47 @@ class TrainSection:
     seed: int = 42
     dataloader_num_workers: int = 0
     overwrite_output_dir: bool = False
+    report_to: str | list[str] = "none"
+    group_by_modality_length: bool = False
+    tf32: bool = False
+
+
+@dataclass
+class LoraSection:
+    """[lora]: train the language model through LoRA adapters (PEFT) instead of in full.
+
+    The adapters go on the language model's linear layers; the connector and the routers (and
+    the vision tower, with ``train.tune_vision_tower``) still train in full: the routers are new,
+    and a low-rank update of a layer that is not there cannot train them.
+
+    Attributes:
+        enabled: train adapters (sft only); false trains the parts in full, as without [lora].
+        r: rank of each adapter.
+        alpha: an adapter adds (alpha / r) * B A x to its layer's output.
+        dropout: dropout on the adapter's input.
+        targets: ``all-linear`` (every linear layer of the language model: q, k, v, o, gate, up,
+            down) or a list of layer names, e.g. ``["q_proj", "v_proj"]``. Routers never get one.
+        qlora: load the language model's linear layers in 4-bit NF4 (bitsandbytes; CUDA only).
+        save: ``merged`` (the final model with the adapters merged in, an ordinary checkpoint) or
+            ``adapter`` (the adapter alone, loaded on top of ``model.checkpoint``).
+    """
+
+    enabled: bool = False
+    r: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    qlora: bool = False
+    save: str = "merged"
+
+    @property
+    def target_names(self) -> list[str] | None:
+        """The layer names of ``targets``; None for every linear layer."""
+        if isinstance(self.targets, str):
+            if self.targets == "all-linear":
+                return None
+            return [name.strip() for name in self.targets.split(",") if name.strip()]
+        return list(self.targets)
 
 
 @dataclass
@@ -167,6 +217,7 @@ class Recipe:
     pmod: PMoDSection = field(default_factory=PMoDSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     source: str = ""  # the file it came from
 
     def part_learning_rate(self, part: str) -> float:
@@ -182,6 +233,7 @@ class Recipe:
             "pmod": pmod,
             "data": dataclasses.asdict(self.data),
             "train": dataclasses.asdict(self.train),
+            "lora": dataclasses.asdict(self.lora),
         }
 
     def to_toml(self) -> str:
@@ -210,7 +262,12 @@ def _toml_value(value: Any) -> str:
 
 # ---- parsing ------------------------------------------------------------------------------
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+_SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "lora": LoraSection,
+}
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -375,7 +432,50 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(
             f"train.deepspeed = {train.deepspeed!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} nor an existing JSON file"
         )
+    _check_report_to(train.report_to)
+    _check_lora(recipe)
     return recipe
+
+
+def _check_report_to(report_to: str | list[str]) -> None:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else report_to
+    known = (*REPORT_TO, *sorted(set(INTEGRATION_TO_CALLBACK) - set(REPORT_TO)))
+    for name in names:
+        if name not in known:
+            raise UserError(
+                f"train.report_to = {name!r} is not one of {', '.join(REPORT_TO)} "
+                "(or another integration of the HF Trainer)"
+            )
+    if "none" in names and len(names) > 1:
+        raise UserError('train.report_to: "none" cannot be listed with a tracker')
+
+
+def _check_lora(recipe: Recipe) -> None:
+    lora = recipe.lora
+    if lora.qlora and not lora.enabled:
+        raise UserError("lora.qlora = true trains 4-bit LoRA adapters; set lora.enabled = true too")
+    if not lora.enabled:
+        return
+    if lora.r <= 0 or lora.alpha <= 0:
+        raise UserError(f"lora.r and lora.alpha must be positive, got {lora.r} and {lora.alpha:g}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise UserError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if lora.target_names == []:
+        raise UserError('lora.targets is empty; use "all-linear" or layer names such as ["q_proj"]')
+    _choice(lora.save, LORA_SAVES, "lora.save")
+    if lora.save == "adapter" and not recipe.model.checkpoint:
+        raise UserError(
+            'lora.save = "adapter" keeps the adapter alone, to be loaded on top of model.checkpoint; '
+            "a model built from model.vision_tower + model.llm has no checkpoint to load it on: "
+            'keep lora.save = "merged"'
+        )
+    if lora.qlora and recipe.train.deepspeed == "zero3":
+        raise UserError(
+            "lora.qlora does not work with train.deepspeed = zero3 (4-bit weights cannot be "
+            "partitioned); use zero2 or no DeepSpeed"
+        )
 
 
 def check_aspect_ratio(layout: str, aspect_ratio: str) -> None:
@@ -414,10 +514,10 @@ def _is_string_key(section: str, key: str) -> bool:
 
 
 def recipe_from_dict(values: dict[str, Any], source: str = "") -> Recipe:
-    unknown = sorted(set(values) - {"model", "pmod", "data", "train"})
+    unknown = sorted(set(values) - {"model", "pmod", "data", "train", "lora"})
     if unknown:
         raise UserError(
-            f"unknown recipe section [{unknown[0]}]; sections are [model], [pmod], [data], [train]"
+            f"unknown recipe section [{unknown[0]}]; sections are [model], [pmod], [data], [train], [lora]"
         )
     sections = {}
     for name, cls in _SECTIONS.items():

@@ -48,6 +48,9 @@ RESUMABLE_KEYS = frozenset(
         "data.max_bad_fraction",
         "model.attn_implementation",
         "model.preset",
+        "train.report_to",
+        "train.tf32",
+        "lora.save",
     }
 )
 

@@ -157,8 +157,14 @@ def _training_arguments(
     recipe: Recipe, accumulation: int, precision: str, on_gpu: bool, world_size: int
 ):
     from transformers import TrainingArguments
+    from transformers.utils import is_torch_tf32_available
+
+    from .tracking import trackers
 
     train = recipe.train
+    tf32 = train.tf32 and on_gpu and is_torch_tf32_available()
+    if train.tf32 and on_gpu and not tf32:
+        logger.warning("train.tf32 = true needs an Ampere or newer GPU; training without TF32")
     return TrainingArguments(
         output_dir=train.output_dir,
         per_device_train_batch_size=train.per_device_batch_size,
@@ -186,7 +192,9 @@ def _training_arguments(
         seed=train.seed,
         dataloader_num_workers=train.dataloader_num_workers,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=trackers(recipe) or "none",
+        run_name=Path(train.output_dir).name or None,
+        tf32=True if tf32 else None,  # None leaves torch's setting (TF32 off) alone
         disable_tqdm=True,
         use_cpu=not on_gpu,
         ddp_backend="gloo" if not on_gpu and world_size > 1 else None,
@@ -253,6 +261,7 @@ def _locked_stage(
     stage: str, recipe: Recipe, resume: bool, callbacks: Sequence, watch
 ) -> StageResult:
     from .interrupt import StopOnSignal
+    from .tracking import tracker_environment
 
     run = _build_run(stage, recipe, resume, callbacks)
     trainer = run.trainer
@@ -261,7 +270,8 @@ def _locked_stage(
     watch.describe_now = lambda signum: _resume_hint(trainer)
     watch.phase = "training"
     try:
-        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        with tracker_environment(recipe, is_main=_is_main()):
+            trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     finally:
         run.progress.on_train_end(trainer.args, trainer.state, trainer.control)
     watch.phase = "finishing"  # a signal from here on waits: saving the model takes seconds
@@ -277,9 +287,11 @@ def _build_run(stage: str, recipe: Recipe, resume: bool, callbacks: Sequence) ->
     from transformers import PrinterCallback
 
     from .resume import check_not_finished, check_same_run
+    from .tracking import check_trackers
     from .trainer import PMoDTrainer, RichProgressCallback, WallClock
 
     train = recipe.train
+    check_trackers(recipe)
     # the Trainer seeds again later; this covers what is created before it (fresh connector,
     # image newline, routers)
     transformers.set_seed(train.seed)
@@ -378,6 +390,7 @@ def _finish_stage(stage: str, recipe: Recipe, run: _Run) -> StageResult:
     from rich.console import Console
 
     from .summary import efficiency_summary, summary_table
+    from .throughput import peak_tflops
     from .trainer import publish_model
 
     trainer, scan = run.trainer, run.scan
@@ -388,8 +401,9 @@ def _finish_stage(stage: str, recipe: Recipe, run: _Run) -> StageResult:
 
     samples, tokens, vision_tokens, skipped_at_load = _reduce_counts(trainer.counts, trainer.args)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    half = trainer.args.bf16 or trainer.args.fp16
     summary = efficiency_summary(
-        trainer.accelerator.unwrap_model(trainer.model),
+        trainer.hf_model,
         stage=stage,
         samples=int(samples),
         tokens=int(tokens),
@@ -403,6 +417,13 @@ def _finish_stage(stage: str, recipe: Recipe, run: _Run) -> StageResult:
         total_samples=scan.total,
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
+        peak_memory_bytes=trainer.meter.run_peak(trainer.args.device),
+        peak_tflops=peak_tflops(trainer.args.device) if run.on_gpu and half else None,
+        kept_ratios=trainer.meter.run_kept_ratios(),
+        trainable_parameters=sum(
+            getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad
+        ),
+        lora=trainer.lora,
     )
     if trainer.is_world_process_zero():
         try:

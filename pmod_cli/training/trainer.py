@@ -16,7 +16,12 @@
   (or training ends), with the resolved recipe inside; a ``checkpoint-N`` directory is always
   complete and never diverged. A save that fails (a full disk) removes its partial directory
   and says how much space a checkpoint needs;
-- counts of samples, tokens, vision tokens and samples skipped while loading, for the summary.
+- counts of samples, tokens, vision tokens and samples skipped while loading, for the summary,
+  and the efficiency figures of every logged step (``throughput.py``);
+- with ``[lora]`` (a PEFT model): checkpoints that are adapter directories (``lora.py``), a
+  ``--resume`` that loads them, and ``save_model`` writing the final model merged (unless
+  ``lora.save = "adapter"``);
+- ``train.group_by_modality_length``: batches of one modality (``sampler.py``).
 
 ``RichProgressCallback`` replaces tqdm with a rich progress bar and loss lines.
 """
@@ -35,6 +40,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import UserError
+from ..model.adapters import ADAPTER_FILES, ADAPTER_INFO_FILE, PEFT_WEIGHTS_FILE
+from ..model.routing import recording
 from ..model.weights import check_weight_files
 from .build import PARTS, part_of
 from .checkpoints import (
@@ -48,7 +55,17 @@ from .checkpoints import (
     last_checkpoint,
 )
 from .interrupt import RunInterrupted
+from .lora import (
+    PEFT_PREFIX,
+    adapter_info,
+    full_trained_names,
+    is_lora_model,
+    unwrap_lora,
+    write_adapter,
+    write_merged,
+)
 from .recipe import Recipe
+from .throughput import StepMeter
 
 __all__ = [
     "RECIPE_FILE",
@@ -155,6 +172,18 @@ class PMoDTrainer(Trainer):
         self._pending: Path | None = None  # staged; published once the next step is finite
         self._group_parts: list[str] = []  # the part of each optimizer parameter group
         self._staging_root: str | None = None
+        self.lora = is_lora_model(self.model)
+        self.full_names = full_trained_names(self.model) if self.lora else []
+        self.adapter_info = adapter_info(recipe, self.model) if self.lora else None
+        self.meter = StepMeter(
+            unwrap_lora(self.model), half_precision=self.args.bf16 or self.args.fp16
+        )
+        self.add_callback(self.meter)
+
+    @property
+    def hf_model(self):
+        """The HF model being trained, inside the DeepSpeed / DDP and PEFT wrappers."""
+        return unwrap_lora(self.accelerator.unwrap_model(self.model))
 
     # ---- optimizer: one group per part ---------------------------------------------------
 
@@ -237,9 +266,13 @@ class PMoDTrainer(Trainer):
             else None
         )
         try:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+            with recording(self.meter.counter if model.training else None):
+                result = super().compute_loss(
+                    model,
+                    inputs,
+                    return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )
         finally:
             if blank is not None:
                 blank.handle.remove()
@@ -261,7 +294,9 @@ class PMoDTrainer(Trainer):
         0 x its features to the loss; LLaVA's own training does the same."""
         if not self.is_deepspeed_enabled or self.accelerator.state.deepspeed_plugin.zero_stage != 3:
             return None
-        llava = self.accelerator.unwrap_model(model).model  # LlavaModel / LlavaNextModel
+        llava = unwrap_lora(
+            self.accelerator.unwrap_model(model)
+        ).model  # LlavaModel / LlavaNextModel
         blank = _BlankImagePass(llava)
         # prepended: it must run before ZeRO-3's own hook gathers the language model
         blank.handle = llava.language_model.register_forward_pre_hook(
@@ -337,6 +372,8 @@ class PMoDTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # they load their own shards
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.model if model is None else model
+        if self.lora:
+            return self._load_adapter_checkpoint(Path(resume_from_checkpoint), model)
         check_weight_files(resume_from_checkpoint)
         # transformers 5 saves LLaVA weights under their original checkpoint names
         # ("language_model.model.layers..."); from_pretrained maps them back, the Trainer's plain
@@ -344,6 +381,34 @@ class PMoDTrainer(Trainer):
         dtype = next(model.parameters()).dtype
         reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
         model.load_state_dict(reloaded.state_dict(), strict=True)
+
+    def _load_adapter_checkpoint(self, checkpoint: Path, model) -> None:
+        """A LoRA run's checkpoint (an adapter directory) into the PEFT model: the adapter and
+        the parts trained in full, every one of them."""
+        from peft import set_peft_model_state_dict
+
+        from ..model.adapters import FULL_WEIGHTS_FILE, PEFT_WEIGHTS_FILE
+        from ..model.weights import read_file
+
+        for name in (PEFT_WEIGHTS_FILE, FULL_WEIGHTS_FILE):
+            if not (checkpoint / name).is_file():
+                raise UserError(
+                    f"--resume: {checkpoint} has no {name}; it is not a checkpoint of a LoRA run"
+                )
+        result = set_peft_model_state_dict(model, read_file(checkpoint / PEFT_WEIGHTS_FILE))
+        missing = [key for key in result.missing_keys if ".lora_" in key]
+        if missing or result.unexpected_keys:
+            raise UserError(
+                f"--resume: the adapter in {checkpoint} does not fit this run's ({(missing or result.unexpected_keys)[0]})"
+            )
+        full = read_file(checkpoint / FULL_WEIGHTS_FILE)
+        parameters = dict(model.named_parameters())
+        absent = sorted(set(self.full_names) - {PEFT_PREFIX + name for name in full})
+        if absent:
+            raise UserError(f"--resume: {checkpoint}/{FULL_WEIGHTS_FILE} lacks {absent[0]}")
+        with torch.no_grad():
+            for name, tensor in full.items():
+                parameters[PEFT_PREFIX + name].copy_(tensor)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -360,6 +425,60 @@ class PMoDTrainer(Trainer):
         self.published = Path(checkpoint)
 
     # ---- checkpoints: staged, verified, published ------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A LoRA run saves adapter directories (``lora.py``); other runs as the Trainer does."""
+        if not self.lora:
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        directory = Path(output_dir or self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.model.state_dict()
+        if not state_dict:  # ZeRO-3 without gathering: DeepSpeed's own shards hold the weights
+            return
+        write_adapter(self.model, directory, state_dict, self.adapter_info, self.full_names)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(str(directory))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The final model (``_internal_call``: a checkpoint's weights, as the Trainer saves
+        them). A LoRA run's is merged into an ordinary HF checkpoint, unless ``lora.save`` is
+        ``adapter``; under DeepSpeed every process takes part."""
+        if not self.lora or _internal_call or self.recipe.lora.save == "adapter":
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.is_deepspeed_enabled:
+            try:
+                state_dict = self.accelerator.get_state_dict(self.deepspeed)  # ZeRO-3 gathers
+            except ValueError:  # weights not gathered on save: publish_model says so
+                return
+        else:
+            state_dict = self.model.state_dict() if self.args.should_save else None
+        if self.args.should_save:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            write_merged(self.model, output_dir, state_dict, self.processing_class)
+
+    # ---- logging and sampling ------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training step's log: on every process (a collective)
+            logs.update(self.meter.metrics(self.counts.as_tensor(), self.args.device))
+        super().log(logs, start_time)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.recipe.train.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        from .sampler import ModalityLengthSampler, modality_lengths
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return ModalityLengthSampler(
+            modality_lengths(dataset.records, dataset.indices),
+            global_batch=self.recipe.train.global_batch_size,
+            micro_batch=self.args.per_device_train_batch_size,
+            seed=self.args.seed,
+        )
 
     def _get_output_dir(self, trial) -> str:
         if self._staging_root is not None:
@@ -438,7 +557,9 @@ class PMoDTrainer(Trainer):
         """How long a checkpoint takes: the last one's time, else its size at an assumed speed."""
         if self.last_save_seconds is not None:
             return self.last_save_seconds
-        size = checkpoint_bytes(self.model, self.optimizer, self.is_deepspeed_enabled)
+        size = checkpoint_bytes(
+            self.model, self.optimizer, self.is_deepspeed_enabled, trained_only=self.lora
+        )
         return size.total / ASSUMED_WRITE_BYTES_PER_SECOND
 
 
@@ -456,8 +577,13 @@ def raise_save_failure(
         _remove_if_empty(staged.parent)
     output_dir = Path(trainer.args.output_dir)
     optimizer = trainer.optimizer if with_optimizer else None
+    # a LoRA run's checkpoints (and final adapter) hold the trained weights; its merged model all
+    adapter = trainer.lora and (with_optimizer or trainer.recipe.lora.save == "adapter")
     size = checkpoint_bytes(
-        trainer.model, optimizer, trainer.is_deepspeed_enabled and with_optimizer
+        trainer.model,
+        optimizer,
+        trainer.is_deepspeed_enabled and with_optimizer,
+        trained_only=adapter,
     )
     if failure is None:
         raise UserError(
@@ -482,10 +608,11 @@ def raise_save_failure(
 
 
 def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
-    """Save the final model (weights, config, processor, recipe) at the root of ``output_dir``.
+    """Save the final model (weights, config, processor, recipe; or a LoRA adapter directory)
+    at the root of ``output_dir``.
 
-    Files are staged, then moved in one by one: the old config.json goes first, the new one
-    comes last, so a directory with a config.json always holds a whole model.
+    Files are staged, then moved in one by one: the old config.json (pmod_adapter.json) goes
+    first, the new one comes last, so a directory with one always holds a whole model (adapter).
     """
     staging = output_dir / STAGING_DIR / "final"
     if trainer.args.should_save and staging.exists():
@@ -503,7 +630,7 @@ def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         new_files = {path.name for path in staging.iterdir() if path.is_file()}
-        saved = any(
+        saved = PEFT_WEIGHTS_FILE in new_files or any(
             name.startswith("model") and name.endswith(".safetensors") for name in new_files
         )
     else:
@@ -515,13 +642,16 @@ def publish_model(trainer: PMoDTrainer, output_dir: Path) -> None:
             f"{output_dir} are kept"
         )
     if trainer.args.should_save:
-        (output_dir / "config.json").unlink(missing_ok=True)
-        for stale in output_dir.glob(
-            "model*.safetensors*"
-        ):  # weights of an earlier, differently sharded save
-            if stale.name not in new_files:
-                stale.unlink()
-        for name in sorted(new_files - {"config.json"}) + ["config.json"]:
+        # the files that say what the directory is (a model, an adapter) go first and come last
+        markers = [name for name in ("config.json", ADAPTER_INFO_FILE) if name in new_files]
+        for name in ("config.json", ADAPTER_INFO_FILE):
+            (output_dir / name).unlink(missing_ok=True)
+        # weights of an earlier save: sharded otherwise, or a merged model after an adapter
+        stale = [*output_dir.glob("model*.safetensors*"), *(output_dir / n for n in ADAPTER_FILES)]
+        for path in stale:
+            if path.name not in new_files:
+                path.unlink(missing_ok=True)
+        for name in sorted(new_files - set(markers)) + markers:
             os.replace(staging / name, output_dir / name)
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -30,12 +30,11 @@ class VisualizeResult:
     output: Path
 
 
-def _checkpoint_config(checkpoint: Path | None):
-    """The checkpoint to show (the tiny default's when none is given) and its config, before the
-    weights load: a bad ``--layers`` fails at once."""
-    import transformers
-
-    from ..model.loading import read_model_type
+def _checkpoint_layers(checkpoint: Path | None) -> tuple[Path, int]:
+    """The checkpoint to show (the tiny default's when none is given) and its number of layers,
+    before the weights load: a bad ``--layers`` fails at once. Any format the loader reads (a LoRA
+    adapter directory too)."""
+    from ..model.loading import read_num_layers
 
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -44,13 +43,7 @@ def _checkpoint_config(checkpoint: Path | None):
                 f"no checkpoint given and the tiny default's SFT checkpoint {checkpoint} does not exist; "
                 f"make it with `{MAKE_DEFAULT_CHECKPOINT}` or pass --checkpoint DIR"
             )
-    read_model_type(checkpoint)
-    try:
-        config = transformers.AutoConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load a model config from {checkpoint}: {first_line}") from None
-    return Path(checkpoint), config
+    return Path(checkpoint), read_num_layers(checkpoint)
 
 
 def _output_path(output: Path | None, image_path: Path) -> Path:
@@ -80,8 +73,7 @@ def visualize_routing(
     The model also answers the prompt (``answer_tokens`` at most; 0: no answer) in the same run."""
     image = read_image(image_path)
     output = _output_path(output, image_path)
-    checkpoint, config = _checkpoint_config(checkpoint)
-    num_layers = config.text_config.num_hidden_layers
+    checkpoint, num_layers = _checkpoint_layers(checkpoint)
     chosen = parse_layers(layers, num_layers)
     model, processor = load_checkpoint(
         checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True
