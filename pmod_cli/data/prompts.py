@@ -94,10 +94,23 @@ def content_items(text: str, image_token: str) -> list[dict]:
 
 def encode(processor, prompts: list[str], images: list, model, padding: bool = True) -> dict:
     """Processor outputs for ``prompts`` and their ``images``, on the model's device, with the
-    pixel values in the model's dtype."""
+    pixel values in the model's dtype; for a model that pools its vision tokens (the ``pool``
+    method), with each image's placeholders cut to the pooled count."""
     inputs = processor(
         text=prompts, images=images or None, padding=padding, return_tensors="pt"
     ).to(model.device)
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    method = getattr(model, "token_method", None)
+    if method is not None and method.name == "pool":
+        from ..model.methods import pool_image_placeholders
+
+        tokenizer = processor.tokenizer
+        inputs = pool_image_placeholders(
+            inputs,
+            model.config.image_token_id,
+            method.pool_tokens,
+            tokenizer.pad_token_id,
+            tokenizer.padding_side,
+        )
     return inputs

@@ -4,12 +4,18 @@ conversion and loading."""
 from .cache import kv_cache_bytes, kv_cache_lengths
 from .config import PMoDConfig
 from .families import FAMILIES, family_for_model, get_family
+from .methods import METHODS, MethodConfig, MethodError
 from .modeling import (
     PMoDLlavaConfig,
     PMoDLlavaForConditionalGeneration,
     PMoDLlavaNextConfig,
     PMoDLlavaNextForConditionalGeneration,
+    apply_dense,
+    apply_fastv,
+    apply_method,
     apply_pmod,
+    apply_pool,
+    apply_random,
     is_pmod_model,
     mod_layer_indices,
     register,
@@ -21,13 +27,21 @@ register()
 
 __all__ = [
     "FAMILIES",
+    "METHODS",
     "SCHEDULES",
+    "MethodConfig",
+    "MethodError",
     "PMoDConfig",
     "PMoDLlavaConfig",
     "PMoDLlavaForConditionalGeneration",
     "PMoDLlavaNextConfig",
     "PMoDLlavaNextForConditionalGeneration",
+    "apply_dense",
+    "apply_fastv",
+    "apply_method",
     "apply_pmod",
+    "apply_pool",
+    "apply_random",
     "family_for_model",
     "get_family",
     "is_pmod_model",

@@ -44,6 +44,8 @@ class ModelFamily:
     # chat template when a checkpoint saved none: text model_type -> template name (data/templates.py)
     default_templates: ClassVar[dict[str, str]] = {"qwen2": "chatml"}
     fallback_template: ClassVar[str] = "vicuna_v1"
+    # each image is one square grid of vision tokens (the ``pool`` method averages it)
+    single_grid_images: ClassVar[bool] = False
 
     @property
     def dense_model_type(self) -> str:

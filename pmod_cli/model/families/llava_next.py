@@ -24,6 +24,7 @@ from .base import ModelFamily, register_family
 class PMoDLlavaNextConfig(LlavaNextConfig):
     model_type = "pmod_llava_next"
     pmod: dict | None = None
+    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
 
 
 class PMoDLlavaNextForConditionalGeneration(PMoDModelMixin, LlavaNextForConditionalGeneration):
