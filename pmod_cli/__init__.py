@@ -3,7 +3,9 @@
 ``import pmod_cli`` is instant (the ``pmod`` command answers ``--help`` without torch); the
 heavy parts load when used:
 
-- ``PMoDConfig``, ``apply_pmod``, ``record_routing`` load the model code on first access;
+- ``PMoDConfig``, ``apply_pmod``, ``record_routing`` and the baselines' ``MethodConfig``,
+  ``apply_fastv``, ``apply_random``, ``apply_pool``, ``apply_dense``, ``apply_method`` load the
+  model code on first access;
 - the p-MoD model types (``pmod_llava``, ``pmod_llava_next``) are registered with transformers'
   Auto classes as soon as transformers is imported (at once if it already is), so after
   ``import pmod_cli`` ``AutoModelForImageTextToText.from_pretrained`` loads p-MoD checkpoints
@@ -19,10 +21,32 @@ import sys
 import warnings
 
 __version__ = "0.1.0"
-__all__ = ["PMoDConfig", "__version__", "apply_pmod", "record_routing", "register"]
+__all__ = [
+    "MethodConfig",
+    "PMoDConfig",
+    "__version__",
+    "apply_dense",
+    "apply_fastv",
+    "apply_method",
+    "apply_pmod",
+    "apply_pool",
+    "apply_random",
+    "record_routing",
+    "register",
+]
 
 # names served by pmod_cli.model, imported on first access (PEP 562)
-_MODEL_NAMES = ("PMoDConfig", "apply_pmod", "record_routing")
+_MODEL_NAMES = (
+    "MethodConfig",
+    "PMoDConfig",
+    "apply_dense",
+    "apply_fastv",
+    "apply_method",
+    "apply_pmod",
+    "apply_pool",
+    "apply_random",
+    "record_routing",
+)
 
 
 def __getattr__(name: str):

@@ -56,6 +56,46 @@ def _dtype_option(default: str, what: str, auto: str = "the checkpoint's own"):
     )
 
 
+# the training-free baselines' flags (pmod flops, pmod eval)
+_METHOD_HELP = "pmod, dense, fastv, random, pool (comma-separated or repeated): training-free baselines next to p-MoD."
+
+
+def _method_option(help: str = _METHOD_HELP):
+    return typer.Option(None, "--method", metavar="METHOD,METHOD", help=help)
+
+
+def _fastv_layer_option():
+    help = "FastV's K: layers 0..K-1 see every token, the rest the top-ranked ones (default 2)."
+    return typer.Option(None, "--fastv-layer", metavar="K", help=help)
+
+
+def _fastv_ratio_option():
+    help = (
+        "FastV's R, the FRACTION OF VISION TOKENS DROPPED after layer K, in (0, 1] (default 0.5)."
+    )
+    return typer.Option(None, "--fastv-ratio", metavar="R", help=help)
+
+
+def _fastv_score_option():
+    help = "FastV's ranking: last (the last prompt token's attention, its code) or mean (all prompt tokens)."
+    return typer.Option(None, "--fastv-score", metavar="SCORE", help=help)
+
+
+def _pool_tokens_option():
+    help = "pool: vision tokens per image after average pooling over the patch grid (at most V)."
+    return typer.Option(None, "--pool-tokens", metavar="N", help=help)
+
+
+def _seed_option():
+    return typer.Option(
+        None, "--seed", metavar="S", help="random: the seed of the draw (default 0)."
+    )
+
+
+def _split_methods(values: list[str] | None) -> list[str]:
+    return [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
+
+
 def _print_version(value: bool) -> None:
     if not value:
         return
@@ -161,6 +201,17 @@ def flops(
         metavar="DIR",
         help="With --calibration: the directory its image paths are relative to (default: its own).",
     ),
+    method: list[str] = _method_option(),
+    fastv_layer: int = _fastv_layer_option(),
+    fastv_ratio: float = _fastv_ratio_option(),
+    fastv_score: str = _fastv_score_option(),
+    pool_tokens: int = _pool_tokens_option(),
+    seed: int = _seed_option(),
+    match_tflops: bool = typer.Option(
+        False,
+        "--match-tflops",
+        help="Solve FastV's R and pool's N to match the (first) p-MoD setting's TFLOPs.",
+    ),
     device: str = _device_option("With --calibration: where the model runs; " + DEVICE_HELP),
     as_json: bool = _json_option(),
     plot: Path = typer.Option(
@@ -172,7 +223,7 @@ def flops(
         help="Draw retention ratio vs layer into this image file (PNG, PDF, SVG).",
     ),
 ) -> None:
-    """Count inference TFLOPs and KV cache of p-MoD against the dense model, before training."""
+    """Count inference TFLOPs and KV cache of p-MoD (and training-free baselines) against the dense model."""
     import json
 
     from .efficiency.plan import make_plan, plan_to_json
@@ -194,6 +245,13 @@ def flops(
         calibration_samples=calibration_samples,
         image_folder=image_folder,
         video_frames=video_frames,
+        methods=_split_methods(method),
+        fastv_layer=fastv_layer,
+        fastv_ratio=fastv_ratio,
+        fastv_score=fastv_score,
+        pool_tokens=pool_tokens,
+        seed=seed,
+        match_tflops=match_tflops,
         device=device,
     )
     if plot is not None:
@@ -514,6 +572,17 @@ def evaluate(
     count: str = typer.Option(
         "paper", "--count", metavar="MODE", help="TFLOPs count: paper (as `pmod flops`) or full."
     ),
+    method: list[str] = _method_option("Run each checkpoint with each of: " + _METHOD_HELP),
+    fastv_layer: int = _fastv_layer_option(),
+    fastv_ratio: float = _fastv_ratio_option(),
+    fastv_score: str = _fastv_score_option(),
+    pool_tokens: int = _pool_tokens_option(),
+    seed: int = _seed_option(),
+    match_tflops: bool = typer.Option(
+        False,
+        "--match-tflops",
+        help="Solve FastV's R and pool's N on the requests to cost what the checkpoint's p-MoD plan costs.",
+    ),
     as_json: bool = _json_option(),
 ) -> None:
     """Evaluate checkpoints with lmms-eval: accuracy and measured efficiency side by side."""
@@ -524,9 +593,20 @@ def evaluate(
         report_to_json,
         write_json_atomically,
     )
+    from .model.methods import methods_from_flags
 
     if output is not None:
         check_output_path(output)  # before hours of evaluation, not after
+    names = _split_methods(method)
+    methods = (
+        methods_from_flags(
+            names, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
+        )
+        if names
+        else None
+    )
+    if methods is None and match_tflops:
+        raise UserError("--match-tflops solves a baseline's setting: add --method fastv or pool")
     task_list = [task.strip() for task in tasks.split(",") if task.strip()]
     report = evaluate_checkpoints(
         checkpoints,
@@ -538,6 +618,8 @@ def evaluate(
         dtype=dtype,
         count=count,
         lmms_eval_dir=lmms_eval_dir_for(output) if output is not None else None,
+        methods=methods,
+        match_tflops=match_tflops,
     )
     if report is None:  # another process of a torchrun / accelerate launch: process 0 reports
         return

@@ -77,8 +77,11 @@ def test_one_question_prints_the_greedy_answer_and_the_measured_costs(
         "8",
     )
     assert code in (0, None)
-    assert out.strip() == greedy_answer(
-        checkpoints["pmod"], checkpoints["image"], "what colour is the square?"
+    # as streamed: no leading space from a word-initial first token, one newline at the end
+    assert (
+        out
+        == greedy_answer(checkpoints["pmod"], checkpoints["image"], "what colour is the square?")
+        + "\n"
     )
     (line,) = err.strip().splitlines()
     # 16 vision tokens; layers keep 16, 8, 4 of them next to every text token
@@ -137,3 +140,20 @@ def test_visualize_prints_the_answer_to_the_prompt_it_routed(checkpoints, tmp_pa
     )
     # the routing shown is the answer's prefill: layer 2 keeps floor(16 * 0.25) vision tokens
     assert result.selection.layers[2].kept_count == 4
+
+
+def test_the_streamed_answer_starts_at_its_first_word(checkpoints):
+    """A word-initial first token (" right") decodes with a leading space; the stream drops it, as
+    the final answer does, and keeps every later space."""
+    from pmod_cli.evaluation.chat import _CallbackStreamer
+
+    tokenizer = load_checkpoint(checkpoints["dense"])[1].tokenizer
+    answer = tokenizer(" right side up", add_special_tokens=False).input_ids
+    assert tokenizer.decode(answer).startswith(" ")  # the case this test is about
+    pieces = []
+    streamer = _CallbackStreamer(tokenizer, pieces.append)
+    streamer.put(torch.tensor([tokenizer("ASSISTANT:", add_special_tokens=False).input_ids]))
+    for token in answer:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(pieces) == "right side up"

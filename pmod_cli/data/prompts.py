@@ -159,7 +159,8 @@ def encode(
 ) -> dict:
     """Processor outputs for ``prompts``, their ``images`` (one list per prompt, or one image per
     prompt) and ``videos`` (frame arrays, in prompt order), on the model's device, with the pixel
-    values in the model's dtype."""
+    values in the model's dtype; for a model that pools its vision tokens (the ``pool`` method),
+    with each image's placeholders cut to the pooled count."""
     nested = bool(images) and all(isinstance(item, list | tuple) for item in images)
     if nested:  # per prompt: OneVision lays out an image alone and one of several differently
         images = [list(item) for item in images if item]
@@ -173,6 +174,18 @@ def encode(
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs and inputs[key].is_floating_point():
             inputs[key] = inputs[key].to(model.dtype)
+    method = getattr(model, "token_method", None)
+    if method is not None and method.name == "pool":
+        from ..model.methods import pool_image_placeholders
+
+        tokenizer = processor.tokenizer
+        inputs = pool_image_placeholders(
+            inputs,
+            model.config.image_token_id,
+            method.pool_tokens,
+            tokenizer.pad_token_id,
+            tokenizer.padding_side,
+        )
     return inputs
 
 

@@ -93,8 +93,14 @@ def tiny_root() -> Path:
     return cache_root() / f"tiny-v{TINY_VERSION}"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The tiny byte-level BPE tokenizer (deterministic: same corpus, same merges)."""
+def build_tokenizer(
+    texts: list[str] | None = None, eos_token: str = "</s>"
+) -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer (deterministic: same corpus, same merges).
+
+    ``texts``: the corpus (default: the shapes set's text); ``eos_token``: the token that ends a
+    reply (``<|im_end|>`` for a ChatML model, so that generation stops there).
+    """
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -105,7 +111,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     system_prompts = [t.generation_prompt("<image>\nWhat is this?") for t in TEMPLATES.values()]
-    tokenizer.train_from_iterator(synthetic.corpus() + _GENERAL_TEXT + system_prompts, trainer)
+    corpus = synthetic.corpus() if texts is None else list(texts)
+    tokenizer.train_from_iterator(corpus + _GENERAL_TEXT + system_prompts, trainer)
     bos = tokenizer.token_to_id("<s>")
     # like Llama's tokenizer: <s> starts every encoded text
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -114,7 +121,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos_token,
         pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         model_max_length=4096,
@@ -143,11 +150,11 @@ def _text_config(
     )
 
 
-def _vision_config(image_size: int, hidden: int, siglip: bool = False):
+def _vision_config(image_size: int, hidden: int, layers: int = 2, siglip: bool = False):
     common = dict(
         hidden_size=hidden,
         intermediate_size=hidden * 4,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=PATCH_SIZE,
@@ -163,22 +170,34 @@ def tiny_llava(
     hidden: int = 128,
     vision_hidden: int = 64,
     seed: int = SEED,
+    image_size: int | None = None,
+    vision_layers: int = 2,
+    tokenizer_texts: list[str] | None = None,
+    eos_token: str = "</s>",
+    template: str | None = None,
 ):
     """A random-init tiny model of the ``layout`` family (LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision)
-    and its processor."""
+    and its processor.
+
+    ``image_size`` defaults to the family's tiny size (112 px, 56 px for LLaVA-NeXT's base crop);
+    ``tokenizer_texts``, ``eos_token`` and ``template`` (the chat template; default the family's
+    tiny one) default to the tiny default's.
+    """
     from ..model.families import get_family
 
     if layout not in TINY_IMAGE_SIZES:
         raise ValueError(f"layout must be one of {', '.join(TINY_IMAGE_SIZES)}, got {layout!r}")
     family = get_family(layout)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(tokenizer_texts, eos_token)
     if family.takes_video:
         tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
-    image_size = TINY_IMAGE_SIZES[layout]
+    template = template or TINY_TEMPLATES[layout]
+    tokenizer.chat_template = get_template(template).jinja
+    image_size = image_size or TINY_IMAGE_SIZES[layout]
     siglip = layout == "llava_onevision"
     select_strategy = "full" if siglip else "default"
     torch.manual_seed(seed)
-    vision_config = _vision_config(image_size, vision_hidden, siglip)
+    vision_config = _vision_config(image_size, vision_hidden, vision_layers, siglip)
     media_token_ids = {
         key: tokenizer.convert_tokens_to_ids(token) for key, token in family.media_tokens.items()
     }
@@ -209,7 +228,7 @@ def tiny_llava(
         image_processor,
         vision_config,
         select_strategy,
-        get_template(TINY_TEMPLATES[layout]).jinja,
+        get_template(template).jinja,
     )
     return model.eval(), processor
 
@@ -250,7 +269,13 @@ def _write_tiny_base(directory: Path, layout: str) -> None:
 
 
 def _save_tiny_base(directory: Path, layout: str) -> None:
-    model, processor = tiny_llava(layout)
+    save_llava_with_parts(*tiny_llava(layout), directory)
+
+
+def save_llava_with_parts(model, processor, directory: Path) -> Path:
+    """Save a tiny checkpoint and its parts: ``vision_tower/`` (a CLIP vision model with its
+    image processor) and ``llm/`` (a Llama with its tokenizer), for recipes that build from parts."""
+    directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     # the parts, as a "from parts" recipe names them: a CLIP tower with its image processor, an LLM
@@ -266,6 +291,7 @@ def _save_tiny_base(directory: Path, layout: str) -> None:
     llm.lm_head.load_state_dict(model.lm_head.state_dict())
     llm.save_pretrained(directory / "llm")
     processor.tokenizer.save_pretrained(directory / "llm")
+    return directory
 
 
 def _tower_image_processor(image_processor, config):
@@ -292,12 +318,29 @@ def resolve_tiny_path(value: str) -> Path:
         synthetic.ensure_synthetic(root / "shapes")
     elif head == "media":
         media.ensure_media(root / "media")
+    elif head == "grid":
+        from .grid import ensure_grid
+
+        ensure_grid(root / "grid")
+    elif head == "grid_base":
+        from .grid import base_is_current
+
+        build_once(root / "grid_base", is_complete=base_is_current, build=_quiet_grid_base)
     else:
         known = ", ".join(f"tiny:{name}" for name in TINY_BASES)
         raise UserError(
-            f"unknown tiny asset {value!r}; known: {known}, tiny:shapes/<file>, tiny:media/<file>"
+            f"unknown tiny asset {value!r}; known: {known}, tiny:shapes/<file>, tiny:media/<file>, "
+            "tiny:grid_base, tiny:grid/<file>"
         )
     return root / relative
+
+
+def _quiet_grid_base(directory: Path) -> None:
+    from ..model.loading import quiet_progress_bars
+    from .grid import grid_base
+
+    with quiet_progress_bars():  # built on first use inside a command (see _write_tiny_base)
+        grid_base(directory)
 
 
 def is_tiny_path(value: str | None) -> bool:
@@ -313,9 +356,11 @@ def resolve_name(value: str | Path) -> str:
 
 def default_image_folder(data_path: str | Path) -> Path:
     """The folder a data file's image paths are relative to when none is given: the file's own,
-    except for the tiny shapes set (``tiny:shapes/*.json``), whose images are in ``shapes/images``."""
+    except for the tiny sets (``tiny:shapes/*.json``, ``tiny:grid/*.json``), whose images are in
+    their ``images`` folder."""
     data_path = Path(data_path)
-    shapes = tiny_root() / "shapes"
-    if data_path.parent == shapes or data_path.parent.resolve() == shapes.resolve():
-        return shapes / "images"
+    for name in ("shapes", "grid"):
+        folder = tiny_root() / name
+        if data_path.parent == folder or data_path.parent.resolve() == folder.resolve():
+            return folder / "images"
     return data_path.parent

@@ -6,10 +6,19 @@ result = count_flops(get_preset("llava-next-7b"), ratios, count="paper")   # or 
 result.tflops, result.baseline_tflops, result.kv_cache_ratio, result.kv_cache_bytes, result.layers
 count_flops(shape, ratios, routed_tokens="all", prefix_text_tokens=35)    # gamma-MoD: text competes too
 calibration = measure_retention_ratios("ckpt", "calib.json", samples=16)  # threshold routing: measured ratios
+count_flops(shape, ratios, method=MethodConfig("fastv", fastv_layer=2, fastv_ratio=0.5))  # a baseline
+match_method(shape, ratios, MethodConfig("pool", pool_tokens=1), target_flops)  # the pool count at a budget
 """
 
 from .calibration import Calibration, measure_retention_ratios
-from .flops import COUNT_MODES, FlopsCount, LayerCount, count_flops, count_flops_for_model
+from .flops import (
+    COUNT_MODES,
+    FlopsCount,
+    LayerCount,
+    count_flops,
+    count_flops_for_model,
+    match_method,
+)
 
 __all__ = [
     "COUNT_MODES",
@@ -18,5 +27,6 @@ __all__ = [
     "LayerCount",
     "count_flops",
     "count_flops_for_model",
+    "match_method",
     "measure_retention_ratios",
 ]

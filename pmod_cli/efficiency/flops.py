@@ -33,6 +33,14 @@ Which tokens compete (``routed_tokens``, as the model's ``PMoDConfig``):
 
 Every MoD layer pays for a router, Linear(d, 1), over all T + V tokens entering it; a shared
 router (one Linear for all MoD layers) still runs once per MoD layer.
+
+Training-free baselines (``method``, see ``model/methods.py``) are counted by the same formula
+with their own per-layer vision tokens (``kept_vision_tokens``) and no router: FastV's layers
+0..K-1 process T + V tokens and the others T + round(V * (1 - R)) (its ranking reuses attention
+weights the layer computes anyway, so it adds nothing to the paper count, as the profiler would
+see it); random processes p-MoD's T + floor(V * R_l); pool processes T + N in every layer and
+its lm_head runs over T + N positions. The dense reference is always the model on the image's
+full V tokens. ``match_method`` finds the baseline setting whose count is closest to a target.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..model.methods import MethodConfig, kept_vision_tokens, layer_modes, pool_token_counts
 from ..model.presets import ModelShape, VisionShape, shape_from_hf_config
 from ..model.schedules import kept_count
 
@@ -83,11 +92,16 @@ class LayerCount:
     flops: int  # this layer's FLOPs in the count mode (router included)
     kv_cache_bytes: int  # K and V of its cached tokens
     kept_competing: int  # competing tokens it keeps: floor(competing * R_l)
-    is_mod: bool  # routes tokens (and pays for a router)
+    is_mod: bool  # processes a subset of the competing tokens
+    has_router: bool = (
+        True  # a MoD layer of p-MoD pays for a router; a baseline's subset layer does not
+    )
 
     @property
     def kind(self) -> str:
-        return "MoD" if self.is_mod else "dense"
+        if not self.is_mod:
+            return "dense"
+        return "MoD" if self.has_router else "pruned"
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,7 @@ class FlopsCount:
     routed_tokens: str = "vision"  # "vision" | "all": which tokens compete
     prefix_text_tokens: int = 0  # text tokens that compete (routed_tokens="all")
     competing_tokens: int = 0  # tokens that compete in a MoD layer: V, or V + prefix_text_tokens
+    method: MethodConfig = MethodConfig()  # pmod, or the baseline counted
 
     @property
     def tflops(self) -> float:
@@ -134,6 +149,11 @@ class FlopsCount:
     @property
     def mod_layers(self) -> list[int]:
         return [row.layer for row in self.layers if row.kind == "MoD"]
+
+    @property
+    def subset_layers(self) -> list[int]:
+        """Layers that process a subset of the vision tokens (p-MoD's MoD layers, FastV's, random's)."""
+        return [row.layer for row in self.layers if row.is_mod]
 
     def to_dict(self) -> dict:
         return {
@@ -160,6 +180,9 @@ class FlopsCount:
             "kv_cache_bytes_ratio": self.kv_cache_bytes_ratio,
             "retention_ratios": list(self.retention_ratios),
             "mod_layers": self.mod_layers,
+            "method": self.method.name,
+            "method_label": self.method.label,
+            "method_settings": self.method.to_dict(),
             "layers": [
                 {
                     "layer": row.layer,
@@ -189,6 +212,7 @@ def count_flops(
     prefix_text_tokens: int | None = None,
     mod_layers: Sequence[int] | None = None,
     video_frames: int | None = None,
+    method: MethodConfig | None = None,
 ) -> FlopsCount:
     """Count a prefill of ``shape`` with per-layer ``retention_ratios`` (None: the dense model).
 
@@ -199,6 +223,8 @@ def count_flops(
     (default ``DEFAULT_PREFIX_TEXT_TOKENS``, or T if smaller).
     ``mod_layers``: the layers that route (measured ratios may be 1.0 in a MoD layer); default:
     the layers with a ratio below 1.
+    ``method``: a training-free baseline counted instead of p-MoD (``retention_ratios`` are then
+    p-MoD's plan, whose budget the random method uses); the baselines select among vision tokens.
     """
     if count not in COUNT_MODES:
         raise UserError(f"unknown count mode {count!r}; choose one of {', '.join(COUNT_MODES)}")
@@ -218,6 +244,9 @@ def count_flops(
         raise UserError(
             f"need vision tokens >= 0, text tokens >= 0 and some tokens, got V={num_vision}, T={num_text}"
         )
+    method = method or MethodConfig()
+    if method.name != "pmod":
+        routed_tokens, prefix_text_tokens = "vision", None
     num_prefix = _competing_text_tokens(routed_tokens, prefix_text_tokens, num_text)
     # with no image there is no last image token, so nothing competes (layer.py's rule)
     num_competing = num_vision + num_prefix if num_vision > 0 else 0
@@ -231,18 +260,24 @@ def count_flops(
 
     include_full = count == "full"
     tokens = _TokenCounts(num_vision, num_text, num_competing, routed_tokens == "vision", crops)
+    dense_plan = _LayerPlan(
+        [num_competing] * num_layers, [False] * num_layers, [False] * num_layers
+    )
+    if method.name == "pmod":
+        kept = [
+            kept_count(num_competing, r) if mod else num_competing
+            for r, mod in zip(ratios, is_mod, strict=True)
+        ]
+        llm_tokens, plan, layer_ratios = tokens, _LayerPlan(kept, is_mod, is_mod), ratios
+    else:
+        llm_tokens, plan, layer_ratios = _baseline_plan(method, ratios, tokens, num_layers)
     components, layers = _prefill_flops(
-        shape, ratios, is_mod, tokens, include_full, attention_pairs, dtype
+        shape, layer_ratios, plan, llm_tokens, include_full, attention_pairs, dtype
     )
     baseline_components, baseline_layers = _prefill_flops(
-        shape,
-        [1.0] * num_layers,
-        [False] * num_layers,
-        tokens,
-        include_full,
-        attention_pairs,
-        dtype,
+        shape, [1.0] * num_layers, dense_plan, tokens, include_full, attention_pairs, dtype
     )
+    kv_cache_ratio = sum(layer_ratios) / num_layers
     return FlopsCount(
         model=shape.name,
         count=count,
@@ -250,18 +285,19 @@ def count_flops(
         text_tokens=num_text,
         vision_crops=crops,
         dtype=dtype,
-        retention_ratios=tuple(ratios),
+        retention_ratios=tuple(layer_ratios),
         flops=sum(components.values()),
         baseline_flops=sum(baseline_components.values()),
         components=components,
         baseline_components=baseline_components,
-        kv_cache_ratio=sum(ratios) / num_layers,
+        kv_cache_ratio=kv_cache_ratio,
         kv_cache_bytes=sum(row.kv_cache_bytes for row in layers),
         baseline_kv_cache_bytes=sum(row.kv_cache_bytes for row in baseline_layers),
         layers=tuple(layers),
         routed_tokens=routed_tokens,
         prefix_text_tokens=num_prefix,
         competing_tokens=num_competing,
+        method=method,
     )
 
 
@@ -276,6 +312,19 @@ def _vision_layout(
     if video_frames < 1:
         raise UserError(f"video frames must be at least 1, got {video_frames}")
     return shape.video_tokens(video_frames)
+
+
+def _baseline_plan(
+    method: MethodConfig, pmod_ratios: list[float], tokens: _TokenCounts, num_layers: int
+) -> tuple[_TokenCounts, _LayerPlan, list[float]]:
+    """A baseline's (tokens entering the language model, per-layer plan, per-layer share of V)."""
+    method.check(num_layers, tokens.vision if method.name == "pool" else None)
+    kept = kept_vision_tokens(method, pmod_ratios, tokens.vision)
+    entering = method.pool_tokens if method.name == "pool" else tokens.vision
+    subset = [mode != "dense" for mode in layer_modes(method, pmod_ratios)]
+    share = [count / tokens.vision if tokens.vision else 1.0 for count in kept]
+    plan = _LayerPlan(kept, subset, [False] * num_layers)
+    return _TokenCounts(entering, tokens.text, entering, True, tokens.crops), plan, share
 
 
 def _competing_text_tokens(
@@ -322,8 +371,9 @@ def count_flops_for_model(
     """``count_flops`` for a loaded HF model of a registered family, dense or p-MoD.
 
     The ratios and routed tokens are the model's own (``model.retention_ratios`` and
-    ``config.pmod`` of a p-MoD model; a threshold-routing model is counted at its top-k ratios);
-    ``dtype`` defaults to the model's parameter dtype.
+    ``config.pmod`` of a p-MoD model; a threshold-routing model is counted at its top-k ratios),
+    and so is the method it runs (``model.token_method``; ``vision_tokens`` is then the images'
+    V before any pooling); ``dtype`` defaults to the model's parameter dtype.
     """
     shape = shape_from_hf_config(
         model.config, name=getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -342,7 +392,43 @@ def count_flops_for_model(
         routed_tokens=routed_tokens,
         prefix_text_tokens=prefix_text_tokens if routed_tokens == "all" else None,
         video_frames=video_frames,
+        method=getattr(model, "token_method", None),
     )
+
+
+def match_method(
+    shape: ModelShape,
+    retention_ratios: Sequence[float] | None,
+    method: MethodConfig,
+    target_flops: int,
+    **count_options,
+) -> MethodConfig:
+    """The setting of ``method`` whose count comes closest to ``target_flops``: FastV's R at its
+    K (R = 1 - kept / V), or pool's N among the counts that tile the patch grid. Random already
+    has p-MoD's budget and dense has nothing to tune: they come back as given.
+    ``count_options`` are ``count_flops``'s (vision_tokens, text_tokens, count, dtype, ...)."""
+    num_vision = count_options.get("vision_tokens")
+    num_vision = shape.vision_tokens if num_vision is None else num_vision
+    if method.name == "fastv":
+        settings = [
+            method.replace(fastv_ratio=1.0 - kept / num_vision) for kept in range(num_vision)
+        ]
+    elif method.name == "pool":
+        settings = [method.replace(pool_tokens=tokens) for tokens in pool_token_counts(num_vision)]
+    else:
+        return method
+    if not settings:
+        raise UserError(
+            "there are no vision tokens to match a setting on; give --vision-tokens above 0"
+        )
+
+    def distance(setting: MethodConfig) -> int:
+        return abs(
+            count_flops(shape, retention_ratios, method=setting, **count_options).flops
+            - target_flops
+        )
+
+    return min(settings, key=distance)
 
 
 # ---- the formula --------------------------------------------------------------------------
@@ -350,17 +436,24 @@ def count_flops_for_model(
 
 @dataclass(frozen=True)
 class _TokenCounts:
-    vision: int  # V
+    vision: int  # V entering the language model
     text: int  # T
     competing: int  # tokens that compete in a MoD layer (V, or V + prefix text)
     only_vision_competes: bool
     crops: int  # crops (images' tiles, video frames) through the vision tower
 
 
+@dataclass(frozen=True)
+class _LayerPlan:
+    kept_competing: list[int]  # per layer: competing tokens it processes
+    subset: list[bool]  # per layer: processes a subset (MoD or a baseline's pruned layer)
+    routers: list[bool]  # per layer: pays for a router
+
+
 def _prefill_flops(
     shape: ModelShape,
     ratios: list[float],
-    is_mod: list[bool],
+    plan: _LayerPlan,
     tokens: _TokenCounts,
     include_full: bool,
     attention_pairs: str,
@@ -382,12 +475,12 @@ def _prefill_flops(
     if include_full:
         components["attention_products"] = 0
     layers = []
-    for index, (ratio, mod) in enumerate(zip(ratios, is_mod, strict=True)):
-        kept_competing = kept_count(tokens.competing, ratio) if mod else tokens.competing
+    for index, ratio in enumerate(ratios):
+        kept_competing, mod = plan.kept_competing[index], plan.subset[index]
         layer_tokens = passing + kept_competing
         linear = layer_tokens * linear_per_token
         # a MoD layer's router scores every token entering it: Linear(d, 1)
-        router = 2 * all_tokens * d if mod else 0
+        router = 2 * all_tokens * d if plan.routers[index] else 0
         attention = (
             _attention_products(_text_pairs(layer_tokens, attention_pairs), text.q_dim)
             if include_full
@@ -407,6 +500,7 @@ def _prefill_flops(
                 kv_cache_bytes=layer_tokens * bytes_per_entry,
                 kept_competing=kept_competing,
                 is_mod=mod,
+                has_router=plan.routers[index],
             )
         )
     if include_full:

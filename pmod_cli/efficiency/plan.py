@@ -4,7 +4,9 @@
 thresholds, token counts, routed tokens, count mode, dtype) into one ``FlopsCount`` per p-MoD
 setting, after checking every value; ``plan_to_json`` is the ``--json`` object. A threshold-routing
 checkpoint keeps a data-dependent share of tokens: its ratios are measured on calibration samples
-(``calibration.py``) and counted like any others.
+(``calibration.py``) and counted like any others. Training-free baselines (``methods``: FastV,
+random, pool) are counted next to the first p-MoD setting, at given settings or at the setting
+whose count matches it (``match_tflops``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.config import PMoDConfig
+from ..model.methods import MethodConfig, methods_from_flags
 from ..model.presets import ModelShape, get_preset, read_model_shape
 from ..model.schedules import SCHEDULES
 from ..provenance import report_header
 from ..runtime import DTYPE_SPELLINGS, parse_dtype
 from .calibration import Calibration
-from .flops import COUNT_MODES, ROUTED_TOKENS, FlopsCount, count_flops
+from .flops import COUNT_MODES, ROUTED_TOKENS, FlopsCount, count_flops, match_method
 
 # the paper's headline setting: p-MoD-LLaVA-NeXT-7B
 DEFAULT_MODEL = "llava-next-7b"
@@ -37,6 +40,8 @@ class PlanEntry:
     pmod: PMoDConfig
     result: FlopsCount
     calibration: Calibration | None = None  # set when the ratios were measured
+    method: MethodConfig = MethodConfig()  # a baseline counted at the p-MoD setting's budget
+    matched: bool = False  # the baseline's setting was solved to match the first p-MoD count
 
     @property
     def ratios_source(self) -> str:
@@ -46,6 +51,8 @@ class PlanEntry:
 
     @property
     def label(self) -> str:
+        if self.method.name != "pmod":
+            return self.method.label + (" (matched)" if self.matched else "")
         if self.calibration is not None:
             return "p-MoD (measured ratios)"
         if self.pmod.ratios is not None:
@@ -83,6 +90,13 @@ def make_plan(
     device: str | None = None,
     progress: bool = True,
     video_frames: int | None = None,
+    methods: Sequence[str] = (),
+    fastv_layer: int | None = None,
+    fastv_ratio: float | None = None,
+    fastv_score: str | None = None,
+    pool_tokens: int | None = None,
+    seed: int | None = None,
+    match_tflops: bool = False,
 ) -> FlopsPlan:
     """Check the user's choices and count each p-MoD setting (one per beta).
 
@@ -93,7 +107,13 @@ def make_plan(
     ``calibration_samples`` samples and counts the ratios it measured; a threshold-routing
     checkpoint needs it. ``dtype`` (the KV cache's) takes the ``--dtype`` spellings and ``fp8``;
     ``auto`` is the checkpoint's stored dtype (bf16 without one).
+    ``methods`` adds training-free baselines (``fastv``, ``random``, ``pool``; ``pmod`` and ``dense``
+    are always shown) after the p-MoD settings, counted at the first one's plan; ``match_tflops``
+    solves FastV's ratio and pool's token count so that their count matches it.
     """
+    baselines = _baseline_methods(
+        methods, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops, calibration
+    )
     if model is not None and config is not None:
         raise UserError("give either --model or --config, not both")
     if routed_tokens is not None and routed_tokens not in ROUTED_TOKENS:
@@ -206,7 +226,43 @@ def make_plan(
         except ValueError as err:
             raise UserError(f"invalid p-MoD setting: {err}") from None
         entries.append(PlanEntry(pmod, count_flops(shape, ratios, **token_options)))
+    reference = entries[0]
+    for method in baselines:
+        if match_tflops:
+            method = match_method(
+                shape,
+                reference.result.retention_ratios,
+                method,
+                reference.result.flops,
+                **token_options,
+            )
+        result = count_flops(
+            shape, reference.result.retention_ratios, method=method, **token_options
+        )
+        entries.append(
+            PlanEntry(
+                reference.pmod,
+                result,
+                method=method,
+                matched=match_tflops and method.name in ("fastv", "pool"),
+            )
+        )
     return FlopsPlan(shape, tuple(entries))
+
+
+def _baseline_methods(
+    methods, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops, calibration
+) -> list[MethodConfig]:
+    """The baselines asked for (p-MoD's settings and the dense model are always counted)."""
+    chosen = methods_from_flags(
+        methods, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
+    )
+    baselines = [method for method in chosen if method.name not in ("pmod", "dense")]
+    if calibration is not None and baselines:
+        raise UserError(
+            "--calibration counts the checkpoint's own measured routing; drop the baseline --method"
+        )
+    return baselines
 
 
 def _check_calibration_flags(
@@ -274,6 +330,7 @@ def plan_to_json(plan: FlopsPlan) -> dict:
         plans.append(
             {
                 "label": entry.label,
+                "matched": entry.matched,
                 "ratios_source": entry.ratios_source,
                 "calibration": entry.calibration.to_dict()
                 if entry.calibration is not None

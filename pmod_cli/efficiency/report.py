@@ -66,6 +66,15 @@ def _competing_description(result: FlopsCount) -> str:
     return f"V + {result.prefix_text_tokens} prefix text tokens compete (routed_tokens=all)"
 
 
+def _subset_cell(result: FlopsCount, num_layers: int) -> str:
+    """Which layers process a subset: p-MoD's MoD layers, a baseline's pruned ones."""
+    if result.method.name == "pool":
+        return f"none ({result.method.pool_tokens} pooled tokens)"
+    kind = "MoD" if result.method.name == "pmod" else "pruned"
+    layers = result.mod_layers if result.method.name == "pmod" else result.subset_layers
+    return f"{len(layers)} of {num_layers} {kind} ({_layer_span(layers)})"
+
+
 def summary_table(plan: FlopsPlan) -> Table:
     first = plan.first
     table = Table(
@@ -98,6 +107,13 @@ def summary_table(plan: FlopsPlan) -> Table:
             style="dim",
         )
     table.add_row("KV cache (mean R_l)", "100.0%", *(percent(r.kv_cache_ratio) for r in results))
+    if any(r.method.name != "pmod" for r in results):
+        table.add_row(
+            "  vs first p-MoD setting",
+            "",
+            *(f"{r.flops / first.flops - 1:+.1%} TFLOPs" for r in results),
+            style="dim",
+        )
     table.add_row(
         f"KV bytes ({first.dtype})",
         format_bytes(first.baseline_kv_cache_bytes),
@@ -105,9 +121,9 @@ def summary_table(plan: FlopsPlan) -> Table:
     )
     num_layers = len(first.layers)
     table.add_row(
-        "MoD layers",
+        "MoD / pruned layers",
         f"0 of {num_layers}",
-        *(f"{len(r.mod_layers)} of {num_layers} ({_layer_span(r.mod_layers)})" for r in results),
+        *(_subset_cell(r, num_layers) for r in results),
     )
     kept = (
         "kept vision tokens"
@@ -118,6 +134,12 @@ def summary_table(plan: FlopsPlan) -> Table:
         f"{COUNT_MODES[first.count]}. KV cache: the paper's convention, mean retention ratio; "
         f"KV bytes: the real cache, {'T + ' if first.routed_tokens == 'vision' else ''}{kept} per layer, K and V."
     )
+    if any(r.method.name != "pmod" for r in results):
+        table.caption += (
+            " Baselines (no router, counted at the first p-MoD setting's plan): FastV keeps round(V * (1 - R)) "
+            "vision tokens after layer K (R = fraction dropped), random keeps p-MoD's floor(V * R_l), pool runs "
+            "every layer on N pooled tokens; their KV cache is the mean share of V kept."
+        )
     return table
 
 
@@ -125,6 +147,8 @@ def layer_table(plan: FlopsPlan) -> Table:
     first = plan.first
     if first.routed_tokens == "vision":
         title = f"Per-layer plan: kept vision tokens = floor(V * R_l), V={first.vision_tokens}"
+        if len(plan.entries) > 1 and any(entry.method.name != "pmod" for entry in plan.entries):
+            title += "; baselines: their own kept counts (share of V)"
         kept_name = "kept vision"
     else:
         title = (
@@ -153,8 +177,11 @@ def layer_table(plan: FlopsPlan) -> Table:
         cells = [str(index)]
         for entry in plan.entries:
             row = entry.result.layers[index]
+            pooled = entry.method.name == "pool"
             cells.append(
-                "dense" if row.kind == "dense" else f"{row.ratio:.3f} ({row.kept_competing})"
+                "dense"
+                if row.kind == "dense" and not pooled
+                else f"{row.ratio:.3f} ({row.kept_competing})"
             )
         table.add_row(*cells)
     return table

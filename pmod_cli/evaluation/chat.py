@@ -52,8 +52,12 @@ class _CallbackStreamer(TextStreamer):
     def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.on_text = on_text
+        self.started = False  # the answer's leading space (a word-initial token) is not printed
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
         if text:
             self.on_text(text)
 

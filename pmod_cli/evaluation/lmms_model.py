@@ -17,6 +17,11 @@ each process loads the model on its device (``cuda:LOCAL_RANK``, or the CPU with
 hands each its share of the requests and gathers the results on process 0. The requests lmms-eval
 adds to even out the processes' shares (``__padding_only__``) are answered without running the
 model: they are not scored, and not measured. Process 0 shows a progress bar of its requests.
+
+``method`` runs the checkpoint with a training-free baseline instead of its own routing
+(``model/methods.py``), e.g. ``--model_args pretrained=DIR,method=fastv,fastv_layer=2,fastv_ratio=0.5``;
+with ``match_tflops=true`` FastV's R or pool's N is solved, on the first requests, to cost what
+the checkpoint's p-MoD plan costs on them (in a multi-process run, on each process's share).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ..data.video import VideoError, read_frames
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
+from ..model.methods import MethodConfig
 from ..runtime import parse_dtype, torch_dtype
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
@@ -62,13 +68,21 @@ class PMoDLmms(lmms):
         attn_implementation: str | None = None,
         num_frames: int | str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed-size here
+        method: str | MethodConfig | None = None,
+        fastv_layer: int = 2,
+        fastv_ratio: float = 0.5,
+        fastv_score: str = "last",
+        pool_tokens: int | None = None,
+        seed: int = 0,
+        match_tflops: bool | str = False,
         **unexpected,
     ) -> None:
         super().__init__()
         if unexpected:
             raise ValueError(
-                f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; "
-                "known: pretrained, device, batch_size, dtype, attn_implementation, num_frames"
+                f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; known: pretrained, device, "
+                "batch_size, dtype, attn_implementation, num_frames, method, fastv_layer, fastv_ratio, fastv_score, "
+                "pool_tokens, seed, match_tflops"
             )
         if num_frames is not None and int(num_frames) < 1:
             raise ValueError(f"num_frames must be a whole number >= 1, got {num_frames!r}")
@@ -101,6 +115,15 @@ class PMoDLmms(lmms):
             num_frames or getattr(video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES
         )
         self.fallback_template = template_for_model(self.model)
+        self.method = _method_config(
+            method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
+        )
+        self._match_pending = str(match_tflops).lower() in (
+            "true",
+            "1",
+            "yes",
+        ) and self.method.name in ("fastv", "pool")
+        self._apply_method_now()
         # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
         self.model_config = self.model.config
         layers = self.model.config.text_config.num_hidden_layers
@@ -170,6 +193,58 @@ class PMoDLmms(lmms):
     def device(self) -> torch.device:
         return self._device
 
+    # ---- the method -----------------------------------------------------------------------
+
+    def _apply_method_now(self) -> None:
+        """Install the method (a matched one once its setting is solved, see ``_settle_method``)."""
+        from ..model.modeling import apply_method, is_pmod_model
+
+        if self.method is None:  # the checkpoint as saved
+            return
+        if self.method.name == "pmod" and not is_pmod_model(self.model):
+            raise ValueError(
+                f"{self.pretrained} is a dense checkpoint: it has no trained routers for method pmod "
+                "(evaluate it without a method, or with method dense)"
+            )
+        if not self._match_pending:
+            apply_method(self.model, self.method)
+
+    def _settle_method(self, contexts: list[str], first_visuals: list) -> None:
+        """Solve a matched method's setting on these requests: at the vision tokens of the first
+        request's images and the mean text tokens of all prompts, the setting whose count is
+        closest to what the checkpoint's p-MoD plan costs there (a dense checkpoint: the
+        released schedule, beta 0.5)."""
+        if not self._match_pending:
+            return
+        from ..efficiency.flops import count_flops, match_method
+        from ..model.modeling import apply_method
+        from ..model.presets import shape_from_hf_config
+
+        self._match_pending = False
+        if not first_visuals:
+            raise ValueError("match_tflops needs requests with images to measure V on")
+        inputs = self._encode([self.build_prompt(contexts[0], len(first_visuals))], [first_visuals])
+        vision_tokens = int(self.family.vision_mask(inputs["input_ids"], self.model.config).sum())
+        text_lengths = [
+            len(self.tokenizer(self.build_prompt(context, 1))["input_ids"]) - 1
+            for context in contexts
+        ]
+        text_tokens = round(sum(text_lengths) / len(text_lengths))
+        apply_method(
+            self.model, MethodConfig()
+        )  # the p-MoD plan (fresh routers for a dense checkpoint)
+        shape = shape_from_hf_config(self.model.config)
+        ratios = self.model.retention_ratios
+        options = dict(vision_tokens=vision_tokens, text_tokens=text_tokens)
+        target = count_flops(shape, ratios, **options).flops
+        self.method = match_method(shape, ratios, self.method, target, **options)
+        self.matched_at = {
+            "vision_tokens": vision_tokens,
+            "text_tokens": text_tokens,
+            "target_tflops": target / 1e12,
+        }
+        apply_method(self.model, self.method)
+
     @property
     def batch_size(self) -> int:
         return self.batch_size_per_gpu
@@ -237,6 +312,12 @@ class PMoDLmms(lmms):
     def _generate_real(self, requests: list[Instance]) -> list[str]:
         if not requests:
             return []
+        if self._match_pending:
+            first = requests[0].args
+            self._settle_method(
+                [r.args[0] for r in requests],
+                self._visuals(first[2], first[3], first[4], first[5])[0],  # its images
+            )
         self.warm_up()
         collator = Collator(
             [request.args for request in requests],
@@ -290,13 +371,13 @@ class PMoDLmms(lmms):
             ):
                 sample_images, sample_videos = self._visuals(doc_to_visual, doc_id, task, split)
                 prompts.append(self.build_prompt(context, len(sample_images), len(sample_videos)))
-                images.append(
-                    sample_images
-                )  # per prompt: OneVision lays out one image and several differently
+                # per prompt: OneVision lays out one image and several differently
+                images.append(sample_images)
                 videos.extend(sample_videos)
             inputs = self._encode(prompts, images, videos)
+            vision, text, prefix_text = self._token_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
-            probe.start(inputs["attention_mask"])
+            probe.start(inputs["attention_mask"], self._pooled_away(inputs))
             try:
                 with torch.inference_mode():
                     output = self.model.generate(
@@ -315,9 +396,6 @@ class PMoDLmms(lmms):
             answers = [_cut_at_stop(text, until) for text in texts]
         end_to_end = time.perf_counter() - start
 
-        vision, text, prefix_text = _token_counts(
-            inputs, self.family.vision_mask(inputs["input_ids"], self.model_config)
-        )
         generated = _generated_counts(new_tokens, self.tokenizer.eos_token_id)
         measured = [
             SampleMeasurement(
@@ -351,6 +429,12 @@ class PMoDLmms(lmms):
         0.7 evaluator turns any other non-string output into its ``str()``.
         """
         real, padding = _split_padding(requests)
+        if self._match_pending and real:
+            first = real[0].args
+            visuals = (
+                self._visuals(first[2], first[3], first[4], first[5])[0] if len(first) > 2 else []
+            )
+            self._settle_method([r.args[0] for r in real], visuals)
         if real:
             self.warm_up()
         results = []
@@ -389,8 +473,9 @@ class PMoDLmms(lmms):
                     (images, videos),
                 )
             inputs, context_length = self._encode_continuation(prompt, continuation, visuals)
+            vision, text, prefix_text = self._token_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
-            probe.start(inputs["attention_mask"])
+            probe.start(inputs["attention_mask"], self._pooled_away(inputs))
             try:
                 with torch.inference_mode():
                     logits = self.model(**inputs, use_cache=True).logits  # (1, seq, vocab)
@@ -404,9 +489,6 @@ class PMoDLmms(lmms):
             log_likelihood = predicting.gather(1, target[:, None]).sum().item()
             greedy = bool((predicting.argmax(dim=-1) == target).all())
         end_to_end = time.perf_counter() - start
-        vision, text, prefix_text = _token_counts(
-            inputs, self.family.vision_mask(inputs["input_ids"], self.model_config)
-        )
         measurement = SampleMeasurement(
             task=task,
             doc_id=int(doc_id),
@@ -423,6 +505,31 @@ class PMoDLmms(lmms):
             memory_kind=memory.kind,
         )
         return -log_likelihood, greedy, measurement
+
+    def _token_counts(self, inputs: dict) -> tuple[list[int], list[int], list[int]]:
+        """Per sample V, T and prefix text (see ``_token_counts``); under the pool method V is the
+        images' vision tokens before pooling, as the dense model would see them."""
+        vision, text, prefix_text = _token_counts(
+            inputs, self.family.vision_mask(inputs["input_ids"], self.model.config)
+        )
+        pooled_away = self._pooled_away(inputs)
+        if pooled_away is not None:
+            vision = [v + extra for v, extra in zip(vision, pooled_away, strict=True)]
+        return vision, text, prefix_text
+
+    def _pooled_away(self, inputs: dict) -> list[int] | None:
+        """Per sample, the vision tokens pooling removed (None unless the model pools)."""
+        method = getattr(self.model, "token_method", None)
+        if method is None or method.name != "pool":
+            return None
+        from ..model.presets import shape_from_hf_config
+
+        per_image = shape_from_hf_config(self.model.config).vision_tokens
+        pooled = (
+            self.family.vision_mask(inputs["input_ids"], self.model.config)
+            & inputs["attention_mask"].bool()
+        ).sum(dim=1)
+        return [int(n) // method.pool_tokens * (per_image - method.pool_tokens) for n in pooled]
 
     def _encode_continuation(
         self, prompt: str, continuation: str, visuals: tuple[list, list] | None
@@ -463,6 +570,26 @@ class PMoDLmms(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
+
+
+def _method_config(
+    method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
+) -> MethodConfig | None:
+    """The method asked for in model_args (lmms-eval's command line passes strings), None: the
+    checkpoint as saved."""
+    if method is None or isinstance(method, MethodConfig):
+        return method
+    matched = str(match_tflops).lower() in ("true", "1", "yes")
+    return MethodConfig(
+        name=str(method),
+        fastv_layer=int(fastv_layer),
+        fastv_ratio=float(fastv_ratio),
+        fastv_score=str(fastv_score),
+        seed=int(seed),
+        pool_tokens=int(pool_tokens)
+        if pool_tokens is not None
+        else (1 if matched and method == "pool" else None),
+    )
 
 
 def _split_padding(requests: list[Instance]) -> tuple[list[Instance], set[int]]:

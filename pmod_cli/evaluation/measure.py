@@ -100,8 +100,13 @@ class MemoryMeter:
             self.peak_bytes = self._highest - self._baseline
 
 
-def held_kv_bytes(cache, attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+def held_kv_bytes(
+    cache, attention_mask: torch.Tensor, pooled_away: list[int] | None = None
+) -> tuple[list[int], list[int]]:
     """Per sample: (K/V bytes it holds in ``cache``, bytes its dense twin would hold).
+
+    ``pooled_away``: per sample, vision tokens the ``pool`` method removed from the prompt; the
+    dense twin holds them too.
 
     A p-MoD layer's cache knows which of its slots are real; a dense layer stores every position
     of the (left-padded) batch, so the sample's padding is taken off. With beam search the cache
@@ -110,6 +115,9 @@ def held_kv_bytes(cache, attention_mask: torch.Tensor) -> tuple[list[int], list[
     """
     real_tokens = attention_mask.sum(dim=1).tolist()  # (batch,): T + V per sample
     padding = [attention_mask.shape[1] - count for count in real_tokens]
+    dense_tokens = [
+        count + (pooled_away[i] if pooled_away else 0) for i, count in enumerate(real_tokens)
+    ]
     held = [0] * len(real_tokens)
     dense = [0] * len(real_tokens)
     for layer, lengths in zip(cache.layers, kv_cache_lengths(cache), strict=True):
@@ -127,7 +135,7 @@ def held_kv_bytes(cache, attention_mask: torch.Tensor) -> tuple[list[int], list[
             sample = row // beams
             entries = length if isinstance(layer, PMoDCacheLayer) else length - padding[sample]
             held[sample] += entries * entry_bytes
-            dense[sample] += real_tokens[sample] * entry_bytes
+            dense[sample] += dense_tokens[sample] * entry_bytes
     return held, dense
 
 
@@ -139,8 +147,9 @@ class PrefillProbe:
         self.device = torch.device(device)
         self._handle = None
 
-    def start(self, attention_mask: torch.Tensor) -> None:
+    def start(self, attention_mask: torch.Tensor, pooled_away: list[int] | None = None) -> None:
         self.attention_mask = attention_mask
+        self.pooled_away = pooled_away
         self.kv_bytes: list[int] | None = None
         self.dense_kv_bytes: list[int] | None = None
         self.prefill_end: float | None = None
@@ -156,7 +165,9 @@ class PrefillProbe:
         # transformers >= 5.24 names it "cache"; earlier versions "past_key_values"
         cache = next((output[key] for key in ("cache", "past_key_values") if key in output), None)
         if cache is not None:  # read now: decoding steps append to it
-            self.kv_bytes, self.dense_kv_bytes = held_kv_bytes(cache, self.attention_mask)
+            self.kv_bytes, self.dense_kv_bytes = held_kv_bytes(
+                cache, self.attention_mask, self.pooled_away
+            )
         self._handle.remove()
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from .measure import MEMORY_KINDS
@@ -34,7 +35,9 @@ def report_table(report: EvalReport) -> Table:
     )
     table.add_column("")
     for result in report.checkpoints:
-        table.add_column(result.label, justify="right")
+        table.add_column(
+            escape(result.label), justify="right"
+        )  # a label is text, never rich markup
     for task in report.task_rows:
         metric = next(r.scores[task].metric for r in report.checkpoints if task in r.scores)
         cells = []

@@ -12,6 +12,11 @@ every request; the efficiency summary turns the measurements into the report's r
   for the same prompts, (T + V) entries in every layer (computed from the measured token counts);
 - latencies and peak memory as ``measure.py`` defines them.
 
+``methods`` evaluates each checkpoint once per token-reduction method (``model/methods.py``: its
+own routing, dense, FastV, random, pool), each a column of the same table:
+
+    evaluate_checkpoints(["runs/grid/pmod"], ["pmod_grid_vqa"], methods=["pmod", "fastv"], match_tflops=True)
+
 Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) each process evaluates its share
 of the requests (``lmms_model``); lmms-eval gathers the scores on process 0, and so does pmod the
 measurements, so the efficiency rows cover every request. Only process 0 gets a report
@@ -32,6 +37,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.loading import read_model_type
+from ..model.methods import MethodConfig
 from ..provenance import report_header
 from ..runtime import parse_dtype, resolve_device
 from .measure import MEMORY_KINDS, SampleMeasurement
@@ -129,6 +135,8 @@ class CheckpointResult:
         default_factory=dict
     )  # task -> [{doc_id, target, answer}]
     lmms_eval_results: dict = field(default_factory=dict)  # lmms-eval's own "results" section
+    method: MethodConfig | None = None  # the method it ran (None: the checkpoint as saved)
+    matched_at: dict | None = None  # --match-tflops: the V, T and TFLOPs it matched at
 
 
 @dataclass
@@ -160,9 +168,12 @@ def evaluate_checkpoints(
     dtype: str = "auto",
     count: str = "paper",
     lmms_eval_dir: str | Path | None = None,
+    methods: list[MethodConfig | str | None] | None = None,
+    match_tflops: bool = False,
 ) -> EvalReport | None:
-    """Run lmms-eval on each checkpoint; user errors (paths, task names, flags) raise UserError.
-    None on every process but the first of a multi-process run.
+    """Run lmms-eval on each checkpoint (once per method of ``methods``, None: as saved); user
+    errors (paths, task names, flags) raise UserError. None on every process but the first of a
+    multi-process run.
 
     lmms-eval's own files (the submission files of ok_vqa, textvqa_val, mmbench_en_dev, ...) go
     to ``lmms_eval_dir/<label>/submissions``; without it to a temporary directory, deleted after
@@ -170,8 +181,11 @@ def evaluate_checkpoints(
     """
     if not checkpoints:
         raise UserError("give at least one checkpoint directory")
+    methods = [MethodConfig(name=m) if isinstance(m, str) else m for m in (methods or [None])]
     for checkpoint in checkpoints:
         read_model_type(checkpoint)  # a clear error before anything loads
+        for method in methods:
+            check_method_fits(checkpoint, method)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -188,28 +202,32 @@ def evaluate_checkpoints(
 
     results = []
     labels = checkpoint_labels(checkpoints)
-    for checkpoint, label in zip(checkpoints, labels, strict=True):
-        with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
-            files = (
-                Path(lmms_eval_dir) / _file_name(label)
-                if lmms_eval_dir is not None
-                else Path(temporary)
-            )
-            cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
-            results.append(
-                _evaluate_one(
-                    Path(checkpoint),
-                    label,
-                    tasks,
-                    task_manager,
-                    limit,
-                    batch_size,
-                    device,
-                    count,
-                    cli_args,
-                    dtype=dtype,
+    for checkpoint, checkpoint_label in zip(checkpoints, labels, strict=True):
+        for method in methods:
+            name = checkpoint_label if method is None else f"{checkpoint_label}_{method.name}"
+            with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
+                files = (
+                    Path(lmms_eval_dir) / _file_name(name)
+                    if lmms_eval_dir is not None
+                    else Path(temporary)
                 )
-            )
+                cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
+                run = _Run(
+                    Path(checkpoint), checkpoint_label, method, match_tflops and method is not None
+                )
+                results.append(
+                    _evaluate_one(
+                        run,
+                        tasks,
+                        task_manager,
+                        limit,
+                        batch_size,
+                        device,
+                        count,
+                        cli_args,
+                        dtype=dtype,
+                    )
+                )
     if not is_main_process():
         return None
     return EvalReport(
@@ -220,6 +238,34 @@ def evaluate_checkpoints(
         checkpoints=results,
         dtype=dtype,
     )
+
+
+@dataclass(frozen=True)
+class _Run:
+    checkpoint: Path
+    checkpoint_label: str
+    method: MethodConfig | None
+    match_tflops: bool
+
+
+def check_method_fits(checkpoint: str | Path, method: MethodConfig | None) -> None:
+    """Refuse, before anything is evaluated, a method the checkpoint cannot run."""
+    from ..model.families import get_family, known_model_types
+    from ..model.presets import read_model_shape
+
+    if method is None:
+        return
+    if method.name == "pmod" and read_model_type(checkpoint) not in known_model_types(pmod=True):
+        raise UserError(
+            f"{checkpoint} is a dense checkpoint: it has no trained routers for --method pmod "
+            "(evaluate it without --method, or with --method dense)"
+        )
+    shape = read_model_shape(checkpoint)
+    if method.name == "pool" and not get_family(shape.layout).single_grid_images:
+        raise UserError(
+            f"--method pool averages one square patch grid per image; {checkpoint} is a {shape.layout} model"
+        )
+    method.check(shape.text.num_layers, shape.vision_tokens if method.name == "pool" else None)
 
 
 def is_main_process() -> bool:
@@ -344,13 +390,21 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
 
 
 def _evaluate_one(
-    checkpoint, label, tasks, task_manager, limit, batch_size, device, count, cli_args, *, dtype
+    run: _Run, tasks, task_manager, limit, batch_size, device, count, cli_args, *, dtype
 ) -> CheckpointResult:
     from lmms_eval.evaluator import simple_evaluate
 
     from .lmms_model import PMoDLmms
 
-    model = PMoDLmms(pretrained=str(checkpoint), device=device, batch_size=batch_size, dtype=dtype)
+    checkpoint = run.checkpoint
+    model = PMoDLmms(
+        pretrained=str(checkpoint),
+        device=device,
+        batch_size=batch_size,
+        method=run.method,
+        match_tflops=run.match_tflops,
+        dtype=dtype,
+    )
     network = model.model  # lmms-eval's evaluator drops model.model when requests are done
     try:
         raw = simple_evaluate(
@@ -385,6 +439,12 @@ def _evaluate_one(
     }
     efficiency = summarize(network, measurements, batch_size, device, count)
     del network
+    # after the run: a matched method knows its setting only once it saw the requests
+    label = (
+        run.checkpoint_label
+        if model.method is None
+        else f"{run.checkpoint_label}: {model.method.label}"
+    )
     return CheckpointResult(
         checkpoint=str(checkpoint),
         label=label,
@@ -395,6 +455,8 @@ def _evaluate_one(
         measurements=measurements,
         answers=_answers(raw.get("samples", {})),
         lmms_eval_results=_plain(raw["results"]),
+        method=model.method,
+        matched_at=getattr(model, "matched_at", None),
     )
 
 
@@ -557,6 +619,9 @@ def report_to_json(report: EvalReport) -> dict:
                 "label": result.label,
                 "model_type": result.model_type,
                 "retention_ratios": result.retention_ratios,
+                "method": result.method.to_dict() if result.method is not None else None,
+                "method_label": result.method.label if result.method is not None else None,
+                "matched_at": result.matched_at,
                 "scores": {task: asdict(score) for task, score in result.scores.items()},
                 "efficiency": result.efficiency.to_dict() if result.efficiency else None,
                 "lmms_eval_results": result.lmms_eval_results,

@@ -4,6 +4,7 @@ conversion and loading."""
 from .cache import kv_cache_bytes, kv_cache_lengths
 from .config import PMoDConfig
 from .families import FAMILIES, family_for_model, get_family
+from .methods import METHODS, MethodConfig, MethodError
 from .modeling import (
     PMoDLlavaConfig,
     PMoDLlavaForConditionalGeneration,
@@ -11,7 +12,12 @@ from .modeling import (
     PMoDLlavaNextForConditionalGeneration,
     PMoDLlavaOnevisionConfig,
     PMoDLlavaOnevisionForConditionalGeneration,
+    apply_dense,
+    apply_fastv,
+    apply_method,
     apply_pmod,
+    apply_pool,
+    apply_random,
     is_pmod_model,
     mod_layer_indices,
     register,
@@ -23,7 +29,10 @@ register()
 
 __all__ = [
     "FAMILIES",
+    "METHODS",
     "SCHEDULES",
+    "MethodConfig",
+    "MethodError",
     "PMoDConfig",
     "PMoDLlavaConfig",
     "PMoDLlavaForConditionalGeneration",
@@ -31,7 +40,12 @@ __all__ = [
     "PMoDLlavaNextForConditionalGeneration",
     "PMoDLlavaOnevisionConfig",
     "PMoDLlavaOnevisionForConditionalGeneration",
+    "apply_dense",
+    "apply_fastv",
+    "apply_method",
     "apply_pmod",
+    "apply_pool",
+    "apply_random",
     "family_for_model",
     "get_family",
     "is_pmod_model",

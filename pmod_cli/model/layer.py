@@ -13,6 +13,10 @@ transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer
 4. scatter: kept tokens go back to their places, skipped ones pass through;
 5. reweight: w = 1 + f(r) scales the MLP branch (or the whole delta) of a kept vision token,
    and with STRing a skipped vision token becomes w * x.
+
+The training-free baselines of ``methods.py`` run the same path with another step 1 and no
+step 5: ``random`` draws the kept tokens at p-MoD's budget, ``fastv`` keeps the set that the last
+layer before it ranked by attention (that layer runs dense and ranks on the side).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +32,16 @@ from torch import nn
 
 from .cache import pmod_cache_layer
 from .config import PMoDConfig
+from .methods import (
+    MethodConfig,
+    fastv_attention_scores,
+    fastv_kept,
+    prompt_ends,
+    random_scores,
+)
 from .router import WEIGHT_NORM_FNS, Router
 from .routing import active_recorder
-from .selection import SELECTION_RULES
+from .selection import SELECTION_RULES, by_score
 
 
 @dataclass
@@ -41,6 +53,11 @@ class RoutingInputs:
     # (batch, seq) long: the image / video frame of each vision token, -1 elsewhere (budget="image")
     vision_groups: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)  # the layers' routing losses
+    prompt_length: int | None = (
+        None  # inside generate: the prompt's width (FastV ranks with its end)
+    )
+    fastv_keep: torch.Tensor | None = None  # (batch, seq) bool: the set FastV's layers process
+    fastv_scores: torch.Tensor | None = None  # (batch, seq): the attention that ranked it
 
 
 class PMoDLayerMixin:
@@ -48,9 +65,14 @@ class PMoDLayerMixin:
 
     pmod_ratio: float = 1.0
     pmod_config: PMoDConfig | None = None
+    # what the layer does (methods.layer_modes): dense, route (p-MoD), random or fastv
+    token_mode: str = "dense"
+    token_method: MethodConfig = MethodConfig()
+    ranks_for_fastv: bool = False  # the last layer before FastV's: ranks the vision tokens
 
     @property
     def is_mod(self) -> bool:
+        """A p-MoD layer (has a ratio below 1 and, with its own router, a router)."""
         return self.pmod_ratio < 1.0
 
     def forward(
@@ -63,14 +85,16 @@ class PMoDLayerMixin:
         pmod_routing: RoutingInputs | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        if not self.is_mod:
+        if self.token_mode == "dense":
+            layer_kwargs = dict(
+                attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+            )
+            if self.ranks_for_fastv and pmod_routing is not None:
+                return self._dense_forward_ranking(
+                    hidden_states, position_embeddings, pmod_routing, **layer_kwargs, **kwargs
+                )
             return super().forward(
-                hidden_states,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
+                hidden_states, position_embeddings=position_embeddings, **layer_kwargs, **kwargs
             )
         cache_kwarg = _cache_kwarg(type(self.self_attn))
         cache = kwargs.pop(cache_kwarg, None)
@@ -135,10 +159,12 @@ class PMoDLayerMixin:
             rank, budget_size = rank_within_groups(scores, torch.where(candidates, groups, -1))
             keep_count = torch.floor(budget_size * self.pmod_ratio + 1e-9).long()  # (batch, seq)
             return (valid & ~candidates) | (candidates & (rank < keep_count))
-        keep_count = torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()  # (batch,)
         rule = SELECTION_RULES[self.pmod_config.selection]
         selected = rule(
-            logits, candidates, keep_count, lambda scores: self._normalised(scores, candidates)
+            logits,
+            candidates,
+            self._budget(candidates),
+            lambda scores: self._normalised(scores, candidates),
         )
         return (valid & ~candidates) | selected
 
@@ -151,6 +177,45 @@ class PMoDLayerMixin:
                 "p-MoD model with the processor's outputs (or pass vision_groups with vision_mask)"
             )
         return routing.vision_groups
+
+    def _budget(self, candidates: torch.Tensor) -> torch.Tensor:
+        """(batch,) competing tokens each sample keeps: floor(n * R_l), p-MoD's (and random's) budget."""
+        return torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()
+
+    def _route(self, hidden_states: torch.Tensor, routing: RoutingInputs):
+        """p-MoD's step 1: the router scores, the kept tokens and their weights w = 1 + f(r)."""
+        vision, valid = routing.vision_mask, routing.token_valid
+        router_input = (
+            self.input_layernorm(hidden_states)
+            if self.pmod_config.router_input == "normed"
+            else hidden_states
+        )
+        logits = self.active_router(router_input)  # (batch, seq)
+        candidates = self.competing_tokens(vision, valid)  # (batch, seq)
+        weights = self._token_weights(logits, candidates)  # (batch, seq)
+        keep = self._select(logits, candidates, valid, self._budget_groups(routing))  # (batch, seq)
+        if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
+            # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
+            routing_loss = F.binary_cross_entropy_with_logits(
+                logits[candidates].float(), keep[candidates].float()
+            )
+            routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
+        return keep, weights, logits
+
+    def _baseline_keep(self, routing: RoutingInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """A baseline's step 1: (kept tokens, the scores that chose them); no router."""
+        vision, valid = routing.vision_mask, routing.token_valid
+        candidates = vision & valid
+        if self.token_mode == "random":
+            scores = random_scores(candidates, self.token_method.seed, self.self_attn.layer_idx)
+            return keep_top(scores, candidates, valid, self._budget(candidates)), scores
+        if routing.fastv_keep is None:  # fastv: nothing was ranked, so no vision token is here
+            if candidates.any():
+                raise RuntimeError(
+                    f"FastV layer {self.self_attn.layer_idx} got vision tokens that no layer ranked"
+                )
+            return valid, torch.zeros(valid.shape, device=valid.device)
+        return routing.fastv_keep, routing.fastv_scores
 
     def _mod_forward(
         self,
@@ -170,25 +235,15 @@ class PMoDLayerMixin:
                 f"MoD layer {self.self_attn.layer_idx} got no routing inputs: call the p-MoD model (its forward "
                 "pre-hook passes pmod_routing), not the language model or the layer on its own"
             )
-        vision, valid = routing.vision_mask, routing.token_valid
+        routed = self.token_mode == "route"
 
-        # 1. select
-        router_input = (
-            self.input_layernorm(hidden_states)
-            if self.pmod_config.router_input == "normed"
-            else hidden_states
-        )
-        logits = self.active_router(router_input)  # (batch, seq)
-        candidates = self.competing_tokens(vision, valid)  # (batch, seq)
-        weights = self._token_weights(logits, candidates)  # (batch, seq)
-        keep = self._select(logits, candidates, valid, self._budget_groups(routing))  # (batch, seq)
-        _record(self, keep, vision, weights, logits)
-        if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
-            # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
-            routing_loss = F.binary_cross_entropy_with_logits(
-                logits[candidates].float(), keep[candidates].float()
-            )
-            routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
+        # 1. select: p-MoD's router, or a baseline's choice (no reweighting: w = 1)
+        if routed:
+            keep, weights, logits = self._route(hidden_states, routing)  # (batch, seq) each
+        else:
+            keep, logits = self._baseline_keep(routing)
+            weights = torch.ones(keep.shape, dtype=hidden_states.dtype, device=device)
+        _record(self, keep, routing.vision_mask, weights, logits)
 
         # 2. gather: kept tokens first, in order; a sample that keeps fewer is padded with
         # (invalid) skipped tokens, which always sit after its valid slots
@@ -250,22 +305,82 @@ class PMoDLayerMixin:
         after_attn = kept_states + attn_out
         mlp_out = self.mlp(self.post_attention_layernorm(after_attn))  # (batch, kept, hidden)
 
-        # 4-5. reweight and scatter back
+        # 4-5. reweight and scatter back (a baseline's kept tokens leave as the plain layer's)
         kept_weights = weights.gather(1, kept_index).unsqueeze(-1)  # (batch, kept, 1)
-        if self.pmod_config.reweight == "mlp":
+        if self.pmod_config.reweight == "mlp" or not routed:
             kept_out = after_attn + kept_weights * mlp_out
         else:
             kept_out = kept_states + kept_weights * (attn_out + mlp_out)
-        if self.pmod_config.string:
+        string = self.pmod_config.string and routed
+        if string:
             passed = hidden_states * weights.unsqueeze(
                 -1
             )  # a fresh tensor: safe to scatter into in place
         else:
             passed = hidden_states.clone()
         if slot_valid is not None:  # padding slots write back what a skipped token would hold
-            skipped_value = kept_states * kept_weights if self.pmod_config.string else kept_states
+            skipped_value = kept_states * kept_weights if string else kept_states
             kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, skipped_value)
         return passed.scatter_(1, gather_hidden, kept_out)
+
+    # ---- the last dense layer before FastV's: ranks the vision tokens on the side ----------
+
+    def _dense_forward_ranking(
+        self, hidden_states, position_embeddings, routing: RoutingInputs, **kwargs
+    ):
+        """The dense layer just before FastV's: runs as usual, then ranks the vision tokens by the
+        attention they received in it, recomputed from its own q and k projections (captured,
+        not recomputed), so no attention backend has to return its weights."""
+        candidates = routing.vision_mask & routing.token_valid
+        if not candidates.any():  # a decoding step: the kept set is already in the cache
+            return super().forward(hidden_states, position_embeddings=position_embeddings, **kwargs)
+        cache = kwargs.get(_cache_kwarg(type(self.self_attn)))
+        if cache is not None and cache.get_seq_length(self.self_attn.layer_idx) > 0:
+            raise NotImplementedError(
+                "FastV ranks the vision tokens at prefill; an image after a cached prefix is not supported"
+            )
+        projections: dict[str, torch.Tensor] = {}
+        hooks = [
+            self.self_attn.q_proj.register_forward_hook(partial(_keep_output, projections, "q")),
+            self.self_attn.k_proj.register_forward_hook(partial(_keep_output, projections, "k")),
+        ]
+        try:
+            output = super().forward(
+                hidden_states, position_embeddings=position_embeddings, **kwargs
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        method = self.token_method
+        scores = fastv_attention_scores(
+            projections["q"].detach(),
+            projections["k"].detach(),
+            position_embeddings,
+            self.self_attn,
+            routing.token_valid,
+            prompt_ends(routing.token_valid, routing.prompt_length),
+            method.fastv_score,
+            _sliding_window(self.self_attn),
+        )  # (batch, seq)
+        keep_count = torch.tensor(
+            [fastv_kept(int(n), method.fastv_ratio) for n in candidates.sum(dim=1)],
+            device=candidates.device,
+        )
+        routing.fastv_keep = keep_top(scores, candidates, routing.token_valid, keep_count)
+        routing.fastv_scores = scores
+        return output
+
+
+def keep_top(
+    scores: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, keep_count: torch.Tensor
+) -> torch.Tensor:
+    """(batch, seq) bool: every real token that does not compete, plus the ``keep_count`` (batch,)
+    best-scored competing tokens of each sample (the ``score`` rule: ties keep the earliest)."""
+    return (valid & ~candidates) | by_score(scores, candidates, keep_count, None)
+
+
+def _keep_output(store: dict, name: str, module, args, output) -> None:
+    store[name] = output
 
 
 def rank_within_groups(
@@ -389,6 +504,10 @@ def convert_layer(
     layer.__class__ = pmod_layer_class(base)
     layer.pmod_ratio = float(ratio)
     layer.pmod_config = config
+    # p-MoD's own behaviour; methods.layer_modes may give the layer another (install_method)
+    layer.token_mode = "route" if ratio < 1.0 else "dense"
+    layer.token_method = MethodConfig()
+    layer.ranks_for_fastv = False
     own_router = ratio < 1.0 and not config.shared_router
     if own_router and getattr(layer, "router", None) is None:
         # the width from the config: under ZeRO-3's zero.Init a parameter's shape is (0,)
@@ -406,4 +525,9 @@ def convert_layer(
 def _record(layer, keep, vision, weights, logits) -> None:
     recorder = active_recorder()
     if recorder is not None:
-        recorder.add(layer.self_attn.layer_idx, layer.pmod_ratio, keep, vision, weights, logits)
+        ratio = (
+            1.0 - layer.token_method.fastv_ratio
+            if layer.token_mode == "fastv"
+            else layer.pmod_ratio
+        )
+        recorder.add(layer.self_attn.layer_idx, ratio, keep, vision, weights, logits)

@@ -30,7 +30,8 @@ from .families import (
     family_for_model,
 )
 from .layer import PMoDLayerMixin
-from .pmod_model import PMoDModelMixin, convert_decoder_layers
+from .methods import MethodConfig
+from .pmod_model import PMoDModelMixin, convert_decoder_layers, install_method
 
 __all__ = [
     "PMoDLlavaConfig",
@@ -40,7 +41,12 @@ __all__ = [
     "PMoDLlavaOnevisionConfig",
     "PMoDLlavaOnevisionForConditionalGeneration",
     "UnsupportedModelError",
+    "apply_dense",
+    "apply_fastv",
+    "apply_method",
     "apply_pmod",
+    "apply_pool",
+    "apply_random",
     "is_pmod_model",
     "mod_layer_indices",
     "register",
@@ -52,7 +58,8 @@ def apply_pmod(model, config: PMoDConfig | None = None, **overrides: Any):
 
     ``config`` defaults to the released code's setting (PRD cosine, beta 0.5, TanhNorm alpha 0.2,
     STRing, MLP reweighting); keyword overrides change single options (``apply_pmod(m, beta=0.4)``).
-    Converting a p-MoD model again re-plans its layers (routers of layers that stay MoD are kept).
+    Converting a p-MoD model again re-plans its layers (routers of layers that stay MoD are kept),
+    and a model running a baseline method (``apply_fastv``, ...) goes back to its own routing.
     """
     family = family_for_model(model)
     family.check_text_model(model.config.text_config.model_type)
@@ -68,7 +75,51 @@ def apply_pmod(model, config: PMoDConfig | None = None, **overrides: Any):
     model.__class__ = family.pmod_model_class
     convert_decoder_layers(model, pmod_config)
     model.install_routing_hooks()
+    model.config.pmod_method = None
+    install_method(model, MethodConfig())
     return model
+
+
+def apply_method(model, method: MethodConfig | str, pmod: PMoDConfig | None = None, **options: Any):
+    """Run ``model`` (dense or p-MoD, of a registered family) with a token-reduction method, in
+    place, and return it: ``pmod``, ``dense``, ``fastv``, ``random`` or ``pool`` (``methods.py``).
+
+    ``options`` are ``MethodConfig`` fields (``fastv_layer=2, fastv_ratio=0.5``). A dense model is
+    given p-MoD's structure first (``pmod``, default the released setting, with fresh routers that
+    only the ``pmod`` method would use), so the random method has p-MoD's budget; a p-MoD model keeps
+    its routers and plan. Invalid settings raise ``MethodError`` (a ValueError).
+    """
+    method = (
+        MethodConfig(name=method, **options)
+        if isinstance(method, str)
+        else method.replace(**options)
+    )
+    if not is_pmod_model(model) or pmod is not None:
+        apply_pmod(model, pmod)
+    install_method(model, method)  # checks the setting against the model before it is recorded
+    model.config.pmod_method = None if method.name == "pmod" else method.to_dict()
+    return model
+
+
+def apply_fastv(model, layer: int = 2, ratio: float = 0.5, score: str = "last"):
+    """FastV: after layer ``layer`` (K) keep round(V * (1 - ``ratio``)) vision tokens, ranked by the
+    attention they get in layer K-1 (``ratio`` is FastV's R, the fraction dropped)."""
+    return apply_method(model, "fastv", fastv_layer=layer, fastv_ratio=ratio, fastv_score=score)
+
+
+def apply_random(model, seed: int = 0, pmod: PMoDConfig | None = None):
+    """Random selection at p-MoD's per-layer budget (the model's own plan, or ``pmod``)."""
+    return apply_method(model, "random", pmod=pmod, seed=seed)
+
+
+def apply_pool(model, tokens: int):
+    """Average-pool each image's vision tokens to ``tokens`` before the language model."""
+    return apply_method(model, "pool", pool_tokens=tokens)
+
+
+def apply_dense(model):
+    """Every layer processes every token (a p-MoD checkpoint's routers go unused)."""
+    return apply_method(model, "dense")
 
 
 def is_pmod_model(model) -> bool:

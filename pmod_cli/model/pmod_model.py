@@ -4,16 +4,28 @@ A family's p-MoD class is ``class PMoDXForConditionalGeneration(PMoDModelMixin,
 XForConditionalGeneration)`` (see ``families/``). The mixin converts the decoder layers when the
 model is built (so ``from_pretrained`` finds the routers it saved), zero-initialises routers, and
 hands every forward call the routing inputs its MoD layers need: which tokens are vision tokens
-(the family decides) and which are real.
+(the family decides) and which are real. A model may run another token-reduction method than
+its own routing (``config.pmod_method``, see ``methods.py``); ``install_method`` sets it up.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from transformers import initialization as init
 
 from .config import PMoDConfig
 from .layer import RoutingInputs, convert_layer
+from .methods import (
+    MethodConfig,
+    MethodError,
+    current_prompt_length,
+    layer_modes,
+    pool_features,
+    pool_grid,
+    prompt_length,
+)
 from .router import Router
 
 
@@ -26,10 +38,25 @@ class PMoDModelMixin:
         super().__init__(config, *args, **kwargs)
         convert_decoder_layers(self, PMoDConfig.from_dict(config.pmod or {}))
         self.install_routing_hooks()
+        install_method(self, self.token_method)
 
     @property
     def pmod_config(self) -> PMoDConfig:
         return PMoDConfig.from_dict(self.config.pmod or {})
+
+    @property
+    def token_method(self) -> MethodConfig:
+        """The token-reduction method the layers run (``pmod``: the model's own routing)."""
+        return MethodConfig.from_dict(getattr(self.config, "pmod_method", None))
+
+    def generate(self, *args, **kwargs):
+        # the prompt's width, so that FastV ranks with the prompt's last token at every step of
+        # uncached decoding too (each step re-runs the whole sequence)
+        prompt = kwargs.get("input_ids", args[0] if args else None)
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        with prompt_length(prompt.shape[1] if prompt is not None else None):
+            return super().generate(*args, **kwargs)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -81,14 +108,33 @@ def _add_routing_inputs(model, args, kwargs):
         ):
             # which image / frame each vision token belongs to, from the images' own sizes
             vision_groups = model.pmod_family.vision_groups(input_ids, model.config, kwargs)
+        _check_pooled_placeholders(model, vision_mask)
         kwargs["pmod_routing"] = RoutingInputs(
-            vision_mask=vision_mask, token_valid=token_valid, vision_groups=vision_groups
+            vision_mask=vision_mask,
+            token_valid=token_valid,
+            vision_groups=vision_groups,
+            prompt_length=current_prompt_length(),
         )
     return args, kwargs
 
 
 def _per_image_budget(model) -> bool:
     return (model.config.pmod or {}).get("budget", "sample") == "image"
+
+
+def _check_pooled_placeholders(model, vision_mask: torch.Tensor) -> None:
+    """A pooling model takes N placeholders per image; say how to get them rather than let the
+    model fail on a count mismatch."""
+    method = model.token_method
+    if method.name != "pool" or not vision_mask.any():
+        return
+    starts = vision_mask & ~torch.nn.functional.pad(vision_mask, (1, 0))[:, :-1]
+    if int(vision_mask.sum()) != int(starts.sum()) * method.pool_tokens:
+        raise ValueError(
+            f"this model pools every image to {method.pool_tokens} vision tokens, but the input holds "
+            f"{int(vision_mask.sum())} image placeholders for {int(starts.sum())} image(s); encode prompts with "
+            "pmod_cli.data.prompts.encode (or methods.pool_image_placeholders) to get the pooled count"
+        )
 
 
 def _add_routing_loss(model, args, kwargs, output):
@@ -117,3 +163,39 @@ def convert_decoder_layers(model, config: PMoDConfig) -> None:
         del text_model.pmod_shared_router
     for layer, ratio in zip(layers, ratios, strict=True):
         convert_layer(layer, ratio, config, shared_router)
+
+
+def install_method(model, method: MethodConfig) -> None:
+    """Give every decoder layer what ``method`` asks of it, and the pooling hook on the projector;
+    the model's routers and ratios stay as they are (``method=pmod`` restores its own routing)."""
+    from .presets import shape_from_hf_config
+
+    layers = model.pmod_family.decoder_layers(model)
+    vision_tokens = (
+        shape_from_hf_config(model.config).vision_tokens if method.name == "pool" else None
+    )
+    if method.name == "pool" and not model.pmod_family.single_grid_images:
+        raise MethodError(
+            f"pool averages one square patch grid per image; {model.pmod_family.title} images are not one grid"
+        )
+    method.check(len(layers), vision_tokens)
+    for index, (layer, mode) in enumerate(
+        zip(layers, layer_modes(method, [layer.pmod_ratio for layer in layers]), strict=True)
+    ):
+        layer.token_mode = mode
+        layer.token_method = method
+        layer.ranks_for_fastv = method.name == "fastv" and index == method.fastv_layer - 1
+    previous = getattr(model, "_pmod_pool_hook", None)
+    if previous is not None:
+        previous.remove()
+        model._pmod_pool_hook = None
+    if method.name == "pool":
+        grid = pool_grid(vision_tokens, method.pool_tokens)
+        model._pmod_pool_hook = model.model.multi_modal_projector.register_forward_hook(
+            partial(_pool_projected, grid)
+        )
+
+
+def _pool_projected(grid: tuple[int, int], module, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on the projector: (images, V, hidden) -> (images, rows * columns, hidden)."""
+    return pool_features(output, grid)

@@ -48,6 +48,8 @@ class ModelFamily:
     fallback_template: ClassVar[str] = "vicuna_v1"
     # config attribute -> the placeholder token the processor expands into that kind of vision token
     media_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}
+    # each image is one square grid of vision tokens (the ``pool`` method averages it)
+    single_grid_images: ClassVar[bool] = False
 
     @property
     def dense_model_type(self) -> str:

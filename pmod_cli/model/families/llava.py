@@ -25,6 +25,7 @@ from .base import (
 class PMoDLlavaConfig(LlavaConfig):
     model_type = "pmod_llava"
     pmod: dict | None = None
+    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
 
 
 class PMoDLlavaForConditionalGeneration(PMoDModelMixin, LlavaForConditionalGeneration):
@@ -41,6 +42,7 @@ class LlavaFamily(ModelFamily):
     pmod_model_class = PMoDLlavaForConditionalGeneration
     processor_class = LlavaProcessor
     aspect_ratios = ("pad", "crop")
+    single_grid_images = True
 
     def image_processor(self, settings: dict[str, Any], aspect_ratio: str, grid_pinpoints) -> Any:
         return LlavaImageProcessor(**settings, do_pad=aspect_ratio == "pad")

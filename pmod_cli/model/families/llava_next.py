@@ -25,6 +25,7 @@ from .base import ModelFamily, encoded_token_counts, register_family
 class PMoDLlavaNextConfig(LlavaNextConfig):
     model_type = "pmod_llava_next"
     pmod: dict | None = None
+    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
 
 
 class PMoDLlavaNextForConditionalGeneration(PMoDModelMixin, LlavaNextForConditionalGeneration):
