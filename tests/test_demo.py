@@ -223,7 +223,10 @@ def test_baselines_answer_as_their_python_entry_points_on_shared_weights(checkpo
         ("fastv", lambda m: apply_fastv(m, layer=2, ratio=0.5), [16, 16, 8]),
         ("random", lambda m: apply_random(m, seed=0), [16, 8, 4]),
     ):
-        assert all(p is q for p, q in zip(engine.models[name].parameters(), model.parameters()))
+        assert all(
+            p is q
+            for p, q in zip(engine.models[name].parameters(), model.parameters(), strict=True)
+        )
         _, finished = run(engine, checkpoints["image"], name)
         answer, prompt_tokens, _ = greedy(
             checkpoints["pmod"], checkpoints["image"], prepare=prepare
