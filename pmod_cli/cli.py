@@ -367,7 +367,8 @@ def demo(
         None,
         "--method",
         metavar="METHOD",
-        help="Ways to run a request offered side by side: pmod, dense (default: all).",
+        help="Ways to run a request offered side by side: pmod, dense, fastv, random "
+        "(default: pmod,dense).",
     ),
     max_new_tokens: int = typer.Option(
         256, "--max-new-tokens", metavar="N", help="Longest answer, in tokens."

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 
-from pmod_cli import PMoDConfig, apply_pmod
+from pmod_cli import PMoDConfig, apply_fastv, apply_pmod, apply_random
 from pmod_cli.cli import main
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.demo.engine import DemoEngine, MethodRun
@@ -79,9 +79,11 @@ def picture(path) -> Image.Image:
         return image.convert("RGB")
 
 
-def greedy(checkpoint, image_path, question=QUESTION):
-    """The answer and prompt length of ``generate`` on the prompt every command builds."""
+def greedy(checkpoint, image_path, question=QUESTION, prepare=lambda model: model):
+    """The answer and prompt length of ``generate`` on the prompt every command builds (by the
+    loaded model after ``prepare``)."""
     model, processor = load_checkpoint(checkpoint)
+    model = prepare(model)
     prompt = build_prompt(processor, question, 1, "vicuna_v1")
     inputs = encode(processor, [prompt], [picture(image_path)], model)
     with torch.inference_mode():
@@ -205,8 +207,39 @@ def test_llava_next_routing_shown_is_the_prefill_routing(tmp_path):
 def test_method_selector():
     assert [method.name for method in select_methods()] == ["pmod", "dense"]
     assert [method.name for method in select_methods(["dense,pmod", "dense"])] == ["dense", "pmod"]
-    with pytest.raises(UserError, match="unknown --method fastv; the demo runs pmod, dense"):
-        select_methods(["fastv"])
+    assert [method.name for method in select_methods(["random,fastv"])] == ["random", "fastv"]
+    with pytest.raises(UserError, match="unknown --method pool; the demo runs pmod, dense, fastv"):
+        select_methods(["pool"])
+
+
+def test_baselines_answer_as_their_python_entry_points_on_shared_weights(checkpoints):
+    """FastV and random in the switch: the answer and kept tokens of ``apply_fastv`` /
+    ``apply_random`` on the checkpoint, their own FLOPs count, the p-MoD model untouched."""
+    model, processor = load_checkpoint(checkpoints["pmod"])
+    engine = DemoEngine(
+        model, processor, select_methods(["fastv", "random", "pmod"]), MAX_NEW_TOKENS
+    )
+    for name, prepare, kept in (
+        ("fastv", lambda m: apply_fastv(m, layer=2, ratio=0.5), [16, 16, 8]),
+        ("random", lambda m: apply_random(m, seed=0), [16, 8, 4]),
+    ):
+        assert all(
+            p is q
+            for p, q in zip(engine.models[name].parameters(), model.parameters(), strict=True)
+        )
+        _, finished = run(engine, checkpoints["image"], name)
+        answer, prompt_tokens, _ = greedy(
+            checkpoints["pmod"], checkpoints["image"], prepare=prepare
+        )
+        assert finished.answer.text == answer
+        assert [layer.kept_count for layer in finished.selection.layers] == kept
+        reference = count_flops_for_model(
+            prepare(load_checkpoint(checkpoints["pmod"])[0]),
+            vision_tokens=16,
+            text_tokens=prompt_tokens - 16,
+        )
+        assert finished.answer.flops.tflops == pytest.approx(reference.tflops)
+    assert model.retention_ratios == RATIOS and model.token_method.name == "pmod"
 
 
 # ---- the command: errors before any server starts ----------------------------------------

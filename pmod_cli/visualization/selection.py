@@ -116,16 +116,19 @@ def selection_from_routing(
     first call), e.g. of an answer generated elsewhere (``pmod demo`` records ``ChatSession.ask``)."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     layers = []
-    for index, ratio in enumerate(model.retention_ratios):
-        if ratio >= 1.0:  # a dense layer: it processed every token
+    for index in range(len(model.retention_ratios)):
+        record = prefill.get(index)
+        if record is None:  # a layer that ran every token (dense, or before FastV's layer K)
+            method = getattr(model, "token_method", None)
+            if model.retention_ratios[index] < 1.0 and (method is None or method.name == "pmod"):
+                raise KeyError(f"MoD layer {index} recorded no routing in this prefill")
             layers.append(LayerSelection(index, 1.0, np.ones(len(boxes), dtype=bool), None))
             continue
-        record = prefill[index]
         vision_mask = record.vision_mask[0]  # (seq,)
         layers.append(
             LayerSelection(
                 index,
-                ratio,
+                record.ratio,
                 record.keep_mask[0][vision_mask].numpy().astype(bool),
                 record.weights[0][vision_mask].numpy().astype(np.float32),
             )
