@@ -1,11 +1,14 @@
 """p-MoD against its dense twin, measured in one run: prefill, a training step, KV cache, peak memory.
 
     python benchmarks/bench_core.py --preset cpu            # ~1000 vision tokens, hidden 512, 16 layers
+    python benchmarks/bench_core.py --preset video          # LLaVA-OneVision, 16 frames = 4097 vision tokens
     python benchmarks/bench_core.py --preset gpu            # LLaVA-NeXT-7B shape, bf16 (needs a GPU)
     python benchmarks/bench_core.py --preset smoke          # toy size: does it run at all
 
-One random-weight LLaVA model is built, a deep copy is converted with ``apply_pmod`` (beta 0.5 by
-default), and both run the same inputs, after a warm-up. Times are the best of ``--repeats`` rounds in which dense and p-MoD alternate. Peak memory of a training step is the CUDA allocator's peak on GPU; on CPU, which has no
+One random-weight LLaVA model (``video``: LLaVA-OneVision, whose frames are pooled 2x2 as the model
+does) is built, a deep copy is converted with ``apply_pmod`` (beta 0.5 by default), and both run the
+same inputs, after a warm-up. Next to the measured ratios it prints the FLOPs ratio ``pmod flops``
+counts for the same prefill (paper count, and full count with causal attention). Times are the best of ``--repeats`` rounds in which dense and p-MoD alternate. Peak memory of a training step is the CUDA allocator's peak on GPU; on CPU, which has no
 allocator statistics, it is the activation memory the step saves for backward. Prints a table and, with ``--json``, one JSON object.
 """
 
@@ -18,9 +21,19 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
 from pmod_cli import apply_pmod
+from pmod_cli.efficiency.flops import count_flops_for_model
 from pmod_cli.model import kv_cache_bytes
 
 
@@ -37,6 +50,15 @@ class Preset:
     dtype: torch.dtype
     device: str
     repeats: int
+    frames: int = 0  # > 0: a LLaVA-OneVision video of this many frames instead of one image
+
+    @property
+    def vision_tokens(self) -> int:
+        if (
+            self.frames
+        ):  # each frame's grid x grid patches pooled to ceil(grid / 2) per side, one newline
+            return self.frames * (-(-self.grid // 2)) ** 2 + 1
+        return self.grid * self.grid
 
 
 PRESETS = {
@@ -47,6 +69,9 @@ PRESETS = {
     # LLaVA-NeXT-7B shape: 32 layers, hidden 4096; 54 x 54 = 2916 vision tokens (the paper's 2928
     # is no square grid: within 0.5 %)
     "gpu": Preset(4096, 11008, 32, 32, 32, 32000, 54, 58, torch.bfloat16, "cuda", 10),
+    # the CPU language model under a 16-frame video: 448 px frames of 32 x 32 patches, pooled to
+    # 16 x 16 = 256 tokens each, 4097 vision tokens in all (a Qwen2 decoder, as OneVision's)
+    "video": Preset(512, 1376, 16, 8, 8, 2048, 32, 58, torch.float32, "cpu", 3, frames=16),
     # a few seconds on any CPU: checks that the benchmark runs (gpu_check's own test), times nothing
     "smoke": Preset(64, 128, 4, 4, 2, 256, 4, 16, torch.float32, "cpu", 1),
 }
@@ -81,6 +106,56 @@ def build_dense(preset: Preset, vision_tokens: int) -> LlavaForConditionalGenera
         model = LlavaForConditionalGeneration(config).to(preset.dtype)
     model.set_attn_implementation("sdpa")
     return model
+
+
+def build_dense_onevision(preset: Preset) -> LlavaOnevisionForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=14 * preset.grid,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        hidden_size=preset.hidden,
+        intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads,
+        vocab_size=preset.vocab,
+        max_position_embeddings=8192,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=preset.vocab - 1,
+        video_token_id=preset.vocab - 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    with torch.device(preset.device):
+        model = LlavaOnevisionForConditionalGeneration(config).to(preset.dtype)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def make_video_inputs(preset: Preset) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    half = preset.text_tokens // 2
+    text = torch.randint(0, preset.vocab - 2, (preset.text_tokens,), generator=generator)
+    video = torch.full((preset.vision_tokens,), preset.vocab - 2)
+    input_ids = torch.cat([text[:half], video, text[half:]])[None].to(preset.device)
+    size = 14 * preset.grid
+    pixels = torch.randn(1, preset.frames, 3, size, size, generator=generator)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos": pixels.to(preset.device, preset.dtype),
+        "labels": input_ids.masked_fill(input_ids >= preset.vocab - 2, -100),
+    }
 
 
 def make_inputs(preset: Preset, vision_tokens: int) -> dict[str, torch.Tensor]:
@@ -209,16 +284,23 @@ def main() -> None:
         preset.repeats = args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
-    vision_tokens = preset.grid * preset.grid
+    vision_tokens = preset.vision_tokens
 
-    dense = build_dense(preset, vision_tokens)
+    dense = build_dense_onevision(preset) if preset.frames else build_dense(preset, vision_tokens)
     pmod = apply_pmod(copy.deepcopy(dense), beta=args.beta)
-    inputs = make_inputs(preset, vision_tokens)
+    inputs = make_video_inputs(preset) if preset.frames else make_inputs(preset, vision_tokens)
 
     results = measure({"dense": dense, "pmod": pmod}, inputs, preset)
     for name, model in (("dense", dense), ("pmod", pmod)):
         results[name]["peak_memory_bytes"] = peak_memory_bytes(model, inputs, preset.device)
     ratios = {key: results["pmod"][key] / results["dense"][key] for key in results["dense"]}
+    media = {"video_frames": preset.frames} if preset.frames else {"vision_tokens": vision_tokens}
+    counted = {
+        count: count_flops_for_model(
+            pmod, text_tokens=preset.text_tokens, count=count, **media
+        ).ratio
+        for count in ("paper", "full")
+    }
     report = {
         "preset": args.preset,
         "beta": args.beta,
@@ -226,7 +308,9 @@ def main() -> None:
         "text_tokens": preset.text_tokens,
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if preset.device == "cuda" else "cpu",
+        "frames": preset.frames,
         "mod_layers": sum(r < 1 for r in pmod.retention_ratios),
+        "flops_ratio": counted,  # pmod flops' count of this prefill: paper and full (causal attention)
         "dense": results["dense"],
         "pmod": results["pmod"],
         "pmod_over_dense": ratios,
@@ -252,6 +336,9 @@ def main() -> None:
             key, fmt(results["dense"][key]), fmt(results["pmod"][key]), f"{ratios[key]:.3f}"
         )
     Console().print(table)
+    print(
+        f"FLOPs p-MoD / dense (pmod flops): paper count {counted['paper']:.3f}, full count {counted['full']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def flops(
         None,
         "--model",
         metavar="PRESET",
-        help="Shape preset (default llava-next-7b); see docs/flops.md.",
+        help="Shape preset (default llava-next-7b; also llava-onevision-qwen2-7b, ...); see docs/flops.md.",
     ),
     config: str = typer.Option(
         None, "--config", metavar="PATH", help="HF config.json or checkpoint dir, dense or p-MoD."
@@ -159,6 +159,12 @@ def flops(
     ),
     text_tokens: int = typer.Option(
         None, "--text-tokens", metavar="T", help="Text tokens (default 58, as in the paper)."
+    ),
+    video_frames: int = typer.Option(
+        None,
+        "--video-frames",
+        metavar="N",
+        help="Count a video of N frames instead of an image (LLaVA-OneVision: 196 tokens a frame).",
     ),
     count: str = typer.Option(
         "paper",
@@ -238,6 +244,7 @@ def flops(
         calibration=calibration,
         calibration_samples=calibration_samples,
         image_folder=image_folder,
+        video_frames=video_frames,
         methods=_split_methods(method),
         fastv_layer=fastv_layer,
         fastv_ratio=fastv_ratio,
@@ -263,7 +270,23 @@ def flops(
 
 @app.command()
 def visualize(
-    image: Path = typer.Argument(..., metavar="IMAGE", help="The image to route (PNG, JPEG, ...)."),
+    images: list[Path] = typer.Argument(
+        None,
+        metavar="[IMAGE]...",
+        help="The image(s) to route (PNG, JPEG, ...); several go side by side.",
+    ),
+    video: Path = typer.Option(
+        None,
+        "--video",
+        metavar="FILE",
+        help="A video to route (LLaVA-OneVision): a frames x layers grid.",
+    ),
+    frames: int = typer.Option(
+        None,
+        "--frames",
+        metavar="N",
+        help="Frames sampled from --video (default: as the checkpoint trained, else 8).",
+    ),
     checkpoint: Path = typer.Option(
         None,
         "--checkpoint",
@@ -282,7 +305,7 @@ def visualize(
         metavar="TEXT",
         help="The question asked with the image (default: Describe the image.).",
     ),
-    output: Path = _output_option("Figure file (default: <image stem>_pmod.png)."),
+    output: Path = _output_option("Figure file (default: <image or video stem>_pmod.png)."),
     matrix: bool = typer.Option(
         False, "--matrix", help="Add the layers x vision-token matrix (the paper's Figure 6)."
     ),
@@ -292,17 +315,25 @@ def visualize(
     device: str = _device_option(),
     as_json: bool = _json_option(),
 ) -> None:
-    """Show which image patches each p-MoD layer keeps: a figure and a table of kept counts."""
+    """Show which image patches (and video frames' patches) each p-MoD layer keeps: a figure and a
+    table of kept counts."""
+    if not images and video is None:  # checked before the ML stack loads, as Typer's own are
+        raise UserError(
+            "missing argument 'IMAGE': give one or more images, or --video FILE "
+            "(see 'pmod visualize --help')"
+        )
     from .visualization.visualize import kept_table, kept_to_json, visualize_routing
 
     result = visualize_routing(
-        image,
+        images or [],
         checkpoint=checkpoint,
         layers=layers,
         prompt=prompt,
         output=output,
         matrix=matrix,
         heatmap=heatmap,
+        video=video,
+        frames=frames,
         device=device,
     )
     if as_json:
@@ -365,7 +396,8 @@ def convert(
     source: Path = typer.Argument(
         ...,
         metavar="SOURCE",
-        help="A llava-hf, original LLaVA or official p-MoD checkpoint directory, or a LoRA adapter directory (format detected).",
+        help="A llava-hf (LLaVA, LLaVA-NeXT, LLaVA-OneVision), original LLaVA or official p-MoD "
+        "checkpoint directory, or a LoRA adapter directory (format detected).",
     ),
     output: Path = typer.Argument(
         ..., metavar="OUTPUT", help="Where to write the HF-native checkpoint (a new directory)."
@@ -452,7 +484,7 @@ def arank(
     checkpoint: str = typer.Argument(
         ...,
         metavar="CHECKPOINT",
-        help="A LLaVA / LLaVA-NeXT checkpoint directory, plain HF or p-MoD (or tiny:base).",
+        help="A LLaVA / LLaVA-NeXT / OneVision checkpoint directory, plain HF or p-MoD (or tiny:base).",
     ),
     data: str = typer.Option(
         ...,
@@ -515,13 +547,13 @@ def evaluate(
     checkpoints: list[Path] = typer.Argument(
         ...,
         metavar="CHECKPOINT",
-        help="p-MoD or plain LLaVA / LLaVA-NeXT checkpoint directories.",
+        help="p-MoD or plain LLaVA / LLaVA-NeXT / OneVision checkpoint directories.",
     ),
     tasks: str = typer.Option(
         ...,
         "--tasks",
         metavar="TASK,TASK",
-        help="Comma-separated lmms-eval tasks, e.g. pmod_tiny_vqa or pmod_paper14.",
+        help="Comma-separated lmms-eval tasks, e.g. pmod_tiny_vqa, pmod_tiny_video or pmod_paper14.",
     ),
     limit: int = typer.Option(
         None, "--limit", metavar="N", help="Evaluate only the first N samples of each task."

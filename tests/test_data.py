@@ -124,7 +124,7 @@ def test_truncation_never_cuts_image_tokens(llava_processor):
     assert cut.truncated and len(cut.input_ids) == first_reply_end
     assert int((cut.input_ids == encoder.image_token_id).sum()) == 64
     # a limit inside the image tokens skips the sample instead
-    with pytest.raises(SkipSample, match="image tokens"):
+    with pytest.raises(SkipSample, match="vision tokens"):
         SampleEncoder(llava_processor, get_template("vicuna_v1"), max_length=image_end - 5).encode(
             CONVERSATION, [image()]
         )
@@ -147,13 +147,16 @@ def test_anyres_token_counts_follow_the_processor(next_processor):
         assert int((sample.input_ids == encoder.image_token_id).sum()) == int(
             (expected == encoder.image_token_id).sum()
         )
-        assert sample.image_sizes.tolist() == [[h, w]]
+        assert sample.vision_inputs["image_sizes"].tolist() == [[h, w]]
     counts = {int((s.input_ids == encoder.image_token_id).sum()) for s in samples}
     assert len(counts) >= 2  # the count depends on the image's shape
     batch = Collator(next_processor.tokenizer.pad_token_id)(
         [{**vars(s), "skipped": []} for s in samples]
     )
-    assert batch["pixel_values"].shape[:2] == (3, max(s.pixel_values.shape[1] for s in samples))
+    assert batch["pixel_values"].shape[:2] == (
+        3,
+        max(s.vision_inputs["pixel_values"].shape[1] for s in samples),
+    )
     assert batch["image_sizes"].shape == (3, 2)
     # right padding: real tokens first, then pad with labels -100
     lengths = [len(s.input_ids) for s in samples]
@@ -168,7 +171,7 @@ def test_text_only_samples_and_missing_placeholder(llava_processor):
         [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]
     )
     assert (
-        text_only.pixel_values is None and supervised_text(llava_processor, text_only) == " hi</s>"
+        text_only.vision_inputs == {} and supervised_text(llava_processor, text_only) == " hi</s>"
     )
     # LLaVA data sometimes leaves <image> out: the image then leads the first turn
     no_placeholder = encoder.encode(
@@ -235,7 +238,7 @@ def test_bad_samples_are_named_counted_and_limited(tmp_path, caplog, llava_proce
     cut_position = [records[i]["id"] for i in scan.valid].index("cut")
     item = dataset[cut_position]
     assert (
-        item["skipped"] == ["cut"] and item["pixel_values"] is None
+        item["skipped"] == ["cut"] and item["vision_inputs"] == {}
     )  # the text-only sample after it
 
 
@@ -379,7 +382,7 @@ def test_plain_keeps_the_images_of_later_turns(llava_processor):
     ]
     sample = encoder.encode(conversation, [image(), image(colour=(0, 0, 200))])
     assert int((sample.input_ids == encoder.image_token_id).sum()) == 2 * 64
-    assert sample.pixel_values.shape[0] == 2
+    assert sample.vision_inputs["pixel_values"].shape[0] == 2
     assert supervised_text(llava_processor, sample) == "red\n"
 
 

@@ -24,7 +24,11 @@ from pmod_cli.model.loading import load_checkpoint
 from pmod_cli.model.presets import read_model_shape
 from pmod_cli.visualization.selection import select_tokens
 
-LAYOUTS = {"llava": "llava", "llava_next": "next"}  # family name -> tests/tiny_models layout
+LAYOUTS = {
+    "llava": "llava",
+    "llava_next": "next",
+    "llava_onevision": "onevision",
+}  # family -> tiny_models layout
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -75,8 +75,10 @@ def test_default_token_counts_follow_the_image_layouts():
     # LLaVA-NeXT at its 2x2 grid: base 24x24 + (48 rows of 48 features + a newline each)
     assert get_preset("llava-next-7b").vision_tokens == 24 * 24 + 48 * 49 == 2928
     assert get_preset("llava-next-13b").vision_crops == 5
-    # SigLIP-384/14: 27x27 per crop, no CLS
-    assert get_preset("llava-onevision-qwen2-7b").vision_tokens == 27 * 27 + 54 * 55
+    # SigLIP-384/14: 27x27 per crop, no CLS; OneVision's largest anyres_max_9 layout is a 5x2 grid
+    # (135 x 54 features, within 10 % of 9 crops, so not shrunk), each row closed by a newline
+    assert get_preset("llava-onevision-qwen2-7b").vision_tokens == 27 * 27 + 135 * 55
+    assert get_preset("llava-onevision-qwen2-0.5b").vision_crops == 1 + 10
     assert all(shape.text_tokens == 58 for shape in PRESETS.values())
 
 
@@ -115,11 +117,7 @@ def test_presets_build_real_hf_models_with_the_same_shape(name):
     shape = PRESETS[name]
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(shape.to_hf_config())
-    assert type(model).__name__ == (
-        "LlavaForConditionalGeneration"
-        if shape.layout == "llava"
-        else "LlavaNextForConditionalGeneration"
-    )
+    assert type(model) is shape.family.dense_model_class
     read_back = shape_from_hf_config(model.config)
     assert read_back.vision == shape.vision
     assert read_back.vision_tokens == shape.vision_tokens
@@ -210,6 +208,20 @@ TINY_NEXT = ModelShape(
 )
 
 
+# LLaVA-OneVision: SigLIP tower, Qwen2; the 224 px grid (16 x 16 features) is shrunk to 12 x 12 by
+# anyres_max_9, and a video frame is 4 x 4 features pooled to 2 x 2
+TINY_ONEVISION = ModelShape(
+    "tiny-onevision",
+    "llava_onevision",
+    TINY_NEXT.text,
+    dataclasses.replace(TINY_NEXT.vision, image_size=56, pooling_head=False),
+    image_token_id=299,
+    video_token_id=298,
+    image_grid_pinpoints=((56, 56), (56, 112), (112, 112), (224, 224)),
+    text_tokens=7,
+)
+
+
 def tiny_prefill_inputs(shape: ModelShape) -> dict:
     """One prompt with the image at its largest layout: text, V image tokens, text."""
     head = shape.text_tokens // 2
@@ -260,8 +272,9 @@ def measure(model, inputs):
     [
         (TINY_LLAVA, PMoDConfig(beta=0.5)),  # PRD: layer 0 dense, ratios 0.75, 0.25, 0.15
         (TINY_NEXT, PMoDConfig(ratios=[0.5, 1.0, 0.3, 0.6])),  # layer 0 is a MoD layer
+        (TINY_ONEVISION, PMoDConfig(beta=0.5)),
     ],
-    ids=["llava-clip-llama", "next-siglip-qwen2"],
+    ids=["llava-clip-llama", "next-siglip-qwen2", "onevision-anyres-max-9"],
 )
 def test_analytic_count_equals_flop_counter_on_real_prefill(shape, pmod):
     torch.manual_seed(0)
@@ -294,6 +307,84 @@ def test_analytic_count_equals_flop_counter_on_real_prefill(shape, pmod):
     from_model = count_flops_for_model(model, text_tokens=shape.text_tokens)
     assert from_model.flops == paper.flops and from_model.dtype == "float32"
     assert from_model.retention_ratios == paper.retention_ratios
+
+
+def test_video_count_equals_flop_counter_on_a_real_video_prefill():
+    """Frames through the tower and projector, pooled 2x2 (bilinear: not a multiply the count or
+    the FLOP counter sees), then frames x 4 + 1 vision tokens in the language model."""
+    torch.manual_seed(0)
+    shape, frames = TINY_ONEVISION, 3
+    model = AutoModelForImageTextToText.from_config(
+        shape.to_hf_config(), attn_implementation="eager"
+    ).eval()
+    vision_tokens, crops = shape.video_tokens(frames)
+    assert (vision_tokens, crops) == (frames * 4 + 1, frames)
+    input_ids = [1, 2, 3] + [shape.video_token_id] * vision_tokens + [50, 51, 52, 53]
+    inputs = {
+        "input_ids": torch.tensor([input_ids]),
+        "pixel_values_videos": torch.randn(
+            1, frames, 3, 56, 56, generator=torch.Generator().manual_seed(0)
+        ),
+    }
+    apply_pmod(model, PMoDConfig(ratios=[0.5, 1.0, 0.3, 0.6]))
+    measured, cache = measure(model, inputs)
+    full = count_flops(
+        shape,
+        model.retention_ratios,
+        count="full",
+        attention_pairs="all",
+        dtype="fp32",
+        video_frames=frames,
+    )
+    assert full.vision_tokens == vision_tokens and full.vision_crops == frames
+    for component in ("attention_products", "vision_tower", "projector"):
+        assert measured[component] == full.components[component], component
+    assert measured["total"] == full.flops
+    assert kv_cache_lengths(cache) == [[row.tokens] for row in full.layers]
+
+
+def test_onevision_token_counts_follow_the_processor_rules():
+    """The preset's counts come from the rules LlavaOnevisionProcessor applies: every pinpoint's
+    one-image layout (anyres_max_9) and a video's pooled frames."""
+    from tiny_models import tiny_tokenizer
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    from pmod_cli.model.families.anyres import anyres_tokens
+
+    shape = get_preset("llava-onevision-qwen2-7b")
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(),
+        video_processor=LlavaOnevisionVideoProcessor(),
+        tokenizer=tokenizer,
+        num_image_tokens=729,
+        vision_feature_select_strategy="full",
+    )
+    sizes = [list(pinpoint) for pinpoint in shape.image_grid_pinpoints] + [
+        [480, 640],
+        [1000, 300],
+        [300, 2000],
+    ]
+    expected = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    counted = [
+        anyres_tokens(
+            h, w, grid_pinpoints=shape.image_grid_pinpoints, tile_size=384, side=27, max_crops=9
+        )[0]
+        for h, w in sizes
+    ]
+    assert counted == expected
+    assert shape.vision_tokens == max(expected[: len(shape.image_grid_pinpoints)])
+    video = processor._get_num_multimodal_tokens(video_sizes=[[32, 384, 384]])["num_video_tokens"]
+    assert shape.video_tokens(32)[0] == video[0] == 32 * 196 + 1
+    result = count_flops(shape, [1.0] * shape.text.num_layers, video_frames=32)
+    assert result.vision_tokens == 32 * 196 + 1
+    with pytest.raises(UserError, match="takes no video"):
+        count_flops(get_preset("llava-next-7b"), video_frames=8)
 
 
 def test_causal_pairs_count_each_query_against_earlier_keys_only():

@@ -24,6 +24,9 @@ SHIPPED = [
     "tiny.toml",
     "gamma_llava_1_5.toml",
     "gamma_tiny.toml",
+    "llava_onevision.toml",
+    "llava_onevision_tiny_pretrain.toml",
+    "llava_onevision_tiny.toml",
 ]
 
 
@@ -225,6 +228,38 @@ def test_dry_run_plans_real_recipes_without_download():
     assert gamma.flops.routed_tokens == "all" and gamma.flops.competing_tokens == 576 + 35
     assert [row.kind for row in gamma.flops.layers] == ["dense"] * 3 + ["MoD"] * 28 + ["dense"]
     assert gamma.flops.layers[3].tokens == (58 - 35) + (576 + 35) // 2
+
+
+def test_dry_run_plans_the_onevision_recipe_from_its_preset():
+    plan = make_training_plan("sft", load_recipe(RECIPES / "llava_onevision.toml"))
+    assert (
+        "preset llava-onevision-qwen2-7b" in plan.model_source
+        and plan.shape.layout == "llava_onevision"
+    )
+    # PRD at beta 0.5 on Qwen2-7B's 28 layers: dense 0-6, MoD 7-27, one Linear(3584, 1) router each
+    assert [r < 1 for r in plan.retention_ratios] == [False] * 7 + [True] * 21
+    assert plan.parameters["router"] == (21 * 3585, 21 * 3585)
+    assert plan.parameters["vision_tower"][0] == 0 and plan.parameters["connector"][0] > 0
+    # the largest anyres_max_9 layout (a 5 x 2 grid): 729 base + 135 rows of 54 features and a newline
+    assert (
+        plan.flops.vision_tokens == 729 + 135 * 55
+        and plan.flops.tflops < 0.6 * plan.flops.baseline_tflops
+    )
+    assert not plan.data.found
+
+
+def test_onevision_recipes_name_their_family_and_budget():
+    sft = load_recipe(RECIPES / "llava_onevision_tiny.toml")
+    assert sft.model.layout == "llava_onevision" and sft.data.image_aspect_ratio == "anyres_max_9"
+    assert sft.data.video_frames == 8 and sft.pmod.config.budget == "sample"
+    with pytest.raises(UserError, match="takes data.image_aspect_ratio = 'anyres_max_9'"):
+        load_recipe(RECIPES / "llava_onevision_tiny.toml", ["data.image_aspect_ratio=anyres"])
+    with pytest.raises(UserError, match="data.video_frames must be positive"):
+        load_recipe(RECIPES / "llava_onevision_tiny.toml", ["data.video_frames=0"])
+    with pytest.raises(
+        UserError, match=r"\[pmod\]: unknown budget .frame.; choose one of sample, image"
+    ):
+        load_recipe(RECIPES / "llava_onevision_tiny.toml", ["pmod.budget=frame"])
 
 
 def test_dry_run_checks_every_sample_of_the_tiny_set():

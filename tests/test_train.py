@@ -453,3 +453,58 @@ def test_deepspeed_zero2_on_two_cpu_processes(pretrained, tmp_path):
     }
     model = AutoModelForImageTextToText.from_pretrained(output)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_onevision_sft_on_images_pairs_and_videos(tmp_path):
+    """The tiny OneVision from parts, a few steps on a small media set (single images, pairs,
+    videos); then from the tiny OneVision checkpoint with its own chat template."""
+    from pmod_cli.data.media import generate
+
+    media = generate(tmp_path / "media", train_samples=4, heldout_samples=1)
+    recipe = ROOT / "recipes" / "llava_onevision_tiny.toml"
+    common = [
+        f"data.path={media / 'sft_train.json'}",
+        "data.video_frames=3",
+        "train.max_steps=3",
+        *FAST,
+    ]
+    result = sft(
+        load_recipe(
+            recipe,
+            [f"train.output_dir={tmp_path / 'parts'}", "model.pretrained_connector=", *common],
+        )
+    )
+    summary = result.summary
+    assert summary["steps"] == 3 and summary["pmod"] and summary["flops_ratio"] < 1.0
+    # video tokens count as vision tokens: 3 frames x 4 + 1 for a third of the samples
+    assert summary["mean_vision_tokens"] > 20
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "parts")
+    processor = AutoProcessor.from_pretrained(tmp_path / "parts")
+    assert type(model).__name__ == "PMoDLlavaOnevisionForConditionalGeneration"
+    assert processor.video_processor.num_frames == 3  # evaluation samples as many frames
+
+    base = resolve_tiny_path("tiny:base_onevision")
+    checkpoint_run = sft(
+        load_recipe(
+            recipe,
+            [
+                f"train.output_dir={tmp_path / 'checkpoint'}",
+                "model.vision_tower=",
+                "model.llm=",
+                "model.pretrained_connector=",
+                "model.checkpoint=tiny:base_onevision",
+                "data.template=chat_template",
+                "pmod.budget=image",
+                *common,
+            ],
+        )
+    )
+    assert checkpoint_run.summary["steps"] == 3
+    saved = AutoProcessor.from_pretrained(tmp_path / "checkpoint")
+    assert (
+        saved.chat_template == AutoProcessor.from_pretrained(base).chat_template
+    )  # its own template stays
+    assert (
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "checkpoint").pmod_config.budget
+        == "image"
+    )

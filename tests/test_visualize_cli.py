@@ -216,3 +216,130 @@ def test_user_errors_end_in_one_line_and_exit_code_2(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err and not (tmp_path / "out.png").exists()
+
+
+# ---- LLaVA-OneVision: several images side by side, a video as frames x layers ----------------
+
+
+def brightness_router_onevision(first_layer_ratio: float):
+    """The brightness detector on a tiny OneVision (SigLIP-style tower: no pre-norm, no CLS)."""
+    model, processor = tiny_model(layout="onevision", layers=2)
+    vision = model.model.vision_tower
+    with torch.no_grad():
+        patch_embedding = vision.embeddings.patch_embedding.weight  # (hidden, 3, 14, 14)
+        patch_embedding.zero_()
+        patch_embedding[0, 0] = 1.0 / (patch_embedding.shape[-1] * patch_embedding.shape[-2])
+        vision.embeddings.patch_embedding.bias.zero_()
+        vision.embeddings.position_embedding.weight.zero_()
+        for layer in vision.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        for linear in (
+            model.model.multi_modal_projector.linear_1,
+            model.model.multi_modal_projector.linear_2,
+        ):
+            linear.weight.zero_()
+            linear.weight[0, 0] = 1.0
+            linear.bias.zero_()
+        model.model.image_newline.zero_()
+        model.model.image_newline[0] = -1.0  # newline tokens lose against every patch
+    apply_pmod(model, PMoDConfig(ratios=[first_layer_ratio, 1.0]))
+    with torch.no_grad():
+        router = model.model.language_model.layers[0].router
+        router.weight.zero_()
+        router.weight[0, 0] = 10.0
+        router.bias.zero_()
+    return model, processor
+
+
+def test_onevision_video_is_a_frames_by_layers_grid_of_the_bright_patches(tmp_path):
+    from pmod_cli.data.video import write_video
+
+    # 3 frames of 56x56; in frame f the bright 28x28 quadrant moves: pooled 2x2, one token each
+    quadrants = [(0, 0, 28, 28), (28, 0, 56, 28), (28, 28, 56, 56)]
+    frames = np.zeros((3, 56, 56, 3), dtype=np.uint8)
+    for frame, (x0, y0, x1, y1) in enumerate(quadrants):
+        frames[frame, y0:y1, x0:x1] = 255
+    video = write_video(tmp_path / "moving.mp4", frames)
+    # 3 frames x 4 pooled tokens + the closing newline = 13 vision tokens; keep the 3 bright ones
+    checkpoint = save_checkpoint(*brightness_router_onevision(3.2 / 13), tmp_path / "ov")
+    result = visualize_routing(
+        video=video,
+        frames=3,
+        checkpoint=checkpoint,
+        layers="0,1",
+        output=tmp_path / "video.png",
+        matrix=True,
+    )
+    assert result.selection.num_vision == 13 and result.selection.layers[0].kept_count == 3
+    for frame, quadrant in enumerate(quadrants):
+        assert kept_rectangles(result.figure, f"layer 0 frame {frame + 1}") == {quadrant}
+        assert (
+            len(kept_rectangles(result.figure, f"layer 1 frame {frame + 1}")) == 4
+        )  # a dense layer
+    labels = {axes.get_label() for axes in result.figure.axes}
+    assert labels == {f"layer {layer} frame {frame}" for layer in (0, 1) for frame in (1, 2, 3)} | {
+        "matrix"
+    }
+
+
+def test_onevision_several_images_side_by_side(tmp_path, monkeypatch, capsys):
+    # two images in one prompt: each padded to a square, one 56 px crop of 4x4 patches + a newline
+    first = image_file(tmp_path / "first.png", 56, 56, [(14, 14, 28, 28)])
+    second = image_file(
+        tmp_path / "second.png", 112, 56, [(0, 0, 28, 28)]
+    )  # padded by 28 px above and below
+    checkpoint = save_checkpoint(*brightness_router_onevision(2.5 / 34), tmp_path / "ov")
+    result = visualize_routing(
+        [first, second], checkpoint=checkpoint, layers=[0], output=tmp_path / "pair.png"
+    )
+    assert kept_rectangles(result.figure, "layer 0 image 1") == {(14, 14, 28, 28)}
+    assert kept_rectangles(result.figure, "layer 0 image 2") == {(0, 0, 28, 28)}
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        first,
+        second,
+        "--checkpoint",
+        checkpoint,
+        "--output",
+        tmp_path / "cli.png",
+    )
+    assert code == 0 and "2/34" in out and (tmp_path / "cli.png").exists()
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no input", "missing argument 'IMAGE'"),
+        ("unreadable video", "cannot read"),
+        ("video for LLaVA", "takes no video"),
+    ],
+)
+def test_video_user_errors_end_in_one_line(
+    case, message, checkpoints, tmp_path, monkeypatch, capsys
+):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not a video")
+    if case == "no input":
+        args = ["--checkpoint", checkpoints["llava"]]
+    elif case == "unreadable video":
+        checkpoint = save_checkpoint(*brightness_router_onevision(0.5), tmp_path / "ov")
+        args = ["--video", clip, "--checkpoint", checkpoint]
+    else:
+        from pmod_cli.data.video import write_video
+
+        args = [
+            "--video",
+            write_video(tmp_path / "ok.mp4", np.zeros((2, 56, 56, 3), np.uint8)),
+            "--checkpoint",
+            checkpoints["llava"],
+        ]
+    capsys.readouterr()  # what saving the checkpoint printed
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--output", tmp_path / "out.png")
+    lines = err.strip().splitlines()
+    assert (
+        code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    ), err
+    assert not (tmp_path / "out.png").exists()

@@ -44,7 +44,7 @@ def next_selection(width: int = 168, height: int = 56) -> TokenSelection:
         ),
     ]
     image = np.full((height, width, 3), 200, dtype=np.uint8)
-    return TokenSelection(image, boxes, layers)
+    return TokenSelection([image], boxes, layers)
 
 
 def panel(figure, label):
@@ -158,7 +158,7 @@ def test_llava_figure_is_written_with_one_panel_per_layer(tmp_path):
         LayerSelection(i, 0.5, np.arange(16) % 2 == i % 2, np.linspace(0.9, 1.1, 16))
         for i in range(4)
     ]
-    selection = TokenSelection(np.zeros((112, 168, 3), dtype=np.uint8), boxes, layers)
+    selection = TokenSelection([np.zeros((112, 168, 3), dtype=np.uint8)], boxes, layers)
     figure = draw_selection(selection, [1, 3])
     assert sorted(axes.get_label() for axes in figure.axes) == ["layer 1 image", "layer 3 image"]
     # the cropped-away sides are marked: 28 px left and right
@@ -211,7 +211,7 @@ def test_every_kept_token_is_drawn_also_on_padding():
         LayerSelection(0, 1.0, np.ones(16, dtype=bool), None),
         LayerSelection(1, 0.4, kept, np.linspace(0.9, 1.1, 16)),
     ]
-    selection = TokenSelection(np.full((height, width, 3), 200, dtype=np.uint8), boxes, layers)
+    selection = TokenSelection([np.full((height, width, 3), 200, dtype=np.uint8)], boxes, layers)
     axes = panel(draw_selection(selection, [1]), "layer 1 image")
     outlines = next(c for c in axes.collections if c.get_gid() == "kept").get_paths()
     assert len(outlines) == layers[1].kept_count == 6 and "kept 6/16" in axes.get_title()

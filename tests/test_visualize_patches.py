@@ -264,6 +264,61 @@ def test_unpadded_window(height, width, map_size, rows, cols):
     assert unpadded_window(height, width, *map_size) == (rows, cols)
 
 
+# ---- LLaVA-OneVision ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width,height", SIZES + [(224, 224), (230, 120)])
+def test_onevision_boxes_count_what_the_processor_counts(width, height):
+    model, processor = tiny_model(layout="onevision", layers=1)
+    inputs = processor(
+        text=["<image>"], images=[Image.new("RGB", (width, height))], return_tensors="pt"
+    )
+    tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert len(patch_boxes_for(processor, model.config, height, width)) == tokens
+
+
+def test_onevision_high_res_tokens_of_a_shrunk_map_cover_larger_cells():
+    from pmod_cli.visualization.patches import (
+        FRAME_VIEW,
+        onevision_frame_boxes,
+        onevision_patch_boxes,
+        onevision_several_image_boxes,
+    )
+
+    model, processor = tiny_model(layout="onevision", layers=1)
+    # 224 x 224: the 4x4 grid of 56 px tiles gives 16 x 16 features, shrunk by anyres_max_9 to 12 x 12
+    boxes = onevision_patch_boxes(processor, model.config, 224, 224)
+    assert len(boxes) == 16 + 12 * 13
+    assert [box.view for box in boxes[:16]] == [BASE_VIEW] * 16
+    assert (boxes[0].x0, boxes[0].x1) == (0, 56)  # the base view: 4 x 4 patches of 56 px
+    cell = 224 / 12
+    first, last_in_row = boxes[16], boxes[16 + 11]
+    assert first.view == HIGH_RES_VIEW and (first.x0, first.y0) == (0, 0)
+    assert (first.x1, first.y1) == pytest.approx((cell, cell))
+    assert (last_in_row.x0, last_in_row.x1) == pytest.approx((11 * cell, 224))
+    assert boxes[16 + 12] is None  # the row's newline
+    assert (boxes[-2].x1, boxes[-2].y1) == pytest.approx((224, 224)) and boxes[-1] is None
+    # one of several images: padded to a square (112 x 56 -> 28 px above and below), one crop of
+    # 4 x 4 patches of 28 px, then a newline
+    several = onevision_several_image_boxes(processor, model.config, 56, 112)
+    assert len(several) == 17 and several[-1] is None
+    assert (several[4].x0, several[4].y0, several[4].x1, several[4].y1) == (
+        0,
+        0,
+        28,
+        28,
+    )  # row 1 starts below the pad
+    # a video frame: squashed to one crop, 2 x 2 pooled tokens, each over half the frame
+    frame = onevision_frame_boxes(processor, model.config, 50, 70)
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in frame] == [
+        (0, 0, 35, 25),
+        (35, 0, 70, 25),
+        (0, 25, 35, 50),
+        (35, 25, 70, 50),
+    ]
+    assert {b.view for b in frame} == {FRAME_VIEW}
+
+
 def test_llava_pad_to_square_boxes_by_hand():
     # 168x56 padded to 168x168 (56 px above and below), resized to 56x56: 4x4 patches of 42x42
     boxes = llava_patch_boxes(

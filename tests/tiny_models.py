@@ -1,4 +1,5 @@
-"""Tiny LLaVA / LLaVA-NeXT models and processors built from configs: no download, seconds on a CPU."""
+"""Tiny LLaVA / LLaVA-NeXT / LLaVA-OneVision models and processors built from configs: no download,
+seconds on a CPU."""
 
 from __future__ import annotations
 
@@ -16,16 +17,34 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    SiglipVisionConfig,
 )
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 PATCH = 14
 BASE_IMAGE = 56  # 4x4 = 16 vision tokens per crop
 GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+# OneVision: 4x4 features per crop; a 4x4 grid (16 x 16 features) exceeds anyres_max_9 and is shrunk
+OV_GRID_PINPOINTS = [
+    [56, 56],
+    [56, 112],
+    [112, 56],
+    [112, 112],
+    [112, 168],
+    [168, 112],
+    [168, 168],
+    [224, 224],
+]
 
 _CORPUS = [
     "USER: what colour is the square? ASSISTANT: red",
@@ -85,7 +104,10 @@ def tiny_model(
     attn: str = "sdpa",
     seed: int = 0,
 ):
-    """A random-weight LLaVA (``layout='llava'``) or LLaVA-NeXT model and its processor."""
+    """A random-weight LLaVA (``layout='llava'``), LLaVA-NeXT (``'next'``) or LLaVA-OneVision
+    (``'onevision'``) model and its processor."""
+    if layout == "onevision":
+        return tiny_onevision(text_model, layers, attn, seed)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -144,6 +166,55 @@ def tiny_model(
     model = model_class(config).eval()
     model.set_attn_implementation(attn)
     return model, processor
+
+
+def tiny_onevision(text_model: str = "qwen2", layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    """A random-weight LLaVA-OneVision (SigLIP-style tower, 56 px crops) and its processor, with
+    image and video processors and ``<image>`` / ``<video>`` tokens."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]})
+    tokenizer.video_token = VIDEO_TOKEN
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=BASE_IMAGE,
+        patch_size=PATCH,
+        vision_use_head=False,
+    )
+    text = _text_config(text_model, len(tokenizer), tokenizer.pad_token_id, layers)
+    config = LlavaOnevisionConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=OV_GRID_PINPOINTS,
+    )
+    config.text_config._attn_implementation = attn
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    size = {"height": BASE_IMAGE, "width": BASE_IMAGE}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size=size, image_grid_pinpoints=OV_GRID_PINPOINTS
+        ),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=(BASE_IMAGE // PATCH) ** 2,
+        vision_feature_select_strategy="full",
+    )
+    return model, processor
+
+
+def random_video(frames: int, width: int, height: int, seed: int) -> np.ndarray:
+    """(frames, height, width, 3) uint8 frames, as a video decoder returns them."""
+    return np.random.default_rng(seed).integers(
+        0, 256, size=(frames, height, width, 3), dtype=np.uint8
+    )
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:

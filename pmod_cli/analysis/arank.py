@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import template_for_model
 from ..runtime import parse_dtype, resolve_device, torch_dtype
-from .questions import QuestionSet, open_image, read_image_questions
+from .questions import QuestionSet, prompt_inputs, read_image_questions
 
 # ---- the measure ------------------------------------------------------------------------
 
@@ -251,11 +250,13 @@ def measure_arank(
     device: str | None = None,
     progress: bool = True,
 ) -> ARankResult:
-    """Run ``checkpoint`` (plain HF or p-MoD LLaVA / LLaVA-NeXT) on ``samples`` image-question
-    samples of ``data`` and measure every layer's ARank; propose the MoD layers.
+    """Run ``checkpoint`` (plain HF or p-MoD, of any registered family) on ``samples`` image-question
+    samples of ``data`` (a model that takes video: image- or video-question samples) and measure
+    every layer's ARank; propose the MoD layers.
     """
     from ..data.tiny import resolve_name
-    from ..model.loading import load_checkpoint
+    from ..model.families import family_for_model_type
+    from ..model.loading import load_checkpoint, read_model_type
 
     checkpoint, data = Path(resolve_name(checkpoint)), Path(resolve_name(data))
     image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
@@ -263,7 +264,8 @@ def measure_arank(
     dtype = parse_dtype(dtype)
     num_layers = _num_decoder_layers(checkpoint)
     propose_layers([0.0] * num_layers, dense_layers)  # fails on a bad K before the model loads
-    question_set = read_image_questions(data, image_folder, samples)
+    takes_video = family_for_model_type(read_model_type(checkpoint)).takes_video
+    question_set = read_image_questions(data, image_folder, samples, videos=takes_video)
     device = resolve_device(device)
     model, processor = load_checkpoint(
         checkpoint, device=device, dtype=torch_dtype(dtype), attn_implementation="eager"
@@ -312,7 +314,5 @@ def _run_batches(
         task = bar.add_task("ARank", total=len(questions))
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]
-            prompts = [build_prompt(processor, q.question, 1, template) for q in batch]
-            inputs = encode(processor, prompts, [open_image(q) for q in batch], meter.model)
-            meter.measure(dict(inputs))
+            meter.measure(dict(prompt_inputs(processor, meter.model, batch, template)))
             bar.advance(task, len(batch))

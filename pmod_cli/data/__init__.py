@@ -1,6 +1,7 @@
-"""Data: the LLaVA JSON format, conversation templates, and the tiny default (base model + synthetic set).
+"""Data: the LLaVA JSON format (images and videos), conversation templates, video decoding, and the
+tiny default (base models, the synthetic shapes set and its multi-image / video variant).
 
-from pmod_cli.data import build_tiny_base, save_tiny_checkpoint, get_template
+    from pmod_cli.data import build_tiny_base, save_tiny_checkpoint, get_template
 """
 
 from .llava_data import (
@@ -14,8 +15,15 @@ from .llava_data import (
     load_records,
     scan_records,
 )
+from .media import ensure_media
 from .synthetic import ensure_synthetic
-from .templates import TEMPLATES, ConversationTemplate, get_template, register_template
+from .templates import (
+    CHAT_TEMPLATE,
+    TEMPLATES,
+    ConversationTemplate,
+    get_template,
+    register_template,
+)
 from .tiny import (
     build_tiny_base,
     build_tokenizer,
@@ -23,8 +31,10 @@ from .tiny import (
     save_tiny_checkpoint,
     tiny_llava,
 )
+from .video import VideoError, read_frames, write_video
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "IGNORE_INDEX",
     "TEMPLATES",
     "Collator",
@@ -34,14 +44,18 @@ __all__ = [
     "ScanResult",
     "SkipSample",
     "SupervisedDataset",
+    "VideoError",
     "build_tiny_base",
     "build_tokenizer",
+    "ensure_media",
     "ensure_synthetic",
     "get_template",
     "load_records",
+    "read_frames",
     "register_template",
     "resolve_tiny_path",
     "save_tiny_checkpoint",
     "scan_records",
     "tiny_llava",
+    "write_video",
 ]

@@ -5,36 +5,45 @@
     dataset = SupervisedDataset(records, scan.valid, image_folder, SampleEncoder(processor, template, 2048))
     batch = Collator(pad_token_id)([dataset[0], dataset[1]])
 
-A sample is ``{"id", "image" (a path, a list of paths, or absent for text-only), "conversations":
-[{"from": "human"|"gpt", "value": ...}]}`` with ``<image>`` where each image goes. Encoding
-formats the conversation with a template, expands each ``<image>`` into the number of image
-tokens the HF processor gives for that image (so LLaVA-NeXT's anyres count depends on the image
-size), tokenizes the whole text at once, as the processor does at evaluation time (labels -100
-except on the tokens of assistant replies), and truncates at ``max_length`` without ever cutting
-into image tokens (such a sample is skipped).
+A sample is ``{"id", "image" (a path, a list of paths, or absent), "video" (the same), "conversations":
+[{"from": "human"|"gpt", "value": ...}]}`` with ``<image>`` where each image goes and ``<video>``
+where each video goes (a sample with videos and no image may mark them ``<image>``, as the
+LLaVA-NeXT / OneVision video data do). Encoding formats the conversation with a template, runs the
+sample's images and sampled video frames through the HF processor in one call (so OneVision treats
+several images as several images, and anyres counts depend on the image size), expands each
+placeholder into the number of vision tokens the processor gives it, tokenizes the whole text at
+once, as the processor does at evaluation time (labels -100 except on the tokens of assistant
+replies), and truncates at ``max_length`` without ever cutting into vision tokens (such a sample
+is skipped).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import UserError
 from .templates import (
+    CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
     ConversationError,
     ConversationTemplate,
     Piece,
     Turn,
+    media_placeholders,
     parse_turns,
 )
+from .video import VideoError, check_video, read_frames
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +60,11 @@ PIL_ERRORS = (
     ValueError,
     SyntaxError,
 )
-# set by _read_json_normalised where a sample's "image" field is neither a path nor a list of paths
+# set by _read_json_normalised where a sample's "image" or "video" field is neither a path nor a list of paths
 IMAGE_ERROR_FIELD = "image_error"
+MEDIA_FIELDS = ("image", "video")
+# frames sampled from each video when the recipe does not say (data.video_frames)
+DEFAULT_VIDEO_FRAMES = 8
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -118,29 +130,27 @@ def _read_json_normalised(path: Path) -> list[dict[str, Any]]:
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise UserError(f"{path}: sample {index} is not a JSON object")
-        # one schema for arrow: ids as strings, images as lists of strings (any other "image" is
-        # kept out of the schema and makes the sample a bad one)
-        images = item.get("image")
-        problem = _image_field_problem(images)
-        records.append(
-            {
-                "id": str(item.get("id", index)),
-                "image": None if problem else [images] if isinstance(images, str) else images,
-                "conversations": item.get("conversations"),
-                IMAGE_ERROR_FIELD: problem,
-            }
-        )
+        # one schema for arrow: ids as strings, images and videos as lists of strings (any other
+        # "image" or "video" is kept out of the schema and makes the sample a bad one)
+        problems = [_media_field_problem(item.get(name), name) for name in MEDIA_FIELDS]
+        problem = next((text for text in problems if text), None)
+        record = {"id": str(item.get("id", index)), "conversations": item.get("conversations")}
+        for name in MEDIA_FIELDS:
+            value = item.get(name)
+            record[name] = None if problem else [value] if isinstance(value, str) else value
+        record[IMAGE_ERROR_FIELD] = problem
+        records.append(record)
     return records
 
 
-def _image_field_problem(images: Any) -> str | None:
-    if images is None or isinstance(images, str):
+def _media_field_problem(paths: Any, name: str = "image") -> str | None:
+    if paths is None or isinstance(paths, str):
         return None
-    if isinstance(images, list) and all(isinstance(path, str) for path in images):
+    if isinstance(paths, list) and all(isinstance(path, str) for path in paths):
         return None
-    shown = json.dumps(images, default=str)
+    shown = json.dumps(paths, default=str)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return f"its 'image' is not a path or a list of paths: {shown}"
+    return f"its {name!r} is not a path or a list of paths: {shown}"
 
 
 def sample_id(record: dict[str, Any], index: int) -> str:
@@ -148,17 +158,59 @@ def sample_id(record: dict[str, Any], index: int) -> str:
     return str(value) if value is not None else f"#{index}"
 
 
-def image_paths(record: dict[str, Any], image_folder: Path) -> list[Path]:
-    """The sample's image files; SkipSample if its ``image`` field is neither a path nor a list of paths."""
-    images = record.get("image")
-    problem = record.get(IMAGE_ERROR_FIELD) or _image_field_problem(images)
+def media_paths(record: dict[str, Any], image_folder: Path, name: str = "image") -> list[Path]:
+    """The sample's image (``name="image"``) or video files; SkipSample if the field is neither a
+    path nor a list of paths. Relative paths are relative to ``image_folder``."""
+    paths = record.get(name)
+    problem = record.get(IMAGE_ERROR_FIELD) or _media_field_problem(paths, name)
     if problem:
         raise SkipSample(problem)
-    if images is None or images == "" or images == []:
+    if paths is None or paths == "" or paths == []:
         return []
-    if isinstance(images, str):
-        images = [images]
-    return [Path(p) if Path(p).is_absolute() else image_folder / p for p in images]
+    if isinstance(paths, str):
+        paths = [paths]
+    return [Path(p) if Path(p).is_absolute() else image_folder / p for p in paths]
+
+
+def image_paths(record: dict[str, Any], image_folder: Path) -> list[Path]:
+    """The sample's image files (see ``media_paths``)."""
+    return media_paths(record, image_folder, "image")
+
+
+def video_paths(record: dict[str, Any], image_folder: Path) -> list[Path]:
+    """The sample's video files (see ``media_paths``)."""
+    return media_paths(record, image_folder, "video")
+
+
+def place_media(turns: list[Turn], num_images: int, num_videos: int) -> list[Turn]:
+    """The turns with one placeholder per image and per video, or SkipSample.
+
+    A sample with videos but no image and no ``<video>`` placeholder marks its videos ``<image>``
+    (LLaVA-NeXT / OneVision video data): those become ``<video>``. Images or videos without a
+    placeholder lead the first turn (LLaVA data sometimes leaves it out).
+    """
+    text = "".join(turn.text for turn in turns)
+    if num_videos and not num_images and VIDEO_PLACEHOLDER not in text:
+        turns = [
+            Turn(turn.role, turn.text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER))
+            for turn in turns
+        ]
+        text = text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
+    missing = []
+    for placeholder, count, what in (
+        (IMAGE_PLACEHOLDER, num_images, "images"),
+        (VIDEO_PLACEHOLDER, num_videos, "videos"),
+    ):
+        placed = text.count(placeholder)
+        if placed > count:
+            raise SkipSample(f"{placed} {placeholder} placeholders but {count} {what}")
+        missing += [placeholder] * (count - placed)
+    if missing:
+        turns = [
+            Turn(turns[0].role, "".join(f"{p}\n" for p in missing) + turns[0].text),
+            *turns[1:],
+        ]
+    return turns
 
 
 # ---- checking -----------------------------------------------------------------------------
@@ -187,10 +239,8 @@ def check_record(record: dict[str, Any], image_folder: Path, open_images: bool =
         turns = parse_turns(conversations)
     except ConversationError as err:
         raise SkipSample(str(err)) from None
-    paths = image_paths(record, image_folder)
-    placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
-    if placeholders > len(paths):
-        raise SkipSample(f"{placeholders} <image> placeholders but {len(paths)} images")
+    paths, videos = image_paths(record, image_folder), video_paths(record, image_folder)
+    place_media(turns, len(paths), len(videos))
     for path in paths:
         if not path.is_file():
             raise SkipSample(f"image {path} not found")
@@ -200,6 +250,18 @@ def check_record(record: dict[str, Any], image_folder: Path, open_images: bool =
                     image.size  # noqa: B018 - reads the header
             except PIL_ERRORS as err:
                 raise SkipSample(f"image {path} is unreadable ({err.__class__.__name__})") from None
+    for path in videos:
+        if not path.is_file():
+            raise SkipSample(f"video {path} not found")
+        if open_images:
+            _check_video_header(path)
+
+
+def _check_video_header(path: Path) -> None:
+    try:
+        check_video(path)
+    except VideoError as err:
+        raise SkipSample(f"video {path} is unreadable ({err})") from None
 
 
 def scan_records(
@@ -228,7 +290,9 @@ def scan_records(
                 logger.warning("skipping sample %s: %s", sample_id(record, index), reason)
             continue
         result.valid.append(index)
-        result.text_only += not image_paths(record, image_folder)
+        result.text_only += not (
+            image_paths(record, image_folder) or video_paths(record, image_folder)
+        )
     if len(result.bad) > MAX_NAMED_WARNINGS:
         logger.warning("... and %d more bad samples", len(result.bad) - MAX_NAMED_WARNINGS)
     if result.total == 0:
@@ -249,11 +313,13 @@ def find_load_failures(
     image_folder: str | Path,
     encoder: SampleEncoder | None = None,
     progress: bool = True,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
 ) -> list[tuple[str, str]]:
     """(sample id, reason) of the samples among ``indices`` that training would skip while
     loading them: every image decoded in full (a file cut short passes the header check of
-    ``scan_records``) and, given the ``encoder``, the sample encoded as training encodes it
-    (image tokens or the whole answer past ``data.max_length``). Slow: one pass of data loading."""
+    ``scan_records``), every video's ``video_frames`` frames decoded, and, given the ``encoder``,
+    the sample encoded as training encodes it (vision tokens or the whole answer past
+    ``data.max_length``). Slow: one pass of data loading."""
     image_folder = Path(image_folder)
     iterator = iter(indices)
     if progress and len(indices) > 200:
@@ -267,8 +333,9 @@ def find_load_failures(
         record = records[index]
         try:
             images = [load_image(path) for path in image_paths(record, image_folder)]
+            videos = [load_video(path, video_frames) for path in video_paths(record, image_folder)]
             if encoder is not None:
-                encoder.encode(record["conversations"], images, with_pixels=False)
+                encoder.encode(record["conversations"], images, videos, with_pixels=False)
         except SkipSample as reason:
             failures.append((sample_id(record, index), str(reason)))
     return failures
@@ -281,28 +348,39 @@ def find_load_failures(
 class EncodedSample:
     input_ids: torch.Tensor  # (seq,) long
     labels: torch.Tensor  # (seq,) long, IGNORE_INDEX outside assistant replies
-    pixel_values: torch.Tensor | None  # (images, 3, H, W) or LLaVA-NeXT (images, crops, 3, H, W)
-    image_sizes: torch.Tensor | None  # (images, 2), LLaVA-NeXT only
+    # the processor's pixel inputs: pixel_values (images[, crops], 3, H, W), image_sizes,
+    # batch_num_images, pixel_values_videos (videos, frames, 3, H, W), ...; empty for text only
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     truncated: bool = False
 
 
 class SampleEncoder:
     """Formats, tokenizes and masks one sample for a given processor and template.
 
-    The formatted text, each ``<image>`` expanded into the processor's image tokens, is tokenized
-    in one call, as the processor tokenizes a prompt at evaluation time: tokenizing pieces one by
-    one would not give the same ids (a SentencePiece tokenizer starts every piece with a word
-    boundary). The labels are the ids of the tokens that start inside an assistant reply, found
-    from the tokens' character offsets.
+    The formatted text, each ``<image>`` / ``<video>`` expanded into the processor's vision tokens,
+    is tokenized in one call, as the processor tokenizes a prompt at evaluation time: tokenizing
+    pieces one by one would not give the same ids (a SentencePiece tokenizer starts every piece
+    with a word boundary). The labels are the ids of the tokens that start inside an assistant
+    reply, found from the tokens' character offsets.
+
+    ``template`` is a conversation template, or ``CHAT_TEMPLATE``: the processor's own chat template
+    (else its tokenizer's), the one ``build_prompt`` uses at inference.
     """
 
-    def __init__(self, processor, template: ConversationTemplate, max_length: int) -> None:
+    def __init__(self, processor, template: ConversationTemplate | str, max_length: int) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.template = template
         self.max_length = max_length
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token = getattr(processor, "video_token", None)
+        self.video_token_id = (
+            self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
+        )
+        self.vision_token_ids = {self.image_token_id} | (
+            {self.video_token_id} if self.video_token else set()
+        )
         self.eos_token = self.tokenizer.eos_token or ""
         self._counts_by_size: dict[tuple[int, int], int] = {}
 
@@ -316,44 +394,49 @@ class SampleEncoder:
             self._counts_by_size[image.size] = int((out["input_ids"] == self.image_token_id).sum())
         return self._counts_by_size[image.size]
 
-    def _images(
-        self, images: Sequence[Image.Image]
-    ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
-        """Per image: the number of image tokens; and the stacked pixel values (and image sizes)."""
-        counts, pixels, sizes = [], [], []
-        for image in images:
-            # the processor decides how many tokens an image becomes (anyres: depends on its size)
-            out = self.processor(
-                text=self.processor.image_token, images=[image], return_tensors="pt"
-            )
-            counts.append(int((out["input_ids"] == self.image_token_id).sum()))
-            pixels.append(out["pixel_values"])
-            if "image_sizes" in out:
-                sizes.append(out["image_sizes"])
-        if not images:
-            return counts, None, None
-        if pixels[0].dim() == 5:  # LLaVA-NeXT: (1, crops, 3, H, W); crops differ between images
-            most = max(p.shape[1] for p in pixels)
-            pixels = [
-                torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels
-            ]
-        return counts, torch.cat(pixels), torch.cat(sizes) if sizes else None
+    def vision_inputs(self, images: Sequence[Image.Image], videos: Sequence[np.ndarray]):
+        """The vision tokens of each image and each video (by placeholder), and the processor's
+        pixel inputs, from one processor call for the whole sample: OneVision lays out an image
+        alone (anyres) and one of several (one crop) differently."""
+        counts: dict[str, list[int]] = {IMAGE_PLACEHOLDER: [], VIDEO_PLACEHOLDER: []}
+        if not images and not videos:
+            return counts, {}
+        if videos and not self.video_token:
+            raise SkipSample(f"it has a video, which {type(self.processor).__name__} does not take")
+        placeholders = [self.image_token] * len(images) + [self.video_token] * len(videos)
+        out = self.processor(
+            text="\n".join(placeholders),  # separated: the token runs of two images never touch
+            images=[list(images)] if images else None,
+            videos=list(videos) if videos else None,
+            return_tensors="pt",
+        )
+        ids = out["input_ids"][0].tolist()
+        counts[IMAGE_PLACEHOLDER] = _runs(ids, self.image_token_id) if images else []
+        counts[VIDEO_PLACEHOLDER] = _runs(ids, self.video_token_id) if videos else []
+        vision = {
+            key: value for key, value in out.items() if key not in ("input_ids", "attention_mask")
+        }
+        return counts, vision
 
     def render(
-        self, pieces: Sequence[Piece], counts: Sequence[int]
+        self, pieces: Sequence[Piece], counts: dict[str, Sequence[int]]
     ) -> tuple[str, list[tuple[int, int]]]:
-        """The text of the pieces, ``<image>`` i expanded to ``counts[i]`` image tokens, and the
-        (start, end) character spans of the target pieces."""
+        """The text of the pieces, the i-th ``<image>`` (``<video>``) expanded to
+        ``counts["<image>"][i]`` image (video) tokens, and the (start, end) character spans of the
+        target pieces."""
+        expansions = {IMAGE_PLACEHOLDER: self.image_token, VIDEO_PLACEHOLDER: self.video_token}
+        used = dict.fromkeys(counts, 0)
         parts: list[str] = []
         spans: list[tuple[int, int]] = []
         length = 0
-        image_index = 0
         for piece in pieces:
-            segments = piece.text.split(IMAGE_PLACEHOLDER)
-            text = segments[0]
-            for segment in segments[1:]:
-                text += self.image_token * counts[image_index] + segment
-                image_index += 1
+            text = ""
+            for segment in _PLACEHOLDER_SPLIT.split(piece.text):
+                if segment in expansions:
+                    text += expansions[segment] * counts[segment][used[segment]]
+                    used[segment] += 1
+                else:
+                    text += segment
             if piece.is_target and text:
                 spans.append((length, length + len(text)))
             parts.append(text)
@@ -398,72 +481,104 @@ class SampleEncoder:
             targets[first:last] = [True] * (last - first)
         return ids, targets
 
+    def pieces(self, turns: list[Turn]) -> list[Piece]:
+        """The conversation as text pieces, assistant replies marked as targets."""
+        if self.template == CHAT_TEMPLATE:
+            from .prompts import chat_template_pieces
+
+            try:
+                return chat_template_pieces(self.processor, turns)
+            except ConversationError as err:
+                raise SkipSample(str(err)) from None
+        return self.template.format(turns, self.eos_token)
+
     def encode(
         self,
         conversations: list[dict],
         images: Sequence[Image.Image] = (),
+        videos: Sequence[np.ndarray] = (),
         with_pixels: bool = True,
     ) -> EncodedSample:
         """The sample's ids and labels (and pixel values, unless ``with_pixels`` is false: a
         check of what training would keep needs only the token counts)."""
         try:
-            turns = parse_turns(conversations)
+            turns = place_media(parse_turns(conversations), len(images), len(videos))
         except ConversationError as err:
             raise SkipSample(str(err)) from None
-        placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
-        if placeholders < len(images):
-            # LLaVA data sometimes leaves the placeholder out; the image then leads the first turn
-            missing = IMAGE_PLACEHOLDER * (len(images) - placeholders)
-            turns[0] = Turn(turns[0].role, f"{missing}\n{turns[0].text}")
-        elif placeholders > len(images):
-            raise SkipSample(f"{placeholders} <image> placeholders but {len(images)} images")
-        if with_pixels:
-            counts, pixel_values, image_sizes = self._images(images)
-        else:
-            counts, pixel_values, image_sizes = (
-                [self.image_token_count(image) for image in images],
-                None,
-                None,
-            )
-        pieces = self.template.format(turns, self.eos_token)
-        if sum(piece.text.count(IMAGE_PLACEHOLDER) for piece in pieces) != len(images):
+        if with_pixels or videos or len(images) > 1:
+            counts, vision_inputs = self.vision_inputs(images, videos)
+        else:  # one image alone: its count depends on its size only (cached), no pixels needed
+            counts = {IMAGE_PLACEHOLDER: [self.image_token_count(image) for image in images]}
+            counts[VIDEO_PLACEHOLDER] = []
+            vision_inputs = {}
+        if not with_pixels:
+            vision_inputs = {}
+        pieces = self.pieces(turns)
+        placed = [p for piece in pieces for p in media_placeholders(piece.text)]
+        if placed.count(IMAGE_PLACEHOLDER) != len(images) or placed.count(VIDEO_PLACEHOLDER) != len(
+            videos
+        ):
+            name = getattr(self.template, "name", self.template)
             raise SkipSample(
-                f"the {self.template.name} template does not place all of its {len(images)} images"
+                f"the {name} template does not place all of its {len(images)} images and {len(videos)} videos"
             )
         text, spans = self.render(pieces, counts)
         ids, targets = self.tokenize(text, spans)
-
-        is_image = [token == self.image_token_id for token in ids]
-        if sum(is_image) != sum(counts):
+        is_vision = [token in self.vision_token_ids for token in ids]
+        expected = sum(counts[IMAGE_PLACEHOLDER]) + sum(counts[VIDEO_PLACEHOLDER])
+        if sum(is_vision) != expected:
             raise SkipSample(
-                f"{sum(is_image)} image tokens in the tokenized text, expected {sum(counts)} "
+                f"{sum(is_vision)} vision tokens in the tokenized text, expected {expected} "
                 f"(does its text hold {self.image_token!r} itself?)"
             )
         labels = [
-            token if target and not image else IGNORE_INDEX
-            for token, target, image in zip(ids, targets, is_image, strict=True)
+            token if target and not vision else IGNORE_INDEX
+            for token, target, vision in zip(ids, targets, is_vision, strict=True)
         ]
-        image_end = max(
-            (position + 1 for position, image in enumerate(is_image) if image), default=0
+        ids, labels, truncated = self._truncate(ids, labels, is_vision)
+        return EncodedSample(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            labels=torch.tensor(labels, dtype=torch.long),
+            vision_inputs=vision_inputs,
+            truncated=truncated,
+        )
+
+    def _truncate(
+        self, ids: list[int], labels: list[int], is_vision: list[bool]
+    ) -> tuple[list[int], list[int], bool]:
+        """Cut at ``max_length``, never into vision tokens; SkipSample if nothing is left to learn."""
+        vision_end = max(
+            (position + 1 for position, vision in enumerate(is_vision) if vision), default=0
         )
         truncated = len(ids) > self.max_length
         if truncated:
-            if image_end > self.max_length:
+            if vision_end > self.max_length:
                 raise SkipSample(
-                    f"its image tokens end at {image_end}, past data.max_length {self.max_length}"
+                    f"its vision tokens end at {vision_end}, past data.max_length {self.max_length}"
                 )
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise SkipSample(
                 "no assistant reply left to train on (empty, or cut by data.max_length)"
             )
-        return EncodedSample(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            labels=torch.tensor(labels, dtype=torch.long),
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            truncated=truncated,
-        )
+        return ids, labels, truncated
+
+
+_PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+def _runs(ids: list[int], token_id: int) -> list[int]:
+    """Lengths of the runs of ``token_id`` in ``ids``."""
+    runs: list[int] = []
+    previous = None
+    for token in ids:
+        if token == token_id:
+            if previous == token_id:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        previous = token
+    return runs
 
 
 def load_image(path: Path) -> Image.Image:
@@ -478,6 +593,14 @@ def load_image(path: Path) -> Image.Image:
         raise SkipSample(f"image {path} is unreadable ({err.__class__.__name__}: {err})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
+def load_video(path: Path, num_frames: int) -> np.ndarray:
+    """``num_frames`` frames spread over the video (``data/video.py``); SkipSample if unreadable."""
+    try:
+        return read_frames(path, num_frames)
+    except VideoError as err:
+        raise SkipSample(f"video {path} is unreadable ({err})") from None
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -510,12 +633,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, records, indices: Sequence[int], image_folder: str | Path, encoder: SampleEncoder
+        self,
+        records,
+        indices: Sequence[int],
+        image_folder: str | Path,
+        encoder: SampleEncoder,
+        video_frames: int = DEFAULT_VIDEO_FRAMES,
     ) -> None:
         self.records = records
         self.indices = list(indices)
         self.image_folder = Path(image_folder)
         self.encoder = encoder
+        self.video_frames = video_frames
         if not self.indices:
             raise UserError(
                 f"none of the {len(records)} samples is usable (see the warnings above for why); "
@@ -533,7 +662,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         index = self.indices[position]
         record = self.records[index]
         images = [load_image(path) for path in image_paths(record, self.image_folder)]
-        return self.encoder.encode(record["conversations"], images)
+        videos = [
+            load_video(path, self.video_frames) for path in video_paths(record, self.image_folder)
+        ]
+        return self.encoder.encode(record["conversations"], images, videos)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         skipped: list[str] = []
@@ -554,8 +686,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return {
                 "input_ids": sample.input_ids,
                 "labels": sample.labels,
-                "pixel_values": sample.pixel_values,
-                "image_sizes": sample.image_sizes,
+                "vision_inputs": sample.vision_inputs,
                 "skipped": skipped,
             }
         failed = f"sample {self.sample_name(position)}" + (
@@ -567,7 +698,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right-pads a list of samples into a batch and stacks their images.
+    """Right-pads a list of samples into a batch and joins their pixel inputs.
 
     ``num_skipped`` (samples replaced while loading) rides along for the trainer to count; the
     trainer removes it before the model sees the batch.
@@ -588,17 +719,24 @@ class Collator:
             labels[row, :length] = sample["labels"]
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
-        if pixels:
-            if pixels[0].dim() == 5:  # LLaVA-NeXT: pad the crop dimension to the batch's largest
-                most = max(p.shape[1] for p in pixels)
-                pixels = [
-                    torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1]))
-                    for p in pixels
-                ]
-            batch["pixel_values"] = torch.cat(pixels)
-            sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
-            if sizes:
-                batch["image_sizes"] = torch.cat(sizes)
+        batch.update(join_vision_inputs([s.get("vision_inputs") or {} for s in samples]))
         batch["num_skipped"] = torch.tensor(sum(len(s.get("skipped", ())) for s in samples))
         return batch
+
+
+def join_vision_inputs(per_sample: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The samples' pixel inputs as one batch: each key concatenated over the samples that have it
+    (images, their sizes and per-sample counts, videos), anyres crops padded to the most."""
+    joined = {}
+    for key in sorted({key for inputs in per_sample for key in inputs}):
+        tensors = [inputs[key] for inputs in per_sample if key in inputs]
+        if (
+            key == "pixel_values" and tensors[0].dim() == 5
+        ):  # (images, crops, 3, H, W): crops differ
+            most = max(t.shape[1] for t in tensors)
+            tensors = [
+                torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, most - t.shape[1]))
+                for t in tensors
+            ]
+        joined[key] = torch.cat(tensors)
+    return joined

@@ -7,17 +7,23 @@ saved with the processor so that ``processor.apply_chat_template`` at evaluation
 exactly the prompt the model was trained on. Adding a template is one ``register_template`` call.
 
 - ``plain``: LLaVA's pretrain format, the image then the caption (the user's text and any later
-  turns are dropped; every image is kept, ahead of the caption).
+  turns are dropped; every image and video is kept, ahead of the caption).
 - ``vicuna_v1``: Vicuna v1.1 / LLaVA-1.5 ("SYSTEM USER: ... ASSISTANT: ...</s>").
 - ``chatml``: Qwen2 and other ChatML models ("<|im_start|>user\\n...<|im_end|>\\n").
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+# ``data.template`` naming no template of the registry but the checkpoint's own chat template (its
+# processor's, else its tokenizer's): training renders conversations with it (data/prompts.py)
+CHAT_TEMPLATE = "chat_template"
+MEDIA_PLACEHOLDERS = (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
 ROLE_ALIASES = {
     "human": "user",
     "user": "user",
@@ -121,13 +127,19 @@ def parse_turns(conversations: list[dict], require_reply: bool = True) -> list[T
 # ---- plain (pretrain) -------------------------------------------------------------------
 
 
+def media_placeholders(text: str) -> list[str]:
+    """The ``<image>`` / ``<video>`` placeholders of ``text``, in order."""
+    pattern = "|".join(re.escape(placeholder) for placeholder in MEDIA_PLACEHOLDERS)
+    return re.findall(pattern, text)
+
+
 def _plain_format(turns: list[Turn], eos_token: str) -> list[Piece]:
     # LLaVA pretrain: the images stand for the user's text; the first reply is the caption. Later
-    # turns are dropped, but not their images: every image of the sample leads
-    images = sum(
-        turn.text.count(IMAGE_PLACEHOLDER) for index, turn in enumerate(turns) if index != 1
-    )
-    return [Piece(IMAGE_PLACEHOLDER * images, False), Piece(turns[1].text + "\n", True)]
+    # turns are dropped, but not their images and videos: every one of them leads
+    media = [
+        p for index, turn in enumerate(turns) if index != 1 for p in media_placeholders(turn.text)
+    ]
+    return [Piece("".join(media), False), Piece(turns[1].text + "\n", True)]
 
 
 register_template(
@@ -135,13 +147,15 @@ register_template(
         name="plain",
         description="LLaVA pretrain: <image> then the caption, loss on the caption",
         format_fn=_plain_format,
-        prompt_fn=lambda question: IMAGE_PLACEHOLDER * max(1, question.count(IMAGE_PLACEHOLDER)),
+        prompt_fn=lambda question: "".join(media_placeholders(question)) or IMAGE_PLACEHOLDER,
         jinja=(
             "{% for message in messages %}"
             "{% if message['role'] == 'user' %}"
             "{% if message['content'] is string %}"
             "{% for _ in range(message['content'].count('<image>')) %}<image>{% endfor %}"
-            "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+            "{% for _ in range(message['content'].count('<video>')) %}<video>{% endfor %}"
+            "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+            "{% elif item['type'] == 'video' %}<video>{% endif %}{% endfor %}"
             "{% endif %}"
             "{% elif message['role'] == 'assistant' %}"
             "{% if message['content'] is string %}{{ message['content'] }}"
@@ -171,11 +185,13 @@ def _vicuna_format(turns: list[Turn], eos_token: str) -> list[Piece]:
     return pieces
 
 
-# content is a string (LLaVA style, "<image>" inline) or a list of {"type": "image"|"text"} items
+# content is a string (LLaVA style, "<image>" inline) or a list of {"type": "image"|"video"|"text"}
+# items: images first, then videos, then the text
 _JINJA_CONTENT = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'video' %}<video>\n{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{% endif %}"
 )

@@ -9,10 +9,15 @@
 - assembled as an HF ``LlavaForConditionalGeneration`` with a ``LlavaProcessor`` that pads
   images to a square (LLaVA-1.5's "pad") and the ``vicuna_v1`` chat template.
 
+The LLaVA-NeXT variant (``tiny:base_next``) takes 56 px crops in anyres grids; the LLaVA-OneVision
+variant (``tiny:base_onevision``) a SigLIP-style tower (56 px crops: 4x4 features, 2x2 per video
+frame), a small Qwen2, ``<image>`` and ``<video>`` tokens and the ``chatml`` template.
+
 ``build_tiny_base(path)`` writes the checkpoint (loadable with ``from_pretrained``) with its parts
 in ``path/vision_tower`` and ``path/llm`` so recipes can also build a model "from parts".
-Assets the recipes name as ``tiny:<relative path>`` (``tiny:base``, ``tiny:shapes/sft_train.json``)
-live in the pmod cache (``$PMOD_CACHE`` or ``~/.cache/pmod``) and are built on first use.
+Assets the recipes name as ``tiny:<relative path>`` (``tiny:base``, ``tiny:shapes/sft_train.json``,
+``tiny:media/sft_train.json``) live in the pmod cache (``$PMOD_CACHE`` or ``~/.cache/pmod``) and
+are built on first use.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoModelForCausalLM,
     CLIPVisionConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
 )
 
 from ..errors import UserError
-from . import synthetic
+from . import media, synthetic
 from .cache import build_once
 from .templates import TEMPLATES, get_template
 
@@ -40,6 +48,7 @@ TINY_VERSION = 1
 TINY_PREFIX = "tiny:"
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 1024
 IMAGE_SIZE = 112
@@ -47,7 +56,23 @@ PATCH_SIZE = 14
 # LLaVA-NeXT variant: a 56 px base crop and grids of up to 2x2 crops
 NEXT_IMAGE_SIZE = 56
 NEXT_GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
-TINY_IMAGE_SIZES = {"llava": IMAGE_SIZE, "llava_next": NEXT_IMAGE_SIZE}
+# LLaVA-OneVision variant: 56 px crops, grids of up to 2x2 crops (at most 16 + 8 x 9 = 88 tokens
+# for an image alone, 17 for one of several, 4 per video frame)
+ONEVISION_GRID_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+TINY_IMAGE_SIZES = {
+    "llava": IMAGE_SIZE,
+    "llava_next": NEXT_IMAGE_SIZE,
+    "llava_onevision": NEXT_IMAGE_SIZE,
+}
+TINY_GRID_PINPOINTS = {
+    "llava_next": NEXT_GRID_PINPOINTS,
+    "llava_onevision": ONEVISION_GRID_PINPOINTS,
+}
+# the text model and template of each layout's tiny variant
+TINY_TEXT_MODELS = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2"}
+TINY_TEMPLATES = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "llava_onevision": "chatml"}
+# tiny:<name> -> layout of the base checkpoint
+TINY_BASES = {"base": "llava", "base_next": "llava_next", "base_onevision": "llava_onevision"}
 SEED = 0
 
 _GENERAL_TEXT = [
@@ -106,8 +131,11 @@ def build_tokenizer(
     return fast
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int) -> LlamaConfig:
-    return LlamaConfig(
+def _text_config(
+    tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int, model_type: str = "llama"
+):
+    config_class = Qwen2Config if model_type == "qwen2" else LlamaConfig
+    return config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 11 // 4,
@@ -122,16 +150,18 @@ def _llama_config(tokenizer: PreTrainedTokenizerFast, layers: int, hidden: int) 
     )
 
 
-def _vision_config(image_size: int, hidden: int, layers: int = 2) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
+def _vision_config(image_size: int, hidden: int, layers: int = 2, siglip: bool = False):
+    common = dict(
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=PATCH_SIZE,
-        projection_dim=hidden,
     )
+    if siglip:  # no CLS token, so every patch is a feature ("full")
+        return SiglipVisionConfig(**common, vision_use_head=False)
+    return CLIPVisionConfig(**common, projection_dim=hidden)
 
 
 def tiny_llava(
@@ -144,13 +174,14 @@ def tiny_llava(
     vision_layers: int = 2,
     tokenizer_texts: list[str] | None = None,
     eos_token: str = "</s>",
-    template: str = "vicuna_v1",
+    template: str | None = None,
 ):
-    """A random-init tiny model of the ``layout`` family (LLaVA-1.5 or LLaVA-NeXT) and its processor.
+    """A random-init tiny model of the ``layout`` family (LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision)
+    and its processor.
 
     ``image_size`` defaults to the family's tiny size (112 px, 56 px for LLaVA-NeXT's base crop);
-    ``tokenizer_texts``, ``eos_token`` and ``template`` (the chat template) default to the tiny
-    default's.
+    ``tokenizer_texts``, ``eos_token`` and ``template`` (the chat template; default the family's
+    tiny one) default to the tiny default's.
     """
     from ..model.families import get_family
 
@@ -158,34 +189,46 @@ def tiny_llava(
         raise ValueError(f"layout must be one of {', '.join(TINY_IMAGE_SIZES)}, got {layout!r}")
     family = get_family(layout)
     tokenizer = build_tokenizer(tokenizer_texts, eos_token)
+    if family.takes_video:
+        tokenizer.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
+    template = template or TINY_TEMPLATES[layout]
     tokenizer.chat_template = get_template(template).jinja
     image_size = image_size or TINY_IMAGE_SIZES[layout]
+    siglip = layout == "llava_onevision"
+    select_strategy = "full" if siglip else "default"
     torch.manual_seed(seed)
+    vision_config = _vision_config(image_size, vision_hidden, vision_layers, siglip)
+    media_token_ids = {
+        key: tokenizer.convert_tokens_to_ids(token) for key, token in family.media_tokens.items()
+    }
     config = family.dense_config_class(
-        vision_config=_vision_config(image_size, vision_hidden, vision_layers),
-        text_config=_llama_config(tokenizer, layers, hidden),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_config=vision_config,
+        text_config=_text_config(tokenizer, layers, hidden, TINY_TEXT_MODELS[layout]),
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select_strategy,
         projector_hidden_act="gelu",
         image_seq_length=(image_size // PATCH_SIZE) ** 2,
         tie_word_embeddings=False,
-        **family.config_options(NEXT_GRID_PINPOINTS),
+        **media_token_ids,
+        **family.config_options(TINY_GRID_PINPOINTS.get(layout, NEXT_GRID_PINPOINTS)),
     )
     model = family.dense_model_class(config)
-    # the family's first aspect-ratio mode: LLaVA-1.5 pads to a square, LLaVA-NeXT is anyres
+    # the family's first aspect-ratio mode: LLaVA-1.5 pads to a square, the others are anyres
     sizes = {
         "size": {"shortest_edge": image_size},
         "crop_size": {"height": image_size, "width": image_size},
     }
-    image_processor = family.image_processor(sizes, family.aspect_ratios[0], NEXT_GRID_PINPOINTS)
-    processor = family.processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=get_template(template).jinja,
+    if siglip:  # SigLIP's own normalisation, to [-1, 1]
+        sizes.update(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3)
+    image_processor = family.image_processor(
+        sizes, family.aspect_ratios[0], TINY_GRID_PINPOINTS.get(layout, NEXT_GRID_PINPOINTS)
+    )
+    processor = family.build_processor(
+        tokenizer,
+        image_processor,
+        vision_config,
+        select_strategy,
+        get_template(template).jinja,
     )
     return model.eval(), processor
 
@@ -206,11 +249,8 @@ def build_tiny_base(path: str | Path | None = None, layout: str = "llava") -> Pa
     once: concurrent ranks wait for the first one, which writes to a temporary directory renamed
     into place (``cache.build_once``); a complete copy in place is never replaced.
     """
-    final = (
-        Path(path)
-        if path is not None
-        else tiny_root() / ("base" if layout == "llava" else "base_next")
-    )
+    name = next(name for name, base_layout in TINY_BASES.items() if base_layout == layout)
+    final = Path(path) if path is not None else tiny_root() / name
     return build_once(
         final, is_complete=_has_config, build=partial(_write_tiny_base, layout=layout)
     )
@@ -240,9 +280,13 @@ def save_llava_with_parts(model, processor, directory: Path) -> Path:
     processor.save_pretrained(directory)
     # the parts, as a "from parts" recipe names them: a CLIP tower with its image processor, an LLM
     # with its tokenizer
-    model.model.vision_tower.save_pretrained(directory / "vision_tower")  # a CLIPVisionModel
-    processor.image_processor.save_pretrained(directory / "vision_tower")
-    llm = LlamaForCausalLM(model.config.text_config)
+    model.model.vision_tower.save_pretrained(
+        directory / "vision_tower"
+    )  # a CLIP / SigLIP vision model
+    _tower_image_processor(processor.image_processor, model.config).save_pretrained(
+        directory / "vision_tower"
+    )
+    llm = AutoModelForCausalLM.from_config(model.config.text_config)
     llm.model.load_state_dict(model.model.language_model.state_dict())
     llm.lm_head.load_state_dict(model.lm_head.state_dict())
     llm.save_pretrained(directory / "llm")
@@ -250,15 +294,30 @@ def save_llava_with_parts(model, processor, directory: Path) -> Path:
     return directory
 
 
+def _tower_image_processor(image_processor, config):
+    """The image processor a vision tower of this kind ships with: the model's own for CLIP
+    (LLaVA-1.5 pads, as it was trained), SigLIP's fixed square for the SigLIP-style tower."""
+    if config.vision_config.model_type != "siglip_vision_model":
+        return image_processor
+    side = config.vision_config.image_size
+    return SiglipImageProcessor(
+        size={"height": side, "width": side},
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+    )
+
+
 def resolve_tiny_path(value: str) -> Path:
     """``tiny:<relative path>`` -> the asset in the pmod cache, built on first use."""
     relative = value[len(TINY_PREFIX) :].strip("/")
     root = tiny_root()
     head = relative.split("/", 1)[0]
-    if head in ("base", "base_next"):
-        build_tiny_base(layout="llava" if head == "base" else "llava_next")
+    if head in TINY_BASES:
+        build_tiny_base(layout=TINY_BASES[head])
     elif head == "shapes":
         synthetic.ensure_synthetic(root / "shapes")
+    elif head == "media":
+        media.ensure_media(root / "media")
     elif head == "grid":
         from .grid import ensure_grid
 
@@ -268,8 +327,9 @@ def resolve_tiny_path(value: str) -> Path:
 
         build_once(root / "grid_base", is_complete=base_is_current, build=_quiet_grid_base)
     else:
+        known = ", ".join(f"tiny:{name}" for name in TINY_BASES)
         raise UserError(
-            f"unknown tiny asset {value!r}; known: tiny:base, tiny:base_next, tiny:shapes/<file>, "
+            f"unknown tiny asset {value!r}; known: {known}, tiny:shapes/<file>, tiny:media/<file>, "
             "tiny:grid_base, tiny:grid/<file>"
         )
     return root / relative

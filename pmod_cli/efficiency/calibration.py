@@ -9,9 +9,9 @@ over samples is the layer's ratio for ``count_flops``.
     calibration = measure_retention_ratios("runs/gamma/sft", "calib.json", samples=16)
     count_flops(shape, calibration.ratios, mod_layers=calibration.mod_layers, routed_tokens=...)
 
-Samples are read like ``pmod arank`` reads them (the first user turn and the image of LLaVA JSON /
-JSONL samples) and prompted with the checkpoint's chat template, one sample per forward call (no
-padding). The competing tokens are the ones the layer itself lets compete (``competing_tokens``:
+Samples are read like ``pmod arank`` reads them (the first user turn and the images, and for a
+model that takes video the videos, of LLaVA JSON / JSONL samples) and prompted with the
+checkpoint's chat template, one sample per forward call (no padding). The competing tokens are the ones the layer itself lets compete (``competing_tokens``:
 the vision tokens, or with ``routed_tokens="all"`` every real token up to the last image token).
 """
 
@@ -68,10 +68,9 @@ def measure_retention_ratios(
 ) -> Calibration:
     """Run ``checkpoint`` (a p-MoD directory with weights) on ``samples`` image-question samples
     of ``data`` and measure each MoD layer's share of kept competing tokens."""
-    from ..analysis.questions import open_image, read_image_questions
-    from ..data.prompts import build_prompt, encode
+    from ..analysis.questions import prompt_inputs, read_image_questions
     from ..model import PMoDConfig, mod_layer_indices, record_routing
-    from ..model.families import template_for_model
+    from ..model.families import family_for_model_type, template_for_model
     from ..model.loading import load_checkpoint, read_model_type
 
     checkpoint, data = Path(checkpoint), Path(data)
@@ -81,14 +80,14 @@ def measure_retention_ratios(
         raise UserError(
             f"--calibration runs the model: --config must be a p-MoD checkpoint directory with weights, got {checkpoint}"
         )
-    read_model_type(checkpoint)
+    takes_video = family_for_model_type(read_model_type(checkpoint)).takes_video
     data = Path(resolve_name(data))
     if not data.is_file():
         raise UserError(
             f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file"
         )
     image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
-    question_set = read_image_questions(data, image_folder, samples)
+    question_set = read_image_questions(data, image_folder, samples, videos=takes_video)
     model, processor = load_checkpoint(checkpoint, device=resolve_device(device), require_pmod=True)
     decoder_layers = model.decoder_layers
     template = template_for_model(model)
@@ -102,8 +101,7 @@ def measure_retention_ratios(
     kept_share_sums = dict.fromkeys(mod_layers, 0.0)
     vision_sum = text_sum = competing_sum = 0
     for question in _progress(question_set.questions, progress):
-        prompt = build_prompt(processor, question.question, 1, template)
-        inputs = encode(processor, [prompt], [open_image(question)], model)
+        inputs = prompt_inputs(processor, model, [question], template)
         with torch.inference_mode(), record_routing(model) as routing:
             model(**inputs, use_cache=False)
         token_valid = inputs["attention_mask"].bool().cpu()  # (1, seq)

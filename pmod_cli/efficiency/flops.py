@@ -2,7 +2,9 @@
 summary and the evaluation report.
 
 It counts one forward pass (batch 1) over a prompt of T text tokens and V vision tokens, with
-decoder layer l processing T + kept_count(V, R_l) tokens (R_l = 1 for a dense layer).
+decoder layer l processing T + kept_count(V, R_l) tokens (R_l = 1 for a dense layer). V is the
+shape's largest one-image layout, a given number, or (``video_frames``) a video's tokens by the
+family's rule (LLaVA-OneVision: 196 pooled tokens per 384 px frame, and a newline).
 
 Count modes (each result says which it used):
 
@@ -209,11 +211,13 @@ def count_flops(
     routed_tokens: str = "vision",
     prefix_text_tokens: int | None = None,
     mod_layers: Sequence[int] | None = None,
+    video_frames: int | None = None,
     method: MethodConfig | None = None,
 ) -> FlopsCount:
     """Count a prefill of ``shape`` with per-layer ``retention_ratios`` (None: the dense model).
 
-    ``vision_tokens`` / ``text_tokens`` default to the shape's V (largest image layout) and T (58).
+    ``vision_tokens`` / ``text_tokens`` default to the shape's V (largest image layout) and T (58);
+    ``video_frames`` counts a video of that many frames instead (V and the tower's crops).
     ``attention_pairs`` only matters for ``count="full"``; see ``ATTENTION_PAIRS``.
     ``routed_tokens="all"``: ``prefix_text_tokens`` of the T text tokens compete with the image
     (default ``DEFAULT_PREFIX_TEXT_TOKENS``, or T if smaller).
@@ -234,7 +238,7 @@ def count_flops(
         raise ValueError(
             f"attention_pairs must be one of {ATTENTION_PAIRS}, got {attention_pairs!r}"
         )
-    num_vision = shape.vision_tokens if vision_tokens is None else vision_tokens
+    num_vision, crops = _vision_layout(shape, vision_tokens, video_frames)
     num_text = shape.text_tokens if text_tokens is None else text_tokens
     if num_vision < 0 or num_text < 0 or num_vision + num_text == 0:
         raise UserError(
@@ -255,7 +259,7 @@ def count_flops(
     is_mod = _mod_flags(ratios, mod_layers)
 
     include_full = count == "full"
-    tokens = _TokenCounts(num_vision, num_text, num_competing, routed_tokens == "vision")
+    tokens = _TokenCounts(num_vision, num_text, num_competing, routed_tokens == "vision", crops)
     dense_plan = _LayerPlan(
         [num_competing] * num_layers, [False] * num_layers, [False] * num_layers
     )
@@ -279,7 +283,7 @@ def count_flops(
         count=count,
         vision_tokens=num_vision,
         text_tokens=num_text,
-        vision_crops=shape.vision_crops,
+        vision_crops=crops,
         dtype=dtype,
         retention_ratios=tuple(layer_ratios),
         flops=sum(components.values()),
@@ -297,6 +301,19 @@ def count_flops(
     )
 
 
+def _vision_layout(
+    shape: ModelShape, vision_tokens: int | None, video_frames: int | None
+) -> tuple[int, int]:
+    """(V, crops through the vision tower): the largest image layout, a given V, or a video."""
+    if video_frames is None:
+        return (shape.vision_tokens if vision_tokens is None else vision_tokens), shape.vision_crops
+    if vision_tokens is not None:
+        raise UserError("give the vision tokens or the video frames, not both")
+    if video_frames < 1:
+        raise UserError(f"video frames must be at least 1, got {video_frames}")
+    return shape.video_tokens(video_frames)
+
+
 def _baseline_plan(
     method: MethodConfig, pmod_ratios: list[float], tokens: _TokenCounts, num_layers: int
 ) -> tuple[_TokenCounts, _LayerPlan, list[float]]:
@@ -307,7 +324,7 @@ def _baseline_plan(
     subset = [mode != "dense" for mode in layer_modes(method, pmod_ratios)]
     share = [count / tokens.vision if tokens.vision else 1.0 for count in kept]
     plan = _LayerPlan(kept, subset, [False] * num_layers)
-    return _TokenCounts(entering, tokens.text, entering, True), plan, share
+    return _TokenCounts(entering, tokens.text, entering, True, tokens.crops), plan, share
 
 
 def _competing_text_tokens(
@@ -349,8 +366,9 @@ def count_flops_for_model(
     count: str = "paper",
     dtype: str | None = None,
     prefix_text_tokens: int | None = None,
+    video_frames: int | None = None,
 ) -> FlopsCount:
-    """``count_flops`` for a loaded HF LLaVA / LLaVA-NeXT model, dense or p-MoD.
+    """``count_flops`` for a loaded HF model of a registered family, dense or p-MoD.
 
     The ratios and routed tokens are the model's own (``model.retention_ratios`` and
     ``config.pmod`` of a p-MoD model; a threshold-routing model is counted at its top-k ratios),
@@ -373,6 +391,7 @@ def count_flops_for_model(
         dtype=dtype,
         routed_tokens=routed_tokens,
         prefix_text_tokens=prefix_text_tokens if routed_tokens == "all" else None,
+        video_frames=video_frames,
         method=getattr(model, "token_method", None),
     )
 
@@ -421,6 +440,7 @@ class _TokenCounts:
     text: int  # T
     competing: int  # tokens that compete in a MoD layer (V, or V + prefix text)
     only_vision_competes: bool
+    crops: int  # crops (images' tiles, video frames) through the vision tower
 
 
 @dataclass(frozen=True)
@@ -484,8 +504,9 @@ def _prefill_flops(
             )
         )
     if include_full:
-        components["vision_tower"] = shape.vision_crops * vision_tower_flops_per_crop(shape.vision)
-        projected = shape.vision_crops * shape.vision.features_per_crop
+        components["vision_tower"] = tokens.crops * vision_tower_flops_per_crop(shape.vision)
+        # the projector runs on every crop's features (a video's before they are pooled)
+        projected = tokens.crops * shape.vision.features_per_crop
         projector_in = shape.vision.hidden_size * shape.vision.num_feature_layers
         # mlp2x_gelu: Linear(vision_hidden, d) -> GELU -> Linear(d, d)
         components["projector"] = 2 * projected * (projector_in * d + d * d)

@@ -89,6 +89,7 @@ def make_plan(
     image_folder: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    video_frames: int | None = None,
     methods: Sequence[str] = (),
     fastv_layer: int | None = None,
     fastv_ratio: float | None = None,
@@ -152,6 +153,8 @@ def make_plan(
     for flag, value in (("--vision-tokens", vision_tokens), ("--text-tokens", text_tokens)):
         if value is not None and value < 0:
             raise UserError(f"{flag} must be >= 0, got {value}")
+    if video_frames is not None and (video_frames < 1 or vision_tokens is not None):
+        raise UserError("--video-frames must be at least 1 and cannot go with --vision-tokens")
 
     shape = read_model_shape(config) if config is not None else get_preset(model or DEFAULT_MODEL)
     base = shape.pmod or PMoDConfig()
@@ -192,6 +195,7 @@ def make_plan(
         dtype=dtype,
         routed_tokens=effective_routed,
         prefix_text_tokens=prefix_text_tokens,
+        video_frames=video_frames,
     )
     if calibration is not None:
         from .calibration import measure_retention_ratios

@@ -1,4 +1,5 @@
-"""The lmms-eval model ``pmod``: any p-MoD or plain HF LLaVA / LLaVA-NeXT checkpoint directory.
+"""The lmms-eval model ``pmod``: any p-MoD or plain HF checkpoint directory of a registered family
+(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision).
 
 Registered through the entry point group ``lmms_eval.models`` (see pyproject.toml), so both
 ``pmod eval`` and lmms-eval's own command line find it:
@@ -6,7 +7,8 @@ Registered through the entry point group ``lmms_eval.models`` (see pyproject.tom
     python -m lmms_eval --model pmod --model_args pretrained=DIR --tasks mme --batch_size 4
 
 It generates in batches (left padding: a p-MoD model answers each sample of a batch as it would
-alone), scores continuations for multiple-choice tasks (``loglikelihood``), and measures every
+alone), scores continuations for multiple-choice tasks (``loglikelihood``), takes a task's images
+(PIL images) and videos (file paths, ``num_frames`` frames each, decoded with PyAV), and measures every
 request (see ``measure.py``): ``model.measurements`` after a run, and lmms-eval's own
 "throughput" summary gets the means.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
@@ -36,6 +39,7 @@ from lmms_eval.utils import Collator
 from PIL import Image
 
 from ..data.prompts import build_prompt, encode
+from ..data.video import VideoError, read_frames
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
@@ -45,6 +49,9 @@ from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
 
 DEFAULT_MAX_NEW_TOKENS = 256
+# frames sampled from a task's video when neither model_args nor the checkpoint say (LLaVA-OneVision's)
+DEFAULT_NUM_FRAMES = 32
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class PMoDLmms(lmms):
@@ -59,6 +66,7 @@ class PMoDLmms(lmms):
         batch_size: int | str = 1,
         dtype: str = "auto",
         attn_implementation: str | None = None,
+        num_frames: int | str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed-size here
         method: str | MethodConfig | None = None,
         fastv_layer: int = 2,
@@ -73,9 +81,11 @@ class PMoDLmms(lmms):
         if unexpected:
             raise ValueError(
                 f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; known: pretrained, device, "
-                "batch_size, dtype, attn_implementation, method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, "
-                "seed, match_tflops"
+                "batch_size, dtype, attn_implementation, num_frames, method, fastv_layer, fastv_ratio, fastv_score, "
+                "pool_tokens, seed, match_tflops"
             )
+        if num_frames is not None and int(num_frames) < 1:
+            raise ValueError(f"num_frames must be a whole number >= 1, got {num_frames!r}")
         if str(batch_size) == "auto" or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         try:  # lmms-eval reports bad model_args as ValueError
@@ -99,6 +109,11 @@ class PMoDLmms(lmms):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         self.family = family_for_model(self.model)
+        # as many frames as the checkpoint trained with (pmod sft saves data.video_frames with it)
+        video_processor = getattr(self.processor, "video_processor", None)
+        self.num_frames = int(
+            num_frames or getattr(video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES
+        )
         self.fallback_template = template_for_model(self.model)
         self.method = _method_config(
             method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
@@ -208,7 +223,7 @@ class PMoDLmms(lmms):
         self._match_pending = False
         if not first_visuals:
             raise ValueError("match_tflops needs requests with images to measure V on")
-        inputs = self._encode([self.build_prompt(contexts[0], len(first_visuals))], first_visuals)
+        inputs = self._encode([self.build_prompt(contexts[0], len(first_visuals))], [first_visuals])
         vision_tokens = int(self.family.vision_mask(inputs["input_ids"], self.model.config).sum())
         text_lengths = [
             len(self.tokenizer(self.build_prompt(context, 1))["input_ids"]) - 1
@@ -236,18 +251,39 @@ class PMoDLmms(lmms):
 
     # ---- prompts --------------------------------------------------------------------------
 
-    def build_prompt(self, context: str, num_images: int) -> str:
-        """The user turn through the checkpoint's chat template (images first, as in training)."""
-        return build_prompt(self.processor, context, num_images, self.fallback_template)
+    def build_prompt(self, context: str, num_images: int, num_videos: int = 0) -> str:
+        """The user turn through the checkpoint's chat template (images, then videos, first, as in training)."""
+        return build_prompt(
+            self.processor, context, num_images, self.fallback_template, num_videos=num_videos
+        )
 
-    def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> list:
+    def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> tuple[list, list]:
+        """A request's (images, videos): PIL images as given, video files as ``num_frames`` frames."""
         if doc_to_visual is None:
-            return []
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-        return [visual for visual in (visuals or []) if visual is not None]
+            return [], []
+        images, videos = [], []
+        for visual in doc_to_visual(self.task_dict[task][split][doc_id]) or []:
+            if isinstance(visual, str | Path) and Path(visual).suffix.lower() not in IMAGE_SUFFIXES:
+                videos.append(self._video(Path(visual)))
+            elif isinstance(visual, str | Path):
+                with Image.open(visual) as opened:
+                    images.append(opened.convert("RGB"))
+            elif visual is not None:
+                images.append(visual)
+        return images, videos
 
-    def _encode(self, prompts: list[str], images: list) -> dict:
-        return encode(self.processor, prompts, images, self.model)
+    def _video(self, path: Path):
+        if not self.family.takes_video:
+            raise ValueError(
+                f"{self.pretrained} is a {self.family.title} model, which takes no video ({path})"
+            )
+        try:
+            return read_frames(path, self.num_frames)
+        except VideoError as err:
+            raise ValueError(f"cannot read the task's video {path}: {err}") from None
+
+    def _encode(self, prompts: list[str], images: list, videos: list | None = None) -> dict:
+        return encode(self.processor, prompts, images, self.model, videos=videos)
 
     def warm_up(self) -> None:
         """One short unmeasured generation, so the first measured request does not pay for
@@ -256,7 +292,7 @@ class PMoDLmms(lmms):
             return
         self._warmed_up = True
         inputs = self._encode(
-            [self.build_prompt("Warm up.", 1)], [Image.new("RGB", (64, 64), (128, 128, 128))]
+            [self.build_prompt("Warm up.", 1)], [[Image.new("RGB", (64, 64), (128, 128, 128))]]
         )
         with torch.inference_mode():
             self.model.generate(
@@ -279,7 +315,8 @@ class PMoDLmms(lmms):
         if self._match_pending:
             first = requests[0].args
             self._settle_method(
-                [r.args[0] for r in requests], self._visuals(first[2], first[3], first[4], first[5])
+                [r.args[0] for r in requests],
+                self._visuals(first[2], first[3], first[4], first[5])[0],  # its images
             )
         self.warm_up()
         collator = Collator(
@@ -328,14 +365,16 @@ class PMoDLmms(lmms):
 
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
-            prompts, images = [], []
+            prompts, images, videos = [], [], []
             for context, doc_to_visual, doc_id, task, split in zip(
                 contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True
             ):
-                visuals = self._visuals(doc_to_visual, doc_id, task, split)
-                prompts.append(self.build_prompt(context, len(visuals)))
-                images.extend(visuals)
-            inputs = self._encode(prompts, images)
+                sample_images, sample_videos = self._visuals(doc_to_visual, doc_id, task, split)
+                prompts.append(self.build_prompt(context, len(sample_images), len(sample_videos)))
+                # per prompt: OneVision lays out one image and several differently
+                images.append(sample_images)
+                videos.extend(sample_videos)
+            inputs = self._encode(prompts, images, videos)
             vision, text, prefix_text = self._token_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
             probe.start(inputs["attention_mask"], self._pooled_away(inputs))
@@ -393,7 +432,7 @@ class PMoDLmms(lmms):
         if self._match_pending and real:
             first = real[0].args
             visuals = (
-                self._visuals(first[2], first[3], first[4], first[5]) if len(first) > 2 else []
+                self._visuals(first[2], first[3], first[4], first[5])[0] if len(first) > 2 else []
             )
             self._settle_method([r.args[0] for r in real], visuals)
         if real:
@@ -428,8 +467,11 @@ class PMoDLmms(lmms):
             if doc_to_visual is None:
                 prompt, visuals = context, None
             else:
-                visuals = self._visuals(doc_to_visual, doc_id, task, split)
-                prompt = self.build_prompt(context, len(visuals))
+                images, videos = self._visuals(doc_to_visual, doc_id, task, split)
+                prompt, visuals = (
+                    self.build_prompt(context, len(images), len(videos)),
+                    (images, videos),
+                )
             inputs, context_length = self._encode_continuation(prompt, continuation, visuals)
             vision, text, prefix_text = self._token_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
@@ -490,10 +532,10 @@ class PMoDLmms(lmms):
         return [int(n) // method.pool_tokens * (per_image - method.pool_tokens) for n in pooled]
 
     def _encode_continuation(
-        self, prompt: str, continuation: str, visuals: list | None
+        self, prompt: str, continuation: str, visuals: tuple[list, list] | None
     ) -> tuple[dict, int]:
         """``prompt + continuation`` encoded as one text (through the processor with ``visuals``,
-        plain tokenizer when None), and how many of its tokens are the prompt's.
+        (images, videos), plain tokenizer when None), and how many of its tokens are the prompt's.
 
         Encoded apart, a continuation can tokenize differently than it does after the prompt
         (SentencePiece: " A" alone is ["▁", "▁A"], after "Answer:" it is ["▁A"]). So, as
@@ -511,7 +553,8 @@ class PMoDLmms(lmms):
                 self.tokenizer([prompt + continuation], return_tensors="pt").to(self._device)
             )
         else:
-            inputs = dict(self._encode([prompt + continuation], visuals))
+            images, videos = visuals
+            inputs = dict(self._encode([prompt + continuation], [images], videos))
         context_length = inputs["input_ids"].shape[1] - continuation_length
         if context_length == 0:  # something must predict the first token
             start_id = (

@@ -47,6 +47,8 @@ from .tasks import TASKS_DIR
 MAIN_METRICS = {
     "pmod_tiny_vqa": "exact_match",
     "pmod_tiny_vqa_mc": "acc",
+    "pmod_tiny_video": "exact_match",
+    "pmod_tiny_multi_image": "exact_match",
     "ok_vqa_val2014": "exact_match",
     "scienceqa_img": "exact_match",
     "mme": "mme_perception_score",  # the paper reports MME perception

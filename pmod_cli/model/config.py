@@ -14,6 +14,7 @@ REWEIGHT_TARGETS = ("mlp", "block")
 ROUTED_TOKENS = ("vision", "all")
 ROUTER_INPUTS = ("hidden", "normed")
 INFERENCE_ROUTING = ("topk", "threshold")
+BUDGETS = ("sample", "image")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class PMoDConfig:
         string: symmetric token reweighting: a skipped vision token becomes w * x.
         reweight: ``mlp`` scales the MLP branch of a kept vision token (released code);
             ``block`` scales the whole layer delta (paper eq. 4).
+        budget: who the kept share is counted over. ``sample`` (the paper's rule): each sample keeps
+            floor(n * R) of all its n vision tokens, images and video frames competing together;
+            ``image``: each image and each video frame keeps floor(n * R) of its own n tokens, so
+            one large image cannot take every slot from the others.
         selection: which competing tokens win (``model/selection.py``): ``score`` ranks the raw
             router scores (the paper's rule); ``weight`` ranks the normalised weights with
             torch.topk as the released code does, ties and all (set on checkpoints imported
@@ -69,6 +74,7 @@ class PMoDConfig:
     softmax_shift: float | None = None
     string: bool = True
     reweight: str = "mlp"
+    budget: str = "sample"
     selection: str = "score"
     shared_router: bool = False
     router_input: str = "hidden"
@@ -99,11 +105,20 @@ class PMoDConfig:
             ("routed_tokens", ROUTED_TOKENS),
             ("router_input", ROUTER_INPUTS),
             ("inference_routing", INFERENCE_ROUTING),
+            ("budget", BUDGETS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
                 )
+        if self.budget == "image" and self.routed_tokens != "vision":
+            raise ValueError(
+                'budget "image" splits vision tokens by image; it needs routed_tokens "vision"'
+            )
+        if self.budget == "image" and self.selection != "score":
+            raise ValueError(
+                'budget "image" ranks raw router scores within each image; it needs selection "score"'
+            )
         if not 0.0 < self.routing_threshold < 1.0:
             raise ValueError(f"routing_threshold must be in (0, 1), got {self.routing_threshold}")
         if self.aux_loss_coef < 0:

@@ -6,7 +6,8 @@ names, output hooks (``output_hidden_states``) and gradient checkpointing stay t
 transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer:
 
 1. select: the router scores every token; each sample keeps floor(n_vision * R) of its own
-   vision tokens (top scores, or top weights: ``selection.py``) and every real text token;
+   vision tokens (top scores, or top weights: ``selection.py``; with ``budget="image"`` each
+   image and video frame keeps floor(n * R) of its own) and every real text token;
 2. gather: kept tokens, in their original order, with their original positions (RoPE);
 3. run: attention over this layer's own cache and mask, then the MLP;
 4. scatter: kept tokens go back to their places, skipped ones pass through;
@@ -47,8 +48,10 @@ from .selection import SELECTION_RULES, by_score
 class RoutingInputs:
     """What the model tells every layer about the tokens of one forward call."""
 
-    vision_mask: torch.Tensor  # (batch, seq) bool: image-feature positions
+    vision_mask: torch.Tensor  # (batch, seq) bool: image- and video-feature positions
     token_valid: torch.Tensor  # (batch, seq) bool: real tokens (False for padding)
+    # (batch, seq) long: the image / video frame of each vision token, -1 elsewhere (budget="image")
+    vision_groups: torch.Tensor | None = None
     aux_losses: list[torch.Tensor] = field(default_factory=list)  # the layers' routing losses
     prompt_length: int | None = (
         None  # inside generate: the prompt's width (FastV ranks with its end)
@@ -135,14 +138,27 @@ class PMoDLayerMixin:
         return torch.where(candidates, self._normalised(logits, candidates), 1.0)
 
     def _select(
-        self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        candidates: torch.Tensor,
+        valid: torch.Tensor,
+        groups: torch.Tensor | None,
     ) -> torch.Tensor:
-        """(batch, seq) bool: the real tokens that do not compete, plus the winners of those that do."""
+        """(batch, seq) bool: the real tokens that do not compete, plus the winners of those that do.
+
+        Competing tokens draw on budgets: one per sample (``groups`` None), or one per image and
+        video frame (``groups``: their ids). A budget of n tokens keeps the floor(n * R) top-scored.
+        """
         if not self.training and self.pmod_config.inference_routing == "threshold":
             selected = candidates & (
                 torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold
             )
             return (valid & ~candidates) | selected
+        if groups is not None:  # one budget per image / video frame, top scores within each
+            scores = logits.detach().float().masked_fill(~candidates, float("-inf"))
+            rank, budget_size = rank_within_groups(scores, torch.where(candidates, groups, -1))
+            keep_count = torch.floor(budget_size * self.pmod_ratio + 1e-9).long()  # (batch, seq)
+            return (valid & ~candidates) | (candidates & (rank < keep_count))
         rule = SELECTION_RULES[self.pmod_config.selection]
         selected = rule(
             logits,
@@ -151,6 +167,16 @@ class PMoDLayerMixin:
             lambda scores: self._normalised(scores, candidates),
         )
         return (valid & ~candidates) | selected
+
+    def _budget_groups(self, routing: RoutingInputs) -> torch.Tensor | None:
+        if self.pmod_config.budget == "sample" or not routing.vision_mask.any():
+            return None  # one budget per sample, or no vision token (a generation step)
+        if routing.vision_groups is None:  # a per-sample top-k here would silently change the rule
+            raise RuntimeError(
+                f"MoD layer {self.self_attn.layer_idx} has budget 'image' but got no vision groups: call the "
+                "p-MoD model with the processor's outputs (or pass vision_groups with vision_mask)"
+            )
+        return routing.vision_groups
 
     def _budget(self, candidates: torch.Tensor) -> torch.Tensor:
         """(batch,) competing tokens each sample keeps: floor(n * R_l), p-MoD's (and random's) budget."""
@@ -167,7 +193,7 @@ class PMoDLayerMixin:
         logits = self.active_router(router_input)  # (batch, seq)
         candidates = self.competing_tokens(vision, valid)  # (batch, seq)
         weights = self._token_weights(logits, candidates)  # (batch, seq)
-        keep = self._select(logits, candidates, valid)  # (batch, seq)
+        keep = self._select(logits, candidates, valid, self._budget_groups(routing))  # (batch, seq)
         if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
             # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
             routing_loss = F.binary_cross_entropy_with_logits(
@@ -355,6 +381,25 @@ def keep_top(
 
 def _keep_output(store: dict, name: str, module, args, output) -> None:
     store[name] = output
+
+
+def rank_within_groups(
+    scores: torch.Tensor, groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's place among the tokens of its group by score (0 = best; ties: the earlier
+    token first), and the size of its group. ``groups`` (batch, seq) long, >= -1."""
+    batch, seq = scores.shape
+    groups = groups + 1  # -1 (no group) becomes group 0 of its own
+    # sort by score, then stably by group: each group's tokens end up together, best first
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(groups.gather(1, order), dim=1, stable=True).indices)
+    sizes = torch.zeros(batch, int(groups.max()) + 1, dtype=torch.long, device=scores.device)
+    sizes.scatter_add_(1, groups, torch.ones_like(groups))  # (batch, groups)
+    starts = sizes.cumsum(dim=1) - sizes  # each group's first place in the sorted order
+    place = torch.arange(seq, device=scores.device).expand(batch, seq)
+    rank_sorted = place - starts.gather(1, groups.gather(1, order))
+    rank = torch.empty_like(order).scatter_(1, order, rank_sorted)
+    return rank, sizes.gather(1, groups)
 
 
 @functools.cache

@@ -24,6 +24,8 @@ from .families import (
     PMoDLlavaForConditionalGeneration,
     PMoDLlavaNextConfig,
     PMoDLlavaNextForConditionalGeneration,
+    PMoDLlavaOnevisionConfig,
+    PMoDLlavaOnevisionForConditionalGeneration,
     UnsupportedModelError,
     family_for_model,
 )
@@ -36,6 +38,8 @@ __all__ = [
     "PMoDLlavaForConditionalGeneration",
     "PMoDLlavaNextConfig",
     "PMoDLlavaNextForConditionalGeneration",
+    "PMoDLlavaOnevisionConfig",
+    "PMoDLlavaOnevisionForConditionalGeneration",
     "UnsupportedModelError",
     "apply_dense",
     "apply_fastv",

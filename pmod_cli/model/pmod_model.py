@@ -85,11 +85,13 @@ def _add_routing_inputs(model, args, kwargs):
     """Forward pre-hook: tell the layers which tokens are vision tokens and which are real.
 
     A hook rather than a ``forward`` override keeps the HF signature that ``generate`` inspects.
-    ``vision_mask`` (batch, seq) may be passed instead of ``input_ids`` (with ``inputs_embeds``).
+    ``vision_mask`` (batch, seq) may be passed instead of ``input_ids`` (with ``inputs_embeds``),
+    and then, for ``budget="image"``, ``vision_groups`` (batch, seq) too.
     """
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     attention_mask = kwargs.get("attention_mask")
     vision_mask = kwargs.pop("vision_mask", None)
+    vision_groups = kwargs.pop("vision_groups", None)
     if vision_mask is None and input_ids is not None:
         vision_mask = model.pmod_family.vision_mask(input_ids, model.config)
     if vision_mask is not None:
@@ -98,11 +100,26 @@ def _add_routing_inputs(model, args, kwargs):
             token_valid = attention_mask[:, -seq:].bool()
         else:
             token_valid = torch.ones_like(vision_mask)
+        if (
+            vision_groups is None
+            and input_ids is not None
+            and _per_image_budget(model)
+            and vision_mask.any()
+        ):
+            # which image / frame each vision token belongs to, from the images' own sizes
+            vision_groups = model.pmod_family.vision_groups(input_ids, model.config, kwargs)
         _check_pooled_placeholders(model, vision_mask)
         kwargs["pmod_routing"] = RoutingInputs(
-            vision_mask=vision_mask, token_valid=token_valid, prompt_length=current_prompt_length()
+            vision_mask=vision_mask,
+            token_valid=token_valid,
+            vision_groups=vision_groups,
+            prompt_length=current_prompt_length(),
         )
     return args, kwargs
+
+
+def _per_image_budget(model) -> bool:
+    return (model.config.pmod or {}).get("budget", "sample") == "image"
 
 
 def _check_pooled_placeholders(model, vision_mask: torch.Tensor) -> None:

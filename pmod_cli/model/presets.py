@@ -6,9 +6,10 @@ and can build a real HF config from them, so planning and dry runs need no downl
 
     shape = get_preset("llava-next-7b")        # or read_model_shape("path/to/checkpoint")
     shape.vision_tokens                         # 2928: LLaVA-NeXT at its largest grid
+    shape.video_tokens(32)                      # (tokens, crops) of a 32-frame video (OneVision)
     shape.to_hf_config()                        # a transformers LlavaNextConfig
 
-``read_model_shape`` reads a config.json (dense LLaVA / LLaVA-NeXT or p-MoD) as plain JSON, so
+``read_model_shape`` reads a config.json (a registered family's, dense or p-MoD) as plain JSON, so
 it needs neither the model's weights nor the p-MoD Auto-class registration.
 """
 
@@ -107,9 +108,10 @@ class VisionShape:
 class ModelShape:
     """A model as far as its cost goes.
 
-    ``layout`` names its model family (``model/families``): ``llava`` (one crop per image) or
+    ``layout`` names its model family (``model/families``): ``llava`` (one crop per image),
     ``llava_next`` (anyres: a base crop plus the crops of a grid, with one learned newline token per
-    row of high-res features); the family says how many vision tokens an image becomes.
+    row of high-res features) or ``llava_onevision`` (anyres_max_9; video frames pooled 2x2); the
+    family says how many vision tokens an image (or a video) becomes.
     ``pmod`` is the p-MoD setting stored with a checkpoint, None for a dense model or a preset.
     """
 
@@ -120,6 +122,7 @@ class ModelShape:
     image_token_id: int
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels
     text_tokens: int = DEFAULT_TEXT_TOKENS
+    video_token_id: int | None = None  # families that take video (OneVision)
     description: str = ""
     pmod: PMoDConfig | None = None
 
@@ -140,6 +143,11 @@ class ModelShape:
         """Crops the vision tower encodes for that layout (LLaVA-NeXT: base + grid)."""
         return self.family.image_tokens(self)[1]
 
+    def video_tokens(self, frames: int) -> tuple[int, int]:
+        """(vision tokens, crops) of a video of ``frames`` sampled frames; a UserError for a
+        family that takes no video."""
+        return self.family.video_tokens(self, frames)
+
     def to_hf_config(self, pmod: PMoDConfig | None = None):
         """The family's transformers config of this shape (random-init ready).
 
@@ -158,8 +166,9 @@ class ModelShape:
 
         text, vision = self.text, self.vision
         vocab = text.vocab_size
-        if self.image_token_id >= vocab:
-            vocab = -(-(self.image_token_id + 1) // 64) * 64
+        last_token = max(self.image_token_id, self.video_token_id or 0)
+        if last_token >= vocab:
+            vocab = -(-(last_token + 1) // 64) * 64
         text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[
             text.model_type
         ]
@@ -194,10 +203,14 @@ class ModelShape:
             feature_layer = list(feature_layer)
         family = self.family
         config_class = family.dense_config_class if pmod is None else family.pmod_config_class
+        token_ids = (
+            {"video_token_id": self.video_token_id} if self.video_token_id is not None else {}
+        )
         config = config_class(
             vision_config=vision_config,
             text_config=text_config,
             image_token_id=self.image_token_id,
+            **token_ids,
             vision_feature_layer=feature_layer,
             vision_feature_select_strategy=vision.select_strategy,
             projector_hidden_act="gelu",  # mlp2x_gelu
@@ -229,6 +242,18 @@ VICUNA_13B = TextShape(
     num_heads=40,
     num_kv_heads=40,
     vocab_size=32000,
+)
+QWEN2_0_5B = TextShape(
+    "qwen2",
+    num_layers=24,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_heads=14,
+    num_kv_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
 )
 QWEN2_7B = TextShape(
     "qwen2",
@@ -262,6 +287,15 @@ SIGLIP_SO400M_384 = VisionShape(
     image_size=384,
     patch_size=14,
     select_strategy="full",
+)
+# SigLIP-so400m as llava-hf's OneVision checkpoints store it: its last layer dropped (26 of 27),
+# features from the last one kept (-1): the same features as layer -2 of the whole tower
+SIGLIP_SO400M_384_ONEVISION = dataclasses.replace(
+    SIGLIP_SO400M_384, num_layers=26, feature_layer=-1
+)
+# LLaVA-OneVision's anyres_max_9 pinpoints: 1x1 to 6x6 crops of 384 px (transformers' default)
+ONEVISION_PINPOINTS = tuple(
+    (384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7)
 )
 # LLaVA-NeXT's anyres grids (height, width): 2x1, 1x2, 2x2, 3x1, 1x3 crops of the base size
 NEXT_336_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -305,15 +339,29 @@ PRESETS: dict[str, ModelShape] = {
             description="LLaVA-NeXT-13B (Vicuna): anyres, largest grid 2x2 = 5 crops, 2928 vision tokens",
         ),
         ModelShape(
-            "llava-onevision-qwen2-7b",
-            "llava_next",
-            QWEN2_7B,
-            SIGLIP_SO400M_384,
+            "llava-onevision-qwen2-0.5b",
+            "llava_onevision",
+            QWEN2_0_5B,
+            SIGLIP_SO400M_384_ONEVISION,
             image_token_id=151646,
-            image_grid_pinpoints=NEXT_384_PINPOINTS,
+            video_token_id=151647,
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
             description=(
-                "LLaVA-OneVision-like: Qwen2-7B (GQA, 4 KV heads) + SigLIP-so400m-384, in LLaVA-NeXT's anyres "
-                "layout (largest grid 2x2 = 5 crops, 3699 vision tokens); OneVision's anyres_max_9 is not modelled"
+                "LLaVA-OneVision-0.5B: Qwen2-0.5B (GQA, 2 KV heads) + SigLIP-so400m-384, anyres_max_9 "
+                "(largest one-image layout 8154 vision tokens); a video frame is 14x14 = 196 tokens"
+            ),
+        ),
+        ModelShape(
+            "llava-onevision-qwen2-7b",
+            "llava_onevision",
+            QWEN2_7B,
+            SIGLIP_SO400M_384_ONEVISION,
+            image_token_id=151646,
+            video_token_id=151647,
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+            description=(
+                "LLaVA-OneVision-7B: Qwen2-7B (GQA, 4 KV heads) + SigLIP-so400m-384, anyres_max_9 "
+                "(largest one-image layout 8154 vision tokens); a video frame is 14x14 = 196 tokens"
             ),
         ),
     )
@@ -427,6 +475,9 @@ def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
     )
     pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
     pmod_values = getattr(config, "pmod", None)
+    video_token_id = (
+        getattr(config, "video_token_id", None) if family_for_config(config).takes_video else None
+    )
     return ModelShape(
         name=name or getattr(config, "_name_or_path", "") or config.model_type,
         layout=layout,
@@ -434,5 +485,6 @@ def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
         vision=vision,
         image_token_id=config.image_token_id,
         image_grid_pinpoints=pinpoints,
+        video_token_id=video_token_id,
         pmod=PMoDConfig.from_dict(pmod_values) if pmod_values is not None else None,
     )

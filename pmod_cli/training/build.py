@@ -3,18 +3,19 @@
     model, processor = build_model(recipe, stage="sft", dtype=torch.float32)
 
 From parts (``model.vision_tower`` + ``model.llm``): the vision tower and the language model
-are loaded with their weights, the tokenizer gets an ``<image>`` token (and a pad token if it
-has none), and a new mlp2x_gelu connector joins them in the HF model class of the recipe's model
-family (``model.layout``: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
+are loaded with their weights, the tokenizer gets the family's vision tokens (``<image>``, and
+OneVision's ``<video>``; a pad token if it has none), and a new mlp2x_gelu connector joins them in
+the HF model class of the recipe's model family (``model.layout``: ``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``).
 From a checkpoint (``model.checkpoint``): a directory or hub id of any registered family, dense or
 p-MoD, loaded by the one checkpoint loader (``pmod_cli.model.loading``). Then ``model.pretrained_connector``
 loads a pretrain stage's connector (or LLaVA's stage-1 ``mm_projector.bin``), and ``apply_pmod`` converts the model unless
 ``pmod.enabled`` is false.
 
 The parameters fall into four parts, the unit of freezing and of learning rates:
-``vision_tower``, ``connector`` (projector, and LLaVA-NeXT's image newline), ``llm`` (decoder,
-embeddings, lm_head) and ``router`` (the p-MoD routers). With ``[lora]`` the model is wrapped by
-PEFT last (``lora.py``): the ``llm`` part then trains through its adapters only.
+``vision_tower``, ``connector`` (projector, and the anyres families' image newline), ``llm``
+(decoder, embeddings, lm_head) and ``router`` (the p-MoD routers). With ``[lora]`` the model is
+wrapped by PEFT last (``lora.py``): the ``llm`` part then trains through its adapters only.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.templates import get_template
+from ..data.templates import CHAT_TEMPLATE, get_template
 from ..data.tiny import resolve_name
 from ..errors import UserError
 from ..model import apply_pmod, is_pmod_model
 from ..model.families import (
     FAMILIES,
-    IMAGE_TOKEN,
     family_for_config,
     family_for_model,
     get_family,
@@ -100,9 +100,9 @@ def image_processor(base, layout: str, aspect_ratio: str, grid_pinpoints: list[l
     return get_family(layout).image_processor(image_settings(base), aspect_ratio, grid_pinpoints)
 
 
-def prepare_tokenizer(tokenizer) -> bool:
-    """The family tokenizer preparation (``<image>`` and pad tokens), right padding for training."""
-    grew = add_image_and_pad_tokens(tokenizer)
+def prepare_tokenizer(tokenizer, layout: str = "llava") -> bool:
+    """The family tokenizer preparation (its vision tokens, a pad token), right padding for training."""
+    grew = add_image_and_pad_tokens(tokenizer, get_family(layout).media_tokens.values())
     tokenizer.padding_side = "right"
     return grew
 
@@ -122,7 +122,15 @@ def _vision_config(reference: str, local_only: bool = False):
     return vision
 
 
-def llava_config(recipe: Recipe, vision_config, text_config, image_token_id: int):
+def media_token_ids(tokenizer, layout: str) -> dict[str, int]:
+    """The family's vision-token config keys and their ids (``image_token_id``, ``video_token_id``)."""
+    return {
+        key: tokenizer.convert_tokens_to_ids(token)
+        for key, token in get_family(layout).media_tokens.items()
+    }
+
+
+def llava_config(recipe: Recipe, vision_config, text_config, token_ids: dict[str, int]):
     """The HF config of the recipe's model family joining a vision tower and a language model."""
     model = recipe.model
     family = get_family(model.layout)
@@ -130,7 +138,7 @@ def llava_config(recipe: Recipe, vision_config, text_config, image_token_id: int
     return family.dense_config_class(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=image_token_id,
+        **token_ids,
         vision_feature_layer=model.vision_feature_layer,
         vision_feature_select_strategy=model.vision_feature_select_strategy,
         projector_hidden_act="gelu",  # mlp2x_gelu: Linear, GELU, Linear
@@ -167,7 +175,7 @@ def processor_from_parts(recipe: Recipe, local_only: bool = False):
         "the image processor of model.vision_tower",
         local_files_only=local_only,
     )
-    grew = prepare_tokenizer(tokenizer)
+    grew = prepare_tokenizer(tokenizer, model_section.layout)
     images = image_processor(
         base_image_processor,
         model_section.layout,
@@ -179,9 +187,21 @@ def processor_from_parts(recipe: Recipe, local_only: bool = False):
         images,
         vision_config,
         model_section.vision_feature_select_strategy,
-        get_template(data.template).jinja,
+        _parts_chat_template(tokenizer, data.template),
     )
     return processor, grew
+
+
+def _parts_chat_template(tokenizer, template: str) -> str | None:
+    """The processor's chat template: the named conversation template's, or none for
+    ``"chat_template"`` (prompts then use the language model's own, its tokenizer's)."""
+    if template != CHAT_TEMPLATE:
+        return get_template(template).jinja
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            'data.template = "chat_template" but model.llm\'s tokenizer has no chat template; name a template'
+        )
+    return None
 
 
 def build_from_parts(recipe: Recipe, dtype: torch.dtype, quantization=None):
@@ -209,7 +229,7 @@ def build_from_parts(recipe: Recipe, dtype: torch.dtype, quantization=None):
     processor, grew = processor_from_parts(recipe)
     tokenizer = processor.tokenizer
     config = llava_config(
-        recipe, vision_tower.config, llm.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        recipe, vision_tower.config, llm.config, media_token_ids(tokenizer, model_section.layout)
     )
     with torch.device("meta"):  # the shell only; the parts bring their weights
         model = family.dense_model_class(config)
@@ -247,8 +267,13 @@ def _for_recipe(processor, family, recipe: Recipe):
     processor.image_processor = family.adapt_image_processor(
         processor.image_processor, recipe.data.image_aspect_ratio
     )
-    prepare_tokenizer(processor.tokenizer)
-    processor.chat_template = get_template(recipe.data.template).jinja
+    prepare_tokenizer(processor.tokenizer, family.name)
+    if recipe.data.template != CHAT_TEMPLATE:  # else the checkpoint's own chat template stays
+        processor.chat_template = get_template(recipe.data.template).jinja
+    elif not (processor.chat_template or getattr(processor.tokenizer, "chat_template", None)):
+        raise UserError(
+            'data.template = "chat_template" but model.checkpoint has no chat template; name a template'
+        )
     return processor
 
 
@@ -369,6 +394,9 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
         model, processor = build_from_parts(recipe, dtype, quantization)
     if recipe.model.pretrained_connector:
         load_connector(model, recipe.model.pretrained_connector)
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is not None:  # saved with the model: evaluation samples as many frames
+        video_processor.num_frames = recipe.data.video_frames
     if recipe.pmod.enabled:
         check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
         model = apply_pmod(model, recipe.pmod.config)

@@ -31,10 +31,10 @@ from ..errors import UserError
 from ..model import apply_pmod
 from ..model.presets import ModelShape, get_preset, shape_from_hf_config
 from .build import (
-    IMAGE_TOKEN,
     PARTS,
     check_pmod_layers,
     llava_config,
+    media_token_ids,
     prepare_tokenizer,
     resolve_name,
     set_trainable,
@@ -121,11 +121,9 @@ def model_config(recipe: Recipe):
             tokenizer = AutoTokenizer.from_pretrained(
                 resolve_name(model.llm), local_files_only=True
             )
-            prepare_tokenizer(tokenizer)
+            prepare_tokenizer(tokenizer, model.layout)
             vision = getattr(vision, "vision_config", None) or vision
-            config = llava_config(
-                recipe, vision, text, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-            )
+            config = llava_config(recipe, vision, text, media_token_ids(tokenizer, model.layout))
             if len(tokenizer) > config.text_config.vocab_size:
                 config.text_config.vocab_size = -(-len(tokenizer) // 64) * 64
             return config, f"parts {model.vision_tower} + {model.llm}"
@@ -155,7 +153,7 @@ def check_data(recipe: Recipe, processor=None) -> DataCheck:
     """Every sample checked as a real run checks it, up front and while loading (``processor``:
     encode each sample too; without it images are decoded but lengths are not checked)."""
     from ..data.llava_data import SampleEncoder, find_load_failures, load_records, scan_records
-    from ..data.templates import get_template
+    from ..data.templates import CHAT_TEMPLATE, get_template
     from .stages import data_paths
 
     data_path, image_folder = data_paths(recipe)
@@ -173,10 +171,15 @@ def check_data(recipe: Recipe, processor=None) -> DataCheck:
     )
     encoder = None
     if processor is not None:
+        template = recipe.data.template
         encoder = SampleEncoder(
-            processor, get_template(recipe.data.template), recipe.data.max_length
+            processor,
+            template if template == CHAT_TEMPLATE else get_template(template),
+            recipe.data.max_length,
         )
-    failures = find_load_failures(records, scan.valid, image_folder, encoder)
+    failures = find_load_failures(
+        records, scan.valid, image_folder, encoder, video_frames=recipe.data.video_frames
+    )
     check.total, check.text_only, check.encoded = scan.total, scan.text_only, encoder is not None
     check.bad, check.failing_at_load = scan.bad + failures, len(failures)
     check.usable = len(scan.valid) - len(failures)

@@ -29,7 +29,6 @@ from ..model.config import PMoDConfig
 
 CONNECTORS = ("mlp2x_gelu",)
 SELECT_STRATEGIES = ("default", "full")
-ASPECT_RATIOS = ("pad", "crop", "anyres")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DEEPSPEED_PRESETS = ("zero2", "zero3")
@@ -49,11 +48,13 @@ class ModelSection:
         vision_tower: a CLIP / SigLIP vision model (path or hub id), with ``llm`` builds a new model.
         llm: a causal LM (Llama / Vicuna, Qwen2, Mistral), path or hub id; its tokenizer is used.
         layout: the model family (``pmod_cli.model.families``): ``llava`` (one image crop,
-            LLaVA-1.5) or ``llava_next`` (anyres).
+            LLaVA-1.5), ``llava_next`` (anyres) or ``llava_onevision`` (anyres_max_9, several
+            images, video).
         connector: the projector; ``mlp2x_gelu`` (Linear-GELU-Linear) is LLaVA's and HF's.
         vision_feature_layer: which vision layer feeds the projector (-2: the second to last).
         vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
-        image_grid_pinpoints: LLaVA-NeXT anyres resolutions, ``[[height, width], ...]`` in pixels.
+        image_grid_pinpoints: anyres resolutions, ``[[height, width], ...]`` in pixels (LLaVA-NeXT
+            needs them; OneVision defaults to transformers' 1x1 to 6x6 crops).
         pretrained_connector: a pretrain-stage output directory whose connector weights to load,
             or LLaVA's stage-1 ``mm_projector.bin`` (the file or its directory).
         preset: a shape preset of ``pmod_cli.model.presets`` used to plan (``--dry-run``) when the
@@ -90,12 +91,17 @@ class DataSection:
     """[data]: the training samples.
 
     Attributes:
-        path: LLaVA JSON or JSONL file (``tiny:shapes/sft_train.json`` for the tiny set).
-        image_folder: directory the samples' ``image`` paths are relative to.
-        template: conversation template: ``plain`` (pretrain), ``vicuna_v1``, ``chatml`` (Qwen2).
+        path: LLaVA JSON or JSONL file (``tiny:shapes/sft_train.json`` for the tiny set); samples
+            may name several images (``image``) and videos (``video``).
+        image_folder: directory the samples' ``image`` and ``video`` paths are relative to.
+        template: conversation template: ``plain`` (pretrain), ``vicuna_v1``, ``chatml`` (Qwen2),
+            or ``chat_template``: the checkpoint's own chat template (its processor's, else its
+            tokenizer's), the one evaluation prompts with.
         max_length: tokens per sample, image tokens included; text beyond is cut, image tokens never.
-        image_aspect_ratio: ``pad`` (to a square, LLaVA-1.5), ``crop`` (centre crop) or ``anyres``
-            (LLaVA-NeXT; required by and only valid with ``model.layout = "llava_next"``).
+        image_aspect_ratio: ``pad`` (to a square, LLaVA-1.5), ``crop`` (centre crop), ``anyres``
+            (LLaVA-NeXT; required by and only valid with ``model.layout = "llava_next"``) or
+            ``anyres_max_9`` (LLaVA-OneVision's, required by ``model.layout = "llava_onevision"``).
+        video_frames: frames sampled uniformly from each video (every video of a batch has as many).
         max_bad_fraction: stop if more than this fraction of samples is bad (missing image, ...).
         check_images: open every image's header before training (false: only check it exists).
     """
@@ -105,6 +111,7 @@ class DataSection:
     template: str = "vicuna_v1"
     max_length: int = 2048
     image_aspect_ratio: str = "pad"
+    video_frames: int = 8
     max_bad_fraction: float = 0.01
     check_images: bool = True
 
@@ -348,7 +355,7 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 def validate(recipe: Recipe) -> Recipe:
     """Cross-field checks that do not need files or models."""
-    from ..data.templates import TEMPLATES
+    from ..data.templates import CHAT_TEMPLATE, TEMPLATES
     from ..model.families import FAMILIES
 
     model, data, train = recipe.model, recipe.data, recipe.train
@@ -381,12 +388,17 @@ def validate(recipe: Recipe) -> Recipe:
         )
     if not data.path:
         raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
-    _choice(data.template, tuple(TEMPLATES), "data.template")
-    _choice(data.image_aspect_ratio, ASPECT_RATIOS, "data.image_aspect_ratio")
+    _choice(data.template, (*TEMPLATES, CHAT_TEMPLATE), "data.template")
+    aspect_ratios = tuple(
+        dict.fromkeys(ratio for family in FAMILIES.values() for ratio in family.aspect_ratios)
+    )
+    _choice(data.image_aspect_ratio, aspect_ratios, "data.image_aspect_ratio")
     if model.vision_tower:
         check_aspect_ratio(model.layout, data.image_aspect_ratio)
     if data.max_length <= 0:
         raise UserError(f"data.max_length must be positive, got {data.max_length}")
+    if data.video_frames <= 0:
+        raise UserError(f"data.video_frames must be positive, got {data.video_frames}")
     if not 0.0 <= data.max_bad_fraction <= 1.0:
         raise UserError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
     if not train.output_dir:

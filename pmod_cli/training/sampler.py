@@ -25,13 +25,13 @@ import torch
 
 def modality_lengths(records, indices: Sequence[int]) -> list[int]:
     """Per usable sample: its length in words (LLaVA's cheap estimate), positive when it has an
-    image, negative when it is text-only (never 0)."""
+    image or a video, negative when it is text-only (never 0)."""
     lengths = []
     for index in indices:
         record = records[int(index)]
         words = sum(len(str(turn.get("value", "")).split()) for turn in record["conversations"])
-        has_image = record.get("image") not in (None, "", [])
-        lengths.append(max(words, 1) if has_image else -max(words, 1))
+        has_media = any(record.get(key) not in (None, "", []) for key in ("image", "video"))
+        lengths.append(max(words, 1) if has_media else -max(words, 1))
     return lengths
 
 

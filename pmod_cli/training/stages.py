@@ -18,6 +18,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,10 +32,12 @@ from ..data.llava_data import (
     load_records,
     scan_records,
 )
-from ..data.templates import get_template
+from ..data.templates import CHAT_TEMPLATE, get_template
 from ..data.tiny import default_image_folder
 from ..errors import UserError
+from ..model.families import family_for_model
 from .build import build_model, resolve_name
+from .lora import unwrap_lora
 from .recipe import DEEPSPEED_PRESETS, Recipe
 
 if TYPE_CHECKING:  # the trainer imports transformers' Trainer: loaded when a stage runs
@@ -118,8 +121,15 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
         )
     finally:
         data_logger.setLevel(previous_level)
-    encoder = SampleEncoder(processor, get_template(recipe.data.template), recipe.data.max_length)
-    dataset = SupervisedDataset(records, scan.valid, image_folder, encoder)
+    template = recipe.data.template
+    encoder = SampleEncoder(
+        processor,
+        template if template == CHAT_TEMPLATE else get_template(template),
+        recipe.data.max_length,
+    )
+    dataset = SupervisedDataset(
+        records, scan.valid, image_folder, encoder, video_frames=recipe.data.video_frames
+    )
     return dataset, Collator(processor.tokenizer.pad_token_id), scan
 
 
@@ -333,7 +343,7 @@ def _build_run(stage: str, recipe: Recipe, resume: bool, callbacks: Sequence) ->
         processing_class=processor,
         callbacks=[clock, progress, *callbacks],
         recipe=recipe,
-        image_token_id=model.config.image_token_id,
+        vision_mask=partial(family_for_model(unwrap_lora(model)).vision_mask, config=model.config),
         bad_sample_budget=recipe.data.max_bad_fraction * scan.total - len(scan.bad),
     )
     trainer.remove_callback(PrinterCallback)  # the rich callback prints the losses

@@ -155,7 +155,7 @@ class PMoDTrainer(Trainer):
         self,
         *args,
         recipe: Recipe,
-        image_token_id: int,
+        vision_mask,
         bad_sample_budget: float = float("inf"),
         **kwargs,
     ) -> None:
@@ -163,7 +163,7 @@ class PMoDTrainer(Trainer):
         self.recipe = recipe
         self.recipe_toml = recipe.to_toml()
         self.part_learning_rates = {part: recipe.part_learning_rate(part) for part in PARTS}
-        self.image_token_id = image_token_id
+        self.vision_mask = vision_mask  # input_ids -> (batch, seq) bool: image and video tokens
         # how many more samples may fail while loading before the run stops
         self.bad_sample_budget = bad_sample_budget
         self.counts = RunCounts()
@@ -259,12 +259,9 @@ class PMoDTrainer(Trainer):
             mask = inputs["attention_mask"]
             self.counts.samples += int(mask.shape[0])
             self.counts.tokens += int(mask.sum())
-            self.counts.vision_tokens += int((inputs["input_ids"] == self.image_token_id).sum())
-        blank = (
-            self._blank_image_pass(model)
-            if model.training and inputs.get("pixel_values") is None
-            else None
-        )
+            self.counts.vision_tokens += int(self.vision_mask(inputs["input_ids"]).sum())
+        no_vision = not any(key.startswith("pixel_values") for key in inputs)
+        blank = self._blank_image_pass(model) if model.training and no_vision else None
         try:
             with recording(self.meter.counter if model.training else None):
                 result = super().compute_loss(
@@ -296,7 +293,7 @@ class PMoDTrainer(Trainer):
             return None
         llava = unwrap_lora(
             self.accelerator.unwrap_model(model)
-        ).model  # LlavaModel / LlavaNextModel
+        ).model  # LlavaModel / LlavaNextModel / LlavaOnevisionModel
         blank = _BlankImagePass(llava)
         # prepended: it must run before ZeRO-3's own hook gathers the language model
         blank.handle = llava.language_model.register_forward_pre_hook(

@@ -1,12 +1,16 @@
 """The figure: per chosen layer, the image with kept patches shown and skipped ones dimmed.
 
-Panels are laid out as a grid: one column per chosen layer, one row per view (LLaVA-1.5: the
-image; LLaVA-NeXT: the base view, then the high-resolution view), and with ``matrix`` a last
-row spanning all columns with the paper's Figure 6 (layers x vision-token index). Each panel
-axes carries the label ``"layer {l} {view}"`` and the matrix ``"matrix"``, so callers and tests
-can find them; the overlays are collections with gid ``kept``, ``skipped``, ``weights`` (token
-rectangles in original-image pixels), ``uncovered`` (image parts outside the view's tokens) and
-``padding`` (the band around the image where tokens of padding the processor added are drawn).
+Panels are laid out as a grid: one column per chosen layer, one row per picture and view (one
+image: the image, or LLaVA-NeXT's base view then its high-resolution view; several images: each
+image's rows in turn, so the images sit side by side across the layers; a video: one row per
+sampled frame, a frames x layers grid), and with ``matrix`` a last row spanning all columns with
+the paper's Figure 6 (layers x vision-token index). Each panel axes carries the label
+``"layer {l} {row}"`` (row: the view, e.g. ``base``, or with several pictures the picture's name,
+``image 2``, ``frame 3``, and a view other than ``image`` / ``frame``: ``image 1 base``) and the
+matrix ``"matrix"``, so callers and tests can find them; the overlays are collections with gid
+``kept``, ``skipped``, ``weights`` (token rectangles in original-image pixels), ``uncovered``
+(picture parts outside the view's tokens) and ``padding`` (the band around the picture where
+tokens of padding the processor added are drawn).
 """
 
 from __future__ import annotations
@@ -35,13 +39,22 @@ PADDING_SHADE = (0.78, 0.78, 0.82, 1.0)  # the band of padding the processor add
 PADDING_NOTE = "grey band: padding the processor added (its tokens are drawn there)"
 
 
-def views_of(boxes: list[PatchBox | None]) -> list[str]:
-    """The views the tokens fall in, in token order (``image``, or ``base`` then ``high-res``)."""
-    views: list[str] = []
+def views_of(boxes: list[PatchBox | None]) -> list[tuple[int, str]]:
+    """The (picture, view) rows the tokens fall in, in token order (``image``, or ``base`` then
+    ``high-res``, for each picture; ``frame`` for a video's frames)."""
+    rows: list[tuple[int, str]] = []
     for box in boxes:
-        if box is not None and box.view not in views:
-            views.append(box.view)
-    return views
+        if box is not None and (box.source, box.view) not in rows:
+            rows.append((box.source, box.view))
+    return rows
+
+
+def row_label(selection: TokenSelection, source: int, view: str) -> str:
+    """``base`` for one image's view; ``image 2``, ``frame 3`` or ``image 1 base`` with several pictures."""
+    name = selection.name_of(source)
+    if not name:
+        return view
+    return name if view in ("image", "frame") else f"{name} {view}"
 
 
 def _rectangles(boxes: list[PatchBox | None], indices) -> list[np.ndarray]:
@@ -63,7 +76,9 @@ def _panel_title(
         head = f"layer {selection.layer} · R={selection.ratio:.2f} · kept {selection.kept_count}/{total}"
     if view is None:
         return head
-    return f"{head}\n{view} view: {view_kept}/{view_total}"
+    # a bare view name ("base") for one image's views; the picture's name ("frame 3") for several
+    suffix = " view" if view in ("base", "high-res", "image") else ""
+    return f"{head}\n{view}{suffix}: {view_kept}/{view_total}"
 
 
 def _layer_norm(weights: np.ndarray) -> Normalize:
@@ -113,19 +128,33 @@ def _canvas(boxes: list[PatchBox | None], indices, height: int, width: int) -> t
     )
 
 
+def _in_view(selection: TokenSelection, source: int, view: str) -> list[int]:
+    """The tokens of one picture's view."""
+    return [
+        i
+        for i, box in enumerate(selection.boxes)
+        if box is not None and (box.source, box.view) == (source, view)
+    ]
+
+
 def draw_selection(
     selection: TokenSelection, layers: list[int], *, heatmap: bool = False, matrix: bool = False
 ) -> Figure:
     """The figure for ``layers`` (decoder-layer indices), kept masks or (``heatmap``) router weights."""
-    views = views_of(selection.boxes)
-    height, width = selection.image.shape[:2]
-    placed = [i for i, box in enumerate(selection.boxes) if box is not None]
-    left, top, right, bottom = canvas = _canvas(selection.boxes, placed, height, width)
-    aspect = (bottom - top) / (right - left)
-    panel_height = float(np.clip(PANEL_WIDTH_IN * aspect, 1.6, 6.0)) + 0.5  # + title
-    heights = [panel_height] * len(views) + ([MATRIX_HEIGHT_IN] if matrix else [])
+    rows = views_of(selection.boxes)
+    panel_width = PANEL_WIDTH_IN if len(rows) <= 4 else max(1.8, PANEL_WIDTH_IN * 4 / len(rows))
+    heights, padded = [], False
+    for source, view in rows:
+        height, width = selection.pictures[source].shape[:2]
+        left, top, right, bottom = canvas = _canvas(
+            selection.boxes, _in_view(selection, source, view), height, width
+        )
+        padded = padded or canvas != (0, 0, width, height)
+        aspect = (bottom - top) / (right - left)
+        heights.append(float(np.clip(panel_width * aspect, 1.2, 6.0)) + 0.5)  # + title
+    heights += [MATRIX_HEIGHT_IN] if matrix else []
     figure = Figure(
-        figsize=(PANEL_WIDTH_IN * len(layers) + (0.8 if heatmap else 0.2), sum(heights)),
+        figsize=(panel_width * len(layers) + (0.8 if heatmap else 0.2), sum(heights)),
         layout="constrained",
     )
     grid = figure.add_gridspec(len(heights), len(layers), height_ratios=heights)
@@ -133,20 +162,27 @@ def draw_selection(
     panel_axes = []
 
     for column, layer_index in enumerate(layers):
-        for row, view in enumerate(views):
+        for row, (source, view) in enumerate(rows):
+            label = row_label(selection, source, view)
             axes = figure.add_subplot(grid[row, column])
-            axes.set_label(f"layer {layer_index} {view}")
+            axes.set_label(f"layer {layer_index} {label}")
             mappable = _draw_panel(
-                axes, selection, selection.layers[layer_index], view, len(views) > 1, heatmap
+                axes,
+                selection,
+                selection.layers[layer_index],
+                source,
+                view,
+                label if len(rows) > 1 else None,
+                heatmap,
             )
             if mappable is not None:
                 weight_mappable = mappable
-            if column == 0 and len(views) > 1:
-                axes.set_ylabel(f"{view} view", fontsize=9)
+            if column == 0 and len(rows) > 1:
+                axes.set_ylabel(label, fontsize=9)
             panel_axes.append(axes)
 
     if matrix:
-        matrix_axes = figure.add_subplot(grid[len(views), :])
+        matrix_axes = figure.add_subplot(grid[len(rows), :])
         matrix_axes.set_label("matrix")
         _draw_matrix(matrix_axes, selection, heatmap)
     if heatmap and weight_mappable is not None:
@@ -161,7 +197,7 @@ def draw_selection(
     legend = f"{shading} · red outline: kept · {UNSEEN_NOTE}"
     # about 0.55 em per character: a one-panel figure wraps the legend instead of cutting it
     line_chars = int(figure.get_figwidth() * 72 / (0.55 * 8))
-    padding = f"\n{PADDING_NOTE}" if canvas != (0, 0, width, height) else ""
+    padding = f"\n{PADDING_NOTE}" if padded else ""
     figure.suptitle(textwrap.fill(legend, line_chars) + padding, fontsize=8)
     return figure
 
@@ -179,21 +215,23 @@ def _draw_panel(
     axes,
     selection: TokenSelection,
     layer: LayerSelection,
+    source: int,
     view: str,
-    name_view: bool,
+    row: str | None,
     heatmap: bool,
 ):
-    """One layer on one view: the image in its padding, then the overlays; returns the weight
-    overlay if drawn. Tokens over padding are drawn there, so every kept token shows."""
-    height, width = selection.image.shape[:2]
-    in_view = [i for i, box in enumerate(selection.boxes) if box is not None and box.view == view]
+    """One layer on one picture's view: the picture in its padding, then the overlays; returns
+    the weight overlay if drawn. Tokens over padding are drawn there, so every kept token shows."""
+    picture = selection.pictures[source]
+    height, width = picture.shape[:2]
+    in_view = _in_view(selection, source, view)
     left, top, right, bottom = canvas = _canvas(selection.boxes, in_view, height, width)
     padding = PolyCollection(
         _strips(canvas, (0, 0, width, height)), facecolors=[PADDING_SHADE], edgecolors="none"
     )
     padding.set_gid("padding")
     axes.add_collection(padding)
-    axes.imshow(selection.image, extent=(0, width, height, 0))
+    axes.imshow(picture, extent=(0, width, height, 0))
     axes.set_xticks([])
     axes.set_yticks([])
     kept = [i for i in in_view if layer.kept[i]]
@@ -209,9 +247,7 @@ def _draw_panel(
     axes.add_collection(unseen)
     axes.set_xlim(left, right)
     axes.set_ylim(bottom, top)  # image convention: y grows downwards
-    title = _panel_title(
-        layer, selection.num_vision, view if name_view else None, len(kept), len(in_view)
-    )
+    title = _panel_title(layer, selection.num_vision, row, len(kept), len(in_view))
     if heatmap:
         title += (
             " · no router"
@@ -283,14 +319,16 @@ def _draw_matrix(axes, selection: TokenSelection, heatmap: bool) -> None:
             vmax=1,
         )
         axes.set_title("kept (red) / skipped (dark) per layer and vision token", fontsize=9)
-    views = [box.view if box is not None else None for box in selection.boxes]
-    for index in range(1, len(views)):
+    rows = [(box.source, box.view) if box is not None else None for box in selection.boxes]
+    for index in range(1, len(rows)):
         if (
-            views[index] is not None
-            and views[index - 1] is not None
-            and views[index] != views[index - 1]
+            rows[index] is not None
+            and rows[index - 1] is not None
+            and rows[index] != rows[index - 1]
         ):
-            axes.axvline(index - 0.5, color="white", linewidth=1.0)  # base | high-res boundary
+            axes.axvline(
+                index - 0.5, color="white", linewidth=1.0
+            )  # base | high-res, image | image, frame | frame
     axes.set_xlabel("vision-token index")
     axes.set_ylabel("layer")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # few layers: no ticks at 0.5

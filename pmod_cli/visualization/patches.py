@@ -13,6 +13,12 @@ tiles; the tiles' patch features form one (grid_h * cells, grid_w * cells) map w
 rows or columns are cut away ("unpadding") and after each remaining row comes one learned
 newline token, which has no place on the image (``None``).
 
+LLaVA-OneVision (``LlavaOnevisionImageProcessor`` / ``VideoProcessor`` + ``LlavaOnevisionModel``):
+an image alone is LLaVA-NeXT's layout with the base view squashed to the crop size and the
+unpadded map shrunk (bilinear) to about 9 crops when larger, so a high-res token then covers a
+proportionally larger cell; one of several images is padded to a square and squashed to one crop,
+then a newline; a video frame is squashed to one crop whose features are pooled 2x2, and one
+newline closes the video. ``PatchBox.source`` says which picture (image or frame) a box lies on.
 Where a processor pads (LLaVA-1.5's pad-to-square, a center crop larger than the resized image,
 the padding around a LLaVA-NeXT grid that unpadding does not cut), a token's rectangle reaches
 beyond the image: its coordinates run below 0 or past the width or height, so a token of pure
@@ -28,10 +34,12 @@ from typing import Any
 from transformers.image_processing_utils import select_best_resolution
 
 from ..errors import UserError
+from ..model.families.anyres import capped_map_size, max_crops_of, unpadded_window
 
 BASE_VIEW = "base"
 HIGH_RES_VIEW = "high-res"
 IMAGE_VIEW = "image"
+FRAME_VIEW = "frame"
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,12 @@ class PatchBox:
     """One vision token's rectangle in original-image pixels; beyond the image where it covers
     padding the processor added (negative, or past the width or height)."""
 
-    view: str  # "image" (LLaVA-1.5), "base" or "high-res" (LLaVA-NeXT)
+    view: str  # "image" (LLaVA-1.5), "base" or "high-res" (anyres), "frame" (video)
     x0: float
     y0: float
     x1: float
     y1: float
+    source: int = 0  # which picture of the prompt it lies on: images, then video frames, in order
 
     def on_image(self, height: int, width: int) -> PatchBox | None:
         """The part on the (height, width) image; None for a token of pure padding."""
@@ -220,19 +229,6 @@ class AnyresLayout:
     cols: range  # feature-map columns kept after unpadding
 
 
-def unpadded_window(
-    image_height: int, image_width: int, map_height: int, map_width: int
-) -> tuple[range, range]:
-    """Rows and columns of the (map_height, map_width) feature map that survive HF's ``unpad_image``."""
-    if image_width / image_height > map_width / map_height:
-        new_height = int(round(image_height * (map_width / image_width), 7))
-        padding = (map_height - new_height) // 2
-        return range(padding, map_height - padding), range(map_width)
-    new_width = int(round(image_width * (map_height / image_height), 7))
-    padding = (map_width - new_width) // 2
-    return range(map_height), range(padding, map_width - padding)
-
-
 def anyres_layout(
     image_height: int,
     image_width: int,
@@ -369,6 +365,105 @@ def llava_next_patch_boxes(
             boxes.append(None)
         else:
             boxes.append(high_res_box(cell.row, cell.col))
+    return boxes
+
+
+# ---- LLaVA-OneVision ----------------------------------------------------------------------
+
+
+def _square_size(processor_part) -> int:
+    """The fixed square size OneVision's image and video processors resize to."""
+    size = processor_part.size
+    height, width = _size_field(size, "height"), _size_field(size, "width")
+    if not height or height != width:
+        raise UserError(
+            f"pmod visualize maps OneVision tokens for a square processor size, not {size}"
+        )
+    return height
+
+
+def onevision_patch_boxes(
+    processor, config, image_height: int, image_width: int
+) -> list[PatchBox | None]:
+    """One box per vision token of an image alone (anyres_max_9), in token order; ``None`` for the
+    row newlines. The high-res map may have been shrunk: a token covers its share of the map."""
+    patch, tile = config.vision_config.patch_size, config.vision_config.image_size
+    if _square_size(processor.image_processor) != tile:
+        raise UserError(
+            "pmod visualize maps OneVision tokens when the processor's crop size is the tower's input size"
+        )
+    side = tile // patch
+    base_chain = resize_crop(
+        image_height, image_width, size={"height": tile, "width": tile}, crop_size=None
+    )
+    boxes: list[PatchBox | None] = [
+        _grid_box(base_chain, BASE_VIEW, r, c, patch) for r in range(side) for c in range(side)
+    ]
+    layout = anyres_layout(
+        image_height,
+        image_width,
+        grid_pinpoints=config.image_grid_pinpoints,
+        tile_size=tile,
+        cells_per_tile=side,
+    )
+    rows, cols = layout.rows, layout.cols
+    map_height, map_width = capped_map_size(
+        len(rows), len(cols), side, max_crops_of(config.vision_aspect_ratio)
+    )
+    row_step, col_step = len(rows) / map_height, len(cols) / map_width  # map cells per token
+    unresize_x, unresize_y = (
+        image_width / layout.resized_width,
+        image_height / layout.resized_height,
+    )
+
+    def to_image(col: float, row: float) -> tuple[float, float]:
+        # tiles go to the tower at their own size: one map cell is one patch of the padded image
+        return (col * patch - layout.paste_left) * unresize_x, (
+            row * patch - layout.paste_top
+        ) * unresize_y
+
+    for row in range(map_height):
+        for col in range(map_width):
+            x0, y0 = to_image(cols.start + col * col_step, rows.start + row * row_step)
+            x1, y1 = to_image(cols.start + (col + 1) * col_step, rows.start + (row + 1) * row_step)
+            boxes.append(PatchBox(HIGH_RES_VIEW, x0, y0, x1, y1))
+        boxes.append(None)  # the row's newline token
+    return boxes
+
+
+def onevision_several_image_boxes(
+    processor, config, image_height: int, image_width: int
+) -> list[PatchBox | None]:
+    """An image among several: padded to a square, squashed to one crop, then one newline."""
+    patch, side = config.vision_config.patch_size, _square_size(processor.image_processor)
+    chain = resize_crop(
+        image_height,
+        image_width,
+        size={"height": side, "width": side},
+        crop_size=None,
+        pad_to_square=True,
+    )
+    cells = side // patch
+    return [
+        _grid_box(chain, IMAGE_VIEW, r, c, patch) for r in range(cells) for c in range(cells)
+    ] + [None]
+
+
+def onevision_frame_boxes(processor, config, frame_height: int, frame_width: int) -> list[PatchBox]:
+    """One video frame: squashed to one crop, its features pooled to ceil(cells / 2) per side."""
+    patch, side = config.vision_config.patch_size, _square_size(processor.video_processor)
+    chain = resize_crop(
+        frame_height, frame_width, size={"height": side, "width": side}, crop_size=None
+    )
+    cells = side // patch
+    pooled = math.ceil(cells / 2)
+    step = cells / pooled * patch  # view pixels per pooled token
+    boxes = []
+    for row in range(pooled):
+        for col in range(pooled):
+            x0, y0 = chain.to_source(col * step, row * step)
+            x1, y1 = chain.to_source((col + 1) * step, (row + 1) * step)
+            boxes.append(PatchBox(FRAME_VIEW, x0, y0, x1, y1))
     return boxes
 
 

@@ -1,9 +1,10 @@
-"""Which vision tokens each layer of a p-MoD model keeps for one image and prompt."""
+"""Which vision tokens each layer of a p-MoD model keeps for a prompt with images and a video."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from ..data.prompts import build_prompt, encode
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.routing import LayerRouting, record_routing
-from .patches import PatchBox, patch_boxes_for
+from .patches import PatchBox
 
 
 @dataclass
@@ -36,35 +37,51 @@ class LayerSelection:
 
 @dataclass
 class TokenSelection:
-    """Everything the figure and the table need: the image, where tokens sit, what layers kept."""
+    """Everything the figure and the table need: the pictures, where tokens sit, what layers kept."""
 
-    image: np.ndarray  # (height, width, 3) uint8, the image as given
-    boxes: list[PatchBox | None]  # one per vision token; None: no place on the image (newline, CLS)
+    pictures: list[
+        np.ndarray
+    ]  # (height, width, 3) uint8: the images as given, then the video's frames
+    boxes: list[
+        PatchBox | None
+    ]  # one per vision token (box.source: its picture); None: no place (newline, CLS)
     layers: list[LayerSelection]  # every decoder layer, in order
+    # per picture: "image 2", "frame 5"; empty: one image
+    names: list[str] = field(default_factory=list)
     answer: str | None = None  # the model's answer to the prompt it routed
 
     @property
     def num_vision(self) -> int:
         return len(self.boxes)
 
+    def name_of(self, source: int) -> str:
+        return self.names[source] if self.names else ""
+
 
 @torch.no_grad()
 def select_tokens(
-    model, processor, image: Image.Image, prompt: str, answer_tokens: int = 0
+    model,
+    processor,
+    images: Image.Image | Sequence[Image.Image],
+    prompt: str,
+    answer_tokens: int = 0,
+    video: np.ndarray | None = None,
 ) -> TokenSelection:
-    """Run the prompt and read back every layer's kept vision tokens in its prefill; with
-    ``answer_tokens`` the model also answers (greedy, up to that many tokens) in the same run."""
-    image = image.convert("RGB")
-    text = build_prompt(processor, prompt, 1, template_for_model(model))
-    inputs = encode(processor, [text], [image], model)
-    vision_mask = (
-        family_for_model(model).vision_mask(inputs["input_ids"], model.config)[0].cpu()
-    )  # (seq,)
-    boxes = patch_boxes_for(processor, model.config, image.height, image.width)
-    if len(boxes) != int(vision_mask.sum()):
-        raise RuntimeError(
-            f"token mapping disagrees with the processor: {len(boxes)} patches for {int(vision_mask.sum())} image tokens"
-        )
+    """Run the prompt over ``images`` (one or several) and ``video`` ((frames, height, width, 3)
+    uint8, as ``data.video.read_frames`` gives it) and read back every layer's kept vision tokens
+    in its prefill; with ``answer_tokens`` the model also answers (greedy, up to that many tokens)
+    in the same run."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    images = [image.convert("RGB") for image in images]
+    videos = [video] if video is not None else []
+    family = family_for_model(model)
+    text = build_prompt(
+        processor, prompt, len(images), template_for_model(model), num_videos=len(videos)
+    )
+    inputs = encode(processor, [text], [images], model, videos=videos)
+    input_ids = inputs["input_ids"][0].cpu()
+    vision_mask = family.vision_mask(inputs["input_ids"], model.config)[0].cpu()  # (seq,)
+    boxes = _token_boxes(family, processor, model.config, images, video, input_ids[vision_mask])
     answer = None
     with record_routing(model) as routing:
         if answer_tokens:
@@ -83,19 +100,21 @@ def select_tokens(
         else:
             model(**inputs)
     return selection_from_routing(
-        model, image, boxes, routing.calls[0] if routing.calls else {}, answer
+        model, images, boxes, routing.calls[0] if routing.calls else {}, answer, video
     )
 
 
 def selection_from_routing(
     model,
-    image: Image.Image,
+    images: Image.Image | Sequence[Image.Image],
     boxes: list[PatchBox | None],
     prefill: dict[int, LayerRouting],
     answer: str | None = None,
+    video: np.ndarray | None = None,
 ) -> TokenSelection:
     """Every layer's kept vision tokens from the routing recorded in a prefill (``record_routing``'s
     first call), e.g. of an answer generated elsewhere (``pmod demo`` records ``ChatSession.ask``)."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
     layers = []
     for index in range(len(model.retention_ratios)):
         record = prefill.get(index)
@@ -114,7 +133,47 @@ def selection_from_routing(
                 record.weights[0][vision_mask].numpy().astype(np.float32),
             )
         )
-    return TokenSelection(np.asarray(image.convert("RGB")), boxes, layers, answer)
+    pictures = [np.asarray(image.convert("RGB")) for image in images]
+    pictures += [frame for frame in video] if video is not None else []
+    names = _picture_names(len(images), 0 if video is None else len(video))
+    return TokenSelection(pictures, boxes, layers, names, answer)
+
+
+def _picture_names(images: int, frames: int) -> list[str]:
+    if images == 1 and not frames:
+        return []
+    return [f"image {i + 1}" for i in range(images)] + [f"frame {f + 1}" for f in range(frames)]
+
+
+def _token_boxes(
+    family, processor, config, images, video, vision_ids: torch.Tensor
+) -> list[PatchBox | None]:
+    """The box of every vision token, in token order: image tokens take the images' boxes in
+    turn, video tokens the frames' (each box tagged with its picture)."""
+    per_image = []
+    for source, image in enumerate(images):
+        layout = family.patch_boxes if len(images) == 1 else family.several_image_boxes
+        per_image += _tagged(layout(processor, config, image.height, image.width), source)
+    per_video = []
+    if video is not None:
+        frames, height, width = video.shape[:3]
+        for frame in range(frames):
+            per_video += _tagged(
+                family.frame_boxes(processor, config, height, width), len(images) + frame
+            )
+        per_video += [None] * family.video_extra_tokens
+    is_image = (vision_ids == config.image_token_id).tolist()
+    if sum(is_image) != len(per_image) or len(is_image) - sum(is_image) != len(per_video):
+        raise RuntimeError(
+            f"token mapping disagrees with the processor: {len(per_image)} + {len(per_video)} patches for "
+            f"{sum(is_image)} image and {len(is_image) - sum(is_image)} video tokens"
+        )
+    image_boxes, video_boxes = iter(per_image), iter(per_video)
+    return [next(image_boxes) if image else next(video_boxes) for image in is_image]
+
+
+def _tagged(boxes: list[PatchBox | None], source: int) -> list[PatchBox | None]:
+    return [dataclasses.replace(box, source=source) if box is not None else None for box in boxes]
 
 
 def default_layers(ratios: list[float], count: int = 4) -> list[int]:

@@ -1,4 +1,5 @@
-"""``pmod visualize``: load a p-MoD checkpoint, route one image, draw and tabulate what each layer kept."""
+"""``pmod visualize``: load a p-MoD checkpoint, route one or several images and/or a video, draw
+and tabulate what each layer kept."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from rich.table import Table
 
 from ..data.llava_data import read_image
 from ..errors import UserError
-from ..model.loading import load_checkpoint
+from ..model.families import family_for_model_type
+from ..model.loading import load_checkpoint, read_model_type
 from ..runtime import resolve_device
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
 
 DEFAULT_CHECKPOINT = Path("runs/tiny/sft")
 DEFAULT_PROMPT = "Describe the image."
+DEFAULT_VIDEO_PROMPT = "Describe the video."
+# frames sampled from a video when the checkpoint's video processor does not say (data.video_frames)
+DEFAULT_FRAMES = 8
 DEFAULT_ANSWER_TOKENS = 64
 MAKE_DEFAULT_CHECKPOINT = "pmod pretrain recipes/tiny_pretrain.toml && pmod sft recipes/tiny.toml"
 
@@ -46,6 +51,26 @@ def _checkpoint_layers(checkpoint: Path | None) -> tuple[Path, int]:
     return Path(checkpoint), read_num_layers(checkpoint)
 
 
+def load_video(path: Path, num_frames: int | None = None):
+    """``num_frames`` frames of the video at ``path`` (None: only check that it opens), or a
+    UserError naming why it cannot be read."""
+    from ..data.video import VideoError, check_video, read_frames
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"video not found: {path}"
+            if not path.exists()
+            else f"{path} is a directory; pass a video file"
+        )
+    try:
+        return check_video(path) if num_frames is None else read_frames(path, num_frames)
+    except VideoError as err:
+        raise UserError(
+            f"cannot read {path} as a video ({err}); pass an MP4, WebM or other video file"
+        ) from None
+
+
 def _output_path(output: Path | None, image_path: Path) -> Path:
     output = Path(output) if output is not None else Path(f"{Path(image_path).stem}_pmod.png")
     supported = Figure().canvas.get_supported_filetypes()
@@ -58,7 +83,7 @@ def _output_path(output: Path | None, image_path: Path) -> Path:
 
 
 def visualize_routing(
-    image_path: Path,
+    image_paths: Path | Sequence[Path] = (),
     *,
     checkpoint: Path | None = None,
     layers: str | Sequence[int] | None = None,
@@ -67,18 +92,41 @@ def visualize_routing(
     matrix: bool = False,
     heatmap: bool = False,
     device: str | None = None,
+    video: Path | None = None,
+    frames: int | None = None,
     answer_tokens: int = DEFAULT_ANSWER_TOKENS,
 ) -> VisualizeResult:
-    """Route ``image_path`` through the checkpoint and write the figure; layers like ``"2,14,26"``.
-    The model also answers the prompt (``answer_tokens`` at most; 0: no answer) in the same run."""
-    image = read_image(image_path)
-    output = _output_path(output, image_path)
+    """Route the images (one or several) and/or ``video`` through the checkpoint and write the
+    figure; layers like ``"2,14,26"``; ``frames`` sampled from the video (default: as the
+    checkpoint was trained, else 8). The model also answers the prompt (``answer_tokens`` at most;
+    0: no answer) in the same run."""
+    image_paths = [image_paths] if isinstance(image_paths, str | Path) else list(image_paths)
+    if not image_paths and video is None:
+        raise UserError("give an image (or several) and/or --video VIDEO")
+    if frames is not None and frames < 1:
+        raise UserError(f"--frames must be at least 1, got {frames}")
+    images = [read_image(path) for path in image_paths]
+    if video is not None:
+        load_video(video)  # before the model loads: a bad file fails at once
+    output = _output_path(output, image_paths[0] if image_paths else video)
     checkpoint, num_layers = _checkpoint_layers(checkpoint)
     chosen = parse_layers(layers, num_layers)
+    family = family_for_model_type(read_model_type(checkpoint))
+    if video is not None and not family.takes_video:
+        raise UserError(f"{checkpoint} holds a {family.title} model, which takes no video")
     model, processor = load_checkpoint(
         checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True
     )
-    selection = select_tokens(model, processor, image, prompt or DEFAULT_PROMPT, answer_tokens)
+    clip = None
+    if video is not None:
+        clip = load_video(
+            video,
+            frames or getattr(processor.video_processor, "num_frames", None) or DEFAULT_FRAMES,
+        )
+    default_prompt = DEFAULT_VIDEO_PROMPT if video is not None and not images else DEFAULT_PROMPT
+    selection = select_tokens(
+        model, processor, images, prompt or default_prompt, answer_tokens, video=clip
+    )
     if chosen is None:
         chosen = default_layers([layer.ratio for layer in selection.layers])
     figure = draw_selection(selection, chosen, heatmap=heatmap, matrix=matrix)

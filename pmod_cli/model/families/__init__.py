@@ -1,6 +1,6 @@
 """The model families pmod converts, one module each (see ``base.py`` for what a family says)."""
 
-from . import llava, llava_next  # noqa: F401  (each module registers its family)
+from . import llava, llava_next, llava_onevision  # noqa: F401  (each module registers its family)
 from .base import (
     FAMILIES,
     IMAGE_TOKEN,
@@ -18,6 +18,7 @@ from .base import (
 )
 from .llava import PMoDLlavaConfig, PMoDLlavaForConditionalGeneration
 from .llava_next import PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration
+from .llava_onevision import PMoDLlavaOnevisionConfig, PMoDLlavaOnevisionForConditionalGeneration
 
 __all__ = [
     "FAMILIES",
@@ -27,6 +28,8 @@ __all__ = [
     "PMoDLlavaForConditionalGeneration",
     "PMoDLlavaNextConfig",
     "PMoDLlavaNextForConditionalGeneration",
+    "PMoDLlavaOnevisionConfig",
+    "PMoDLlavaOnevisionForConditionalGeneration",
     "UnsupportedModelError",
     "family_for_config",
     "family_for_model",

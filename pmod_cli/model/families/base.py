@@ -2,9 +2,10 @@
 
 A family says, in one place, everything the commands need to know about a kind of model: its HF
 classes and ``model_type``, its p-MoD classes, which language models and vision towers it takes,
-which input tokens are vision tokens, how its processor is built and which chat template it uses,
-how many vision tokens an image becomes (for FLOPs), where each vision token sits on the image
-(for ``pmod visualize``), and its name in recipes (``model.layout``). Every command reads it:
+which input tokens are vision tokens (image and video tokens) and which image or video frame each
+belongs to, how its processor is built and which chat template it uses, how many vision tokens an
+image or a video becomes (for FLOPs), where each vision token sits on the image or frame (for
+``pmod visualize``), and its name in recipes (``model.layout``). Every command reads it:
 
     family = family_for_model(model)           # or get_family("llava_next"), family_for_model_type(...)
     family.vision_mask(input_ids, model.config)
@@ -15,6 +16,7 @@ Adding a family is one module in this package: a ``ModelFamily`` subclass decora
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +46,8 @@ class ModelFamily:
     # chat template when a checkpoint saved none: text model_type -> template name (data/templates.py)
     default_templates: ClassVar[dict[str, str]] = {"qwen2": "chatml"}
     fallback_template: ClassVar[str] = "vicuna_v1"
+    # config attribute -> the placeholder token the processor expands into that kind of vision token
+    media_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}
     # each image is one square grid of vision tokens (the ``pool`` method averages it)
     single_grid_images: ClassVar[bool] = False
 
@@ -61,9 +65,49 @@ class ModelFamily:
         """The language model's decoder layers, which p-MoD converts."""
         return model.model.language_model.layers
 
+    @property
+    def takes_video(self) -> bool:
+        return "video_token_id" in self.media_tokens
+
     def vision_mask(self, input_ids: torch.Tensor, config) -> torch.Tensor:
-        """(batch, seq) bool: the positions the model fills with vision features."""
-        return input_ids == config.image_token_id
+        """(batch, seq) bool: the positions the model fills with vision features (image or video)."""
+        mask = input_ids == config.image_token_id
+        for key in self.media_tokens:
+            if key != "image_token_id":
+                mask = mask | (input_ids == getattr(config, key))
+        return mask
+
+    def vision_token_groups(self, config, inputs: dict[str, Any]) -> list[tuple[int, list[int]]]:
+        """Per kind of vision token: (its token id, the number of tokens of each image or video
+        frame of the batch, in the order the model fills them), from the forward call's inputs:
+        the features ``generate`` encoded ahead (``encoded_token_counts``), else the pixel inputs
+        (``pixel_values``, ``image_sizes``, ...). The per-image budget (``PMoDConfig.budget``) uses it."""
+        raise NotImplementedError(f"{self.title} does not group its vision tokens by image")
+
+    def vision_groups(
+        self, input_ids: torch.Tensor, config, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """(batch, seq) long: the image or video frame each vision token belongs to, -1 elsewhere.
+
+        The counts come from the model's own inputs, not from runs of vision tokens: two images
+        whose token runs touch are still two groups. Group ids are unique within the batch.
+        """
+        groups = torch.full_like(input_ids, -1)
+        next_id = 0
+        for token_id, sizes in self.vision_token_groups(config, inputs):
+            positions = input_ids == token_id
+            if int(positions.sum()) != sum(sizes):
+                raise ValueError(
+                    f"{int(positions.sum())} tokens {token_id} in the input, but its images / frames "
+                    f"make {sum(sizes)}; pass the processor's outputs unchanged"
+                )
+            ids = torch.arange(next_id, next_id + len(sizes), device=input_ids.device)
+            # boolean-mask assignment fills row by row, left to right: the order the model fills features
+            groups[positions] = torch.repeat_interleave(
+                ids, torch.tensor(sizes, dtype=torch.long, device=input_ids.device)
+            )
+            next_id += len(sizes)
+        return groups
 
     def check_text_model(self, text_model_type: str) -> None:
         if text_model_type not in self.text_model_types:
@@ -86,21 +130,6 @@ class ModelFamily:
         """The family's image processor from a vision tower's size/crop/mean/std ``settings``."""
         raise NotImplementedError
 
-    def build_processor(
-        self, tokenizer, image_processor, vision_config, select_strategy: str, chat_template: str
-    ):
-        """The family's processor joining a tokenizer (with an ``<image>`` token) and an image processor."""
-        return self.processor_class(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=vision_config.patch_size,
-            vision_feature_select_strategy=select_strategy,
-            # CLIP puts a CLS token in front of the patches; SigLIP has none
-            num_additional_image_tokens=1 if vision_config.model_type.startswith("clip") else 0,
-            image_token=IMAGE_TOKEN,
-            chat_template=chat_template,
-        )
-
     def adapt_image_processor(self, image_processor, aspect_ratio: str) -> Any:
         """A checkpoint's image processor set to a recipe's ``data.image_aspect_ratio``."""
         return image_processor
@@ -108,22 +137,77 @@ class ModelFamily:
     def init_new_connector(self, model, dtype: torch.dtype) -> None:
         """Initialise what a fresh connector has besides the projector (LLaVA-NeXT: the newline)."""
 
+    def build_processor(
+        self, tokenizer, image_processor, vision_config, select_strategy: str, chat_template: str
+    ):
+        """The family's processor joining a tokenizer and an image processor (training from parts)."""
+        return self.processor_class(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=vision_config.patch_size,
+            vision_feature_select_strategy=select_strategy,
+            # CLIP puts a CLS token in front of the patches; SigLIP has none
+            num_additional_image_tokens=1 if vision_config.model_type.startswith("clip") else 0,
+            image_token=self.media_tokens["image_token_id"],
+            chat_template=chat_template,
+        )
+
     # ---- counting and drawing ------------------------------------------------------------
 
     def image_tokens(self, shape) -> tuple[int, int]:
         """(vision tokens, vision-tower crops) of one image at the family's largest layout."""
         raise NotImplementedError
 
+    def video_tokens(self, shape, frames: int) -> tuple[int, int]:
+        """(vision tokens, vision-tower crops) of a video of ``frames`` sampled frames."""
+        raise UserError(f"{self.title} takes no video; count images (--vision-tokens) instead")
+
     def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
         """One ``PatchBox`` (or None: no place on the image) per vision token of an image."""
         raise NotImplementedError
 
+    def several_image_boxes(self, processor, config, image_height: int, image_width: int) -> list:
+        """The same for an image that shares its prompt with others (most families: as alone)."""
+        return self.patch_boxes(processor, config, image_height, image_width)
 
-def prepare_tokenizer(tokenizer) -> bool:
-    """Give a language model's tokenizer an ``<image>`` and a pad token; True if the vocabulary grew."""
+    def frame_boxes(self, processor, config, frame_height: int, frame_width: int) -> list:
+        """One ``PatchBox`` per vision token of one video frame (a video's other tokens: ``video_extra_tokens``)."""
+        raise UserError(f"{self.title} takes no video")
+
+    video_extra_tokens: ClassVar[int] = (
+        0  # vision tokens after a video's last frame (OneVision: a newline)
+    )
+
+
+def encoded_token_counts(inputs: dict[str, Any], modality: str) -> list[int] | None:
+    """Tokens of each image (``modality="image"``) or video of a forward call whose vision features
+    were encoded ahead (``generate`` passes ``mm_encoder_outputs``); None when they were not."""
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get(modality)
+    if encoded is None:
+        return None
+    return [
+        len(features) for features in encoded.pooler_output
+    ]  # (items, tokens, dim) or a list of (tokens, dim)
+
+
+def features_per_crop(config) -> int:
+    """Features one crop hands to the projector: the tower's patches (+ CLIP's CLS), minus the
+    first token under ``vision_feature_select_strategy = "default"``."""
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + int(
+        vision.model_type.startswith("clip")
+    )
+    return tokens - int(config.vision_feature_select_strategy == "default")
+
+
+def prepare_tokenizer(tokenizer, media_tokens: Iterable[str] = (IMAGE_TOKEN,)) -> bool:
+    """Give a language model's tokenizer the family's vision placeholder tokens (``<image>``, and
+    ``<video>`` for a family that takes video) and a pad token; True if the vocabulary grew."""
     grew = False
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in media_tokens if token not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
         grew = True
     if tokenizer.pad_token is None:
         # Vicuna has no pad token; LLaVA pads with <unk>

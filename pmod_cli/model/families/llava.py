@@ -13,7 +13,13 @@ from transformers import (
 )
 
 from ..pmod_model import PMoDModelMixin
-from .base import ModelFamily, image_settings, register_family
+from .base import (
+    ModelFamily,
+    encoded_token_counts,
+    features_per_crop,
+    image_settings,
+    register_family,
+)
 
 
 class PMoDLlavaConfig(LlavaConfig):
@@ -44,6 +50,15 @@ class LlavaFamily(ModelFamily):
     def adapt_image_processor(self, image_processor, aspect_ratio: str) -> Any:
         # pad or crop as the recipe says, with the checkpoint's own sizes
         return self.image_processor(image_settings(image_processor), aspect_ratio, None)
+
+    def vision_token_groups(self, config, inputs: dict[str, Any]) -> list[tuple[int, list[int]]]:
+        counts = encoded_token_counts(inputs, "image")
+        if counts is None:
+            pixel_values = inputs.get("pixel_values")
+            counts = [features_per_crop(config)] * (
+                0 if pixel_values is None else pixel_values.shape[0]
+            )
+        return [(config.image_token_id, counts)]
 
     def image_tokens(self, shape) -> tuple[int, int]:
         return shape.vision.features_per_crop, 1

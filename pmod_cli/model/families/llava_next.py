@@ -18,7 +18,8 @@ from transformers import (
 
 from ...errors import UserError
 from ..pmod_model import PMoDModelMixin
-from .base import ModelFamily, register_family
+from .anyres import anyres_tokens
+from .base import ModelFamily, encoded_token_counts, register_family
 
 
 class PMoDLlavaNextConfig(LlavaNextConfig):
@@ -56,6 +57,25 @@ class LlavaNextFamily(ModelFamily):
         model.model.image_newline = nn.Parameter(
             torch.randn(hidden, dtype=dtype) / math.sqrt(hidden)
         )
+
+    def vision_token_groups(self, config, inputs: dict[str, Any]) -> list[tuple[int, list[int]]]:
+        counts = encoded_token_counts(inputs, "image")
+        if counts is not None:
+            return [(config.image_token_id, counts)]
+        image_sizes = inputs.get("image_sizes")
+        sizes = [] if image_sizes is None else image_sizes.tolist()
+        vision = config.vision_config
+        counts = [
+            anyres_tokens(
+                height,
+                width,
+                grid_pinpoints=config.image_grid_pinpoints,
+                tile_size=vision.image_size,
+                side=vision.image_size // vision.patch_size,
+            )[0]
+            for height, width in sizes
+        ]
+        return [(config.image_token_id, counts)]
 
     def image_tokens(self, shape) -> tuple[int, int]:
         return max(
