@@ -8,6 +8,13 @@ import re
 import datasets
 from PIL import Image
 
+# the questions, answers and scoring of the tiny image task (its YAMLs name them from here)
+from pmod_cli.evaluation.tasks.pmod_tiny_vqa.utils import (  # noqa: F401
+    doc_to_text,
+    normalise,
+    process_results,
+)
+
 PLACEHOLDERS = re.compile(r"^(?:<image>\n|<video>\n)+")
 
 
@@ -47,17 +54,3 @@ def video_to_visual(doc: dict) -> list[str]:
 
 def images_to_visual(doc: dict) -> list[Image.Image]:
     return [Image.open(path).convert("RGB") for path in doc["paths"]]
-
-
-def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
-    return doc["question"]
-
-
-def normalise(answer: str) -> str:
-    """Lower case, first line, no surrounding punctuation or spaces: 'Left.' -> 'left'."""
-    first_line = answer.strip().split("\n", 1)[0]
-    return re.sub(r"^[\W_]+|[\W_]+$", "", first_line.lower())
-
-
-def process_results(doc: dict, results: list[str]) -> dict:
-    return {"exact_match": float(normalise(results[0]) == normalise(doc["answer"]))}
