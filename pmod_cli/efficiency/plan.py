@@ -114,14 +114,7 @@ def make_plan(
     baselines = _baseline_methods(
         methods, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops, calibration
     )
-    if model is not None and config is not None:
-        raise UserError("give either --model or --config, not both")
-    if routed_tokens is not None and routed_tokens not in ROUTED_TOKENS:
-        raise UserError(
-            f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}"
-        )
-    if prefix_text_tokens is not None and prefix_text_tokens < 0:
-        raise UserError(f"--prefix-text-tokens must be >= 0, got {prefix_text_tokens}")
+    _check_token_flags(model, config, routed_tokens, prefix_text_tokens)
     _check_calibration_flags(
         model,
         config,
@@ -135,59 +128,22 @@ def make_plan(
         image_folder,
         device,
     )
-    if count not in COUNT_MODES:
-        raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
+    _check_value_flags(
+        count, betas, schedule, min_ratio, max_ratio, vision_tokens, text_tokens, video_frames
+    )
     dtype = parse_dtype(dtype, extra=("fp8",))
     if dtype == "auto":
         dtype = (_stored_dtype(config) if config is not None else None) or DEFAULT_KV_DTYPE
-    for beta in betas:
-        if not beta >= 0:  # also rejects nan
-            raise UserError(f"--beta must be >= 0, got {beta}")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise UserError(
-            f"unknown --schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
-        )
-    for flag, value in (("--min-ratio", min_ratio), ("--max-ratio", max_ratio)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise UserError(f"{flag} must be in (0, 1], got {value}")
-    for flag, value in (("--vision-tokens", vision_tokens), ("--text-tokens", text_tokens)):
-        if value is not None and value < 0:
-            raise UserError(f"{flag} must be >= 0, got {value}")
-    if video_frames is not None and (video_frames < 1 or vision_tokens is not None):
-        raise UserError("--video-frames must be at least 1 and cannot go with --vision-tokens")
 
     shape = read_model_shape(config) if config is not None else get_preset(model or DEFAULT_MODEL)
     base = shape.pmod or PMoDConfig()
-    overrides = {}
-    if routed_tokens is not None:
-        overrides["routed_tokens"] = routed_tokens
-    if schedule is not None:
-        overrides["schedule"] = schedule
-    if min_ratio is not None:
-        overrides["min_ratio"] = min_ratio
-    if max_ratio is not None:
-        overrides["max_ratio"] = max_ratio
-    if (betas or schedule is not None) and base.ratios is not None:
-        overrides["ratios"] = None  # the flags ask for a schedule, not the stored list
-    effective_min = overrides.get("min_ratio", base.min_ratio)
-    effective_max = overrides.get("max_ratio", base.max_ratio)
-    if effective_min > effective_max:
-        raise UserError(
-            f"--min-ratio {effective_min} is above --max-ratio {effective_max}; need min-ratio <= max-ratio"
-        )
-
+    overrides = _pmod_overrides(base, betas, routed_tokens, schedule, min_ratio, max_ratio)
     effective_routed = overrides.get("routed_tokens", base.routed_tokens)
-    if prefix_text_tokens is not None and effective_routed == "vision":
-        raise UserError(
-            "--prefix-text-tokens only applies when text tokens compete; this setting routes vision tokens only "
-            "(add --routed-tokens all)"
-        )
-    num_text = shape.text_tokens if text_tokens is None else text_tokens
-    if prefix_text_tokens is not None and prefix_text_tokens > num_text:
-        raise UserError(
-            f"--prefix-text-tokens {prefix_text_tokens} is more than the {num_text} text tokens; "
-            "lower it or raise --text-tokens"
-        )
+    _check_prefix_tokens(
+        prefix_text_tokens,
+        effective_routed,
+        shape.text_tokens if text_tokens is None else text_tokens,
+    )
     token_options = dict(
         vision_tokens=vision_tokens,
         text_tokens=text_tokens,
@@ -217,7 +173,6 @@ def make_plan(
             "this p-MoD setting uses threshold routing, which keeps a data-dependent share of tokens; pass "
             "--calibration FILE.json (LLaVA-format image-question samples) with --config CHECKPOINT_DIR to measure its ratios"
         )
-
     entries = []
     for beta in betas or [base.beta]:
         try:
@@ -226,7 +181,81 @@ def make_plan(
         except ValueError as err:
             raise UserError(f"invalid p-MoD setting: {err}") from None
         entries.append(PlanEntry(pmod, count_flops(shape, ratios, **token_options)))
-    reference = entries[0]
+    entries += _baseline_entries(shape, entries[0], baselines, match_tflops, token_options)
+    return FlopsPlan(shape, tuple(entries))
+
+
+def _check_token_flags(model, config, routed_tokens, prefix_text_tokens) -> None:
+    if model is not None and config is not None:
+        raise UserError("give either --model or --config, not both")
+    if routed_tokens is not None and routed_tokens not in ROUTED_TOKENS:
+        raise UserError(
+            f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}"
+        )
+    if prefix_text_tokens is not None and prefix_text_tokens < 0:
+        raise UserError(f"--prefix-text-tokens must be >= 0, got {prefix_text_tokens}")
+
+
+def _check_value_flags(
+    count, betas, schedule, min_ratio, max_ratio, vision_tokens, text_tokens, video_frames
+) -> None:
+    if count not in COUNT_MODES:
+        raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
+    for beta in betas:
+        if not beta >= 0:  # also rejects nan
+            raise UserError(f"--beta must be >= 0, got {beta}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise UserError(
+            f"unknown --schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+        )
+    for flag, value in (("--min-ratio", min_ratio), ("--max-ratio", max_ratio)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise UserError(f"{flag} must be in (0, 1], got {value}")
+    for flag, value in (("--vision-tokens", vision_tokens), ("--text-tokens", text_tokens)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value}")
+    if video_frames is not None and (video_frames < 1 or vision_tokens is not None):
+        raise UserError("--video-frames must be at least 1 and cannot go with --vision-tokens")
+
+
+def _pmod_overrides(base, betas, routed_tokens, schedule, min_ratio, max_ratio) -> dict:
+    """The flags' changes to the stored (or default) p-MoD options."""
+    overrides = {}
+    if routed_tokens is not None:
+        overrides["routed_tokens"] = routed_tokens
+    if schedule is not None:
+        overrides["schedule"] = schedule
+    if min_ratio is not None:
+        overrides["min_ratio"] = min_ratio
+    if max_ratio is not None:
+        overrides["max_ratio"] = max_ratio
+    if (betas or schedule is not None) and base.ratios is not None:
+        overrides["ratios"] = None  # the flags ask for a schedule, not the stored list
+    effective_min = overrides.get("min_ratio", base.min_ratio)
+    effective_max = overrides.get("max_ratio", base.max_ratio)
+    if effective_min > effective_max:
+        raise UserError(
+            f"--min-ratio {effective_min} is above --max-ratio {effective_max}; need min-ratio <= max-ratio"
+        )
+    return overrides
+
+
+def _check_prefix_tokens(prefix_text_tokens, routed_tokens, num_text) -> None:
+    if prefix_text_tokens is not None and routed_tokens == "vision":
+        raise UserError(
+            "--prefix-text-tokens only applies when text tokens compete; this setting routes vision tokens only "
+            "(add --routed-tokens all)"
+        )
+    if prefix_text_tokens is not None and prefix_text_tokens > num_text:
+        raise UserError(
+            f"--prefix-text-tokens {prefix_text_tokens} is more than the {num_text} text tokens; "
+            "lower it or raise --text-tokens"
+        )
+
+
+def _baseline_entries(shape, reference, baselines, match_tflops, token_options) -> list:
+    """The baselines counted at the first p-MoD setting's plan (solved to its TFLOPs if asked)."""
+    entries = []
     for method in baselines:
         if match_tflops:
             method = match_method(
@@ -247,7 +276,7 @@ def make_plan(
                 matched=match_tflops and method.name in ("fastv", "pool"),
             )
         )
-    return FlopsPlan(shape, tuple(entries))
+    return entries
 
 
 def _baseline_methods(
