@@ -228,8 +228,6 @@ class PMoDLayerMixin:
         routing,
         **kwargs,
     ):
-        batch, seq, hidden = hidden_states.shape
-        device = hidden_states.device
         if routing is None:  # keeping every token here would silently run a dense layer
             raise RuntimeError(
                 f"MoD layer {self.self_attn.layer_idx} got no routing inputs: call the p-MoD model (its forward "
@@ -242,85 +240,70 @@ class PMoDLayerMixin:
             keep, weights, logits = self._route(hidden_states, routing)  # (batch, seq) each
         else:
             keep, logits = self._baseline_keep(routing)
-            weights = torch.ones(keep.shape, dtype=hidden_states.dtype, device=device)
+            weights = torch.ones(keep.shape, dtype=hidden_states.dtype, device=keep.device)
         _record(self, keep, routing.vision_mask, weights, logits)
 
-        # 2. gather: kept tokens first, in order; a sample that keeps fewer is padded with
-        # (invalid) skipped tokens, which always sit after its valid slots
-        keep_per_sample = keep.sum(dim=1)  # (batch,)
-        kept = int(keep_per_sample.max())
-        if batch == 1:
-            kept_index = keep[0].nonzero().view(1, kept)  # (1, kept)
-            slot_valid = None
-        else:
-            kept_index = torch.sort(
-                keep.to(torch.uint8), dim=1, descending=True, stable=True
-            ).indices[:, :kept]
-            slot_valid = (
-                torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]
-            )  # (batch, kept)
-        gather_hidden = kept_index.unsqueeze(-1).expand(batch, kept, hidden)
-        kept_states = hidden_states.gather(1, gather_hidden)  # (batch, kept, hidden)
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=device)[None]
-        kept_positions = position_ids.expand(batch, seq).gather(1, kept_index)  # (batch, kept)
-        cos, sin = position_embeddings
-        gather_rope = kept_index.unsqueeze(-1).expand(batch, kept, cos.shape[-1])
-        kept_rope = (
-            cos.expand(batch, -1, -1).gather(1, gather_rope),
-            sin.expand(batch, -1, -1).gather(1, gather_rope),
-        )
-
+        # 2. gather: kept tokens, in order, with their positions and RoPE
+        subset = _gather_kept(keep, hidden_states, position_ids, position_embeddings)
         # 3. run, on this layer's own cache and mask
+        attn_out, mlp_out = self._run_subset(
+            subset, cache, cache_kwarg, use_cache, hidden_states.shape[1], **kwargs
+        )
+        # 4-5. reweight and scatter back (a baseline's kept tokens leave as the plain layer's)
+        return self._reweight_and_scatter(hidden_states, subset, weights, attn_out, mlp_out, routed)
+
+    def _run_subset(self, subset: KeptTokens, cache, cache_kwarg, use_cache, seq, **kwargs):
+        """Attention over this layer's own cache and mask, then the MLP: (attn_out, mlp_out)."""
+        batch, kept, _ = subset.states.shape
         past_valid = past_positions = None
         if cache is not None:
             cache_layer = pmod_cache_layer(cache, self.self_attn.layer_idx)
             past_valid, past_positions = cache_layer.slot_valid, cache_layer.slot_positions
             new_valid = (
-                slot_valid
-                if slot_valid is not None
-                else torch.ones(batch, kept, dtype=torch.bool, device=device)
+                subset.slot_valid
+                if subset.slot_valid is not None
+                else torch.ones(batch, kept, dtype=torch.bool, device=subset.states.device)
             )
-            cache_layer.record_slots(new_valid, kept_positions, seq)
+            cache_layer.record_slots(new_valid, subset.positions, seq)
         attn_mask = subset_attention_mask(
             self.self_attn.config._attn_implementation,
-            kept_positions,
-            slot_valid,
+            subset.positions,
+            subset.slot_valid,
             past_valid,
             past_positions,
             _sliding_window(self.self_attn),
-            hidden_states.dtype,
+            subset.states.dtype,
         )
-        normed = self.input_layernorm(kept_states)
         attn_out, _ = self.self_attn(
-            hidden_states=normed,
+            hidden_states=self.input_layernorm(subset.states),
             attention_mask=attn_mask,
-            # no position_ids: RoPE comes from kept_rope, and flash-attention would read gappy
-            # positions as packed sequences
+            # no position_ids: RoPE comes from the kept tokens' own, and flash-attention would
+            # read gappy positions as packed sequences
             use_cache=use_cache,
-            position_embeddings=kept_rope,
+            position_embeddings=subset.rope,
             **{cache_kwarg: cache},
             **kwargs,
         )
-        after_attn = kept_states + attn_out
-        mlp_out = self.mlp(self.post_attention_layernorm(after_attn))  # (batch, kept, hidden)
+        mlp_out = self.mlp(self.post_attention_layernorm(subset.states + attn_out))
+        return attn_out, mlp_out  # (batch, kept, hidden) each
 
-        # 4-5. reweight and scatter back (a baseline's kept tokens leave as the plain layer's)
-        kept_weights = weights.gather(1, kept_index).unsqueeze(-1)  # (batch, kept, 1)
+    def _reweight_and_scatter(self, hidden_states, subset, weights, attn_out, mlp_out, routed):
+        """Kept tokens' outputs (reweighted) back in their places; skipped tokens pass through
+        (times w with STRing)."""
+        kept_states = subset.states
+        after_attn = kept_states + attn_out
+        kept_weights = weights.gather(1, subset.index).unsqueeze(-1)  # (batch, kept, 1)
         if self.pmod_config.reweight == "mlp" or not routed:
             kept_out = after_attn + kept_weights * mlp_out
         else:
             kept_out = kept_states + kept_weights * (attn_out + mlp_out)
         string = self.pmod_config.string and routed
-        if string:
-            passed = hidden_states * weights.unsqueeze(
-                -1
-            )  # a fresh tensor: safe to scatter into in place
-        else:
-            passed = hidden_states.clone()
-        if slot_valid is not None:  # padding slots write back what a skipped token would hold
+        # a fresh tensor either way: safe to scatter into in place
+        passed = hidden_states * weights.unsqueeze(-1) if string else hidden_states.clone()
+        if subset.slot_valid is not None:  # padding slots write back what a skipped token holds
             skipped_value = kept_states * kept_weights if string else kept_states
-            kept_out = torch.where(slot_valid.unsqueeze(-1), kept_out, skipped_value)
+            kept_out = torch.where(subset.slot_valid.unsqueeze(-1), kept_out, skipped_value)
+        gather_hidden = subset.index.unsqueeze(-1).expand_as(kept_states)
         return passed.scatter_(1, gather_hidden, kept_out)
 
     # ---- the last dense layer before FastV's: ranks the vision tokens on the side ----------
@@ -381,6 +364,45 @@ def keep_top(
 
 def _keep_output(store: dict, name: str, module, args, output) -> None:
     store[name] = output
+
+
+@dataclass
+class KeptTokens:
+    """The tokens a MoD layer runs, gathered from the sequence (step 2)."""
+
+    index: torch.Tensor  # (batch, kept) their places in the sequence, in order
+    slot_valid: torch.Tensor | None  # (batch, kept) False: padding of a sample that keeps fewer
+    states: torch.Tensor  # (batch, kept, hidden)
+    positions: torch.Tensor  # (batch, kept) their positions (RoPE)
+    rope: tuple[torch.Tensor, torch.Tensor]  # their cos, sin
+
+
+def _gather_kept(keep, hidden_states, position_ids, position_embeddings) -> KeptTokens:
+    """Kept tokens first, in order; a sample that keeps fewer is padded with (invalid) skipped
+    tokens, which always sit after its valid slots."""
+    batch, seq, hidden = hidden_states.shape
+    device = hidden_states.device
+    keep_per_sample = keep.sum(dim=1)  # (batch,)
+    kept = int(keep_per_sample.max())
+    if batch == 1:
+        kept_index = keep[0].nonzero().view(1, kept)  # (1, kept)
+        slot_valid = None
+    else:
+        kept_index = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[
+            :, :kept
+        ]
+        slot_valid = torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]
+    states = hidden_states.gather(1, kept_index.unsqueeze(-1).expand(batch, kept, hidden))
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device)[None]
+    positions = position_ids.expand(batch, seq).gather(1, kept_index)  # (batch, kept)
+    cos, sin = position_embeddings
+    gather_rope = kept_index.unsqueeze(-1).expand(batch, kept, cos.shape[-1])
+    rope = (
+        cos.expand(batch, -1, -1).gather(1, gather_rope),
+        sin.expand(batch, -1, -1).gather(1, gather_rope),
+    )
+    return KeptTokens(kept_index, slot_valid, states, positions, rope)
 
 
 def rank_within_groups(
