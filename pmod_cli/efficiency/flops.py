@@ -226,18 +226,7 @@ def count_flops(
     ``method``: a training-free baseline counted instead of p-MoD (``retention_ratios`` are then
     p-MoD's plan, whose budget the random method uses); the baselines select among vision tokens.
     """
-    if count not in COUNT_MODES:
-        raise UserError(f"unknown count mode {count!r}; choose one of {', '.join(COUNT_MODES)}")
-    if dtype not in DTYPE_BYTES:
-        raise UserError(f"unknown KV cache dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-    if routed_tokens not in ROUTED_TOKENS:
-        raise UserError(
-            f"unknown routed_tokens {routed_tokens!r}; choose one of {', '.join(ROUTED_TOKENS)}"
-        )
-    if attention_pairs not in ATTENTION_PAIRS:
-        raise ValueError(
-            f"attention_pairs must be one of {ATTENTION_PAIRS}, got {attention_pairs!r}"
-        )
+    _check_count_options(count, dtype, routed_tokens, attention_pairs)
     num_vision, crops = _vision_layout(shape, vision_tokens, video_frames)
     num_text = shape.text_tokens if text_tokens is None else text_tokens
     if num_vision < 0 or num_text < 0 or num_vision + num_text == 0:
@@ -251,11 +240,7 @@ def count_flops(
     # with no image there is no last image token, so nothing competes (layer.py's rule)
     num_competing = num_vision + num_prefix if num_vision > 0 else 0
     num_layers = shape.text.num_layers
-    ratios = (
-        [1.0] * num_layers if retention_ratios is None else [float(r) for r in retention_ratios]
-    )
-    if len(ratios) != num_layers:
-        raise ValueError(f"{len(ratios)} retention ratios for a {num_layers}-layer model")
+    ratios = _layer_ratios(retention_ratios, num_layers)
     is_mod = _mod_flags(ratios, mod_layers)
 
     include_full = count == "full"
@@ -299,6 +284,31 @@ def count_flops(
         competing_tokens=num_competing,
         method=method,
     )
+
+
+def _check_count_options(count, dtype, routed_tokens, attention_pairs) -> None:
+    if count not in COUNT_MODES:
+        raise UserError(f"unknown count mode {count!r}; choose one of {', '.join(COUNT_MODES)}")
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"unknown KV cache dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    if routed_tokens not in ROUTED_TOKENS:
+        raise UserError(
+            f"unknown routed_tokens {routed_tokens!r}; choose one of {', '.join(ROUTED_TOKENS)}"
+        )
+    if attention_pairs not in ATTENTION_PAIRS:
+        raise ValueError(
+            f"attention_pairs must be one of {ATTENTION_PAIRS}, got {attention_pairs!r}"
+        )
+
+
+def _layer_ratios(retention_ratios, num_layers: int) -> list[float]:
+    """One ratio per layer (None: the dense model)."""
+    if retention_ratios is None:
+        return [1.0] * num_layers
+    ratios = [float(r) for r in retention_ratios]
+    if len(ratios) != num_layers:
+        raise ValueError(f"{len(ratios)} retention ratios for a {num_layers}-layer model")
+    return ratios
 
 
 def _vision_layout(
