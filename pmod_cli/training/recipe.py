@@ -355,10 +355,18 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 def validate(recipe: Recipe) -> Recipe:
     """Cross-field checks that do not need files or models."""
-    from ..data.templates import CHAT_TEMPLATE, TEMPLATES
+    _check_model_section(recipe.model)
+    _check_pmod_section(recipe.pmod.config)
+    _check_data_section(recipe.data, recipe.model)
+    _check_train_section(recipe.train)
+    _check_report_to(recipe.train.report_to)
+    _check_lora(recipe)
+    return recipe
+
+
+def _check_model_section(model) -> None:
     from ..model.families import FAMILIES
 
-    model, data, train = recipe.model, recipe.data, recipe.train
     if model.checkpoint and (model.vision_tower or model.llm):
         raise UserError("set either model.checkpoint or model.vision_tower + model.llm, not both")
     if not model.checkpoint and not (model.vision_tower and model.llm):
@@ -377,7 +385,10 @@ def validate(recipe: Recipe) -> Recipe:
             raise UserError(
                 f"model.image_grid_pinpoints entries must be [height, width], got {pinpoint}"
             )
-    pmod = recipe.pmod.config  # checks needing the number of layers run when the model is known
+
+
+def _check_pmod_section(pmod) -> None:
+    """What can be checked without the layer count (the rest runs once the model is known)."""
     for ratio in pmod.ratios or ():
         if not 0.0 < ratio <= 1.0:
             raise UserError(f"pmod.ratios values must be in (0, 1], got {ratio}")
@@ -386,6 +397,12 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(
             f"pmod.mod_layers must be layer indices (0 = the first layer), got {negative}"
         )
+
+
+def _check_data_section(data, model) -> None:
+    from ..data.templates import CHAT_TEMPLATE, TEMPLATES
+    from ..model.families import FAMILIES
+
     if not data.path:
         raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
     _choice(data.template, (*TEMPLATES, CHAT_TEMPLATE), "data.template")
@@ -401,6 +418,9 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.video_frames must be positive, got {data.video_frames}")
     if not 0.0 <= data.max_bad_fraction <= 1.0:
         raise UserError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
+
+
+def _check_train_section(train) -> None:
     if not train.output_dir:
         raise UserError("train.output_dir is not set")
     if train.max_steps == 0 or train.max_steps < -1:
@@ -444,9 +464,6 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(
             f"train.deepspeed = {train.deepspeed!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} nor an existing JSON file"
         )
-    _check_report_to(train.report_to)
-    _check_lora(recipe)
-    return recipe
 
 
 def _check_report_to(report_to: str | list[str]) -> None:
