@@ -19,6 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def has_version(directory: Path, version: object) -> bool:
+    """Whether ``directory`` holds a ``VERSION`` file that says ``version`` (a build of it is done)."""
+    version_file = Path(directory) / "VERSION"
+    return version_file.is_file() and version_file.read_text().strip() == str(version)
+
+
 def build_once(
     final: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], object]
 ) -> Path:

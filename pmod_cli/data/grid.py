@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .cache import build_once
+from .cache import build_once, has_version
 
 # bump when the generated content changes, so cached copies are rebuilt
 GRID_VERSION = 6
@@ -263,8 +263,7 @@ def ensure_grid(root: str | Path) -> Path:
 
 
 def _is_current(root: Path) -> bool:
-    version_file = root / "VERSION"
-    return version_file.is_file() and version_file.read_text().strip() == str(GRID_VERSION)
+    return has_version(root, GRID_VERSION)
 
 
 # ---- the base model ------------------------------------------------------------------------
@@ -340,9 +339,4 @@ def grid_base(
 
 
 def base_is_current(path: Path) -> bool:
-    version_file = path / "VERSION"
-    return (
-        (path / "config.json").is_file()
-        and version_file.is_file()
-        and version_file.read_text().strip() == BASE_VERSION
-    )
+    return (path / "config.json").is_file() and has_version(path, BASE_VERSION)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import build_once
+from .cache import build_once, has_version
 from .synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -220,5 +220,4 @@ def ensure_media(root: str | Path) -> Path:
 
 
 def _is_current(root: Path) -> bool:
-    version_file = root / "VERSION"
-    return version_file.is_file() and version_file.read_text().strip() == str(MEDIA_VERSION)
+    return has_version(root, MEDIA_VERSION)

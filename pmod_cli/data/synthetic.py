@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .cache import build_once
+from .cache import build_once, has_version
 
 # bump when the generated content changes, so cached copies are rebuilt
 SYNTHETIC_VERSION = 2
@@ -234,5 +234,4 @@ def ensure_synthetic(root: str | Path) -> Path:
 
 
 def _is_current(root: Path) -> bool:
-    version_file = root / "VERSION"
-    return version_file.is_file() and version_file.read_text().strip() == str(SYNTHETIC_VERSION)
+    return has_version(root, SYNTHETIC_VERSION)
