@@ -252,7 +252,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument(
-        "--steps", type=int, default=2000, help="SFT steps of each model (batch 16)"
+        "--steps", type=int, default=1500, help="SFT steps of each model (batch 16)"
     )
     parser.add_argument(
         "--pretrain-steps",

@@ -28,6 +28,7 @@ from pmod_cli.data.llava_data import (  # noqa: E402
     load_records,
     scan_records,
 )
+from pmod_cli.data.prompts import build_prompt, content_items  # noqa: E402
 from pmod_cli.data.templates import ConversationError, get_template, parse_turns  # noqa: E402
 from pmod_cli.data.tiny import build_tokenizer, tiny_llava  # noqa: E402
 from pmod_cli.errors import UserError  # noqa: E402
@@ -84,22 +85,22 @@ def test_loss_only_on_assistant_replies(llava_processor, template, expected):
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chatml"])
-def test_jinja_chat_template_builds_the_training_prompt(llava_processor, template):
-    """The chat template saved with the processor gives the prompt the model was trained on."""
+@pytest.mark.parametrize(
+    "question", ["<image>\nWhat colour is the square?", "What colour is the square?\n<image>"]
+)
+def test_jinja_chat_template_builds_the_training_prompt(llava_processor, template, question):
+    """The chat template saved with the processor gives the prompt the model was trained on, with
+    the image before the question (LLaVA's order) or after it."""
     spec = get_template(template)
     llava_processor.chat_template = spec.jinja
-    question = "<image>\nWhat colour is the square?"
     rendered = llava_processor.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True
     )
     assert rendered == spec.generation_prompt(question)
-    structured = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}],
-        }
-    ]
+    structured = [{"role": "user", "content": content_items(question, "<image>")}]
     assert llava_processor.apply_chat_template(structured, add_generation_prompt=True) == rendered
+    # the one prompt builder, given the question as the data places its image, agrees
+    assert build_prompt(llava_processor, question, 1) == rendered
     # a whole conversation renders as the training pieces do
     turns = [{"role": "user", "content": question}, {"role": "assistant", "content": "red"}]
     encoder = SampleEncoder(llava_processor, spec, 1024)

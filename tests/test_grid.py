@@ -32,8 +32,10 @@ def test_prompts_have_256_vision_and_at_most_40_text_tokens(grid_set):
     from PIL import Image
 
     for record in json.loads((root / "heldout.json").read_text()):
-        question = record["conversations"][0]["value"].removeprefix("<image>\n")
+        question = record["conversations"][0]["value"]
         prompt = build_prompt(processor, question, 1)
+        # the question comes before the image, in evaluation as in training
+        assert prompt.index(question.split("\n")[0]) < prompt.index(processor.image_token)
         inputs = processor(
             text=[prompt],
             images=[Image.open(root / "images" / record["image"])],

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from .cache import build_once, has_version
 
 # bump when the generated content changes, so cached copies are rebuilt
-GRID_VERSION = 6
+GRID_VERSION = 7
 # bump when the base model changes (its tokenizer learns the set's text, so a new set is a new base)
 BASE_VERSION = f"{GRID_VERSION}.1"
 LLM_LAYERS, LLM_HIDDEN = 6, 64
@@ -189,9 +189,11 @@ def corpus(limit: int = 600) -> list[str]:
 
 
 def _conversation(turns: list[tuple[str, str]]) -> list[dict]:
+    """The first question before the image: the model reads the image knowing what is asked (with
+    the image first, the tiny language model learnt only the text's prior, see docs/eval.md)."""
     messages = []
     for index, (text, answer) in enumerate(turns):
-        messages.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + text})
+        messages.append({"from": "human", "value": text + ("\n<image>" if index == 0 else "")})
         messages.append({"from": "gpt", "value": answer})
     return messages
 

@@ -186,13 +186,14 @@ def _vicuna_format(turns: list[Turn], eos_token: str) -> list[Piece]:
 
 
 # content is a string (LLaVA style, "<image>" inline) or a list of {"type": "image"|"video"|"text"}
-# items: images first, then videos, then the text
+# items, rendered in their order, one line each: [image, text] is "<image>\nWhat is it?" as LLaVA
+# writes it, and [text, image] is "What is it?\n<image>", the question before the image
 _JINJA_CONTENT = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'video' %}<video>\n{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'video' %}<video>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{% endif %}"
 )
 

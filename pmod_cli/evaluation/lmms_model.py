@@ -252,7 +252,7 @@ class PMoDLmms(lmms):
     # ---- prompts --------------------------------------------------------------------------
 
     def build_prompt(self, context: str, num_images: int, num_videos: int = 0) -> str:
-        """The user turn through the checkpoint's chat template (images, then videos, first, as in training)."""
+        """The user turn through the checkpoint's chat template (media first unless the text places them)."""
         return build_prompt(
             self.processor, context, num_images, self.fallback_template, num_videos=num_videos
         )
