@@ -10,6 +10,7 @@ its own routing (``config.pmod_method``, see ``methods.py``); ``install_method``
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from functools import partial
 
 import torch
@@ -27,6 +28,8 @@ from .methods import (
     prompt_length,
 )
 from .router import Router
+
+_GENERATION_INPUTS: ContextVar[dict | None] = ContextVar("pmod_generation_inputs", default=None)
 
 
 class PMoDModelMixin:
@@ -55,8 +58,19 @@ class PMoDModelMixin:
         prompt = kwargs.get("input_ids", args[0] if args else None)
         if prompt is None:
             prompt = kwargs.get("inputs_embeds")
+        # inputs that generate consumes before the first forward call (it encodes the images
+        # ahead) but that the family needs to tell images and frames apart (Qwen-VL: the grids)
+        grouping = {
+            key: kwargs[key]
+            for key in self.pmod_family.grouping_inputs
+            if kwargs.get(key) is not None
+        }
         with prompt_length(prompt.shape[1] if prompt is not None else None):
-            return super().generate(*args, **kwargs)
+            token = _GENERATION_INPUTS.set(grouping)
+            try:
+                return super().generate(*args, **kwargs)
+            finally:
+                _GENERATION_INPUTS.reset(token)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -107,7 +121,9 @@ def _add_routing_inputs(model, args, kwargs):
             and vision_mask.any()
         ):
             # which image / frame each vision token belongs to, from the images' own sizes
-            vision_groups = model.pmod_family.vision_groups(input_ids, model.config, kwargs)
+            vision_groups = model.pmod_family.vision_groups(
+                input_ids, model.config, {**(_GENERATION_INPUTS.get() or {}), **kwargs}
+            )
         _check_pooled_placeholders(model, vision_mask)
         kwargs["pmod_routing"] = RoutingInputs(
             vision_mask=vision_mask,

@@ -50,6 +50,9 @@ class ModelFamily:
     media_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}
     # each image is one square grid of vision tokens (the ``pool`` method averages it)
     single_grid_images: ClassVar[bool] = False
+    # ``generate`` arguments that ``vision_token_groups`` reads but that generate consumes before
+    # the first forward call (Qwen-VL: the grids); the p-MoD model hands them on
+    grouping_inputs: ClassVar[tuple[str, ...]] = ()
 
     @property
     def dense_model_type(self) -> str:

@@ -1,0 +1,123 @@
+"""What Qwen2.5-VL and Qwen3-VL share: dynamic-resolution vision tokens with 3-D rotary positions.
+
+Both families' processors resize each image to a multiple of ``patch_size * merge_size`` within
+their pixel limits, cut it into ``(t, h, w)`` patches (``image_grid_thw``; an image has t = 1, a
+video one t per ``temporal_patch_size`` frames) and merge ``merge_size x merge_size`` patches into
+one vision token: an image of grid (1, h, w) becomes h * w / merge**2 tokens, a video t times as
+many. The prompt holds ``<|vision_start|><|image_pad|><|vision_end|>`` and the processor expands the
+pad token; ``mm_token_type_ids`` tells the model which token is text, image or video, from which it
+computes the 3-D positions (M-RoPE: temporal, height, width) of every token.
+
+p-MoD needs nothing of its own for the positions: the model computes the (cos, sin) of every token
+from its original 3-D position before the first layer, and a MoD layer gathers its kept tokens'
+rows of them (``layer._gather_kept``). Generation continues from the model's own ``rope_deltas``,
+which p-MoD does not touch; the cache reports the full sequence length (``cache.PMoDCacheLayer``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ...errors import UserError
+from .base import DEFAULT_VISION_TOWERS, ModelFamily
+
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+# what a prompt holds where an image or a video goes (the processor expands the pad token)
+IMAGE_PLACEHOLDER = f"{VISION_START}{IMAGE_PAD}{VISION_END}"
+VIDEO_PLACEHOLDER = f"{VISION_START}{VIDEO_PAD}{VISION_END}"
+# every special token a Qwen-VL tokenizer has that pmod reads or writes
+QWEN_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    VISION_START,
+    VISION_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+)
+
+
+class QwenVLFamily(ModelFamily):
+    """The common part of the Qwen-VL families (not registered itself)."""
+
+    media_tokens: ClassVar[dict[str, str]] = {
+        "image_token_id": IMAGE_PAD,
+        "video_token_id": VIDEO_PAD,
+    }
+    vision_model_types: ClassVar[tuple[str, ...]] = DEFAULT_VISION_TOWERS
+    aspect_ratios = ("dynamic",)  # the processor's own pixel limits; no pad / crop / anyres
+    connector_parameters = ("model.visual.merger.",)
+    grouping_inputs = ("image_grid_thw", "video_grid_thw")
+    fallback_template = "qwen_vl"
+    default_templates: ClassVar[dict[str, str]] = {}
+    # the placeholder a prompt holds for one image / one video (the processor expands the pad)
+    image_placeholder: ClassVar[str] = IMAGE_PLACEHOLDER
+    video_placeholder: ClassVar[str] = VIDEO_PLACEHOLDER
+
+    def decoder_layers(self, model) -> torch.nn.ModuleList:
+        return model.model.language_model.layers
+
+    def template_name(self, text_model_type: str) -> str:
+        return self.fallback_template
+
+    def vision_token_groups(self, config, inputs: dict[str, Any]) -> list[tuple[int, list[int]]]:
+        """Each image is one group; each video is one group per temporal patch (2 frames)."""
+        merge = config.vision_config.spatial_merge_size
+        images = _grid_token_counts(inputs.get("image_grid_thw"), merge, per_frame=False)
+        videos = _grid_token_counts(inputs.get("video_grid_thw"), merge, per_frame=True)
+        return [(config.image_token_id, images), (config.video_token_id, videos)]
+
+    # ---- counting -------------------------------------------------------------------------
+
+    def image_tokens(self, shape) -> tuple[int, int]:
+        """The largest image the processor makes: ``max_pixels`` of merged patches."""
+        vision = shape.vision
+        tokens = dynamic_image_tokens(shape.max_pixels, vision.patch_size, shape.merge_size)
+        return tokens, 1
+
+    def video_tokens(self, shape, frames: int) -> tuple[int, int]:
+        """``frames`` sampled frames at the video processor's ``max_pixels`` per frame pair."""
+        vision = shape.vision
+        per_step = dynamic_image_tokens(shape.video_max_pixels, vision.patch_size, shape.merge_size)
+        steps = max(1, -(-frames // shape.temporal_patch_size))
+        return per_step * steps, steps
+
+    def frame_boxes(self, processor, config, frame_height: int, frame_width: int) -> list:
+        from ...visualization.patches import qwen_vl_frame_boxes
+
+        return qwen_vl_frame_boxes(processor, config, frame_height, frame_width)
+
+    def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
+        from ...visualization.patches import qwen_vl_patch_boxes
+
+        return qwen_vl_patch_boxes(processor, config, image_height, image_width)
+
+    def build_processor(
+        self, tokenizer, image_processor, vision_config, select_strategy: str, chat_template: str
+    ):
+        raise UserError(
+            f"{self.title} is converted from a released checkpoint (pmod convert), not built from "
+            "a separate vision tower and language model; set model.base to a Qwen-VL checkpoint"
+        )
+
+
+def _grid_token_counts(grid_thw: torch.Tensor | None, merge: int, per_frame: bool) -> list[int]:
+    """Tokens of each image (or of each temporal patch of each video) from its ``(t, h, w)`` grid."""
+    if grid_thw is None:
+        return []
+    counts = []
+    for t, h, w in grid_thw.tolist():
+        per_step = h * w // (merge * merge)
+        counts += [per_step] * t if per_frame else [t * per_step]
+    return counts
+
+
+def dynamic_image_tokens(max_pixels: int, patch_size: int, merge_size: int) -> int:
+    """Vision tokens of an image at ``max_pixels``: the most merged patches that fit in it."""
+    factor = patch_size * merge_size
+    return max_pixels // (factor * factor)
