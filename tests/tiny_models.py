@@ -113,10 +113,13 @@ def tiny_model(
     attn: str = "sdpa",
     seed: int = 0,
 ):
-    """A random-weight LLaVA (``layout='llava'``), LLaVA-NeXT (``'next'``) or LLaVA-OneVision
-    (``'onevision'``) model and its processor."""
+    """A random-weight LLaVA (``layout='llava'``), LLaVA-NeXT (``'next'``), LLaVA-OneVision
+    (``'onevision'``), Qwen2.5-VL (``'qwen2_5_vl'``) or Qwen3-VL (``'qwen3_vl'``) model and its
+    processor."""
     if layout == "onevision":
         return tiny_onevision(text_model, layers, attn, seed)
+    if layout in ("qwen2_5_vl", "qwen3_vl"):  # their own language models
+        return tiny_qwen_vl(layout, layers, attn, seed)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

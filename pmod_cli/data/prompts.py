@@ -190,6 +190,13 @@ def encode(
 
 
 def _media_tokens(processor) -> dict[str, str]:
+    """What a prompt holds for an image / a video: the family's placeholder (Qwen-VL wraps the
+    pad token in its vision markers), else the processor's token."""
+    from ..model.families import family_for_processor
+
+    family = family_for_processor(processor)
+    if family is not None:
+        return {kind: family.media_placeholder(processor, kind) for kind in ("image", "video")}
     return {
         "image": getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER,
         "video": getattr(processor, "video_token", None) or VIDEO_PLACEHOLDER,

@@ -39,3 +39,5 @@ class Qwen2_5_VLFamily(QwenVLFamily):
     processor_class = Qwen2_5_VLProcessor
     text_model_types = ("qwen2_5_vl_text",)
     vision_model_types = ("qwen2_5_vl_vision",)
+    default_max_pixels = 28 * 28 * 16384  # Qwen2.5-VL's image processor: 12845056
+    default_video_max_pixels = 28 * 28 * 768  # Qwen2VLVideoProcessor, per frame

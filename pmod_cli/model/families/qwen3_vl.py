@@ -45,3 +45,14 @@ class Qwen3VLFamily(QwenVLFamily):
     processor_class = Qwen3VLProcessor
     text_model_types = ("qwen3_vl_text",)
     vision_model_types = ("qwen3_vl_vision",)
+    default_max_pixels = 16777216  # Qwen3-VL's image processor (longest_edge)
+    default_video_max_pixels = 32 * 32 * 768  # Qwen3VLVideoProcessor, all frames together
+
+    def video_tokens(self, shape, frames: int) -> tuple[int, int]:
+        """(tokens, temporal patches): Qwen3VLVideoProcessor caps the pixels of all sampled
+        frames together, so a longer video gets smaller frames."""
+        vision = shape.vision
+        steps = max(1, -(-frames // vision.temporal_patch_size))
+        factor = vision.patch_size * vision.merge_size
+        per_step = shape.video_max_pixels // (steps * vision.temporal_patch_size * factor * factor)
+        return max(1, per_step) * steps, steps

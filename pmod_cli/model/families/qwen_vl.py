@@ -55,9 +55,16 @@ class QwenVLFamily(ModelFamily):
     grouping_inputs = ("image_grid_thw", "video_grid_thw")
     fallback_template = "qwen_vl"
     default_templates: ClassVar[dict[str, str]] = {}
-    # the placeholder a prompt holds for one image / one video (the processor expands the pad)
-    image_placeholder: ClassVar[str] = IMAGE_PLACEHOLDER
-    video_placeholder: ClassVar[str] = VIDEO_PLACEHOLDER
+
+    def media_placeholder(self, processor, kind: str) -> str:
+        return {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}[kind]
+
+    def media_expansion(self, processor, kind: str, count: int) -> str:
+        return VISION_START + getattr(processor, f"{kind}_token") * count + VISION_END
+
+    def token_types(self, config) -> dict[int, int] | None:
+        # the model computes 3-D positions only where it is told which tokens are image / video
+        return {config.image_token_id: 1, config.video_token_id: 2}
 
     def decoder_layers(self, model) -> torch.nn.ModuleList:
         return model.model.language_model.layers
@@ -72,25 +79,59 @@ class QwenVLFamily(ModelFamily):
         videos = _grid_token_counts(inputs.get("video_grid_thw"), merge, per_frame=True)
         return [(config.image_token_id, images), (config.video_token_id, videos)]
 
-    # ---- counting -------------------------------------------------------------------------
+    # ---- shapes and counting ----------------------------------------------------------------
+
+    # the released processors' pixel limits, when a checkpoint's own are not at hand
+    default_max_pixels: ClassVar[int]
+    default_video_max_pixels: ClassVar[int]
+
+    def hf_config(self, shape, pmod=None):
+        from ..presets import qwen_vl_hf_config
+
+        return qwen_vl_hf_config(shape, pmod)
+
+    def shape_from_config(self, config, directory=None):
+        from ..presets import qwen_vl_shape_from_config
+
+        image_limit = _processor_max_pixels(directory, "preprocessor_config.json")
+        video_limit = _processor_max_pixels(directory, "video_preprocessor_config.json")
+        return qwen_vl_shape_from_config(
+            config,
+            max_pixels=image_limit or self.default_max_pixels,
+            video_max_pixels=video_limit or self.default_video_max_pixels,
+        )
 
     def image_tokens(self, shape) -> tuple[int, int]:
         """The largest image the processor makes: ``max_pixels`` of merged patches."""
         vision = shape.vision
-        tokens = dynamic_image_tokens(shape.max_pixels, vision.patch_size, shape.merge_size)
-        return tokens, 1
+        return dynamic_image_tokens(shape.max_pixels, vision.patch_size, vision.merge_size), 1
 
     def video_tokens(self, shape, frames: int) -> tuple[int, int]:
-        """``frames`` sampled frames at the video processor's ``max_pixels`` per frame pair."""
+        """(tokens, temporal patches) of ``frames`` sampled frames at the video pixel limit (per
+        frame pair, as Qwen2VLVideoProcessor applies it)."""
         vision = shape.vision
-        per_step = dynamic_image_tokens(shape.video_max_pixels, vision.patch_size, shape.merge_size)
-        steps = max(1, -(-frames // shape.temporal_patch_size))
+        steps = max(1, -(-frames // vision.temporal_patch_size))
+        per_step = dynamic_image_tokens(
+            shape.video_max_pixels, vision.patch_size, vision.merge_size
+        )
         return per_step * steps, steps
 
-    def frame_boxes(self, processor, config, frame_height: int, frame_width: int) -> list:
+    def vision_encoder_flops(self, shape, vision_tokens: int, crops: int) -> dict[str, int]:
+        """The ViT over the merged tokens' patches (each image / temporal patch attends within
+        itself) and the patch merger(s)."""
+        from ...efficiency.flops import qwen_vl_vision_flops
+
+        return qwen_vl_vision_flops(shape, vision_tokens, crops)
+
+    def frame_boxes(
+        self, processor, config, frame_height: int, frame_width: int, frames: int = 2
+    ) -> list:
         from ...visualization.patches import qwen_vl_frame_boxes
 
-        return qwen_vl_frame_boxes(processor, config, frame_height, frame_width)
+        return qwen_vl_frame_boxes(processor, config, frame_height, frame_width, frames)
+
+    def frames_per_step(self, processor) -> int:
+        return processor.video_processor.temporal_patch_size
 
     def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
         from ...visualization.patches import qwen_vl_patch_boxes
@@ -115,6 +156,21 @@ def _grid_token_counts(grid_thw: torch.Tensor | None, merge: int, per_frame: boo
         per_step = h * w // (merge * merge)
         counts += [per_step] * t if per_frame else [t * per_step]
     return counts
+
+
+def _processor_max_pixels(directory, filename: str) -> int | None:
+    """``size.longest_edge`` (or ``max_pixels``) of a saved processor config, if there is one."""
+    import json
+    from pathlib import Path
+
+    if directory is None or not (Path(directory) / filename).is_file():
+        return None
+    try:
+        values = json.loads((Path(directory) / filename).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    size = values.get("size") or {}
+    return size.get("longest_edge") or values.get("max_pixels")
 
 
 def dynamic_image_tokens(max_pixels: int, patch_size: int, merge_size: int) -> int:
