@@ -383,6 +383,11 @@ class SampleEncoder:
         )
         self.eos_token = self.tokenizer.eos_token or ""
         self._counts_by_size: dict[tuple[int, int], int] = {}
+        from ..model.families import family_for_processor
+
+        # how the processor's family writes an image / a video into the text (Qwen-VL: inside
+        # its vision markers); None: the processor's token, repeated
+        self.family = family_for_processor(processor)
 
     def image_token_count(self, image: Image.Image) -> int:
         """The image tokens the processor gives ``image``; it depends on the image's size only
@@ -403,6 +408,8 @@ class SampleEncoder:
             return counts, {}
         if videos and not self.video_token:
             raise SkipSample(f"it has a video, which {type(self.processor).__name__} does not take")
+        if videos and self.family is not None and not self.family.trains_on_video:
+            raise SkipSample(f"pmod does not train {self.family.title} on videos yet")
         placeholders = [self.image_token] * len(images) + [self.video_token] * len(videos)
         out = self.processor(
             text="\n".join(placeholders),  # separated: the token runs of two images never touch
@@ -413,8 +420,11 @@ class SampleEncoder:
         ids = out["input_ids"][0].tolist()
         counts[IMAGE_PLACEHOLDER] = _runs(ids, self.image_token_id) if images else []
         counts[VIDEO_PLACEHOLDER] = _runs(ids, self.video_token_id) if videos else []
+        # token-level outputs (mm_token_type_ids) are made again for the whole text by the collator
         vision = {
-            key: value for key, value in out.items() if key not in ("input_ids", "attention_mask")
+            key: value
+            for key, value in out.items()
+            if key not in ("input_ids", "attention_mask", "mm_token_type_ids")
         }
         return counts, vision
 
@@ -433,7 +443,9 @@ class SampleEncoder:
             text = ""
             for segment in _PLACEHOLDER_SPLIT.split(piece.text):
                 if segment in expansions:
-                    text += expansions[segment] * counts[segment][used[segment]]
+                    text += self._expand(
+                        segment, expansions[segment], counts[segment][used[segment]]
+                    )
                     used[segment] += 1
                 else:
                     text += segment
@@ -442,6 +454,13 @@ class SampleEncoder:
             parts.append(text)
             length += len(text)
         return "".join(parts), spans
+
+    def _expand(self, placeholder: str, token: str, count: int) -> str:
+        """One image's / video's text: ``count`` vision tokens, as its family writes them."""
+        if self.family is None:
+            return token * count
+        kind = "image" if placeholder == IMAGE_PLACEHOLDER else "video"
+        return self.family.media_expansion(self.processor, kind, count)
 
     def tokenize(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         """The ids of ``text`` (with the tokenizer's own special tokens, e.g. Llama's <s>) and, per
@@ -704,8 +723,10 @@ class Collator:
     trainer removes it before the model sees the batch.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, token_types: dict[int, int] | None = None) -> None:
         self.pad_token_id = pad_token_id
+        # token id -> mm_token_type_ids value, for models that place vision tokens by it (Qwen-VL)
+        self.token_types = token_types
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(s["input_ids"]) for s in samples)
@@ -719,6 +740,11 @@ class Collator:
             labels[row, :length] = sample["labels"]
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if self.token_types:
+            types = torch.zeros_like(input_ids, dtype=torch.int)
+            for token_id, kind in self.token_types.items():
+                types[input_ids == token_id] = kind
+            batch["mm_token_type_ids"] = types
         batch.update(join_vision_inputs([s.get("vision_inputs") or {} for s in samples]))
         batch["num_skipped"] = torch.tensor(sum(len(s.get("skipped", ())) for s in samples))
         return batch

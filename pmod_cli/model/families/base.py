@@ -53,6 +53,7 @@ class ModelFamily:
     # ``generate`` arguments that ``vision_token_groups`` reads but that generate consumes before
     # the first forward call (Qwen-VL: the grids); the p-MoD model hands them on
     grouping_inputs: ClassVar[tuple[str, ...]] = ()
+    trains_on_video: ClassVar[bool] = True  # pmod sft encodes its video samples
 
     @property
     def dense_model_type(self) -> str:
@@ -121,8 +122,9 @@ class ModelFamily:
         """The text of one image / video of ``count`` vision tokens, as the processor expands it."""
         return getattr(processor, f"{kind}_token") * count
 
-    def token_types(self, config) -> dict[int, int] | None:
-        """Token id -> the ``mm_token_type_ids`` value the model needs (None: takes none)."""
+    def token_types(self, processor) -> dict[int, int] | None:
+        """Token id -> the ``mm_token_type_ids`` value the model needs (None: takes none), for
+        batches the processor did not make (training)."""
         return None
 
     def check_text_model(self, text_model_type: str) -> None:

@@ -62,9 +62,9 @@ class QwenVLFamily(ModelFamily):
     def media_expansion(self, processor, kind: str, count: int) -> str:
         return VISION_START + getattr(processor, f"{kind}_token") * count + VISION_END
 
-    def token_types(self, config) -> dict[int, int] | None:
+    def token_types(self, processor) -> dict[int, int] | None:
         # the model computes 3-D positions only where it is told which tokens are image / video
-        return {config.image_token_id: 1, config.video_token_id: 2}
+        return {processor.image_token_id: 1, processor.video_token_id: 2}
 
     def decoder_layers(self, model) -> torch.nn.ModuleList:
         return model.model.language_model.layers
@@ -93,8 +93,8 @@ class QwenVLFamily(ModelFamily):
     def shape_from_config(self, config, directory=None):
         from ..presets import qwen_vl_shape_from_config
 
-        image_limit = _processor_max_pixels(directory, "preprocessor_config.json")
-        video_limit = _processor_max_pixels(directory, "video_preprocessor_config.json")
+        image_limit = _processor_max_pixels(directory, "image_processor")
+        video_limit = _processor_max_pixels(directory, "video_processor")
         return qwen_vl_shape_from_config(
             config,
             max_pixels=image_limit or self.default_max_pixels,
@@ -158,19 +158,31 @@ def _grid_token_counts(grid_thw: torch.Tensor | None, merge: int, per_frame: boo
     return counts
 
 
-def _processor_max_pixels(directory, filename: str) -> int | None:
-    """``size.longest_edge`` (or ``max_pixels``) of a saved processor config, if there is one."""
+def _processor_max_pixels(directory, kind: str) -> int | None:
+    """``size.longest_edge`` (or ``max_pixels``) of a checkpoint's saved ``kind`` processor
+    (``image_processor`` / ``video_processor``): in processor_config.json (transformers 5), else
+    in its own file; None when there is none."""
     import json
     from pathlib import Path
 
-    if directory is None or not (Path(directory) / filename).is_file():
+    if directory is None:
         return None
-    try:
-        values = json.loads((Path(directory) / filename).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    size = values.get("size") or {}
-    return size.get("longest_edge") or values.get("max_pixels")
+    legacy = {"image_processor": "preprocessor_config.json"}.get(
+        kind, f"{kind.split('_')[0]}_preprocessor_config.json"
+    )
+    for filename, key in (("processor_config.json", kind), (legacy, None)):
+        path = Path(directory) / filename
+        try:
+            values = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            values = None
+        if isinstance(values, dict) and key is not None:
+            values = values.get(key)
+        if isinstance(values, dict):
+            limit = (values.get("size") or {}).get("longest_edge") or values.get("max_pixels")
+            if limit:
+                return int(limit)
+    return None
 
 
 def dynamic_image_tokens(max_pixels: int, patch_size: int, merge_size: int) -> int:
