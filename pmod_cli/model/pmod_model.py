@@ -190,6 +190,9 @@ def install_method(model, method: MethodConfig) -> None:
     vision_tokens = (
         shape_from_hf_config(model.config).vision_tokens if method.name == "pool" else None
     )
+    refused = model.pmod_family.unsupported_methods.get(method.name)
+    if refused:
+        raise MethodError(f"{method.name} does not run on {model.pmod_family.title}: {refused}")
     if method.name == "pool" and not model.pmod_family.single_grid_images:
         raise MethodError(
             f"pool averages one square patch grid per image; {model.pmod_family.title} images are not one grid"

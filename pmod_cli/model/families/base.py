@@ -43,6 +43,8 @@ class ModelFamily:
     aspect_ratios: ClassVar[tuple[str, ...]]  # ``data.image_aspect_ratio`` values it trains with
     # parameter names (prefixes) of the connector, the part that pretrain trains
     connector_parameters: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector.",)
+    # parameter names (prefixes) of the vision tower (what sft freezes unless told otherwise)
+    vision_tower_parameters: ClassVar[tuple[str, ...]] = ("model.vision_tower.",)
     # chat template when a checkpoint saved none: text model_type -> template name (data/templates.py)
     default_templates: ClassVar[dict[str, str]] = {"qwen2": "chatml"}
     fallback_template: ClassVar[str] = "vicuna_v1"
@@ -54,6 +56,8 @@ class ModelFamily:
     # the first forward call (Qwen-VL: the grids); the p-MoD model hands them on
     grouping_inputs: ClassVar[tuple[str, ...]] = ()
     trains_on_video: ClassVar[bool] = True  # pmod sft encodes its video samples
+    # token-reduction methods (model/methods.py) the family cannot run: name -> why
+    unsupported_methods: ClassVar[dict[str, str]] = {}
 
     @property
     def dense_model_type(self) -> str:

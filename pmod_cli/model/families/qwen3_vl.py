@@ -48,6 +48,9 @@ class Qwen3VLFamily(QwenVLFamily):
     # its processor writes each temporal patch of a video after a timestamp; the training encoder
     # does not reproduce that text yet, so video samples are skipped (named) in pmod sft
     trains_on_video = False
+    unsupported_methods = {
+        "fastv": "its attention normalises q and k per head after the projections FastV ranks with"
+    }
     default_max_pixels = 16777216  # Qwen3-VL's image processor (longest_edge)
     default_video_max_pixels = 32 * 32 * 768  # Qwen3VLVideoProcessor, all frames together
 

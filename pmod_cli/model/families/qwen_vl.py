@@ -51,7 +51,9 @@ class QwenVLFamily(ModelFamily):
     }
     vision_model_types: ClassVar[tuple[str, ...]] = DEFAULT_VISION_TOWERS
     aspect_ratios = ("dynamic",)  # the processor's own pixel limits; no pad / crop / anyres
-    connector_parameters = ("model.visual.merger.",)
+    # the patch merger(s) (Qwen3-VL: also the DeepStack mergers) sit inside the vision tower
+    connector_parameters = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+    vision_tower_parameters = ("model.visual.",)
     grouping_inputs = ("image_grid_thw", "video_grid_thw")
     fallback_template = "qwen_vl"
     default_templates: ClassVar[dict[str, str]] = {}
