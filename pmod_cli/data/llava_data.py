@@ -455,6 +455,17 @@ class SampleEncoder:
             length += len(text)
         return "".join(parts), spans
 
+    def _with_data_placeholders(self, text: str) -> str:
+        """``text`` with the family's own image / video placeholders (a chat template writes them,
+        Qwen-VL: ``<|vision_start|><|image_pad|><|vision_end|>``) back as ``<image>`` / ``<video>``."""
+        if self.family is None:
+            return text
+        for kind, placeholder in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER)):
+            own = self.family.media_placeholder(self.processor, kind)
+            if own != placeholder:
+                text = text.replace(own, placeholder)
+        return text
+
     def _expand(self, placeholder: str, token: str, count: int) -> str:
         """One image's / video's text: ``count`` vision tokens, as its family writes them."""
         if self.family is None:
@@ -532,7 +543,10 @@ class SampleEncoder:
             vision_inputs = {}
         if not with_pixels:
             vision_inputs = {}
-        pieces = self.pieces(turns)
+        pieces = [
+            Piece(self._with_data_placeholders(piece.text), piece.is_target)
+            for piece in self.pieces(turns)
+        ]
         placed = [p for piece in pieces for p in media_placeholders(piece.text)]
         if placed.count(IMAGE_PLACEHOLDER) != len(images) or placed.count(VIDEO_PLACEHOLDER) != len(
             videos

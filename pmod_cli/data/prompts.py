@@ -224,5 +224,9 @@ def _message(processor, role: str, text: str) -> dict:
     tokenizer's template takes the text as it is."""
     if getattr(processor, "chat_template", None):
         tokens = _media_tokens(processor)
+        # training data places LLaVA's <image> / <video>; a family may write them otherwise (Qwen-VL)
+        text = text.replace(IMAGE_PLACEHOLDER, tokens["image"]).replace(
+            VIDEO_PLACEHOLDER, tokens["video"]
+        )
         return {"role": role, "content": content_items(text, tokens["image"], tokens["video"])}
     return {"role": role, "content": text}

@@ -260,14 +260,15 @@ register_template(
 
 # ---- qwen_vl (Qwen2.5-VL, Qwen3-VL) --------------------------------------------------------
 
-# content items as the released Qwen-VL chat templates render them: the vision markers around the
-# pad token that the processor expands, where the item stands
+# content items as the released Qwen-VL chat templates write them (the vision markers around the
+# pad token that the processor expands), each image / video on its own line as in LLaVA data
+# ("<image>\n..."), so a prompt is the text the model trained on
 _QWEN_VL_CONTENT = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}"
     "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>\n"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}"
     "{% endif %}"

@@ -152,6 +152,12 @@ def register() -> None:
             register_checkpoint_conversion_mapping(
                 family.pmod_model_type, dense_mapping, overwrite=True
             )
+        # some are keyed by class name (Qwen2.5-VL saves its language model as ``model.*``)
+        class_mapping = get_checkpoint_conversion_mapping(family.dense_model_class.__name__)
+        if class_mapping is not None:
+            register_checkpoint_conversion_mapping(
+                family.pmod_model_class.__name__, class_mapping, overwrite=True
+            )
         AutoConfig.register(family.pmod_model_type, family.pmod_config_class, exist_ok=True)
         AutoModelForImageTextToText.register(
             family.pmod_config_class, family.pmod_model_class, exist_ok=True
