@@ -162,6 +162,38 @@ def test_training_text_is_the_text_evaluation_prompts_with(name, template):
     assert processor.tokenizer.decode(answer).removesuffix("\n") == "red<|im_end|>"
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_sft_on_the_tiny_qwen_base(tmp_path, name):
+    """The tiny recipe, a few steps on a small media set (images, image pairs, videos; Qwen3-VL
+    skips its videos), from the tiny checkpoint; the result is a p-MoD Qwen-VL with trained
+    routers and the qwen_vl template saved for evaluation."""
+    from pmod_cli.data.media import generate
+    from pmod_cli.training.stages import sft
+
+    media = generate(tmp_path / "media", train_samples=6, heldout_samples=1)
+    overrides = [
+        f"data.path={media / 'sft_train.json'}",
+        "data.video_frames=4",
+        "data.max_bad_fraction=0.5",
+        "train.max_steps=3",
+        "train.global_batch_size=4",
+        "train.per_device_batch_size=4",
+        "train.logging_steps=1",
+        f"train.output_dir={tmp_path / 'out'}",
+        "pmod.budget=image",
+    ]
+    result = sft(load_recipe(RECIPES / f"{name}_tiny.toml", overrides))
+    assert result.summary["steps"] == 3 and result.summary["flops_ratio"] < 1.0
+    model, processor = load_checkpoint(tmp_path / "out", require_pmod=True)
+    assert model.config.model_type == f"pmod_{name}" and model.pmod_config.budget == "image"
+    assert model.config.text_config.model_type == f"{name}_text"
+    # the last layer's vision tokens reach only their own (unlabelled) logits: its router gets no
+    # gradient in sft; every earlier MoD layer's router has learned
+    routers = [layer.router for layer in model.decoder_layers[:-1] if layer.is_mod]
+    assert routers and all(router.weight.abs().sum() > 0 for router in routers)
+    assert processor.chat_template == get_template("qwen_vl").jinja
+
+
 def test_qwen3_video_samples_are_skipped_in_training_with_a_reason():
     from pmod_cli.data.llava_data import SkipSample
 

@@ -283,8 +283,19 @@ def tiny_qwen_vl(layout: str = "qwen2_5_vl", layers: int = 6, hidden: int = 128,
     tokenizer.chat_template = get_template("qwen_vl").jinja
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_VL_SPECIAL_TOKENS}
     head_dim = hidden // 4
-    text = _text_config(tokenizer, layers, hidden).to_dict()
-    text.update(max_position_embeddings=4096, head_dim=head_dim)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     half = head_dim // 2
     vision = dict(
         depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden
