@@ -24,6 +24,7 @@ from pmod_cli.data.prompts import build_prompt
 from pmod_cli.data.templates import get_template
 from pmod_cli.data.tiny import resolve_tiny_path
 from pmod_cli.efficiency.flops import count_flops
+from pmod_cli.errors import UserError
 from pmod_cli.model import apply_fastv, apply_pool, apply_random, retention_ratios
 from pmod_cli.model.families import get_family
 from pmod_cli.model.loading import load_checkpoint
@@ -116,6 +117,16 @@ def test_dry_run_plans_the_qwen_recipes_from_their_presets(
     assert plan.parameters["vision_tower"][0] == 0 and plan.parameters["vision_tower"][1] > 0
     assert plan.parameters["connector"][0] == plan.parameters["connector"][1] > 0
     assert not plan.data.found
+
+
+def test_a_qwen_recipe_from_parts_is_refused_in_one_line():
+    parts = [
+        "model.checkpoint=",
+        "model.vision_tower=tiny:base/vision_tower",
+        "model.llm=tiny:base/llm",
+    ]
+    with pytest.raises(UserError, match="Qwen2.5-VL trains from a whole checkpoint"):
+        load_recipe(RECIPES / "qwen2_5_vl_tiny.toml", parts)
 
 
 def test_parts_of_a_qwen_model():

@@ -375,6 +375,12 @@ def _check_model_section(model) -> None:
             "the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm"
         )
     _choice(model.layout, tuple(FAMILIES), "model.layout")
+    family = FAMILIES[model.layout]
+    if not model.checkpoint and not family.builds_from_parts:
+        raise UserError(
+            f'model.layout = "{model.layout}": {family.title} trains from a whole checkpoint; set '
+            "model.checkpoint (and no model.vision_tower / model.llm)"
+        )
     _choice(model.connector, CONNECTORS, "model.connector")
     _choice(
         model.vision_feature_select_strategy,

@@ -56,6 +56,8 @@ class ModelFamily:
     # the first forward call (Qwen-VL: the grids); the p-MoD model hands them on
     grouping_inputs: ClassVar[tuple[str, ...]] = ()
     trains_on_video: ClassVar[bool] = True  # pmod sft encodes its video samples
+    # a recipe may join a vision tower and a language model of this family (model.vision_tower + llm)
+    builds_from_parts: ClassVar[bool] = True
     # token-reduction methods (model/methods.py) the family cannot run: name -> why
     unsupported_methods: ClassVar[dict[str, str]] = {}
 

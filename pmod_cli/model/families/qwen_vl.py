@@ -16,12 +16,13 @@ which p-MoD does not touch; the cache reports the full sequence length (``cache.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ...errors import UserError
-from .base import DEFAULT_VISION_TOWERS, ModelFamily
+from .base import ModelFamily
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -30,16 +31,6 @@ VISION_END = "<|vision_end|>"
 # what a prompt holds where an image or a video goes (the processor expands the pad token)
 IMAGE_PLACEHOLDER = f"{VISION_START}{IMAGE_PAD}{VISION_END}"
 VIDEO_PLACEHOLDER = f"{VISION_START}{VIDEO_PAD}{VISION_END}"
-# every special token a Qwen-VL tokenizer has that pmod reads or writes
-QWEN_VL_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    VISION_START,
-    VISION_END,
-    IMAGE_PAD,
-    VIDEO_PAD,
-)
 
 
 class QwenVLFamily(ModelFamily):
@@ -49,12 +40,14 @@ class QwenVLFamily(ModelFamily):
         "image_token_id": IMAGE_PAD,
         "video_token_id": VIDEO_PAD,
     }
-    vision_model_types: ClassVar[tuple[str, ...]] = DEFAULT_VISION_TOWERS
     aspect_ratios = ("dynamic",)  # the processor's own pixel limits; no pad / crop / anyres
     # the patch merger(s) (Qwen3-VL: also the DeepStack mergers) sit inside the vision tower
     connector_parameters = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
     vision_tower_parameters = ("model.visual.",)
     grouping_inputs = ("image_grid_thw", "video_grid_thw")
+    builds_from_parts = (
+        False  # trained from a whole checkpoint (its ViT, merger and LM belong together)
+    )
     fallback_template = "qwen_vl"
     default_templates: ClassVar[dict[str, str]] = {}
 
@@ -140,14 +133,6 @@ class QwenVLFamily(ModelFamily):
 
         return qwen_vl_patch_boxes(processor, config, image_height, image_width)
 
-    def build_processor(
-        self, tokenizer, image_processor, vision_config, select_strategy: str, chat_template: str
-    ):
-        raise UserError(
-            f"{self.title} is converted from a released checkpoint (pmod convert), not built from "
-            "a separate vision tower and language model; set model.base to a Qwen-VL checkpoint"
-        )
-
 
 def _grid_token_counts(grid_thw: torch.Tensor | None, merge: int, per_frame: bool) -> list[int]:
     """Tokens of each image (or of each temporal patch of each video) from its ``(t, h, w)`` grid."""
@@ -164,9 +149,6 @@ def _processor_max_pixels(directory, kind: str) -> int | None:
     """``size.longest_edge`` (or ``max_pixels``) of a checkpoint's saved ``kind`` processor
     (``image_processor`` / ``video_processor``): in processor_config.json (transformers 5), else
     in its own file; None when there is none."""
-    import json
-    from pathlib import Path
-
     if directory is None:
         return None
     legacy = {"image_processor": "preprocessor_config.json"}.get(
