@@ -175,8 +175,8 @@ def test_training_text_is_the_text_evaluation_prompts_with(name, template):
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
 def test_sft_on_the_tiny_qwen_base(tmp_path, name):
-    """The tiny recipe, a few steps on a small media set (images, image pairs, videos; Qwen3-VL
-    skips its videos), from the tiny checkpoint; the result is a p-MoD Qwen-VL with trained
+    """The tiny recipe, a few steps on a small media set (images, image pairs, videos), from the
+    tiny checkpoint; the result is a p-MoD Qwen-VL with trained
     routers and the qwen_vl template saved for evaluation."""
     from pmod_cli.data.media import generate
     from pmod_cli.training.stages import sft
@@ -185,7 +185,6 @@ def test_sft_on_the_tiny_qwen_base(tmp_path, name):
     overrides = [
         f"data.path={media / 'sft_train.json'}",
         "data.video_frames=4",
-        "data.max_bad_fraction=0.5",
         "train.max_steps=3",
         "train.global_batch_size=4",
         "train.per_device_batch_size=4",
@@ -195,6 +194,7 @@ def test_sft_on_the_tiny_qwen_base(tmp_path, name):
     ]
     result = sft(load_recipe(RECIPES / f"{name}_tiny.toml", overrides))
     assert result.summary["steps"] == 3 and result.summary["flops_ratio"] < 1.0
+    assert result.summary["skipped_samples"] == 0
     model, processor = load_checkpoint(tmp_path / "out", require_pmod=True)
     assert model.config.model_type == f"pmod_{name}" and model.pmod_config.budget == "image"
     assert model.config.text_config.model_type == f"{name}_text"
@@ -205,14 +205,22 @@ def test_sft_on_the_tiny_qwen_base(tmp_path, name):
     assert processor.chat_template == get_template("qwen_vl").jinja
 
 
-def test_qwen3_video_samples_are_skipped_in_training_with_a_reason():
-    from pmod_cli.data.llava_data import SkipSample
-
-    _, processor = tiny_qwen_vl("qwen3_vl", layers=1)
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_training_text_of_a_video_is_the_processors(name):
+    """A video sample's ids equal the processor's on the evaluation prompt: Qwen3-VL's timestamps
+    and per-patch markers come from the processor's own replacement of the video token."""
+    _, processor = tiny_qwen_vl(name, layers=1)
+    processor.chat_template = get_template("qwen_vl").jinja
+    video = random_video(4, 64, 96, 0)
     encoder = SampleEncoder(processor, get_template("qwen_vl"), max_length=512)
     conversation = [{"from": "human", "value": "<video>\nwhat?"}, {"from": "gpt", "value": "a"}]
-    with pytest.raises(SkipSample, match="does not train Qwen3-VL on videos"):
-        encoder.encode(conversation, videos=[random_video(4, 64, 64, 0)])
+    sample = encoder.encode(conversation, videos=[video])
+    prompt = build_prompt(processor, "what?", 0, num_videos=1)
+    reference = processor(text=[prompt + "a<|im_end|>\n"], videos=[video], return_tensors="pt")
+    assert sample.input_ids.tolist() == reference["input_ids"][0].tolist()
+    assert torch.equal(sample.vision_inputs["video_grid_thw"], reference["video_grid_thw"])
+    if name == "qwen3_vl":  # a timestamp and markers before each temporal patch
+        assert "seconds>" in processor.tokenizer.decode(sample.input_ids)
 
 
 # ---- eval, convert, arank, visualize ------------------------------------------------------------

@@ -408,8 +408,6 @@ class SampleEncoder:
             return counts, {}
         if videos and not self.video_token:
             raise SkipSample(f"it has a video, which {type(self.processor).__name__} does not take")
-        if videos and self.family is not None and not self.family.trains_on_video:
-            raise SkipSample(f"pmod does not train {self.family.title} on videos yet")
         placeholders = [self.image_token] * len(images) + [self.video_token] * len(videos)
         out = self.processor(
             text="\n".join(placeholders),  # separated: the token runs of two images never touch
@@ -420,20 +418,30 @@ class SampleEncoder:
         ids = out["input_ids"][0].tolist()
         counts[IMAGE_PLACEHOLDER] = _runs(ids, self.image_token_id) if images else []
         counts[VIDEO_PLACEHOLDER] = _runs(ids, self.video_token_id) if videos else []
+        # a processor that writes text between a video's tokens (Qwen3-VL: a timestamp before
+        # each temporal patch) gives its own text of each video
+        video_texts = self.family.video_texts(self.processor, videos) if self.family else None
+        if video_texts is not None:
+            counts[VIDEO_PLACEHOLDER] = [text.count(self.video_token) for text in video_texts]
         # token-level outputs (mm_token_type_ids) are made again for the whole text by the collator
         vision = {
             key: value
             for key, value in out.items()
             if key not in ("input_ids", "attention_mask", "mm_token_type_ids")
         }
+        if video_texts is not None:
+            vision["video_texts"] = video_texts  # taken out again by encode
         return counts, vision
 
     def render(
-        self, pieces: Sequence[Piece], counts: dict[str, Sequence[int]]
+        self,
+        pieces: Sequence[Piece],
+        counts: dict[str, Sequence[int]],
+        video_texts: Sequence[str] | None = None,
     ) -> tuple[str, list[tuple[int, int]]]:
         """The text of the pieces, the i-th ``<image>`` (``<video>``) expanded to
-        ``counts["<image>"][i]`` image (video) tokens, and the (start, end) character spans of the
-        target pieces."""
+        ``counts["<image>"][i]`` image (video) tokens (or to the processor's ``video_texts[i]``),
+        and the (start, end) character spans of the target pieces."""
         expansions = {IMAGE_PLACEHOLDER: self.image_token, VIDEO_PLACEHOLDER: self.video_token}
         used = dict.fromkeys(counts, 0)
         parts: list[str] = []
@@ -443,9 +451,11 @@ class SampleEncoder:
             text = ""
             for segment in _PLACEHOLDER_SPLIT.split(piece.text):
                 if segment in expansions:
-                    text += self._expand(
-                        segment, expansions[segment], counts[segment][used[segment]]
+                    index = used[segment]
+                    own = (
+                        video_texts[index] if video_texts and segment == VIDEO_PLACEHOLDER else None
                     )
+                    text += self._expand(segment, expansions[segment], counts[segment][index], own)
                     used[segment] += 1
                 else:
                     text += segment
@@ -466,12 +476,13 @@ class SampleEncoder:
                 text = text.replace(own, placeholder)
         return text
 
-    def _expand(self, placeholder: str, token: str, count: int) -> str:
-        """One image's / video's text: ``count`` vision tokens, as its family writes them."""
+    def _expand(self, placeholder: str, token: str, count: int, own: str | None = None) -> str:
+        """One image's / video's text: ``count`` vision tokens (or the processor's ``own`` text),
+        as its family writes them."""
         if self.family is None:
-            return token * count
+            return own or token * count
         kind = "image" if placeholder == IMAGE_PLACEHOLDER else "video"
-        return self.family.media_expansion(self.processor, kind, count)
+        return self.family.media_expansion(self.processor, kind, count, own)
 
     def tokenize(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         """The ids of ``text`` (with the tokenizer's own special tokens, e.g. Llama's <s>) and, per
@@ -541,6 +552,7 @@ class SampleEncoder:
             counts = {IMAGE_PLACEHOLDER: [self.image_token_count(image) for image in images]}
             counts[VIDEO_PLACEHOLDER] = []
             vision_inputs = {}
+        video_texts = vision_inputs.pop("video_texts", None)
         if not with_pixels:
             vision_inputs = {}
         pieces = [
@@ -555,7 +567,7 @@ class SampleEncoder:
             raise SkipSample(
                 f"the {name} template does not place all of its {len(images)} images and {len(videos)} videos"
             )
-        text, spans = self.render(pieces, counts)
+        text, spans = self.render(pieces, counts, video_texts)
         ids, targets = self.tokenize(text, spans)
         is_vision = [token in self.vision_token_ids for token in ids]
         expected = sum(counts[IMAGE_PLACEHOLDER]) + sum(counts[VIDEO_PLACEHOLDER])

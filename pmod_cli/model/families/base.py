@@ -55,7 +55,6 @@ class ModelFamily:
     # ``generate`` arguments that ``vision_token_groups`` reads but that generate consumes before
     # the first forward call (Qwen-VL: the grids); the p-MoD model hands them on
     grouping_inputs: ClassVar[tuple[str, ...]] = ()
-    trains_on_video: ClassVar[bool] = True  # pmod sft encodes its video samples
     # a recipe may join a vision tower and a language model of this family (model.vision_tower + llm)
     builds_from_parts: ClassVar[bool] = True
     # token-reduction methods (model/methods.py) the family cannot run: name -> why
@@ -124,9 +123,15 @@ class ModelFamily:
         (Qwen-VL: wrapped in its vision markers)."""
         return getattr(processor, f"{kind}_token", None) or f"<{kind}>"
 
-    def media_expansion(self, processor, kind: str, count: int) -> str:
-        """The text of one image / video of ``count`` vision tokens, as the processor expands it."""
-        return getattr(processor, f"{kind}_token") * count
+    def media_expansion(self, processor, kind: str, count: int, own: str | None = None) -> str:
+        """The text of one image / video of ``count`` vision tokens, as the processor expands it
+        (``own``: the processor's own text for its token, when it writes more than the tokens)."""
+        return own or getattr(processor, f"{kind}_token") * count
+
+    def video_texts(self, processor, videos) -> list[str] | None:
+        """The processor's text for each video's token, when it writes text between a video's
+        vision tokens (Qwen3-VL: timestamps); None when a video is its tokens alone."""
+        return None
 
     def token_types(self, processor) -> dict[int, int] | None:
         """Token id -> the ``mm_token_type_ids`` value the model needs (None: takes none), for

@@ -45,14 +45,19 @@ class Qwen3VLFamily(QwenVLFamily):
     processor_class = Qwen3VLProcessor
     text_model_types = ("qwen3_vl_text",)
     vision_model_types = ("qwen3_vl_vision",)
-    # its processor writes each temporal patch of a video after a timestamp; the training encoder
-    # does not reproduce that text yet, so video samples are skipped (named) in pmod sft
-    trains_on_video = False
     unsupported_methods = {
         "fastv": "its attention normalises q and k per head after the projections FastV ranks with"
     }
     default_max_pixels = 16777216  # Qwen3-VL's image processor (longest_edge)
     default_video_max_pixels = 32 * 32 * 768  # Qwen3VLVideoProcessor, all frames together
+
+    def video_texts(self, processor, videos) -> list[str] | None:
+        """Its processor writes a timestamp and vision markers before each temporal patch of a
+        video: that text, from the processor's own replacement of the video token."""
+        if not videos:
+            return None
+        processed = processor.video_processor(videos=list(videos), return_metadata=True)
+        return [processor.replace_video_token(processed, index) for index in range(len(videos))]
 
     def video_tokens(self, shape, frames: int) -> tuple[int, int]:
         """(tokens, temporal patches): Qwen3VLVideoProcessor caps the pixels of all sampled

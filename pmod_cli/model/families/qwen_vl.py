@@ -54,8 +54,9 @@ class QwenVLFamily(ModelFamily):
     def media_placeholder(self, processor, kind: str) -> str:
         return {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}[kind]
 
-    def media_expansion(self, processor, kind: str, count: int) -> str:
-        return VISION_START + getattr(processor, f"{kind}_token") * count + VISION_END
+    def media_expansion(self, processor, kind: str, count: int, own: str | None = None) -> str:
+        # the processor replaces the pad token of the placeholder; the markers around it stay
+        return VISION_START + (own or getattr(processor, f"{kind}_token") * count) + VISION_END
 
     def token_types(self, processor) -> dict[int, int] | None:
         # the model computes 3-D positions only where it is told which tokens are image / video
