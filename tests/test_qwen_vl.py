@@ -110,6 +110,27 @@ def test_cached_generation_equals_uncached(name, ratios, budget):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_generated_vision_token_is_text(name):
+    """A model that generates a vision token's id (random weights here) routes it as text: it has
+    no vision features; a MoD layer would otherwise keep none of a decoding step's tokens."""
+    model, processor = pmod_model(name, ratios=LAYER0_MOD)
+    video_pad = model.config.video_token_id
+    kwargs = dict(do_sample=False, max_new_tokens=3, sequence_bias={(video_pad,): 100.0})
+    for indices in ((0,), (0, 1, 2)):
+        inputs = batch_inputs(processor, indices)
+        if len(indices) == 1:  # no attention mask: the cache says where the step sits
+            inputs.pop("attention_mask")
+        with torch.no_grad(), record_routing(model) as routing:
+            sequences = model.generate(**inputs, **kwargs)
+        assert (sequences[:, -3:] == video_pad).all()  # every step picked <|video_pad|>
+        decoding_steps = routing.calls[1:]
+        assert len(decoding_steps) == 2
+        for step in decoding_steps:
+            for decision in step.values():
+                assert not decision.vision_mask.any() and decision.keep_mask.all()
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_sample_alone_equals_sample_in_batch(name):
     model, processor = pmod_model(name, ratios=LAYER0_MOD)
     kwargs = generation(model, max_new_tokens=4, output_logits=True)

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_qwen_vl import batch_inputs
-from tiny_models import random_image, random_video, randomize_routers, save_checkpoint, tiny_qwen_vl
+from tiny_models import (
+    QWEN_VIDEO,
+    random_image,
+    random_video,
+    randomize_routers,
+    save_checkpoint,
+    tiny_qwen_vl,
+)
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
@@ -39,15 +46,18 @@ from pmod_cli.visualization.selection import select_tokens
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen_vl")
-    model, processor = tiny_qwen_vl("qwen2_5_vl")
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def checkpoints(request, tmp_path_factory):
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    model, processor = tiny_qwen_vl(name)
+    # as a trained checkpoint saves it: 4 frames a video, spread by pmod
+    get_family(name).set_video_frames(processor.video_processor, 4)
     dense = save_checkpoint(model, processor, root / "dense")
     apply_pmod(model, PMoDConfig(beta=0.5))  # 4 layers: ratios 1, 0.75, 0.25, 0.15
     randomize_routers(model)
     pmod = save_checkpoint(model, processor, root / "pmod")
-    return {"dense": dense, "pmod": pmod}
+    return {"dense": dense, "pmod": pmod, "name": name}
 
 
 # ---- shapes and FLOPs ------------------------------------------------------------------------
@@ -94,7 +104,8 @@ def test_flops_count_a_qwen_video_and_the_vision_tower():
 
 def test_a_checkpoint_counts_its_own_pixel_limits(checkpoints):
     shape = read_model_shape(checkpoints["pmod"])
-    assert shape.layout == "qwen2_5_vl" and shape.max_pixels == 28 * 28 * 16
+    factor = 28 if checkpoints["name"] == "qwen2_5_vl" else 32
+    assert shape.layout == checkpoints["name"] and shape.max_pixels == factor * factor * 16
     assert shape.vision_tokens == 16 and shape.pmod is not None
 
 
@@ -223,6 +234,16 @@ def test_training_text_of_a_video_is_the_processors(name):
         assert "seconds>" in processor.tokenizer.decode(sample.input_ids)
 
 
+def test_a_trained_model_takes_the_frames_pmod_spreads_over_a_video():
+    """pmod decodes data.video_frames frames itself; Qwen3-VL's video processor would sample them
+    again at its fps (and refuses a frame count next to it): after set_video_frames, 8 frames
+    make 4 temporal patches."""
+    _, processor = tiny_qwen_vl("qwen3_vl", layers=1)
+    get_family("qwen3_vl").set_video_frames(processor.video_processor, 8)
+    inputs = processor(text=[QWEN_VIDEO], videos=[random_video(8, 64, 96, 0)])
+    assert inputs["video_grid_thw"][0][0] == 4 and processor.video_processor.num_frames == 8
+
+
 # ---- eval, convert, arank, visualize ------------------------------------------------------------
 
 
@@ -269,7 +290,7 @@ def test_convert_keeps_the_computation_of_the_original(checkpoints, tmp_path):
     assert result.returncode == 0, result.stderr
     converted, processor = load_checkpoint(output)
     dense, _ = load_checkpoint(checkpoints["dense"])
-    assert converted.config.model_type == "pmod_qwen2_5_vl"
+    assert converted.config.model_type == f"pmod_{checkpoints['name']}"
     assert converted.retention_ratios == [1.0] * 4
     inputs = batch_inputs(processor)
     with torch.no_grad():

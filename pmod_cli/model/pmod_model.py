@@ -108,6 +108,7 @@ def _add_routing_inputs(model, args, kwargs):
     vision_groups = kwargs.pop("vision_groups", None)
     if vision_mask is None and input_ids is not None:
         vision_mask = model.pmod_family.vision_mask(input_ids, model.config)
+        vision_mask = _without_generated_tokens(vision_mask, attention_mask, kwargs)
     if vision_mask is not None:
         seq = vision_mask.shape[1]
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -132,6 +133,24 @@ def _add_routing_inputs(model, args, kwargs):
             prompt_length=current_prompt_length(),
         )
     return args, kwargs
+
+
+def _without_generated_tokens(vision_mask: torch.Tensor, attention_mask, kwargs) -> torch.Tensor:
+    """Inside ``generate``: a generated token is text even when the model picked a vision token's
+    id (a random or undertrained model may): it carries no vision features, and cached and
+    uncached decoding must route it alike."""
+    prompt = current_prompt_length()
+    if prompt is None:
+        return vision_mask
+    seq = vision_mask.shape[1]
+    # the chunk's first place in the whole sequence: after the cached tokens (a 2-D mask spans both)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        start = attention_mask.shape[1] - seq
+    else:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        start = cache.get_seq_length() if cache is not None else 0
+    generated = torch.arange(start, start + seq, device=vision_mask.device) >= prompt
+    return vision_mask & ~generated[None, :]
 
 
 def _per_image_budget(model) -> bool:

@@ -400,7 +400,7 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
         load_connector(model, recipe.model.pretrained_connector)
     video_processor = getattr(processor, "video_processor", None)
     if video_processor is not None:  # saved with the model: evaluation samples as many frames
-        video_processor.num_frames = recipe.data.video_frames
+        family_for_model(model).set_video_frames(video_processor, recipe.data.video_frames)
     if recipe.pmod.enabled:
         check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
         model = apply_pmod(model, recipe.pmod.config)

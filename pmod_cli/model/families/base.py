@@ -128,6 +128,11 @@ class ModelFamily:
         (``own``: the processor's own text for its token, when it writes more than the tokens)."""
         return own or getattr(processor, f"{kind}_token") * count
 
+    def set_video_frames(self, video_processor, frames: int) -> None:
+        """Tell a video processor that pmod hands it ``frames`` frames per video, spread over the
+        video (``data/video.py``): saved with the model, evaluation decodes as many."""
+        video_processor.num_frames = frames
+
     def video_texts(self, processor, videos) -> list[str] | None:
         """The processor's text for each video's token, when it writes text between a video's
         vision tokens (Qwen3-VL: timestamps); None when a video is its tokens alone."""

@@ -126,6 +126,12 @@ class QwenVLFamily(ModelFamily):
 
         return qwen_vl_frame_boxes(processor, config, frame_height, frame_width, frames)
 
+    def set_video_frames(self, video_processor, frames: int) -> None:
+        video_processor.num_frames = frames
+        # the frames are already spread over the video; Qwen3-VL's processor would sample them
+        # again at its fps (and refuses num_frames next to fps)
+        video_processor.do_sample_frames = False
+
     def frames_per_step(self, processor) -> int:
         return processor.video_processor.temporal_patch_size
 
