@@ -351,3 +351,33 @@ def test_baselines_run_or_are_refused_in_one_line():
     qwen3, _ = tiny_qwen_vl("qwen3_vl", layers=2)
     with pytest.raises(MethodError, match="fastv does not run on Qwen3-VL"):
         apply_fastv(qwen3, layer=1)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_paper_count_equals_flop_counter_on_a_real_qwen_prefill(name):
+    """The language model's linear layers, routers and lm_head, and its attention products, as
+    torch's FLOP counter sees them on a p-MoD prefill of one image, equal `pmod flops`' count at
+    the image's V and T; the cache holds T + floor(V * R_l) per layer."""
+    from test_flops import measure
+
+    from pmod_cli.model import kv_cache_lengths
+
+    model, processor = tiny_qwen_vl(name, attn="eager")
+    apply_pmod(model, PMoDConfig(ratios=[0.5, 1.0, 0.3, 0.6]))
+    inputs = processor(
+        text=["what? <|vision_start|><|image_pad|><|vision_end|> colour"],
+        images=[random_image(200, 190, 2)],
+        return_tensors="pt",
+    )
+    vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    text = inputs["input_ids"].shape[1] - vision
+    measured, cache = measure(model, inputs)
+    shape = shape_from_hf_config(model.config)
+    options = dict(vision_tokens=vision, text_tokens=text, dtype="fp32")
+    paper = count_flops(shape, model.retention_ratios, count="paper", **options)
+    full = count_flops(
+        shape, model.retention_ratios, count="full", attention_pairs="all", **options
+    )
+    assert vision > 4 and measured["paper"] == paper.flops
+    assert measured["attention_products"] == full.components["attention_products"]
+    assert kv_cache_lengths(cache) == [[row.tokens] for row in full.layers]
