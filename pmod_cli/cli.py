@@ -164,7 +164,7 @@ def flops(
         None,
         "--video-frames",
         metavar="N",
-        help="Count a video of N frames instead of an image (LLaVA-OneVision: 196 tokens a frame).",
+        help="Count a video of N frames instead of an image (LLaVA-OneVision: 196 tokens a frame; Qwen-VL: per 2 frames).",
     ),
     count: str = typer.Option(
         "paper",
@@ -279,7 +279,7 @@ def visualize(
         None,
         "--video",
         metavar="FILE",
-        help="A video to route (LLaVA-OneVision): a frames x layers grid.",
+        help="A video to route (LLaVA-OneVision, Qwen-VL): a frames x layers grid.",
     ),
     frames: int = typer.Option(
         None,
@@ -396,7 +396,7 @@ def convert(
     source: Path = typer.Argument(
         ...,
         metavar="SOURCE",
-        help="A llava-hf (LLaVA, LLaVA-NeXT, LLaVA-OneVision), original LLaVA or official p-MoD "
+        help="A llava-hf (LLaVA, LLaVA-NeXT, LLaVA-OneVision) or Qwen-VL, original LLaVA or official p-MoD "
         "checkpoint directory, or a LoRA adapter directory (format detected).",
     ),
     output: Path = typer.Argument(
@@ -484,7 +484,7 @@ def arank(
     checkpoint: str = typer.Argument(
         ...,
         metavar="CHECKPOINT",
-        help="A LLaVA / LLaVA-NeXT / OneVision checkpoint directory, plain HF or p-MoD (or tiny:base).",
+        help="A LLaVA / LLaVA-NeXT / OneVision / Qwen-VL checkpoint directory, plain HF or p-MoD (or tiny:base).",
     ),
     data: str = typer.Option(
         ...,
@@ -547,7 +547,7 @@ def evaluate(
     checkpoints: list[Path] = typer.Argument(
         ...,
         metavar="CHECKPOINT",
-        help="p-MoD or plain LLaVA / LLaVA-NeXT / OneVision checkpoint directories.",
+        help="p-MoD or plain LLaVA / LLaVA-NeXT / OneVision / Qwen-VL checkpoint directories.",
     ),
     tasks: str = typer.Option(
         ...,

@@ -28,6 +28,8 @@ LAYOUTS = {
     "llava": "llava",
     "llava_next": "next",
     "llava_onevision": "onevision",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
 }  # family -> tiny_models layout
 
 

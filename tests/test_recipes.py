@@ -27,6 +27,10 @@ SHIPPED = [
     "llava_onevision.toml",
     "llava_onevision_tiny_pretrain.toml",
     "llava_onevision_tiny.toml",
+    "qwen2_5_vl.toml",
+    "qwen2_5_vl_tiny.toml",
+    "qwen3_vl.toml",
+    "qwen3_vl_tiny.toml",
 ]
 
 

@@ -25,7 +25,16 @@ from transformers import (
     LlavaProcessor,
     MistralConfig,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Config,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     SiglipVisionConfig,
 )
 
@@ -104,10 +113,13 @@ def tiny_model(
     attn: str = "sdpa",
     seed: int = 0,
 ):
-    """A random-weight LLaVA (``layout='llava'``), LLaVA-NeXT (``'next'``) or LLaVA-OneVision
-    (``'onevision'``) model and its processor."""
+    """A random-weight LLaVA (``layout='llava'``), LLaVA-NeXT (``'next'``), LLaVA-OneVision
+    (``'onevision'``), Qwen2.5-VL (``'qwen2_5_vl'``) or Qwen3-VL (``'qwen3_vl'``) model and its
+    processor."""
     if layout == "onevision":
         return tiny_onevision(text_model, layers, attn, seed)
+    if layout in ("qwen2_5_vl", "qwen3_vl"):  # their own language models
+        return tiny_qwen_vl(layout, layers, attn, seed)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -206,6 +218,114 @@ def tiny_onevision(text_model: str = "qwen2", layers: int = 4, attn: str = "sdpa
         tokenizer=tokenizer,
         num_image_tokens=(BASE_IMAGE // PATCH) ** 2,
         vision_feature_select_strategy="full",
+    )
+    return model, processor
+
+
+# Qwen-VL: 14 px patches (Qwen3-VL: 16 px) merged 2x2; images between 2 and 16 merged tokens, so
+# images of different sizes give different token counts; a video step (2 frames) of 2 to 6 tokens
+QWEN_VL_SPECIAL = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with the Qwen-VL special tokens (ids 0-6)."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=list(QWEN_VL_SPECIAL),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": list(QWEN_VL_SPECIAL[1:])})
+    return fast
+
+
+def tiny_qwen_vl(family: str = "qwen2_5_vl", layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    """A random-weight Qwen2.5-VL (``family='qwen2_5_vl'``) or Qwen3-VL (``'qwen3_vl'``, with
+    DeepStack features added after layers 0 and 1) and its processor."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_VL_SPECIAL}
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+    )
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    tokens = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if family == "qwen2_5_vl":
+        patch = 14
+        # head_dim 16: 8 rotary frequencies split 2 temporal, 3 height, 3 width
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+        }
+        vision.update(patch_size=patch, window_size=56, fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_class, processor_class = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        video_processor_class = Qwen2VLVideoProcessor
+    else:
+        patch = 16
+        text.update(head_dim=16)
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2],
+            "mrope_interleaved": True,
+        }
+        vision.update(patch_size=patch, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_class, processor_class = Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        video_processor_class = Qwen3VLVideoProcessor
+    config.text_config._attn_implementation = attn
+    model = model_class(config).eval()
+    model.set_attn_implementation(attn)
+    factor = patch * 2
+    pixels = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": factor * factor * 2, "longest_edge": factor * factor * 16}, **pixels
+    )
+    # Qwen3-VL caps the pixels of all frames together, Qwen2.5-VL those of one frame
+    frames = 1 if family == "qwen2_5_vl" else 4
+    video_size = {
+        "shortest_edge": factor * factor * 2,
+        "longest_edge": factor * factor * 6 * frames,
+    }
+    video_processor = video_processor_class(size=video_size, **pixels)
+    processor = processor_class(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer
     )
     return model, processor
 

@@ -383,6 +383,11 @@ class SampleEncoder:
         )
         self.eos_token = self.tokenizer.eos_token or ""
         self._counts_by_size: dict[tuple[int, int], int] = {}
+        from ..model.families import family_for_processor
+
+        # how the processor's family writes an image / a video into the text (Qwen-VL: inside
+        # its vision markers); None: the processor's token, repeated
+        self.family = family_for_processor(processor)
 
     def image_token_count(self, image: Image.Image) -> int:
         """The image tokens the processor gives ``image``; it depends on the image's size only
@@ -413,17 +418,30 @@ class SampleEncoder:
         ids = out["input_ids"][0].tolist()
         counts[IMAGE_PLACEHOLDER] = _runs(ids, self.image_token_id) if images else []
         counts[VIDEO_PLACEHOLDER] = _runs(ids, self.video_token_id) if videos else []
+        # a processor that writes text between a video's tokens (Qwen3-VL: a timestamp before
+        # each temporal patch) gives its own text of each video
+        video_texts = self.family.video_texts(self.processor, videos) if self.family else None
+        if video_texts is not None:
+            counts[VIDEO_PLACEHOLDER] = [text.count(self.video_token) for text in video_texts]
+        # token-level outputs (mm_token_type_ids) are made again for the whole text by the collator
         vision = {
-            key: value for key, value in out.items() if key not in ("input_ids", "attention_mask")
+            key: value
+            for key, value in out.items()
+            if key not in ("input_ids", "attention_mask", "mm_token_type_ids")
         }
+        if video_texts is not None:
+            vision["video_texts"] = video_texts  # taken out again by encode
         return counts, vision
 
     def render(
-        self, pieces: Sequence[Piece], counts: dict[str, Sequence[int]]
+        self,
+        pieces: Sequence[Piece],
+        counts: dict[str, Sequence[int]],
+        video_texts: Sequence[str] | None = None,
     ) -> tuple[str, list[tuple[int, int]]]:
         """The text of the pieces, the i-th ``<image>`` (``<video>``) expanded to
-        ``counts["<image>"][i]`` image (video) tokens, and the (start, end) character spans of the
-        target pieces."""
+        ``counts["<image>"][i]`` image (video) tokens (or to the processor's ``video_texts[i]``),
+        and the (start, end) character spans of the target pieces."""
         expansions = {IMAGE_PLACEHOLDER: self.image_token, VIDEO_PLACEHOLDER: self.video_token}
         used = dict.fromkeys(counts, 0)
         parts: list[str] = []
@@ -433,7 +451,11 @@ class SampleEncoder:
             text = ""
             for segment in _PLACEHOLDER_SPLIT.split(piece.text):
                 if segment in expansions:
-                    text += expansions[segment] * counts[segment][used[segment]]
+                    index = used[segment]
+                    own = (
+                        video_texts[index] if video_texts and segment == VIDEO_PLACEHOLDER else None
+                    )
+                    text += self._expand(segment, expansions[segment], counts[segment][index], own)
                     used[segment] += 1
                 else:
                     text += segment
@@ -442,6 +464,25 @@ class SampleEncoder:
             parts.append(text)
             length += len(text)
         return "".join(parts), spans
+
+    def _with_data_placeholders(self, text: str) -> str:
+        """``text`` with the family's own image / video placeholders (a chat template writes them,
+        Qwen-VL: ``<|vision_start|><|image_pad|><|vision_end|>``) back as ``<image>`` / ``<video>``."""
+        if self.family is None:
+            return text
+        for kind, placeholder in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER)):
+            own = self.family.media_placeholder(self.processor, kind)
+            if own != placeholder:
+                text = text.replace(own, placeholder)
+        return text
+
+    def _expand(self, placeholder: str, token: str, count: int, own: str | None = None) -> str:
+        """One image's / video's text: ``count`` vision tokens (or the processor's ``own`` text),
+        as its family writes them."""
+        if self.family is None:
+            return own or token * count
+        kind = "image" if placeholder == IMAGE_PLACEHOLDER else "video"
+        return self.family.media_expansion(self.processor, kind, count, own)
 
     def tokenize(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         """The ids of ``text`` (with the tokenizer's own special tokens, e.g. Llama's <s>) and, per
@@ -511,9 +552,13 @@ class SampleEncoder:
             counts = {IMAGE_PLACEHOLDER: [self.image_token_count(image) for image in images]}
             counts[VIDEO_PLACEHOLDER] = []
             vision_inputs = {}
+        video_texts = vision_inputs.pop("video_texts", None)
         if not with_pixels:
             vision_inputs = {}
-        pieces = self.pieces(turns)
+        pieces = [
+            Piece(self._with_data_placeholders(piece.text), piece.is_target)
+            for piece in self.pieces(turns)
+        ]
         placed = [p for piece in pieces for p in media_placeholders(piece.text)]
         if placed.count(IMAGE_PLACEHOLDER) != len(images) or placed.count(VIDEO_PLACEHOLDER) != len(
             videos
@@ -522,7 +567,7 @@ class SampleEncoder:
             raise SkipSample(
                 f"the {name} template does not place all of its {len(images)} images and {len(videos)} videos"
             )
-        text, spans = self.render(pieces, counts)
+        text, spans = self.render(pieces, counts, video_texts)
         ids, targets = self.tokenize(text, spans)
         is_vision = [token in self.vision_token_ids for token in ids]
         expected = sum(counts[IMAGE_PLACEHOLDER]) + sum(counts[VIDEO_PLACEHOLDER])
@@ -704,8 +749,10 @@ class Collator:
     trainer removes it before the model sees the batch.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, token_types: dict[int, int] | None = None) -> None:
         self.pad_token_id = pad_token_id
+        # token id -> mm_token_type_ids value, for models that place vision tokens by it (Qwen-VL)
+        self.token_types = token_types
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(s["input_ids"]) for s in samples)
@@ -719,6 +766,11 @@ class Collator:
             labels[row, :length] = sample["labels"]
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if self.token_types:
+            types = torch.zeros_like(input_ids, dtype=torch.int)
+            for token_id, kind in self.token_types.items():
+                types[input_ids == token_id] = kind
+            batch["mm_token_type_ids"] = types
         batch.update(join_vision_inputs([s.get("vision_inputs") or {} for s in samples]))
         batch["num_skipped"] = torch.tensor(sum(len(s.get("skipped", ())) for s in samples))
         return batch

@@ -190,6 +190,13 @@ def encode(
 
 
 def _media_tokens(processor) -> dict[str, str]:
+    """What a prompt holds for an image / a video: the family's placeholder (Qwen-VL wraps the
+    pad token in its vision markers), else the processor's token."""
+    from ..model.families import family_for_processor
+
+    family = family_for_processor(processor)
+    if family is not None:
+        return {kind: family.media_placeholder(processor, kind) for kind in ("image", "video")}
     return {
         "image": getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER,
         "video": getattr(processor, "video_token", None) or VIDEO_PLACEHOLDER,
@@ -217,5 +224,9 @@ def _message(processor, role: str, text: str) -> dict:
     tokenizer's template takes the text as it is."""
     if getattr(processor, "chat_template", None):
         tokens = _media_tokens(processor)
+        # training data places LLaVA's <image> / <video>; a family may write them otherwise (Qwen-VL)
+        text = text.replace(IMAGE_PLACEHOLDER, tokens["image"]).replace(
+            VIDEO_PLACEHOLDER, tokens["video"]
+        )
         return {"role": role, "content": content_items(text, tokens["image"], tokens["video"])}
     return {"role": role, "content": text}

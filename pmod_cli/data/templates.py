@@ -10,6 +10,8 @@ exactly the prompt the model was trained on. Adding a template is one ``register
   turns are dropped; every image and video is kept, ahead of the caption).
 - ``vicuna_v1``: Vicuna v1.1 / LLaVA-1.5 ("SYSTEM USER: ... ASSISTANT: ...</s>").
 - ``chatml``: Qwen2 and other ChatML models ("<|im_start|>user\\n...<|im_end|>\\n").
+- ``qwen_vl``: Qwen2.5-VL / Qwen3-VL: ChatML, an image as "<|vision_start|><|image_pad|><|vision_end|>"
+  (a video with ``<|video_pad|>``), as their released chat templates render them.
 """
 
 from __future__ import annotations
@@ -248,6 +250,48 @@ register_template(
             "{% if message['role'] == 'user' %}<|im_start|>user\n" + _JINJA_CONTENT + "<|im_end|>\n"
             "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
             + _JINJA_CONTENT
+            + "<|im_end|>\n"
+            "{% endif %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+    )
+)
+
+
+# ---- qwen_vl (Qwen2.5-VL, Qwen3-VL) --------------------------------------------------------
+
+# content items as the released Qwen-VL chat templates write them (the vision markers around the
+# pad token that the processor expands), each image / video on its own line as in LLaVA data
+# ("<image>\n..."), so a prompt is the text the model trained on
+_QWEN_VL_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+)
+
+register_template(
+    ConversationTemplate(
+        name="qwen_vl",
+        description="Qwen2.5-VL / Qwen3-VL: ChatML with <|vision_start|><|image_pad|><|vision_end|> images",
+        format_fn=_chatml_format,
+        prompt_fn=lambda question: (
+            f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ),
+        jinja=(
+            "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>\n"
+            "{% for message in messages %}"
+            "{% if message['role'] == 'user' %}<|im_start|>user\n"
+            + _QWEN_VL_CONTENT
+            + "<|im_end|>\n"
+            "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
+            + _QWEN_VL_CONTENT
             + "<|im_end|>\n"
             "{% endif %}"
             "{% endfor %}"

@@ -11,7 +11,10 @@
 
 The LLaVA-NeXT variant (``tiny:base_next``) takes 56 px crops in anyres grids; the LLaVA-OneVision
 variant (``tiny:base_onevision``) a SigLIP-style tower (56 px crops: 4x4 features, 2x2 per video
-frame), a small Qwen2, ``<image>`` and ``<video>`` tokens and the ``chatml`` template.
+frame), a small Qwen2, ``<image>`` and ``<video>`` tokens and the ``chatml`` template. The
+Qwen-VL variants (``tiny:base_qwen2_5_vl``, ``tiny:base_qwen3_vl``) are whole checkpoints of the
+HF Qwen classes with small pixel limits (dynamic resolution: an image is 2 to 36 tokens) and the
+``qwen_vl`` template.
 
 ``build_tiny_base(path)`` writes the checkpoint (loadable with ``from_pretrained``) with its parts
 in ``path/vision_tower`` and ``path/llm`` so recipes can also build a model "from parts".
@@ -72,7 +75,24 @@ TINY_GRID_PINPOINTS = {
 TINY_TEXT_MODELS = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2"}
 TINY_TEMPLATES = {"llava": "vicuna_v1", "llava_next": "vicuna_v1", "llava_onevision": "chatml"}
 # tiny:<name> -> layout of the base checkpoint
-TINY_BASES = {"base": "llava", "base_next": "llava_next", "base_onevision": "llava_onevision"}
+TINY_BASES = {
+    "base": "llava",
+    "base_next": "llava_next",
+    "base_onevision": "llava_onevision",
+    "base_qwen2_5_vl": "qwen2_5_vl",
+    "base_qwen3_vl": "qwen3_vl",
+}
+# Qwen-VL variants: whole checkpoints (no parts), images of 2 to 36 merged tokens (28 px cells;
+# Qwen3-VL 32 px), video steps of 2 to 16 tokens
+QWEN_VL_LAYOUTS = ("qwen2_5_vl", "qwen3_vl")
+QWEN_VL_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 SEED = 0
 
 _GENERAL_TEXT = [
@@ -233,10 +253,115 @@ def tiny_llava(
     return model.eval(), processor
 
 
+def tiny_qwen_vl(layout: str = "qwen2_5_vl", layers: int = 6, hidden: int = 128, seed: int = SEED):
+    """A random-init tiny Qwen2.5-VL or Qwen3-VL (DeepStack after layers 0 and 1) and its
+    processor, with the ``qwen_vl`` chat template."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    base = build_tokenizer(eos_token="<|im_end|>")
+    base.add_special_tokens({"additional_special_tokens": QWEN_VL_SPECIAL_TOKENS})
+    # the processor takes its image / video tokens from these (LLaVA's is <image>)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        model_max_length=4096,
+        padding_side="right",
+    )
+    tokenizer.chat_template = get_template("qwen_vl").jinja
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_VL_SPECIAL_TOKENS}
+    head_dim = hidden // 4
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    half = head_dim // 2
+    vision = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden
+    )
+    tokens = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    if layout == "qwen2_5_vl":
+        patch = 14
+        sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": sections,
+        }
+        vision.update(patch_size=patch, window_size=56, fullatt_block_indexes=[1])
+        model = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        )
+        classes = (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor)
+    else:
+        patch = 16
+        sections = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": sections,
+            "mrope_interleaved": True,
+        }
+        vision.update(patch_size=patch, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        model = Qwen3VLForConditionalGeneration(
+            Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+        )
+        classes = (Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    factor = patch * 2
+    geometry = dict(patch_size=patch, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": factor * factor * 2, "longest_edge": factor * factor * 36},
+        **geometry,
+    )
+    frames = 1 if layout == "qwen2_5_vl" else 8  # Qwen3-VL caps all frames together
+    video_processor = classes[1](
+        size={"shortest_edge": factor * factor * 2, "longest_edge": factor * factor * 16 * frames},
+        do_sample_frames=False,
+        **geometry,
+    )
+    processor = classes[0](
+        image_processor=image_processor,
+        video_processor=video_processor,
+        tokenizer=tokenizer,
+        chat_template=get_template("qwen_vl").jinja,
+    )
+    return model.eval(), processor
+
+
 def save_tiny_checkpoint(path: str | Path, layout: str = "llava", **model_args) -> Path:
-    """Build a tiny LLaVA / LLaVA-NeXT and save it (model + processor) to ``path``; quick, for tests."""
+    """Build a tiny model of the ``layout`` family and save it (model + processor) to ``path``;
+    quick, for tests."""
     path = Path(path)
-    model, processor = tiny_llava(layout, **model_args)
+    build = tiny_qwen_vl if layout in QWEN_VL_LAYOUTS else tiny_llava
+    model, processor = build(layout, **model_args)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -269,6 +394,11 @@ def _write_tiny_base(directory: Path, layout: str) -> None:
 
 
 def _save_tiny_base(directory: Path, layout: str) -> None:
+    if layout in QWEN_VL_LAYOUTS:  # trained from the whole checkpoint (model.checkpoint)
+        model, processor = tiny_qwen_vl(layout)
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+        return
     save_llava_with_parts(*tiny_llava(layout), directory)
 
 

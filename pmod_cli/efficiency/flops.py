@@ -513,13 +513,8 @@ def _prefill_flops(
                 has_router=plan.routers[index],
             )
         )
-    if include_full:
-        components["vision_tower"] = tokens.crops * vision_tower_flops_per_crop(shape.vision)
-        # the projector runs on every crop's features (a video's before they are pooled)
-        projected = tokens.crops * shape.vision.features_per_crop
-        projector_in = shape.vision.hidden_size * shape.vision.num_feature_layers
-        # mlp2x_gelu: Linear(vision_hidden, d) -> GELU -> Linear(d, d)
-        components["projector"] = 2 * projected * (projector_in * d + d * d)
+    if include_full:  # the family knows its tower and connector
+        components.update(shape.family.vision_encoder_flops(shape, tokens.vision, tokens.crops))
     return components, layers
 
 
@@ -553,3 +548,35 @@ def vision_tower_flops_per_crop(vision: VisionShape) -> int:
         # one probe query: q and out projections on 1 token, k and v on n, then an MLP on 1 token
         total += 2 * (2 * h * h + 2 * n * h * h + 2 * h * m) + _attention_products(n, h)
     return total
+
+
+def qwen_vl_vision_flops(shape: ModelShape, vision_tokens: int, crops: int) -> dict[str, int]:
+    """Qwen-VL's ViT and merger: ``vision_tokens`` merged tokens are merge**2 patches each, over
+    ``crops`` images / temporal patches that each attend within themselves (Qwen2.5-VL: within
+    windows of window_size pixels, except ``full_attention_layers``). The merger is LayerNorm +
+    Linear(merge**2 h, merge**2 h) + GELU + Linear(merge**2 h, out); Qwen3-VL runs one more per
+    DeepStack layer."""
+    vision = shape.vision
+    h, m = vision.hidden_size, vision.intermediate_size
+    patches = vision_tokens * vision.merge_size**2
+    per_crop = patches // max(crops, 1)
+    patch_volume = vision.num_channels * vision.temporal_patch_size * vision.patch_size**2
+    patch_embedding = 2 * patches * patch_volume * h
+    mlp_matrices = 3 if vision.model_type == "qwen2_5_vl_vision" else 2  # gated MLP in 2.5
+    linear = 2 * patches * (4 * h * h + mlp_matrices * h * m)
+    full_pairs = crops * per_crop * per_crop
+    window_patches = (vision.window_size // vision.patch_size) ** 2 if vision.window_size else 0
+    attention = 0
+    for layer in range(vision.num_layers):
+        windowed = window_patches and layer not in vision.full_attention_layers
+        pairs = patches * min(window_patches, per_crop) if windowed else full_pairs
+        attention += _attention_products(pairs, h)
+    merged = h * vision.merge_size**2
+    mergers = 1 + len(vision.deepstack_layers)
+    return {
+        "vision_tower": patch_embedding + vision.num_layers * linear + attention,
+        "projector": mergers
+        * 2
+        * vision_tokens
+        * (merged * merged + merged * vision.out_hidden_size),
+    }

@@ -244,6 +244,9 @@ class PMoDLayerMixin:
         _record(self, keep, routing.vision_mask, weights, logits)
 
         # 2. gather: kept tokens, in order, with their positions and RoPE
+        if position_ids is None:  # Qwen-VL passes none (its RoPE is 3-D): the sequence index
+            past = 0 if cache is None else cache.get_seq_length(self.self_attn.layer_idx)
+            position_ids = torch.arange(past, past + keep.shape[1], device=keep.device)[None]
         subset = _gather_kept(keep, hidden_states, position_ids, position_embeddings)
         # 3. run, on this layer's own cache and mask
         attn_out, mlp_out = self._run_subset(
@@ -379,7 +382,9 @@ class KeptTokens:
 
 def _gather_kept(keep, hidden_states, position_ids, position_embeddings) -> KeptTokens:
     """Kept tokens first, in order; a sample that keeps fewer is padded with (invalid) skipped
-    tokens, which always sit after its valid slots."""
+    tokens, which always sit after its valid slots. The rotary (cos, sin) of a kept token is its
+    row of the full sequence's: the position it has there (1-D, or Qwen-VL's 3-D), never one
+    recomputed from the shorter sequence."""
     batch, seq, hidden = hidden_states.shape
     device = hidden_states.device
     keep_per_sample = keep.sum(dim=1)  # (batch,)
@@ -393,8 +398,6 @@ def _gather_kept(keep, hidden_states, position_ids, position_embeddings) -> Kept
         ]
         slot_valid = torch.arange(kept, device=device)[None, :] < keep_per_sample[:, None]
     states = hidden_states.gather(1, kept_index.unsqueeze(-1).expand(batch, kept, hidden))
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=device)[None]
     positions = position_ids.expand(batch, seq).gather(1, kept_index)  # (batch, kept)
     cos, sin = position_embeddings
     gather_rope = kept_index.unsqueeze(-1).expand(batch, kept, cos.shape[-1])

@@ -26,6 +26,10 @@ from .families import (
     PMoDLlavaNextForConditionalGeneration,
     PMoDLlavaOnevisionConfig,
     PMoDLlavaOnevisionForConditionalGeneration,
+    PMoDQwen2_5_VLConfig,
+    PMoDQwen2_5_VLForConditionalGeneration,
+    PMoDQwen3VLConfig,
+    PMoDQwen3VLForConditionalGeneration,
     UnsupportedModelError,
     family_for_model,
 )
@@ -40,6 +44,10 @@ __all__ = [
     "PMoDLlavaNextForConditionalGeneration",
     "PMoDLlavaOnevisionConfig",
     "PMoDLlavaOnevisionForConditionalGeneration",
+    "PMoDQwen2_5_VLConfig",
+    "PMoDQwen2_5_VLForConditionalGeneration",
+    "PMoDQwen3VLConfig",
+    "PMoDQwen3VLForConditionalGeneration",
     "UnsupportedModelError",
     "apply_dense",
     "apply_fastv",
@@ -143,6 +151,12 @@ def register() -> None:
         if dense_mapping is not None:
             register_checkpoint_conversion_mapping(
                 family.pmod_model_type, dense_mapping, overwrite=True
+            )
+        # some are keyed by class name (Qwen2.5-VL saves its language model as ``model.*``)
+        class_mapping = get_checkpoint_conversion_mapping(family.dense_model_class.__name__)
+        if class_mapping is not None:
+            register_checkpoint_conversion_mapping(
+                family.pmod_model_class.__name__, class_mapping, overwrite=True
             )
         AutoConfig.register(family.pmod_model_type, family.pmod_config_class, exist_ok=True)
         AutoModelForImageTextToText.register(

@@ -10,6 +10,7 @@ its own routing (``config.pmod_method``, see ``methods.py``); ``install_method``
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from functools import partial
 
 import torch
@@ -27,6 +28,8 @@ from .methods import (
     prompt_length,
 )
 from .router import Router
+
+_GENERATION_INPUTS: ContextVar[dict | None] = ContextVar("pmod_generation_inputs", default=None)
 
 
 class PMoDModelMixin:
@@ -55,8 +58,19 @@ class PMoDModelMixin:
         prompt = kwargs.get("input_ids", args[0] if args else None)
         if prompt is None:
             prompt = kwargs.get("inputs_embeds")
+        # inputs that generate consumes before the first forward call (it encodes the images
+        # ahead) but that the family needs to tell images and frames apart (Qwen-VL: the grids)
+        grouping = {
+            key: kwargs[key]
+            for key in self.pmod_family.grouping_inputs
+            if kwargs.get(key) is not None
+        }
         with prompt_length(prompt.shape[1] if prompt is not None else None):
-            return super().generate(*args, **kwargs)
+            token = _GENERATION_INPUTS.set(grouping)
+            try:
+                return super().generate(*args, **kwargs)
+            finally:
+                _GENERATION_INPUTS.reset(token)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -94,6 +108,7 @@ def _add_routing_inputs(model, args, kwargs):
     vision_groups = kwargs.pop("vision_groups", None)
     if vision_mask is None and input_ids is not None:
         vision_mask = model.pmod_family.vision_mask(input_ids, model.config)
+        vision_mask = _without_generated_tokens(vision_mask, attention_mask, kwargs)
     if vision_mask is not None:
         seq = vision_mask.shape[1]
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -107,7 +122,9 @@ def _add_routing_inputs(model, args, kwargs):
             and vision_mask.any()
         ):
             # which image / frame each vision token belongs to, from the images' own sizes
-            vision_groups = model.pmod_family.vision_groups(input_ids, model.config, kwargs)
+            vision_groups = model.pmod_family.vision_groups(
+                input_ids, model.config, {**(_GENERATION_INPUTS.get() or {}), **kwargs}
+            )
         _check_pooled_placeholders(model, vision_mask)
         kwargs["pmod_routing"] = RoutingInputs(
             vision_mask=vision_mask,
@@ -116,6 +133,24 @@ def _add_routing_inputs(model, args, kwargs):
             prompt_length=current_prompt_length(),
         )
     return args, kwargs
+
+
+def _without_generated_tokens(vision_mask: torch.Tensor, attention_mask, kwargs) -> torch.Tensor:
+    """Inside ``generate``: a generated token is text even when the model picked a vision token's
+    id (a random or undertrained model may): it carries no vision features, and cached and
+    uncached decoding must route it alike."""
+    prompt = current_prompt_length()
+    if prompt is None:
+        return vision_mask
+    seq = vision_mask.shape[1]
+    # the chunk's first place in the whole sequence: after the cached tokens (a 2-D mask spans both)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        start = attention_mask.shape[1] - seq
+    else:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        start = cache.get_seq_length() if cache is not None else 0
+    generated = torch.arange(start, start + seq, device=vision_mask.device) >= prompt
+    return vision_mask & ~generated[None, :]
 
 
 def _per_image_budget(model) -> bool:
@@ -174,6 +209,9 @@ def install_method(model, method: MethodConfig) -> None:
     vision_tokens = (
         shape_from_hf_config(model.config).vision_tokens if method.name == "pool" else None
     )
+    refused = model.pmod_family.unsupported_methods.get(method.name)
+    if refused:
+        raise MethodError(f"{method.name} does not run on {model.pmod_family.title}: {refused}")
     if method.name == "pool" and not model.pmod_family.single_grid_images:
         raise MethodError(
             f"pool averages one square patch grid per image; {model.pmod_family.title} images are not one grid"

@@ -25,8 +25,10 @@ from ..errors import UserError
 from .config import PMoDConfig
 
 # decoder families whose layer is attention (q, k, v, o) + gated MLP (gate, up, down)
-COUNTABLE_TEXT_MODELS = ("llama", "qwen2", "mistral")
+COUNTABLE_TEXT_MODELS = ("llama", "qwen2", "mistral", "qwen2_5_vl_text", "qwen3_vl_text")
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+# Qwen-VL's own ViTs (dynamic resolution, 2x2 patch merger; see families/qwen_vl.py)
+QWEN_VL_TOWERS = ("qwen2_5_vl_vision", "qwen3_vl_vision")
 
 # the paper's prompt length: T = 58 text tokens next to the image
 DEFAULT_TEXT_TOKENS = 58
@@ -48,6 +50,7 @@ class TextShape:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    tied_embeddings: bool = False  # lm_head shares the embedding matrix (small Qwen-VL models)
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -80,6 +83,17 @@ class VisionShape:
         False  # SigLIP's attention-pooling head (HF runs it even though LLaVA ignores it)
     )
     num_channels: int = 3
+    # Qwen-VL's ViTs (``image_size`` 0: no fixed size): merge x merge patches make one token, a
+    # patch spans ``temporal_patch_size`` frames; the merger maps to ``out_hidden_size``
+    merge_size: int = 1
+    temporal_patch_size: int = 1
+    out_hidden_size: int = 0
+    window_size: int = (
+        0  # Qwen2.5-VL: windowed attention (pixels) outside ``full_attention_layers``
+    )
+    full_attention_layers: tuple[int, ...] = ()
+    deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: layers whose merged features DeepStack adds
+    num_position_embeddings: int = 0  # Qwen3-VL: learned position embeddings
 
     @property
     def has_cls_token(self) -> bool:
@@ -122,7 +136,10 @@ class ModelShape:
     image_token_id: int
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels
     text_tokens: int = DEFAULT_TEXT_TOKENS
-    video_token_id: int | None = None  # families that take video (OneVision)
+    video_token_id: int | None = None  # families that take video (OneVision, Qwen-VL)
+    # dynamic resolution (Qwen-VL): the processors' pixel limits (an image; a video's frames)
+    max_pixels: int = 0
+    video_max_pixels: int = 0
     description: str = ""
     pmod: PMoDConfig | None = None
 
@@ -149,78 +166,83 @@ class ModelShape:
         return self.family.video_tokens(self, frames)
 
     def to_hf_config(self, pmod: PMoDConfig | None = None):
-        """The family's transformers config of this shape (random-init ready).
-
-        With ``pmod`` it is the family's p-MoD config class instead (``pmod_llava``, ...).
-        The image token gets its own embedding row: when ``image_token_id`` lies past the
-        checkpoint vocabulary (Vicuna: 32000) the HF vocabulary is padded to a multiple of 64 as
-        llava-hf's conversion does (32064); the FLOPs count keeps ``text.vocab_size``.
-        """
-        from transformers import (
-            CLIPVisionConfig,
-            LlamaConfig,
-            MistralConfig,
-            Qwen2Config,
-            SiglipVisionConfig,
-        )
-
-        text, vision = self.text, self.vision
-        vocab = text.vocab_size
-        last_token = max(self.image_token_id, self.video_token_id or 0)
-        if last_token >= vocab:
-            vocab = -(-(last_token + 1) // 64) * 64
-        text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[
-            text.model_type
-        ]
-        text_config = text_class(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_hidden_layers=text.num_layers,
-            num_attention_heads=text.num_heads,
-            num_key_value_heads=text.num_kv_heads,
-            head_dim=text.head_dim,
-            vocab_size=vocab,
-            max_position_embeddings=text.max_position_embeddings,
-            rms_norm_eps=text.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
-            tie_word_embeddings=False,
-        )
-        vision_kwargs = dict(
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_layers,
-            num_attention_heads=vision.num_heads,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            num_channels=vision.num_channels,
-        )
-        if vision.model_type == "clip_vision_model":
-            vision_config = CLIPVisionConfig(**vision_kwargs)
-        else:
-            vision_config = SiglipVisionConfig(vision_use_head=vision.pooling_head, **vision_kwargs)
-        feature_layer = vision.feature_layer
-        if not isinstance(feature_layer, int):
-            feature_layer = list(feature_layer)
-        family = self.family
-        config_class = family.dense_config_class if pmod is None else family.pmod_config_class
-        token_ids = (
-            {"video_token_id": self.video_token_id} if self.video_token_id is not None else {}
-        )
-        config = config_class(
-            vision_config=vision_config,
-            text_config=text_config,
-            image_token_id=self.image_token_id,
-            **token_ids,
-            vision_feature_layer=feature_layer,
-            vision_feature_select_strategy=vision.select_strategy,
-            projector_hidden_act="gelu",  # mlp2x_gelu
-            image_seq_length=vision.features_per_crop,
-            tie_word_embeddings=False,
-            **family.config_options([list(p) for p in self.image_grid_pinpoints]),
-        )
+        """The family's transformers config of this shape (random-init ready); with ``pmod``
+        the family's p-MoD config class instead (``pmod_llava``, ...)."""
+        config = self.family.hf_config(self, pmod)
         if pmod is not None:
             config.pmod = pmod.to_dict()
         return config
+
+
+def llava_hf_config(shape: ModelShape, pmod: PMoDConfig | None = None):
+    """A LLaVA-layout family's config of ``shape``: a CLIP / SigLIP tower and a Llama, Qwen2 or
+    Mistral language model.
+
+    The image token gets its own embedding row: when ``image_token_id`` lies past the checkpoint
+    vocabulary (Vicuna: 32000) the HF vocabulary is padded to a multiple of 64 as llava-hf's
+    conversion does (32064); the FLOPs count keeps ``text.vocab_size``.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    text, vision = shape.text, shape.vision
+    vocab = text.vocab_size
+    last_token = max(shape.image_token_id, shape.video_token_id or 0)
+    if last_token >= vocab:
+        vocab = -(-(last_token + 1) // 64) * 64
+    text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[
+        text.model_type
+    ]
+    text_config = text_class(
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads,
+        num_key_value_heads=text.num_kv_heads,
+        head_dim=text.head_dim,
+        vocab_size=vocab,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
+        tie_word_embeddings=False,
+    )
+    vision_kwargs = dict(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        num_channels=vision.num_channels,
+    )
+    if vision.model_type == "clip_vision_model":
+        vision_config = CLIPVisionConfig(**vision_kwargs)
+    else:
+        vision_config = SiglipVisionConfig(vision_use_head=vision.pooling_head, **vision_kwargs)
+    feature_layer = vision.feature_layer
+    if not isinstance(feature_layer, int):
+        feature_layer = list(feature_layer)
+    family = shape.family
+    config_class = family.dense_config_class if pmod is None else family.pmod_config_class
+    token_ids = {"video_token_id": shape.video_token_id} if shape.video_token_id is not None else {}
+    config = config_class(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=shape.image_token_id,
+        **token_ids,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=vision.select_strategy,
+        projector_hidden_act="gelu",  # mlp2x_gelu
+        image_seq_length=vision.features_per_crop,
+        tie_word_embeddings=False,
+        **family.config_options([list(p) for p in shape.image_grid_pinpoints]),
+    )
+    return config
 
 
 # ---- reference shapes ---------------------------------------------------------------------
@@ -301,6 +323,91 @@ ONEVISION_PINPOINTS = tuple(
 NEXT_336_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 NEXT_384_PINPOINTS = ((384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152))
 
+# ---- Qwen-VL reference shapes (the released checkpoints' config.json) ------------------------
+
+QWEN2_5_VL_PIXELS = dict(
+    max_pixels=28 * 28 * 16384,  # the image processor's max_pixels (12845056): 16384 tokens
+    video_max_pixels=28 * 28 * 768,  # Qwen2VLVideoProcessor: per frame, 768 tokens a step
+)
+QWEN3_VL_PIXELS = dict(
+    max_pixels=16777216,  # the image processor's longest_edge (4096 x 4096): 16384 tokens
+    video_max_pixels=32 * 32 * 768,  # Qwen3VLVideoProcessor: all frames together
+)
+QWEN2_5_VL_VISION = VisionShape(
+    "qwen2_5_vl_vision",
+    num_layers=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    image_size=0,
+    patch_size=14,
+    feature_layer=-1,
+    select_strategy="full",
+    merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=3584,
+    window_size=112,
+    full_attention_layers=(7, 15, 23, 31),
+)
+QWEN3_VL_VISION = VisionShape(
+    "qwen3_vl_vision",
+    num_layers=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    image_size=0,
+    patch_size=16,
+    feature_layer=-1,
+    select_strategy="full",
+    merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=4096,
+    deepstack_layers=(8, 16, 24),
+    num_position_embeddings=2304,
+)
+QWEN2_5_VL_TEXT_7B = TextShape(
+    "qwen2_5_vl_text",
+    num_layers=28,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_heads=28,
+    num_kv_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+)
+QWEN2_5_VL_TEXT_3B = dataclasses.replace(
+    QWEN2_5_VL_TEXT_7B,
+    num_layers=36,
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_heads=16,
+    num_kv_heads=2,
+    vocab_size=151936,
+    tied_embeddings=True,
+)
+QWEN3_VL_TEXT_8B = TextShape(
+    "qwen3_vl_text",
+    num_layers=36,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_heads=32,
+    num_kv_heads=8,
+    vocab_size=151936,
+    head_dim=128,
+    max_position_embeddings=262144,
+    rms_norm_eps=1e-6,
+    rope_theta=5_000_000.0,
+)
+QWEN3_VL_TEXT_4B = dataclasses.replace(
+    QWEN3_VL_TEXT_8B,
+    hidden_size=2560,
+    intermediate_size=9728,
+    tied_embeddings=True,
+)
+QWEN_VL_TOKENS = dict(image_token_id=151655, video_token_id=151656)
+
 PRESETS: dict[str, ModelShape] = {
     shape.name: shape
     for shape in (
@@ -362,6 +469,61 @@ PRESETS: dict[str, ModelShape] = {
             description=(
                 "LLaVA-OneVision-7B: Qwen2-7B (GQA, 4 KV heads) + SigLIP-so400m-384, anyres_max_9 "
                 "(largest one-image layout 8154 vision tokens); a video frame is 14x14 = 196 tokens"
+            ),
+        ),
+        ModelShape(
+            "qwen2.5-vl-3b",
+            "qwen2_5_vl",
+            QWEN2_5_VL_TEXT_3B,
+            dataclasses.replace(QWEN2_5_VL_VISION, out_hidden_size=2048),
+            **QWEN_VL_TOKENS,
+            **QWEN2_5_VL_PIXELS,
+            description=(
+                "Qwen2.5-VL-3B: 36 layers (GQA, 2 KV heads), windowed ViT 14 px patches merged 2x2; "
+                "an image at max_pixels is 16384 vision tokens, a video 768 per 2 frames"
+            ),
+        ),
+        ModelShape(
+            "qwen2.5-vl-7b",
+            "qwen2_5_vl",
+            QWEN2_5_VL_TEXT_7B,
+            QWEN2_5_VL_VISION,
+            **QWEN_VL_TOKENS,
+            **QWEN2_5_VL_PIXELS,
+            description=(
+                "Qwen2.5-VL-7B: 28 layers (GQA, 4 KV heads), windowed ViT 14 px patches merged 2x2; "
+                "an image at max_pixels is 16384 vision tokens, a video 768 per 2 frames"
+            ),
+        ),
+        ModelShape(
+            "qwen3-vl-4b",
+            "qwen3_vl",
+            QWEN3_VL_TEXT_4B,
+            dataclasses.replace(
+                QWEN3_VL_VISION,
+                num_layers=24,
+                hidden_size=1024,
+                intermediate_size=4096,
+                out_hidden_size=2560,
+                deepstack_layers=(5, 11, 17),
+            ),
+            **QWEN_VL_TOKENS,
+            **QWEN3_VL_PIXELS,
+            description=(
+                "Qwen3-VL-4B: 36 layers (GQA, 8 KV heads), ViT 16 px patches merged 2x2 + DeepStack "
+                "into layers 0-2; an image at max_pixels is 16384 vision tokens"
+            ),
+        ),
+        ModelShape(
+            "qwen3-vl-8b",
+            "qwen3_vl",
+            QWEN3_VL_TEXT_8B,
+            QWEN3_VL_VISION,
+            **QWEN_VL_TOKENS,
+            **QWEN3_VL_PIXELS,
+            description=(
+                "Qwen3-VL-8B: 36 layers (GQA, 8 KV heads), ViT 16 px patches merged 2x2 + DeepStack "
+                "into layers 0-2; an image at max_pixels is 16384 vision tokens"
             ),
         ),
     )
@@ -427,26 +589,31 @@ def read_model_shape(path: str | Path) -> ModelShape:
         raise UserError(
             f"cannot build a {config_class.__name__} from {config_file}: {err}"
         ) from None
-    shape = shape_from_hf_config(hf_config, name=str(path))
+    shape = shape_from_hf_config(hf_config, name=str(path), directory=config_file.parent)
     return dataclasses.replace(shape, pmod=pmod)
 
 
-def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
-    """The shape of a loaded transformers config of a registered family (dense or p-MoD)."""
+def shape_from_hf_config(config: Any, name: str = "", directory: Path | None = None) -> ModelShape:
+    """The shape of a loaded transformers config of a registered family (dense or p-MoD);
+    ``directory``: the checkpoint it came from (Qwen-VL reads its processors' pixel limits there)."""
     from .families import family_for_config
 
-    layout = family_for_config(config).name
-    text_config, vision_config = config.text_config, config.vision_config
+    shape = family_for_config(config).shape_from_config(config, directory)
+    pmod_values = getattr(config, "pmod", None)
+    return dataclasses.replace(
+        shape,
+        name=name or getattr(config, "_name_or_path", "") or config.model_type,
+        pmod=PMoDConfig.from_dict(pmod_values) if pmod_values is not None else None,
+    )
+
+
+def _text_shape(text_config) -> TextShape:
     if text_config.model_type not in COUNTABLE_TEXT_MODELS:
         raise UserError(
             f"cannot count a {text_config.model_type!r} language model; supported: {', '.join(COUNTABLE_TEXT_MODELS)}"
         )
-    if vision_config.model_type not in VISION_TOWERS:
-        raise UserError(
-            f"cannot count a {vision_config.model_type!r} vision tower; supported: {', '.join(VISION_TOWERS)}"
-        )
     num_heads = text_config.num_attention_heads
-    text = TextShape(
+    return TextShape(
         model_type=text_config.model_type,
         num_layers=text_config.num_hidden_layers,
         hidden_size=text_config.hidden_size,
@@ -459,6 +626,18 @@ def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
         rms_norm_eps=text_config.rms_norm_eps,
         rope_theta=(getattr(text_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0),
     )
+
+
+def llava_shape_from_config(config: Any) -> ModelShape:
+    """The shape of a LLaVA-layout family's config (CLIP / SigLIP tower, projector, LM)."""
+    from .families import family_for_config
+
+    vision_config = config.vision_config
+    if vision_config.model_type not in VISION_TOWERS:
+        raise UserError(
+            f"cannot count a {vision_config.model_type!r} vision tower; supported: {', '.join(VISION_TOWERS)}"
+        )
+    text = _text_shape(config.text_config)
     feature_layer = config.vision_feature_layer
     vision = VisionShape(
         model_type=vision_config.model_type,
@@ -474,17 +653,117 @@ def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
         num_channels=vision_config.num_channels,
     )
     pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
-    pmod_values = getattr(config, "pmod", None)
-    video_token_id = (
-        getattr(config, "video_token_id", None) if family_for_config(config).takes_video else None
-    )
+    family = family_for_config(config)
+    video_token_id = getattr(config, "video_token_id", None) if family.takes_video else None
     return ModelShape(
-        name=name or getattr(config, "_name_or_path", "") or config.model_type,
-        layout=layout,
+        name=config.model_type,
+        layout=family.name,
         text=text,
         vision=vision,
         image_token_id=config.image_token_id,
         image_grid_pinpoints=pinpoints,
         video_token_id=video_token_id,
-        pmod=PMoDConfig.from_dict(pmod_values) if pmod_values is not None else None,
+    )
+
+
+# ---- Qwen-VL (dynamic resolution) -----------------------------------------------------------
+
+
+def qwen_vl_hf_config(shape: ModelShape, pmod: PMoDConfig | None = None):
+    """A Qwen2.5-VL / Qwen3-VL config of ``shape`` (its own ViT, M-RoPE language model)."""
+    text, vision = shape.text, shape.vision
+    family = shape.family
+    config_class = family.dense_config_class if pmod is None else family.pmod_config_class
+    # rotary frequencies split into temporal, height and width sections as the released models
+    # do: Qwen2.5-VL [16, 24, 24], Qwen3-VL [24, 20, 20] (interleaved) of 64
+    half = text.head_dim // 2
+    qwen3 = vision.model_type == "qwen3_vl_vision"
+    if qwen3:
+        sections = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
+    else:
+        sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
+    rope = {"rope_type": "default", "rope_theta": text.rope_theta, "mrope_section": sections}
+    text_config = dict(
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads,
+        num_key_value_heads=text.num_kv_heads,
+        vocab_size=text.vocab_size,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters=rope,
+    )
+    vision_config = dict(
+        depth=vision.num_layers,
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_heads=vision.num_heads,
+        patch_size=vision.patch_size,
+        spatial_merge_size=vision.merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        out_hidden_size=vision.out_hidden_size,
+    )
+    if qwen3:
+        rope["mrope_interleaved"] = True
+        text_config["head_dim"] = text.head_dim
+        vision_config.update(
+            deepstack_visual_indexes=list(vision.deepstack_layers),
+            num_position_embeddings=vision.num_position_embeddings,
+        )
+    else:
+        vision_config.update(
+            window_size=vision.window_size, fullatt_block_indexes=list(vision.full_attention_layers)
+        )
+    return config_class(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=shape.image_token_id,
+        video_token_id=shape.video_token_id,
+        tie_word_embeddings=text.tied_embeddings,
+    )
+
+
+def qwen_vl_shape_from_config(config: Any, max_pixels: int, video_max_pixels: int) -> ModelShape:
+    """The shape of a Qwen-VL config, with the processors' pixel limits (which the config lacks)."""
+    from .families import family_for_config
+
+    vision_config = config.vision_config
+    if vision_config.model_type not in QWEN_VL_TOWERS:
+        raise UserError(
+            f"cannot count a {vision_config.model_type!r} vision tower; supported: {', '.join(QWEN_VL_TOWERS)}"
+        )
+    text = dataclasses.replace(
+        _text_shape(config.text_config),
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+    qwen3 = vision_config.model_type == "qwen3_vl_vision"
+    vision = VisionShape(
+        model_type=vision_config.model_type,
+        num_layers=vision_config.depth,
+        hidden_size=vision_config.hidden_size,
+        intermediate_size=vision_config.intermediate_size,
+        num_heads=vision_config.num_heads,
+        image_size=0,
+        patch_size=vision_config.patch_size,
+        feature_layer=-1,
+        select_strategy="full",
+        num_channels=vision_config.in_channels,
+        merge_size=vision_config.spatial_merge_size,
+        temporal_patch_size=vision_config.temporal_patch_size,
+        out_hidden_size=vision_config.out_hidden_size,
+        window_size=0 if qwen3 else vision_config.window_size,
+        full_attention_layers=() if qwen3 else tuple(vision_config.fullatt_block_indexes),
+        deepstack_layers=tuple(vision_config.deepstack_visual_indexes) if qwen3 else (),
+        num_position_embeddings=vision_config.num_position_embeddings if qwen3 else 0,
+    )
+    return ModelShape(
+        name=config.model_type,
+        layout=family_for_config(config).name,
+        text=text,
+        vision=vision,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        max_pixels=max_pixels,
+        video_max_pixels=video_max_pixels,
     )

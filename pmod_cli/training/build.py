@@ -58,15 +58,19 @@ def part_of(parameter_name: str) -> str:
     parameter_name = parameter_name.removeprefix(PEFT_PREFIX)
     if ".router." in parameter_name or ".pmod_shared_router." in parameter_name:
         return "router"
-    if parameter_name.startswith("model.vision_tower."):
-        return "vision_tower"
+    # the connector first: Qwen-VL's merger sits inside its vision tower (model.visual.merger)
     if parameter_name.startswith(_CONNECTOR_PARAMETERS):
         return "connector"
+    if parameter_name.startswith(_VISION_TOWER_PARAMETERS):
+        return "vision_tower"
     return "llm"
 
 
 _CONNECTOR_PARAMETERS = tuple(
     sorted({name for family in FAMILIES.values() for name in family.connector_parameters})
+)
+_VISION_TOWER_PARAMETERS = tuple(
+    sorted({name for family in FAMILIES.values() for name in family.vision_tower_parameters})
 )
 
 
@@ -396,7 +400,7 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
         load_connector(model, recipe.model.pretrained_connector)
     video_processor = getattr(processor, "video_processor", None)
     if video_processor is not None:  # saved with the model: evaluation samples as many frames
-        video_processor.num_frames = recipe.data.video_frames
+        family_for_model(model).set_video_frames(video_processor, recipe.data.video_frames)
     if recipe.pmod.enabled:
         check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
         model = apply_pmod(model, recipe.pmod.config)

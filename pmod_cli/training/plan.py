@@ -263,7 +263,15 @@ def make_training_plan(stage: str, recipe: Recipe, resume: bool = False) -> Trai
             pinpoints = tuple(tuple(p) for p in recipe.model.image_grid_pinpoints)
             shape = dataclasses.replace(shape, image_grid_pinpoints=pinpoints)
     else:
-        shape = shape_from_hf_config(unwrap_lora(model).config, name=source)
+        checkpoint = (
+            Path(resolve_name(recipe.model.checkpoint)) if recipe.model.checkpoint else None
+        )
+        # a checkpoint on this machine: its processors' files say what the config does not (Qwen-VL's pixel limits)
+        shape = shape_from_hf_config(
+            unwrap_lora(model).config,
+            name=source,
+            directory=checkpoint if checkpoint is not None and checkpoint.is_dir() else None,
+        )
     ratios = unwrap_lora(model).retention_ratios if pmod_enabled else None
     pmod = recipe.pmod.config
     flops = count_flops(

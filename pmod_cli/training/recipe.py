@@ -43,13 +43,13 @@ class ModelSection:
     """[model]: the model to train, from an existing checkpoint or from parts.
 
     Attributes:
-        checkpoint: an HF LLaVA / LLaVA-NeXT (or p-MoD) checkpoint, path or hub id; ``tiny:base``
+        checkpoint: an HF checkpoint of a registered family (dense or p-MoD), path or hub id; ``tiny:base``
             is the embedded tiny default. Excludes ``vision_tower``/``llm``.
         vision_tower: a CLIP / SigLIP vision model (path or hub id), with ``llm`` builds a new model.
         llm: a causal LM (Llama / Vicuna, Qwen2, Mistral), path or hub id; its tokenizer is used.
         layout: the model family (``pmod_cli.model.families``): ``llava`` (one image crop,
-            LLaVA-1.5), ``llava_next`` (anyres) or ``llava_onevision`` (anyres_max_9, several
-            images, video).
+            LLaVA-1.5), ``llava_next`` (anyres), ``llava_onevision`` (anyres_max_9, several
+            images, video), ``qwen2_5_vl`` or ``qwen3_vl`` (dynamic resolution; from a checkpoint).
         connector: the projector; ``mlp2x_gelu`` (Linear-GELU-Linear) is LLaVA's and HF's.
         vision_feature_layer: which vision layer feeds the projector (-2: the second to last).
         vision_feature_select_strategy: ``default`` drops the CLS token, ``full`` keeps it.
@@ -100,7 +100,8 @@ class DataSection:
         max_length: tokens per sample, image tokens included; text beyond is cut, image tokens never.
         image_aspect_ratio: ``pad`` (to a square, LLaVA-1.5), ``crop`` (centre crop), ``anyres``
             (LLaVA-NeXT; required by and only valid with ``model.layout = "llava_next"``) or
-            ``anyres_max_9`` (LLaVA-OneVision's, required by ``model.layout = "llava_onevision"``).
+            ``anyres_max_9`` (LLaVA-OneVision's, required by ``model.layout = "llava_onevision"``)
+            or ``dynamic`` (Qwen-VL: the processor's own pixel limits).
         video_frames: frames sampled uniformly from each video (every video of a batch has as many).
         max_bad_fraction: stop if more than this fraction of samples is bad (missing image, ...).
         check_images: open every image's header before training (false: only check it exists).
@@ -374,6 +375,12 @@ def _check_model_section(model) -> None:
             "the recipe names no model: set model.checkpoint, or model.vision_tower and model.llm"
         )
     _choice(model.layout, tuple(FAMILIES), "model.layout")
+    family = FAMILIES[model.layout]
+    if not model.checkpoint and not family.builds_from_parts:
+        raise UserError(
+            f'model.layout = "{model.layout}": {family.title} trains from a whole checkpoint; set '
+            "model.checkpoint (and no model.vision_tower / model.llm)"
+        )
     _choice(model.connector, CONNECTORS, "model.connector")
     _choice(
         model.vision_feature_select_strategy,

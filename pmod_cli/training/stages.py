@@ -35,7 +35,7 @@ from ..data.llava_data import (
 from ..data.templates import CHAT_TEMPLATE, get_template
 from ..data.tiny import default_image_folder
 from ..errors import UserError
-from ..model.families import family_for_model
+from ..model.families import family_for_model, family_for_processor
 from .build import build_model, resolve_name
 from .lora import unwrap_lora
 from .recipe import DEEPSPEED_PRESETS, Recipe
@@ -130,7 +130,9 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
     dataset = SupervisedDataset(
         records, scan.valid, image_folder, encoder, video_frames=recipe.data.video_frames
     )
-    return dataset, Collator(processor.tokenizer.pad_token_id), scan
+    family = family_for_processor(processor)
+    token_types = family.token_types(processor) if family is not None else None
+    return dataset, Collator(processor.tokenizer.pad_token_id, token_types), scan
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:

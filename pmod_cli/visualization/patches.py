@@ -493,3 +493,72 @@ def patch_boxes_for(
     return family_for_config(model_config).patch_boxes(
         processor, model_config, image_height, image_width
     )
+
+
+# ---- Qwen-VL (dynamic resolution) ----------------------------------------------------------
+
+
+def qwen_vl_patch_boxes(processor, config, image_height: int, image_width: int) -> list[PatchBox]:
+    """Qwen2.5-VL / Qwen3-VL: the image is resized (aspect kept, no pad or crop) to multiples of
+    patch * merge within the processor's pixel limits, and each merged token covers one
+    (patch * merge)-pixel cell of it, row by row."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    height, width = smart_resize(
+        image_height,
+        image_width,
+        factor=factor,
+        min_pixels=image_processor.size["shortest_edge"],
+        max_pixels=image_processor.size["longest_edge"],
+    )
+    return _cell_boxes(IMAGE_VIEW, image_height, image_width, height, width, factor)
+
+
+def qwen_vl_frame_boxes(
+    processor, config, frame_height: int, frame_width: int, frames: int = 2
+) -> list[PatchBox]:
+    """One temporal patch (``temporal_patch_size`` frames) of a video: its frames resized as the
+    video processor does (Qwen3-VL caps the pixels of all ``frames`` together), one token per
+    (patch * merge)-pixel cell."""
+    video_processor = processor.video_processor
+    factor = video_processor.patch_size * video_processor.merge_size
+    limits = dict(
+        min_pixels=video_processor.size["shortest_edge"],
+        max_pixels=video_processor.size["longest_edge"],
+    )
+    if config.model_type.endswith("qwen3_vl"):
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        height, width = smart_resize(
+            frames,
+            frame_height,
+            frame_width,
+            temporal_factor=video_processor.temporal_patch_size,
+            factor=factor,
+            **limits,
+        )
+    else:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+        height, width = smart_resize(frame_height, frame_width, factor=factor, **limits)
+    return _cell_boxes(FRAME_VIEW, frame_height, frame_width, height, width, factor)
+
+
+def _cell_boxes(
+    view: str, source_height: int, source_width: int, height: int, width: int, cell: int
+) -> list[PatchBox]:
+    """Row-major boxes of the (cell x cell)-pixel cells of a (height, width) resize of the source."""
+    scale_y, scale_x = source_height / height, source_width / width
+    return [
+        PatchBox(
+            view,
+            col * cell * scale_x,
+            row * cell * scale_y,
+            (col + 1) * cell * scale_x,
+            (row + 1) * cell * scale_y,
+        )
+        for row in range(height // cell)
+        for col in range(width // cell)
+    ]

@@ -157,10 +157,11 @@ def _token_boxes(
     per_video = []
     if video is not None:
         frames, height, width = video.shape[:3]
-        for frame in range(frames):
-            per_video += _tagged(
-                family.frame_boxes(processor, config, height, width), len(images) + frame
-            )
+        # one set of tokens per frame (Qwen-VL: per temporal patch of frames_per_step frames)
+        step = family.frames_per_step(processor)
+        for frame in range(0, frames, step):
+            boxes = family.frame_boxes(processor, config, height, width, frames=frames)
+            per_video += _tagged(boxes, len(images) + frame)
         per_video += [None] * family.video_extra_tokens
     is_image = (vision_ids == config.image_token_id).tolist()
     if sum(is_image) != len(per_image) or len(is_image) - sum(is_image) != len(per_video):

@@ -1,6 +1,6 @@
 """The model families pmod converts, one module each (see ``base.py`` for what a family says)."""
 
-from . import llava, llava_next, llava_onevision  # noqa: F401  (each module registers its family)
+from . import llava, llava_next, llava_onevision, qwen2_5_vl, qwen3_vl  # noqa: F401  (each module registers its family)
 from .base import (
     FAMILIES,
     IMAGE_TOKEN,
@@ -9,6 +9,7 @@ from .base import (
     family_for_config,
     family_for_model,
     family_for_model_type,
+    family_for_processor,
     get_family,
     image_settings,
     known_model_types,
@@ -19,6 +20,8 @@ from .base import (
 from .llava import PMoDLlavaConfig, PMoDLlavaForConditionalGeneration
 from .llava_next import PMoDLlavaNextConfig, PMoDLlavaNextForConditionalGeneration
 from .llava_onevision import PMoDLlavaOnevisionConfig, PMoDLlavaOnevisionForConditionalGeneration
+from .qwen2_5_vl import PMoDQwen2_5_VLConfig, PMoDQwen2_5_VLForConditionalGeneration
+from .qwen3_vl import PMoDQwen3VLConfig, PMoDQwen3VLForConditionalGeneration
 
 __all__ = [
     "FAMILIES",
@@ -30,10 +33,15 @@ __all__ = [
     "PMoDLlavaNextForConditionalGeneration",
     "PMoDLlavaOnevisionConfig",
     "PMoDLlavaOnevisionForConditionalGeneration",
+    "PMoDQwen2_5_VLConfig",
+    "PMoDQwen2_5_VLForConditionalGeneration",
+    "PMoDQwen3VLConfig",
+    "PMoDQwen3VLForConditionalGeneration",
     "UnsupportedModelError",
     "family_for_config",
     "family_for_model",
     "family_for_model_type",
+    "family_for_processor",
     "get_family",
     "image_settings",
     "known_model_types",

@@ -43,6 +43,8 @@ class ModelFamily:
     aspect_ratios: ClassVar[tuple[str, ...]]  # ``data.image_aspect_ratio`` values it trains with
     # parameter names (prefixes) of the connector, the part that pretrain trains
     connector_parameters: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector.",)
+    # parameter names (prefixes) of the vision tower (what sft freezes unless told otherwise)
+    vision_tower_parameters: ClassVar[tuple[str, ...]] = ("model.vision_tower.",)
     # chat template when a checkpoint saved none: text model_type -> template name (data/templates.py)
     default_templates: ClassVar[dict[str, str]] = {"qwen2": "chatml"}
     fallback_template: ClassVar[str] = "vicuna_v1"
@@ -50,6 +52,13 @@ class ModelFamily:
     media_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}
     # each image is one square grid of vision tokens (the ``pool`` method averages it)
     single_grid_images: ClassVar[bool] = False
+    # ``generate`` arguments that ``vision_token_groups`` reads but that generate consumes before
+    # the first forward call (Qwen-VL: the grids); the p-MoD model hands them on
+    grouping_inputs: ClassVar[tuple[str, ...]] = ()
+    # a recipe may join a vision tower and a language model of this family (model.vision_tower + llm)
+    builds_from_parts: ClassVar[bool] = True
+    # token-reduction methods (model/methods.py) the family cannot run: name -> why
+    unsupported_methods: ClassVar[dict[str, str]] = {}
 
     @property
     def dense_model_type(self) -> str:
@@ -109,6 +118,31 @@ class ModelFamily:
             next_id += len(sizes)
         return groups
 
+    def media_placeholder(self, processor, kind: str) -> str:
+        """What a prompt holds for one image (``kind="image"``) or video: the processor's token
+        (Qwen-VL: wrapped in its vision markers)."""
+        return getattr(processor, f"{kind}_token", None) or f"<{kind}>"
+
+    def media_expansion(self, processor, kind: str, count: int, own: str | None = None) -> str:
+        """The text of one image / video of ``count`` vision tokens, as the processor expands it
+        (``own``: the processor's own text for its token, when it writes more than the tokens)."""
+        return own or getattr(processor, f"{kind}_token") * count
+
+    def set_video_frames(self, video_processor, frames: int) -> None:
+        """Tell a video processor that pmod hands it ``frames`` frames per video, spread over the
+        video (``data/video.py``): saved with the model, evaluation decodes as many."""
+        video_processor.num_frames = frames
+
+    def video_texts(self, processor, videos) -> list[str] | None:
+        """The processor's text for each video's token, when it writes text between a video's
+        vision tokens (Qwen3-VL: timestamps); None when a video is its tokens alone."""
+        return None
+
+    def token_types(self, processor) -> dict[int, int] | None:
+        """Token id -> the ``mm_token_type_ids`` value the model needs (None: takes none), for
+        batches the processor did not make (training)."""
+        return None
+
     def check_text_model(self, text_model_type: str) -> None:
         if text_model_type not in self.text_model_types:
             raise UnsupportedModelError(
@@ -152,6 +186,36 @@ class ModelFamily:
             chat_template=chat_template,
         )
 
+    # ---- shapes (presets, FLOPs) -----------------------------------------------------------
+
+    def hf_config(self, shape, pmod=None):
+        """The transformers config of a ``presets.ModelShape`` of this family."""
+        from ..presets import llava_hf_config
+
+        return llava_hf_config(shape, pmod)
+
+    def shape_from_config(self, config, directory=None):
+        """The ``presets.ModelShape`` of a transformers config of this family (``directory``: the
+        checkpoint it was read from, for what the config does not hold)."""
+        from ..presets import llava_shape_from_config
+
+        return llava_shape_from_config(config)
+
+    def vision_encoder_flops(self, shape, vision_tokens: int, crops: int) -> dict[str, int]:
+        """FLOPs of the vision tower and the connector for ``crops`` crops (or video frames) that
+        become ``vision_tokens`` tokens."""
+        from ...efficiency.flops import vision_tower_flops_per_crop
+
+        vision, d = shape.vision, shape.text.hidden_size
+        # the projector runs on every crop's features (a video's before they are pooled)
+        projected = crops * vision.features_per_crop
+        projector_in = vision.hidden_size * vision.num_feature_layers
+        return {
+            "vision_tower": crops * vision_tower_flops_per_crop(vision),
+            # mlp2x_gelu: Linear(vision_hidden, d) -> GELU -> Linear(d, d)
+            "projector": 2 * projected * (projector_in * d + d * d),
+        }
+
     # ---- counting and drawing ------------------------------------------------------------
 
     def image_tokens(self, shape) -> tuple[int, int]:
@@ -170,9 +234,17 @@ class ModelFamily:
         """The same for an image that shares its prompt with others (most families: as alone)."""
         return self.patch_boxes(processor, config, image_height, image_width)
 
-    def frame_boxes(self, processor, config, frame_height: int, frame_width: int) -> list:
-        """One ``PatchBox`` per vision token of one video frame (a video's other tokens: ``video_extra_tokens``)."""
+    def frame_boxes(
+        self, processor, config, frame_height: int, frame_width: int, frames: int = 1
+    ) -> list:
+        """One ``PatchBox`` per vision token of one video frame, or of one step of
+        ``frames_per_step`` frames, of a video of ``frames`` frames (a video's other tokens:
+        ``video_extra_tokens``)."""
         raise UserError(f"{self.title} takes no video")
+
+    def frames_per_step(self, processor) -> int:
+        """Video frames that share one set of vision tokens (Qwen-VL: a temporal patch)."""
+        return 1
 
     video_extra_tokens: ClassVar[int] = (
         0  # vision tokens after a video's last frame (OneVision: a newline)
@@ -293,6 +365,14 @@ def family_for_model(model) -> ModelFamily:
 def template_for_model(model) -> str:
     """The conversation template a loaded model answers in when its checkpoint saved none."""
     return family_for_model(model).template_name(model.config.text_config.model_type)
+
+
+def family_for_processor(processor) -> ModelFamily | None:
+    """The family whose processor class ``processor`` is (None for another processor)."""
+    for family in FAMILIES.values():
+        if type(processor) is family.processor_class:
+            return family
+    return None
 
 
 def family_for_config(config) -> ModelFamily:

@@ -151,7 +151,9 @@ class LlavaOnevisionFamily(ModelFamily):
 
         return onevision_several_image_boxes(processor, config, image_height, image_width)
 
-    def frame_boxes(self, processor, config, frame_height: int, frame_width: int) -> list:
+    def frame_boxes(
+        self, processor, config, frame_height: int, frame_width: int, frames: int = 1
+    ) -> list:
         from ...visualization.patches import onevision_frame_boxes
 
         return onevision_frame_boxes(processor, config, frame_height, frame_width)
