@@ -1,12 +1,13 @@
 """The small-scale study: does p-MoD beat training-free token reduction at the same TFLOPs, and stay
-close to the dense model? One command, estimated at 35-40 minutes on an idle 2-core CPU (0.73
-CPU-seconds per SFT step measured; not yet run in full, see docs/eval.md):
+close to the dense model? One command, 38 minutes on the 2-core CPU (one thread per process; the
+result is in README.md and docs/eval.md):
 
     .venv/bin/python benchmarks/study.py --out runs/study
 
 1. the grid set (``pmod_cli/data/grid.py``): 224 px images of 256 vision tokens, ChatML questions
-   of at most 40 text tokens that need the image (LLaVA-1.5's 576 against 58, scaled down), and
-   the grid base: a fixed patch encoder that reports each cell's colours, a random 6-layer Llama;
+   of at most 40 text tokens that need the image (LLaVA-1.5's 576 against 58, scaled down), the
+   first question before the image, and the grid base: a fixed patch encoder that reports each
+   cell's colours, a random 6-layer Llama;
 2. ``pmod sft`` twice with the same budget (same fresh connector, data, steps, seed, learning
    rates): p-MoD (beta 0.5) and dense. No connector pretrain by default: pretrain trains the
    connector against the frozen language model, and a random language model gives it nothing to
@@ -325,6 +326,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # one thread per pmod process, as measured: with both cores shared, two threads per process
+    # made an SFT step 5x slower (4.5 s against 0.8 s)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     started, load_before = time.perf_counter(), os.getloadavg()
     times: dict[str, dict[str, float]] = {}
     from pmod_cli.data.tiny import resolve_tiny_path
