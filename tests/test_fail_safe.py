@@ -495,15 +495,21 @@ class SignalAt(TrainerCallback):
 def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint(small_data, tmp_path):
     from pmod_cli.training.interrupt import RunInterrupted
 
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(
-        RunInterrupted, match=r"stopped by SIGINT at step 2 of 6 and saved .*checkpoint-2"
-    ) as stopped:
-        sft(
-            recipe(tmp_path, small_data, "train.max_steps=6", "train.save_steps=5"),
-            callbacks=[SignalAt(2, signal.SIGINT)],
-        )
-    assert stopped.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is handler
+    # Ctrl-C as in a terminal: a background job of a shell script starts with SIGINT ignored, and
+    # pmod leaves an ignored signal alone
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(
+            RunInterrupted, match=r"stopped by SIGINT at step 2 of 6 and saved .*checkpoint-2"
+        ) as stopped:
+            sft(
+                recipe(tmp_path, small_data, "train.max_steps=6", "train.save_steps=5"),
+                callbacks=[SignalAt(2, signal.SIGINT)],
+            )
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert stopped.value.exit_code == 130 and restored is signal.default_int_handler
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"] and all_finite(
         tmp_path / "checkpoint-2"
     )
