@@ -269,6 +269,12 @@ def parse_args() -> argparse.Namespace:
         "--fastv-layer", type=int, default=2, help="FastV's K (p-MoD's first MoD layer at beta 0.5)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the random baseline's draw")
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="seed of both SFT runs (fresh connector, routers, data order); default: the recipe's",
+    )
     return parser.parse_args()
 
 
@@ -288,6 +294,8 @@ def train(args: argparse.Namespace, times: dict) -> tuple[Path, Path]:
         "--set", f"model.pretrained_connector={connector}", "--set", f"train.max_steps={args.steps}",
         "--set", f"train.save_steps={args.steps}",
     ]  # fmt: skip
+    if args.train_seed is not None:
+        common += ["--set", f"train.seed={args.train_seed}"]
     if not (pmod_dir / "config.json").exists():
         times["sft p-MoD"] = run(
             "sft", "recipes/grid.toml", *common, "--set", f"train.output_dir={pmod_dir}"
@@ -367,6 +375,7 @@ def main() -> None:
         "load_average_after": load_after,
         "steps": args.steps,
         "pretrain_steps": args.pretrain_steps,
+        "train_seed": args.train_seed,
     }
     (args.out / "study.json").write_text(json.dumps(summary, indent=1))
     print()
