@@ -1,6 +1,6 @@
 """The small-scale study: does p-MoD beat training-free token reduction at the same TFLOPs, and stay
 close to the dense model? One command, 38 minutes on the 2-core CPU (one thread per process; the
-result is in README.md and docs/eval.md):
+results of two runs, ``--train-seed`` 42 and 7, are in README.md and docs/eval.md):
 
     .venv/bin/python benchmarks/study.py --out runs/study
 
