@@ -38,6 +38,9 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from pmod_cli.data.tiny import QWEN_VL_SPECIAL_TOKENS
+from pmod_cli.model.families.qwen_vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 PATCH = 14
@@ -224,17 +227,8 @@ def tiny_onevision(text_model: str = "qwen2", layers: int = 4, attn: str = "sdpa
 
 # Qwen-VL: 14 px patches (Qwen3-VL: 16 px) merged 2x2; images between 2 and 16 merged tokens, so
 # images of different sizes give different token counts; a video step (2 frames) of 2 to 6 tokens
-QWEN_VL_SPECIAL = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+QWEN_VL_SPECIAL = ("<|endoftext|>", *QWEN_VL_SPECIAL_TOKENS)
+QWEN_IMAGE, QWEN_VIDEO = IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER  # what a prompt holds for each
 
 
 def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:

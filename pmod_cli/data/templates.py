@@ -235,26 +235,35 @@ def _chatml_format(turns: list[Turn], eos_token: str) -> list[Piece]:
     return pieces
 
 
+def _chatml_prompt(question: str) -> str:
+    return (
+        f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def _chatml_jinja(content: str) -> str:
+    """The ChatML chat template, each message's content rendered by the jinja ``content``."""
+    return (
+        "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>\n"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}<|im_start|>user\n" + content + "<|im_end|>\n"
+        "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
+        + content
+        + "<|im_end|>\n"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 register_template(
     ConversationTemplate(
         name="chatml",
         description="ChatML (Qwen2): '<|im_start|>role\\n...<|im_end|>', loss on the replies and <|im_end|>",
         format_fn=_chatml_format,
-        prompt_fn=lambda question: (
-            f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
-            "<|im_start|>assistant\n"
-        ),
-        jinja=(
-            "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>\n"
-            "{% for message in messages %}"
-            "{% if message['role'] == 'user' %}<|im_start|>user\n" + _JINJA_CONTENT + "<|im_end|>\n"
-            "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
-            + _JINJA_CONTENT
-            + "<|im_end|>\n"
-            "{% endif %}"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        ),
+        prompt_fn=_chatml_prompt,
+        jinja=_chatml_jinja(_JINJA_CONTENT),
     )
 )
 
@@ -280,22 +289,7 @@ register_template(
         name="qwen_vl",
         description="Qwen2.5-VL / Qwen3-VL: ChatML with <|vision_start|><|image_pad|><|vision_end|> images",
         format_fn=_chatml_format,
-        prompt_fn=lambda question: (
-            f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
-            "<|im_start|>assistant\n"
-        ),
-        jinja=(
-            "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>\n"
-            "{% for message in messages %}"
-            "{% if message['role'] == 'user' %}<|im_start|>user\n"
-            + _QWEN_VL_CONTENT
-            + "<|im_end|>\n"
-            "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
-            + _QWEN_VL_CONTENT
-            + "<|im_end|>\n"
-            "{% endif %}"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        ),
+        prompt_fn=_chatml_prompt,
+        jinja=_chatml_jinja(_QWEN_VL_CONTENT),
     )
 )
