@@ -100,12 +100,15 @@ def _print_version(value: bool) -> None:
     if not value:
         return
     from .provenance import package_versions
+    from .runtime import sentencepiece_problem
 
     versions = package_versions()
     others = [
         f"{name.replace('_', '-')} {v}" for name, v in versions.items() if name != "pmod" and v
     ]
     typer.echo(f"pmod {versions['pmod']} ({', '.join(others)})")
+    if problem := sentencepiece_problem():
+        typer.echo(f"warning: {problem}", err=True)
     raise typer.Exit()
 
 

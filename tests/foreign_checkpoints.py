@@ -53,8 +53,9 @@ _CORPUS = [
 ]
 
 
-def save_clip_tower(directory: Path, seed: int = 0) -> Path:
-    """A full CLIP model (text and vision, like openai/clip-vit-large-patch14-336) and its image processor."""
+def save_clip_tower(directory: Path, seed: int = 0, image: int = IMAGE) -> Path:
+    """A full CLIP model (text and vision, like openai/clip-vit-large-patch14-336) and its image
+    processor, for ``image`` px square crops."""
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(
@@ -63,13 +64,13 @@ def save_clip_tower(directory: Path, seed: int = 0) -> Path:
         ),
         vision_config=dict(
             hidden_size=TOWER_HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-            image_size=IMAGE, patch_size=PATCH,
+            image_size=image, patch_size=PATCH,
         ),
         projection_dim=16,
     )  # fmt: skip
     CLIPModel(config).save_pretrained(directory)
     CLIPImageProcessor(
-        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}
+        size={"shortest_edge": image}, crop_size={"height": image, "width": image}
     ).save_pretrained(directory)
     return directory
 
@@ -92,6 +93,12 @@ def vicuna_like_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _write_bpe_tokenizer(path: Path) -> int:
+    tokenizer = vicuna_like_tokenizer()
+    tokenizer.save_pretrained(path)
+    return len(tokenizer)
+
+
 @dataclass
 class OriginalCheckpoint:
     """What the test knows about a checkpoint it wrote: the tensors by their original names."""
@@ -106,10 +113,10 @@ class OriginalCheckpoint:
     routers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def _text_config_values(text_model: str, layers: int, vocab: int) -> dict:
+def _text_config_values(text_model: str, layers: int, vocab: int, hidden: int = HIDDEN) -> dict:
     """The language model's part of config.json as transformers 4.3x wrote it."""
     values = {
-        "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": layers,
+        "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
         "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
         "vocab_size": vocab, "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
@@ -155,25 +162,31 @@ def write_original_checkpoint(
     pmod: dict | None = None,
     mod_layers: tuple[int, ...] = (),
     seed: int = 0,
+    hidden: int = HIDDEN,
+    tokenizer_writer=None,
+    router_scale: float = 2.0,
 ) -> OriginalCheckpoint:
     """An original LLaVA checkpoint (or, with ``pmod`` config keys and ``mod_layers``, an official
     p-MoD one) in ``path``. The checkpoint also stores a tower that differs from ``tower``: the
-    original loader reads it only when the tower was fine-tuned (``unfreeze_tower``)."""
+    original loader reads it only when the tower was fine-tuned (``unfreeze_tower``).
+    ``tokenizer_writer(path) -> vocab size`` writes the tokenizer files (default: a byte-level BPE
+    saved by transformers); routers are drawn with standard deviation ``router_scale``."""
     torch.manual_seed(seed)
-    tokenizer = vicuna_like_tokenizer()
-    text_values = _text_config_values(text_model, layers, len(tokenizer))
+    path.mkdir(parents=True)
+    vocab = (tokenizer_writer or _write_bpe_tokenizer)(path)
+    text_values = _text_config_values(text_model, layers, vocab, hidden)
     config_class, model_class = TEXT_CLASSES[text_model]
     # (transformers 5 reads rope_theta alone and warns about an explicit rope_scaling)
     text_config = config_class(**{k: v for k, v in text_values.items() if k != "rope_scaling"})
     weights = {
         name: tensor.clone() for name, tensor in model_class(text_config).state_dict().items()
     }
-    weights["model.mm_projector.0.weight"] = torch.randn(HIDDEN, TOWER_HIDDEN) * 0.2
-    weights["model.mm_projector.0.bias"] = torch.randn(HIDDEN) * 0.1
-    weights["model.mm_projector.2.weight"] = torch.randn(HIDDEN, HIDDEN) * 0.2
-    weights["model.mm_projector.2.bias"] = torch.randn(HIDDEN) * 0.1
+    weights["model.mm_projector.0.weight"] = torch.randn(hidden, TOWER_HIDDEN) * 0.2
+    weights["model.mm_projector.0.bias"] = torch.randn(hidden) * 0.1
+    weights["model.mm_projector.2.weight"] = torch.randn(hidden, hidden) * (0.2 * 8 / hidden**0.5)
+    weights["model.mm_projector.2.bias"] = torch.randn(hidden) * 0.1
     if layout == "llava_next":
-        weights["model.image_newline"] = torch.randn(HIDDEN)
+        weights["model.image_newline"] = torch.randn(hidden)
     for name, tensor in CLIPModel.from_pretrained(tower).vision_model.state_dict().items():
         # a fine-tuned copy of the tower, as LLaVA saves it inside the model
         weights[f"model.vision_tower.vision_tower.vision_model.{name}"] = (
@@ -184,7 +197,7 @@ def write_original_checkpoint(
         prefix = f"model.layers.{index}."
         for name in [n for n in weights if n.startswith(prefix)]:
             weights[prefix + "decoder_layer." + name.removeprefix(prefix)] = weights.pop(name)
-        routers[index] = (torch.randn(1, HIDDEN) * 2.0, torch.randn(1))
+        routers[index] = (torch.randn(1, hidden) * router_scale, torch.randn(1))
         weights[prefix + "router.router.weight"], weights[prefix + "router.router.bias"] = routers[
             index
         ]
@@ -195,9 +208,7 @@ def write_original_checkpoint(
         "architectures": [architecture], "model_type": model_type, "transformers_version": "4.37.2",
         **text_values, **_multimodal_values(layout, tower, unfreeze_tower), **(pmod or {}),
     }  # fmt: skip
-    path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(path)
     save_weights(path, weights, shards, file_format)
     return OriginalCheckpoint(
         path, text_model, layout, config, text_config, weights, tower, routers

@@ -115,16 +115,17 @@ def tiny_model(
     layers: int = 4,
     attn: str = "sdpa",
     seed: int = 0,
+    tokenizer=None,
 ):
     """A random-weight LLaVA (``layout='llava'``), LLaVA-NeXT (``'next'``), LLaVA-OneVision
     (``'onevision'``), Qwen2.5-VL (``'qwen2_5_vl'``) or Qwen3-VL (``'qwen3_vl'``) model and its
-    processor."""
+    processor. LLaVA and LLaVA-NeXT take another ``tokenizer`` (with ``<image>`` and a pad token)."""
     if layout == "onevision":
         return tiny_onevision(text_model, layers, attn, seed)
     if layout in ("qwen2_5_vl", "qwen3_vl"):  # their own language models
         return tiny_qwen_vl(layout, layers, attn, seed)
     torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
+    tokenizer = tokenizer or tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = CLIPVisionConfig(
         hidden_size=32,

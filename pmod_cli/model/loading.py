@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..errors import UserError
-from ..runtime import resolve_device
+from ..runtime import resolve_device, tokenizer_problem
 from .adapters import is_adapter_directory, read_adapter_info, resolve_base
 from .config import PMoDConfig
 from .families import family_for_config, family_for_model_type, known_model_types
@@ -146,6 +146,8 @@ def _load_hf_native(reference: str, dtype, attn_implementation, quantization_con
     try:
         processor = AutoProcessor.from_pretrained(reference)
     except (OSError, ValueError) as err:
+        if problem := tokenizer_problem(reference):
+            raise UserError(f"cannot load the tokenizer of {reference}: {problem}") from None
         raise UserError(
             f"cannot load the processor of {reference} ({_first_line(err)}); save it next to the model "
             "with processor.save_pretrained"

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ...errors import UserError
+from ...runtime import tokenizer_problem
 from ..families import get_family, image_settings, prepare_tokenizer
 
 # config.json model_type -> the language model it wraps ("llava": the older name of llava_llama)
@@ -202,17 +203,22 @@ def _tower_model_type(tower: Path) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """transformers' errors only: reading parts of a foreign checkpoint raises expected warnings."""
+    """transformers' errors only, and no progress bar: reading parts of a foreign checkpoint
+    raises expected warnings, and a command's output is its result (or one error line)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tower(layout: OriginalLayout):
@@ -243,9 +249,8 @@ def load_tokenizer(source: Path, vocab_size: int):
         with _quiet_transformers():  # it reads the config of a model type it does not know
             tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load the tokenizer of {source}: {str(err).splitlines()[0]}"
-        ) from None
+        detail = tokenizer_problem(source) or str(err).splitlines()[0]
+        raise UserError(f"cannot load the tokenizer of {source}: {detail}") from None
     prepare_tokenizer(tokenizer)
     needed = len(tokenizer)
     new_vocab = vocab_size if needed <= vocab_size else math.ceil(needed / 64) * 64
