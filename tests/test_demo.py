@@ -27,16 +27,20 @@ from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.demo.engine import DemoEngine, MethodRun
 from pmod_cli.demo.methods import select_methods
 from pmod_cli.demo.panels import (
+    FIGURE_DPI,
     efficiency_cells,
     efficiency_table,
     matrix_image,
+    overlay_figure,
     overlay_image,
 )
 from pmod_cli.efficiency.flops import count_flops_for_model
 from pmod_cli.efficiency.report import percent
 from pmod_cli.errors import UserError
 from pmod_cli.model.loading import load_checkpoint
-from pmod_cli.visualization.selection import select_tokens
+from pmod_cli.visualization.figure import PADDING_NOTE
+from pmod_cli.visualization.patches import llava_patch_boxes
+from pmod_cli.visualization.selection import LayerSelection, TokenSelection, select_tokens
 
 # gradio 6's queue still uses two pandas options that pandas 3 deprecates
 pytestmark = [
@@ -71,7 +75,9 @@ def checkpoints(tmp_path_factory):
     pmod = save_checkpoint(model, processor, root / "pmod")
     image = root / "image.png"
     random_image(70, 56, seed=5).save(image)
-    return {"dense": dense, "pmod": pmod, "image": image}
+    not_an_image = root / "notes.png"  # an image's name, text inside
+    not_an_image.write_text("not a picture\n")
+    return {"dense": dense, "pmod": pmod, "image": image, "not_an_image": not_an_image}
 
 
 def picture(path) -> Image.Image:
@@ -242,6 +248,90 @@ def test_baselines_answer_as_their_python_entry_points_on_shared_weights(checkpo
     assert model.retention_ratios == RATIOS and model.token_method.name == "pmod"
 
 
+# ---- the page's function: refused requests, the overlay's legend ------------------------
+
+
+def refusals(checkpoints) -> list[tuple[str, tuple, str]]:
+    """(case, the page's inputs: image file, question, ticked methods; the status line's words)."""
+    from pmod_cli.demo.app import NO_IMAGE, NO_METHOD, NO_QUESTION, unreadable_image
+
+    image, not_an_image = str(checkpoints["image"]), str(checkpoints["not_an_image"])
+    return [
+        ("no image", (None, QUESTION, ["pmod"]), NO_IMAGE),
+        ("not an image", (not_an_image, QUESTION, ["pmod"]), unreadable_image("notes.png")),
+        ("no question", (image, "  ", ["pmod"]), NO_QUESTION),
+        ("no method", (image, QUESTION, []), NO_METHOD),
+    ]
+
+
+def file_data(path) -> dict | None:
+    """The image input's value as the page sends it (unprocessed: the file is opened later)."""
+    return None if path is None else {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
+def page_function(app):
+    """The function the page's Ask button calls (with the inputs as sent), and its outputs by
+    element id."""
+    (answer,) = [fn for fn in app.fns.values() if fn.api_name == "answer"]
+    return answer.fn, {getattr(block, "elem_id", None): block for block in answer.outputs}
+
+
+def test_a_refused_request_says_why_once_and_leaves_the_outputs_alone(engine, checkpoints):
+    pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'pmod-cli[demo]'")
+    from pmod_cli.demo.app import build_app
+
+    answer, outputs = page_function(build_app(engine, "test"))
+    status = outputs["status"]
+    cases = refusals(checkpoints)
+    assert len({message for *_, message in cases}) == len(cases)  # each says what is wrong
+    for case, (image, *inputs), message in cases:
+        updates = list(answer(file_data(image), *inputs, 1))
+        # one update, the status line alone: no output box is touched, none shows "Error"
+        assert updates == [{status: message}], case
+    # the next request that can run clears the status line with its first update
+    updates = list(answer(file_data(checkpoints["image"]), QUESTION, ["pmod"], 1))
+    assert updates[0][status] == ""
+    assert all(status not in update for update in updates[1:])
+    assert updates[-1][outputs["answer-pmod"]] == updates[-2][outputs["answer-pmod"]] != ""
+
+
+def padded_selection(height: int, width: int) -> TokenSelection:
+    """LLaVA-1.5's pad-to-square on a ``width`` x ``height`` picture: 16 tokens, layer 1 keeps 6."""
+    boxes = llava_patch_boxes(
+        height, width, patch_size=14, size={"shortest_edge": 56},
+        crop_size={"height": 56, "width": 56}, pad_to_square=True,
+    )  # fmt: skip
+    kept = np.isin(np.arange(16), [0, 1, 5, 6, 13, 15])
+    layers = [
+        LayerSelection(0, 1.0, np.ones(16, dtype=bool), None),
+        LayerSelection(1, 0.4, kept, np.linspace(0.9, 1.1, 16)),
+    ]
+    image = np.asarray(random_image(width, height, seed=2))
+    return TokenSelection([image], boxes, layers)
+
+
+@pytest.mark.parametrize("height, width", [(56, 168), (168, 56), (56, 70), (56, 56)])
+def test_the_overlay_legend_fits_inside_its_picture(height, width):
+    """Every line of the legend above the one-panel overlay, the padding note included, is drawn
+    inside the figure (the page shows the picture whole: what lies outside is cut)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = overlay_figure(padded_selection(height, width), 1)
+    figure.set_dpi(FIGURE_DPI)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    (legend,) = figure.texts
+    assert ("grey band" in legend.get_text()) == (height != width)
+    if height != width:  # wrapped, never cut: the whole note is there
+        assert PADDING_NOTE in " ".join(legend.get_text().split())
+    frame = figure.bbox
+    for text in [legend, *(axes.title for axes in figure.axes)]:
+        extent = text.get_window_extent(canvas.get_renderer())
+        assert frame.x0 <= extent.x0 and extent.x1 <= frame.x1, text.get_text()
+        assert frame.y0 <= extent.y0 and extent.y1 <= frame.y1, text.get_text()
+    assert overlay_image(padded_selection(height, width), 1).size == canvas.get_width_height()
+
+
 # ---- the command: errors before any server starts ----------------------------------------
 
 
@@ -367,6 +457,41 @@ def test_the_server_streams_the_answer_piece_by_piece(server, checkpoints, expec
     assert all(expected["answer"].startswith(piece.rstrip()) for piece in distinct)
 
 
+def upload(base: str, path: Path) -> dict:
+    """``path`` uploaded as the page uploads it, as the answer API's image argument."""
+    import httpx
+
+    with open(path, "rb") as handle:
+        (uploaded,) = httpx.post(
+            f"{base}/gradio_api/upload", files={"files": (path.name, handle, "image/png")}
+        ).json()
+    return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_over_the_wire_a_refused_request_completes_with_its_status_line(server, checkpoints):
+    """Through Gradio's own input processing: no image, and an upload that is no image (which
+    Gradio's image input would fail on before the page's function ran), complete normally with
+    the reason in the status line (the last output) and every other output left alone."""
+    import httpx
+
+    from pmod_cli.demo.app import NO_IMAGE, unreadable_image
+
+    base = server.url.rstrip("/")
+    for image, message in (
+        (None, NO_IMAGE),
+        (upload(base, checkpoints["not_an_image"]), unreadable_image("notes.png")),
+    ):
+        request = {"data": [image, QUESTION, ["pmod"], 1]}
+        event = httpx.post(f"{base}/gradio_api/call/answer", json=request).json()["event_id"]
+        stream = httpx.get(f"{base}/gradio_api/call/answer/{event}", timeout=60).text
+        events = sse_events(stream)
+        assert [kind for kind, _ in events] == ["generating", "complete"], stream
+        *boxes, _, status = events[-1][1]  # the answers, table and pictures; the slider's state
+        assert status == message
+        # a dict marks an output this update leaves alone
+        assert all(isinstance(box, dict) for box in boxes) and "Error" not in stream
+
+
 def test_the_command_serves_until_told_to_stop_and_leaves_no_files(checkpoints, tmp_path):
     """The real `pmod demo` process: it announces the address once it serves, serves the page on
     loopback, and a plain `kill` stops it cleanly (exit 0, its example files removed)."""
@@ -443,14 +568,50 @@ WATCH_ANSWER = """() => {
 }"""
 
 
+OUTPUTS = ("#answer-pmod", "#answer-dense", "#efficiency", "#overlay", "#matrix")
+
+
+def wait_for_status(page, message: str) -> None:
+    """Until the status line shows ``message`` (as its Markdown renders: no * or `)."""
+    shown = message.replace("*", "").replace("`", "")
+    page.locator("#status", has_text=shown).wait_for(timeout=30_000)
+    assert page.locator("#status").inner_text().strip() == shown
+
+
+def test_in_a_browser_a_refused_request_says_why_under_the_button(
+    browser_page, server, checkpoints, tmp_path
+):
+    page = browser_page
+    for case, (image, text, chosen), message in refusals(checkpoints):
+        page.goto(server.url)
+        page.wait_for_selector("#ask")
+        if image is not None:
+            page.locator("#image input[type=file]").set_input_files(image)
+            page.wait_for_selector("#image img")  # the upload has arrived
+        page.locator("#question textarea").fill(text)
+        if "pmod" not in chosen:
+            page.locator("#methods input[name=pmod]").uncheck()
+        page.locator("#ask").click()
+        wait_for_status(page, message)
+        page.screenshot(path=tmp_path / f"{case.replace(' ', '_')}.png", full_page=True)
+        # said once, under the button: no output box reads "Error", no error pops up
+        for output in OUTPUTS:
+            assert "Error" not in page.locator(output).inner_text(), (case, output)
+        assert page.locator(".toast-body").count() == 0, case
+
+
 def test_in_a_browser_the_page_answers_and_shows_routing_and_costs(
     browser_page, server, checkpoints, expected, tmp_path, capsys
 ):
+    from pmod_cli.demo.app import NO_IMAGE
+
     page = browser_page
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
     page.goto(server.url)
     page.wait_for_selector("#ask")
+    page.locator("#ask").click()  # refused: the answer below clears the status line
+    wait_for_status(page, NO_IMAGE)
     page.locator("#image input[type=file]").set_input_files(str(checkpoints["image"]))
     page.locator("#question textarea").fill(QUESTION)
     page.locator("#methods input[name=dense]").check()
@@ -460,6 +621,7 @@ def test_in_a_browser_the_page_answers_and_shows_routing_and_costs(
     page.wait_for_selector("#efficiency td[data-method=dense][data-metric=tflops]", timeout=120_000)
     page.wait_for_selector("#overlay img")
     page.screenshot(path=tmp_path / "answered.png", full_page=True)
+    assert page.locator("#status").inner_text().strip() == ""
 
     # the streamed answer: growing prefixes, ending in the model's greedy answer
     seen = [value for value in page.evaluate("window.seenAnswers") if value]

@@ -29,9 +29,15 @@ def figure_image(figure: Figure, dpi: int = FIGURE_DPI) -> Image.Image:
         return image.convert("RGB")
 
 
+def overlay_figure(selection: TokenSelection, layer: int) -> Figure:
+    """The image with layer ``layer``'s kept patches outlined and its skipped ones dimmed, the
+    legend above it wrapped to the one panel's width."""
+    return draw_selection(selection, [layer])
+
+
 def overlay_image(selection: TokenSelection, layer: int) -> Image.Image:
-    """The image with layer ``layer``'s kept patches outlined and its skipped ones dimmed."""
-    return figure_image(draw_selection(selection, [layer]))
+    """``overlay_figure`` as the page shows it."""
+    return figure_image(overlay_figure(selection, layer))
 
 
 def matrix_image(selection: TokenSelection) -> Image.Image:

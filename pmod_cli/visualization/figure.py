@@ -15,13 +15,13 @@ tokens of padding the processor added are drawn).
 
 from __future__ import annotations
 
-import textwrap
-
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import text_to_path
 from matplotlib.ticker import MaxNLocator
 
 from .patches import PatchBox
@@ -37,6 +37,8 @@ WEIGHT_CMAP = "viridis"
 UNSEEN_NOTE = "hatched: no token of this view (cropped or unpadded away)"
 PADDING_SHADE = (0.78, 0.78, 0.82, 1.0)  # the band of padding the processor added around the image
 PADDING_NOTE = "grey band: padding the processor added (its tokens are drawn there)"
+LEGEND_FONTSIZE = 8
+LEGEND_MARGIN_PT = 8.0  # kept free at each side of the legend lines
 
 
 def views_of(boxes: list[PatchBox | None]) -> list[tuple[int, str]]:
@@ -194,12 +196,32 @@ def draw_selection(
         )
         colorbar.ax.set_label("colorbar")
     shading = "colour: router weight" if heatmap else "dark: skipped"
-    legend = f"{shading} · red outline: kept · {UNSEEN_NOTE}"
-    # about 0.55 em per character: a one-panel figure wraps the legend instead of cutting it
-    line_chars = int(figure.get_figwidth() * 72 / (0.55 * 8))
-    padding = f"\n{PADDING_NOTE}" if padded else ""
-    figure.suptitle(textwrap.fill(legend, line_chars) + padding, fontsize=8)
+    legend = [f"{shading} · red outline: kept · {UNSEEN_NOTE}"] + ([PADDING_NOTE] if padded else [])
+    # measured in the legend's font: a one-panel figure wraps each note instead of cutting it
+    width = figure.get_figwidth() * 72 - 2 * LEGEND_MARGIN_PT
+    figure.suptitle(wrap_to_width(legend, width, LEGEND_FONTSIZE), fontsize=LEGEND_FONTSIZE)
     return figure
+
+
+def wrap_to_width(paragraphs: list[str], width_pt: float, fontsize: float) -> str:
+    """Each paragraph on lines of its own, broken at spaces so that no line is wider than
+    ``width_pt`` points in the default font at ``fontsize`` (a single longer word stays whole)."""
+    font = FontProperties(size=fontsize)
+
+    def fits(line: str) -> bool:
+        return text_to_path.get_text_width_height_descent(line, font, ismath=False)[0] <= width_pt
+
+    lines = []
+    for paragraph in paragraphs:
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if line and not fits(candidate):
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def draw_matrix(selection: TokenSelection, *, heatmap: bool = False) -> Figure:
