@@ -14,7 +14,8 @@ and the others still run):
    with ``lora.qlora`` when bitsandbytes is installed;
 4. eval: ``pmod eval`` of the sft model on 50 held-out questions.
 
-Then one table (and ``<out>/gpu_check.json``). Without CUDA it says so and exits 0;
+Then one table, also written as ``<out>/gpu_check.md`` (for the README to quote) and
+``<out>/gpu_check.json``. Without CUDA it says so and exits 0;
 ``--cpu-smoke`` instead runs every step at toy size on the CPU (the check's own test).
 """
 
@@ -264,6 +265,24 @@ def report_table(steps: list[Step], title: str):
     return table
 
 
+def markdown_table(steps: list[Step], title: str) -> str:
+    """The summary as a Markdown table, for the README to quote (``<out>/gpu_check.md``)."""
+    lines = [
+        f"**{title}**",
+        "",
+        "| check | status | time | measured | value |",
+        "|---|---|---|---|---|",
+    ]
+    for step in steps:
+        rows = step.rows or [("", step.note)]
+        for index, (what, value) in enumerate(rows):
+            head = (step.name, step.status, f"{step.seconds:.0f} s") if index == 0 else ("", "", "")
+            lines.append("| " + " | ".join([*head, what, value]).replace("\n", " ") + " |")
+        if step.rows and step.note:
+            lines.append(f"| | | | note | {step.note} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check")
@@ -295,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             {"device": device, "seconds": total, "steps": [asdict(s) for s in steps]}, indent=2
         )
     )
+    (settings.out / "gpu_check.md").write_text(markdown_table(steps, title))
     from rich.console import Console
 
     Console(width=160).print(report_table(steps, title))

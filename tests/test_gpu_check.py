@@ -45,4 +45,7 @@ def test_every_step_runs_at_toy_size_on_the_cpu(tmp_path):
     skipped = next(step for step in report["steps"] if step["name"].startswith("equivalence"))
     assert skipped["rows"][0][1].endswith("skipped") and "passed" not in skipped["rows"][0][1]
     assert "pmod GPU check on CPU (smoke)" in result.stdout  # the table
+    quoted = (tmp_path / "gpu_check.md").read_text().splitlines()  # the same, for the README
+    assert quoted[0].startswith("**pmod GPU check on CPU (smoke)")
+    assert len([line for line in quoted if line.startswith("| bench")]) == 1
     assert (tmp_path / "sft_lora" / "config.json").is_file()  # the LoRA run's merged model

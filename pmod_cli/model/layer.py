@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .cache import pmod_cache_layer
 from .config import PMoDConfig
 from .methods import (
@@ -139,32 +140,35 @@ class PMoDLayerMixin:
 
     def _select(
         self,
-        logits: torch.Tensor,
+        scores: torch.Tensor,
         candidates: torch.Tensor,
         valid: torch.Tensor,
         groups: torch.Tensor | None,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         """(batch, seq) bool: the real tokens that do not compete, plus the winners of those that do.
 
         Competing tokens draw on budgets: one per sample (``groups`` None), or one per image and
         video frame (``groups``: their ids). A budget of n tokens keeps the floor(n * R) top-scored.
+        ``scores`` are the router's fp32 scores; a rule that ranks weights (``weight``) gets them
+        as the layer reweights with them, normalised in the model's ``dtype``.
         """
         if not self.training and self.pmod_config.inference_routing == "threshold":
             selected = candidates & (
-                torch.sigmoid(logits.detach().float()) > self.pmod_config.routing_threshold
+                torch.sigmoid(scores.detach().float()) > self.pmod_config.routing_threshold
             )
             return (valid & ~candidates) | selected
         if groups is not None:  # one budget per image / video frame, top scores within each
-            scores = logits.detach().float().masked_fill(~candidates, float("-inf"))
+            scores = scores.detach().float().masked_fill(~candidates, float("-inf"))
             rank, budget_size = rank_within_groups(scores, torch.where(candidates, groups, -1))
             keep_count = torch.floor(budget_size * self.pmod_ratio + 1e-9).long()  # (batch, seq)
             return (valid & ~candidates) | (candidates & (rank < keep_count))
         rule = SELECTION_RULES[self.pmod_config.selection]
         selected = rule(
-            logits,
+            scores,
             candidates,
             self._budget(candidates),
-            lambda scores: self._normalised(scores, candidates),
+            lambda r: self._normalised(r.to(dtype), candidates),
         )
         return (valid & ~candidates) | selected
 
@@ -190,17 +194,19 @@ class PMoDLayerMixin:
             if self.pmod_config.router_input == "normed"
             else hidden_states
         )
-        logits = self.active_router(router_input)  # (batch, seq)
+        scores = self.active_router(router_input)  # (batch, seq) fp32: what selection ranks
+        logits = scores.to(hidden_states.dtype)  # the router's output as the released code has it
         candidates = self.competing_tokens(vision, valid)  # (batch, seq)
         weights = self._token_weights(logits, candidates)  # (batch, seq)
-        keep = self._select(logits, candidates, valid, self._budget_groups(routing))  # (batch, seq)
+        groups = self._budget_groups(routing)
+        keep = self._select(scores, candidates, valid, groups, logits.dtype)  # (batch, seq)
         if self.training and self.pmod_config.aux_loss_coef > 0 and candidates.any():
             # the router learns to predict its own top-k decision (gamma-MoD's auxiliary loss)
             routing_loss = F.binary_cross_entropy_with_logits(
                 logits[candidates].float(), keep[candidates].float()
             )
             routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
-        return keep, weights, logits
+        return keep, weights, scores
 
     def _baseline_keep(self, routing: RoutingInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """A baseline's step 1: (kept tokens, the scores that chose them); no router."""
@@ -468,6 +474,9 @@ def subset_attention_mask(
     past = 0 if past_valid is None else past_valid.shape[1]
     all_past_valid = past == 0 or bool(past_valid.all())
     if attn_implementation.startswith("flash_attention"):
+        _check_flash_window(
+            query_positions, query_valid, past_valid, past_positions, sliding_window
+        )
         # 2-D key padding mask; the kernel aligns causality bottom-right per sample
         if all_past_valid and query_valid is None:
             return None
@@ -505,6 +514,31 @@ def subset_attention_mask(
             ~allowed, torch.finfo(dtype).min
         )
     return allowed
+
+
+def _check_flash_window(query_positions, query_valid, past_valid, past_positions, sliding_window):
+    """Refuse a sliding window that flash-attention would apply to other keys than eager / sdpa.
+
+    The kernel counts a window in key slots; eager and sdpa (above) count it in the tokens'
+    original positions. A MoD layer's slots skip the tokens it dropped (and unpadding drops its
+    padding slots), so the two agree only while no key lies a window or more before a query."""
+    if sliding_window is None:
+        return
+    positions, valid = query_positions, query_valid
+    if valid is None:
+        valid = torch.ones_like(query_positions, dtype=torch.bool)
+    if past_positions is not None and past_positions.shape[1]:
+        positions = torch.cat([past_positions, positions], dim=1)
+        valid = torch.cat([past_valid, valid], dim=1)
+    first = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).min(dim=1).values
+    last = positions.masked_fill(~valid, -1).max(dim=1).values
+    span = int((last - first).max())
+    if span >= sliding_window:
+        raise UserError(
+            f"a p-MoD layer with a sliding window of {sliding_window} over {span + 1} positions: "
+            "flash_attention_2 would count the window in kept tokens, not positions; "
+            "use attn_implementation='sdpa' or 'eager'"
+        )
 
 
 # ---- conversion --------------------------------------------------------------------------

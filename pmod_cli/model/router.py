@@ -8,9 +8,11 @@ Adding a norm is one decorated function.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # (logits, candidate mask, alpha, shift) -> f(r), all (batch, seq)
@@ -81,5 +83,39 @@ class Router(nn.Linear):
         nn.init.zeros_(self.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # (batch, seq, hidden) -> (batch, seq)
-        return super().forward(hidden_states).squeeze(-1)
+        """(batch, seq, hidden) -> (batch, seq) fp32 scores r.
+
+        In a bf16 / fp16 model, or under autocast, the value is the product computed in fp32
+        (hidden state and weights upcast, autocast off), so a score carries no rounding of its
+        own: rounded to bf16 (8 significant bits), scores one bf16 step apart tie or swap, and
+        place instead of score decides which of them a layer keeps. Rounded to the model's dtype
+        it is what the plain bf16 layer returns (bit for bit on the CPU). The gradient is the
+        model-dtype product's, so training keeps no fp32 copy of the hidden states. An fp32
+        model's scores are the plain layer's, bit for bit.
+        """
+        logits = super().forward(hidden_states).squeeze(-1)
+        if logits.dtype == torch.float32:
+            return logits
+        with torch.no_grad(), _without_autocast(hidden_states.device.type):
+            exact = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
+        return _ExactValue.apply(logits, exact.squeeze(-1))
+
+
+class _ExactValue(torch.autograd.Function):
+    """Forward: ``exact`` (fp32); backward: the gradient goes to ``rounded`` (the same scores
+    in half precision), as if the scores were ``rounded``."""
+
+    @staticmethod
+    def forward(ctx, rounded: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        ctx.rounded_dtype = rounded.dtype
+        return exact.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.rounded_dtype), None
+
+
+def _without_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
