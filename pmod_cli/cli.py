@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 
 from .errors import UserError
+from .process_exit import exit_process
 
 # Typer tags each argument with its Python type (`CHECKPOINT <list[Path]>`); the metavar every
 # argument here has says what to give, as it does for options
@@ -818,7 +819,9 @@ def main() -> None:
             code = _usage_error(err)
         except typer.Abort:
             code = _error("aborted")
-    sys.exit(code if isinstance(code, int) else 0)
+    # a process of a torchrun / deepspeed run must not meet gloo's threads in the interpreter's
+    # teardown (see process_exit)
+    exit_process(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

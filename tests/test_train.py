@@ -411,6 +411,42 @@ def test_zero3_sft_with_text_only_micro_batches_on_two_cpu_processes(pretrained,
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+import torch, torch.distributed as dist
+from pmod_cli.process_exit import exit_process
+
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), Path(sys.argv[1])
+atexit.register(lambda: (out / f"{rank}.atexit").write_text(str(dist.is_initialized())))
+late = lambda: (time.sleep(0.5), (out / f"{rank}.thread").write_text("joined"))
+threading.Thread(target=late).start()
+tensor = torch.ones(4)
+dist.all_reduce(tensor)  # gloo's worker threads hold it a moment after the caller goes on
+del tensor
+print(f"rank {rank} done", end="")  # not flushed yet
+exit_process(0)
+"""
+
+
+def test_a_process_of_a_two_process_run_ends_like_python_without_its_teardown(tmp_path):
+    # the ending that keeps gloo's worker threads out of the interpreter's teardown (a random
+    # SIGABRT at exit otherwise) still does what Python's exit does before that teardown
+    script = tmp_path / "end.py"
+    script.write_text(EXIT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", "29635", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 done" in result.stdout and "rank 1 done" in result.stdout
+    for rank in (0, 1):
+        assert (tmp_path / f"{rank}.thread").read_text() == "joined"
+        # the atexit handlers ran, after the process group was destroyed
+        assert (tmp_path / f"{rank}.atexit").read_text() == "False"
+
+
 def test_deepspeed_zero2_on_two_cpu_processes(pretrained, tmp_path):
     output = tmp_path / "ds"
     overrides = [
