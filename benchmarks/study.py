@@ -317,8 +317,8 @@ def evaluate(args: argparse.Namespace, pmod_dir: Path, dense_dir: Path, times: d
         (
             "eval_dense.json",
             [
-                str(dense_dir), "--method", "dense,fastv,random,pool", "--match-tflops",
-                "--fastv-layer", str(args.fastv_layer), "--seed", str(args.seed),
+                str(dense_dir), "--method", f"dense,fastv:layer={args.fastv_layer},random:seed={args.seed},pool",
+                "--match-tflops",
             ],
         ),
     ):  # fmt: skip

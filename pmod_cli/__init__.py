@@ -1,29 +1,27 @@
-"""pmod: p-MoD (Mixture-of-Depths with progressive ratio decay) for LLaVA-family models.
+"""pmod: p-MoD (Mixture-of-Depths with progressive ratio decay) for multimodal LLMs.
 
-``import pmod_cli`` is instant (the ``pmod`` command answers ``--help`` without torch); the
-heavy parts load when used:
+``import pmod_cli`` is instant (the ``pmod`` command answers ``--help`` without torch) and changes
+nothing else: the model code loads on first use of one of its names (``PMoDConfig``,
+``apply_pmod``, ``apply_method``, ``make_method``, ``record_routing``, ...).
 
-- ``PMoDConfig``, ``apply_pmod``, ``record_routing`` and the baselines' ``MethodConfig``,
-  ``apply_fastv``, ``apply_random``, ``apply_pool``, ``apply_dense``, ``apply_method`` load the
-  model code on first access;
-- the p-MoD model types (``pmod_llava``, ``pmod_llava_next``) are registered with transformers'
-  Auto classes as soon as transformers is imported (at once if it already is), so after
-  ``import pmod_cli`` ``AutoModelForImageTextToText.from_pretrained`` loads p-MoD checkpoints
-  whatever the import order. ``pmod_cli.register()`` does it explicitly.
+The p-MoD model types (``pmod_llava``, ``pmod_llava_next``, ...) are registered with
+transformers' Auto classes when the model code loads, or explicitly with ``pmod_cli.register()``:
+
+    import pmod_cli
+    pmod_cli.register()  # AutoModelForImageTextToText.from_pretrained now loads p-MoD checkpoints
+
+(pmod 0.1 hooked ``import transformers`` to register on it; an explicit call is what users of
+HF custom models expect, and ``import pmod_cli`` no longer changes how another import runs.)
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
-import warnings
 
 __version__ = "0.1.0"
 __all__ = [
-    "MethodConfig",
     "PMoDConfig",
+    "TokenMethod",
     "__version__",
     "apply_dense",
     "apply_fastv",
@@ -31,20 +29,24 @@ __all__ = [
     "apply_pmod",
     "apply_pool",
     "apply_random",
+    "make_method",
+    "parse_method",
     "record_routing",
     "register",
 ]
 
 # names served by pmod_cli.model, imported on first access (PEP 562)
 _MODEL_NAMES = (
-    "MethodConfig",
     "PMoDConfig",
+    "TokenMethod",
     "apply_dense",
     "apply_fastv",
     "apply_method",
     "apply_pmod",
     "apply_pool",
     "apply_random",
+    "make_method",
+    "parse_method",
     "record_routing",
 )
 
@@ -62,44 +64,6 @@ def __dir__() -> list[str]:
 def register() -> None:
     """Register the p-MoD model types with transformers' Auto classes (idempotent).
 
-    Importing ``pmod_cli.model`` registers them; this only makes sure it has been imported.
+    Importing ``pmod_cli.model`` (which any of pmod's model names does) registers them too.
     """
     importlib.import_module(".model", __name__)
-
-
-class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Import hook: the first ``import transformers`` runs ``register()`` right after it.
-
-    It finds transformers' own spec and wraps its loader's ``exec_module``; every other import
-    passes through untouched, and the hook removes itself on first use.
-    """
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
-            return None
-        sys.meta_path.remove(self)  # once; the lookup below must not come back here
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader.exec_module = _then_register(spec.loader.exec_module)
-        return spec
-
-
-def _then_register(exec_module):
-    def exec_module_then_register(module) -> None:
-        exec_module(module)
-        try:
-            register()
-        except Exception as err:  # pmod must never break `import transformers` for other code
-            warnings.warn(
-                f"pmod_cli could not register its model types with transformers ({type(err).__name__}: "
-                f"{err}); call pmod_cli.register() once transformers is imported",
-                stacklevel=2,
-            )
-
-    return exec_module_then_register
-
-
-if "transformers" in sys.modules:
-    register()
-elif not any(isinstance(finder, _RegisterAfterTransformers) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterAfterTransformers())

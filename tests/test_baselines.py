@@ -23,8 +23,8 @@ from pmod_cli import (
 from pmod_cli.cli import app, main
 from pmod_cli.data.prompts import encode
 from pmod_cli.efficiency import count_flops, match_method
-from pmod_cli.model import MethodConfig, MethodError, PMoDConfig
-from pmod_cli.model.methods import fastv_kept, kept_vision_tokens, pool_image_placeholders
+from pmod_cli.model import MethodError, PMoDConfig, make_method
+from pmod_cli.model.methods import cut_image_placeholders, fastv_kept
 from pmod_cli.model.presets import get_preset
 
 PROMPTS = [
@@ -118,7 +118,7 @@ def test_kept_tokens_per_layer_follow_the_formula(method, layout):
         model(**inputs)
     ratios, method_config = model.retention_ratios, model.token_method
     for sample, num_vision in enumerate(vision):
-        expected = kept_vision_tokens(method_config, ratios, num_vision)
+        expected = method_config.kept_vision_tokens(ratios, num_vision)
         for layer, count in enumerate(expected):
             if layer in routing.layers:
                 assert int(routing.layers[layer].kept_vision[sample]) == count, (layer, sample)
@@ -127,7 +127,7 @@ def test_kept_tokens_per_layer_follow_the_formula(method, layout):
     assert set(routing.layers) == {
         i
         for i, r in enumerate(ratios)
-        if (r < 1.0 if method == "random" else i >= method_config.fastv_layer)
+        if (r < 1.0 if method == "random" else i >= method_config.layer)
     }
     if method == "fastv":  # the same kept set in every layer from K on
         masks = [routing.layers[i].keep_mask for i in sorted(routing.layers)]
@@ -206,7 +206,7 @@ def test_pool_placeholders_are_cut_per_image_and_repadded():
     ids = torch.tensor([[0, 0, 5, 9, 9, 9, 9, 6], [5, 9, 9, 9, 9, 6, 9, 9]])  # 9: image; 0: pad
     mask = (ids != 0).long()
     ids[1, 6:] = 9  # the second sample has a second, shorter run
-    out = pool_image_placeholders({"input_ids": ids, "attention_mask": mask}, 9, 2, 0, "left")
+    out = cut_image_placeholders({"input_ids": ids, "attention_mask": mask}, 9, 2, 0, "left")
     assert out["input_ids"].tolist() == [[0, 0, 5, 9, 9, 6], [5, 9, 9, 6, 9, 9]]
     assert out["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
 
@@ -215,7 +215,7 @@ def test_a_pool_model_refuses_unpooled_placeholders():
     model, processor = tiny_model("llama", "llava")
     apply_pool(model, 4)
     plain = processor(images=[random_image(60, 40, 0)], text=[PROMPTS[0]], return_tensors="pt")
-    with pytest.raises(ValueError, match="pools every image to 4 vision tokens"):
+    with pytest.raises(ValueError, match="runs pool 4 with 4 vision tokens per image"):
         model(**plain)
 
 
@@ -242,7 +242,7 @@ def test_a_method_survives_save_and_load(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    assert loaded.token_method == MethodConfig("fastv", fastv_layer=1, fastv_ratio=0.75)
+    assert loaded.token_method == make_method("fastv", layer=1, ratio=0.75)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
@@ -254,7 +254,7 @@ def test_fastv_count_reproduces_the_reference_numbers():
     """LLaVA-1.5-7B, T = 58, K = 2, lm_head over T + V: FastV's R = 0.25 / 0.5 / 0.75 (reference facts)."""
     shape = get_preset("llava-1.5-7b")
     for ratio, tflops in ((0.25, 6.629), (0.5, 4.881), (0.75, 3.132)):
-        counted = count_flops(shape, method=MethodConfig("fastv", fastv_layer=2, fastv_ratio=ratio))
+        counted = count_flops(shape, method=make_method("fastv", layer=2, ratio=ratio))
         assert round(counted.tflops, 3) == tflops
         assert counted.baseline_tflops == pytest.approx(8.378, abs=1e-3)
 
@@ -263,15 +263,15 @@ def test_baseline_counts_follow_their_kept_tokens():
     shape = get_preset("llava-1.5-7b")
     ratios = PMoDConfig().retention_ratios(32)
     pmod = count_flops(shape, ratios)
-    random = count_flops(shape, ratios, method=MethodConfig("random"))
+    random = count_flops(shape, ratios, method=make_method("random"))
     assert pmod.flops - random.flops == pmod.components["routers"]  # the same budget, no router
-    pool = count_flops(shape, ratios, method=MethodConfig("pool", pool_tokens=144))
+    pool = count_flops(shape, ratios, method=make_method("pool", tokens=144))
     d = shape.text.hidden_size
     assert (
         pool.components["lm_head"] == 2 * (58 + 144) * d * shape.text.vocab_size
     )  # a shorter prompt
     assert pool.layers[5].tokens == 58 + 144 and pool.kv_cache_ratio == pytest.approx(0.25)
-    dense = count_flops(shape, ratios, method=MethodConfig("dense"))
+    dense = count_flops(shape, ratios, method=make_method("dense"))
     assert dense.flops == dense.baseline_flops
 
 
@@ -296,10 +296,10 @@ def test_match_method_picks_the_closest_setting():
     shape = get_preset("llava-1.5-7b")
     ratios = PMoDConfig().retention_ratios(32)
     target = count_flops(shape, ratios).flops
-    matched = match_method(shape, ratios, MethodConfig("fastv"), target)
-    kept = fastv_kept(576, matched.fastv_ratio)
+    matched = match_method(shape, ratios, make_method("fastv"), target)
+    kept = fastv_kept(576, matched.ratio)
     for neighbour in (kept - 1, kept + 1):
-        other = MethodConfig("fastv", fastv_ratio=1 - neighbour / 576)
+        other = make_method("fastv", ratio=1 - neighbour / 576)
         assert abs(count_flops(shape, ratios, method=other).flops - target) >= abs(
             count_flops(shape, ratios, method=matched).flops - target
         )
@@ -320,7 +320,7 @@ def test_pmod_eval_runs_every_method_side_by_side(tmp_path):
     assert result.exit_code == 0, result.output
     runs = {run["method"]["name"]: run for run in json.loads(output.read_text())["checkpoints"]}
     assert list(runs) == ["pmod", "dense", "fastv", "random", "pool"]
-    assert runs["pool"]["label"] == f"pmod: pool {runs['pool']['method']['pool_tokens']}"
+    assert runs["pool"]["label"] == f"pmod: pool {runs['pool']['method']['tokens']}"
     assert (
         runs["fastv"]["matched_at"]["vision_tokens"] == 16 and runs["random"]["matched_at"] is None
     )
@@ -337,7 +337,7 @@ def test_pmod_eval_runs_every_method_side_by_side(tmp_path):
             if name == "dense":
                 assert measurement["kv_cache_bytes"] == measurement["dense_kv_cache_bytes"]
             if name == "pool":
-                pooled = run["method"]["pool_tokens"]
+                pooled = run["method"]["tokens"]
                 assert (
                     measurement["kv_cache_bytes"]
                     == 4 * (measurement["text_tokens"] + pooled) * entry
@@ -352,19 +352,25 @@ def test_pmod_eval_runs_every_method_side_by_side(tmp_path):
 @pytest.mark.parametrize(
     "arguments,message",
     [
+        (["--method", "fastv:layer=40"], "layer K=40 is out of range for a 32-layer model"),
+        (["--method", "fastv:layer=0"], "must be at least 1"),
+        (["--method", "fastv:ratio=0"], "in (0, 1]; got 0.0"),
+        (["--method", "fastv:ratio=1.2"], "in (0, 1]; got 1.2"),
+        (["--method", "fastv:ratio=half"], "fastv's option ratio takes float, got 'half'"),
         (
-            ["--method", "fastv", "--fastv-layer", "40"],
-            "layer K=40 is out of range for a 32-layer model",
+            ["--method", "fastv:K=2"],
+            "unknown option(s) K for method fastv (its options: layer, ratio",
         ),
-        (["--method", "fastv", "--fastv-layer", "0"], "must be at least 1"),
-        (["--method", "fastv", "--fastv-ratio", "0"], "in (0, 1]; got 0.0"),
-        (["--method", "fastv", "--fastv-ratio", "1.2"], "in (0, 1]; got 1.2"),
-        (["--method", "pool", "--pool-tokens", "577"], "between 1 and the 576 vision tokens"),
-        (["--method", "pool"], "needs --pool-tokens"),
-        (["--method", "zigzag"], "unknown --method zigzag"),
-        (["--fastv-ratio", "0.5"], "--fastv-ratio only applies with --method fastv"),
-        (["--method", "fastv", "--fastv-ratio", "0.5", "--match-tflops"], "drop --fastv-ratio"),
-        (["--method", "random", "--match-tflops"], "add --method fastv or pool"),
+        (["--method", "fastv:layer"], "option 'layer' is not key=value"),
+        (["--method", "ratio=0.5,fastv"], "option 'ratio=0.5' comes before any method"),
+        (["--method", "pool:tokens=577"], "between 1 and the 576 vision tokens"),
+        (["--method", "pool"], "pool needs tokens=N (pool:tokens=64) or --match-tflops"),
+        (["--method", "zigzag"], "unknown method 'zigzag'; choose one of pmod, dense, fastv, random, pool"),
+        (
+            ["--method", "fastv:ratio=0.5", "--match-tflops"],
+            "chooses fastv's ratio itself; drop ratio=",
+        ),
+        (["--method", "random", "--match-tflops"], "add one of fastv, pool to --method"),
     ],
 )
 def test_bad_flops_settings_end_in_one_error_line(monkeypatch, capsys, arguments, message):
@@ -381,8 +387,8 @@ def test_bad_eval_settings_are_refused_before_anything_runs(tmp_path, monkeypatc
     save_checkpoint(model, processor, tmp_path / "dense")
     capsys.readouterr()  # the save's progress bar
     for arguments, message in (
-        (["--method", "fastv", "--fastv-layer", "4"], "out of range for a 4-layer model"),
-        (["--method", "pool", "--pool-tokens", "17"], "between 1 and the 16 vision tokens"),
+        (["--method", "fastv:layer=4"], "out of range for a 4-layer model"),
+        (["--method", "pool:tokens=17"], "between 1 and the 16 vision tokens"),
         (["--method", "pmod"], "dense checkpoint: it has no trained routers"),
     ):
         monkeypatch.setattr(

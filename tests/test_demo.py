@@ -214,8 +214,14 @@ def test_method_selector():
     assert [method.name for method in select_methods()] == ["pmod", "dense"]
     assert [method.name for method in select_methods(["dense,pmod", "dense"])] == ["dense", "pmod"]
     assert [method.name for method in select_methods(["random,fastv"])] == ["random", "fastv"]
-    with pytest.raises(UserError, match="unknown --method pool; the demo runs pmod, dense, fastv"):
+    chosen = select_methods(["fastv:layer=1,ratio=0.25", "pool:tokens=4"])
+    assert [method.label for method in chosen] == ["FastV K=1 R=0.25", "pool 4"]
+    with pytest.raises(UserError, match=r"--method pool needs its setting in the demo"):
         select_methods(["pool"])
+    with pytest.raises(UserError, match="one setting per method; --method gives fastv twice"):
+        select_methods(["fastv", "fastv:layer=3"])
+    with pytest.raises(UserError, match="unknown method 'zigzag'"):
+        select_methods(["zigzag"])
 
 
 def test_baselines_answer_as_their_python_entry_points_on_shared_weights(checkpoints):

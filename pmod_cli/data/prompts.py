@@ -175,14 +175,15 @@ def encode(
         if key in inputs and inputs[key].is_floating_point():
             inputs[key] = inputs[key].to(model.dtype)
     method = getattr(model, "token_method", None)
-    if method is not None and method.name == "pool":
-        from ..model.methods import pool_image_placeholders
+    per_image = method.prompt_tokens_per_image() if method is not None else None
+    if per_image is not None:
+        from ..model.methods import cut_image_placeholders
 
         tokenizer = processor.tokenizer
-        inputs = pool_image_placeholders(
+        inputs = cut_image_placeholders(
             inputs,
             model.config.image_token_id,
-            method.pool_tokens,
+            per_image,
             tokenizer.pad_token_id,
             tokenizer.padding_side,
         )

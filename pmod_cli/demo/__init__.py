@@ -6,6 +6,6 @@
 - ``app``: the Gradio page; ``server``: checks, loading and serving.
 """
 
-from .methods import DEMO_METHODS, DemoMethod, select_methods, shared_weights_copy
+from .methods import DEFAULT_METHODS, DemoMethod, select_methods, shared_weights_copy
 
-__all__ = ["DEMO_METHODS", "DemoMethod", "select_methods", "shared_weights_copy"]
+__all__ = ["DEFAULT_METHODS", "DemoMethod", "select_methods", "shared_weights_copy"]

@@ -8,7 +8,8 @@ object over the same parameter tensors, whose layers and config a method may the
 The dense twin is the checkpoint's own weights with every decoder layer dense: the shared copy
 re-planned with ratio 1 in every layer (``apply_pmod``), which runs the untouched HF layer forward
 and drops the copy's routers. The training-free baselines (``apply_method``) run on a shared copy
-too; they are offered only when asked for (``--method pmod,dense,fastv,random``).
+too; they are offered only when asked for, spelt as every command spells them
+(``--method pmod,dense,fastv:layer=2,ratio=0.5,random``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from ..model import apply_method, apply_pmod
+from ..model import apply_method, apply_pmod, parse_methods
+from ..model.methods import TokenMethod
 
 
 @dataclass(frozen=True)
@@ -52,37 +54,41 @@ def dense_twin(model):
     return apply_pmod(twin, twin.pmod_config.replace(ratios=[1.0] * num_layers))
 
 
-def baseline(name: str, **options):
-    """A training-free baseline (``apply_method``) on the same weights."""
-    return lambda model: apply_method(shared_weights_copy(model), name, **options)
+def other_method(method: TokenMethod):
+    """Another registered method (``apply_method``) on the same weights."""
+    return lambda model: apply_method(shared_weights_copy(model), method)
 
 
-DEMO_METHODS: tuple[DemoMethod, ...] = (
+# p-MoD and its dense twin: what the page offers when --method is not given
+DEFAULT_METHODS: tuple[DemoMethod, ...] = (
     DemoMethod("pmod", "p-MoD", as_loaded),
     DemoMethod("dense", "dense (same weights, every layer dense)", dense_twin),
-    DemoMethod(
-        "fastv",
-        "FastV K=2 R=0.5 (half the vision tokens dropped after layer 2)",
-        baseline("fastv", fastv_layer=2, fastv_ratio=0.5),
-        default=False,
-    ),
-    DemoMethod(
-        "random",
-        "random (p-MoD's budget per layer, seed 0)",
-        baseline("random", seed=0),
-        default=False,
-    ),
 )
 
 
-def select_methods(names: Sequence[str] | None = None) -> list[DemoMethod]:
-    """The methods named (``["pmod", "dense"]``, or comma-separated entries), in the order given;
-    the default ones (p-MoD and its dense twin) when ``names`` is empty."""
-    known = {method.name: method for method in DEMO_METHODS}
-    wanted = [part.strip() for name in names or () for part in name.split(",") if part.strip()]
-    if not wanted:
-        return [method for method in DEMO_METHODS if method.default]
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        raise UserError(f"unknown --method {', '.join(unknown)}; the demo runs {', '.join(known)}")
-    return [known[name] for name in dict.fromkeys(wanted)]
+def select_methods(specs: Sequence[str] | None = None) -> list[DemoMethod]:
+    """The methods of ``--method`` specs (``["pmod", "dense,fastv:layer=3"]``), in the order
+    given, one setting per method; p-MoD and its dense twin when ``specs`` is empty."""
+    defaults = {method.name: method for method in DEFAULT_METHODS}
+    methods = parse_methods([spec for spec in specs or () if spec.strip()])
+    if not methods:
+        return list(DEFAULT_METHODS)
+    names = [method.name for method in methods]
+    unset = [
+        method.spec for method in methods if method.knob and getattr(method, method.knob) is None
+    ]
+    if unset:
+        raise UserError(
+            f"--method {', '.join(unset)} needs its setting in the demo (e.g. pool:tokens=64)"
+        )
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UserError(
+            f"the demo runs one setting per method; --method gives {', '.join(twice)} twice"
+        )
+    return [
+        defaults[method.name]
+        if method.name in defaults and method == type(method)()
+        else DemoMethod(method.name, method.label, other_method(method))
+        for method in methods
+    ]

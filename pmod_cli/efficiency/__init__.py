@@ -6,8 +6,8 @@ result = count_flops(get_preset("llava-next-7b"), ratios, count="paper")   # or 
 result.tflops, result.baseline_tflops, result.kv_cache_ratio, result.kv_cache_bytes, result.layers
 count_flops(shape, ratios, routed_tokens="all", prefix_text_tokens=35)    # gamma-MoD: text competes too
 calibration = measure_retention_ratios("ckpt", "calib.json", samples=16)  # threshold routing: measured ratios
-count_flops(shape, ratios, method=MethodConfig("fastv", fastv_layer=2, fastv_ratio=0.5))  # a baseline
-match_method(shape, ratios, MethodConfig("pool", pool_tokens=1), target_flops)  # the pool count at a budget
+count_flops(shape, ratios, method=parse_method("fastv:layer=2,ratio=0.5"))  # another method
+match_method(shape, ratios, parse_method("pool"), target_flops)  # the pool count at a budget
 """
 
 from .calibration import Calibration, measure_retention_ratios

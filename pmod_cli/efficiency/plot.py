@@ -28,7 +28,7 @@ def plot_retention_ratios(plan: FlopsPlan, path: str | Path) -> Path:
         result, pmod = entry.result, entry.pmod
         label = f"{entry.label}: {result.tflops:.2f} TFLOPs ({result.count} count), KV {percent(result.kv_cache_ratio)}"
         (line,) = axes.plot(layers, result.retention_ratios, marker="o", markersize=3, label=label)
-        if pmod.ratios is None and entry.calibration is None and entry.method.name == "pmod":
+        if pmod.ratios is None and entry.calibration is None and entry.method.needs_router:
             # the schedule before thresholds, as drawn in the paper (measured ratios have none)
             raw = [SCHEDULES[pmod.schedule](layer, num_layers, pmod.beta) for layer in layers]
             axes.plot(layers, raw, linestyle="--", linewidth=0.8, color=line.get_color(), alpha=0.6)

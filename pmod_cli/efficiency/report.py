@@ -68,10 +68,12 @@ def _competing_description(result: FlopsCount) -> str:
 
 def _subset_cell(result: FlopsCount, num_layers: int) -> str:
     """Which layers process a subset: p-MoD's MoD layers, a baseline's pruned ones."""
-    if result.method.name == "pool":
-        return f"none ({result.method.pool_tokens} pooled tokens)"
-    kind = "MoD" if result.method.name == "pmod" else "pruned"
-    layers = result.mod_layers if result.method.name == "pmod" else result.subset_layers
+    method = result.method
+    entering = method.entering_tokens(result.vision_tokens)
+    if not result.subset_layers and entering != result.vision_tokens:
+        return f"none ({entering} vision tokens enter)"
+    kind = "MoD" if method.needs_router else "pruned"
+    layers = result.mod_layers if method.needs_router else result.subset_layers
     return f"{len(layers)} of {num_layers} {kind} ({_layer_span(layers)})"
 
 
@@ -107,7 +109,7 @@ def summary_table(plan: FlopsPlan) -> Table:
             style="dim",
         )
     table.add_row("KV cache (mean R_l)", "100.0%", *(percent(r.kv_cache_ratio) for r in results))
-    if any(r.method.name != "pmod" for r in results):
+    if any(not r.method.needs_router for r in results):
         table.add_row(
             "  vs first p-MoD setting",
             "",
@@ -134,11 +136,12 @@ def summary_table(plan: FlopsPlan) -> Table:
         f"{COUNT_MODES[first.count]}. KV cache: the paper's convention, mean retention ratio; "
         f"KV bytes: the real cache, {'T + ' if first.routed_tokens == 'vision' else ''}{kept} per layer, K and V."
     )
-    if any(r.method.name != "pmod" for r in results):
+    others = {r.method.name: r.method for r in results if not r.method.needs_router}
+    if others:
+        titles = "; ".join(method.title for method in others.values())
         table.caption += (
-            " Baselines (no router, counted at the first p-MoD setting's plan): FastV keeps round(V * (1 - R)) "
-            "vision tokens after layer K (R = fraction dropped), random keeps p-MoD's floor(V * R_l), pool runs "
-            "every layer on N pooled tokens; their KV cache is the mean share of V kept."
+            f" Other methods (no router, counted at the first p-MoD setting's plan): {titles}; "
+            "their KV cache is the mean share of V kept."
         )
     return table
 
@@ -147,7 +150,7 @@ def layer_table(plan: FlopsPlan) -> Table:
     first = plan.first
     if first.routed_tokens == "vision":
         title = f"Per-layer plan: kept vision tokens = floor(V * R_l), V={first.vision_tokens}"
-        if len(plan.entries) > 1 and any(entry.method.name != "pmod" for entry in plan.entries):
+        if len(plan.entries) > 1 and any(not e.method.needs_router for e in plan.entries):
             title += "; baselines: their own kept counts (share of V)"
         kept_name = "kept vision"
     else:
@@ -177,10 +180,10 @@ def layer_table(plan: FlopsPlan) -> Table:
         cells = [str(index)]
         for entry in plan.entries:
             row = entry.result.layers[index]
-            pooled = entry.method.name == "pool"
+            shortened = entry.method.prompt_tokens_per_image() is not None
             cells.append(
                 "dense"
-                if row.kind == "dense" and not pooled
+                if row.kind == "dense" and not shortened
                 else f"{row.ratio:.3f} ({row.kept_competing})"
             )
         table.add_row(*cells)

@@ -18,10 +18,12 @@ hands each its share of the requests and gathers the results on process 0. The r
 adds to even out the processes' shares (``__padding_only__``) are answered without running the
 model: they are not scored, and not measured. Process 0 shows a progress bar of its requests.
 
-``method`` runs the checkpoint with a training-free baseline instead of its own routing
-(``model/methods.py``), e.g. ``--model_args pretrained=DIR,method=fastv,fastv_layer=2,fastv_ratio=0.5``;
-with ``match_tflops=true`` FastV's R or pool's N is solved, on the first requests, to cost what
-the checkpoint's p-MoD plan costs on them (in a multi-process run, on each process's share).
+``method`` runs the checkpoint with another token-reduction method than its own routing
+(``model/methods/``), spelt as ``pmod --method`` spells it with ``;`` between options (lmms-eval
+splits model_args on commas): ``--model_args pretrained=DIR,method=fastv:layer=2;ratio=0.5``;
+with ``match_tflops=true`` the method's knob (FastV's R, pool's N) is solved, on the first
+requests, to cost what the checkpoint's p-MoD plan costs on them (in a multi-process run, on each
+process's share).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from ..data.video import VideoError, read_frames
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
-from ..model.methods import MethodConfig
+from ..model.methods import MethodError, TokenMethod, method_from_dict, parse_method
 from ..runtime import parse_dtype, torch_dtype
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
@@ -68,12 +70,7 @@ class PMoDLmms(lmms):
         attn_implementation: str | None = None,
         num_frames: int | str | None = None,
         max_batch_size: int | None = None,  # passed by lmms-eval; batches are fixed-size here
-        method: str | MethodConfig | None = None,
-        fastv_layer: int = 2,
-        fastv_ratio: float = 0.5,
-        fastv_score: str = "last",
-        pool_tokens: int | None = None,
-        seed: int = 0,
+        method: str | TokenMethod | None = None,
         match_tflops: bool | str = False,
         **unexpected,
     ) -> None:
@@ -81,8 +78,8 @@ class PMoDLmms(lmms):
         if unexpected:
             raise ValueError(
                 f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; known: pretrained, device, "
-                "batch_size, dtype, attn_implementation, num_frames, method, fastv_layer, fastv_ratio, fastv_score, "
-                "pool_tokens, seed, match_tflops"
+                "batch_size, dtype, attn_implementation, num_frames, method (e.g. method=fastv:layer=2;ratio=0.5), "
+                "match_tflops"
             )
         if num_frames is not None and int(num_frames) < 1:
             raise ValueError(f"num_frames must be a whole number >= 1, got {num_frames!r}")
@@ -115,14 +112,9 @@ class PMoDLmms(lmms):
             num_frames or getattr(video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES
         )
         self.fallback_template = template_for_model(self.model)
-        self.method = _method_config(
-            method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
-        )
-        self._match_pending = str(match_tflops).lower() in (
-            "true",
-            "1",
-            "yes",
-        ) and self.method.name in ("fastv", "pool")
+        matched = str(match_tflops).lower() in ("true", "1", "yes")
+        self.method = _method_from_args(method, matched)
+        self._match_pending = matched and self.method is not None and self.method.knob is not None
         self._apply_method_now()
         # kept apart: lmms-eval's evaluator deletes the model (lm.clean()) once requests are done
         self.model_config = self.model.config
@@ -201,9 +193,9 @@ class PMoDLmms(lmms):
 
         if self.method is None:  # the checkpoint as saved
             return
-        if self.method.name == "pmod" and not is_pmod_model(self.model):
+        if self.method.needs_router and not is_pmod_model(self.model):
             raise ValueError(
-                f"{self.pretrained} is a dense checkpoint: it has no trained routers for method pmod "
+                f"{self.pretrained} is a dense checkpoint: it has no trained routers for method {self.method.name} "
                 "(evaluate it without a method, or with method dense)"
             )
         if not self._match_pending:
@@ -230,9 +222,8 @@ class PMoDLmms(lmms):
             for context in contexts
         ]
         text_tokens = round(sum(text_lengths) / len(text_lengths))
-        apply_method(
-            self.model, MethodConfig()
-        )  # the p-MoD plan (fresh routers for a dense checkpoint)
+        # the p-MoD plan (fresh routers for a dense checkpoint)
+        apply_method(self.model, method_from_dict(None))
         shape = shape_from_hf_config(self.model.config)
         ratios = self.model.retention_ratios
         options = dict(vision_tokens=vision_tokens, text_tokens=text_tokens)
@@ -518,18 +509,20 @@ class PMoDLmms(lmms):
         return vision, text, prefix_text
 
     def _pooled_away(self, inputs: dict) -> list[int] | None:
-        """Per sample, the vision tokens pooling removed (None unless the model pools)."""
+        """Per sample, the vision tokens a method removed before the language model (None unless
+        the model's method shortens the prompt, like pool)."""
         method = getattr(self.model, "token_method", None)
-        if method is None or method.name != "pool":
+        kept = method.prompt_tokens_per_image() if method is not None else None
+        if kept is None:
             return None
         from ..model.presets import shape_from_hf_config
 
         per_image = shape_from_hf_config(self.model.config).vision_tokens
-        pooled = (
+        placeholders = (
             self.family.vision_mask(inputs["input_ids"], self.model.config)
             & inputs["attention_mask"].bool()
         ).sum(dim=1)
-        return [int(n) // method.pool_tokens * (per_image - method.pool_tokens) for n in pooled]
+        return [int(n) // kept * (per_image - kept) for n in placeholders]
 
     def _encode_continuation(
         self, prompt: str, continuation: str, visuals: tuple[list, list] | None
@@ -572,24 +565,15 @@ class PMoDLmms(lmms):
         raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
 
 
-def _method_config(
-    method, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
-) -> MethodConfig | None:
-    """The method asked for in model_args (lmms-eval's command line passes strings), None: the
-    checkpoint as saved."""
-    if method is None or isinstance(method, MethodConfig):
+def _method_from_args(method, matched: bool) -> TokenMethod | None:
+    """The method asked for in model_args (lmms-eval's command line passes a string, pmod's own
+    runs a TokenMethod), None: the checkpoint as saved."""
+    if method is None or isinstance(method, TokenMethod):
         return method
-    matched = str(match_tflops).lower() in ("true", "1", "yes")
-    return MethodConfig(
-        name=str(method),
-        fastv_layer=int(fastv_layer),
-        fastv_ratio=float(fastv_ratio),
-        fastv_score=str(fastv_score),
-        seed=int(seed),
-        pool_tokens=int(pool_tokens)
-        if pool_tokens is not None
-        else (1 if matched and method == "pool" else None),
-    )
+    try:
+        return parse_method(str(method), matched)
+    except MethodError as err:  # lmms-eval reports bad model_args as ValueError
+        raise ValueError(f"method={method}: {err}") from None
 
 
 def _split_padding(requests: list[Instance]) -> tuple[list[Instance], set[int]]:

@@ -12,7 +12,7 @@ every request; the efficiency summary turns the measurements into the report's r
   for the same prompts, (T + V) entries in every layer (computed from the measured token counts);
 - latencies and peak memory as ``measure.py`` defines them.
 
-``methods`` evaluates each checkpoint once per token-reduction method (``model/methods.py``: its
+``methods`` evaluates each checkpoint once per token-reduction method (``model/methods/``: its
 own routing, dense, FastV, random, pool), each a column of the same table:
 
     evaluate_checkpoints(["runs/grid/pmod"], ["pmod_grid_vqa"], methods=["pmod", "fastv"], match_tflops=True)
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.loading import read_model_type
-from ..model.methods import MethodConfig
+from ..model.methods import TokenMethod, parse_method
 from ..provenance import report_header
 from ..runtime import parse_dtype, resolve_device
 from .measure import MEMORY_KINDS, SampleMeasurement
@@ -135,7 +135,7 @@ class CheckpointResult:
         default_factory=dict
     )  # task -> [{doc_id, target, answer}]
     lmms_eval_results: dict = field(default_factory=dict)  # lmms-eval's own "results" section
-    method: MethodConfig | None = None  # the method it ran (None: the checkpoint as saved)
+    method: TokenMethod | None = None  # the method it ran (None: the checkpoint as saved)
     matched_at: dict | None = None  # --match-tflops: the V, T and TFLOPs it matched at
 
 
@@ -168,7 +168,7 @@ def evaluate_checkpoints(
     dtype: str = "auto",
     count: str = "paper",
     lmms_eval_dir: str | Path | None = None,
-    methods: list[MethodConfig | str | None] | None = None,
+    methods: list[TokenMethod | str | None] | None = None,
     match_tflops: bool = False,
 ) -> EvalReport | None:
     """Run lmms-eval on each checkpoint (once per method of ``methods``, None: as saved); user
@@ -181,11 +181,11 @@ def evaluate_checkpoints(
     """
     if not checkpoints:
         raise UserError("give at least one checkpoint directory")
-    methods = [MethodConfig(name=m) if isinstance(m, str) else m for m in (methods or [None])]
+    methods = [parse_method(m) if isinstance(m, str) else m for m in (methods or [None])]
     for checkpoint in checkpoints:
         read_model_type(checkpoint)  # a clear error before anything loads
         for method in methods:
-            check_method_fits(checkpoint, method)
+            check_method_fits(checkpoint, method, match_tflops)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -244,28 +244,30 @@ def evaluate_checkpoints(
 class _Run:
     checkpoint: Path
     checkpoint_label: str
-    method: MethodConfig | None
+    method: TokenMethod | None
     match_tflops: bool
 
 
-def check_method_fits(checkpoint: str | Path, method: MethodConfig | None) -> None:
-    """Refuse, before anything is evaluated, a method the checkpoint cannot run."""
+def check_method_fits(
+    checkpoint: str | Path, method: TokenMethod | None, match_tflops: bool = False
+) -> None:
+    """Refuse, before anything is evaluated, a method the checkpoint cannot run (a knob that
+    ``match_tflops`` solves later is checked at one of its settings)."""
     from ..model.families import get_family, known_model_types
     from ..model.presets import read_model_shape
 
     if method is None:
         return
-    if method.name == "pmod" and read_model_type(checkpoint) not in known_model_types(pmod=True):
+    if method.needs_router and read_model_type(checkpoint) not in known_model_types(pmod=True):
         raise UserError(
-            f"{checkpoint} is a dense checkpoint: it has no trained routers for --method pmod "
+            f"{checkpoint} is a dense checkpoint: it has no trained routers for --method {method.name} "
             "(evaluate it without --method, or with --method dense)"
         )
     shape = read_model_shape(checkpoint)
-    if method.name == "pool" and not get_family(shape.layout).single_grid_images:
-        raise UserError(
-            f"--method pool averages one square patch grid per image; {checkpoint} is a {shape.layout} model"
-        )
-    method.check(shape.text.num_layers, shape.vision_tokens if method.name == "pool" else None)
+    method.check_family(get_family(shape.layout))
+    if match_tflops and method.knob is not None:
+        method = method.settings(max(shape.vision_tokens, 1))[-1]
+    method.check(shape.text.num_layers, shape.vision_tokens if method.needs_vision_tokens else None)
 
 
 def is_main_process() -> bool:

@@ -4,7 +4,15 @@ conversion and loading."""
 from .cache import kv_cache_bytes, kv_cache_lengths
 from .config import PMoDConfig
 from .families import FAMILIES, family_for_model, get_family
-from .methods import METHODS, MethodConfig, MethodError
+from .methods import (
+    MethodError,
+    TokenMethod,
+    make_method,
+    method_names,
+    parse_method,
+    parse_methods,
+    register_method,
+)
 from .modeling import (
     PMoDLlavaConfig,
     PMoDLlavaForConditionalGeneration,
@@ -33,9 +41,8 @@ register()
 
 __all__ = [
     "FAMILIES",
-    "METHODS",
     "SCHEDULES",
-    "MethodConfig",
+    "TokenMethod",
     "MethodError",
     "PMoDConfig",
     "PMoDLlavaConfig",
@@ -60,7 +67,12 @@ __all__ = [
     "kept_count",
     "kv_cache_bytes",
     "kv_cache_lengths",
+    "make_method",
+    "method_names",
     "mod_layer_indices",
+    "parse_method",
+    "parse_methods",
     "record_routing",
+    "register_method",
     "retention_ratios",
 ]

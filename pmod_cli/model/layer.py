@@ -14,9 +14,9 @@ transformers. A dense layer (ratio 1) runs the untouched HF forward. A MoD layer
 5. reweight: w = 1 + f(r) scales the MLP branch (or the whole delta) of a kept vision token,
    and with STRing a skipped vision token becomes w * x.
 
-The training-free baselines of ``methods.py`` run the same path with another step 1 and no
-step 5: ``random`` draws the kept tokens at p-MoD's budget, ``fastv`` keeps the set that the last
-layer before it ranked by attention (that layer runs dense and ranks on the side).
+Other token-reduction methods (``methods/``) run the same path with their own step 1
+(``TokenMethod.select``) and no step 5: ``random`` draws the kept tokens at p-MoD's budget,
+``fastv`` keeps the set that a dense layer before it ranked by attention (``TokenMethod.rank``).
 """
 
 from __future__ import annotations
@@ -33,16 +33,10 @@ from torch import nn
 from ..errors import UserError
 from .cache import pmod_cache_layer
 from .config import PMoDConfig
-from .methods import (
-    MethodConfig,
-    fastv_attention_scores,
-    fastv_kept,
-    prompt_ends,
-    random_scores,
-)
+from .methods import TokenMethod, method_from_dict
 from .router import WEIGHT_NORM_FNS, Router
 from .routing import active_recorder
-from .selection import SELECTION_RULES, by_score
+from .selection import SELECTION_RULES
 
 
 @dataclass
@@ -57,8 +51,9 @@ class RoutingInputs:
     prompt_length: int | None = (
         None  # inside generate: the prompt's width (FastV ranks with its end)
     )
-    fastv_keep: torch.Tensor | None = None  # (batch, seq) bool: the set FastV's layers process
-    fastv_scores: torch.Tensor | None = None  # (batch, seq): the attention that ranked it
+    # a ranking layer's choice (methods' ``rank``), read by the subset layers after it
+    ranked_keep: torch.Tensor | None = None  # (batch, seq) bool: the tokens they process
+    ranked_scores: torch.Tensor | None = None  # (batch, seq): the scores that chose them
 
 
 class PMoDLayerMixin:
@@ -66,10 +61,10 @@ class PMoDLayerMixin:
 
     pmod_ratio: float = 1.0
     pmod_config: PMoDConfig | None = None
-    # what the layer does (methods.layer_modes): dense, route (p-MoD), random or fastv
+    # what the layer does (TokenMethod.layer_modes): dense, route (p-MoD's router) or subset
     token_mode: str = "dense"
-    token_method: MethodConfig = MethodConfig()
-    ranks_for_fastv: bool = False  # the last layer before FastV's: ranks the vision tokens
+    token_method: TokenMethod = method_from_dict(None)
+    ranks_tokens: bool = False  # a dense layer that ranks the vision tokens for the layers after it
 
     @property
     def is_mod(self) -> bool:
@@ -90,7 +85,7 @@ class PMoDLayerMixin:
             layer_kwargs = dict(
                 attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
             )
-            if self.ranks_for_fastv and pmod_routing is not None:
+            if self.ranks_tokens and pmod_routing is not None:
                 return self._dense_forward_ranking(
                     hidden_states, position_embeddings, pmod_routing, **layer_kwargs, **kwargs
                 )
@@ -167,7 +162,7 @@ class PMoDLayerMixin:
         selected = rule(
             scores,
             candidates,
-            self._budget(candidates),
+            self.vision_budget(candidates),
             lambda r: self._normalised(r.to(dtype), candidates),
         )
         return (valid & ~candidates) | selected
@@ -182,7 +177,7 @@ class PMoDLayerMixin:
             )
         return routing.vision_groups
 
-    def _budget(self, candidates: torch.Tensor) -> torch.Tensor:
+    def vision_budget(self, candidates: torch.Tensor) -> torch.Tensor:
         """(batch,) competing tokens each sample keeps: floor(n * R_l), p-MoD's (and random's) budget."""
         return torch.floor(candidates.sum(dim=1) * self.pmod_ratio + 1e-9).long()
 
@@ -208,21 +203,6 @@ class PMoDLayerMixin:
             routing.aux_losses.append(self.pmod_config.aux_loss_coef * routing_loss)
         return keep, weights, scores
 
-    def _baseline_keep(self, routing: RoutingInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """A baseline's step 1: (kept tokens, the scores that chose them); no router."""
-        vision, valid = routing.vision_mask, routing.token_valid
-        candidates = vision & valid
-        if self.token_mode == "random":
-            scores = random_scores(candidates, self.token_method.seed, self.self_attn.layer_idx)
-            return keep_top(scores, candidates, valid, self._budget(candidates)), scores
-        if routing.fastv_keep is None:  # fastv: nothing was ranked, so no vision token is here
-            if candidates.any():
-                raise RuntimeError(
-                    f"FastV layer {self.self_attn.layer_idx} got vision tokens that no layer ranked"
-                )
-            return valid, torch.zeros(valid.shape, device=valid.device)
-        return routing.fastv_keep, routing.fastv_scores
-
     def _mod_forward(
         self,
         hidden_states,
@@ -245,7 +225,7 @@ class PMoDLayerMixin:
         if routed:
             keep, weights, logits = self._route(hidden_states, routing)  # (batch, seq) each
         else:
-            keep, logits = self._baseline_keep(routing)
+            keep, logits = self.token_method.select(self, routing)
             weights = torch.ones(keep.shape, dtype=hidden_states.dtype, device=keep.device)
         _record(self, keep, routing.vision_mask, weights, logits)
 
@@ -280,7 +260,7 @@ class PMoDLayerMixin:
             subset.slot_valid,
             past_valid,
             past_positions,
-            _sliding_window(self.self_attn),
+            sliding_window(self.self_attn),
             subset.states.dtype,
         )
         attn_out, _ = self.self_attn(
@@ -315,21 +295,21 @@ class PMoDLayerMixin:
         gather_hidden = subset.index.unsqueeze(-1).expand_as(kept_states)
         return passed.scatter_(1, gather_hidden, kept_out)
 
-    # ---- the last dense layer before FastV's: ranks the vision tokens on the side ----------
+    # ---- a dense layer that ranks the vision tokens for the layers after it (FastV's K-1) ----
 
     def _dense_forward_ranking(
         self, hidden_states, position_embeddings, routing: RoutingInputs, **kwargs
     ):
-        """The dense layer just before FastV's: runs as usual, then ranks the vision tokens by the
-        attention they received in it, recomputed from its own q and k projections (captured,
-        not recomputed), so no attention backend has to return its weights."""
+        """Runs as usual, capturing its own q and k projections (not recomputed), then lets the
+        method rank the vision tokens with them, so no attention backend has to return weights."""
         candidates = routing.vision_mask & routing.token_valid
         if not candidates.any():  # a decoding step: the kept set is already in the cache
             return super().forward(hidden_states, position_embeddings=position_embeddings, **kwargs)
         cache = kwargs.get(_cache_kwarg(type(self.self_attn)))
         if cache is not None and cache.get_seq_length(self.self_attn.layer_idx) > 0:
             raise NotImplementedError(
-                "FastV ranks the vision tokens at prefill; an image after a cached prefix is not supported"
+                f"{self.token_method.name} ranks the vision tokens at prefill; an image after a cached "
+                "prefix is not supported"
             )
         projections: dict[str, torch.Tensor] = {}
         hooks = [
@@ -343,32 +323,8 @@ class PMoDLayerMixin:
         finally:
             for hook in hooks:
                 hook.remove()
-        method = self.token_method
-        scores = fastv_attention_scores(
-            projections["q"].detach(),
-            projections["k"].detach(),
-            position_embeddings,
-            self.self_attn,
-            routing.token_valid,
-            prompt_ends(routing.token_valid, routing.prompt_length),
-            method.fastv_score,
-            _sliding_window(self.self_attn),
-        )  # (batch, seq)
-        keep_count = torch.tensor(
-            [fastv_kept(int(n), method.fastv_ratio) for n in candidates.sum(dim=1)],
-            device=candidates.device,
-        )
-        routing.fastv_keep = keep_top(scores, candidates, routing.token_valid, keep_count)
-        routing.fastv_scores = scores
+        self.token_method.rank(self, projections, position_embeddings, routing)
         return output
-
-
-def keep_top(
-    scores: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, keep_count: torch.Tensor
-) -> torch.Tensor:
-    """(batch, seq) bool: every real token that does not compete, plus the ``keep_count`` (batch,)
-    best-scored competing tokens of each sample (the ``score`` rule: ties keep the earliest)."""
-    return (valid & ~candidates) | by_score(scores, candidates, keep_count, None)
 
 
 def _keep_output(store: dict, name: str, module, args, output) -> None:
@@ -441,7 +397,7 @@ def _cache_kwarg(attention_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _sliding_window(attention: nn.Module) -> int | None:
+def sliding_window(attention: nn.Module) -> int | None:
     # Qwen2 sets it per layer (None on full-attention layers); Mistral reads its config
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
@@ -565,8 +521,8 @@ def convert_layer(
     layer.pmod_config = config
     # p-MoD's own behaviour; methods.layer_modes may give the layer another (install_method)
     layer.token_mode = "route" if ratio < 1.0 else "dense"
-    layer.token_method = MethodConfig()
-    layer.ranks_for_fastv = False
+    layer.token_method = method_from_dict(None)
+    layer.ranks_tokens = False
     own_router = ratio < 1.0 and not config.shared_router
     if own_router and getattr(layer, "router", None) is None:
         # the width from the config: under ZeRO-3's zero.Init a parameter's shape is (0,)
@@ -584,9 +540,5 @@ def convert_layer(
 def _record(layer, keep, vision, weights, logits) -> None:
     recorder = active_recorder()
     if recorder is not None:
-        ratio = (
-            1.0 - layer.token_method.fastv_ratio
-            if layer.token_mode == "fastv"
-            else layer.pmod_ratio
-        )
+        ratio = layer.token_method.layer_ratio(layer)
         recorder.add(layer.self_attn.layer_idx, ratio, keep, vision, weights, logits)

@@ -34,7 +34,7 @@ from .families import (
     family_for_model,
 )
 from .layer import PMoDLayerMixin
-from .methods import MethodConfig
+from .methods import TokenMethod, method_from_dict, parse_method
 from .pmod_model import PMoDModelMixin, convert_decoder_layers, install_method
 
 __all__ = [
@@ -84,24 +84,24 @@ def apply_pmod(model, config: PMoDConfig | None = None, **overrides: Any):
     convert_decoder_layers(model, pmod_config)
     model.install_routing_hooks()
     model.config.pmod_method = None
-    install_method(model, MethodConfig())
+    install_method(model, method_from_dict(None))
     return model
 
 
-def apply_method(model, method: MethodConfig | str, pmod: PMoDConfig | None = None, **options: Any):
+def apply_method(model, method: TokenMethod | str, pmod: PMoDConfig | None = None, **options: Any):
     """Run ``model`` (dense or p-MoD, of a registered family) with a token-reduction method, in
-    place, and return it: ``pmod``, ``dense``, ``fastv``, ``random`` or ``pool`` (``methods.py``).
+    place, and return it: a registered method's name or spec (``pmod``, ``dense``, ``fastv``,
+    ``random``, ``pool``, ``"fastv:layer=3"``; see ``methods/``) or a ``TokenMethod``.
 
-    ``options`` are ``MethodConfig`` fields (``fastv_layer=2, fastv_ratio=0.5``). A dense model is
+    ``options`` are the method's options (``layer=2, ratio=0.5`` for FastV). A dense model is
     given p-MoD's structure first (``pmod``, default the released setting, with fresh routers that
     only the ``pmod`` method would use), so the random method has p-MoD's budget; a p-MoD model keeps
     its routers and plan. Invalid settings raise ``MethodError`` (a ValueError).
     """
-    method = (
-        MethodConfig(name=method, **options)
-        if isinstance(method, str)
-        else method.replace(**options)
-    )
+    if isinstance(method, str):
+        method = parse_method(method)
+    if options:
+        method = method.replace(**options)
     if not is_pmod_model(model) or pmod is not None:
         apply_pmod(model, pmod)
     install_method(model, method)  # checks the setting against the model before it is recorded
@@ -112,7 +112,7 @@ def apply_method(model, method: MethodConfig | str, pmod: PMoDConfig | None = No
 def apply_fastv(model, layer: int = 2, ratio: float = 0.5, score: str = "last"):
     """FastV: after layer ``layer`` (K) keep round(V * (1 - ``ratio``)) vision tokens, ranked by the
     attention they get in layer K-1 (``ratio`` is FastV's R, the fraction dropped)."""
-    return apply_method(model, "fastv", fastv_layer=layer, fastv_ratio=ratio, fastv_score=score)
+    return apply_method(model, "fastv", layer=layer, ratio=ratio, score=score)
 
 
 def apply_random(model, seed: int = 0, pmod: PMoDConfig | None = None):
@@ -122,7 +122,7 @@ def apply_random(model, seed: int = 0, pmod: PMoDConfig | None = None):
 
 def apply_pool(model, tokens: int):
     """Average-pool each image's vision tokens to ``tokens`` before the language model."""
-    return apply_method(model, "pool", pool_tokens=tokens)
+    return apply_method(model, "pool", tokens=tokens)
 
 
 def apply_dense(model):

@@ -11,7 +11,6 @@ its own routing (``config.pmod_method``, see ``methods.py``); ``install_method``
 from __future__ import annotations
 
 from contextvars import ContextVar
-from functools import partial
 
 import torch
 from transformers import initialization as init
@@ -19,12 +18,9 @@ from transformers import initialization as init
 from .config import PMoDConfig
 from .layer import RoutingInputs, convert_layer
 from .methods import (
-    MethodConfig,
-    MethodError,
+    TokenMethod,
     current_prompt_length,
-    layer_modes,
-    pool_features,
-    pool_grid,
+    method_from_dict,
     prompt_length,
 )
 from .router import Router
@@ -48,9 +44,9 @@ class PMoDModelMixin:
         return PMoDConfig.from_dict(self.config.pmod or {})
 
     @property
-    def token_method(self) -> MethodConfig:
+    def token_method(self) -> TokenMethod:
         """The token-reduction method the layers run (``pmod``: the model's own routing)."""
-        return MethodConfig.from_dict(getattr(self.config, "pmod_method", None))
+        return method_from_dict(getattr(self.config, "pmod_method", None))
 
     def generate(self, *args, **kwargs):
         # the prompt's width, so that FastV ranks with the prompt's last token at every step of
@@ -125,7 +121,7 @@ def _add_routing_inputs(model, args, kwargs):
             vision_groups = model.pmod_family.vision_groups(
                 input_ids, model.config, {**(_GENERATION_INPUTS.get() or {}), **kwargs}
             )
-        _check_pooled_placeholders(model, vision_mask)
+        _check_placeholders(model, vision_mask)
         kwargs["pmod_routing"] = RoutingInputs(
             vision_mask=vision_mask,
             token_valid=token_valid,
@@ -157,18 +153,19 @@ def _per_image_budget(model) -> bool:
     return (model.config.pmod or {}).get("budget", "sample") == "image"
 
 
-def _check_pooled_placeholders(model, vision_mask: torch.Tensor) -> None:
-    """A pooling model takes N placeholders per image; say how to get them rather than let the
+def _check_placeholders(model, vision_mask: torch.Tensor) -> None:
+    """A method that shortens the prompt takes its count of placeholders per image; say how to get them rather than let the
     model fail on a count mismatch."""
     method = model.token_method
-    if method.name != "pool" or not vision_mask.any():
+    per_image = method.prompt_tokens_per_image()
+    if per_image is None or not vision_mask.any():
         return
     starts = vision_mask & ~torch.nn.functional.pad(vision_mask, (1, 0))[:, :-1]
-    if int(vision_mask.sum()) != int(starts.sum()) * method.pool_tokens:
+    if int(vision_mask.sum()) != int(starts.sum()) * per_image:
         raise ValueError(
-            f"this model pools every image to {method.pool_tokens} vision tokens, but the input holds "
+            f"this model runs {method.label} with {per_image} vision tokens per image, but the input holds "
             f"{int(vision_mask.sum())} image placeholders for {int(starts.sum())} image(s); encode prompts with "
-            "pmod_cli.data.prompts.encode (or methods.pool_image_placeholders) to get the pooled count"
+            "pmod_cli.data.prompts.encode (or methods.cut_image_placeholders) to get that count"
         )
 
 
@@ -200,40 +197,24 @@ def convert_decoder_layers(model, config: PMoDConfig) -> None:
         convert_layer(layer, ratio, config, shared_router)
 
 
-def install_method(model, method: MethodConfig) -> None:
-    """Give every decoder layer what ``method`` asks of it, and the pooling hook on the projector;
-    the model's routers and ratios stay as they are (``method=pmod`` restores its own routing)."""
+def install_method(model, method: TokenMethod) -> None:
+    """Give every decoder layer what ``method`` asks of it, and the method's own hooks; the
+    model's routers and ratios stay as they are (``method=pmod`` restores its own routing)."""
     from .presets import shape_from_hf_config
 
     layers = model.pmod_family.decoder_layers(model)
+    method.check_family(model.pmod_family)
     vision_tokens = (
-        shape_from_hf_config(model.config).vision_tokens if method.name == "pool" else None
+        shape_from_hf_config(model.config).vision_tokens if method.needs_vision_tokens else None
     )
-    refused = model.pmod_family.unsupported_methods.get(method.name)
-    if refused:
-        raise MethodError(f"{method.name} does not run on {model.pmod_family.title}: {refused}")
-    if method.name == "pool" and not model.pmod_family.single_grid_images:
-        raise MethodError(
-            f"pool averages one square patch grid per image; {model.pmod_family.title} images are not one grid"
-        )
     method.check(len(layers), vision_tokens)
-    for index, (layer, mode) in enumerate(
-        zip(layers, layer_modes(method, [layer.pmod_ratio for layer in layers]), strict=True)
-    ):
+    ranking = method.ranking_layers(len(layers))
+    modes = method.layer_modes([layer.pmod_ratio for layer in layers])
+    for index, (layer, mode) in enumerate(zip(layers, modes, strict=True)):
         layer.token_mode = mode
         layer.token_method = method
-        layer.ranks_for_fastv = method.name == "fastv" and index == method.fastv_layer - 1
-    previous = getattr(model, "_pmod_pool_hook", None)
-    if previous is not None:
-        previous.remove()
-        model._pmod_pool_hook = None
-    if method.name == "pool":
-        grid = pool_grid(vision_tokens, method.pool_tokens)
-        model._pmod_pool_hook = model.model.multi_modal_projector.register_forward_hook(
-            partial(_pool_projected, grid)
-        )
-
-
-def _pool_projected(grid: tuple[int, int], module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook on the projector: (images, V, hidden) -> (images, rows * columns, hidden)."""
-    return pool_features(output, grid)
+        layer.ranks_tokens = index in ranking
+    for hook in getattr(model, "_pmod_method_hooks", ()):
+        hook.remove()
+    model._pmod_method_hooks = []
+    method.install(model, vision_tokens)

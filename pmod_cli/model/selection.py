@@ -72,3 +72,11 @@ def by_normalised_weight(logits, candidates, keep_count, normalise) -> torch.Ten
     won = torch.zeros_like(candidates).scatter_(1, top, slot_used)  # (batch, seq)
     # a non-competing winner passes the layer anyway; its slot is simply lost
     return won & candidates
+
+
+def keep_top(
+    scores: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, keep_count: torch.Tensor
+) -> torch.Tensor:
+    """(batch, seq) bool: every real token that does not compete, plus the ``keep_count`` (batch,)
+    best-scored competing tokens of each sample (the ``score`` rule: ties keep the earliest)."""
+    return (valid & ~candidates) | by_score(scores, candidates, keep_count, None)

@@ -120,7 +120,7 @@ def selection_from_routing(
         record = prefill.get(index)
         if record is None:  # a layer that ran every token (dense, or before FastV's layer K)
             method = getattr(model, "token_method", None)
-            if model.retention_ratios[index] < 1.0 and (method is None or method.name == "pmod"):
+            if model.retention_ratios[index] < 1.0 and (method is None or method.needs_router):
                 raise KeyError(f"MoD layer {index} recorded no routing in this prefill")
             layers.append(LayerSelection(index, 1.0, np.ones(len(boxes), dtype=bool), None))
             continue
