@@ -21,20 +21,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
 
 from pmod_cli import apply_pmod
 from pmod_cli.efficiency.flops import count_flops_for_model
-from pmod_cli.model import kv_cache_bytes
+from pmod_cli.model import get_family, kv_cache_bytes
+from pmod_cli.model.families.tiny import TinySpec
 
 
 @dataclass
@@ -77,69 +68,30 @@ PRESETS = {
 }
 
 
-def build_dense(preset: Preset, vision_tokens: int) -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+def build_dense(preset: Preset, frames: int = 0):
+    """The dense model: LLaVA-1.5 (a CLIP-style tower) for an image, LLaVA-OneVision (SigLIP-style,
+    a Qwen2 decoder) for a video, built by the family's tiny builder at the preset's size."""
+    family = get_family("llava_onevision" if frames else "llava")
+    spec = TinySpec(
+        text_model="qwen2" if frames else "llama",
+        layers=preset.layers,
+        hidden=preset.hidden,
+        intermediate=preset.intermediate,
+        heads=preset.heads,
+        kv_heads=preset.kv_heads,
+        max_positions=8192,
+        vision_layers=1,
+        vision_hidden=64,
+        vision_intermediate=128,
         image_size=14 * preset.grid,
-        patch_size=14,
+        feature_layer=-1 if frames else -2,
+        attn="sdpa",
     )
-    text = LlamaConfig(
-        hidden_size=preset.hidden,
-        intermediate_size=preset.intermediate,
-        num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads,
-        num_key_value_heads=preset.kv_heads,
-        vocab_size=preset.vocab,
-        max_position_embeddings=8192,
-    )
-    config = LlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_id=preset.vocab - 1,
-        image_seq_length=vision_tokens,
-    )
+    media = {"image_token_id": preset.vocab - 1}
+    if frames:
+        media["video_token_id"] = preset.vocab - 2
     with torch.device(preset.device):
-        model = LlavaForConditionalGeneration(config).to(preset.dtype)
-    model.set_attn_implementation("sdpa")
-    return model
-
-
-def build_dense_onevision(preset: Preset) -> LlavaOnevisionForConditionalGeneration:
-    torch.manual_seed(0)
-    vision = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=14 * preset.grid,
-        patch_size=14,
-        vision_use_head=False,
-    )
-    text = Qwen2Config(
-        hidden_size=preset.hidden,
-        intermediate_size=preset.intermediate,
-        num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads,
-        num_key_value_heads=preset.kv_heads,
-        vocab_size=preset.vocab,
-        max_position_embeddings=8192,
-    )
-    config = LlavaOnevisionConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_id=preset.vocab - 1,
-        video_token_id=preset.vocab - 2,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-    with torch.device(preset.device):
-        model = LlavaOnevisionForConditionalGeneration(config).to(preset.dtype)
-    model.set_attn_implementation("sdpa")
-    return model
+        return family.tiny_model(spec, preset.vocab, media).to(preset.dtype)
 
 
 def make_video_inputs(preset: Preset) -> dict[str, torch.Tensor]:
@@ -286,7 +238,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     vision_tokens = preset.vision_tokens
 
-    dense = build_dense_onevision(preset) if preset.frames else build_dense(preset, vision_tokens)
+    dense = build_dense(preset, preset.frames)
     pmod = apply_pmod(copy.deepcopy(dense), beta=args.beta)
     inputs = make_video_inputs(preset) if preset.frames else make_inputs(preset, vision_tokens)
 

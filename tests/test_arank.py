@@ -16,8 +16,8 @@ from pmod_cli.analysis.arank import (
     load_arank_result,
     propose_layers,
 )
-from pmod_cli.analysis.questions import read_image_questions
 from pmod_cli.analysis.report import format_layers, tied_at_cut
+from pmod_cli.data.questions import read_image_questions
 from pmod_cli.errors import UserError
 
 N = 12

@@ -56,7 +56,15 @@ def split_stderr(stderr: str) -> tuple[set[str], list[str]]:
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["-h"], ["flops", "--help"], ["eval", "-h"], ["visualize", "--help"]]
+    "args",
+    [
+        ["--help"],
+        ["-h"],
+        ["flops", "--help"],
+        ["eval", "-h"],
+        ["visualize", "--help"],
+        ["sft", "-h"],
+    ],
 )
 def test_help_answers_without_the_ml_stack(args):
     result = run_pmod(*args)
@@ -66,6 +74,27 @@ def test_help_answers_without_the_ml_stack(args):
     assert "pmod_cli" in modules and not HEAVY & modules, HEAVY & modules
     # plain help: option values named by upper-case metavars, no type tags like <int>
     assert not re.search(r"<[a-z][a-zA-Z\[\]]*>", result.stdout), result.stdout
+
+
+def test_help_lists_the_commands_in_pipeline_order():
+    """From a checkpoint and data to training, evaluation and inspection; a new command must
+    take its place here (and in pmod_cli.cli.app.PIPELINE)."""
+    result = run_pmod("--help")
+    listed = result.stdout.split("Commands:\n", 1)[1].splitlines()
+    names = [match[1] for line in listed if (match := re.match(r"  (\S+) ", line))]
+    assert names == [
+        "convert",
+        "data",
+        "recipes",
+        "pretrain",
+        "sft",
+        "eval",
+        "flops",
+        "visualize",
+        "chat",
+        "demo",
+        "arank",
+    ]
 
 
 def test_version_names_the_installed_stack_without_importing_it():

@@ -30,7 +30,7 @@ from pmod_cli.data.llava_data import (  # noqa: E402
 )
 from pmod_cli.data.prompts import build_prompt, content_items  # noqa: E402
 from pmod_cli.data.templates import ConversationError, get_template, parse_turns  # noqa: E402
-from pmod_cli.data.tiny import build_tokenizer, tiny_llava  # noqa: E402
+from pmod_cli.data.tiny_build import build_tokenizer, tiny_llava  # noqa: E402
 from pmod_cli.errors import UserError  # noqa: E402
 
 CONVERSATION = [

@@ -22,7 +22,7 @@ from pmod_cli.data.llava_data import (
 from pmod_cli.data.media import generate
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.data.templates import CHAT_TEMPLATE, get_template
-from pmod_cli.data.tiny import tiny_llava
+from pmod_cli.data.tiny_build import tiny_llava
 from pmod_cli.data.video import VideoError, read_frames, write_video
 
 CONVERSATION = [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -165,6 +168,7 @@ def run_cli(monkeypatch, capsys, *argv):
         (["sft", "recipes/tiny.toml", "--set", "train.bogus=1"], "train.bogus"),
         (["sft", "recipes/tiny.toml", "--set", "pmod.beta=yes"], "pmod.beta"),
         (["pretrain", "recipes/no_such_recipe.toml"], "no_such_recipe.toml"),
+        (["sft", "tiny", "--set", "train.bogus=1"], "train.bogus"),  # by name
         (["sft", "recipes/tiny.toml", "--set", "maxsteps"], "section.key=value"),
         (
             ["sft", "recipes/tiny.toml", "--dry-run", "--set", "data.path=tiny:shpes/x.json"],
@@ -270,3 +274,67 @@ def test_dry_run_checks_every_sample_of_the_tiny_set():
     plan = make_training_plan("sft", load_recipe(RECIPES / "tiny.toml"))
     assert plan.data.found and plan.data.total == plan.data.usable > 1000 and not plan.data.bad
     assert "parts" in plan.model_source and plan.parameters["router"][0] > 0
+
+
+# ---- recipes by name: shipped as package data (pmod_cli/recipes links to recipes/) ----------
+
+SHIPPED_NAMES = sorted(path.stem for path in RECIPES.glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_next.toml", "tiny_pretrain"])
+def test_a_shipped_recipe_runs_by_name_as_by_path(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the name finds the file shipped with pmod
+    path = RECIPES / f"{name.removesuffix('.toml')}.toml"
+    by_name = load_recipe(name, ["train.max_steps=3"])
+    assert by_name.to_dict() == load_recipe(path, ["train.max_steps=3"]).to_dict()
+    assert Path(by_name.source).read_bytes() == path.read_bytes()
+
+
+def test_a_file_comes_before_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text(
+        '[model]\ncheckpoint = "tiny:base"\n[data]\npath = "x.json"\n[train]\noutput_dir = "mine"\n'
+    )
+    assert load_recipe("tiny").train.output_dir == "mine"
+    assert load_recipe("tiny.toml").train.output_dir == "runs/tiny/sft"
+
+
+def test_an_unknown_recipe_name_lists_the_shipped_ones(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, captured = run_cli(monkeypatch, capsys, "sft", "llava_nxt")
+    assert code == 2 and captured.out == ""
+    assert captured.err.splitlines() == [
+        "error: recipe llava_nxt is neither a file nor a recipe shipped with pmod; pass a TOML "
+        f"file or one of: {', '.join(SHIPPED_NAMES)}"
+    ]
+
+
+def test_pmod_recipes_lists_the_shipped_names(monkeypatch, capsys):
+    code, captured = run_cli(monkeypatch, capsys, "recipes")
+    assert code == 0 and captured.out.split() == SHIPPED_NAMES
+
+
+def test_the_wheel_ships_the_recipes_and_the_command(tmp_path):
+    """Built from a copy of the checkout (no build/ left in it), without the network."""
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "pmod_cli", source / "pmod_cli", symlinks=True, ignore=ignore)
+    shutil.copytree(RECIPES, source / "recipes")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = (tmp_path / "dist").glob("pmod_cli-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+        assert "pmod = pmod_cli.cli:main" in archive.read(entry_points).decode()
+        assert archive.read("pmod_cli/recipes/tiny.toml") == (RECIPES / "tiny.toml").read_bytes()
+    shipped = sorted(name for name in names if name.startswith("pmod_cli/recipes/"))
+    assert shipped == [f"pmod_cli/recipes/{name}.toml" for name in SHIPPED_NAMES]
+    assert {"pmod_cli/cli/__init__.py", "pmod_cli/cli/__main__.py"} <= set(names)

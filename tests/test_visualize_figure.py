@@ -8,9 +8,10 @@ from PIL import Image
 from tiny_models import GRID_PINPOINTS
 
 from pmod_cli.errors import UserError
+from pmod_cli.model.families.llava import llava_patch_boxes
+from pmod_cli.model.families.llava_next import llava_next_patch_boxes
 from pmod_cli.model.schedules import retention_ratios
 from pmod_cli.visualization.figure import draw_selection
-from pmod_cli.visualization.patches import llava_next_patch_boxes, llava_patch_boxes
 from pmod_cli.visualization.selection import (
     LayerSelection,
     TokenSelection,

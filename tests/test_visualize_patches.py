@@ -9,17 +9,17 @@ from PIL import Image
 from tiny_models import GRID_PINPOINTS, tiny_model
 from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
 
-from pmod_cli.visualization.patches import (
+from pmod_cli.model.families.geometry import (
     BASE_VIEW,
     HIGH_RES_VIEW,
     IMAGE_VIEW,
     FeatureCell,
     anyres_layout,
-    llava_next_cells,
-    llava_patch_boxes,
-    patch_boxes_for,
     unpadded_window,
 )
+from pmod_cli.model.families.llava import llava_patch_boxes
+from pmod_cli.model.families.llava_next import llava_next_cells
+from pmod_cli.visualization.patches import patch_boxes_for
 
 # (width, height): square, wide, tall, odd sizes, extreme ratios, larger than every pinpoint
 SIZES = [
@@ -278,8 +278,8 @@ def test_onevision_boxes_count_what_the_processor_counts(width, height):
 
 
 def test_onevision_high_res_tokens_of_a_shrunk_map_cover_larger_cells():
-    from pmod_cli.visualization.patches import (
-        FRAME_VIEW,
+    from pmod_cli.model.families.geometry import FRAME_VIEW
+    from pmod_cli.model.families.llava_onevision import (
         onevision_frame_boxes,
         onevision_patch_boxes,
         onevision_several_image_boxes,

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ..data.questions import QuestionSet, prompt_inputs, read_image_questions
 from ..errors import UserError
 from ..model.families import template_for_model
 from ..runtime import parse_dtype, resolve_device, torch_dtype
-from .questions import QuestionSet, prompt_inputs, read_image_questions
 
 # ---- the measure ------------------------------------------------------------------------
 

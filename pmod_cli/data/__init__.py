@@ -24,13 +24,8 @@ from .templates import (
     get_template,
     register_template,
 )
-from .tiny import (
-    build_tiny_base,
-    build_tokenizer,
-    resolve_tiny_path,
-    save_tiny_checkpoint,
-    tiny_llava,
-)
+from .tiny import build_tiny_base, resolve_tiny_path
+from .tiny_build import build_tokenizer, save_tiny_checkpoint, tiny_llava
 from .video import VideoError, read_frames, write_video
 
 __all__ = [

@@ -320,7 +320,7 @@ def grid_base(
     path: str | Path, layers: int = LLM_LAYERS, hidden: int = LLM_HIDDEN, seed: int = 0
 ) -> Path:
     """Write the study's base checkpoint to ``path``, with its parts in ``vision_tower/`` and ``llm/``."""
-    from .tiny import save_llava_with_parts, tiny_llava
+    from .tiny_build import save_llava_with_parts, tiny_llava
 
     model, processor = tiny_llava(
         "llava",

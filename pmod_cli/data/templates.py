@@ -4,7 +4,9 @@ A template turns the ``conversations`` of a sample into pieces of text, each mar
 (an assistant reply: the loss is computed on it) or not (system prompt, user turns, role
 markers: labels -100). Each template also carries the equivalent Jinja chat template, which is
 saved with the processor so that ``processor.apply_chat_template`` at evaluation time builds
-exactly the prompt the model was trained on. Adding a template is one ``register_template`` call.
+exactly the prompt the model was trained on (the Jinja texts live with the model, in
+``model/chat_templates.py``, since a checkpoint's processor carries them). Adding a template is
+one ``register_template`` call.
 
 - ``plain``: LLaVA's pretrain format, the image then the caption (the user's text and any later
   turns are dropped; every image and video is kept, ahead of the caption).
@@ -19,6 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from ..model.chat_templates import CHAT_TEMPLATES, CHATML_SYSTEM, VICUNA_SYSTEM
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -150,32 +154,12 @@ register_template(
         description="LLaVA pretrain: <image> then the caption, loss on the caption",
         format_fn=_plain_format,
         prompt_fn=lambda question: "".join(media_placeholders(question)) or IMAGE_PLACEHOLDER,
-        jinja=(
-            "{% for message in messages %}"
-            "{% if message['role'] == 'user' %}"
-            "{% if message['content'] is string %}"
-            "{% for _ in range(message['content'].count('<image>')) %}<image>{% endfor %}"
-            "{% for _ in range(message['content'].count('<video>')) %}<video>{% endfor %}"
-            "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
-            "{% elif item['type'] == 'video' %}<video>{% endif %}{% endfor %}"
-            "{% endif %}"
-            "{% elif message['role'] == 'assistant' %}"
-            "{% if message['content'] is string %}{{ message['content'] }}"
-            "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-            "{% endif %}\n"
-            "{% endif %}"
-            "{% endfor %}"
-        ),
+        jinja=CHAT_TEMPLATES["plain"],
     )
 )
 
 
 # ---- vicuna_v1 (LLaVA-1.5, LLaVA-NeXT Vicuna) ---------------------------------------------
-
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 
 def _vicuna_format(turns: list[Turn], eos_token: str) -> list[Piece]:
@@ -187,39 +171,18 @@ def _vicuna_format(turns: list[Turn], eos_token: str) -> list[Piece]:
     return pieces
 
 
-# content is a string (LLaVA style, "<image>" inline) or a list of {"type": "image"|"video"|"text"}
-# items, rendered in their order, one line each: [image, text] is "<image>\nWhat is it?" as LLaVA
-# writes it, and [text, image] is "What is it?\n<image>", the question before the image
-_JINJA_CONTENT = (
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
-    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'video' %}<video>"
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-)
-
 register_template(
     ConversationTemplate(
         name="vicuna_v1",
         description="Vicuna v1.1 / LLaVA-1.5: 'SYSTEM USER: ... ASSISTANT: ...</s>', loss on the replies",
         format_fn=_vicuna_format,
         prompt_fn=lambda question: f"{VICUNA_SYSTEM} USER: {question} ASSISTANT:",
-        jinja=(
-            "{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + " ' }}"
-            "{% for message in messages %}"
-            "{% if message['role'] == 'user' %}USER: " + _JINJA_CONTENT + " ASSISTANT:"
-            "{% elif message['role'] == 'assistant' %} " + _JINJA_CONTENT + "{{ eos_token }}"
-            "{% endif %}"
-            "{% endfor %}"
-        ),
+        jinja=CHAT_TEMPLATES["vicuna_v1"],
     )
 )
 
 
 # ---- chatml (Qwen2) -----------------------------------------------------------------------
-
-CHATML_SYSTEM = "You are a helpful assistant."
 
 
 def _chatml_format(turns: list[Turn], eos_token: str) -> list[Piece]:
@@ -242,47 +205,18 @@ def _chatml_prompt(question: str) -> str:
     )
 
 
-def _chatml_jinja(content: str) -> str:
-    """The ChatML chat template, each message's content rendered by the jinja ``content``."""
-    return (
-        "<|im_start|>system\n" + CHATML_SYSTEM + "<|im_end|>\n"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}<|im_start|>user\n" + content + "<|im_end|>\n"
-        "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n"
-        + content
-        + "<|im_end|>\n"
-        "{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-
-
 register_template(
     ConversationTemplate(
         name="chatml",
         description="ChatML (Qwen2): '<|im_start|>role\\n...<|im_end|>', loss on the replies and <|im_end|>",
         format_fn=_chatml_format,
         prompt_fn=_chatml_prompt,
-        jinja=_chatml_jinja(_JINJA_CONTENT),
+        jinja=CHAT_TEMPLATES["chatml"],
     )
 )
 
 
 # ---- qwen_vl (Qwen2.5-VL, Qwen3-VL) --------------------------------------------------------
-
-# content items as the released Qwen-VL chat templates write them (the vision markers around the
-# pad token that the processor expands), each image / video on its own line as in LLaVA data
-# ("<image>\n..."), so a prompt is the text the model trained on
-_QWEN_VL_CONTENT = (
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>\n"
-    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>\n"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-)
 
 register_template(
     ConversationTemplate(
@@ -290,6 +224,6 @@ register_template(
         description="Qwen2.5-VL / Qwen3-VL: ChatML with <|vision_start|><|image_pad|><|vision_end|> images",
         format_fn=_chatml_format,
         prompt_fn=_chatml_prompt,
-        jinja=_chatml_jinja(_QWEN_VL_CONTENT),
+        jinja=CHAT_TEMPLATES["qwen_vl"],
     )
 )

@@ -68,7 +68,7 @@ def measure_retention_ratios(
 ) -> Calibration:
     """Run ``checkpoint`` (a p-MoD directory with weights) on ``samples`` image-question samples
     of ``data`` and measure each MoD layer's share of kept competing tokens."""
-    from ..analysis.questions import prompt_inputs, read_image_questions
+    from ..data.questions import prompt_inputs, read_image_questions
     from ..model import PMoDConfig, mod_layer_indices, record_routing
     from ..model.families import family_for_model_type, template_for_model
     from ..model.loading import load_checkpoint, read_model_type

@@ -34,7 +34,7 @@ Which tokens compete (``routed_tokens``, as the model's ``PMoDConfig``):
 Every MoD layer pays for a router, Linear(d, 1), over all T + V tokens entering it; a shared
 router (one Linear for all MoD layers) still runs once per MoD layer.
 
-Training-free baselines (``method``, see ``model/methods.py``) are counted by the same formula
+Training-free baselines (``method``, see ``model/methods/``) are counted by the same formula
 with their own per-layer vision tokens (``kept_vision_tokens``) and no router: FastV's layers
 0..K-1 process T + V tokens and the others T + round(V * (1 - R)) (its ranking reuses attention
 weights the layer computes anyway, so it adds nothing to the paper count, as the profiler would
@@ -49,8 +49,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..model.methods import MethodConfig, kept_vision_tokens, layer_modes, pool_token_counts
-from ..model.presets import ModelShape, VisionShape, shape_from_hf_config
+from ..model.families.shapes import attention_products
+from ..model.methods import TokenMethod, method_from_dict
+from ..model.presets import ModelShape, shape_from_hf_config
 from ..model.schedules import kept_count
 
 # routed_tokens="all": text tokens of the prompt that compete with the image when not given. The
@@ -126,7 +127,7 @@ class FlopsCount:
     routed_tokens: str = "vision"  # "vision" | "all": which tokens compete
     prefix_text_tokens: int = 0  # text tokens that compete (routed_tokens="all")
     competing_tokens: int = 0  # tokens that compete in a MoD layer: V, or V + prefix_text_tokens
-    method: MethodConfig = MethodConfig()  # pmod, or the baseline counted
+    method: TokenMethod = method_from_dict(None)  # pmod, or the method counted
 
     @property
     def tflops(self) -> float:
@@ -212,7 +213,7 @@ def count_flops(
     prefix_text_tokens: int | None = None,
     mod_layers: Sequence[int] | None = None,
     video_frames: int | None = None,
-    method: MethodConfig | None = None,
+    method: TokenMethod | None = None,
 ) -> FlopsCount:
     """Count a prefill of ``shape`` with per-layer ``retention_ratios`` (None: the dense model).
 
@@ -233,8 +234,8 @@ def count_flops(
         raise UserError(
             f"need vision tokens >= 0, text tokens >= 0 and some tokens, got V={num_vision}, T={num_text}"
         )
-    method = method or MethodConfig()
-    if method.name != "pmod":
+    method = method or method_from_dict(None)
+    if not method.needs_router:
         routed_tokens, prefix_text_tokens = "vision", None
     num_prefix = _competing_text_tokens(routed_tokens, prefix_text_tokens, num_text)
     # with no image there is no last image token, so nothing competes (layer.py's rule)
@@ -248,7 +249,7 @@ def count_flops(
     dense_plan = _LayerPlan(
         [num_competing] * num_layers, [False] * num_layers, [False] * num_layers
     )
-    if method.name == "pmod":
+    if method.needs_router:  # p-MoD's routers: the MoD layers and the competing tokens
         kept = [
             kept_count(num_competing, r) if mod else num_competing
             for r, mod in zip(ratios, is_mod, strict=True)
@@ -325,13 +326,13 @@ def _vision_layout(
 
 
 def _baseline_plan(
-    method: MethodConfig, pmod_ratios: list[float], tokens: _TokenCounts, num_layers: int
+    method: TokenMethod, pmod_ratios: list[float], tokens: _TokenCounts, num_layers: int
 ) -> tuple[_TokenCounts, _LayerPlan, list[float]]:
-    """A baseline's (tokens entering the language model, per-layer plan, per-layer share of V)."""
-    method.check(num_layers, tokens.vision if method.name == "pool" else None)
-    kept = kept_vision_tokens(method, pmod_ratios, tokens.vision)
-    entering = method.pool_tokens if method.name == "pool" else tokens.vision
-    subset = [mode != "dense" for mode in layer_modes(method, pmod_ratios)]
+    """A method's (tokens entering the language model, per-layer plan, per-layer share of V)."""
+    method.check(num_layers, tokens.vision if method.needs_vision_tokens else None)
+    entering = method.entering_tokens(tokens.vision)
+    kept = method.kept_vision_tokens(pmod_ratios, entering)
+    subset = [mode != "dense" for mode in method.layer_modes(pmod_ratios)]
     share = [count / tokens.vision if tokens.vision else 1.0 for count in kept]
     plan = _LayerPlan(kept, subset, [False] * num_layers)
     return _TokenCounts(entering, tokens.text, entering, True, tokens.crops), plan, share
@@ -409,30 +410,25 @@ def count_flops_for_model(
 def match_method(
     shape: ModelShape,
     retention_ratios: Sequence[float] | None,
-    method: MethodConfig,
+    method: TokenMethod,
     target_flops: int,
     **count_options,
-) -> MethodConfig:
-    """The setting of ``method`` whose count comes closest to ``target_flops``: FastV's R at its
-    K (R = 1 - kept / V), or pool's N among the counts that tile the patch grid. Random already
-    has p-MoD's budget and dense has nothing to tune: they come back as given.
+) -> TokenMethod:
+    """The setting of ``method``'s knob whose count comes closest to ``target_flops`` (FastV's R at
+    its K, R = 1 - kept / V; pool's N among the counts that tile the patch grid; see each
+    method's ``settings``). A method with no knob comes back as given.
     ``count_options`` are ``count_flops``'s (vision_tokens, text_tokens, count, dtype, ...)."""
+    if method.knob is None:
+        return method
     num_vision = count_options.get("vision_tokens")
     num_vision = shape.vision_tokens if num_vision is None else num_vision
-    if method.name == "fastv":
-        settings = [
-            method.replace(fastv_ratio=1.0 - kept / num_vision) for kept in range(num_vision)
-        ]
-    elif method.name == "pool":
-        settings = [method.replace(pool_tokens=tokens) for tokens in pool_token_counts(num_vision)]
-    else:
-        return method
+    settings = method.settings(num_vision)
     if not settings:
         raise UserError(
             "there are no vision tokens to match a setting on; give --vision-tokens above 0"
         )
 
-    def distance(setting: MethodConfig) -> int:
+    def distance(setting: TokenMethod) -> int:
         return abs(
             count_flops(shape, retention_ratios, method=setting, **count_options).flops
             - target_flops
@@ -492,7 +488,7 @@ def _prefill_flops(
         # a MoD layer's router scores every token entering it: Linear(d, 1)
         router = 2 * all_tokens * d if plan.routers[index] else 0
         attention = (
-            _attention_products(_text_pairs(layer_tokens, attention_pairs), text.q_dim)
+            attention_products(_text_pairs(layer_tokens, attention_pairs), text.q_dim)
             if include_full
             else 0
         )
@@ -528,55 +524,3 @@ def _kept_vision(tokens: _TokenCounts, mod: bool, kept_competing: int) -> int | 
 def _text_pairs(tokens: int, attention_pairs: str) -> int:
     """Query-key pairs of a decoder layer's causal attention over its ``tokens``."""
     return tokens * (tokens + 1) // 2 if attention_pairs == "causal" else tokens * tokens
-
-
-def _attention_products(pairs: int, width: int) -> int:
-    """Q @ K^T and A @ V over ``pairs`` query-key pairs; ``width`` = heads * head_dim."""
-    return 2 * 2 * pairs * width
-
-
-def vision_tower_flops_per_crop(vision: VisionShape) -> int:
-    """One crop through the ViT: patch embedding, every layer (HF runs them all, whichever
-    layer LLaVA reads), and SigLIP's attention-pooling head when present."""
-    h, m, n = vision.hidden_size, vision.intermediate_size, vision.tokens_per_crop
-    patches = vision.patches_per_side**2
-    patch_embedding = 2 * patches * vision.num_channels * vision.patch_size**2 * h
-    # q, k, v, o (h x h) + fc1, fc2 (h x m); attention is bidirectional: every pair
-    per_layer = 2 * n * (4 * h * h + 2 * h * m) + _attention_products(n * n, h)
-    total = patch_embedding + vision.num_layers * per_layer
-    if vision.pooling_head:
-        # one probe query: q and out projections on 1 token, k and v on n, then an MLP on 1 token
-        total += 2 * (2 * h * h + 2 * n * h * h + 2 * h * m) + _attention_products(n, h)
-    return total
-
-
-def qwen_vl_vision_flops(shape: ModelShape, vision_tokens: int, crops: int) -> dict[str, int]:
-    """Qwen-VL's ViT and merger: ``vision_tokens`` merged tokens are merge**2 patches each, over
-    ``crops`` images / temporal patches that each attend within themselves (Qwen2.5-VL: within
-    windows of window_size pixels, except ``full_attention_layers``). The merger is LayerNorm +
-    Linear(merge**2 h, merge**2 h) + GELU + Linear(merge**2 h, out); Qwen3-VL runs one more per
-    DeepStack layer."""
-    vision = shape.vision
-    h, m = vision.hidden_size, vision.intermediate_size
-    patches = vision_tokens * vision.merge_size**2
-    per_crop = patches // max(crops, 1)
-    patch_volume = vision.num_channels * vision.temporal_patch_size * vision.patch_size**2
-    patch_embedding = 2 * patches * patch_volume * h
-    mlp_matrices = 3 if vision.model_type == "qwen2_5_vl_vision" else 2  # gated MLP in 2.5
-    linear = 2 * patches * (4 * h * h + mlp_matrices * h * m)
-    full_pairs = crops * per_crop * per_crop
-    window_patches = (vision.window_size // vision.patch_size) ** 2 if vision.window_size else 0
-    attention = 0
-    for layer in range(vision.num_layers):
-        windowed = window_patches and layer not in vision.full_attention_layers
-        pairs = patches * min(window_patches, per_crop) if windowed else full_pairs
-        attention += _attention_products(pairs, h)
-    merged = h * vision.merge_size**2
-    mergers = 1 + len(vision.deepstack_layers)
-    return {
-        "vision_tower": patch_embedding + vision.num_layers * linear + attention,
-        "projector": mergers
-        * 2
-        * vision_tokens
-        * (merged * merged + merged * vision.out_hidden_size),
-    }

@@ -1,7 +1,7 @@
 """An efficiency plan: which model, which p-MoD settings, counted how; what ``pmod flops`` shows.
 
-``make_plan`` turns the user's choices (preset or config, one or several beta values, schedule,
-thresholds, token counts, routed tokens, count mode, dtype) into one ``FlopsCount`` per p-MoD
+``make_plan`` turns a ``FlopsRequest``, the user's choices (preset or config, one or several beta
+values, schedule, thresholds, token counts, routed tokens, count mode, dtype), into one ``FlopsCount`` per p-MoD
 setting, after checking every value; ``plan_to_json`` is the ``--json`` object. A threshold-routing
 checkpoint keeps a data-dependent share of tokens: its ratios are measured on calibration samples
 (``calibration.py``) and counted like any others. Training-free baselines (``methods``: FastV,
@@ -11,13 +11,12 @@ whose count matches it (``match_tflops``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
 from ..model.config import PMoDConfig
-from ..model.methods import MethodConfig, methods_from_flags
+from ..model.methods import TokenMethod, method_from_dict, parse_methods
 from ..model.presets import ModelShape, get_preset, read_model_shape
 from ..model.schedules import SCHEDULES
 from ..provenance import report_header
@@ -40,7 +39,7 @@ class PlanEntry:
     pmod: PMoDConfig
     result: FlopsCount
     calibration: Calibration | None = None  # set when the ratios were measured
-    method: MethodConfig = MethodConfig()  # a baseline counted at the p-MoD setting's budget
+    method: TokenMethod = method_from_dict(None)  # another method, at the p-MoD setting's budget
     matched: bool = False  # the baseline's setting was solved to match the first p-MoD count
 
     @property
@@ -51,7 +50,7 @@ class PlanEntry:
 
     @property
     def label(self) -> str:
-        if self.method.name != "pmod":
+        if not self.method.needs_router:
             return self.method.label + (" (matched)" if self.matched else "")
         if self.calibration is not None:
             return "p-MoD (measured ratios)"
@@ -71,34 +70,33 @@ class FlopsPlan:
         return self.entries[0].result
 
 
-def make_plan(
-    model: str | None = None,
-    config: str | Path | None = None,
-    betas: Sequence[float] = (),
-    schedule: str | None = None,
-    min_ratio: float | None = None,
-    max_ratio: float | None = None,
-    vision_tokens: int | None = None,
-    text_tokens: int | None = None,
-    count: str = "paper",
-    dtype: str = "bf16",
-    routed_tokens: str | None = None,
-    prefix_text_tokens: int | None = None,
-    calibration: str | Path | None = None,
-    calibration_samples: int | None = None,
-    image_folder: str | Path | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    video_frames: int | None = None,
-    methods: Sequence[str] = (),
-    fastv_layer: int | None = None,
-    fastv_ratio: float | None = None,
-    fastv_score: str | None = None,
-    pool_tokens: int | None = None,
-    seed: int | None = None,
-    match_tflops: bool = False,
-) -> FlopsPlan:
-    """Check the user's choices and count each p-MoD setting (one per beta).
+@dataclass(frozen=True)
+class FlopsRequest:
+    """What to count: ``pmod flops``'s flags, one field each (``None``: the default named)."""
+
+    model: str | None = None  # a shape preset (default llava-next-7b); excludes config
+    config: str | Path | None = None  # an HF config.json or checkpoint directory
+    betas: tuple[float, ...] = ()  # one p-MoD setting per beta
+    schedule: str | None = None
+    min_ratio: float | None = None
+    max_ratio: float | None = None
+    vision_tokens: int | None = None
+    text_tokens: int | None = None
+    video_frames: int | None = None  # count a video of N frames instead of an image
+    count: str = "paper"  # one of COUNT_MODES
+    dtype: str = "bf16"  # the KV cache's: the --dtype spellings, fp8, or auto
+    routed_tokens: str | None = None  # one of ROUTED_TOKENS
+    prefix_text_tokens: int | None = None
+    calibration: str | Path | None = None  # samples to measure the config checkpoint's ratios on
+    calibration_samples: int | None = None
+    image_folder: str | Path | None = None
+    device: str | None = None  # where the calibration runs
+    methods: tuple[str | TokenMethod, ...] = ()  # --method specs or methods
+    match_tflops: bool = False
+
+
+def make_plan(request: FlopsRequest, progress: bool = True) -> FlopsPlan:
+    """Check ``request`` and count each p-MoD setting (one per beta).
 
     With ``config`` pointing at a p-MoD checkpoint, its stored p-MoD options are the starting
     point and the given flags override them (a beta or schedule flag replaces an explicit
@@ -107,61 +105,51 @@ def make_plan(
     ``calibration_samples`` samples and counts the ratios it measured; a threshold-routing
     checkpoint needs it. ``dtype`` (the KV cache's) takes the ``--dtype`` spellings and ``fp8``;
     ``auto`` is the checkpoint's stored dtype (bf16 without one).
-    ``methods`` adds training-free baselines (``fastv``, ``random``, ``pool``; ``pmod`` and ``dense``
-    are always shown) after the p-MoD settings, counted at the first one's plan; ``match_tflops``
-    solves FastV's ratio and pool's token count so that their count matches it.
+    ``methods`` (``--method`` specs, ``fastv:layer=2,ratio=0.5``) adds other methods after the
+    p-MoD settings (``pmod`` and ``dense`` are always shown), counted at the first one's plan;
+    ``match_tflops`` solves each one's knob (FastV's ratio, pool's tokens) to match its count.
     """
-    baselines = _baseline_methods(
-        methods, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops, calibration
-    )
-    _check_token_flags(model, config, routed_tokens, prefix_text_tokens)
-    _check_calibration_flags(
-        model,
-        config,
-        betas,
-        schedule,
-        min_ratio,
-        max_ratio,
-        routed_tokens,
-        calibration,
-        calibration_samples,
-        image_folder,
-        device,
-    )
-    _check_value_flags(
-        count, betas, schedule, min_ratio, max_ratio, vision_tokens, text_tokens, video_frames
-    )
-    dtype = parse_dtype(dtype, extra=("fp8",))
+    baselines = _baseline_methods(request.methods, request.match_tflops, request.calibration)
+    _check_token_flags(request)
+    _check_calibration_flags(request)
+    _check_value_flags(request)
+    dtype = parse_dtype(request.dtype, extra=("fp8",))
     if dtype == "auto":
-        dtype = (_stored_dtype(config) if config is not None else None) or DEFAULT_KV_DTYPE
+        dtype = (
+            _stored_dtype(request.config) if request.config is not None else None
+        ) or DEFAULT_KV_DTYPE
 
-    shape = read_model_shape(config) if config is not None else get_preset(model or DEFAULT_MODEL)
+    shape = (
+        read_model_shape(request.config)
+        if request.config is not None
+        else get_preset(request.model or DEFAULT_MODEL)
+    )
     base = shape.pmod or PMoDConfig()
-    overrides = _pmod_overrides(base, betas, routed_tokens, schedule, min_ratio, max_ratio)
+    overrides = _pmod_overrides(base, request)
     effective_routed = overrides.get("routed_tokens", base.routed_tokens)
     _check_prefix_tokens(
-        prefix_text_tokens,
+        request.prefix_text_tokens,
         effective_routed,
-        shape.text_tokens if text_tokens is None else text_tokens,
+        shape.text_tokens if request.text_tokens is None else request.text_tokens,
     )
     token_options = dict(
-        vision_tokens=vision_tokens,
-        text_tokens=text_tokens,
-        count=count,
+        vision_tokens=request.vision_tokens,
+        text_tokens=request.text_tokens,
+        count=request.count,
         dtype=dtype,
         routed_tokens=effective_routed,
-        prefix_text_tokens=prefix_text_tokens,
-        video_frames=video_frames,
+        prefix_text_tokens=request.prefix_text_tokens,
+        video_frames=request.video_frames,
     )
-    if calibration is not None:
+    if request.calibration is not None:
         from .calibration import measure_retention_ratios
 
         measured = measure_retention_ratios(
-            config,
-            calibration,
-            samples=16 if calibration_samples is None else calibration_samples,
-            image_folder=image_folder,
-            device=device,
+            request.config,
+            request.calibration,
+            samples=16 if request.calibration_samples is None else request.calibration_samples,
+            image_folder=request.image_folder,
+            device=request.device,
             progress=progress,
         )
         result = count_flops(
@@ -174,62 +162,65 @@ def make_plan(
             "--calibration FILE.json (LLaVA-format image-question samples) with --config CHECKPOINT_DIR to measure its ratios"
         )
     entries = []
-    for beta in betas or [base.beta]:
+    for beta in request.betas or [base.beta]:
         try:
             pmod = base.replace(**overrides, beta=beta)
             ratios = pmod.retention_ratios(shape.text.num_layers)
         except ValueError as err:
             raise UserError(f"invalid p-MoD setting: {err}") from None
         entries.append(PlanEntry(pmod, count_flops(shape, ratios, **token_options)))
-    entries += _baseline_entries(shape, entries[0], baselines, match_tflops, token_options)
+    entries += _baseline_entries(shape, entries[0], baselines, request.match_tflops, token_options)
     return FlopsPlan(shape, tuple(entries))
 
 
-def _check_token_flags(model, config, routed_tokens, prefix_text_tokens) -> None:
-    if model is not None and config is not None:
+def _check_token_flags(request: FlopsRequest) -> None:
+    if request.model is not None and request.config is not None:
         raise UserError("give either --model or --config, not both")
-    if routed_tokens is not None and routed_tokens not in ROUTED_TOKENS:
+    if request.routed_tokens is not None and request.routed_tokens not in ROUTED_TOKENS:
         raise UserError(
-            f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {routed_tokens!r}"
+            f"--routed-tokens must be one of {', '.join(ROUTED_TOKENS)}, got {request.routed_tokens!r}"
         )
-    if prefix_text_tokens is not None and prefix_text_tokens < 0:
-        raise UserError(f"--prefix-text-tokens must be >= 0, got {prefix_text_tokens}")
+    if request.prefix_text_tokens is not None and request.prefix_text_tokens < 0:
+        raise UserError(f"--prefix-text-tokens must be >= 0, got {request.prefix_text_tokens}")
 
 
-def _check_value_flags(
-    count, betas, schedule, min_ratio, max_ratio, vision_tokens, text_tokens, video_frames
-) -> None:
-    if count not in COUNT_MODES:
-        raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {count!r}")
-    for beta in betas:
+def _check_value_flags(request: FlopsRequest) -> None:
+    if request.count not in COUNT_MODES:
+        raise UserError(f"--count must be one of {', '.join(COUNT_MODES)}, got {request.count!r}")
+    for beta in request.betas:
         if not beta >= 0:  # also rejects nan
             raise UserError(f"--beta must be >= 0, got {beta}")
-    if schedule is not None and schedule not in SCHEDULES:
+    if request.schedule is not None and request.schedule not in SCHEDULES:
         raise UserError(
-            f"unknown --schedule {schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+            f"unknown --schedule {request.schedule!r}; choose one of {', '.join(sorted(SCHEDULES))}"
         )
-    for flag, value in (("--min-ratio", min_ratio), ("--max-ratio", max_ratio)):
+    for flag, value in (("--min-ratio", request.min_ratio), ("--max-ratio", request.max_ratio)):
         if value is not None and not 0.0 < value <= 1.0:
             raise UserError(f"{flag} must be in (0, 1], got {value}")
-    for flag, value in (("--vision-tokens", vision_tokens), ("--text-tokens", text_tokens)):
+    for flag, value in (
+        ("--vision-tokens", request.vision_tokens),
+        ("--text-tokens", request.text_tokens),
+    ):
         if value is not None and value < 0:
             raise UserError(f"{flag} must be >= 0, got {value}")
-    if video_frames is not None and (video_frames < 1 or vision_tokens is not None):
+    if request.video_frames is not None and (
+        request.video_frames < 1 or request.vision_tokens is not None
+    ):
         raise UserError("--video-frames must be at least 1 and cannot go with --vision-tokens")
 
 
-def _pmod_overrides(base, betas, routed_tokens, schedule, min_ratio, max_ratio) -> dict:
+def _pmod_overrides(base: PMoDConfig, request: FlopsRequest) -> dict:
     """The flags' changes to the stored (or default) p-MoD options."""
     overrides = {}
-    if routed_tokens is not None:
-        overrides["routed_tokens"] = routed_tokens
-    if schedule is not None:
-        overrides["schedule"] = schedule
-    if min_ratio is not None:
-        overrides["min_ratio"] = min_ratio
-    if max_ratio is not None:
-        overrides["max_ratio"] = max_ratio
-    if (betas or schedule is not None) and base.ratios is not None:
+    if request.routed_tokens is not None:
+        overrides["routed_tokens"] = request.routed_tokens
+    if request.schedule is not None:
+        overrides["schedule"] = request.schedule
+    if request.min_ratio is not None:
+        overrides["min_ratio"] = request.min_ratio
+    if request.max_ratio is not None:
+        overrides["max_ratio"] = request.max_ratio
+    if (request.betas or request.schedule is not None) and base.ratios is not None:
         overrides["ratios"] = None  # the flags ask for a schedule, not the stored list
     effective_min = overrides.get("min_ratio", base.min_ratio)
     effective_max = overrides.get("max_ratio", base.max_ratio)
@@ -273,19 +264,15 @@ def _baseline_entries(shape, reference, baselines, match_tflops, token_options) 
                 reference.pmod,
                 result,
                 method=method,
-                matched=match_tflops and method.name in ("fastv", "pool"),
+                matched=match_tflops and method.knob is not None,
             )
         )
     return entries
 
 
-def _baseline_methods(
-    methods, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops, calibration
-) -> list[MethodConfig]:
-    """The baselines asked for (p-MoD's settings and the dense model are always counted)."""
-    chosen = methods_from_flags(
-        methods, fastv_layer, fastv_ratio, fastv_score, pool_tokens, seed, match_tflops
-    )
+def _baseline_methods(methods, match_tflops, calibration) -> list[TokenMethod]:
+    """The other methods asked for (p-MoD's settings and the dense model are always counted)."""
+    chosen = parse_methods(methods, match_tflops)
     baselines = [method for method in chosen if method.name not in ("pmod", "dense")]
     if calibration is not None and baselines:
         raise UserError(
@@ -294,40 +281,28 @@ def _baseline_methods(
     return baselines
 
 
-def _check_calibration_flags(
-    model,
-    config,
-    betas,
-    schedule,
-    min_ratio,
-    max_ratio,
-    routed_tokens,
-    calibration,
-    calibration_samples,
-    image_folder,
-    device,
-) -> None:
-    if calibration is None:
+def _check_calibration_flags(request: FlopsRequest) -> None:
+    if request.calibration is None:
         for flag, value in (
-            ("--calibration-samples", calibration_samples),
-            ("--image-folder", image_folder),
-            ("--device", device),  # without calibration no model runs
+            ("--calibration-samples", request.calibration_samples),
+            ("--image-folder", request.image_folder),
+            ("--device", request.device),  # without calibration no model runs
         ):
             if value is not None:
                 raise UserError(f"{flag} only applies with --calibration FILE.json")
         return
-    if config is None or model is not None:
+    if request.config is None or request.model is not None:
         raise UserError(
             "--calibration runs a checkpoint on samples: give --config CHECKPOINT_DIR (a p-MoD checkpoint)"
         )
     changed = [
         flag
         for flag, value in (
-            ("--beta", betas),
-            ("--schedule", schedule),
-            ("--min-ratio", min_ratio),
-            ("--max-ratio", max_ratio),
-            ("--routed-tokens", routed_tokens),
+            ("--beta", request.betas),
+            ("--schedule", request.schedule),
+            ("--min-ratio", request.min_ratio),
+            ("--max-ratio", request.max_ratio),
+            ("--routed-tokens", request.routed_tokens),
         )
         if value not in (None, (), [])
     ]

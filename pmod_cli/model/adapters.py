@@ -73,6 +73,15 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
     return info
 
 
+def is_hub_id(reference: str) -> bool:
+    """``owner/name`` that is not a local path: transformers looks it up on the Hub (or its cache)."""
+    return (
+        not Path(reference).exists()
+        and reference.count("/") == 1
+        and not reference.startswith((".", "/"))
+    )
+
+
 def resolve_base(path: str | Path, info: AdapterInfo) -> str:
     """Where the adapter's base is; a UserError naming what to do when there is none."""
     if info.base is None:
@@ -81,8 +90,6 @@ def resolve_base(path: str | Path, info: AdapterInfo) -> str:
             'no checkpoint to load it on; use the run\'s merged model (lora.save = "merged", the '
             "default) in its train.output_dir"
         )
-    from .loading import is_hub_id
-
     if not is_hub_id(info.base) and not Path(info.base).exists():
         raise UserError(
             f"{path} is a LoRA adapter of {info.base}, which is not there any more; put the base "

@@ -34,6 +34,7 @@ from ..errors import UserError
 from .cache import pmod_cache_layer
 from .config import PMoDConfig
 from .methods import TokenMethod, method_from_dict
+from .methods.attention import sliding_window
 from .router import WEIGHT_NORM_FNS, Router
 from .routing import active_recorder
 from .selection import SELECTION_RULES
@@ -395,13 +396,6 @@ def _cache_kwarg(attention_class: type) -> str:
     on, ``past_key_values`` before."""
     parameters = inspect.signature(attention_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-def sliding_window(attention: nn.Module) -> int | None:
-    # Qwen2 sets it per layer (None on full-attention layers); Mistral reads its config
-    if hasattr(attention, "sliding_window"):
-        return attention.sliding_window
-    return getattr(attention.config, "sliding_window", None)
 
 
 def subset_attention_mask(

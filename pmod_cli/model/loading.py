@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..errors import UserError
 from ..runtime import resolve_device, tokenizer_problem
-from .adapters import is_adapter_directory, read_adapter_info, resolve_base
+from .adapters import is_adapter_directory, is_hub_id, read_adapter_info, resolve_base
 from .config import PMoDConfig
 from .families import family_for_config, family_for_model_type, known_model_types
 from .formats import detect_format, import_checkpoint, inspect_checkpoint, read_config
@@ -65,15 +65,6 @@ def read_num_layers(path: str | Path, vision_tower: str | Path | None = None) ->
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read the config of {path}: {_first_line(err)}") from None
     return inspect_checkpoint(path, vision_tower).num_layers
-
-
-def is_hub_id(reference: str) -> bool:
-    """``owner/name`` that is not a local path: transformers looks it up on the Hub (or its cache)."""
-    return (
-        not Path(reference).exists()
-        and reference.count("/") == 1
-        and not reference.startswith((".", "/"))
-    )
 
 
 def load_checkpoint(

@@ -200,12 +200,11 @@ def convert_decoder_layers(model, config: PMoDConfig) -> None:
 def install_method(model, method: TokenMethod) -> None:
     """Give every decoder layer what ``method`` asks of it, and the method's own hooks; the
     model's routers and ratios stay as they are (``method=pmod`` restores its own routing)."""
-    from .presets import shape_from_hf_config
-
-    layers = model.pmod_family.decoder_layers(model)
-    method.check_family(model.pmod_family)
+    family = model.pmod_family
+    layers = family.decoder_layers(model)
+    method.check_family(family)
     vision_tokens = (
-        shape_from_hf_config(model.config).vision_tokens if method.needs_vision_tokens else None
+        family.shape_from_config(model.config).vision_tokens if method.needs_vision_tokens else None
     )
     method.check(len(layers), vision_tokens)
     ranking = method.ranking_layers(len(layers))

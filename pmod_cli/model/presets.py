@@ -1,8 +1,9 @@
-"""Model shapes: the numbers that decide cost, for named reference models or any HF config.
+"""Model shapes of named reference models, or of any HF config.
 
-A ``ModelShape`` holds what the FLOPs and KV cache count needs (layer sizes of the language
-model and the vision tower, the LLaVA layout and the default numbers of vision and text tokens)
-and can build a real HF config from them, so planning and dry runs need no download:
+A ``ModelShape`` (``families/shapes.py``) holds what the FLOPs and KV cache count needs (layer
+sizes of the language model and the vision tower, the family's layout and the default numbers of
+vision and text tokens), and its family builds a real HF config from it, so planning and dry runs
+need no download:
 
     shape = get_preset("llava-next-7b")        # or read_model_shape("path/to/checkpoint")
     shape.vision_tokens                         # 2928: LLaVA-NeXT at its largest grid
@@ -17,232 +18,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from .config import PMoDConfig
+from .families import family_for_config, family_for_model_type, known_model_types
+from .families.shapes import (
+    COUNTABLE_TEXT_MODELS,
+    DEFAULT_TEXT_TOKENS,
+    ModelShape,
+    TextShape,
+    VisionShape,
+)
 
-# decoder families whose layer is attention (q, k, v, o) + gated MLP (gate, up, down)
-COUNTABLE_TEXT_MODELS = ("llama", "qwen2", "mistral", "qwen2_5_vl_text", "qwen3_vl_text")
-VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
-# Qwen-VL's own ViTs (dynamic resolution, 2x2 patch merger; see families/qwen_vl.py)
-QWEN_VL_TOWERS = ("qwen2_5_vl_vision", "qwen3_vl_vision")
-
-# the paper's prompt length: T = 58 text tokens next to the image
-DEFAULT_TEXT_TOKENS = 58
-
-
-@dataclass(frozen=True)
-class TextShape:
-    """The language model: a decoder of attention + gated-MLP layers and an lm_head."""
-
-    model_type: str  # "llama" | "qwen2" | "mistral"
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    head_dim: int = 0  # 0: hidden_size // num_heads
-    # only used to build a realistic HF config
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tied_embeddings: bool = False  # lm_head shares the embedding matrix (small Qwen-VL models)
-
-    def __post_init__(self) -> None:
-        if not self.head_dim:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of K (and of V): smaller than hidden_size for grouped-query attention."""
-        return self.num_kv_heads * self.head_dim
-
-
-@dataclass(frozen=True)
-class VisionShape:
-    """The vision tower (a ViT) and what LLaVA takes from it."""
-
-    model_type: str  # "clip_vision_model" | "siglip_vision_model"
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    feature_layer: int | tuple[int, ...] = -2
-    select_strategy: str = "default"  # "default" drops the first (CLS) token, "full" keeps all
-    pooling_head: bool = (
-        False  # SigLIP's attention-pooling head (HF runs it even though LLaVA ignores it)
-    )
-    num_channels: int = 3
-    # Qwen-VL's ViTs (``image_size`` 0: no fixed size): merge x merge patches make one token, a
-    # patch spans ``temporal_patch_size`` frames; the merger maps to ``out_hidden_size``
-    merge_size: int = 1
-    temporal_patch_size: int = 1
-    out_hidden_size: int = 0
-    window_size: int = (
-        0  # Qwen2.5-VL: windowed attention (pixels) outside ``full_attention_layers``
-    )
-    full_attention_layers: tuple[int, ...] = ()
-    deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: layers whose merged features DeepStack adds
-    num_position_embeddings: int = 0  # Qwen3-VL: learned position embeddings
-
-    @property
-    def has_cls_token(self) -> bool:
-        return self.model_type == "clip_vision_model"
-
-    @property
-    def patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def tokens_per_crop(self) -> int:
-        """Tokens inside the tower for one crop (CLIP adds a CLS token)."""
-        return self.patches_per_side**2 + int(self.has_cls_token)
-
-    @property
-    def features_per_crop(self) -> int:
-        """Features one crop hands to the projector."""
-        return self.tokens_per_crop - int(self.select_strategy == "default")
-
-    @property
-    def num_feature_layers(self) -> int:
-        return 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A model as far as its cost goes.
-
-    ``layout`` names its model family (``model/families``): ``llava`` (one crop per image),
-    ``llava_next`` (anyres: a base crop plus the crops of a grid, with one learned newline token per
-    row of high-res features) or ``llava_onevision`` (anyres_max_9; video frames pooled 2x2); the
-    family says how many vision tokens an image (or a video) becomes.
-    ``pmod`` is the p-MoD setting stored with a checkpoint, None for a dense model or a preset.
-    """
-
-    name: str
-    layout: str
-    text: TextShape
-    vision: VisionShape
-    image_token_id: int
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # (height, width) in pixels
-    text_tokens: int = DEFAULT_TEXT_TOKENS
-    video_token_id: int | None = None  # families that take video (OneVision, Qwen-VL)
-    # dynamic resolution (Qwen-VL): the processors' pixel limits (an image; a video's frames)
-    max_pixels: int = 0
-    video_max_pixels: int = 0
-    description: str = ""
-    pmod: PMoDConfig | None = None
-
-    @property
-    def family(self):
-        """The model family (``model/families``) whose token layout this shape follows."""
-        from .families import get_family
-
-        return get_family(self.layout)
-
-    @property
-    def vision_tokens(self) -> int:
-        """V: image features in the language model's input, for the largest image layout."""
-        return self.family.image_tokens(self)[0]
-
-    @property
-    def vision_crops(self) -> int:
-        """Crops the vision tower encodes for that layout (LLaVA-NeXT: base + grid)."""
-        return self.family.image_tokens(self)[1]
-
-    def video_tokens(self, frames: int) -> tuple[int, int]:
-        """(vision tokens, crops) of a video of ``frames`` sampled frames; a UserError for a
-        family that takes no video."""
-        return self.family.video_tokens(self, frames)
-
-    def to_hf_config(self, pmod: PMoDConfig | None = None):
-        """The family's transformers config of this shape (random-init ready); with ``pmod``
-        the family's p-MoD config class instead (``pmod_llava``, ...)."""
-        config = self.family.hf_config(self, pmod)
-        if pmod is not None:
-            config.pmod = pmod.to_dict()
-        return config
-
-
-def llava_hf_config(shape: ModelShape, pmod: PMoDConfig | None = None):
-    """A LLaVA-layout family's config of ``shape``: a CLIP / SigLIP tower and a Llama, Qwen2 or
-    Mistral language model.
-
-    The image token gets its own embedding row: when ``image_token_id`` lies past the checkpoint
-    vocabulary (Vicuna: 32000) the HF vocabulary is padded to a multiple of 64 as llava-hf's
-    conversion does (32064); the FLOPs count keeps ``text.vocab_size``.
-    """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        MistralConfig,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
-
-    text, vision = shape.text, shape.vision
-    vocab = text.vocab_size
-    last_token = max(shape.image_token_id, shape.video_token_id or 0)
-    if last_token >= vocab:
-        vocab = -(-(last_token + 1) // 64) * 64
-    text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[
-        text.model_type
-    ]
-    text_config = text_class(
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_kv_heads,
-        head_dim=text.head_dim,
-        vocab_size=vocab,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
-        tie_word_embeddings=False,
-    )
-    vision_kwargs = dict(
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_hidden_layers=vision.num_layers,
-        num_attention_heads=vision.num_heads,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        num_channels=vision.num_channels,
-    )
-    if vision.model_type == "clip_vision_model":
-        vision_config = CLIPVisionConfig(**vision_kwargs)
-    else:
-        vision_config = SiglipVisionConfig(vision_use_head=vision.pooling_head, **vision_kwargs)
-    feature_layer = vision.feature_layer
-    if not isinstance(feature_layer, int):
-        feature_layer = list(feature_layer)
-    family = shape.family
-    config_class = family.dense_config_class if pmod is None else family.pmod_config_class
-    token_ids = {"video_token_id": shape.video_token_id} if shape.video_token_id is not None else {}
-    config = config_class(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=shape.image_token_id,
-        **token_ids,
-        vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=vision.select_strategy,
-        projector_hidden_act="gelu",  # mlp2x_gelu
-        image_seq_length=vision.features_per_crop,
-        tie_word_embeddings=False,
-        **family.config_options([list(p) for p in shape.image_grid_pinpoints]),
-    )
-    return config
+__all__ = [
+    "COUNTABLE_TEXT_MODELS",
+    "DEFAULT_TEXT_TOKENS",
+    "PRESETS",
+    "ModelShape",
+    "TextShape",
+    "VisionShape",
+    "get_preset",
+    "read_model_shape",
+    "shape_from_hf_config",
+]
 
 
 # ---- reference shapes ---------------------------------------------------------------------
@@ -564,8 +364,6 @@ def read_model_shape(path: str | Path) -> ModelShape:
         ) from None
     if not isinstance(values, dict):
         raise UserError(f"{config_file} is not a JSON object; pass an HF config.json")
-    from .families import family_for_model_type, known_model_types
-
     model_type = values.get("model_type")
     if model_type not in known_model_types():
         raise UserError(
@@ -596,174 +394,10 @@ def read_model_shape(path: str | Path) -> ModelShape:
 def shape_from_hf_config(config: Any, name: str = "", directory: Path | None = None) -> ModelShape:
     """The shape of a loaded transformers config of a registered family (dense or p-MoD);
     ``directory``: the checkpoint it came from (Qwen-VL reads its processors' pixel limits there)."""
-    from .families import family_for_config
-
     shape = family_for_config(config).shape_from_config(config, directory)
     pmod_values = getattr(config, "pmod", None)
     return dataclasses.replace(
         shape,
         name=name or getattr(config, "_name_or_path", "") or config.model_type,
         pmod=PMoDConfig.from_dict(pmod_values) if pmod_values is not None else None,
-    )
-
-
-def _text_shape(text_config) -> TextShape:
-    if text_config.model_type not in COUNTABLE_TEXT_MODELS:
-        raise UserError(
-            f"cannot count a {text_config.model_type!r} language model; supported: {', '.join(COUNTABLE_TEXT_MODELS)}"
-        )
-    num_heads = text_config.num_attention_heads
-    return TextShape(
-        model_type=text_config.model_type,
-        num_layers=text_config.num_hidden_layers,
-        hidden_size=text_config.hidden_size,
-        intermediate_size=text_config.intermediate_size,
-        num_heads=num_heads,
-        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
-        vocab_size=text_config.vocab_size,
-        head_dim=getattr(text_config, "head_dim", None) or 0,
-        max_position_embeddings=text_config.max_position_embeddings,
-        rms_norm_eps=text_config.rms_norm_eps,
-        rope_theta=(getattr(text_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0),
-    )
-
-
-def llava_shape_from_config(config: Any) -> ModelShape:
-    """The shape of a LLaVA-layout family's config (CLIP / SigLIP tower, projector, LM)."""
-    from .families import family_for_config
-
-    vision_config = config.vision_config
-    if vision_config.model_type not in VISION_TOWERS:
-        raise UserError(
-            f"cannot count a {vision_config.model_type!r} vision tower; supported: {', '.join(VISION_TOWERS)}"
-        )
-    text = _text_shape(config.text_config)
-    feature_layer = config.vision_feature_layer
-    vision = VisionShape(
-        model_type=vision_config.model_type,
-        num_layers=vision_config.num_hidden_layers,
-        hidden_size=vision_config.hidden_size,
-        intermediate_size=vision_config.intermediate_size,
-        num_heads=vision_config.num_attention_heads,
-        image_size=vision_config.image_size,
-        patch_size=vision_config.patch_size,
-        feature_layer=feature_layer if isinstance(feature_layer, int) else tuple(feature_layer),
-        select_strategy=config.vision_feature_select_strategy,
-        pooling_head=bool(getattr(vision_config, "vision_use_head", False)),
-        num_channels=vision_config.num_channels,
-    )
-    pinpoints = tuple(tuple(p) for p in getattr(config, "image_grid_pinpoints", None) or ())
-    family = family_for_config(config)
-    video_token_id = getattr(config, "video_token_id", None) if family.takes_video else None
-    return ModelShape(
-        name=config.model_type,
-        layout=family.name,
-        text=text,
-        vision=vision,
-        image_token_id=config.image_token_id,
-        image_grid_pinpoints=pinpoints,
-        video_token_id=video_token_id,
-    )
-
-
-# ---- Qwen-VL (dynamic resolution) -----------------------------------------------------------
-
-
-def qwen_vl_hf_config(shape: ModelShape, pmod: PMoDConfig | None = None):
-    """A Qwen2.5-VL / Qwen3-VL config of ``shape`` (its own ViT, M-RoPE language model)."""
-    text, vision = shape.text, shape.vision
-    family = shape.family
-    config_class = family.dense_config_class if pmod is None else family.pmod_config_class
-    # rotary frequencies split into temporal, height and width sections as the released models
-    # do: Qwen2.5-VL [16, 24, 24], Qwen3-VL [24, 20, 20] (interleaved) of 64
-    half = text.head_dim // 2
-    qwen3 = vision.model_type == "qwen3_vl_vision"
-    if qwen3:
-        sections = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
-    else:
-        sections = [half // 4, (half - half // 4) // 2, (half - half // 4) // 2]
-    rope = {"rope_type": "default", "rope_theta": text.rope_theta, "mrope_section": sections}
-    text_config = dict(
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_kv_heads,
-        vocab_size=text.vocab_size,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_parameters=rope,
-    )
-    vision_config = dict(
-        depth=vision.num_layers,
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_heads=vision.num_heads,
-        patch_size=vision.patch_size,
-        spatial_merge_size=vision.merge_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        out_hidden_size=vision.out_hidden_size,
-    )
-    if qwen3:
-        rope["mrope_interleaved"] = True
-        text_config["head_dim"] = text.head_dim
-        vision_config.update(
-            deepstack_visual_indexes=list(vision.deepstack_layers),
-            num_position_embeddings=vision.num_position_embeddings,
-        )
-    else:
-        vision_config.update(
-            window_size=vision.window_size, fullatt_block_indexes=list(vision.full_attention_layers)
-        )
-    return config_class(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=shape.image_token_id,
-        video_token_id=shape.video_token_id,
-        tie_word_embeddings=text.tied_embeddings,
-    )
-
-
-def qwen_vl_shape_from_config(config: Any, max_pixels: int, video_max_pixels: int) -> ModelShape:
-    """The shape of a Qwen-VL config, with the processors' pixel limits (which the config lacks)."""
-    from .families import family_for_config
-
-    vision_config = config.vision_config
-    if vision_config.model_type not in QWEN_VL_TOWERS:
-        raise UserError(
-            f"cannot count a {vision_config.model_type!r} vision tower; supported: {', '.join(QWEN_VL_TOWERS)}"
-        )
-    text = dataclasses.replace(
-        _text_shape(config.text_config),
-        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-    )
-    qwen3 = vision_config.model_type == "qwen3_vl_vision"
-    vision = VisionShape(
-        model_type=vision_config.model_type,
-        num_layers=vision_config.depth,
-        hidden_size=vision_config.hidden_size,
-        intermediate_size=vision_config.intermediate_size,
-        num_heads=vision_config.num_heads,
-        image_size=0,
-        patch_size=vision_config.patch_size,
-        feature_layer=-1,
-        select_strategy="full",
-        num_channels=vision_config.in_channels,
-        merge_size=vision_config.spatial_merge_size,
-        temporal_patch_size=vision_config.temporal_patch_size,
-        out_hidden_size=vision_config.out_hidden_size,
-        window_size=0 if qwen3 else vision_config.window_size,
-        full_attention_layers=() if qwen3 else tuple(vision_config.fullatt_block_indexes),
-        deepstack_layers=tuple(vision_config.deepstack_visual_indexes) if qwen3 else (),
-        num_position_embeddings=vision_config.num_position_embeddings if qwen3 else 0,
-    )
-    return ModelShape(
-        name=config.model_type,
-        layout=family_for_config(config).name,
-        text=text,
-        vision=vision,
-        image_token_id=config.image_token_id,
-        video_token_id=config.video_token_id,
-        max_pixels=max_pixels,
-        video_max_pixels=video_max_pixels,
     )

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from transformers import TrainerCallback
 
 from ..errors import UserError
@@ -111,8 +112,6 @@ class StopOnSignal(TrainerCallback):
         self.estimated_seconds = 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
-        from .trainer import on_every_rank
-
         if on_every_rank(self.watch.received is None, args.device):
             return
         self.stopped_at = state.global_step
@@ -122,3 +121,12 @@ class StopOnSignal(TrainerCallback):
         if quick:
             control.should_save = True
         self.saved_on_stop = bool(control.should_save)
+
+
+def on_every_rank(flag: bool, device: torch.device | str) -> bool:
+    """True only if ``flag`` holds on every process (a collective: every rank must call it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())

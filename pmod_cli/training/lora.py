@@ -152,7 +152,7 @@ def adapted_layers(model: nn.Module) -> int:
 
 def adapter_info(recipe: Recipe, model: nn.Module) -> AdapterInfo:
     """What ``pmod_adapter.json`` says about a run's adapters."""
-    from .build import resolve_name
+    from ..data.tiny import resolve_name
 
     base_model = unwrap_lora(model)
     checkpoint = recipe.model.checkpoint

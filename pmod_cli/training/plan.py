@@ -154,7 +154,7 @@ def check_data(recipe: Recipe, processor=None) -> DataCheck:
     encode each sample too; without it images are decoded but lengths are not checked)."""
     from ..data.llava_data import SampleEncoder, find_load_failures, load_records, scan_records
     from ..data.templates import CHAT_TEMPLATE, get_template
-    from .stages import data_paths
+    from .paths import data_paths
 
     data_path, image_folder = data_paths(recipe)
     check = DataCheck(path=str(data_path), found=data_path.is_file())
@@ -209,9 +209,9 @@ def _plan_processor(recipe: Recipe, config, source: str):
 
 def run_blockers(stage: str, recipe: Recipe, resume: bool, data: DataCheck) -> list[str]:
     """Why a real run of this recipe would refuse to start or stop on its data, here and now."""
+    from .paths import check_output_dir
     from .resume import check_not_finished, check_same_run
     from .run_lock import RunLock
-    from .stages import check_output_dir
 
     blockers = [f"data: {data.problem}"] if data.problem else []
     if recipe.lora.enabled and recipe.lora.qlora and not torch.cuda.is_available():

@@ -1,6 +1,7 @@
 """Recipes: the numbers and names of a training run, in TOML, parsed into typed sections.
 
     recipe = load_recipe("recipes/llava_1_5.toml", overrides=["train.max_steps=20"])
+    recipe = load_recipe("llava_1_5")  # the same recipe, by the name it ships under
     recipe.train.learning_rate, recipe.pmod.config.beta, recipe.data.path
 
 A recipe has five sections, each one dataclass below: ``[model]``, ``[pmod]``, ``[data]``,
@@ -36,6 +37,9 @@ STAGES = ("pretrain", "sft")
 LORA_SAVES = ("merged", "adapter")
 # experiment trackers pmod documents; any other name of the HF Trainer's integrations works too
 REPORT_TO = ("none", "tensorboard", "wandb")
+# the recipes that run by name (`pmod sft tiny`): the repository's recipes/ folder, in the package
+# as pmod_cli/recipes (a link to it in a checkout, its files in a wheel)
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @dataclass
@@ -567,11 +571,29 @@ def recipe_from_dict(values: dict[str, Any], source: str = "") -> Recipe:
     return validate(Recipe(pmod=_build_pmod(pmod_values), source=source, **sections))
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes shipped with pmod, by name (the file name without ``.toml``)."""
+    return {path.stem: path for path in sorted(SHIPPED_RECIPES.glob("*.toml"))}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: ``name_or_path`` when it is a file, else the shipped recipe of that name
+    (``llava_next`` or ``llava_next.toml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if path.parent == Path(".") and path.name.removesuffix(".toml") in shipped:
+        return shipped[path.name.removesuffix(".toml")]
+    raise UserError(
+        f"recipe {name_or_path} is neither a file nor a recipe shipped with pmod; pass a TOML file "
+        f"or one of: {', '.join(shipped)}"
+    )
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override, type-check and validate a recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist; pass a TOML file such as recipes/tiny.toml")
+    """Read, override, type-check and validate a recipe, given as a file or a shipped recipe's name."""
+    path = find_recipe(path)
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

@@ -58,7 +58,7 @@ def _this_run() -> LockHolder:
 
 def _program() -> str:
     name = Path(sys.argv[0]).name
-    return "pmod" if name in ("__main__.py", "cli.py") else name
+    return "pmod" if name == "__main__.py" else name
 
 
 def _read_holder(text: str) -> LockHolder | None:

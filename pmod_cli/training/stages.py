@@ -33,11 +33,11 @@ from ..data.llava_data import (
     scan_records,
 )
 from ..data.templates import CHAT_TEMPLATE, get_template
-from ..data.tiny import default_image_folder
 from ..errors import UserError
 from ..model.families import family_for_model, family_for_processor
-from .build import build_model, resolve_name
+from .build import build_model
 from .lora import unwrap_lora
+from .paths import check_output_dir, data_paths
 from .recipe import DEEPSPEED_PRESETS, Recipe
 
 if TYPE_CHECKING:  # the trainer imports transformers' Trainer: loaded when a stage runs
@@ -91,16 +91,6 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return precision
 
 
-def data_paths(recipe: Recipe) -> tuple[Path, Path]:
-    data_path = Path(resolve_name(recipe.data.path))
-    image_folder = (
-        Path(resolve_name(recipe.data.image_folder))
-        if recipe.data.image_folder
-        else default_image_folder(data_path)
-    )
-    return data_path, image_folder
-
-
 def prepare_data(recipe: Recipe, processor, quiet: bool = False):
     """Records read and checked, the encoding dataset and its collator."""
     data_path, image_folder = data_paths(recipe)
@@ -133,25 +123,6 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
     family = family_for_processor(processor)
     token_types = family.token_types(processor) if family is not None else None
     return dataset, Collator(processor.tokenizer.pad_token_id, token_types), scan
-
-
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to mix with an earlier run. Deletes nothing."""
-    from .trainer import last_checkpoint
-
-    previous = last_checkpoint(output_dir)
-    if resume:
-        if previous is None:
-            raise UserError(
-                f"--resume: no checkpoint-N directory in {output_dir}; run without --resume to start"
-            )
-        return previous
-    if previous is not None and not overwrite:
-        raise UserError(
-            f"{output_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
-            "or --set train.overwrite_output_dir=true to start over"
-        )
-    return None
 
 
 def _clear_output_dir(output_dir: Path, is_main: bool) -> None:

@@ -54,7 +54,7 @@ from .checkpoints import (
     is_out_of_space,
     last_checkpoint,
 )
-from .interrupt import RunInterrupted
+from .interrupt import RunInterrupted, on_every_rank
 from .lora import (
     PEFT_PREFIX,
     adapter_info,
@@ -128,15 +128,6 @@ class RunCounts:
             [self.samples, self.tokens, self.vision_tokens, self.skipped_at_load],
             dtype=torch.float64,
         )
-
-
-def on_every_rank(flag: bool, device: torch.device | str) -> bool:
-    """True only if ``flag`` holds on every process (a collective: every rank must call it)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
 
 
 def _remove_if_empty(directory: Path) -> None:

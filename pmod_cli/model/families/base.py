@@ -4,8 +4,10 @@ A family says, in one place, everything the commands need to know about a kind o
 classes and ``model_type``, its p-MoD classes, which language models and vision towers it takes,
 which input tokens are vision tokens (image and video tokens) and which image or video frame each
 belongs to, how its processor is built and which chat template it uses, how many vision tokens an
-image or a video becomes (for FLOPs), where each vision token sits on the image or frame (for
-``pmod visualize``), and its name in recipes (``model.layout``). Every command reads it:
+image or a video becomes and what its vision tower costs (for FLOPs), its HF config of a shape and
+the shape of a config (presets), where each vision token sits on the image or frame (for
+``pmod visualize``), its tiny random-init models, and its name in recipes (``model.layout``).
+Every command reads it:
 
     family = family_for_model(model)           # or get_family("llava_next"), family_for_model_type(...)
     family.vision_mask(input_ids, model.config)
@@ -22,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import UserError
+from .tiny import TinySpec
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_TEXT_MODELS = ("llama", "qwen2", "mistral")
@@ -45,7 +48,8 @@ class ModelFamily:
     connector_parameters: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector.",)
     # parameter names (prefixes) of the vision tower (what sft freezes unless told otherwise)
     vision_tower_parameters: ClassVar[tuple[str, ...]] = ("model.vision_tower.",)
-    # chat template when a checkpoint saved none: text model_type -> template name (data/templates.py)
+    # chat template when a checkpoint saved none: text model_type -> template name (its Jinja:
+    # model/chat_templates.py; the training format: data/templates.py)
     default_templates: ClassVar[dict[str, str]] = {"qwen2": "chatml"}
     fallback_template: ClassVar[str] = "vicuna_v1"
     # config attribute -> the placeholder token the processor expands into that kind of vision token
@@ -57,7 +61,7 @@ class ModelFamily:
     grouping_inputs: ClassVar[tuple[str, ...]] = ()
     # a recipe may join a vision tower and a language model of this family (model.vision_tower + llm)
     builds_from_parts: ClassVar[bool] = True
-    # token-reduction methods (model/methods.py) the family cannot run: name -> why
+    # token-reduction methods (model/methods/) the family cannot run: name -> why
     unsupported_methods: ClassVar[dict[str, str]] = {}
 
     @property
@@ -186,35 +190,48 @@ class ModelFamily:
             chat_template=chat_template,
         )
 
-    # ---- shapes (presets, FLOPs) -----------------------------------------------------------
+    # ---- shapes (presets, FLOPs) and tiny models --------------------------------------------
 
     def hf_config(self, shape, pmod=None):
-        """The transformers config of a ``presets.ModelShape`` of this family."""
-        from ..presets import llava_hf_config
-
-        return llava_hf_config(shape, pmod)
+        """The transformers config of a ``shapes.ModelShape`` of this family (with ``pmod``: of
+        its p-MoD config class)."""
+        raise NotImplementedError
 
     def shape_from_config(self, config, directory=None):
-        """The ``presets.ModelShape`` of a transformers config of this family (``directory``: the
+        """The ``shapes.ModelShape`` of a transformers config of this family (``directory``: the
         checkpoint it was read from, for what the config does not hold)."""
-        from ..presets import llava_shape_from_config
-
-        return llava_shape_from_config(config)
+        raise NotImplementedError
 
     def vision_encoder_flops(self, shape, vision_tokens: int, crops: int) -> dict[str, int]:
         """FLOPs of the vision tower and the connector for ``crops`` crops (or video frames) that
         become ``vision_tokens`` tokens."""
-        from ...efficiency.flops import vision_tower_flops_per_crop
+        raise NotImplementedError
 
-        vision, d = shape.vision, shape.text.hidden_size
-        # the projector runs on every crop's features (a video's before they are pooled)
-        projected = crops * vision.features_per_crop
-        projector_in = vision.hidden_size * vision.num_feature_layers
-        return {
-            "vision_tower": crops * vision_tower_flops_per_crop(vision),
-            # mlp2x_gelu: Linear(vision_hidden, d) -> GELU -> Linear(d, d)
-            "projector": 2 * projected * (projector_in * d + d * d),
+    def tiny(self, tokenizer, spec: TinySpec):
+        """A random-init tiny model of this family (eval mode) and its processor, from the
+        numbers of ``spec`` and a tokenizer that holds the family's media tokens."""
+        model = self.tiny_model(spec, len(tokenizer), self.tiny_token_ids(tokenizer, spec))
+        return model, self.tiny_processor(tokenizer, model.config, spec)
+
+    def tiny_token_ids(self, tokenizer, spec: TinySpec) -> dict[str, int | None]:
+        """The token ids a tiny model's config takes from its tokenizer: the media tokens', the
+        pad token's and, with ``spec.generation_ids``, bos and eos."""
+        ids: dict[str, int | None] = {
+            key: tokenizer.convert_tokens_to_ids(token) for key, token in self.media_tokens.items()
         }
+        ids["pad_token_id"] = tokenizer.pad_token_id
+        if spec.generation_ids:
+            ids.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        return ids
+
+    def tiny_model(self, spec: TinySpec, vocab_size: int, token_ids: dict[str, int | None]):
+        """A random-init model of ``spec`` (seeded with ``spec.seed``, eval mode); ``token_ids``:
+        the config's (``image_token_id``, ...) and its language model's (``pad_token_id``, ...)."""
+        raise NotImplementedError
+
+    def tiny_processor(self, tokenizer, config, spec: TinySpec):
+        """The processor of a tiny model of ``spec`` whose config is ``config``."""
+        raise NotImplementedError
 
     # ---- counting and drawing ------------------------------------------------------------
 

@@ -26,9 +26,24 @@ from transformers import (
     LlavaOnevisionVideoProcessor,
 )
 
+from ...errors import UserError
 from ..pmod_model import PMoDModelMixin
-from .anyres import anyres_tokens, max_crops_of
-from .base import ModelFamily, encoded_token_counts, features_per_crop, register_family
+from .base import encoded_token_counts, features_per_crop, register_family
+from .geometry import (
+    BASE_VIEW,
+    FRAME_VIEW,
+    HIGH_RES_VIEW,
+    IMAGE_VIEW,
+    PatchBox,
+    anyres_layout,
+    anyres_tokens,
+    capped_map_size,
+    grid_box,
+    max_crops_of,
+    resize_crop,
+    size_field,
+)
+from .llava import LlavaLayoutFamily
 
 ASPECT_RATIO = "anyres_max_9"
 
@@ -45,7 +60,7 @@ class PMoDLlavaOnevisionForConditionalGeneration(
 
 
 @register_family
-class LlavaOnevisionFamily(ModelFamily):
+class LlavaOnevisionFamily(LlavaLayoutFamily):
     name = "llava_onevision"
     title = "LLaVA-OneVision"
     dense_config_class = LlavaOnevisionConfig
@@ -57,6 +72,7 @@ class LlavaOnevisionFamily(ModelFamily):
     connector_parameters = ("model.multi_modal_projector.", "model.image_newline")
     media_tokens = {"image_token_id": "<image>", "video_token_id": "<video>"}
     fallback_template = "chatml"
+    tiny_tower = "siglip_vision_model"
 
     # ---- building -------------------------------------------------------------------------
 
@@ -142,20 +158,14 @@ class LlavaOnevisionFamily(ModelFamily):
     video_extra_tokens = 1  # the newline closing a video
 
     def patch_boxes(self, processor, config, image_height: int, image_width: int) -> list:
-        from ...visualization.patches import onevision_patch_boxes
-
         return onevision_patch_boxes(processor, config, image_height, image_width)
 
     def several_image_boxes(self, processor, config, image_height: int, image_width: int) -> list:
-        from ...visualization.patches import onevision_several_image_boxes
-
         return onevision_several_image_boxes(processor, config, image_height, image_width)
 
     def frame_boxes(
         self, processor, config, frame_height: int, frame_width: int, frames: int = 1
     ) -> list:
-        from ...visualization.patches import onevision_frame_boxes
-
         return onevision_frame_boxes(processor, config, frame_height, frame_width)
 
 
@@ -163,12 +173,10 @@ def _square_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """A vision tower's processor settings as OneVision's: a fixed square size, no centre crop."""
     crop = settings.get("crop_size") or {}
     side = crop.get("height") or settings["size"].get("height") or settings["size"]["shortest_edge"]
-    return dict(
-        size={"height": side, "width": side},
-        image_mean=settings["image_mean"],
-        image_std=settings["image_std"],
-        resample=settings["resample"],
-    )
+    normalisation = {
+        key: settings[key] for key in ("image_mean", "image_std", "resample") if key in settings
+    }  # a tiny model's processor may keep the processor's defaults
+    return dict(size={"height": side, "width": side}, **normalisation)
 
 
 def image_token_counts(config, image_sizes: torch.Tensor | None, batch_num_images) -> list[int]:
@@ -222,3 +230,109 @@ def frame_token_counts(config, video_token_counts: list[int]) -> list[int]:
         frames = (tokens - 1) // pooled
         counts += [pooled] * (frames - 1) + [pooled + 1]
     return counts
+
+
+# ---- where each vision token sits ------------------------------------------------------------
+#
+# LlavaOnevisionImageProcessor / VideoProcessor + LlavaOnevisionModel: an image alone is
+# LLaVA-NeXT's layout with the base view squashed to the crop size and the unpadded map shrunk
+# (bilinear) to about 9 crops when larger, so a high-res token then covers a proportionally larger
+# cell; one of several images is padded to a square and squashed to one crop, then a newline; a
+# video frame is squashed to one crop whose features are pooled 2x2, and one newline closes the
+# video (PatchBox.source says which picture a box lies on).
+
+
+def _square_size(processor_part) -> int:
+    """The fixed square size OneVision's image and video processors resize to."""
+    size = processor_part.size
+    height, width = size_field(size, "height"), size_field(size, "width")
+    if not height or height != width:
+        raise UserError(
+            f"pmod visualize maps OneVision tokens for a square processor size, not {size}"
+        )
+    return height
+
+
+def onevision_patch_boxes(
+    processor, config, image_height: int, image_width: int
+) -> list[PatchBox | None]:
+    """One box per vision token of an image alone (anyres_max_9), in token order; ``None`` for the
+    row newlines. The high-res map may have been shrunk: a token covers its share of the map."""
+    patch, tile = config.vision_config.patch_size, config.vision_config.image_size
+    if _square_size(processor.image_processor) != tile:
+        raise UserError(
+            "pmod visualize maps OneVision tokens when the processor's crop size is the tower's input size"
+        )
+    side = tile // patch
+    base_chain = resize_crop(
+        image_height, image_width, size={"height": tile, "width": tile}, crop_size=None
+    )
+    boxes: list[PatchBox | None] = [
+        grid_box(base_chain, BASE_VIEW, r, c, patch) for r in range(side) for c in range(side)
+    ]
+    layout = anyres_layout(
+        image_height,
+        image_width,
+        grid_pinpoints=config.image_grid_pinpoints,
+        tile_size=tile,
+        cells_per_tile=side,
+    )
+    rows, cols = layout.rows, layout.cols
+    map_height, map_width = capped_map_size(
+        len(rows), len(cols), side, max_crops_of(config.vision_aspect_ratio)
+    )
+    row_step, col_step = len(rows) / map_height, len(cols) / map_width  # map cells per token
+    unresize_x, unresize_y = (
+        image_width / layout.resized_width,
+        image_height / layout.resized_height,
+    )
+
+    def to_image(col: float, row: float) -> tuple[float, float]:
+        # tiles go to the tower at their own size: one map cell is one patch of the padded image
+        return (col * patch - layout.paste_left) * unresize_x, (
+            row * patch - layout.paste_top
+        ) * unresize_y
+
+    for row in range(map_height):
+        for col in range(map_width):
+            x0, y0 = to_image(cols.start + col * col_step, rows.start + row * row_step)
+            x1, y1 = to_image(cols.start + (col + 1) * col_step, rows.start + (row + 1) * row_step)
+            boxes.append(PatchBox(HIGH_RES_VIEW, x0, y0, x1, y1))
+        boxes.append(None)  # the row's newline token
+    return boxes
+
+
+def onevision_several_image_boxes(
+    processor, config, image_height: int, image_width: int
+) -> list[PatchBox | None]:
+    """An image among several: padded to a square, squashed to one crop, then one newline."""
+    patch, side = config.vision_config.patch_size, _square_size(processor.image_processor)
+    chain = resize_crop(
+        image_height,
+        image_width,
+        size={"height": side, "width": side},
+        crop_size=None,
+        pad_to_square=True,
+    )
+    cells = side // patch
+    return [
+        grid_box(chain, IMAGE_VIEW, r, c, patch) for r in range(cells) for c in range(cells)
+    ] + [None]
+
+
+def onevision_frame_boxes(processor, config, frame_height: int, frame_width: int) -> list[PatchBox]:
+    """One video frame: squashed to one crop, its features pooled to ceil(cells / 2) per side."""
+    patch, side = config.vision_config.patch_size, _square_size(processor.video_processor)
+    chain = resize_crop(
+        frame_height, frame_width, size={"height": side, "width": side}, crop_size=None
+    )
+    cells = side // patch
+    pooled = math.ceil(cells / 2)
+    step = cells / pooled * patch  # view pixels per pooled token
+    boxes = []
+    for row in range(pooled):
+        for col in range(pooled):
+            x0, y0 = chain.to_source(col * step, row * step)
+            x1, y1 = chain.to_source((col + 1) * step, (row + 1) * step)
+            boxes.append(PatchBox(FRAME_VIEW, x0, y0, x1, y1))
+    return boxes

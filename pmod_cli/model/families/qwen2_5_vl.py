@@ -11,6 +11,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2VLVideoProcessor,
 )
 
 from ..pmod_model import PMoDModelMixin
@@ -41,3 +42,6 @@ class Qwen2_5_VLFamily(QwenVLFamily):
     vision_model_types = ("qwen2_5_vl_vision",)
     default_max_pixels = 28 * 28 * 16384  # Qwen2.5-VL's image processor: 12845056
     default_video_max_pixels = 28 * 28 * 768  # Qwen2VLVideoProcessor, per frame
+    tiny_patch = 14
+    tiny_vision_options = {"window_size": 56, "fullatt_block_indexes": [1]}
+    video_processor_class = Qwen2VLVideoProcessor

@@ -17,6 +17,7 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from ..pmod_model import PMoDModelMixin
@@ -50,6 +51,11 @@ class Qwen3VLFamily(QwenVLFamily):
     }
     default_max_pixels = 16777216  # Qwen3-VL's image processor (longest_edge)
     default_video_max_pixels = 32 * 32 * 768  # Qwen3VLVideoProcessor, all frames together
+    tiny_patch = 16
+    tiny_vision_options = {"num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]}
+    video_processor_class = Qwen3VLVideoProcessor
+    frames_share_pixel_limit = True
+    interleaved_mrope = True
 
     def video_texts(self, processor, videos) -> list[str] | None:
         """Its processor writes a timestamp and vision markers before each temporal patch of a

@@ -31,6 +31,7 @@ import torch
 
 from ...errors import UserError
 from ...runtime import tokenizer_problem
+from ..chat_templates import CHAT_TEMPLATES
 from ..families import get_family, image_settings, prepare_tokenizer
 
 # config.json model_type -> the language model it wraps ("llava": the older name of llava_llama)
@@ -260,13 +261,11 @@ def load_tokenizer(source: Path, vocab_size: int):
 def build_processor(layout: OriginalLayout, tokenizer, base_image_processor, vision_config):
     """The family's processor: the tower's image settings, the checkpoint's aspect mode, the
     family's chat template for its language model."""
-    from ...data.templates import get_template
-
     family = get_family(layout.layout)
     images = family.image_processor(
         image_settings(base_image_processor), layout.aspect_ratio, layout.grid_pinpoints
     )
-    template = get_template(family.template_name(layout.text_model)).jinja
+    template = CHAT_TEMPLATES[family.template_name(layout.text_model)]
     return family.build_processor(
         tokenizer, images, vision_config, layout.select_strategy, template
     )

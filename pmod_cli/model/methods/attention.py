@@ -79,3 +79,10 @@ def received_attention(
     probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     received = probs.mean(dim=1)  # (batch, queries, seq): mean over heads
     return (received * query_weight[:, :, None]).sum(dim=1)
+
+
+def sliding_window(attention: torch.nn.Module) -> int | None:
+    # Qwen2 sets it per layer (None on full-attention layers); Mistral reads its config
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import keep_top
-from .attention import prompt_ends, received_attention
+from .attention import prompt_ends, received_attention, sliding_window
 from .base import MethodError, TokenMethod, register_method
 
 FASTV_SCORES = ("last", "mean")
@@ -77,8 +77,6 @@ class FastV(TokenMethod):
         return {self.layer - 1}
 
     def rank(self, layer, projections: dict, position_embeddings, routing) -> None:
-        from ..layer import sliding_window
-
         candidates = routing.vision_mask & routing.token_valid
         scores = received_attention(
             projections["q"].detach(),

@@ -1,9 +1,10 @@
-"""Image-question samples for analyses: the first user turn and the images (and videos) of
-LLaVA-format samples.
+"""Image-question samples: the first user turn and the images (and videos) of LLaVA-format
+samples, for the commands that run a model on a data file's questions (``pmod arank``, flops
+calibration).
 
-Reading goes through the training data code (``pmod_cli.data.llava_data``): one reader for
-LLaVA JSON / JSONL everywhere. The analyses prompt a sample as evaluation would
-(``prompt_inputs``): its question after all of its images, then its videos.
+Reading goes through the training data code (``llava_data``): one reader for LLaVA JSON / JSONL
+everywhere. A sample is prompted as evaluation would (``prompt_inputs``): its question after all
+of its images, then its videos.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.llava_data import (
+from ..errors import UserError
+from .llava_data import (
     DEFAULT_VIDEO_FRAMES,
     PIL_ERRORS,
     SkipSample,
@@ -24,9 +26,8 @@ from ..data.llava_data import (
     sample_id,
     video_paths,
 )
-from ..data.templates import MEDIA_PLACEHOLDERS, ConversationError, parse_turns
-from ..data.video import VideoError, check_video
-from ..errors import UserError
+from .templates import MEDIA_PLACEHOLDERS, ConversationError, parse_turns
+from .video import VideoError, check_video
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def read_image_questions(
     exist, or cannot be read, is a UserError, since it usually means a wrong ``--image-folder``.
     ``image_folder`` defaults to the data file's directory (the tiny shapes set's: its ``images`` folder).
     """
-    from ..data.tiny import default_image_folder
+    from .tiny import default_image_folder
 
     data = Path(data)
     folder = Path(image_folder) if image_folder is not None else default_image_folder(data)
@@ -166,7 +167,7 @@ def open_media(
 def prompt_inputs(processor, model, questions: list[ImageQuestion], template: str) -> dict:
     """One processor batch of ``questions``, each prompted as evaluation would: the checkpoint's
     chat template (else ``template``), the question after the sample's images and videos."""
-    from ..data.prompts import build_prompt, encode
+    from .prompts import build_prompt, encode
 
     video_processor = getattr(processor, "video_processor", None)
     num_frames = getattr(video_processor, "num_frames", None) or DEFAULT_VIDEO_FRAMES

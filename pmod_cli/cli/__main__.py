@@ -1,0 +1,5 @@
+"""``python -m pmod_cli.cli`` (what torchrun and the deepspeed launcher run): the ``pmod`` command."""
+
+from . import main
+
+main()
