@@ -109,7 +109,7 @@ class LlavaLayoutFamily(ModelFamily):
 class PMoDLlavaConfig(LlavaConfig):
     model_type = "pmod_llava"
     pmod: dict | None = None
-    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
+    pmod_method: dict | None = None  # another method the layers run (TokenMethod.to_dict)
 
 
 class PMoDLlavaForConditionalGeneration(PMoDModelMixin, LlavaForConditionalGeneration):

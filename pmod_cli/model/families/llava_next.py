@@ -37,7 +37,7 @@ from .llava import LlavaLayoutFamily, processor_geometry
 class PMoDLlavaNextConfig(LlavaNextConfig):
     model_type = "pmod_llava_next"
     pmod: dict | None = None
-    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
+    pmod_method: dict | None = None  # another method the layers run (TokenMethod.to_dict)
 
 
 class PMoDLlavaNextForConditionalGeneration(PMoDModelMixin, LlavaNextForConditionalGeneration):

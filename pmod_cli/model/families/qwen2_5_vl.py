@@ -22,7 +22,7 @@ from .qwen_vl import QwenVLFamily
 class PMoDQwen2_5_VLConfig(Qwen2_5_VLConfig):
     model_type = "pmod_qwen2_5_vl"
     pmod: dict | None = None
-    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
+    pmod_method: dict | None = None  # another method the layers run (TokenMethod.to_dict)
 
 
 class PMoDQwen2_5_VLForConditionalGeneration(PMoDModelMixin, Qwen2_5_VLForConditionalGeneration):

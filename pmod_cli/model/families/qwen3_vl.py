@@ -28,7 +28,7 @@ from .qwen_vl import QwenVLFamily
 class PMoDQwen3VLConfig(Qwen3VLConfig):
     model_type = "pmod_qwen3_vl"
     pmod: dict | None = None
-    pmod_method: dict | None = None  # a baseline method the layers run (methods.MethodConfig)
+    pmod_method: dict | None = None  # another method the layers run (TokenMethod.to_dict)
 
 
 class PMoDQwen3VLForConditionalGeneration(PMoDModelMixin, Qwen3VLForConditionalGeneration):
