@@ -226,7 +226,9 @@ class PMoDLayerMixin:
         if routed:
             keep, weights, logits = self._route(hidden_states, routing)  # (batch, seq) each
         else:
-            keep, logits = self.token_method.select(self, routing)
+            keep, logits = self.token_method.select(
+                self, routing, hidden_states, position_embeddings
+            )
             weights = torch.ones(keep.shape, dtype=hidden_states.dtype, device=keep.device)
         _record(self, keep, routing.vision_mask, weights, logits)
 

@@ -117,8 +117,11 @@ class TokenMethod:
         """In a ranking layer, after it ran: choose the vision tokens (``routing.ranked_keep``)."""
         raise NotImplementedError(f"{self.name} ranks in no layer")
 
-    def select(self, layer, routing):
-        """In a ``subset`` layer: (batch, seq) bool kept tokens and the scores that chose them."""
+    def select(self, layer, routing, hidden_states, position_embeddings):
+        """In a ``subset`` layer, before it runs: (batch, seq) bool kept tokens and the scores
+        that chose them. ``hidden_states`` (batch, seq, hidden) is the layer's input and
+        ``position_embeddings`` its RoPE (cos, sin), for a method that ranks with the layer's own
+        projections; ``routing.ranked_keep`` holds what an earlier layer chose."""
         raise NotImplementedError(f"{self.name} runs no subset layer")
 
     def install(self, model, vision_tokens: int | None) -> None:

@@ -95,7 +95,7 @@ class FastV(TokenMethod):
         routing.ranked_keep = keep_top(scores, candidates, routing.token_valid, keep_count)
         routing.ranked_scores = scores
 
-    def select(self, layer, routing):
+    def select(self, layer, routing, hidden_states, position_embeddings):
         valid = routing.token_valid
         if routing.ranked_keep is None:  # nothing was ranked, so no vision token is here
             if (routing.vision_mask & valid).any():

@@ -33,7 +33,7 @@ class Random(TokenMethod):
     def kept_vision_tokens(self, pmod_ratios: Sequence[float], num_vision: int) -> list[int]:
         return [kept_count(num_vision, ratio) for ratio in pmod_ratios]
 
-    def select(self, layer, routing):
+    def select(self, layer, routing, hidden_states, position_embeddings):
         candidates = routing.vision_mask & routing.token_valid
         scores = random_scores(candidates, self.seed, layer.self_attn.layer_idx)
         return keep_top(
