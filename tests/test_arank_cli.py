@@ -122,6 +122,7 @@ def reference_arank(checkpoint, data, images):
     return (ranks / len(samples)).tolist(), (tokens / len(samples)).tolist(), model, processor
 
 
+@pytest.mark.slow
 def test_plain_llava_table_plot_and_result_file(workspace, tmp_path, monkeypatch, capsys):
     plot, saved = tmp_path / "plots" / "arank.png", tmp_path / "arank.json"
     code, out, _ = run_cli(

@@ -16,6 +16,7 @@ from pmod_cli.model.loading import load_checkpoint
 PMOD = [sys.executable, "-m", "pmod_cli.cli"]
 
 
+@pytest.mark.slow
 def test_convert_writes_a_pmod_checkpoint_that_computes_like_the_original(tmp_path):
     model, processor = tiny_model("qwen2", "llava_next")
     model.save_pretrained(tmp_path / "dense")
@@ -35,6 +36,7 @@ def test_convert_writes_a_pmod_checkpoint_that_computes_like_the_original(tmp_pa
         assert torch.equal(converted(**inputs).logits, model(**inputs).logits)
 
 
+@pytest.mark.slow
 def test_convert_refuses_bad_input_in_one_line(tmp_path):
     cases = [
         (

@@ -26,6 +26,9 @@ from pmod_cli.data import prepare_sources
 from pmod_cli.data.llava_data import load_records, scan_records
 from pmod_cli.data.prepare import prepare_data
 
+# one worker builds the converted LLaVA-NeXT set (next_prepared) once
+pytestmark = pytest.mark.xdist_group("data_prepare")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # the columns lmms-lab/LLaVA-NeXT-Data publishes (its dataset card's dataset_info)
@@ -186,6 +189,7 @@ def next_prepared(next_source, tmp_path_factory) -> tuple[Path, dict]:
 # ---- the LLaVA-NeXT parquet layout ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_next_parquet_becomes_images_and_one_llava_json(next_prepared):
     output, report = next_prepared
     kept, dropped = expected(NEXT_SHARDS)
@@ -227,6 +231,7 @@ def test_next_parquet_becomes_images_and_one_llava_json(next_prepared):
     assert len(scan.valid) == len(kept) and not scan.bad and scan.text_only == 1
 
 
+@pytest.mark.slow
 def test_prepared_data_passes_sft_dry_run(next_prepared, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     mix = write_mix665k(tmp_path)
@@ -259,6 +264,7 @@ def test_prepared_data_passes_sft_dry_run(next_prepared, tmp_path, monkeypatch, 
         assert f"{usable} samples, {usable} usable ({text_only} text-only), 0 bad" in out
 
 
+@pytest.mark.slow
 def test_killed_then_failed_runs_resume_to_the_same_json(next_source, next_prepared, tmp_path):
     reference, _ = next_prepared
     output = tmp_path / "prepared"
@@ -417,6 +423,7 @@ def write_mix665k(directory: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_mix665k_cleaning_counts_each_reason_and_keeps_samples_as_they_are(tmp_path):
     source = write_mix665k(tmp_path)
     output = tmp_path / "mix_clean"
@@ -449,6 +456,8 @@ def test_mix665k_cleaning_counts_each_reason_and_keeps_samples_as_they_are(tmp_p
 
 def test_the_report_table_names_every_reason_with_its_count(tmp_path, monkeypatch, capsys):
     source = write_mix665k(tmp_path)
+    # wide enough that the table does not fold the temporary path (longer under parallel workers)
+    monkeypatch.setenv("COLUMNS", "250")
     code, captured = run_cli(
         monkeypatch, capsys, "data", "prepare", str(source), "-o", str(tmp_path / "out")
     )
@@ -460,6 +469,7 @@ def test_the_report_table_names_every_reason_with_its_count(tmp_path, monkeypatc
     assert f'data.image_folder = "{source.parent}"' in table
 
 
+@pytest.mark.slow
 def test_the_hub_path_streams_the_same_shards(next_source, next_prepared, tmp_path, monkeypatch):
     """--from-hub reads through datasets' streaming shards; a local directory in the hub layout
     stands in for the hub (the one network call, the revision lookup, is answered here)."""
@@ -602,6 +612,7 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_offline_hub_is_one_error_line(tmp_path):
     output = tmp_path / "hub"
     result = run_prepare(

@@ -37,13 +37,14 @@ from pmod_cli.demo.panels import (
 from pmod_cli.efficiency.flops import count_flops_for_model
 from pmod_cli.efficiency.report import percent
 from pmod_cli.errors import UserError
+from pmod_cli.model.families.llava import llava_patch_boxes
 from pmod_cli.model.loading import load_checkpoint
 from pmod_cli.visualization.figure import PADDING_NOTE
-from pmod_cli.visualization.patches import llava_patch_boxes
 from pmod_cli.visualization.selection import LayerSelection, TokenSelection, select_tokens
 
 # gradio 6's queue still uses two pandas options that pandas 3 deprecates
 pytestmark = [
+    pytest.mark.xdist_group("demo"),  # one worker starts the server and builds the engine once
     pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
@@ -282,6 +283,7 @@ def page_function(app):
     return answer.fn, {getattr(block, "elem_id", None): block for block in answer.outputs}
 
 
+@pytest.mark.slow
 def test_a_refused_request_says_why_once_and_leaves_the_outputs_alone(engine, checkpoints):
     pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'pmod-cli[demo]'")
     from pmod_cli.demo.app import build_app
@@ -405,6 +407,7 @@ def server(checkpoints):
     running.close()
 
 
+@pytest.mark.slow
 def test_the_server_listens_on_loopback_and_serves_no_file_but_uploads(
     server, checkpoints, tmp_path
 ):
@@ -440,6 +443,7 @@ def sse_events(text: str) -> list[tuple[str, object]]:
     return events
 
 
+@pytest.mark.slow
 def test_the_server_streams_the_answer_piece_by_piece(server, checkpoints, expected):
     """Over the wire, as the page receives it: one update per streamed piece, then the answer."""
     import httpx
@@ -474,6 +478,7 @@ def upload(base: str, path: Path) -> dict:
     return {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
 
 
+@pytest.mark.slow
 def test_over_the_wire_a_refused_request_completes_with_its_status_line(server, checkpoints):
     """Through Gradio's own input processing: no image, and an upload that is no image (which
     Gradio's image input would fail on before the page's function ran), complete normally with
@@ -498,6 +503,7 @@ def test_over_the_wire_a_refused_request_completes_with_its_status_line(server, 
         assert all(isinstance(box, dict) for box in boxes) and "Error" not in stream
 
 
+@pytest.mark.slow
 def test_the_command_serves_until_told_to_stop_and_leaves_no_files(checkpoints, tmp_path):
     """The real `pmod demo` process: it announces the address once it serves, serves the page on
     loopback, and a plain `kill` stops it cleanly (exit 0, its example files removed)."""
@@ -584,6 +590,7 @@ def wait_for_status(page, message: str) -> None:
     assert page.locator("#status").inner_text().strip() == shown
 
 
+@pytest.mark.slow
 def test_in_a_browser_a_refused_request_says_why_under_the_button(
     browser_page, server, checkpoints, tmp_path
 ):
@@ -606,6 +613,7 @@ def test_in_a_browser_a_refused_request_says_why_under_the_button(
         assert page.locator(".toast-body").count() == 0, case
 
 
+@pytest.mark.slow
 def test_in_a_browser_the_page_answers_and_shows_routing_and_costs(
     browser_page, server, checkpoints, expected, tmp_path, capsys
 ):

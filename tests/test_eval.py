@@ -63,6 +63,7 @@ def umask_022():
     os.umask(previous)
 
 
+@pytest.mark.slow
 def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_path, umask_022):
     output = tmp_path / "reports" / "eval.json"
     result = CliRunner().invoke(
@@ -136,6 +137,7 @@ def test_pmod_eval_reports_accuracy_and_measured_efficiency(checkpoints, tmp_pat
     assert pmod["efficiency"]["dense_tflops"] == dense["efficiency"]["dense_tflops"]
 
 
+@pytest.mark.slow
 def test_json_on_stdout_names_the_command_and_the_dtype(checkpoints, monkeypatch, capsys):
     args = [str(checkpoints["pmod"]), "--tasks", "pmod_tiny_vqa", "--limit", "2", "--device", "cpu"]
     args += ["--dtype", "float32", "--json"]
@@ -151,6 +153,7 @@ def test_json_on_stdout_names_the_command_and_the_dtype(checkpoints, monkeypatch
     assert len(result["answers"]["pmod_tiny_vqa"]) == 2
 
 
+@pytest.mark.slow
 def test_batched_generation_answers_like_batch_one(checkpoints):
     # LLaVA-NeXT: held-out images of several aspect ratios give different numbers of vision
     # tokens per sample, so a batch is really padded
@@ -214,6 +217,7 @@ def test_loglikelihood_is_the_continuation_loss(checkpoints):
     assert probe.dense_kv_bytes[0] > probe.kv_bytes[0]
 
 
+@pytest.mark.slow
 def test_lmms_eval_command_line_runs_the_pmod_model(checkpoints, tmp_path):
     env = {
         **os.environ,
@@ -239,6 +243,7 @@ def test_lmms_eval_command_line_runs_the_pmod_model(checkpoints, tmp_path):
     assert 0 < results["throughput"]["avg_kv_cache_vs_dense"] < 1
 
 
+@pytest.mark.slow
 def test_paper_benchmarks_resolve_and_the_group_names_all_14(monkeypatch):
     manager = make_task_manager([PAPER_GROUP])
     missing = [task for task in PAPER_TASKS if task not in manager.all_tasks]
@@ -264,6 +269,7 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -302,6 +308,7 @@ def test_user_errors_exit_2_with_one_line(checkpoints, monkeypatch, capsys, argu
     assert stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("HF_DATASETS_OFFLINE") != "1", reason="would download MME")
 def test_a_benchmark_without_its_data_is_a_user_error(checkpoints, monkeypatch, capsys):
     code, stderr = run_main(
@@ -380,6 +387,7 @@ def test_network_and_login_errors_are_found_behind_wrappers(make_error):
     assert eval_run._offline_cause(ValueError("a bug")) is None
 
 
+@pytest.mark.slow
 def test_missing_hub_login_ends_in_one_error_line_after_the_judge_warning(
     checkpoints, monkeypatch, capsys
 ):
@@ -415,6 +423,7 @@ def test_missing_hub_login_ends_in_one_error_line_after_the_judge_warning(
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_task_files_go_beside_the_report_not_into_the_current_directory(
     checkpoints, monkeypatch, tmp_path
 ):
@@ -589,7 +598,8 @@ def test_image_tokens_placed_by_the_task_become_image_items():
     )
 
 
-def test_two_processes_give_the_scores_of_one(checkpoints, tmp_path):
+@pytest.mark.slow
+def test_two_processes_give_the_scores_of_one(checkpoints, tmp_path, free_port):
     """``torchrun --nproc_per_node 2`` on the CPU (gloo): each process takes its share of the
     requests, process 0 reports once, with the scores, answers and measured requests of one
     process; lmms-eval's padding of the uneven shares (5 questions) is neither scored nor measured."""
@@ -599,7 +609,7 @@ def test_two_processes_give_the_scores_of_one(checkpoints, tmp_path):
     )
     output = tmp_path / "two.json"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29652",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
         "-m", "pmod_cli", "eval", str(checkpoints["pmod"]), "--tasks", ",".join(tasks), "--limit", "5",
         "--device", "cpu", "--output", str(output),
     ]  # fmt: skip

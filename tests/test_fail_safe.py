@@ -33,6 +33,10 @@ from pmod_cli.training.run_lock import LOCK_FILE, RunLock
 from pmod_cli.training.stages import sft
 from pmod_cli.training.trainer import CheckpointSpaceError, NonFiniteLossError
 
+# training runs stopped, killed, diverging or out of disk, and damaged weights; one worker builds
+# the module's runs once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fail_safe")]
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.global_batch_size=4", "train.per_device_batch_size=4", "train.logging_steps=1"]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +98,27 @@ def test_visualize_routes_the_prompt_that_eval_routes():
     )["input_ids"]
     assert torch.equal(routed[0], expected)
     assert torch.equal(expected, encode(processor, [eval_prompt], [image], model)["input_ids"])
+
+
+def test_the_shared_token_geometry_loads_without_torch():
+    """``families/geometry.py`` is arithmetic on sizes: the module, loaded on its own in a fresh
+    interpreter, imports neither torch nor transformers (the package's ``__init__`` loads the model
+    code, so the module is loaded from its file) and places a padded crop's patches."""
+    from pmod_cli.model.families import geometry
+
+    code = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("pmod_cli.model.families.geometry", sys.argv[1])
+geometry = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = geometry
+spec.loader.exec_module(geometry)
+chain = geometry.resize_crop(40, 80, size={"shortest_edge": 28}, crop_size=None, pad_to_square=True)
+box = geometry.grid_box(chain, geometry.IMAGE_VIEW, 0, 0, 14)
+print(box.x0, box.y0, box.x1, box.y1, geometry.capped_map_size(16, 16, 4, 9))
+print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code, geometry.__file__], capture_output=True, text=True, check=True
+    )
+    # an 80 x 40 image padded to 80 x 80 (20 rows above), resized to 28: a patch is 40 px
+    assert result.stdout.splitlines() == ["0.0 -20.0 40.0 20.0 (12, 12)", "[]"]

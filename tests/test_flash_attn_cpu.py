@@ -198,6 +198,7 @@ def test_bert_padding_round_trip():
 # ---- transformers' flash-attention code, run with the stand-in --------------------------------
 
 
+@pytest.mark.slow
 def test_install_is_undone_afterwards():
     from transformers import modeling_flash_attention_utils as fa_utils
 

@@ -353,7 +353,7 @@ def test_onevision_token_counts_follow_the_processor_rules():
         LlavaOnevisionVideoProcessor,
     )
 
-    from pmod_cli.model.families.anyres import anyres_tokens
+    from pmod_cli.model.families.geometry import anyres_tokens
 
     shape = get_preset("llava-onevision-qwen2-7b")
     tokenizer = tiny_tokenizer()

@@ -262,6 +262,7 @@ def reference_ratios(checkpoint, data, num_samples):
     return ratios, sorted(shares)
 
 
+@pytest.mark.slow
 def test_calibration_measures_the_threshold_ratios_record_routing_shows(
     checkpoints, monkeypatch, capsys
 ):

@@ -43,6 +43,7 @@ def test_gamma_llava_1_5_is_the_published_setting(tmp_path):
     assert load_recipe(resolved).to_dict() == recipe.to_dict()
 
 
+@pytest.mark.slow
 def test_gamma_tiny_trains_end_to_end(tmp_path):
     output = tmp_path / "gamma_sft"
     recipe = load_recipe(
@@ -88,6 +89,7 @@ def test_gamma_tiny_trains_end_to_end(tmp_path):
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_recipe_takes_its_mod_layers_from_an_arank_result_file(tmp_path):
     from pmod_cli.analysis.arank import ARankResult
     from pmod_cli.training.plan import make_training_plan

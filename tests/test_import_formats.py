@@ -313,6 +313,7 @@ def test_official_pmod_converts_to_what_the_core_computes_on_the_same_weights(
     assert cache[7] != cache[0]  # skipped tokens are not cached
 
 
+@pytest.mark.slow
 def test_a_pmod_model_loaded_from_an_official_checkpoint_runs_pmod_eval(tmp_path, tower):
     checkpoint = write_original_checkpoint(
         tmp_path / "p-MoD-LLaVA-1.5", tower, "llama", "llava", layers=4, shards=2,

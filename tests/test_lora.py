@@ -31,6 +31,9 @@ from pmod_cli.training.recipe import load_recipe
 from pmod_cli.training.stages import sft
 from pmod_cli.training.trainer import NonFiniteLossError
 
+# LoRA / QLoRA training runs, one under DeepSpeed ZeRO-3 on two processes
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.global_batch_size=8", "train.per_device_batch_size=8", "train.logging_steps=1"]
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -307,7 +310,7 @@ def test_llava_next_lora_recipe_plans_its_trainable_parameters():
     assert "[lora]" in resolved and "group_by_modality_length = true" in resolved
 
 
-def test_lora_under_zero3_on_two_cpu_processes_saves_merged_and_resumes(tmp_path):
+def test_lora_under_zero3_on_two_cpu_processes_saves_merged_and_resumes(tmp_path, free_port):
     """ZeRO-3 partitions the adapters and the base alike: checkpoints are adapter directories
     plus DeepSpeed's own shards (trainable tensors only), the final model is gathered and
     merged, and --resume continues from DeepSpeed's shards."""
@@ -321,7 +324,7 @@ def test_lora_under_zero3_on_two_cpu_processes_saves_merged_and_resumes(tmp_path
 
     def launch(*extra: str) -> None:
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29636",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
             "-m", "pmod_cli", "sft", str(ROOT / "recipes" / "tiny.toml"), *sum((["--set", o] for o in overrides), []),
             *extra,
         ]  # fmt: skip

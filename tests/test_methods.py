@@ -69,7 +69,7 @@ def test_match_tflops_solves_the_knob_and_refuses_it_given():
     ]
     with pytest.raises(MethodError, match="chooses pool's tokens itself; drop tokens="):
         parse_methods(["pool:tokens=4"], match_tflops=True)
-    with pytest.raises(MethodError, match="add one of fastv, pool to --method"):
+    with pytest.raises(MethodError, match="add one of fastv, pool(, [a-z_]+)* to --method"):
         parse_methods(["dense,random"], match_tflops=True)
 
 
@@ -113,6 +113,7 @@ def run_python(code: str, path: str, env_extra: dict | None = None) -> subproces
     )
 
 
+@pytest.mark.slow  # two fresh interpreters
 def test_an_installed_package_adds_a_method_through_its_entry_point(tmp_path):
     (tmp_path / "pmod_keep_first.py").write_text(PLUGIN)
     dist = tmp_path / "pmod_keep_first-0.1.dist-info"
@@ -151,6 +152,7 @@ def test_a_method_registered_twice_under_one_name_is_refused():
         register_method(Other)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_pmod_cli_leaves_transformers_alone_until_register(tmp_path):
     result = run_python(
         """

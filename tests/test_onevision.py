@@ -1,29 +1,26 @@
-"""p-MoD for LLaVA-OneVision against the untouched HF model and against itself, on a padded batch
-that mixes one image (anyres_max_9), two images and a short video; and the per-image budget."""
+"""LLaVA-OneVision's own rules: image token counts (anyres_max_9), which vision token belongs to which
+image or video frame, and the per-image budget, on a padded batch that mixes one image, two images
+and a short video. The equivalences every family passes are in test_conformance.py."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from test_conformance import group_sizes
 from tiny_models import (
     OV_GRID_PINPOINTS,
     random_image,
     random_video,
     randomize_routers,
-    save_checkpoint,
     tiny_model,
     tiny_onevision,
 )
-from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_pmod, record_routing
-from pmod_cli.model import kept_count, kv_cache_lengths
+from pmod_cli.model import kept_count
 from pmod_cli.model.families import get_family
 from pmod_cli.model.families.llava_onevision import image_token_counts
 
-LAYER0_MOD = [0.5, 1.0, 0.3, 0.6]
 PROMPTS = [
     "USER: <image>\nwhat colour? ASSISTANT:",
     "USER: <image><image>\ndescribe the two images please ASSISTANT:",  # two image runs that touch
@@ -50,132 +47,6 @@ def pmod_model(text="qwen2", **overrides):
     apply_pmod(model, **overrides)
     randomize_routers(model)
     return model, processor
-
-
-def generation(model, **kwargs) -> dict:
-    """Greedy generation kwargs; a random model may pick a vision token, which must never be generated."""
-    suppressed = [model.config.image_token_id, model.config.video_token_id]
-    return dict(do_sample=False, return_dict_in_generate=True, suppress_tokens=suppressed, **kwargs)
-
-
-def group_sizes(groups: torch.Tensor) -> dict[int, int]:
-    ids, counts = torch.unique(groups[groups >= 0], return_counts=True)
-    return dict(zip(ids.tolist(), counts.tolist(), strict=True))
-
-
-@pytest.mark.parametrize("text", ["qwen2", "llama"])
-def test_all_dense_schedule_equals_untouched_model(text):
-    model, processor = tiny_onevision(text)
-    dense = copy.deepcopy(model)
-    inputs = batch_inputs(processor)
-    with torch.no_grad():
-        reference = dense(**inputs).logits
-        for overrides in (
-            {"beta": 2.0},
-            {"ratios": [1.0] * 4},
-            {"ratios": [1.0] * 4, "budget": "image"},
-        ):
-            apply_pmod(model, **overrides)
-            assert model.retention_ratios == [1.0] * 4
-            assert torch.equal(model(**inputs).logits, reference)
-
-
-@pytest.mark.parametrize("budget", ["sample", "image"])
-@pytest.mark.parametrize("ratios", [None, LAYER0_MOD], ids=["prd", "layer0-mod"])
-def test_cached_generation_equals_uncached(ratios, budget):
-    overrides = {"ratios": ratios} if ratios else {"beta": 0.5}
-    model, processor = pmod_model(**overrides, budget=budget)
-    inputs = batch_inputs(processor)
-    assert inputs["attention_mask"].min() == 0
-    kwargs = generation(model, max_new_tokens=6, output_logits=True)
-    with torch.no_grad():
-        cached = model.generate(**inputs, use_cache=True, **kwargs)
-        uncached = model.generate(**inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
-        assert torch.allclose(step_cached, step_uncached, atol=1e-4)
-
-
-@pytest.mark.parametrize("budget", ["sample", "image"])
-def test_sample_alone_equals_sample_in_batch(budget):
-    model, processor = pmod_model(ratios=LAYER0_MOD, budget=budget)
-    kwargs = generation(model, max_new_tokens=5, output_logits=True)
-    with torch.no_grad():
-        batched = model.generate(**batch_inputs(processor), **kwargs)
-        for index in (0, 1, 2):
-            alone = model.generate(**batch_inputs(processor, (index,)), **kwargs)
-            assert torch.equal(alone.sequences[0, -5:], batched.sequences[index, -5:])
-            for step_alone, step_batched in zip(alone.logits, batched.logits, strict=True):
-                assert torch.allclose(step_alone[0], step_batched[index], atol=1e-4)
-
-
-@pytest.mark.parametrize("budget", ["sample", "image"])
-def test_kv_cache_lengths_are_text_plus_kept_vision_tokens(budget):
-    model, processor = pmod_model(ratios=LAYER0_MOD, budget=budget)
-    family = get_family("llava_onevision")
-    inputs = batch_inputs(processor)
-    vision_mask = family.vision_mask(inputs["input_ids"], model.config)
-    groups = family.vision_groups(inputs["input_ids"], model.config, inputs)
-    real_text = (inputs["attention_mask"].sum(1) - vision_mask.sum(1)).tolist()
-    new_tokens = 3
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, **generation(model, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        )
-    lengths = kv_cache_lengths(out.past_key_values)
-    for layer, ratio in enumerate(LAYER0_MOD):
-        if ratio == 1.0:  # a dense layer caches every slot of the padded batch
-            assert lengths[layer] == [inputs["input_ids"].shape[1] + new_tokens - 1] * 3
-            continue
-        for sample in range(3):
-            if budget == "sample":
-                kept = kept_count(int(vision_mask[sample].sum()), ratio)
-            else:  # each image and each frame keeps floor(n * R) of its own
-                kept = sum(kept_count(n, ratio) for n in group_sizes(groups[sample]).values())
-            # the last generated token is not yet in the cache
-            assert lengths[layer][sample] == real_text[sample] + kept + new_tokens - 1, (
-                layer,
-                sample,
-            )
-
-
-def test_routers_get_gradients_also_from_skipped_tokens():
-    model, processor = pmod_model(beta=0.5)
-    model.train()
-    inputs = batch_inputs(processor)
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    router_logits = {}
-
-    def keep_grad(module, args, output):
-        output.retain_grad()
-        router_logits[module] = output
-
-    for layer in model.model.language_model.layers:
-        if getattr(layer, "router", None) is not None:
-            layer.router.register_forward_hook(keep_grad)
-    with record_routing(model) as routing:
-        loss = model(**inputs, labels=labels).loss
-    loss.backward()
-    assert routing.layers
-    for layer_idx, decision in routing.layers.items():
-        router = model.model.language_model.layers[layer_idx].router
-        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
-        skipped = decision.vision_mask & ~decision.keep_mask
-        assert skipped[2].any()  # the video sample skipped frames' tokens too
-        assert router_logits[router].grad[skipped].abs().min() > 0  # STRing
-
-
-def test_save_and_load_round_trip(tmp_path):
-    model, processor = pmod_model(beta=0.4, budget="image", reweight="block")
-    inputs = batch_inputs(processor)
-    save_checkpoint(model, processor, tmp_path)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    assert type(loaded) is type(model)
-    assert loaded.config.model_type == "pmod_llava_onevision"
-    assert loaded.pmod_config == model.pmod_config and loaded.pmod_config.budget == "image"
-    assert loaded.retention_ratios == model.retention_ratios
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
 
 
 # ---- which vision token belongs to which image or frame -----------------------------------
@@ -212,24 +83,6 @@ def test_vision_groups_split_touching_images_and_every_frame():
     assert list(group_sizes(groups[2]).values()) == [4, 4, 5]
     ids = [set(group_sizes(groups[row])) for row in range(3)]
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])
-
-
-def test_per_image_budget_keeps_the_top_of_each_image_and_frame():
-    model, processor = pmod_model(ratios=[1.0, 0.5, 0.3, 1.0], budget="image")
-    family = get_family("llava_onevision")
-    inputs = batch_inputs(processor)
-    groups = family.vision_groups(inputs["input_ids"], model.config, inputs)
-    with torch.no_grad(), record_routing(model) as routing:
-        model(**inputs)
-    for decision in routing.layers.values():
-        for sample in range(3):
-            for group, size in group_sizes(groups[sample]).items():
-                members = groups[sample] == group
-                kept = decision.keep_mask[sample] & members
-                assert int(kept.sum()) == kept_count(size, decision.ratio)
-                skipped_scores = decision.logits[sample][members & ~decision.keep_mask[sample]]
-                if len(skipped_scores):
-                    assert decision.logits[sample][kept].min() >= skipped_scores.max()
 
 
 def test_image_and_video_tokens_compete_for_one_budget_per_sample():

@@ -37,6 +37,9 @@ from pmod_cli.model.loading import load_checkpoint
 from pmod_cli.runtime import sentencepiece_problem
 from pmod_cli.training.build import load_connector
 
+# published checkpoints converted and run through every tool, end to end
+pytestmark = pytest.mark.slow
+
 PROMPTS = [*CORPUS[:3], "USER: what colour is the square?\nASSISTANT: red 42", "Hello, world!"]
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() }}: "

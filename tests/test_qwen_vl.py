@@ -1,7 +1,8 @@
-"""p-MoD for Qwen2.5-VL and Qwen3-VL against the untouched HF models and against themselves, on a
-left-padded batch mixing images of different resolutions (different token counts) and a short
-video; kept tokens keep their original 3-D (M-RoPE) positions; Qwen3-VL's DeepStack features land
-on every vision token, kept or skipped."""
+"""Qwen2.5-VL's and Qwen3-VL's own rules, on a left-padded batch mixing images of different
+resolutions (different token counts) and a short video: vision groups are images and temporal
+patches, a generated vision token is text, kept tokens keep their original 3-D (M-RoPE) positions,
+and Qwen3-VL's DeepStack features land on every vision token, kept or skipped. The equivalences
+every family passes are in test_conformance.py."""
 
 from __future__ import annotations
 
@@ -9,21 +10,18 @@ import copy
 
 import pytest
 import torch
+from test_conformance import group_sizes
 from tiny_models import (
     QWEN_IMAGE,
     QWEN_VIDEO,
     random_image,
     random_video,
     randomize_routers,
-    save_checkpoint,
     tiny_qwen_vl,
 )
-from transformers import AutoModelForImageTextToText
 
 from pmod_cli import apply_pmod, record_routing
-from pmod_cli.model import kept_count, kv_cache_lengths
 from pmod_cli.model.families import get_family
-from pmod_cli.model.loading import load_checkpoint
 
 FAMILY_NAMES = ["qwen2_5_vl", "qwen3_vl"]
 LAYER0_MOD = [0.5, 1.0, 0.3, 0.6]  # layer 0 routes (and, in Qwen3-VL, receives DeepStack features)
@@ -55,16 +53,6 @@ def pmod_model(name, **overrides):
     return model, processor
 
 
-def generation(model, **kwargs) -> dict:
-    suppressed = [model.config.image_token_id, model.config.video_token_id]
-    return dict(do_sample=False, return_dict_in_generate=True, suppress_tokens=suppressed, **kwargs)
-
-
-def group_sizes(groups: torch.Tensor) -> dict[int, int]:
-    ids, counts = torch.unique(groups[groups >= 0], return_counts=True)
-    return dict(zip(ids.tolist(), counts.tolist(), strict=True))
-
-
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_the_batch_mixes_resolutions_and_a_video(name):
     model, processor = tiny_qwen_vl(name, layers=1)
@@ -76,37 +64,6 @@ def test_the_batch_mixes_resolutions_and_a_video(name):
     assert image_tokens == [per_image[0], per_image[1] + per_image[2], 0]
     assert video_tokens[:2] == [0, 0] and video_tokens[2] >= 4
     assert inputs["attention_mask"].min() == 0
-
-
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_all_dense_schedule_equals_untouched_model(name):
-    model, processor = tiny_qwen_vl(name)
-    dense = copy.deepcopy(model)
-    inputs = batch_inputs(processor)
-    with torch.no_grad():
-        reference = dense(**inputs).logits
-        for overrides in ({"beta": 2.0}, {"ratios": [1.0] * 4, "budget": "image"}):
-            apply_pmod(model, **overrides)
-            assert model.retention_ratios == [1.0] * 4
-            assert torch.equal(model(**inputs).logits, reference)
-
-
-@pytest.mark.parametrize("budget", ["sample", "image"])
-@pytest.mark.parametrize("ratios", [None, LAYER0_MOD], ids=["prd", "layer0-mod"])
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_cached_generation_equals_uncached(name, ratios, budget):
-    """Uncached decoding recomputes every 3-D position from the whole sequence at each step; the
-    cached one continues from the model's rope offset with the smaller caches."""
-    overrides = {"ratios": ratios} if ratios else {"beta": 0.5}
-    model, processor = pmod_model(name, **overrides, budget=budget)
-    inputs = batch_inputs(processor)
-    kwargs = generation(model, max_new_tokens=6, output_logits=True)
-    with torch.no_grad():
-        cached = model.generate(**inputs, use_cache=True, **kwargs)
-        uncached = model.generate(**inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
-        assert torch.allclose(step_cached, step_uncached, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -131,46 +88,6 @@ def test_a_generated_vision_token_is_text(name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_sample_alone_equals_sample_in_batch(name):
-    model, processor = pmod_model(name, ratios=LAYER0_MOD)
-    kwargs = generation(model, max_new_tokens=4, output_logits=True)
-    with torch.no_grad():
-        batched = model.generate(**batch_inputs(processor), **kwargs)
-        for index in (0, 1, 2):
-            alone = model.generate(**batch_inputs(processor, (index,)), **kwargs)
-            assert torch.equal(alone.sequences[0, -4:], batched.sequences[index, -4:])
-            for step_alone, step_batched in zip(alone.logits, batched.logits, strict=True):
-                assert torch.allclose(step_alone[0], step_batched[index], atol=1e-4)
-
-
-@pytest.mark.parametrize("budget", ["sample", "image"])
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_kv_cache_lengths_are_text_plus_kept_vision_tokens(name, budget):
-    model, processor = pmod_model(name, ratios=LAYER0_MOD, budget=budget)
-    family = get_family(name)
-    inputs = batch_inputs(processor)
-    vision_mask = family.vision_mask(inputs["input_ids"], model.config)
-    groups = family.vision_groups(inputs["input_ids"], model.config, inputs)
-    real_text = (inputs["attention_mask"].sum(1) - vision_mask.sum(1)).tolist()
-    new_tokens = 3
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, **generation(model, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        )
-    lengths = kv_cache_lengths(out.past_key_values)
-    for layer, ratio in enumerate(LAYER0_MOD):
-        if ratio == 1.0:  # a dense layer caches every slot of the padded batch
-            assert lengths[layer] == [inputs["input_ids"].shape[1] + new_tokens - 1] * 3
-            continue
-        for sample in range(3):
-            if budget == "sample":
-                kept = kept_count(int(vision_mask[sample].sum()), ratio)
-            else:
-                kept = sum(kept_count(n, ratio) for n in group_sizes(groups[sample]).values())
-            assert lengths[layer][sample] == real_text[sample] + kept + new_tokens - 1
-
-
-@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_vision_groups_are_images_and_temporal_patches(name):
     model, processor = tiny_qwen_vl(name, layers=1)
     family = get_family(name)
@@ -182,42 +99,6 @@ def test_vision_groups_are_images_and_temporal_patches(name):
     assert list(group_sizes(groups[1]).values()) == per_image[1:]  # two touching images
     t, h, w = inputs["video_grid_thw"][0].tolist()
     assert list(group_sizes(groups[2]).values()) == [h * w // 4] * t  # two frames each
-
-
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_routers_get_gradients_also_from_skipped_tokens(name):
-    model, processor = pmod_model(name, ratios=LAYER0_MOD)
-    model.train()
-    inputs = batch_inputs(processor)
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    with record_routing(model) as routing:
-        loss = model(**inputs, labels=labels).loss
-    loss.backward()
-    assert sorted(routing.layers) == [0, 2, 3]
-    for layer_idx, decision in routing.layers.items():
-        router = model.model.language_model.layers[layer_idx].router
-        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
-        assert (decision.vision_mask & ~decision.keep_mask)[2].any()  # video tokens skipped too
-
-
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_save_and_load_round_trip(tmp_path, name):
-    model, processor = pmod_model(name, beta=0.4, budget="image")
-    inputs = batch_inputs(processor)
-    save_checkpoint(model, processor, tmp_path)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    assert type(loaded) is type(model) and loaded.config.model_type == f"pmod_{name}"
-    assert loaded.pmod_config == model.pmod_config
-    assert loaded.retention_ratios == model.retention_ratios
-    # the one loader gives the processor back as saved: same tokens, same grids
-    loaded_model, loaded_processor = load_checkpoint(tmp_path, require_pmod=True)
-    reloaded_inputs = batch_inputs(loaded_processor)
-    for key in ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw"):
-        assert torch.equal(reloaded_inputs[key], inputs[key])
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        assert torch.equal(loaded(**inputs).logits, reference)
-        assert torch.equal(loaded_model(**reloaded_inputs).logits, reference)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -1,17 +1,15 @@
-"""The commands on Qwen2.5-VL / Qwen3-VL checkpoints: `pmod eval` (images and video through
-lmms-eval), `pmod convert`, `pmod arank`, `pmod visualize`'s token boxes, `pmod flops` presets,
-the recipes' plans, the training encoder against the processor, and the baselines."""
+"""The commands on Qwen2.5-VL / Qwen3-VL checkpoints: `pmod visualize`'s token boxes, `pmod flops`
+presets, the recipes' plans and the training encoder against the processor. Eval, convert and arank
+run for every video family in test_family_commands.py; the baselines and the FLOP counter check
+for every family in test_conformance.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_qwen_vl import batch_inputs
 from tiny_models import (
     QWEN_VIDEO,
     random_image,
@@ -24,20 +22,16 @@ from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
 from pmod_cli import PMoDConfig, apply_pmod
-from pmod_cli.analysis.arank import measure_arank
 from pmod_cli.cli import app
 from pmod_cli.data.llava_data import Collator, SampleEncoder
 from pmod_cli.data.prompts import build_prompt
 from pmod_cli.data.templates import get_template
-from pmod_cli.data.tiny import resolve_tiny_path
 from pmod_cli.efficiency.flops import count_flops
 from pmod_cli.errors import UserError
-from pmod_cli.model import apply_fastv, apply_pool, apply_random, retention_ratios
+from pmod_cli.model import retention_ratios
 from pmod_cli.model.families import get_family
 from pmod_cli.model.loading import load_checkpoint
-from pmod_cli.model.methods import MethodError
 from pmod_cli.model.presets import get_preset, read_model_shape, shape_from_hf_config
-from pmod_cli.model.schedules import kept_count
 from pmod_cli.training.build import part_of
 from pmod_cli.training.plan import make_training_plan
 from pmod_cli.training.recipe import load_recipe
@@ -184,6 +178,7 @@ def test_training_text_is_the_text_evaluation_prompts_with(name, template):
     assert processor.tokenizer.decode(answer).removesuffix("\n") == "red<|im_end|>"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
 def test_sft_on_the_tiny_qwen_base(tmp_path, name):
     """The tiny recipe, a few steps on a small media set (images, image pairs, videos), from the
@@ -244,67 +239,7 @@ def test_a_trained_model_takes_the_frames_pmod_spreads_over_a_video():
     assert inputs["video_grid_thw"][0][0] == 4 and processor.video_processor.num_frames == 8
 
 
-# ---- eval, convert, arank, visualize ------------------------------------------------------------
-
-
-def test_eval_runs_video_and_image_pair_tasks_and_measures_them(checkpoints, tmp_path):
-    output = tmp_path / "eval.json"
-    result = CliRunner().invoke(
-        app,
-        [
-            "eval",
-            str(checkpoints["pmod"]),
-            "--tasks",
-            "pmod_tiny_video,pmod_tiny_multi_image",
-            "--limit",
-            "3",
-            "--batch-size",
-            "2",
-            "--output",
-            str(output),
-            "--device",
-            "cpu",
-        ],  # fmt: skip
-        terminal_width=200,
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(output.read_text())["checkpoints"][0]
-    assert set(report["scores"]) == {"pmod_tiny_video", "pmod_tiny_multi_image"}
-    entry_bytes = 2 * 2 * 16 * 4  # K and V, 2 KV heads of 16 dims, fp32
-    for measurement in report["measurements"]:
-        assert measurement["vision_tokens"] > 0
-        expected = sum(
-            (measurement["text_tokens"] + kept_count(measurement["vision_tokens"], ratio))
-            * entry_bytes
-            for ratio in report["retention_ratios"]
-        )
-        assert measurement["kv_cache_bytes"] == expected
-
-
-def test_convert_keeps_the_computation_of_the_original(checkpoints, tmp_path):
-    output = tmp_path / "converted"
-    result = subprocess.run(
-        [sys.executable, "-m", "pmod_cli.cli", "convert", str(checkpoints["dense"]), str(output), "--beta", "2.0"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    converted, processor = load_checkpoint(output)
-    dense, _ = load_checkpoint(checkpoints["dense"])
-    assert converted.config.model_type == f"pmod_{checkpoints['name']}"
-    assert converted.retention_ratios == [1.0] * 4
-    inputs = batch_inputs(processor)
-    with torch.no_grad():
-        assert torch.equal(converted(**inputs).logits, dense(**inputs).logits)
-
-
-def test_arank_reads_video_and_image_pair_samples(checkpoints):
-    data = resolve_tiny_path("tiny:media/sft_train.json")
-    result = measure_arank(
-        checkpoints["pmod"], data, samples=6, batch_size=3, dense_layers=2, progress=False
-    )
-    assert result.samples == 6 and len(result.arank) == 4
-    assert result.checkpoint_mod_layers == [1, 2, 3]
-    assert all(rank > 0 for rank in result.arank)
+# ---- visualize ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("size", [(60, 40), (200, 190), (17, 230)])
@@ -332,52 +267,3 @@ def test_visualize_boxes_of_a_video_follow_its_temporal_patches(checkpoints):
     assert t == 2 and selection.num_vision == t * h * w // 4 == len(selection.boxes)
     # one set of cells per 2 frames, tagged with the pair's first frame
     assert [box.source for box in selection.boxes] == [0] * (h * w // 4) + [2] * (h * w // 4)
-
-
-# ---- training-free baselines ------------------------------------------------------------------
-
-
-def test_baselines_run_or_are_refused_in_one_line():
-    model, processor = tiny_qwen_vl("qwen2_5_vl")
-    inputs = batch_inputs(processor)
-    kwargs = dict(do_sample=False, max_new_tokens=3, suppress_tokens=[5, 6])
-    for apply in (lambda m: apply_random(m), lambda m: apply_fastv(m, layer=1)):
-        apply(model)
-        with torch.no_grad():  # cached == uncached under each baseline too
-            cached = model.generate(**inputs, use_cache=True, **kwargs)
-            assert torch.equal(cached, model.generate(**inputs, use_cache=False, **kwargs))
-    with pytest.raises(MethodError, match="not one grid"):
-        apply_pool(model, 4)
-    qwen3, _ = tiny_qwen_vl("qwen3_vl", layers=2)
-    with pytest.raises(MethodError, match="fastv does not run on Qwen3-VL"):
-        apply_fastv(qwen3, layer=1)
-
-
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
-def test_paper_count_equals_flop_counter_on_a_real_qwen_prefill(name):
-    """The language model's linear layers, routers and lm_head, and its attention products, as
-    torch's FLOP counter sees them on a p-MoD prefill of one image, equal `pmod flops`' count at
-    the image's V and T; the cache holds T + floor(V * R_l) per layer."""
-    from test_flops import measure
-
-    from pmod_cli.model import kv_cache_lengths
-
-    model, processor = tiny_qwen_vl(name, attn="eager")
-    apply_pmod(model, PMoDConfig(ratios=[0.5, 1.0, 0.3, 0.6]))
-    inputs = processor(
-        text=["what? <|vision_start|><|image_pad|><|vision_end|> colour"],
-        images=[random_image(200, 190, 2)],
-        return_tensors="pt",
-    )
-    vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    text = inputs["input_ids"].shape[1] - vision
-    measured, cache = measure(model, inputs)
-    shape = shape_from_hf_config(model.config)
-    options = dict(vision_tokens=vision, text_tokens=text, dtype="fp32")
-    paper = count_flops(shape, model.retention_ratios, count="paper", **options)
-    full = count_flops(
-        shape, model.retention_ratios, count="full", attention_pairs="all", **options
-    )
-    assert vision > 4 and measured["paper"] == paper.flops
-    assert measured["attention_products"] == full.components["attention_products"]
-    assert kv_cache_lengths(cache) == [[row.tokens] for row in full.layers]

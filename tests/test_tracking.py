@@ -29,6 +29,7 @@ def closed_port() -> int:
         return probe.getsockname()[1]  # nothing listens there once closed
 
 
+@pytest.mark.slow
 def test_wandb_goes_offline_when_its_server_cannot_be_reached(tmp_path, monkeypatch):
     for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
         monkeypatch.delenv(key, raising=False)

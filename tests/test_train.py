@@ -26,6 +26,10 @@ from pmod_cli.training.recipe import load_recipe  # noqa: E402
 from pmod_cli.training.stages import sft  # noqa: E402
 from pmod_cli.training.trainer import NonFiniteLossError, on_every_rank, publish_model  # noqa: E402
 
+# training runs (the tiny pretrain and SFT stages, DeepSpeed, two-process runs); one worker builds
+# the pretrained fixture once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
+
 FAST = ["train.global_batch_size=8", "train.per_device_batch_size=8", "train.logging_steps=1"]
 
 
@@ -310,12 +314,12 @@ def _agree(rank: int, world_size: int, port: int, results) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_non_finite_check_agrees_across_ranks():
+def test_non_finite_check_agrees_across_ranks(free_port):
     """One rank's NaN stops every rank (none is left waiting in a collective)."""
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
     processes = [
-        context.Process(target=_agree, args=(rank, 2, 29641, results)) for rank in range(2)
+        context.Process(target=_agree, args=(rank, 2, free_port, results)) for rank in range(2)
     ]
     for process in processes:
         process.start()
@@ -362,7 +366,9 @@ def test_dense_baseline_and_llava_next_anyres(tmp_path):
     assert next_.summary["mean_vision_tokens"] > 16  # base crop plus high-res crops
 
 
-def test_zero3_sft_with_text_only_micro_batches_on_two_cpu_processes(pretrained, tmp_path):
+def test_zero3_sft_with_text_only_micro_batches_on_two_cpu_processes(
+    pretrained, tmp_path, free_port
+):
     # every other sample has no image; one sample per process and step, so the processes'
     # micro-batches differ in whether they run the vision tower: ZeRO-3's collectives must
     # still match (without the blank-image pass this crashes with a collective mismatch)
@@ -394,7 +400,7 @@ def test_zero3_sft_with_text_only_micro_batches_on_two_cpu_processes(pretrained,
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29634",
+        str(free_port),
         "-m",
         "pmod_cli",
         "sft",
@@ -430,13 +436,13 @@ exit_process(0)
 """
 
 
-def test_a_process_of_a_two_process_run_ends_like_python_without_its_teardown(tmp_path):
+def test_a_process_of_a_two_process_run_ends_like_python_without_its_teardown(tmp_path, free_port):
     # the ending that keeps gloo's worker threads out of the interpreter's teardown (a random
     # SIGABRT at exit otherwise) still does what Python's exit does before that teardown
     script = tmp_path / "end.py"
     script.write_text(EXIT_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", "29635", str(script), str(tmp_path)]
+    command += ["--master_port", str(free_port), str(script), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -447,7 +453,7 @@ def test_a_process_of_a_two_process_run_ends_like_python_without_its_teardown(tm
         assert (tmp_path / f"{rank}.atexit").read_text() == "False"
 
 
-def test_deepspeed_zero2_on_two_cpu_processes(pretrained, tmp_path):
+def test_deepspeed_zero2_on_two_cpu_processes(pretrained, tmp_path, free_port):
     output = tmp_path / "ds"
     overrides = [
         "train.deepspeed=zero2",
@@ -465,7 +471,7 @@ def test_deepspeed_zero2_on_two_cpu_processes(pretrained, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29633",
+        str(free_port),
         "-m",
         "pmod_cli.cli",
         "pretrain",
