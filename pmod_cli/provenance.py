@@ -13,14 +13,14 @@ import sys
 from datetime import UTC, datetime
 from importlib import metadata
 
+from . import __version__
+
 # report key -> distribution name
 PACKAGES = {"torch": "torch", "transformers": "transformers", "lmms_eval": "lmms_eval"}
 
 
 def package_versions() -> dict[str, str | None]:
     """pmod's version and the installed torch, transformers and lmms-eval (None: not installed)."""
-    from . import __version__
-
     versions: dict[str, str | None] = {
         "pmod": __version__
     }  # the code running, also from a checkout

@@ -54,15 +54,20 @@ def vision_of(model, inputs) -> torch.Tensor:
 
 def kept_sets(model, inputs) -> list[set[int]]:
     """Per sample: the vision tokens layer K processes (as positions of the padded batch)."""
+    return forward(model, inputs)[0]
+
+
+def forward(model, inputs) -> tuple[list[set[int]], torch.Tensor]:
+    """The kept vision tokens of each sample (``kept_sets``) and the logits of one forward pass."""
     with torch.no_grad(), record_routing(model) as routing:
-        model(**inputs)
+        logits = model(**inputs).logits
     decision = routing.layers[K]
     kept = decision.keep_mask & decision.vision_mask
     for later in range(K + 1, len(model.retention_ratios)):  # one set for every later layer
         assert torch.equal(routing.layers[later].keep_mask, decision.keep_mask)
     real = inputs["attention_mask"].bool()
     assert torch.equal(decision.keep_mask & ~decision.vision_mask, real & ~decision.vision_mask)
-    return [set(row.nonzero().view(-1).tolist()) for row in kept]
+    return [set(row.nonzero().view(-1).tolist()) for row in kept], logits
 
 
 # ---- the rule, derived from scratch -----------------------------------------------------------
@@ -107,6 +112,8 @@ def captured(model, inputs):
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_dart_keeps_what_the_official_rule_chooses(family):
     model, processor = BUILDERS[family]()
+    norm = model.model.language_model.norm  # weights of 1 would leave every cosine unchanged
+    norm.weight.data = torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(3))
     inputs = batch(model, processor)
     keys, normed = captured(model, inputs)
     ratio, image_pivots, text_pivots = 0.4, 2, 2
@@ -218,13 +225,10 @@ def test_eager_sdpa_and_flash_attention_keep_the_same_tokens(monkeypatch):
     runs.append((flash, runs[1][1]))
     inputs = batch(*runs[0])
     real = inputs["attention_mask"].bool()
-    results = []
-    for model, _ in runs:
-        with torch.no_grad():
-            results.append((kept_sets(model, inputs), model(**inputs).logits[real]))
+    results = [forward(model, inputs) for model, _ in runs]
     for kept, logits in results[1:]:
         assert kept == results[0][0]
-        assert torch.allclose(logits, results[0][1], atol=1e-4)
+        assert torch.allclose(logits[real], results[0][1][real], atol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))

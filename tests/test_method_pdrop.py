@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ from pmod_cli import apply_method, record_routing
 from pmod_cli.cli import app, main
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.efficiency import count_flops
+from pmod_cli.errors import UserError
 from pmod_cli.model import MethodError, PMoDConfig, kv_cache_lengths, make_method
 from pmod_cli.model.families import family_for_model
 from pmod_cli.model.methods import parse_method
 from pmod_cli.model.presets import get_preset, shape_from_hf_config
+from pmod_cli.training.recipe import load_recipe
 
 BUILDERS = {
     "llava": lambda **options: tiny_model("llama", "llava", **options),  # 4 heads, 2 kv heads
@@ -153,7 +156,9 @@ def capture_layer_inputs(model, layers) -> tuple[dict, list]:
 
 @pytest.mark.parametrize("family", ["llava", "llava_next-qwen2", "qwen3_vl"])
 @pytest.mark.parametrize("spec,bounds,ratio", [("pdrop", [1, 2, 3], 0.5), ("pdrop:layers=1/3,ratio=0.6", [1, 3], 0.6)])  # fmt: skip
-def test_kept_sets_equal_the_official_rule_derived_from_eager_attention(family, spec, bounds, ratio):
+def test_kept_sets_equal_the_official_rule_derived_from_eager_attention(
+    family, spec, bounds, ratio
+):
     model, processor = pdrop_model(family, spec, attn="eager")
     inputs = batch(model, processor)
     captured, hooks = capture_layer_inputs(model, bounds)
@@ -212,10 +217,10 @@ def test_gradient_checkpointing_reruns_each_stage_with_its_own_set():
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("spec", ["pdrop", "pdrop:layers=1/3,ratio=0.3"])
 def test_count_equals_flop_counter_on_a_real_prefill(family, spec):
-    """The language model's linear layers and everything else torch's FLOP counter sees on a
-    prefill of one image are the count at the image's V and T plus the ranking's own work: q of
-    the query row and k of the present tokens (through the layer's q_proj / k_proj) and the row's
-    query-key products at each boundary. The cache holds T + the stage's tokens."""
+    """On a prefill of one image, the language model's linear layers as torch's FLOP counter sees
+    them are the paper count plus the ranking's q of the query row and k of the present tokens
+    (through the layers' q_proj / k_proj); everything it sees is the full count, whose
+    ``method_ranking`` adds the row's query-key products. The cache holds T + each stage's."""
     model, processor = pdrop_model(family, spec, attn="eager")
     inputs = batch(model, processor, [0])
     vision = int(vision_of(model, inputs).sum())
@@ -233,15 +238,20 @@ def test_count_equals_flop_counter_on_a_real_prefill(family, spec):
     method, shape = model.token_method, shape_from_hf_config(model.config)
     options = dict(vision_tokens=vision, text_tokens=text, dtype="fp32", method=method)
     paper = count_flops(shape, model.retention_ratios, count="paper", **options)
-    full = count_flops(shape, model.retention_ratios, count="full", attention_pairs="all", **options)
+    full = count_flops(
+        shape, model.retention_ratios, count="full", attention_pairs="all", **options
+    )
     d, q_dim, kv_dim = shape.text.hidden_size, shape.text.q_dim, shape.text.kv_dim
     bounds = method.boundaries(4)
-    present = [text + method.kept_vision_tokens([1.0] * 4, vision)[b - 1] for b in bounds]
+    previous = [method.kept_vision_tokens([1.0] * 4, vision)[b - 1] for b in bounds]
+    present = [text + n for n in previous if n > 0]  # nothing left to rank: no ranking
     projections = sum(2 * d * q_dim + 2 * n * d * kv_dim for n in present)
     products = sum(2 * n * q_dim for n in present)
     assert linear == paper.flops + projections
     assert method.ranking_flops(shape, vision, text) == projections + products
-    assert sum(counts["Global"].values()) == full.flops + projections + products
+    # --count full holds the ranking as a component of its own
+    assert full.components["method_ranking"] == projections + products
+    assert sum(counts["Global"].values()) == full.flops
     assert kv_cache_lengths(output.past_key_values) == [[row.tokens] for row in full.layers]
 
 
@@ -274,23 +284,38 @@ def assert_same_generation(a, b, atol=1e-4):
         assert torch.allclose(step_a, step_b, atol=atol)
 
 
+def backends(model, monkeypatch):
+    """The eager model and copies of it under sdpa and flash-attention 2 (the CPU stand-in)."""
+    install_flash(monkeypatch)
+    copies = {"eager": model}
+    for backend in ("sdpa", "flash_attention_2"):
+        copies[backend] = copy.deepcopy(model)
+        copies[backend].set_attn_implementation(backend)
+    return copies
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_eager_sdpa_and_flash_attention_keep_the_same_tokens(monkeypatch, family):
-    install_flash(monkeypatch)
     model, processor = pdrop_model(family, attn="eager")
     inputs = batch(model, processor)
     real = inputs["attention_mask"].bool()
-    reference_logits, reference_kept = kept_masks(model, inputs)
-    reference_generation = generate(model, inputs)
-    for backend in ("sdpa", "flash_attention_2"):
-        other = copy.deepcopy(model)
-        other.set_attn_implementation(backend)
-        logits, kept = kept_masks(other, inputs)
+    runs = {name: kept_masks(other, inputs) for name, other in backends(model, monkeypatch).items()}
+    reference_logits, reference_kept = runs.pop("eager")
+    for backend, (logits, kept) in runs.items():
         assert kept.keys() == reference_kept.keys()
         assert all(torch.equal(kept[layer], reference_kept[layer]) for layer in kept), backend
         # padding rows differ by design under flash-attention (no attention at all)
         assert torch.allclose(logits[real], reference_logits[real], atol=1e-4), backend
-        assert_same_generation(generate(other, inputs), reference_generation)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_eager_sdpa_and_flash_attention_generate_alike(monkeypatch, family):
+    model, processor = pdrop_model(family, attn="eager")
+    inputs = batch(model, processor)
+    runs = {name: generate(other, inputs) for name, other in backends(model, monkeypatch).items()}
+    assert_same_generation(runs["sdpa"], runs["eager"])
+    assert_same_generation(runs["flash_attention_2"], runs["eager"])
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -396,3 +421,73 @@ def test_match_tflops_solves_lambda_within_two_percent(preset, beta):
     assert [s.ratio for s in settings] == [step / 100 for step in range(1, 100)]
     target = count_flops(get_preset(preset), PMoDConfig(beta=beta).retention_ratios(32)).flops
     assert target == pytest.approx(pmod["tflops"] * 1e12, rel=1e-3)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(monkeypatch, *argv) -> None:
+    monkeypatch.setattr("sys.argv", ["pmod", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code in (0, None)
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_with_pdrop_and_eval_runs_the_checkpoint(tmp_path, monkeypatch):
+    """``[train] method = "pdrop"``: the training forward drops vision tokens by the answer-span
+    rule (no routers), the checkpoint records the method, and ``pmod eval`` runs it as saved."""
+    monkeypatch.chdir(ROOT)
+    output = tmp_path / "sft"
+    settings = [
+        "train.method=pdrop:ratio=0.5",
+        "train.max_steps=2",
+        f"train.output_dir={output}",
+        "model.pretrained_connector=",  # a fresh connector: no pretrain stage needed here
+        "train.global_batch_size=4",
+        "train.per_device_batch_size=4",
+        "train.logging_steps=1",
+    ]
+    run_cli(monkeypatch, "sft", "recipes/tiny.toml", *sum((["--set", s] for s in settings), []))
+    # what the training forward kept, measured by the trainer's routing recorder: the 6-layer
+    # model's stages start at layers 1, 3 and 4 and keep 1/2, 1/4, 1/8 of each image's 64 tokens
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["kept_ratios"] == {"1": 0.5, "2": 0.5, "3": 0.25, "4": 0.125, "5": 0.125}
+    assert summary["flops_ratio"] < 1.0
+    config = json.loads((output / "config.json").read_text())
+    assert config["pmod_method"] == {
+        "name": "pdrop",
+        "layers": None,
+        "ratio": 0.5,
+        "positions": "keep",
+    }
+    assert set(config["pmod"]["ratios"]) == {1.0}  # no routers: the method says what is kept
+
+    report = tmp_path / "eval.json"
+    run_cli(
+        monkeypatch,
+        "eval", str(output), "--tasks", "pmod_tiny_vqa", "--limit", "4", "--batch-size", "2",
+        "--device", "cpu", "--output", str(report),
+    )  # fmt: skip
+    (run,) = json.loads(report.read_text())["checkpoints"]
+    # run as saved: pdrop's stages, in the count and in the KV cache the model filled
+    efficiency = run["efficiency"]
+    assert efficiency["tflops_vs_dense"] < 0.8 and efficiency["kv_cache_vs_dense"] < 0.8
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("train.method=fastv", "train.method = 'fastv': fastv has no training mode; a recipe trains with pmod, pdrop"),
+        ("train.method=pdrop:ratio=2", "train.method = 'pdrop:ratio=2': pdrop's ratio (lambda) must be in (0, 1]"),
+        ("train.method=zigzag", "unknown method 'zigzag'"),
+    ],
+)  # fmt: skip
+def test_a_recipe_refuses_a_method_it_cannot_train_with(setting, message):
+    with pytest.raises(UserError) as refusal:
+        load_recipe(ROOT / "recipes" / "tiny.toml", [setting])
+    assert message in str(refusal.value) and "\n" not in str(refusal.value)
+    with pytest.raises(UserError, match="pmod.enabled = false trains the dense model"):
+        load_recipe(ROOT / "recipes" / "tiny.toml", ["train.method=pdrop", "pmod.enabled=false"])

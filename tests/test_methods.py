@@ -138,8 +138,8 @@ def test_an_installed_package_adds_a_method_through_its_entry_point(tmp_path):
         timeout=300,
     )  # fmt: skip
     assert flops.returncode == 0, flops.stderr
-    entries = json.loads(flops.stdout)["settings"]
-    assert entries[-1]["method"] == "keep_first"
+    plans = json.loads(flops.stdout)["plans"]
+    assert plans[-1]["method"] == "keep_first" and plans[-1]["method_settings"]["k"] == 3
 
 
 def test_a_method_registered_twice_under_one_name_is_refused():

@@ -26,8 +26,12 @@ from pathlib import Path
 import torch
 
 from ..data.questions import QuestionSet, prompt_inputs, read_image_questions
+from ..data.tiny import resolve_name
 from ..errors import UserError
-from ..model.families import template_for_model
+from ..model import mod_layer_indices
+from ..model.families import family_for_model_type, template_for_model
+from ..model.loading import load_checkpoint, read_model_type, read_num_layers
+from ..model.routing import record_routing
 from ..runtime import parse_dtype, resolve_device, torch_dtype
 
 # ---- the measure ------------------------------------------------------------------------
@@ -51,8 +55,6 @@ class AttentionRankMeter:
     """
 
     def __init__(self, model) -> None:
-        from ..model import mod_layer_indices
-
         self.model = model
         self.decoder_layers = model.model.language_model.layers
         self.mod_layers = set(mod_layer_indices(model))
@@ -66,8 +68,6 @@ class AttentionRankMeter:
     @torch.inference_mode()
     def measure(self, inputs: dict[str, torch.Tensor]) -> None:
         """Run the model on one processor batch and add its samples to the sums."""
-        from ..model.routing import record_routing
-
         self._token_valid = inputs["attention_mask"].bool()  # (batch, seq)
         hooks = [
             layer.self_attn.register_forward_hook(partial(self._rank_layer, index))
@@ -232,12 +232,6 @@ def _check_counts(samples: int, batch_size: int, dense_layers: int) -> None:
             raise UserError(f"{flag} must be at least {least}, got {value}")
 
 
-def _num_decoder_layers(checkpoint: Path) -> int:
-    from ..model.loading import read_num_layers
-
-    return read_num_layers(checkpoint)
-
-
 def measure_arank(
     checkpoint: str | Path,
     data: str | Path,
@@ -254,15 +248,11 @@ def measure_arank(
     samples of ``data`` (a model that takes video: image- or video-question samples) and measure
     every layer's ARank; propose the MoD layers.
     """
-    from ..data.tiny import resolve_name
-    from ..model.families import family_for_model_type
-    from ..model.loading import load_checkpoint, read_model_type
-
     checkpoint, data = Path(resolve_name(checkpoint)), Path(resolve_name(data))
     image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
     _check_counts(samples, batch_size, dense_layers)
     dtype = parse_dtype(dtype)
-    num_layers = _num_decoder_layers(checkpoint)
+    num_layers = read_num_layers(checkpoint)
     propose_layers([0.0] * num_layers, dense_layers)  # fails on a bad K before the model loads
     takes_video = family_for_model_type(read_model_type(checkpoint)).takes_video
     question_set = read_image_questions(data, image_folder, samples, videos=takes_video)

@@ -120,7 +120,6 @@ def plot_arank(result: ARankResult, path: str | Path) -> Path:
     # the object API with the Agg canvas: no pyplot state, no display needed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     path = check_plot_path(path)
     figure = Figure(figsize=(max(6.0, 0.28 * len(result.arank) + 2), 3.6))
@@ -140,28 +139,7 @@ def plot_arank(result: ARankResult, path: str | Path) -> Path:
         axes.bar(
             layer, result.arank[layer], color="none", hatch="//", edgecolor="black", linewidth=0.4
         )
-    handles = [
-        Patch(color=DENSE_COLOUR, label="proposed dense"),
-        Patch(color=MOD_COLOUR, label="proposed MoD"),
-    ]
-    if already_mod:
-        handles.append(
-            Patch(
-                facecolor="white",
-                edgecolor="black",
-                hatch="//",
-                label="MoD in checkpoint (kept tokens)",
-            )
-        )
-    # below the axes: the bars reach the top
-    axes.legend(
-        handles=handles,
-        fontsize=7,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.2),
-        ncol=len(handles),
-        frameon=False,
-    )
+    _add_legend(axes, hatched=bool(already_mod))
     axes.set_xticks(layers)
     axes.tick_params(axis="x", labelsize=7)
     axes.set_xlabel("decoder layer")
@@ -177,3 +155,31 @@ def plot_arank(result: ARankResult, path: str | Path) -> Path:
     except OSError as err:
         raise UserError(f"cannot write the plot {path}: {err.strerror or err}") from None
     return path
+
+
+def _add_legend(axes, hatched: bool) -> None:
+    """The proposal's colours (and the hatch of the checkpoint's MoD layers), below the axes:
+    the bars reach the top."""
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(color=DENSE_COLOUR, label="proposed dense"),
+        Patch(color=MOD_COLOUR, label="proposed MoD"),
+    ]
+    if hatched:
+        handles.append(
+            Patch(
+                facecolor="white",
+                edgecolor="black",
+                hatch="//",
+                label="MoD in checkpoint (kept tokens)",
+            )
+        )
+    axes.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=len(handles),
+        frameon=False,
+    )

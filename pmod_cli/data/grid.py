@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .cache import build_once, has_version
+from .tiny_build import save_llava_with_parts, tiny_llava
 
 # bump when the generated content changes, so cached copies are rebuilt
 GRID_VERSION = 7
@@ -320,8 +321,6 @@ def grid_base(
     path: str | Path, layers: int = LLM_LAYERS, hidden: int = LLM_HIDDEN, seed: int = 0
 ) -> Path:
     """Write the study's base checkpoint to ``path``, with its parts in ``vision_tower/`` and ``llm/``."""
-    from .tiny_build import save_llava_with_parts, tiny_llava
-
     model, processor = tiny_llava(
         "llava",
         layers=layers,

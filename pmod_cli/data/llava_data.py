@@ -32,6 +32,8 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..errors import UserError
+from ..model.families import family_for_processor
+from .prompts import chat_template_pieces
 from .templates import (
     CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
@@ -383,8 +385,6 @@ class SampleEncoder:
         )
         self.eos_token = self.tokenizer.eos_token or ""
         self._counts_by_size: dict[tuple[int, int], int] = {}
-        from ..model.families import family_for_processor
-
         # how the processor's family writes an image / a video into the text (Qwen-VL: inside
         # its vision markers); None: the processor's token, repeated
         self.family = family_for_processor(processor)
@@ -525,8 +525,6 @@ class SampleEncoder:
     def pieces(self, turns: list[Turn]) -> list[Piece]:
         """The conversation as text pieces, assistant replies marked as targets."""
         if self.template == CHAT_TEMPLATE:
-            from .prompts import chat_template_pieces
-
             try:
                 return chat_template_pieces(self.processor, turns)
             except ConversationError as err:

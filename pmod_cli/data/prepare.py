@@ -339,32 +339,8 @@ def _progress_bar(total: int | None, enabled: bool) -> Iterator[_Bar]:
 def _finish(data: Source, output: Path, reused: int) -> PrepareResult:
     """Write dropped.jsonl, data.json (last) and prepare.json from the unit results; tidy up."""
     state = output / STATE_DIR
-    temporary = state / "tmp"
-    dropped: Counter[str] = Counter()
-    first_dropped: dict[str, str] = {}
-    kept = text_only = total = 0
-    images: set[str] = set()
-    with (
-        _atomic_file(output / DATA_FILE, temporary) as data_stream,
-        _atomic_file(output / DROPPED_FILE, temporary) as dropped_stream,
-    ):
-        data_stream.write("[")
-        for unit in data.units:
-            result = _saved_result(state, unit)
-            assert result is not None, f"{unit.name} has no result"
-            total += result.rows
-            for record in result.records:
-                data_stream.write(",\n" if kept else "\n")
-                data_stream.write(json.dumps(record, ensure_ascii=False))
-                kept += 1
-                paths = _image_paths(record)
-                text_only += not paths
-                images.update(paths)
-            for sample in result.dropped:
-                dropped_stream.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                dropped[sample["reason"]] += 1
-                first_dropped.setdefault(sample["reason"], f"{sample['id']}: {sample['detail']}")
-        data_stream.write("\n]\n")
+    counts = _write_samples(data, output, state)
+    dropped, first_dropped = counts.dropped, counts.first_dropped
     # absolute paths: a recipe may be run from another directory
     result = PrepareResult(
         output=str(output),
@@ -372,10 +348,10 @@ def _finish(data: Source, output: Path, reused: int) -> PrepareResult:
         source=data.description,
         data_path=str(output / DATA_FILE),
         image_folder=str(data.image_folder or output),
-        total=total,
-        kept=kept,
-        text_only=text_only,
-        images=len(images),
+        total=counts.total,
+        kept=counts.kept,
+        text_only=counts.text_only,
+        images=len(counts.images),
         dropped={reason: dropped[reason] for reason in REASONS if dropped[reason]},
         first_dropped={
             reason: first_dropped[reason] for reason in REASONS if reason in first_dropped
@@ -388,17 +364,60 @@ def _finish(data: Source, output: Path, reused: int) -> PrepareResult:
         {"version": FORMAT_VERSION, "fingerprint": data.fingerprint, **asdict(result)},
     )
     if _read_json(state / "state.json").get("prune_images"):
-        _remove_unused_images(output, images if data.writes_images else set())
+        _remove_unused_images(output, counts.images if data.writes_images else set())
     shutil.rmtree(state, ignore_errors=True)
-    if total and not kept:
+    if counts.total and not counts.kept:
         reason = max(dropped, key=dropped.get)
         logger.warning(
             "none of the %d samples was kept (most: %s, e.g. %s)",
-            total,
+            counts.total,
             reason,
             first_dropped[reason],
         )
     return result
+
+
+@dataclass
+class _Counts:
+    """What the written files hold: samples read, kept, kept without an image; images used;
+    samples dropped per reason, and the first of each."""
+
+    total: int = 0
+    kept: int = 0
+    text_only: int = 0
+    images: set[str] = field(default_factory=set)
+    dropped: Counter[str] = field(default_factory=Counter)
+    first_dropped: dict[str, str] = field(default_factory=dict)
+
+
+def _write_samples(data: Source, output: Path, state: Path) -> _Counts:
+    """data.json (the kept samples) and dropped.jsonl, in unit order, each written atomically."""
+    temporary = state / "tmp"
+    counts = _Counts()
+    with (
+        _atomic_file(output / DATA_FILE, temporary) as data_stream,
+        _atomic_file(output / DROPPED_FILE, temporary) as dropped_stream,
+    ):
+        data_stream.write("[")
+        for unit in data.units:
+            result = _saved_result(state, unit)
+            assert result is not None, f"{unit.name} has no result"
+            counts.total += result.rows
+            for record in result.records:
+                data_stream.write(",\n" if counts.kept else "\n")
+                data_stream.write(json.dumps(record, ensure_ascii=False))
+                counts.kept += 1
+                paths = _image_paths(record)
+                counts.text_only += not paths
+                counts.images.update(paths)
+            for sample in result.dropped:
+                dropped_stream.write(json.dumps(sample, ensure_ascii=False) + "\n")
+                counts.dropped[sample["reason"]] += 1
+                counts.first_dropped.setdefault(
+                    sample["reason"], f"{sample['id']}: {sample['detail']}"
+                )
+        data_stream.write("\n]\n")
+    return counts
 
 
 def _image_paths(record: dict[str, Any]) -> list[str]:

@@ -31,6 +31,8 @@ from typing import Any
 from ..errors import UserError
 from .cleaning import SampleProblem, check_image_bytes, check_image_file, conversation_problem
 
+# imported where used: pyarrow, huggingface_hub and datasets (the train extra), per source kind
+
 JSON_UNIT_SAMPLES = 10_000
 # rows handed to the worker threads at once (bounds the image bytes held in memory)
 ROWS_PER_BATCH = 256

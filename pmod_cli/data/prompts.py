@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ..model.families import family_for_processor
+from ..model.methods import cut_image_placeholders
 from .templates import (
     CHAT_TEMPLATE,
     IMAGE_PLACEHOLDER,
@@ -159,11 +161,19 @@ def encode(
 ) -> dict:
     """Processor outputs for ``prompts``, their ``images`` (one list per prompt, or one image per
     prompt) and ``videos`` (frame arrays, in prompt order), on the model's device, with the pixel
-    values in the model's dtype; for a model that pools its vision tokens (the ``pool`` method),
-    with each image's placeholders cut to the pooled count."""
+    values in the model's dtype. The model's method prepares the images first (``downsample``
+    resizes them), and a method that shortens the prompt (``pool``, ``visionzip``) gets each
+    image's placeholders cut to its count."""
+    method = getattr(model, "token_method", None)
     nested = bool(images) and all(isinstance(item, list | tuple) for item in images)
     if nested:  # per prompt: OneVision lays out an image alone and one of several differently
         images = [list(item) for item in images if item]
+    if method is not None and images:
+        images = (
+            [method.prepare_images(item) for item in images]
+            if nested
+            else method.prepare_images(list(images))
+        )
     inputs = processor(
         text=prompts,
         images=images or None,
@@ -174,11 +184,10 @@ def encode(
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs and inputs[key].is_floating_point():
             inputs[key] = inputs[key].to(model.dtype)
-    method = getattr(model, "token_method", None)
-    per_image = method.prompt_tokens_per_image() if method is not None else None
+    if method is None:
+        return inputs
+    per_image = method.image_placeholders(model, inputs) or method.prompt_tokens_per_image()
     if per_image is not None:
-        from ..model.methods import cut_image_placeholders
-
         tokenizer = processor.tokenizer
         inputs = cut_image_placeholders(
             inputs,
@@ -193,8 +202,6 @@ def encode(
 def _media_tokens(processor) -> dict[str, str]:
     """What a prompt holds for an image / a video: the family's placeholder (Qwen-VL wraps the
     pad token in its vision markers), else the processor's token."""
-    from ..model.families import family_for_processor
-
     family = family_for_processor(processor)
     if family is not None:
         return {kind: family.media_placeholder(processor, kind) for kind in ("image", "video")}

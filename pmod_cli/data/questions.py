@@ -26,7 +26,9 @@ from .llava_data import (
     sample_id,
     video_paths,
 )
+from .prompts import build_prompt, encode
 from .templates import MEDIA_PLACEHOLDERS, ConversationError, parse_turns
+from .tiny import default_image_folder
 from .video import VideoError, check_video
 
 
@@ -59,8 +61,6 @@ def read_image_questions(
     exist, or cannot be read, is a UserError, since it usually means a wrong ``--image-folder``.
     ``image_folder`` defaults to the data file's directory (the tiny shapes set's: its ``images`` folder).
     """
-    from .tiny import default_image_folder
-
     data = Path(data)
     folder = Path(image_folder) if image_folder is not None else default_image_folder(data)
     if image_folder is not None and not folder.is_dir():
@@ -167,8 +167,6 @@ def open_media(
 def prompt_inputs(processor, model, questions: list[ImageQuestion], template: str) -> dict:
     """One processor batch of ``questions``, each prompted as evaluation would: the checkpoint's
     chat template (else ``template``), the question after the sample's images and videos."""
-    from .prompts import build_prompt, encode
-
     video_processor = getattr(processor, "video_processor", None)
     num_frames = getattr(video_processor, "num_frames", None) or DEFAULT_VIDEO_FRAMES
     prompts, images, videos = [], [], []

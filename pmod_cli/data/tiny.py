@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import UserError
+from ..model.loading import quiet_progress_bars
 from . import media, synthetic
 from .cache import build_once
 from .grid import base_is_current, ensure_grid, grid_base
@@ -60,8 +61,6 @@ def _has_config(directory: Path) -> bool:
 
 
 def _write_tiny_base(directory: Path, layout: str) -> None:
-    from ..model.loading import quiet_progress_bars
-
     # built on first use inside a command: its progress bars would bury the command's own output
     with quiet_progress_bars():
         _save_tiny_base(directory, layout)
@@ -101,8 +100,6 @@ def resolve_tiny_path(value: str) -> Path:
 
 
 def _quiet_grid_base(directory: Path) -> None:
-    from ..model.loading import quiet_progress_bars
-
     with quiet_progress_bars():  # built on first use inside a command (see _write_tiny_base)
         grid_base(directory)
 

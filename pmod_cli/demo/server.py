@@ -21,9 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.synthetic import draw_scene, questions, random_scene
 from ..errors import UserError
 from ..evaluation.chat import DEFAULT_MAX_NEW_TOKENS
+from ..model.loading import load_checkpoint, read_model_type
 from ..visualization.visualize import DEFAULT_CHECKPOINT, MAKE_DEFAULT_CHECKPOINT
+from .engine import DemoEngine
 from .methods import select_methods
 
 DEFAULT_HOST = "127.0.0.1"
@@ -82,8 +85,6 @@ def check_address_free(host: str, port: int) -> None:
 
 def write_examples(directory: Path) -> list[tuple[Path, str]]:
     """A few scenes of the tiny default's synthetic set, each with a question it answers."""
-    from ..data.synthetic import draw_scene, questions, random_scene
-
     rng = random.Random(EXAMPLE_SEED)
     examples = []
     for index in range(EXAMPLE_COUNT):
@@ -110,8 +111,6 @@ def start_demo(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> DemoServer:
     """Check, load and start serving in a background thread; ``close()`` the result to stop."""
-    from ..model.loading import load_checkpoint, read_model_type
-
     if importlib.util.find_spec("gradio") is None:
         raise UserError(
             "pmod demo needs Gradio: pip install 'pmod-cli[demo]' (or pip install gradio)"
@@ -125,8 +124,7 @@ def start_demo(
     model, processor = load_checkpoint(checkpoint, device=device, dtype="auto", require_pmod=True)
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the server
-    from .app import build_app
-    from .engine import DemoEngine
+    from .app import build_app  # imports gradio (the demo extra): checked for above, set up first
 
     engine = DemoEngine(model, processor, chosen, max_new_tokens)
     # Gradio takes example files from the temp dir
@@ -142,7 +140,7 @@ def start_demo(
 
 def _launch(app, host: str, port: int, checkpoint: Path) -> str:
     """Start serving in a background thread; the page's address."""
-    from .app import THEME
+    from .app import THEME  # imports gradio (the demo extra)
 
     try:
         _, url, _ = app.launch(

@@ -22,8 +22,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.questions import QuestionSet, prompt_inputs, read_image_questions
 from ..data.tiny import resolve_name
 from ..errors import UserError
+from ..model import PMoDConfig, mod_layer_indices, record_routing
+from ..model.families import family_for_model_type, template_for_model
+from ..model.loading import load_checkpoint, read_model_type
 from ..runtime import resolve_device
 
 
@@ -68,12 +72,42 @@ def measure_retention_ratios(
 ) -> Calibration:
     """Run ``checkpoint`` (a p-MoD directory with weights) on ``samples`` image-question samples
     of ``data`` and measure each MoD layer's share of kept competing tokens."""
-    from ..data.questions import prompt_inputs, read_image_questions
-    from ..model import PMoDConfig, mod_layer_indices, record_routing
-    from ..model.families import family_for_model_type, template_for_model
-    from ..model.loading import load_checkpoint, read_model_type
+    checkpoint = Path(checkpoint)
+    data, question_set = _read_samples(checkpoint, Path(data), samples, image_folder)
+    model, processor = load_checkpoint(checkpoint, device=resolve_device(device), require_pmod=True)
+    mod_layers = mod_layer_indices(model)
+    if not mod_layers:
+        raise UserError(
+            f"{checkpoint} has no MoD layer: every layer is dense, so there is nothing to calibrate"
+        )
+    pmod = PMoDConfig.from_dict(model.config.pmod)
+    tally = _tally(model, processor, question_set.questions, mod_layers, progress)
 
-    checkpoint, data = Path(checkpoint), Path(data)
+    count = len(question_set.questions)
+    ratios = tuple(
+        tally.kept_shares[i] / count if i in tally.kept_shares else 1.0
+        for i in range(len(model.decoder_layers))
+    )
+    return Calibration(
+        checkpoint=str(checkpoint),
+        data=str(data),
+        samples=count,
+        skipped=question_set.skipped,
+        inference_routing=pmod.inference_routing,
+        routed_tokens=pmod.routed_tokens,
+        ratios=ratios,
+        mod_layers=tuple(mod_layers),
+        mean_vision_tokens=tally.vision / count,
+        mean_text_tokens=tally.text / count,
+        mean_competing_tokens=tally.competing / count,
+    )
+
+
+def _read_samples(
+    checkpoint: Path, data: Path, samples: int, image_folder: str | Path | None
+) -> tuple[Path, QuestionSet]:
+    """The calibration file (``tiny:`` names resolved) and up to ``samples`` of its questions;
+    a UserError for a bad count, a checkpoint that is not a directory or a missing file."""
     if samples < 1:
         raise UserError(f"--calibration-samples must be at least 1, got {samples}")
     if not checkpoint.is_dir():
@@ -87,20 +121,26 @@ def measure_retention_ratios(
             f"calibration file {data} does not exist; pass --calibration, a LLaVA JSON or JSONL file"
         )
     image_folder = Path(resolve_name(image_folder)) if image_folder is not None else None
-    question_set = read_image_questions(data, image_folder, samples, videos=takes_video)
-    model, processor = load_checkpoint(checkpoint, device=resolve_device(device), require_pmod=True)
+    return data, read_image_questions(data, image_folder, samples, videos=takes_video)
+
+
+@dataclass
+class _Tally:
+    """Sums over the samples: per MoD layer the share of competing tokens kept, and the tokens
+    (the competing ones as the last MoD layer counts them)."""
+
+    kept_shares: dict[int, float]
+    vision: int = 0
+    text: int = 0
+    competing: int = 0
+
+
+def _tally(model, processor, questions: list, mod_layers: list[int], progress: bool) -> _Tally:
+    """Each question's prefill, one at a time, with its routing recorded."""
     decoder_layers = model.decoder_layers
     template = template_for_model(model)
-    mod_layers = mod_layer_indices(model)
-    if not mod_layers:
-        raise UserError(
-            f"{checkpoint} has no MoD layer: every layer is dense, so there is nothing to calibrate"
-        )
-    pmod = PMoDConfig.from_dict(model.config.pmod)
-
-    kept_share_sums = dict.fromkeys(mod_layers, 0.0)
-    vision_sum = text_sum = competing_sum = 0
-    for question in _progress(question_set.questions, progress):
+    tally = _Tally(kept_shares=dict.fromkeys(mod_layers, 0.0))
+    for question in _progress(questions, progress):
         inputs = prompt_inputs(processor, model, [question], template)
         with torch.inference_mode(), record_routing(model) as routing:
             model(**inputs, use_cache=False)
@@ -115,30 +155,12 @@ def measure_retention_ratios(
                 raise RuntimeError(
                     f"sample {question.sample_id}: no token competes in layer {layer}"
                 )
-            kept_share_sums[layer] += int((decision.keep_mask & competing).sum()) / num_competing
+            tally.kept_shares[layer] += int((decision.keep_mask & competing).sum()) / num_competing
         vision = int(decision.vision_mask.sum())
-        vision_sum += vision
-        text_sum += int(token_valid.sum()) - vision
-        competing_sum += num_competing
-
-    count = len(question_set.questions)
-    ratios = tuple(
-        kept_share_sums[i] / count if i in kept_share_sums else 1.0
-        for i in range(len(decoder_layers))
-    )
-    return Calibration(
-        checkpoint=str(checkpoint),
-        data=str(data),
-        samples=count,
-        skipped=question_set.skipped,
-        inference_routing=pmod.inference_routing,
-        routed_tokens=pmod.routed_tokens,
-        ratios=ratios,
-        mod_layers=tuple(mod_layers),
-        mean_vision_tokens=vision_sum / count,
-        mean_text_tokens=text_sum / count,
-        mean_competing_tokens=competing_sum / count,
-    )
+        tally.vision += vision
+        tally.text += int(token_valid.sum()) - vision
+        tally.competing += num_competing
+    return tally
 
 
 def _progress(items, enabled: bool):

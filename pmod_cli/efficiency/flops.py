@@ -214,11 +214,13 @@ def count_flops(
     mod_layers: Sequence[int] | None = None,
     video_frames: int | None = None,
     method: TokenMethod | None = None,
+    vision_crops: int | None = None,
 ) -> FlopsCount:
     """Count a prefill of ``shape`` with per-layer ``retention_ratios`` (None: the dense model).
 
     ``vision_tokens`` / ``text_tokens`` default to the shape's V (largest image layout) and T (58);
-    ``video_frames`` counts a video of that many frames instead (V and the tower's crops).
+    ``video_frames`` counts a video of that many frames instead (V and the tower's crops);
+    ``vision_crops``: the crops the tower sees for a given V (default: the largest layout's).
     ``attention_pairs`` only matters for ``count="full"``; see ``ATTENTION_PAIRS``.
     ``routed_tokens="all"``: ``prefix_text_tokens`` of the T text tokens compete with the image
     (default ``DEFAULT_PREFIX_TEXT_TOKENS``, or T if smaller).
@@ -228,61 +230,112 @@ def count_flops(
     p-MoD's plan, whose budget the random method uses); the baselines select among vision tokens.
     """
     _check_count_options(count, dtype, routed_tokens, attention_pairs)
-    num_vision, crops = _vision_layout(shape, vision_tokens, video_frames)
+    method = method or method_from_dict(None)
+    method.check_family(shape.family)  # a method the family cannot run is refused, not counted
+    if not method.needs_router:
+        routed_tokens, prefix_text_tokens = "vision", None
+    num_vision, crops = _vision_layout(shape, vision_tokens, video_frames, vision_crops, method)
+    tokens, num_prefix = _prompt_tokens(
+        shape, num_vision, crops, text_tokens, routed_tokens, prefix_text_tokens
+    )
+    ratios = _layer_ratios(retention_ratios, shape.text.num_layers)
+    is_mod = _mod_flags(ratios, mod_layers)
+    prefill = _Prefill(
+        tokens, routed_tokens, num_prefix, *_method_plan(method, ratios, is_mod, tokens)
+    )
+    return _count_prefill(shape, method, prefill, count, dtype, attention_pairs)
+
+
+@dataclass(frozen=True)
+class _Prefill:
+    """What a counted prefill runs: the prompt, and what the language model does with it."""
+
+    tokens: _TokenCounts  # the prompt, as the dense model takes it
+    routed_tokens: str
+    prefix_text_tokens: int  # text tokens that compete with the image
+    llm_tokens: _TokenCounts  # entering the language model (a method may drop vision tokens)
+    plan: _LayerPlan
+    ratios: list[float]  # per layer: the share of the competing tokens it keeps
+
+
+def _prompt_tokens(
+    shape: ModelShape,
+    num_vision: int,
+    crops: int,
+    text_tokens: int | None,
+    routed_tokens: str,
+    prefix_text_tokens: int | None,
+) -> tuple[_TokenCounts, int]:
+    """(the prompt's V, T, competing tokens and crops; the text tokens that compete)."""
     num_text = shape.text_tokens if text_tokens is None else text_tokens
     if num_vision < 0 or num_text < 0 or num_vision + num_text == 0:
         raise UserError(
             f"need vision tokens >= 0, text tokens >= 0 and some tokens, got V={num_vision}, T={num_text}"
         )
-    method = method or method_from_dict(None)
-    if not method.needs_router:
-        routed_tokens, prefix_text_tokens = "vision", None
     num_prefix = _competing_text_tokens(routed_tokens, prefix_text_tokens, num_text)
     # with no image there is no last image token, so nothing competes (layer.py's rule)
     num_competing = num_vision + num_prefix if num_vision > 0 else 0
-    num_layers = shape.text.num_layers
-    ratios = _layer_ratios(retention_ratios, num_layers)
-    is_mod = _mod_flags(ratios, mod_layers)
-
-    include_full = count == "full"
     tokens = _TokenCounts(num_vision, num_text, num_competing, routed_tokens == "vision", crops)
-    dense_plan = _LayerPlan(
-        [num_competing] * num_layers, [False] * num_layers, [False] * num_layers
-    )
-    if method.needs_router:  # p-MoD's routers: the MoD layers and the competing tokens
-        kept = [
-            kept_count(num_competing, r) if mod else num_competing
-            for r, mod in zip(ratios, is_mod, strict=True)
-        ]
-        llm_tokens, plan, layer_ratios = tokens, _LayerPlan(kept, is_mod, is_mod), ratios
-    else:
-        llm_tokens, plan, layer_ratios = _baseline_plan(method, ratios, tokens, num_layers)
+    return tokens, num_prefix
+
+
+def _method_plan(
+    method: TokenMethod, ratios: list[float], is_mod: list[bool], tokens: _TokenCounts
+) -> tuple[_TokenCounts, _LayerPlan, list[float]]:
+    """(tokens entering the language model, per-layer plan, per-layer share kept)."""
+    if not method.needs_router:
+        return _baseline_plan(method, ratios, tokens, len(ratios))
+    # p-MoD's routers: the MoD layers keep their share of the competing tokens
+    kept = [
+        kept_count(tokens.competing, r) if mod else tokens.competing
+        for r, mod in zip(ratios, is_mod, strict=True)
+    ]
+    return tokens, _LayerPlan(kept, is_mod, is_mod), ratios
+
+
+def _count_prefill(
+    shape: ModelShape,
+    method: TokenMethod,
+    prefill: _Prefill,
+    count: str,
+    dtype: str,
+    attention_pairs: str,
+) -> FlopsCount:
+    """The prefill's FLOPs and KV cache next to the dense model's on the same prompt."""
+    include_full = count == "full"
+    num_layers = shape.text.num_layers
+    tokens, layer_ratios = prefill.tokens, prefill.ratios
     components, layers = _prefill_flops(
-        shape, layer_ratios, plan, llm_tokens, include_full, attention_pairs, dtype
+        shape, layer_ratios, prefill.plan, prefill.llm_tokens, include_full, attention_pairs, dtype
+    )
+    dense_plan = _LayerPlan(
+        [tokens.competing] * num_layers, [False] * num_layers, [False] * num_layers
     )
     baseline_components, baseline_layers = _prefill_flops(
         shape, [1.0] * num_layers, dense_plan, tokens, include_full, attention_pairs, dtype
     )
-    kv_cache_ratio = sum(layer_ratios) / num_layers
+    ranking = method.ranking_flops(shape, prefill.llm_tokens.vision, tokens.text)
+    if include_full and ranking:  # the method's own choosing: its scores, its similarities
+        components["method_ranking"] = ranking
     return FlopsCount(
         model=shape.name,
         count=count,
-        vision_tokens=num_vision,
-        text_tokens=num_text,
-        vision_crops=crops,
+        vision_tokens=tokens.vision,
+        text_tokens=tokens.text,
+        vision_crops=tokens.crops,
         dtype=dtype,
         retention_ratios=tuple(layer_ratios),
         flops=sum(components.values()),
         baseline_flops=sum(baseline_components.values()),
         components=components,
         baseline_components=baseline_components,
-        kv_cache_ratio=kv_cache_ratio,
+        kv_cache_ratio=sum(layer_ratios) / num_layers,
         kv_cache_bytes=sum(row.kv_cache_bytes for row in layers),
         baseline_kv_cache_bytes=sum(row.kv_cache_bytes for row in baseline_layers),
         layers=tuple(layers),
-        routed_tokens=routed_tokens,
-        prefix_text_tokens=num_prefix,
-        competing_tokens=num_competing,
+        routed_tokens=prefill.routed_tokens,
+        prefix_text_tokens=prefill.prefix_text_tokens,
+        competing_tokens=tokens.competing,
         method=method,
     )
 
@@ -313,11 +366,18 @@ def _layer_ratios(retention_ratios, num_layers: int) -> list[float]:
 
 
 def _vision_layout(
-    shape: ModelShape, vision_tokens: int | None, video_frames: int | None
+    shape: ModelShape,
+    vision_tokens: int | None,
+    video_frames: int | None,
+    vision_crops: int | None,
+    method: TokenMethod,
 ) -> tuple[int, int]:
-    """(V, crops through the vision tower): the largest image layout, a given V, or a video."""
+    """(V, crops through the vision tower): the largest image layout as the method hands it to
+    the processor, a given V (and its crops), or a video."""
     if video_frames is None:
-        return (shape.vision_tokens if vision_tokens is None else vision_tokens), shape.vision_crops
+        if vision_tokens is None:
+            return method.vision_layout(shape)
+        return vision_tokens, shape.vision_crops if vision_crops is None else vision_crops
     if vision_tokens is not None:
         raise UserError("give the vision tokens or the video frames, not both")
     if video_frames < 1:
@@ -330,7 +390,7 @@ def _baseline_plan(
 ) -> tuple[_TokenCounts, _LayerPlan, list[float]]:
     """A method's (tokens entering the language model, per-layer plan, per-layer share of V)."""
     method.check(num_layers, tokens.vision if method.needs_vision_tokens else None)
-    entering = method.entering_tokens(tokens.vision)
+    entering = method.entering_tokens_for(tokens.vision, tokens.crops)
     kept = method.kept_vision_tokens(pmod_ratios, entering)
     subset = [mode != "dense" for mode in method.layer_modes(pmod_ratios)]
     share = [count / tokens.vision if tokens.vision else 1.0 for count in kept]

@@ -21,7 +21,7 @@ from ..model.presets import ModelShape, get_preset, read_model_shape
 from ..model.schedules import SCHEDULES
 from ..provenance import report_header
 from ..runtime import DTYPE_SPELLINGS, parse_dtype
-from .calibration import Calibration
+from .calibration import Calibration, measure_retention_ratios
 from .flops import COUNT_MODES, ROUTED_TOKENS, FlopsCount, count_flops, match_method
 
 # the paper's headline setting: p-MoD-LLaVA-NeXT-7B
@@ -113,12 +113,7 @@ def make_plan(request: FlopsRequest, progress: bool = True) -> FlopsPlan:
     _check_token_flags(request)
     _check_calibration_flags(request)
     _check_value_flags(request)
-    dtype = parse_dtype(request.dtype, extra=("fp8",))
-    if dtype == "auto":
-        dtype = (
-            _stored_dtype(request.config) if request.config is not None else None
-        ) or DEFAULT_KV_DTYPE
-
+    dtype = _kv_dtype(request)
     shape = (
         read_model_shape(request.config)
         if request.config is not None
@@ -142,35 +137,56 @@ def make_plan(request: FlopsRequest, progress: bool = True) -> FlopsPlan:
         video_frames=request.video_frames,
     )
     if request.calibration is not None:
-        from .calibration import measure_retention_ratios
-
-        measured = measure_retention_ratios(
-            request.config,
-            request.calibration,
-            samples=16 if request.calibration_samples is None else request.calibration_samples,
-            image_folder=request.image_folder,
-            device=request.device,
-            progress=progress,
-        )
-        result = count_flops(
-            shape, measured.ratios, mod_layers=measured.mod_layers, **token_options
-        )
-        return FlopsPlan(shape, (PlanEntry(base, result, measured),))
+        return _calibrated_plan(request, shape, base, token_options, progress)
     if base.inference_routing == "threshold":
         raise UserError(
             "this p-MoD setting uses threshold routing, which keeps a data-dependent share of tokens; pass "
             "--calibration FILE.json (LLaVA-format image-question samples) with --config CHECKPOINT_DIR to measure its ratios"
         )
+    entries = _pmod_entries(request.betas or [base.beta], shape, base, overrides, token_options)
+    entries += _baseline_entries(shape, entries[0], baselines, request.match_tflops, token_options)
+    return FlopsPlan(shape, tuple(entries))
+
+
+def _kv_dtype(request: FlopsRequest) -> str:
+    """The KV cache's dtype: ``auto`` is the checkpoint's stored dtype (bf16 without one)."""
+    dtype = parse_dtype(request.dtype, extra=("fp8",))
+    if dtype == "auto":
+        dtype = (
+            _stored_dtype(request.config) if request.config is not None else None
+        ) or DEFAULT_KV_DTYPE
+    return dtype
+
+
+def _calibrated_plan(
+    request: FlopsRequest, shape: ModelShape, base: PMoDConfig, token_options: dict, progress: bool
+) -> FlopsPlan:
+    """The ``config`` checkpoint's count at the ratios it keeps on the calibration samples."""
+    measured = measure_retention_ratios(
+        request.config,
+        request.calibration,
+        samples=16 if request.calibration_samples is None else request.calibration_samples,
+        image_folder=request.image_folder,
+        device=request.device,
+        progress=progress,
+    )
+    result = count_flops(shape, measured.ratios, mod_layers=measured.mod_layers, **token_options)
+    return FlopsPlan(shape, (PlanEntry(base, result, measured),))
+
+
+def _pmod_entries(
+    betas, shape: ModelShape, base: PMoDConfig, overrides: dict, token_options: dict
+) -> list[PlanEntry]:
+    """One p-MoD setting per beta; an invalid one is a UserError."""
     entries = []
-    for beta in request.betas or [base.beta]:
+    for beta in betas:
         try:
             pmod = base.replace(**overrides, beta=beta)
             ratios = pmod.retention_ratios(shape.text.num_layers)
         except ValueError as err:
             raise UserError(f"invalid p-MoD setting: {err}") from None
         entries.append(PlanEntry(pmod, count_flops(shape, ratios, **token_options)))
-    entries += _baseline_entries(shape, entries[0], baselines, request.match_tflops, token_options)
-    return FlopsPlan(shape, tuple(entries))
+    return entries
 
 
 def _check_token_flags(request: FlopsRequest) -> None:

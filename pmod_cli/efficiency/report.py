@@ -78,6 +78,7 @@ def _subset_cell(result: FlopsCount, num_layers: int) -> str:
 
 
 def summary_table(plan: FlopsPlan) -> Table:
+    """Dense, then each setting of ``plan``: TFLOPs (and where they go), KV cache, MoD layers."""
     first = plan.first
     table = Table(
         title=(
@@ -90,7 +91,14 @@ def summary_table(plan: FlopsPlan) -> Table:
     for entry in plan.entries:
         table.add_column(entry.label, justify="right")
     results: list[FlopsCount] = [entry.result for entry in plan.entries]
+    _add_flops_rows(table, first, results)
+    _add_cache_rows(table, first, results)
+    table.caption = _summary_caption(first, results)
+    return table
 
+
+def _add_flops_rows(table: Table, first: FlopsCount, results: list[FlopsCount]) -> None:
+    """TFLOPs, the share of dense, and the components (dim)."""
     table.add_row(
         "TFLOPs", _total_tflops(first.baseline_tflops), *(_total_tflops(r.tflops) for r in results)
     )
@@ -108,6 +116,10 @@ def summary_table(plan: FlopsPlan) -> Table:
             *(_tflops_cell(r.components[key]) for r in results),
             style="dim",
         )
+
+
+def _add_cache_rows(table: Table, first: FlopsCount, results: list[FlopsCount]) -> None:
+    """The KV cache (the paper's ratio, then bytes) and the layers that process a subset."""
     table.add_row("KV cache (mean R_l)", "100.0%", *(percent(r.kv_cache_ratio) for r in results))
     if any(not r.method.needs_router for r in results):
         table.add_row(
@@ -127,23 +139,26 @@ def summary_table(plan: FlopsPlan) -> Table:
         f"0 of {num_layers}",
         *(_subset_cell(r, num_layers) for r in results),
     )
+
+
+def _summary_caption(first: FlopsCount, results: list[FlopsCount]) -> str:
     kept = (
         "kept vision tokens"
         if first.routed_tokens == "vision"
         else "passing + kept competing tokens"
     )
-    table.caption = (
+    caption = (
         f"{COUNT_MODES[first.count]}. KV cache: the paper's convention, mean retention ratio; "
         f"KV bytes: the real cache, {'T + ' if first.routed_tokens == 'vision' else ''}{kept} per layer, K and V."
     )
     others = {r.method.name: r.method for r in results if not r.method.needs_router}
     if others:
         titles = "; ".join(method.title for method in others.values())
-        table.caption += (
+        caption += (
             f" Other methods (no router, counted at the first p-MoD setting's plan): {titles}; "
             "their KV cache is the mean share of V kept."
         )
-    return table
+    return caption
 
 
 def layer_table(plan: FlopsPlan) -> Table:

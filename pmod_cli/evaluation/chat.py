@@ -13,18 +13,24 @@ after prefill against the dense twin's, and TFLOPs of this prompt by the ``pmod 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
 from transformers import TextStreamer
 
+from ..data.llava_data import read_image
 from ..data.prompts import build_prompt, encode
 from ..efficiency.flops import FlopsCount, count_flops_for_model
 from ..efficiency.report import format_bytes, percent
+from ..errors import UserError
 from ..model import is_pmod_model
 from ..model.families import family_for_model, template_for_model
+from ..model.loading import load_checkpoint
+from ..runtime import parse_dtype, resolve_device, torch_dtype
 from .measure import PrefillProbe
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -143,15 +149,6 @@ def run_chat(
     """``pmod chat``: one question, or a conversation read line by line from stdin (at a terminal:
     until an empty line or end of input). Answers stream to stdout; each efficiency line goes to
     stderr, so ``pmod chat ... > answer.txt`` keeps only the answer."""
-    import sys
-
-    from rich.console import Console
-
-    from ..data.llava_data import read_image
-    from ..errors import UserError
-    from ..model.loading import load_checkpoint
-    from ..runtime import parse_dtype, resolve_device, torch_dtype
-
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     pictures = [

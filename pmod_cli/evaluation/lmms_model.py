@@ -42,10 +42,13 @@ from PIL import Image
 
 from ..data.prompts import build_prompt, encode
 from ..data.video import VideoError, read_frames
+from ..efficiency.flops import count_flops, match_method
 from ..errors import UserError
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
 from ..model.methods import MethodError, TokenMethod, method_from_dict, parse_method
+from ..model.modeling import apply_method, is_pmod_model
+from ..model.presets import shape_from_hf_config
 from ..runtime import parse_dtype, torch_dtype
 from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
 from .registration import MODEL_NAME
@@ -75,20 +78,7 @@ class PMoDLmms(lmms):
         **unexpected,
     ) -> None:
         super().__init__()
-        if unexpected:
-            raise ValueError(
-                f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; known: pretrained, device, "
-                "batch_size, dtype, attn_implementation, num_frames, method (e.g. method=fastv:layer=2;ratio=0.5), "
-                "match_tflops"
-            )
-        if num_frames is not None and int(num_frames) < 1:
-            raise ValueError(f"num_frames must be a whole number >= 1, got {num_frames!r}")
-        if str(batch_size) == "auto" or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-        try:  # lmms-eval reports bad model_args as ValueError
-            dtype = parse_dtype(dtype, flag="dtype")
-        except UserError as err:
-            raise ValueError(str(err)) from None
+        dtype = _checked_model_args(unexpected, num_frames, batch_size, dtype)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self._join_processes()
@@ -189,8 +179,6 @@ class PMoDLmms(lmms):
 
     def _apply_method_now(self) -> None:
         """Install the method (a matched one once its setting is solved, see ``_settle_method``)."""
-        from ..model.modeling import apply_method, is_pmod_model
-
         if self.method is None:  # the checkpoint as saved
             return
         if self.method.needs_router and not is_pmod_model(self.model):
@@ -208,10 +196,6 @@ class PMoDLmms(lmms):
         released schedule, beta 0.5)."""
         if not self._match_pending:
             return
-        from ..efficiency.flops import count_flops, match_method
-        from ..model.modeling import apply_method
-        from ..model.presets import shape_from_hf_config
-
         self._match_pending = False
         if not first_visuals:
             raise ValueError("match_tflops needs requests with images to measure V on")
@@ -338,34 +322,10 @@ class PMoDLmms(lmms):
 
     def _generate_batch(self, batch: list[tuple]) -> tuple[list[str], list[SampleMeasurement]]:
         contexts, all_kwargs, doc_to_visuals, doc_ids, tasks, splits = zip(*batch, strict=True)
-        generation = dict(all_kwargs[0])
-        until = generation.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new_tokens = int(generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-        # other task generation kwargs (e.g. image_aspect_ratio) are for other models
-        do_sample = float(generation.get("temperature") or 0) > 0
-        sampling = (
-            {
-                "do_sample": True,
-                "temperature": float(generation["temperature"]),
-                "top_p": generation.get("top_p"),
-            }
-            if do_sample
-            else {"do_sample": False}
-        )
-
+        until, generation = _generation_options(all_kwargs[0])
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
-            prompts, images, videos = [], [], []
-            for context, doc_to_visual, doc_id, task, split in zip(
-                contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True
-            ):
-                sample_images, sample_videos = self._visuals(doc_to_visual, doc_id, task, split)
-                prompts.append(self.build_prompt(context, len(sample_images), len(sample_videos)))
-                # per prompt: OneVision lays out one image and several differently
-                images.append(sample_images)
-                videos.extend(sample_videos)
-            inputs = self._encode(prompts, images, videos)
+            inputs = self._batch_inputs(contexts, doc_to_visuals, doc_ids, tasks, splits)
             vision, text, prefix_text = self._token_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
             probe.start(inputs["attention_mask"], self._pooled_away(inputs))
@@ -373,12 +333,10 @@ class PMoDLmms(lmms):
                 with torch.inference_mode():
                     output = self.model.generate(
                         **inputs,
-                        max_new_tokens=max_new_tokens,
-                        num_beams=int(generation.get("num_beams") or 1),
                         pad_token_id=self.tokenizer.pad_token_id,
                         eos_token_id=self.tokenizer.eos_token_id,
                         use_cache=True,
-                        **sampling,
+                        **generation,
                     )
             finally:
                 probe.stop()
@@ -408,6 +366,19 @@ class PMoDLmms(lmms):
             for i in range(len(batch))
         ]
         return answers, measured
+
+    def _batch_inputs(self, contexts, doc_to_visuals, doc_ids, tasks, splits) -> dict:
+        """A batch's prompts and their images and videos, encoded."""
+        prompts, images, videos = [], [], []
+        for context, doc_to_visual, doc_id, task, split in zip(
+            contexts, doc_to_visuals, doc_ids, tasks, splits, strict=True
+        ):
+            sample_images, sample_videos = self._visuals(doc_to_visual, doc_id, task, split)
+            prompts.append(self.build_prompt(context, len(sample_images), len(sample_videos)))
+            # per prompt: OneVision lays out one image and several differently
+            images.append(sample_images)
+            videos.extend(sample_videos)
+        return self._encode(prompts, images, videos)
 
     # ---- loglikelihood -----------------------------------------------------------------
 
@@ -515,8 +486,6 @@ class PMoDLmms(lmms):
         kept = method.prompt_tokens_per_image() if method is not None else None
         if kept is None:
             return None
-        from ..model.presets import shape_from_hf_config
-
         per_image = shape_from_hf_config(self.model.config).vision_tokens
         placeholders = (
             self.family.vision_mask(inputs["input_ids"], self.model.config)
@@ -565,6 +534,25 @@ class PMoDLmms(lmms):
         raise NotImplementedError(f"the {MODEL_NAME} model does not run multi-round tasks")
 
 
+def _checked_model_args(unexpected: dict, num_frames, batch_size, dtype: str) -> str:
+    """The parsed dtype, once the model_args are known and in range (lmms-eval reports bad
+    model_args as ValueError)."""
+    if unexpected:
+        raise ValueError(
+            f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unexpected))}; known: pretrained, device, "
+            "batch_size, dtype, attn_implementation, num_frames, method (e.g. method=fastv:layer=2;ratio=0.5), "
+            "match_tflops"
+        )
+    if num_frames is not None and int(num_frames) < 1:
+        raise ValueError(f"num_frames must be a whole number >= 1, got {num_frames!r}")
+    if str(batch_size) == "auto" or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    try:
+        return parse_dtype(dtype, flag="dtype")
+    except UserError as err:
+        raise ValueError(str(err)) from None
+
+
 def _method_from_args(method, matched: bool) -> TokenMethod | None:
     """The method asked for in model_args (lmms-eval's command line passes a string, pmod's own
     runs a TokenMethod), None: the checkpoint as saved."""
@@ -574,6 +562,25 @@ def _method_from_args(method, matched: bool) -> TokenMethod | None:
         return parse_method(str(method), matched)
     except MethodError as err:  # lmms-eval reports bad model_args as ValueError
         raise ValueError(f"method={method}: {err}") from None
+
+
+def _generation_options(task_kwargs: dict) -> tuple[list[str], dict]:
+    """A task's generation kwargs as (stop strings, ``generate`` options); its other kwargs (e.g.
+    image_aspect_ratio) are for other models."""
+    until = task_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    options = {
+        "max_new_tokens": int(task_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+        "num_beams": int(task_kwargs.get("num_beams") or 1),
+        "do_sample": False,
+    }
+    if float(task_kwargs.get("temperature") or 0) > 0:
+        options.update(
+            do_sample=True,
+            temperature=float(task_kwargs["temperature"]),
+            top_p=task_kwargs.get("top_p"),
+        )
+    return until, options
 
 
 def _split_padding(requests: list[Instance]) -> tuple[list[Instance], set[int]]:

@@ -29,6 +29,7 @@ def format_seconds(value: float) -> str:
 
 
 def report_table(report: EvalReport) -> Table:
+    """Tasks as rows (score ± stderr), checkpoints as columns, then the efficiency rows."""
     table = Table(
         title=f"pmod eval: {', '.join(report.tasks)}"
         + (f" (limit {report.limit})" if report.limit else "")
@@ -38,6 +39,15 @@ def report_table(report: EvalReport) -> Table:
         table.add_column(
             escape(result.label), justify="right"
         )  # a label is text, never rich markup
+    _add_score_rows(table, report)
+    table.add_section()
+    efficiencies = [result.efficiency for result in report.checkpoints]
+    _add_efficiency_rows(table, efficiencies)
+    table.caption = _caption(efficiencies)
+    return table
+
+
+def _add_score_rows(table: Table, report: EvalReport) -> None:
     for task in report.task_rows:
         metric = next(r.scores[task].metric for r in report.checkpoints if task in r.scores)
         cells = []
@@ -49,9 +59,10 @@ def report_table(report: EvalReport) -> Table:
                 error = f" ± {score.stderr:.4f}" if score.stderr else ""
                 cells.append(f"{score.value:.4f}{error}")
         table.add_row(f"{task} ({metric})", *cells)
-    table.add_section()
 
-    efficiencies = [result.efficiency for result in report.checkpoints]
+
+def _add_efficiency_rows(table: Table, efficiencies: list) -> None:
+    """One row per measure; "-" for a checkpoint that measured nothing."""
 
     def row(name: str, render) -> None:
         table.add_row(name, *(render(e) if e is not None else "-" for e in efficiencies))
@@ -78,7 +89,10 @@ def report_table(report: EvalReport) -> Table:
             + (f", {e.processes} processes)" if e.processes > 1 else ")")
         ),
     )
-    table.caption = (
+
+
+def _caption(efficiencies: list) -> str:
+    return (
         "TFLOPs: the `pmod flops` formula at the mean measured V and T. KV cache: held after prefill; "
         "dense = (T + V) entries in every layer for the same prompts. Latency at batch > 1 is the "
         "batch's. "
@@ -88,4 +102,3 @@ def report_table(report: EvalReport) -> Table:
         )
         + "."
     )
-    return table

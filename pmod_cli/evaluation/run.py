@@ -26,7 +26,9 @@ measurements, so the efficiency rows cover every request. Only process 0 gets a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import json
 import logging
 import math
 import os
@@ -35,13 +37,19 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..efficiency.flops import COUNT_MODES, count_flops_for_model
 from ..errors import UserError
+from ..model.families import get_family, known_model_types
 from ..model.loading import read_model_type
 from ..model.methods import TokenMethod, parse_method
+from ..model.presets import read_model_shape
 from ..provenance import report_header
 from ..runtime import parse_dtype, resolve_device
 from .measure import MEMORY_KINDS, SampleMeasurement
 from .tasks import TASKS_DIR
+
+# imported where used: lmms_eval (the eval extra, slow to import; also through .lmms_model),
+# torch.distributed, and the optional packages whose network errors _network_errors knows
 
 # the metric each report row shows; other tasks show their first metric
 MAIN_METRICS = {
@@ -179,21 +187,9 @@ def evaluate_checkpoints(
     to ``lmms_eval_dir/<label>/submissions``; without it to a temporary directory, deleted after
     each checkpoint.
     """
-    if not checkpoints:
-        raise UserError("give at least one checkpoint directory")
-    methods = [parse_method(m) if isinstance(m, str) else m for m in (methods or [None])]
-    for checkpoint in checkpoints:
-        read_model_type(checkpoint)  # a clear error before anything loads
-        for method in methods:
-            check_method_fits(checkpoint, method, match_tflops)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
+    methods = _checked_methods(checkpoints, methods, match_tflops, batch_size, limit)
     device = resolve_device(device)
     dtype = parse_dtype(dtype)
-    from ..efficiency.flops import COUNT_MODES
-
     if count not in COUNT_MODES:
         raise UserError(f"unknown FLOPs count {count!r}; choose one of {', '.join(COUNT_MODES)}")
     task_manager = make_task_manager(tasks, include_path)
@@ -201,33 +197,13 @@ def evaluate_checkpoints(
         logger.warning(warning)
 
     results = []
-    labels = checkpoint_labels(checkpoints)
-    for checkpoint, checkpoint_label in zip(checkpoints, labels, strict=True):
-        for method in methods:
-            name = checkpoint_label if method is None else f"{checkpoint_label}_{method.name}"
-            with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
-                files = (
-                    Path(lmms_eval_dir) / _file_name(name)
-                    if lmms_eval_dir is not None
-                    else Path(temporary)
-                )
-                cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
-                run = _Run(
-                    Path(checkpoint), checkpoint_label, method, match_tflops and method is not None
-                )
-                results.append(
-                    _evaluate_one(
-                        run,
-                        tasks,
-                        task_manager,
-                        limit,
-                        batch_size,
-                        device,
-                        count,
-                        cli_args,
-                        dtype=dtype,
-                    )
-                )
+    for run in _runs(checkpoints, methods, match_tflops):
+        with _submission_files(lmms_eval_dir, run.name) as files:
+            cli_args = lmms_eval_cli_args(tasks, limit, batch_size, device, files)
+            result = _evaluate_one(
+                run, tasks, task_manager, limit, batch_size, device, count, cli_args, dtype=dtype
+            )
+        results.append(result)
     if not is_main_process():
         return None
     return EvalReport(
@@ -240,6 +216,39 @@ def evaluate_checkpoints(
     )
 
 
+def _checked_methods(
+    checkpoints: list[str | Path],
+    methods: list[TokenMethod | str | None] | None,
+    match_tflops: bool,
+    batch_size: int,
+    limit: int | None,
+) -> list[TokenMethod | None]:
+    """The methods parsed, once every checkpoint is readable and runs them and the numbers are
+    in range: a clear error before anything loads."""
+    if not checkpoints:
+        raise UserError("give at least one checkpoint directory")
+    methods = [parse_method(m) if isinstance(m, str) else m for m in (methods or [None])]
+    for checkpoint in checkpoints:
+        read_model_type(checkpoint)
+        for method in methods:
+            check_method_fits(checkpoint, method, match_tflops)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    return methods
+
+
+@contextlib.contextmanager
+def _submission_files(lmms_eval_dir: str | Path | None, name: str):
+    """Where lmms-eval's own files of one run go: ``lmms_eval_dir/<name>``, or a temporary
+    directory deleted after the run."""
+    with tempfile.TemporaryDirectory(prefix="pmod-eval-") as temporary:
+        yield (
+            Path(lmms_eval_dir) / _file_name(name) if lmms_eval_dir is not None else Path(temporary)
+        )
+
+
 @dataclass(frozen=True)
 class _Run:
     checkpoint: Path
@@ -247,15 +256,29 @@ class _Run:
     method: TokenMethod | None
     match_tflops: bool
 
+    @property
+    def name(self) -> str:
+        """Its lmms-eval files' folder: the checkpoint's label, then the method's name."""
+        if self.method is None:
+            return self.checkpoint_label
+        return f"{self.checkpoint_label}_{self.method.name}"
+
+
+def _runs(checkpoints: list[str | Path], methods: list[TokenMethod | None], match_tflops: bool):
+    """One run per checkpoint and method, in that order."""
+    for checkpoint, checkpoint_label in zip(
+        checkpoints, checkpoint_labels(checkpoints), strict=True
+    ):
+        for method in methods:
+            matched = match_tflops and method is not None
+            yield _Run(Path(checkpoint), checkpoint_label, method, matched)
+
 
 def check_method_fits(
     checkpoint: str | Path, method: TokenMethod | None, match_tflops: bool = False
 ) -> None:
     """Refuse, before anything is evaluated, a method the checkpoint cannot run (a knob that
     ``match_tflops`` solves later is checked at one of its settings)."""
-    from ..model.families import get_family, known_model_types
-    from ..model.presets import read_model_shape
-
     if method is None:
         return
     if method.needs_router and read_model_type(checkpoint) not in known_model_types(pmod=True):
@@ -394,9 +417,7 @@ def checkpoint_labels(checkpoints: list[str | Path]) -> list[str]:
 def _evaluate_one(
     run: _Run, tasks, task_manager, limit, batch_size, device, count, cli_args, *, dtype
 ) -> CheckpointResult:
-    from lmms_eval.evaluator import simple_evaluate
-
-    from .lmms_model import PMoDLmms
+    from .lmms_model import PMoDLmms  # imports lmms-eval (the eval extra), as the run does
 
     checkpoint = run.checkpoint
     model = PMoDLmms(
@@ -408,29 +429,15 @@ def _evaluate_one(
         dtype=dtype,
     )
     network = model.model  # lmms-eval's evaluator drops model.model when requests are done
-    try:
-        raw = simple_evaluate(
-            model=model,
-            tasks=list(tasks),
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
-            task_manager=task_manager,
-            log_samples=True,
-            bootstrap_iters=1000,  # mean metrics get their analytic stderr; no resampling
-            verbosity="WARNING",
-            cli_args=cli_args,
-        )
-    except (
-        Exception
-    ) as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
-        cause = _offline_cause(err)
-        if cause is None:
-            raise
-        raise UserError(
-            f"cannot fetch the data of {', '.join(tasks)}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
-            "(lmms-eval's benchmarks download from the Hugging Face Hub: check the network, HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and HF_TOKEN)"
-        ) from None
+    raw = _simple_evaluate(
+        model,
+        tasks,
+        task_manager,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        cli_args=cli_args,
+    )
     measurements = gather_measurements(model.measurements)
     if raw is None:  # not process 0: lmms-eval gathered the results there
         return None
@@ -460,6 +467,32 @@ def _evaluate_one(
         method=model.method,
         matched_at=getattr(model, "matched_at", None),
     )
+
+
+def _simple_evaluate(model, tasks, task_manager, **options) -> dict | None:
+    """lmms-eval's run of ``tasks`` on ``model``; data that cannot be fetched is a UserError."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    try:
+        return simple_evaluate(
+            model=model,
+            tasks=list(tasks),
+            task_manager=task_manager,
+            log_samples=True,
+            bootstrap_iters=1000,  # mean metrics get their analytic stderr; no resampling
+            verbosity="WARNING",
+            **options,
+        )
+    except (
+        Exception
+    ) as err:  # datasets' errors arrive wrapped (tenacity's RetryError); bugs re-raise
+        cause = _offline_cause(err)
+        if cause is None:
+            raise
+        raise UserError(
+            f"cannot fetch the data of {', '.join(tasks)}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+            "(lmms-eval's benchmarks download from the Hugging Face Hub: check the network, HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and HF_TOKEN)"
+        ) from None
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -543,8 +576,6 @@ def summarize(
 ) -> Efficiency | None:
     """The efficiency rows of one checkpoint (None when nothing was measured); ``network`` is
     the evaluated HF model."""
-    from ..efficiency.flops import count_flops_for_model
-
     if not measurements:
         return None
     n = len(measurements)
@@ -673,8 +704,6 @@ def check_output_path(path: str | Path) -> None:
 def write_json_atomically(data: dict, path: str | Path) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory, then rename;
     an OSError (disk full, permissions, a file where a directory should be) is a UserError."""
-    import json
-
     path = Path(path)
     try:
         if path.parent and not path.parent.exists():

@@ -55,6 +55,10 @@ class RoutingInputs:
     # a ranking layer's choice (methods' ``rank``), read by the subset layers after it
     ranked_keep: torch.Tensor | None = None  # (batch, seq) bool: the tokens they process
     ranked_scores: torch.Tensor | None = None  # (batch, seq): the scores that chose them
+    # (batch, seq) long: the call's labels (-100: not trained on), for a method that ranks with
+    # the tokens before each answer span in training (pdrop); None when the call has none
+    labels: torch.Tensor | None = None
+    method_state: dict = field(default_factory=dict)  # a method's own state for this call
 
 
 class PMoDLayerMixin:

@@ -21,12 +21,18 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from ..errors import UserError
 from ..runtime import resolve_device, tokenizer_problem
-from .adapters import is_adapter_directory, is_hub_id, read_adapter_info, resolve_base
+from .adapters import (
+    FULL_WEIGHTS_FILE,
+    is_adapter_directory,
+    is_hub_id,
+    read_adapter_info,
+    resolve_base,
+)
 from .config import PMoDConfig
 from .families import family_for_config, family_for_model_type, known_model_types
 from .formats import detect_format, import_checkpoint, inspect_checkpoint, read_config
 from .modeling import apply_pmod, mod_layer_indices
-from .weights import check_weight_files, is_weight_read_error, weight_read_error
+from .weights import check_weight_files, is_weight_read_error, read_file, weight_read_error
 
 
 @contextlib.contextmanager
@@ -168,9 +174,6 @@ def _load_adapter(path: Path, dtype, attn_implementation, vision_tower):
     """A LoRA adapter directory: its base loaded (any format), converted as it was trained, the
     parts trained in full loaded, and PEFT's adapter merged in (``model.adapters``)."""
     from peft import PeftModel
-
-    from .adapters import FULL_WEIGHTS_FILE
-    from .weights import read_file
 
     info = read_adapter_info(path)
     base = resolve_base(path, info)

@@ -121,12 +121,13 @@ def _add_routing_inputs(model, args, kwargs):
             vision_groups = model.pmod_family.vision_groups(
                 input_ids, model.config, {**(_GENERATION_INPUTS.get() or {}), **kwargs}
             )
-        _check_placeholders(model, vision_mask)
+        _check_placeholders(model, vision_mask, kwargs)
         kwargs["pmod_routing"] = RoutingInputs(
             vision_mask=vision_mask,
             token_valid=token_valid,
             vision_groups=vision_groups,
             prompt_length=current_prompt_length(),
+            labels=kwargs.get("labels"),
         )
     return args, kwargs
 
@@ -153,7 +154,7 @@ def _per_image_budget(model) -> bool:
     return (model.config.pmod or {}).get("budget", "sample") == "image"
 
 
-def _check_placeholders(model, vision_mask: torch.Tensor) -> None:
+def _check_placeholders(model, vision_mask: torch.Tensor, inputs: dict) -> None:
     """A method that shortens the prompt takes its count of placeholders per image; say how to get them rather than let the
     model fail on a count mismatch."""
     method = model.token_method
@@ -161,7 +162,9 @@ def _check_placeholders(model, vision_mask: torch.Tensor) -> None:
     if per_image is None or not vision_mask.any():
         return
     starts = vision_mask & ~torch.nn.functional.pad(vision_mask, (1, 0))[:, :-1]
-    if int(vision_mask.sum()) != int(starts.sum()) * per_image:
+    counts = method.image_placeholders(model, inputs)  # when they depend on the image
+    expected = sum(counts) if counts is not None else int(starts.sum()) * per_image
+    if int(vision_mask.sum()) != expected:
         raise ValueError(
             f"this model runs {method.label} with {per_image} vision tokens per image, but the input holds "
             f"{int(vision_mask.sum())} image placeholders for {int(starts.sum())} image(s); encode prompts with "

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..analysis.arank import load_arank_layers
 from ..data.templates import CHAT_TEMPLATE, get_template
 from ..data.tiny import resolve_name
 from ..errors import UserError
-from ..model import apply_pmod, is_pmod_model
+from ..model import PMoDConfig, apply_method, apply_pmod, is_pmod_model, loading
 from ..model.families import (
     FAMILIES,
     family_for_config,
@@ -38,7 +39,9 @@ from ..model.families import (
     image_settings,
 )
 from ..model.families import prepare_tokenizer as add_image_and_pad_tokens
-from ..model.weights import check_weight_files, weight_files
+from ..model.formats.original_llava import hf_weight_name
+from ..model.methods import MethodError, parse_method
+from ..model.weights import check_weight_files, read_file, weight_files
 from .lora import PEFT_PREFIX, add_lora, check_stage, is_lora_model, quantization_config
 from .recipe import Recipe, check_aspect_ratio
 
@@ -284,9 +287,7 @@ def _for_recipe(processor, family, recipe: Recipe):
 def load_checkpoint(recipe: Recipe, dtype: torch.dtype, quantization=None):
     """An existing checkpoint of any registered family (dense or p-MoD) and its processor, set up
     for the recipe's data (aspect-ratio mode, template, <image> and pad tokens)."""
-    from ..model.loading import load_checkpoint as load
-
-    model, processor = load(
+    model, processor = loading.load_checkpoint(
         resolve_name(recipe.model.checkpoint),
         device="cpu",
         dtype=dtype,
@@ -357,9 +358,6 @@ def _pretrained_connector(directory: Path) -> dict[str, torch.Tensor]:
 
 def _llava_projector(file: Path) -> dict[str, torch.Tensor]:
     """LLaVA's ``mm_projector.bin`` (``model.mm_projector.{0,2}.*``, mlp2x_gelu) under llava-hf's names."""
-    from ..model.formats.original_llava import hf_weight_name
-    from ..model.weights import read_file
-
     tensors = read_file(file)  # torch.load(weights_only=True): tensors only
     projector = {
         name: tensor for name, tensor in tensors.items() if name.startswith("model.mm_projector.")
@@ -375,8 +373,6 @@ def check_pmod_layers(recipe: Recipe, num_layers: int) -> list[float]:
     result file) is read here and becomes the recipe's ``mod_layers``, so the resolved recipe
     saved with the checkpoints names the layers themselves."""
     if recipe.pmod.mod_layers_from:
-        from ..analysis.arank import load_arank_layers
-
         layers = load_arank_layers(resolve_name(recipe.pmod.mod_layers_from), num_layers)
         recipe.pmod.config = dataclasses.replace(recipe.pmod.config, mod_layers=layers)
         recipe.pmod.mod_layers_from = ""
@@ -384,6 +380,21 @@ def check_pmod_layers(recipe: Recipe, num_layers: int) -> list[float]:
         return recipe.pmod.config.retention_ratios(num_layers)
     except ValueError as err:
         raise UserError(f"[pmod]: {err}") from None
+
+
+def apply_training_method(model, recipe: Recipe):
+    """p-MoD from ``[pmod]`` (``train.method = "pmod"``), or another method with a training mode
+    (``pdrop``) on a model with no routers: every layer's ratio is 1 and the method says what
+    each layer keeps."""
+    num_layers = model.config.text_config.num_hidden_layers
+    method = parse_method(recipe.train.method)
+    if method.needs_router:
+        check_pmod_layers(recipe, num_layers)
+        return apply_pmod(model, recipe.pmod.config)
+    try:
+        return apply_method(model, method, pmod=PMoDConfig(ratios=[1.0] * num_layers))
+    except MethodError as err:
+        raise UserError(f"train.method = {recipe.train.method!r}: {err}") from None
 
 
 def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
@@ -402,8 +413,7 @@ def build_model(recipe: Recipe, stage: str, dtype: torch.dtype = torch.float32):
     if video_processor is not None:  # saved with the model: evaluation samples as many frames
         family_for_model(model).set_video_frames(video_processor, recipe.data.video_frames)
     if recipe.pmod.enabled:
-        check_pmod_layers(recipe, model.config.text_config.num_hidden_layers)
-        model = apply_pmod(model, recipe.pmod.config)
+        model = apply_training_method(model, recipe)
     elif is_pmod_model(model):
         raise UserError(
             "model.checkpoint is a p-MoD model but pmod.enabled = false; start from a dense checkpoint"

@@ -28,10 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.tiny import resolve_name
 from ..errors import UserError
 from ..model.adapters import ADAPTER_INFO_FILE, FULL_WEIGHTS_FILE, AdapterInfo
 from ..model.router import Router
 from .recipe import LoraSection, Recipe
+
+# imported where used: peft (the train extra) and bitsandbytes (the qlora extra)
 
 PEFT_PREFIX = "base_model.model."  # what PEFT puts in front of the wrapped model's names
 ADAPTER_NAME = "default"
@@ -152,8 +155,6 @@ def adapted_layers(model: nn.Module) -> int:
 
 def adapter_info(recipe: Recipe, model: nn.Module) -> AdapterInfo:
     """What ``pmod_adapter.json`` says about a run's adapters."""
-    from ..data.tiny import resolve_name
-
     base_model = unwrap_lora(model)
     checkpoint = recipe.model.checkpoint
     base = None

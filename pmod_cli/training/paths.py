@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data.tiny import default_image_folder, resolve_name
 from ..errors import UserError
+from .checkpoints import last_checkpoint
 from .recipe import Recipe
 
 
@@ -23,8 +24,6 @@ def data_paths(recipe: Recipe) -> tuple[Path, Path]:
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint to resume from; refuses to mix with an earlier run. Deletes nothing."""
-    from .trainer import last_checkpoint
-
     previous = last_checkpoint(output_dir)
     if resume:
         if previous is None:

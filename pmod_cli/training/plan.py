@@ -24,6 +24,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ..data.llava_data import SampleEncoder, find_load_failures, load_records, scan_records
+from ..data.templates import CHAT_TEMPLATE, get_template
 from ..efficiency.flops import FlopsCount, count_flops
 from ..efficiency.plan import FlopsPlan, PlanEntry
 from ..efficiency.report import layer_table, summary_table
@@ -33,15 +35,20 @@ from ..model.presets import ModelShape, get_preset, shape_from_hf_config
 from .build import (
     PARTS,
     check_pmod_layers,
+    checkpoint_processor,
     llava_config,
     media_token_ids,
     prepare_tokenizer,
+    processor_from_parts,
     resolve_name,
     set_trainable,
     trained_parts,
 )
 from .lora import adapted_layers, add_lora, check_stage, describe, unwrap_lora
+from .paths import check_output_dir, data_paths
 from .recipe import Recipe
+from .resume import check_not_finished, check_same_run
+from .run_lock import RunLock
 from .tracking import check_trackers
 
 
@@ -106,8 +113,6 @@ def _config_from_preset(recipe: Recipe):
 
 def model_config(recipe: Recipe):
     """(HF LLaVA config, where it came from), without loading weights."""
-    import pmod_cli  # noqa: F401 - p-MoD configs resolve through AutoConfig
-
     model = recipe.model
     if model.checkpoint:
         config = _local_config(model.checkpoint)
@@ -152,10 +157,6 @@ def _meta_model(config, pmod_enabled: bool, recipe: Recipe):
 def check_data(recipe: Recipe, processor=None) -> DataCheck:
     """Every sample checked as a real run checks it, up front and while loading (``processor``:
     encode each sample too; without it images are decoded but lengths are not checked)."""
-    from ..data.llava_data import SampleEncoder, find_load_failures, load_records, scan_records
-    from ..data.templates import CHAT_TEMPLATE, get_template
-    from .paths import data_paths
-
     data_path, image_folder = data_paths(recipe)
     check = DataCheck(path=str(data_path), found=data_path.is_file())
     if not check.found:
@@ -195,8 +196,6 @@ def check_data(recipe: Recipe, processor=None) -> DataCheck:
 
 def _plan_processor(recipe: Recipe, config, source: str):
     """The processor a real run would use, if its files are on this machine; else None."""
-    from .build import checkpoint_processor, processor_from_parts
-
     if source.startswith("preset"):
         return None
     try:
@@ -209,10 +208,6 @@ def _plan_processor(recipe: Recipe, config, source: str):
 
 def run_blockers(stage: str, recipe: Recipe, resume: bool, data: DataCheck) -> list[str]:
     """Why a real run of this recipe would refuse to start or stop on its data, here and now."""
-    from .paths import check_output_dir
-    from .resume import check_not_finished, check_same_run
-    from .run_lock import RunLock
-
     blockers = [f"data: {data.problem}"] if data.problem else []
     if recipe.lora.enabled and recipe.lora.qlora and not torch.cuda.is_available():
         blockers.append("lora.qlora loads the language model in 4-bit, which needs a CUDA GPU")
@@ -314,7 +309,21 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
         f"model: {plan.model_source}, layout {plan.shape.layout}, "
         f"{'p-MoD' if plan.pmod_enabled else 'dense (pmod.enabled = false)'}"
     )
+    console.print(_parameters_table(plan))
+    trainable = plan.trainable_parameters
+    total = sum(n for _, n in plan.parameters.values())
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
+    console.print(_run_table(plan, recipe))
+    flops_plan = FlopsPlan(plan.shape, (PlanEntry(recipe.pmod.config, plan.flops),))
+    console.print(summary_table(flops_plan))
+    if plan.pmod_enabled:
+        console.print(layer_table(flops_plan))
+    _print_data_check(console, plan.data)
+    for blocker in plan.blockers:
+        console.print(f"a real run would stop: {blocker}", style="bold yellow")
 
+
+def _parameters_table(plan: TrainingPlan) -> Table:
     parts = Table(title="Parameters per part")
     for name in ("part", "parameters", "trainable", "learning rate"):
         parts.add_column(name, justify="left" if name == "part" else "right")
@@ -334,9 +343,11 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
     parts.add_row("all", _millions(total), _millions(trainable), "", style="bold")
     if plan.lora:
         parts.caption = f"llm: LoRA adapters train, its own weights are frozen ({plan.lora})"
-    console.print(parts)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
+    return parts
 
+
+def _run_table(plan: TrainingPlan, recipe: Recipe) -> Table:
+    """Batch, steps, schedule, precision and where the run writes."""
     train = recipe.train
     run = Table(title="Run")
     run.add_column("", style="bold")
@@ -377,14 +388,11 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
         )
     for label, value in rows:
         run.add_row(label, value)
-    console.print(run)
+    return run
 
-    flops_plan = FlopsPlan(plan.shape, (PlanEntry(recipe.pmod.config, plan.flops),))
-    console.print(summary_table(flops_plan))
-    if plan.pmod_enabled:
-        console.print(layer_table(flops_plan))
 
-    data = plan.data
+def _print_data_check(console: Console, data: DataCheck) -> None:
+    """The data file's counts, then the first ten bad samples."""
     if data.found:
         checked = (
             "encoded" if data.encoded else "images decoded; lengths not checked (no tokenizer here)"
@@ -397,8 +405,6 @@ def print_training_plan(plan: TrainingPlan, recipe: Recipe, console: Console | N
         console.print(f"  bad sample {sample}: {reason}", style="yellow")
     if len(data.bad) > 10:
         console.print(f"  ... and {len(data.bad) - 10} more bad samples", style="yellow")
-    for blocker in plan.blockers:
-        console.print(f"a real run would stop: {blocker}", style="bold yellow")
 
 
 def dry_run(

@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.templates import CHAT_TEMPLATE, TEMPLATES
 from ..errors import UserError
 from ..model.config import PMoDConfig
+from ..model.families import FAMILIES, get_family
+from ..model.methods import MethodError, method_registry, parse_method
 
 CONNECTORS = ("mlp2x_gelu",)
 SELECT_STRATEGIES = ("default", "full")
@@ -154,6 +157,9 @@ class TrainSection:
         group_by_modality_length: every optimizer step takes samples of one modality (all with an
             image, or all text-only), similar lengths sharing a micro-batch, as LLaVA's trainer does.
         tf32: TF32 matrix products on an Ampere or newer GPU (ignored on the CPU).
+        method: the token-reduction method the model trains with when ``pmod.enabled``:
+            ``pmod`` (its routers, from ``[pmod]``) or another method with a training mode, in
+            ``--method`` spelling (``"pdrop:ratio=0.5"``; the model then has no routers).
     """
 
     output_dir: str = ""
@@ -183,6 +189,7 @@ class TrainSection:
     report_to: str | list[str] = "none"
     group_by_modality_length: bool = False
     tf32: bool = False
+    method: str = "pmod"
 
 
 @dataclass
@@ -364,14 +371,13 @@ def validate(recipe: Recipe) -> Recipe:
     _check_pmod_section(recipe.pmod.config)
     _check_data_section(recipe.data, recipe.model)
     _check_train_section(recipe.train)
+    _check_train_method(recipe)
     _check_report_to(recipe.train.report_to)
     _check_lora(recipe)
     return recipe
 
 
 def _check_model_section(model) -> None:
-    from ..model.families import FAMILIES
-
     if model.checkpoint and (model.vision_tower or model.llm):
         raise UserError("set either model.checkpoint or model.vision_tower + model.llm, not both")
     if not model.checkpoint and not (model.vision_tower and model.llm):
@@ -411,9 +417,6 @@ def _check_pmod_section(pmod) -> None:
 
 
 def _check_data_section(data, model) -> None:
-    from ..data.templates import CHAT_TEMPLATE, TEMPLATES
-    from ..model.families import FAMILIES
-
     if not data.path:
         raise UserError("data.path is not set; name a LLaVA JSON or JSONL file")
     _choice(data.template, (*TEMPLATES, CHAT_TEMPLATE), "data.template")
@@ -477,6 +480,25 @@ def _check_train_section(train) -> None:
         )
 
 
+def _check_train_method(recipe: Recipe) -> None:
+    """``train.method``: a method with a training mode, and token reduction switched on."""
+    try:
+        method = parse_method(recipe.train.method)
+    except MethodError as err:
+        raise UserError(f"train.method = {recipe.train.method!r}: {err}") from None
+    if not method.trains:
+        trainable = ", ".join(name for name, cls in method_registry().items() if cls.trains)
+        raise UserError(
+            f"train.method = {recipe.train.method!r}: {method.name} has no training mode; "
+            f"a recipe trains with {trainable}"
+        )
+    if method.name != "pmod" and not recipe.pmod.enabled:
+        raise UserError(
+            f"train.method = {recipe.train.method!r} reduces tokens but pmod.enabled = false "
+            "trains the dense model: set pmod.enabled = true (or leave train.method out)"
+        )
+
+
 def _check_report_to(report_to: str | list[str]) -> None:
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
@@ -520,8 +542,6 @@ def _check_lora(recipe: Recipe) -> None:
 
 def check_aspect_ratio(layout: str, aspect_ratio: str) -> None:
     """A UserError unless ``data.image_aspect_ratio`` is one the ``layout`` family trains with."""
-    from ..model.families import get_family
-
     family = get_family(layout)
     if aspect_ratio not in family.aspect_ratios:
         raise UserError(

@@ -16,18 +16,19 @@ import json
 import logging
 import os
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..data.llava_data import (
     Collator,
     SampleEncoder,
+    ScanResult,
     SupervisedDataset,
     load_records,
     scan_records,
@@ -36,13 +37,26 @@ from ..data.templates import CHAT_TEMPLATE, get_template
 from ..errors import UserError
 from ..model.families import family_for_model, family_for_processor
 from .build import build_model
+from .checkpoints import STAGING_DIR
+from .interrupt import (
+    SAVE_ON_STOP_SECONDS,
+    RunInterrupted,
+    SignalWatch,
+    StopOnSignal,
+    signal_name,
+)
 from .lora import unwrap_lora
 from .paths import check_output_dir, data_paths
-from .recipe import DEEPSPEED_PRESETS, Recipe
+from .plan import dry_run as plan_and_print
+from .recipe import DEEPSPEED_PRESETS, Recipe, load_recipe
+from .resume import check_not_finished, check_same_run
+from .run_lock import RunLock
+from .summary import efficiency_summary, summary_table
+from .throughput import peak_tflops
+from .tracking import check_trackers, tracker_environment, trackers
+from .trainer import PMoDTrainer, RichProgressCallback, WallClock, publish_model
 
-if TYPE_CHECKING:  # the trainer imports transformers' Trainer: loaded when a stage runs
-    from ..data.llava_data import ScanResult
-    from .trainer import PMoDTrainer, RichProgressCallback, WallClock
+# imported where used: datasets and deepspeed (the train extra), transformers' training pieces
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +142,6 @@ def prepare_data(recipe: Recipe, processor, quiet: bool = False):
 def _clear_output_dir(output_dir: Path, is_main: bool) -> None:
     """Remove the checkpoints of an earlier run (``overwrite_output_dir``); only once model and
     data are built, so a recipe error never costs a finished run its checkpoints."""
-    from .trainer import STAGING_DIR
-
     if is_main:
         for old in output_dir.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -141,8 +153,6 @@ def _training_arguments(
 ):
     from transformers import TrainingArguments
     from transformers.utils import is_torch_tf32_available
-
-    from .tracking import trackers
 
     train = recipe.train
     tf32 = train.tf32 and on_gpu and is_torch_tf32_available()
@@ -207,9 +217,6 @@ def run_stage(
     import datasets
     import transformers
 
-    from .interrupt import SignalWatch
-    from .run_lock import RunLock
-
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     watch = SignalWatch()
@@ -243,9 +250,6 @@ class _Run:
 def _locked_stage(
     stage: str, recipe: Recipe, resume: bool, callbacks: Sequence, watch
 ) -> StageResult:
-    from .interrupt import StopOnSignal
-    from .tracking import tracker_environment
-
     run = _build_run(stage, recipe, resume, callbacks)
     trainer = run.trainer
     stop = StopOnSignal(watch, trainer.expected_save_seconds)
@@ -268,10 +272,6 @@ def _build_run(stage: str, recipe: Recipe, resume: bool, callbacks: Sequence) ->
     """Model, data and trainer of a stage, after the output directory is checked."""
     import transformers
     from transformers import PrinterCallback
-
-    from .resume import check_not_finished, check_same_run
-    from .tracking import check_trackers
-    from .trainer import PMoDTrainer, RichProgressCallback, WallClock
 
     train = recipe.train
     check_trackers(recipe)
@@ -347,10 +347,6 @@ def _resume_hint(trainer) -> str:
 
 
 def _raise_stopped(trainer, stop, signum: int | None) -> None:
-    import signal
-
-    from .interrupt import SAVE_ON_STOP_SECONDS, RunInterrupted, signal_name
-
     signum = signum or signal.SIGTERM  # another process was signalled: the launcher's usual signal
     where = (
         f"stopped by {signal_name(signum)} at step {stop.stopped_at} of {trainer.state.max_steps}"
@@ -371,10 +367,6 @@ def _raise_stopped(trainer, stop, signum: int | None) -> None:
 def _finish_stage(stage: str, recipe: Recipe, run: _Run) -> StageResult:
     """Publish the final model, then write and print the summary."""
     from rich.console import Console
-
-    from .summary import efficiency_summary, summary_table
-    from .throughput import peak_tflops
-    from .trainer import publish_model
 
     trainer, scan = run.trainer, run.scan
     output_dir = Path(recipe.train.output_dir)
@@ -429,11 +421,7 @@ def launch(
     dry_run: bool = False,
 ):
     """What ``pmod pretrain`` / ``pmod sft`` do: load the recipe, then plan or train."""
-    from .recipe import load_recipe
-
     recipe = load_recipe(recipe_path, overrides)
     if dry_run:
-        from .plan import dry_run as plan_and_print
-
         return plan_and_print(stage, recipe, resume=resume)
     return run_stage(stage, recipe, resume=resume)

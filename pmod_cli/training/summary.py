@@ -40,41 +40,12 @@ def efficiency_summary(
     trainable_parameters: int = 0,
     lora: bool = False,
 ) -> dict[str, Any]:
-    mean_vision = round(vision_tokens / samples) if samples else 0
-    mean_text = round((tokens - vision_tokens) / samples) if samples else 0
-    flops = count_flops_for_model(
-        model, vision_tokens=mean_vision, text_tokens=max(mean_text, 1), count="paper"
-    )
-    hours = wall_seconds * processes / 3600
-    train_tflops = (
-        TRAIN_FLOPS_PER_FORWARD * flops.tflops * samples / wall_seconds / processes
-        if wall_seconds
-        else 0.0
-    )
     return {
         "stage": stage,
         "pmod": bool(getattr(model.config, "pmod", None)),
         "steps": steps,
-        "samples": samples,
-        "tokens": tokens,
-        "wall_seconds": wall_seconds,
-        "processes": processes,
-        "device": "gpu" if on_gpu else "cpu",
-        "gpu_hours" if on_gpu else "cpu_hours": hours,
-        "device_hours": hours,
-        "samples_per_second": samples / wall_seconds if wall_seconds else 0.0,
-        "tokens_per_second": tokens / wall_seconds if wall_seconds else 0.0,
-        "mean_vision_tokens": mean_vision,
-        "mean_text_tokens": mean_text,
-        "tflops_per_sample": flops.tflops,
-        "dense_tflops_per_sample": flops.baseline_tflops,
-        "flops_ratio": flops.ratio,
-        "flops_count": flops.count,
-        "kv_cache_ratio": flops.kv_cache_ratio,
-        "retention_ratios": list(flops.retention_ratios),
-        "train_tflops_per_second": train_tflops,
-        "peak_tflops": peak_tflops,
-        "mfu": train_tflops / peak_tflops if peak_tflops else None,
+        **_rates(samples, tokens, wall_seconds, processes, on_gpu),
+        **_flops(model, samples, tokens, vision_tokens, wall_seconds, processes, peak_tflops),
         "peak_memory_bytes": peak_memory_bytes,
         "peak_memory_kind": "cuda_allocated" if on_gpu else "cpu_rss",
         "kept_ratios": {str(layer): ratio for layer, ratio in (kept_ratios or {}).items()},
@@ -86,6 +57,59 @@ def efficiency_summary(
         "total_samples": total_samples,
         "first_loss": first_loss,
         "final_loss": final_loss,
+    }
+
+
+def _rates(
+    samples: int, tokens: int, wall_seconds: float, processes: int, on_gpu: bool
+) -> dict[str, Any]:
+    """What the run saw, how long it took and how fast it went."""
+    hours = wall_seconds * processes / 3600
+    return {
+        "samples": samples,
+        "tokens": tokens,
+        "wall_seconds": wall_seconds,
+        "processes": processes,
+        "device": "gpu" if on_gpu else "cpu",
+        "gpu_hours" if on_gpu else "cpu_hours": hours,
+        "device_hours": hours,
+        "samples_per_second": samples / wall_seconds if wall_seconds else 0.0,
+        "tokens_per_second": tokens / wall_seconds if wall_seconds else 0.0,
+    }
+
+
+def _flops(
+    model,
+    samples: int,
+    tokens: int,
+    vision_tokens: int,
+    wall_seconds: float,
+    processes: int,
+    peak_tflops: float | None,
+) -> dict[str, Any]:
+    """The count of the mean sample's prefill, and the training TFLOP/s (and MFU) it implies."""
+    mean_vision = round(vision_tokens / samples) if samples else 0
+    mean_text = round((tokens - vision_tokens) / samples) if samples else 0
+    flops = count_flops_for_model(
+        model, vision_tokens=mean_vision, text_tokens=max(mean_text, 1), count="paper"
+    )
+    train_tflops = (
+        TRAIN_FLOPS_PER_FORWARD * flops.tflops * samples / wall_seconds / processes
+        if wall_seconds
+        else 0.0
+    )
+    return {
+        "mean_vision_tokens": mean_vision,
+        "mean_text_tokens": mean_text,
+        "tflops_per_sample": flops.tflops,
+        "dense_tflops_per_sample": flops.baseline_tflops,
+        "flops_ratio": flops.ratio,
+        "flops_count": flops.count,
+        "kv_cache_ratio": flops.kv_cache_ratio,
+        "retention_ratios": list(flops.retention_ratios),
+        "train_tflops_per_second": train_tflops,
+        "peak_tflops": peak_tflops,
+        "mfu": train_tflops / peak_tflops if peak_tflops else None,
     }
 
 

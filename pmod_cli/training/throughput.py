@@ -12,7 +12,8 @@ Every logged step adds to the Trainer's log (and so to TensorBoard, wandb and
   precision on a GPU whose peak is known;
 - ``peak_memory_gib``: on CUDA the largest allocation peak of any process since the previous
   log; on the CPU the largest peak resident set of any process so far;
-- ``kept_ratio/layer_NN``: vision tokens each MoD layer kept over those it saw, measured.
+- ``kept_ratio/layer_NN``: vision tokens each MoD layer (or each layer where another method,
+  ``train.method = "pdrop"``, runs a subset) kept over those it saw, measured.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import TrainerCallback
 
 from ..efficiency.flops import count_flops_for_model
 from ..model import mod_layer_indices
+from ..model.families import family_for_model
 
 # forward + backward FLOPs per forward FLOP (the backward pass costs about twice the forward)
 TRAIN_FLOPS_PER_FORWARD = 3
@@ -105,7 +107,8 @@ class StepMeter(TrainerCallback):
 
     def __init__(self, model, half_precision: bool) -> None:
         self.model = model  # the HF model (inside DeepSpeed / PEFT wrappers)
-        self.layers = mod_layer_indices(model)
+        # p-MoD's MoD layers, or the layers where another method runs a subset (pdrop)
+        self.layers = mod_layer_indices(model) or subset_layer_indices(model)
         self.counter = KeptTokenCounter()
         self.half_precision = half_precision
         self.started: float | None = None
@@ -177,6 +180,12 @@ class StepMeter(TrainerCallback):
             )
             if seen
         }
+
+
+def subset_layer_indices(model) -> list[int]:
+    """Indices of the decoder layers where the model's method runs a subset of the tokens."""
+    layers = family_for_model(model).decoder_layers(model)
+    return [i for i, layer in enumerate(layers) if getattr(layer, "token_mode", "") == "subset"]
 
 
 def _kept_ratios(layers: list[int], counts: torch.Tensor) -> dict[str, float]:

@@ -40,9 +40,14 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import UserError
-from ..model.adapters import ADAPTER_FILES, ADAPTER_INFO_FILE, PEFT_WEIGHTS_FILE
+from ..model.adapters import (
+    ADAPTER_FILES,
+    ADAPTER_INFO_FILE,
+    FULL_WEIGHTS_FILE,
+    PEFT_WEIGHTS_FILE,
+)
 from ..model.routing import recording
-from ..model.weights import check_weight_files
+from ..model.weights import check_weight_files, read_file
 from .build import PARTS, part_of
 from .checkpoints import (
     RECIPE_FILE,
@@ -65,6 +70,7 @@ from .lora import (
     write_merged,
 )
 from .recipe import Recipe
+from .sampler import ModalityLengthSampler, modality_lengths
 from .throughput import StepMeter
 
 __all__ = [
@@ -375,9 +381,6 @@ class PMoDTrainer(Trainer):
         the parts trained in full, every one of them."""
         from peft import set_peft_model_state_dict
 
-        from ..model.adapters import FULL_WEIGHTS_FILE, PEFT_WEIGHTS_FILE
-        from ..model.weights import read_file
-
         for name in (PEFT_WEIGHTS_FILE, FULL_WEIGHTS_FILE):
             if not (checkpoint / name).is_file():
                 raise UserError(
@@ -458,8 +461,6 @@ class PMoDTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         if not self.recipe.train.group_by_modality_length:
             return super()._get_train_sampler(train_dataset)
-        from .sampler import ModalityLengthSampler, modality_lengths
-
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return ModalityLengthSampler(
             modality_lengths(dataset.records, dataset.indices),

@@ -145,6 +145,39 @@ def draw_selection(
     """The figure for ``layers`` (decoder-layer indices), kept masks or (``heatmap``) router weights."""
     rows = views_of(selection.boxes)
     panel_width = PANEL_WIDTH_IN if len(rows) <= 4 else max(1.8, PANEL_WIDTH_IN * 4 / len(rows))
+    heights, padded = _row_heights(selection, rows, panel_width)
+    heights += [MATRIX_HEIGHT_IN] if matrix else []
+    figure = Figure(
+        figsize=(panel_width * len(layers) + (0.8 if heatmap else 0.2), sum(heights)),
+        layout="constrained",
+    )
+    grid = figure.add_gridspec(len(heights), len(layers), height_ratios=heights)
+    panel_axes, weight_mappable = _draw_panels(figure, grid, selection, layers, rows, heatmap)
+    if matrix:
+        matrix_axes = figure.add_subplot(grid[len(rows), :])
+        matrix_axes.set_label("matrix")
+        _draw_matrix(matrix_axes, selection, heatmap)
+    if heatmap and weight_mappable is not None:
+        colorbar = figure.colorbar(
+            weight_mappable,
+            ax=panel_axes,
+            shrink=0.8,
+            label="router weight, per layer: min to max over its patches",
+        )
+        colorbar.ax.set_label("colorbar")
+    shading = "colour: router weight" if heatmap else "dark: skipped"
+    legend = [f"{shading} · red outline: kept · {UNSEEN_NOTE}"] + ([PADDING_NOTE] if padded else [])
+    # measured in the legend's font: a one-panel figure wraps each note instead of cutting it
+    width = figure.get_figwidth() * 72 - 2 * LEGEND_MARGIN_PT
+    figure.suptitle(wrap_to_width(legend, width, LEGEND_FONTSIZE), fontsize=LEGEND_FONTSIZE)
+    return figure
+
+
+def _row_heights(
+    selection: TokenSelection, rows: list[tuple[int, str]], panel_width: float
+) -> tuple[list[float], bool]:
+    """Each row's height in inches (its canvas's aspect, and a title), and whether any canvas
+    reaches into padding the processor added."""
     heights, padded = [], False
     for source, view in rows:
         height, width = selection.pictures[source].shape[:2]
@@ -154,15 +187,14 @@ def draw_selection(
         padded = padded or canvas != (0, 0, width, height)
         aspect = (bottom - top) / (right - left)
         heights.append(float(np.clip(panel_width * aspect, 1.2, 6.0)) + 0.5)  # + title
-    heights += [MATRIX_HEIGHT_IN] if matrix else []
-    figure = Figure(
-        figsize=(panel_width * len(layers) + (0.8 if heatmap else 0.2), sum(heights)),
-        layout="constrained",
-    )
-    grid = figure.add_gridspec(len(heights), len(layers), height_ratios=heights)
+    return heights, padded
+
+
+def _draw_panels(figure, grid, selection: TokenSelection, layers, rows, heatmap: bool):
+    """One panel per layer (column) and row; returns the panels' axes and the last weight
+    colour map drawn (None without ``heatmap``)."""
     weight_mappable = None
     panel_axes = []
-
     for column, layer_index in enumerate(layers):
         for row, (source, view) in enumerate(rows):
             label = row_label(selection, source, view)
@@ -182,25 +214,7 @@ def draw_selection(
             if column == 0 and len(rows) > 1:
                 axes.set_ylabel(label, fontsize=9)
             panel_axes.append(axes)
-
-    if matrix:
-        matrix_axes = figure.add_subplot(grid[len(rows), :])
-        matrix_axes.set_label("matrix")
-        _draw_matrix(matrix_axes, selection, heatmap)
-    if heatmap and weight_mappable is not None:
-        colorbar = figure.colorbar(
-            weight_mappable,
-            ax=panel_axes,
-            shrink=0.8,
-            label="router weight, per layer: min to max over its patches",
-        )
-        colorbar.ax.set_label("colorbar")
-    shading = "colour: router weight" if heatmap else "dark: skipped"
-    legend = [f"{shading} · red outline: kept · {UNSEEN_NOTE}"] + ([PADDING_NOTE] if padded else [])
-    # measured in the legend's font: a one-panel figure wraps each note instead of cutting it
-    width = figure.get_figwidth() * 72 - 2 * LEGEND_MARGIN_PT
-    figure.suptitle(wrap_to_width(legend, width, LEGEND_FONTSIZE), fontsize=LEGEND_FONTSIZE)
-    return figure
+    return panel_axes, weight_mappable
 
 
 def wrap_to_width(paragraphs: list[str], width_pt: float, fontsize: float) -> str:

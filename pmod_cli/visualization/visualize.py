@@ -11,9 +11,10 @@ from matplotlib.figure import Figure
 from rich.table import Table
 
 from ..data.llava_data import read_image
+from ..data.video import VideoError, check_video, read_frames
 from ..errors import UserError
 from ..model.families import family_for_model_type
-from ..model.loading import load_checkpoint, read_model_type
+from ..model.loading import load_checkpoint, read_model_type, read_num_layers
 from ..runtime import resolve_device
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
@@ -39,8 +40,6 @@ def _checkpoint_layers(checkpoint: Path | None) -> tuple[Path, int]:
     """The checkpoint to show (the tiny default's when none is given) and its number of layers,
     before the weights load: a bad ``--layers`` fails at once. Any format the loader reads (a LoRA
     adapter directory too)."""
-    from ..model.loading import read_num_layers
-
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
         if not checkpoint.exists():
@@ -54,8 +53,6 @@ def _checkpoint_layers(checkpoint: Path | None) -> tuple[Path, int]:
 def load_video(path: Path, num_frames: int | None = None):
     """``num_frames`` frames of the video at ``path`` (None: only check that it opens), or a
     UserError naming why it cannot be read."""
-    from ..data.video import VideoError, check_video, read_frames
-
     path = Path(path)
     if not path.is_file():
         raise UserError(

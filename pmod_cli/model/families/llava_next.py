@@ -156,7 +156,32 @@ def llava_next_patch_boxes(
     ``tile_size`` is the vision tower's input size (``vision_config.image_size``); ``size``,
     ``crop_size``, ``do_resize`` are the image processor's.
     """
-    # base view: the whole image squashed to a square, then the usual resize and crop
+    processing = dict(size=size, crop_size=crop_size, do_resize=do_resize)
+    (base_rows, base_cols), base_box = _base_view(
+        image_height, image_width, patch_size=patch_size, **processing
+    )
+    layout, high_res_box = _high_res_view(
+        image_height,
+        image_width,
+        grid_pinpoints=grid_pinpoints,
+        tile_size=tile_size,
+        patch_size=patch_size,
+        **processing,
+    )
+    boxes: list[PatchBox | None] = []
+    for cell in llava_next_cells(base_rows, base_cols, layout):
+        if cell.view == BASE_VIEW:
+            boxes.append(base_box(cell.row, cell.col))
+        elif cell.col is None:
+            boxes.append(None)
+        else:
+            boxes.append(high_res_box(cell.row, cell.col))
+    return boxes
+
+
+def _base_view(image_height: int, image_width: int, *, patch_size: int, size, crop_size, do_resize):
+    """The base view, the whole image squashed to a square, then the usual resize and crop:
+    ((rows, columns) of its cells, the box of a cell on the image)."""
     fixed_height, fixed_width = size_field(size, "height"), size_field(size, "width")
     squash = (
         (fixed_height, fixed_width)
@@ -167,6 +192,34 @@ def llava_next_patch_boxes(
         squash[0], squash[1], size=size, crop_size=crop_size, do_resize=do_resize
     )
     to_squash_x, to_squash_y = image_width / squash[1], image_height / squash[0]
+
+    def base_box(row: int, col: int) -> PatchBox:
+        box = grid_box(base_chain, BASE_VIEW, row, col, patch_size)
+        return PatchBox(
+            BASE_VIEW,
+            box.x0 * to_squash_x,
+            box.y0 * to_squash_y,
+            box.x1 * to_squash_x,
+            box.y1 * to_squash_y,
+        )
+
+    cells = (base_chain.view_height // patch_size, base_chain.view_width // patch_size)
+    return cells, base_box
+
+
+def _high_res_view(
+    image_height: int,
+    image_width: int,
+    *,
+    grid_pinpoints: list,
+    tile_size: int,
+    patch_size: int,
+    size,
+    crop_size,
+    do_resize,
+):
+    """The high-resolution view, the image resized into the best grid, padded and cut into
+    tiles: (its layout, the box of a cell of the tiles' feature map on the image)."""
     # each tile goes through the same resize and crop before the vision tower
     tile_chain = resize_crop(
         tile_size, tile_size, size=size, crop_size=crop_size, do_resize=do_resize
@@ -202,23 +255,4 @@ def llava_next_patch_boxes(
         (x0, y0), (x1, y1) = corners
         return PatchBox(HIGH_RES_VIEW, x0, y0, x1, y1)
 
-    def base_box(row: int, col: int) -> PatchBox:
-        box = grid_box(base_chain, BASE_VIEW, row, col, patch_size)
-        return PatchBox(
-            BASE_VIEW,
-            box.x0 * to_squash_x,
-            box.y0 * to_squash_y,
-            box.x1 * to_squash_x,
-            box.y1 * to_squash_y,
-        )
-
-    base_rows, base_cols = base_chain.view_height // patch_size, base_chain.view_width // patch_size
-    boxes: list[PatchBox | None] = []
-    for cell in llava_next_cells(base_rows, base_cols, layout):
-        if cell.view == BASE_VIEW:
-            boxes.append(base_box(cell.row, cell.col))
-        elif cell.col is None:
-            boxes.append(None)
-        else:
-            boxes.append(high_res_box(cell.row, cell.col))
-    return boxes
+    return layout, high_res_box

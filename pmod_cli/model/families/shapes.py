@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import UserError
+from .base import get_family
 
 if TYPE_CHECKING:
     from ..config import PMoDConfig
@@ -135,8 +136,6 @@ class ModelShape:
     @property
     def family(self):
         """The model family (``model/families``) whose token layout this shape follows."""
-        from .base import get_family
-
         return get_family(self.layout)
 
     @property

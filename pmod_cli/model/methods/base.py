@@ -49,6 +49,10 @@ class TokenMethod:
     knob: ClassVar[str | None] = None  # the option --match-tflops solves (None: nothing to tune)
     needs_router: ClassVar[bool] = False  # runs a p-MoD checkpoint's own routers
     needs_vision_tokens: ClassVar[bool] = False  # check/install need an image's vision tokens
+    # the images (and videos) one sample may hold; None: any. A method with a limit refuses more
+    # in one line when a forward call holds them (dart: 1, and no video)
+    images_per_sample: ClassVar[int | None] = None
+    trains: ClassVar[bool] = False  # a recipe may train with it ([train] method)
 
     # ---- naming ---------------------------------------------------------------------------
 
@@ -102,6 +106,36 @@ class TokenMethod:
     def prompt_tokens_per_image(self) -> int | None:
         """Image placeholders a prompt must hold per image (None: the processor's count)."""
         return None
+
+    def entering_tokens_for(self, num_vision: int, crops: int) -> int:
+        """Vision tokens per image entering the language model for an image of ``num_vision``
+        tokens that the vision tower sees as ``crops`` crops (LLaVA-NeXT: base + grid);
+        default: ``entering_tokens``, which does not depend on the crops."""
+        return self.entering_tokens(num_vision)
+
+    def image_placeholders(self, model, inputs: dict) -> list[int] | None:
+        """Per image of a forward call or processor batch (in the order the model fills them),
+        the placeholders its prompt must hold, where that depends on the image (``visionzip`` on
+        LLaVA-NeXT: its crops); None: ``prompt_tokens_per_image`` (or the processor's count).
+        ``inputs``: the processor's outputs (``image_sizes``, ...)."""
+        return None
+
+    def prepare_images(self, images: list) -> list:
+        """The images (PIL) as the processor gets them: the prompt encoder
+        (``data.prompts.encode``) hands every image through here first (``downsample`` resizes
+        them); default: as they are."""
+        return images
+
+    def vision_layout(self, shape) -> tuple[int, int]:
+        """(V, crops) of the largest image of ``shape`` as this method hands it to the processor,
+        for a count given no V (``downsample``: the downsampled image's); default: the family's."""
+        return shape.vision_tokens, shape.vision_crops
+
+    def ranking_flops(self, shape, num_vision: int, num_text: int) -> int:
+        """FLOPs of the method's own choosing for a prefill of ``num_vision`` + ``num_text``
+        tokens (its scores, beyond what the model computes anyway); counted under
+        ``--count full`` only, as the paper count leaves selection out."""
+        return 0
 
     def settings(self, num_vision: int) -> list[TokenMethod]:
         """The settings ``--match-tflops`` chooses among (the knob's values)."""

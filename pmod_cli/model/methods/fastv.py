@@ -70,6 +70,13 @@ class FastV(TokenMethod):
         kept = fastv_kept(num_vision, self.ratio)
         return [num_vision if i < self.layer else kept for i in range(len(pmod_ratios))]
 
+    def ranking_flops(self, shape, num_vision: int, num_text: int) -> int:
+        """Layer K-1's query rows against every key (q and k are the layer's own): one row, or
+        every prompt row for the ``mean`` score."""
+        seq = num_vision + num_text
+        rows = 1 if self.score == "last" else seq
+        return 2 * rows * seq * shape.text.q_dim
+
     def settings(self, num_vision: int) -> list[TokenMethod]:
         return [self.replace(ratio=1.0 - kept / num_vision) for kept in range(num_vision)]
 

@@ -3,15 +3,23 @@ prompt before the language model, like ``pool``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
 def cut_image_placeholders(
-    inputs: dict, image_token_id: int, tokens: int, pad_token_id: int, padding_side: str
+    inputs: dict,
+    image_token_id: int,
+    tokens: int | Sequence[int],
+    pad_token_id: int,
+    padding_side: str,
 ) -> dict:
     """Processor outputs with every image's run of placeholder tokens cut to ``tokens`` (the
-    method's count), re-padded on ``padding_side``; other entries are kept as they are."""
+    method's count; or one count per image, in the order the runs come, row by row), re-padded
+    on ``padding_side``; other entries are kept as they are."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    counts = iter(tokens) if isinstance(tokens, Sequence) else None
     rows = []
     for ids, mask in zip(input_ids, attention_mask, strict=True):
         ids = ids[mask.bool()]
@@ -21,7 +29,11 @@ def cut_image_placeholders(
         first = torch.zeros(int(run.max()) + 1, dtype=torch.long, device=ids.device)
         first[run[starts]] = torch.nonzero(starts).view(-1)
         place = torch.arange(len(ids), device=ids.device) - first[run]  # index inside its run
-        rows.append(ids[~is_image | (place < tokens)])
+        if counts is None:
+            limit = torch.full_like(first, tokens)
+        else:  # run 0 is the text before the first image
+            limit = torch.tensor([0] + [next(counts) for _ in first[1:]], device=ids.device)
+        rows.append(ids[~is_image | (place < limit[run])])
     width = max(len(row) for row in rows)
     new_ids = torch.full(
         (len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device

@@ -18,6 +18,7 @@ class PMoD(TokenMethod):
         "p-MoD (Zhang et al., 2025): the checkpoint's routers keep floor(V * R_l) in each MoD layer"
     )
     needs_router = True
+    trains = True
 
     @property
     def label(self) -> str:

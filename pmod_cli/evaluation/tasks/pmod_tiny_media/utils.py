@@ -8,6 +8,8 @@ import re
 import datasets
 from PIL import Image
 
+from pmod_cli.data.tiny import resolve_tiny_path
+
 # the questions, answers and scoring of the tiny image task (its YAMLs name them from here)
 from pmod_cli.evaluation.tasks.pmod_tiny_vqa.utils import (  # noqa: F401
     doc_to_text,
@@ -21,8 +23,6 @@ PLACEHOLDERS = re.compile(r"^(?:<image>\n|<video>\n)+")
 def _docs(placeholder: datasets.Dataset, field: str) -> datasets.Dataset:
     """The placeholder row names the held-out JSON; build the media set if absent and load its
     questions, with the paths of each one's ``field`` ("video" or "image")."""
-    from pmod_cli.data.tiny import resolve_tiny_path
-
     heldout = resolve_tiny_path(placeholder[0]["source"])  # generated on first use
     docs = []
     for record in json.loads(heldout.read_text()):

@@ -9,13 +9,14 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from pmod_cli.data.synthetic import COLOURS, NUMBER_WORDS, SHAPES
+from pmod_cli.data.tiny import resolve_tiny_path
+
 IMAGE_PREFIX = "<image>\n"
 
 
 def process_docs(placeholder: datasets.Dataset) -> datasets.Dataset:
     """The placeholder row names the held-out JSON; build it if absent and load its questions."""
-    from pmod_cli.data.tiny import resolve_tiny_path
-
     heldout = resolve_tiny_path(placeholder[0]["source"])  # generated on first use
     image_root = heldout.parent / "images"
     records = json.loads(heldout.read_text())
@@ -54,8 +55,6 @@ def process_results(doc: dict, results: list[str]) -> dict:
 
 
 def doc_to_choice(doc: dict) -> list[str]:
-    from pmod_cli.data.synthetic import COLOURS, NUMBER_WORDS, SHAPES
-
     if doc["category"] == "colour":
         return list(COLOURS)
     if doc["category"] == "shape":

@@ -1,0 +1,400 @@
+"""VisionZip (``visionzip``): the tokens that enter the language model against VisionZip's rule
+written out from the eager tower's attention probabilities, keys and hidden states; its FLOPs
+count against torch's FLOP counter; backends, caching, batching, families and flags."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from flash_attn_cpu import install
+from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
+from typer.testing import CliRunner
+
+from pmod_cli import apply_method, apply_pmod
+from pmod_cli.cli import app, main
+from pmod_cli.data.prompts import encode
+from pmod_cli.efficiency import count_flops
+from pmod_cli.model import MethodError, make_method
+from pmod_cli.model.methods.visionzip import zip_crops
+from pmod_cli.model.presets import shape_from_hf_config
+
+PROMPTS = [
+    "USER: <image>\nwhat colour? ASSISTANT:",
+    "USER: <image>\ndescribe the image in one word please ASSISTANT:",
+]
+SPEC = "visionzip:dominant=6,contextual=3"  # of a crop's 17 tower tokens (CLS + 4 x 4 patches)
+DOMINANT, CONTEXTUAL = 6, 3
+
+
+def images():
+    return [random_image(60, 40, 0), random_image(40, 90, 1)]
+
+
+def zipped(layout: str = "llava", attn: str = "sdpa", spec: str = SPEC):
+    model, processor = tiny_model("llama", layout, attn=attn)
+    apply_method(model, spec)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def entering_vision(model, inputs) -> list[torch.Tensor]:
+    """Per sample, the vision rows of the embeddings that enter layer 0."""
+    with torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0]
+    vision = inputs["input_ids"] == model.config.image_token_id
+    return [embeds[sample][vision[sample]] for sample in range(len(embeds))]
+
+
+# ---- the rule, written out --------------------------------------------------------------------
+
+
+def tower_internals(model, pixel_values):
+    """The eager tower's feature-layer output (crops, N, width), attention probabilities
+    (crops, heads, N, N) and k_proj output (crops, N, width), captured with a hook."""
+    config = model.config
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    index = config.vision_feature_layer % (len(layers) + 1)
+    captured = {}
+    hook = layers[index - 1].self_attn.k_proj.register_forward_hook(
+        lambda module, args, output: captured.update(keys=output)
+    )
+    try:
+        with torch.no_grad():
+            out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+    finally:
+        hook.remove()
+    return out.hidden_states[index], out.attentions[index - 1], captured["keys"]
+
+
+def reference_crop(hidden, attention, keys, heads, dominant, contextual):
+    """VisionZip on one crop, token by token (``clip_encoder.py``): (D + C, width) tokens and the
+    sorted indices of the dominant ones."""
+    n = hidden.shape[0]
+    cls_scores = attention[:, 0, 1:].sum(dim=0)  # the CLS row, summed over heads
+    ranked = sorted(range(1, n), key=lambda i: -float(cls_scores[i - 1]))
+    kept = sorted([0, *ranked[: dominant - 1]])
+    rest = [i for i in range(n) if i not in kept]
+    metric = keys.view(n, heads, -1).mean(dim=1)  # head-mean keys
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, len(rest) // contextual)
+    targets = [rest[p] for p in range(0, len(rest), step)][:contextual]
+    assigned = {target: [] for target in targets}
+    for i in rest:
+        if i not in assigned:
+            similarity = [float(metric[i] @ metric[target]) for target in targets]
+            assigned[targets[similarity.index(max(similarity))]].append(i)
+    tokens = [hidden[i] for i in kept]
+    for target in targets:
+        members = assigned[target]
+        mean = torch.stack([hidden[i] for i in members]).mean(dim=0) if members else 0
+        tokens.append(hidden[target] + mean)
+    return torch.stack(tokens), kept
+
+
+def reference_crops(model, pixel_values):
+    """Each crop's (tokens, dominant indices) from ``model``'s untouched twin (eager)."""
+    hidden, attention, keys = tower_internals(model, pixel_values)
+    heads = model.config.vision_config.num_attention_heads
+    return [
+        reference_crop(hidden[c], attention[c], keys[c], heads, DOMINANT, CONTEXTUAL)
+        for c in range(len(hidden))
+    ]
+
+
+def projected(model, tokens):
+    with torch.no_grad():
+        return model.model.multi_modal_projector(tokens)
+
+
+def test_llava_enters_the_dominant_and_contextual_tokens_of_its_rule():
+    model, processor = zipped(attn="eager")
+    twin, _ = tiny_model("llama", "llava", attn="eager")  # the same weights, no method
+    inputs = encode(processor, PROMPTS, images(), model)
+    expected = reference_crops(twin, inputs["pixel_values"])
+    entering = entering_vision(model, inputs)
+    for sample in range(2):
+        tokens, kept = expected[sample]
+        assert kept[0] == 0 and len(kept) == DOMINANT  # the CLS token leads the dominant ones
+        assert entering[sample].shape[0] == DOMINANT + CONTEXTUAL
+        assert torch.allclose(entering[sample], projected(twin, tokens), atol=1e-5)
+
+
+def test_llava_next_zips_each_crop_and_lays_the_grid_out_in_reading_order():
+    """The base crop's D + C tokens, the grid crops' kept patches in reading order of the whole
+    grid, their CLS tokens, their contextual tokens; no newline tokens."""
+    model, processor = zipped("next", attn="eager")
+    twin, _ = tiny_model("llama", "next", attn="eager")
+    inputs = encode(processor, PROMPTS, images(), model)
+    config = model.config
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
+    entering = entering_vision(model, inputs)
+    for sample, size in enumerate(inputs["image_sizes"].tolist()):
+        crops = image_size_to_num_patches(size, config.image_grid_pinpoints, tile)
+        rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)
+        assert crops == 1 + rows * cols > 2
+        zipped_crops = reference_crops(twin, inputs["pixel_values"][sample, :crops])
+        placed = {}
+        for crop, (tokens, kept) in enumerate(zipped_crops[1:]):
+            for token, patch in zip(tokens[1:DOMINANT], [i - 1 for i in kept[1:]], strict=True):
+                placed[
+                    ((crop // cols) * side + patch // side, (crop % cols) * side + patch % side)
+                ] = token
+        grid = zipped_crops[1:]
+        expected = torch.stack(
+            [
+                *zipped_crops[0][0],
+                *(placed[key] for key in sorted(placed)),
+                *(tokens[0] for tokens, _ in grid),
+                *(token for tokens, _ in grid for token in tokens[DOMINANT:]),
+            ]
+        )
+        assert len(entering[sample]) == crops * (DOMINANT + CONTEXTUAL)
+        assert torch.allclose(entering[sample], projected(twin, expected), atol=1e-5)
+
+
+def test_tokens_split_in_the_dominant_to_contextual_proportion():
+    assert make_method("visionzip").counts == (191, 30)  # the official signature's defaults
+    paper = make_method("visionzip", dominant=54, contextual=10)
+    assert [paper.replace(tokens=n).counts for n in (64, 128, 192)] == [
+        (54, 10),
+        (108, 20),
+        (162, 30),
+    ]
+    assert make_method("visionzip", tokens=1).counts == (1, 0)  # the CLS token alone
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------
+
+
+def llm_prefill_flops(model, inputs) -> tuple[int, int]:
+    """(the language model's linear layers + lm_head, its attention products) as torch's FLOP
+    counter sees them on one prefill."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    linear = attention = 0
+    for name, module in model.named_modules():
+        flops = counts.get(f"{root}.{name}", {})
+        if isinstance(module, torch.nn.Linear) and (
+            name.startswith("model.language_model.") or name == "lm_head"
+        ):
+            linear += sum(flops.values())
+        elif name.startswith("model.language_model.layers.") and name.endswith(".self_attn"):
+            attention += sum(
+                n for op, n in flops.items() if str(op).split(".")[-1] in ("bmm", "baddbmm")
+            )
+    return linear, attention
+
+
+def test_the_count_equals_the_flop_counter_on_a_real_prefill():
+    model, processor = zipped(attn="eager")
+    inputs = encode(processor, PROMPTS[:1], images()[:1], model)
+    vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    options = dict(
+        vision_tokens=16,  # the image's V before VisionZip
+        text_tokens=inputs["input_ids"].shape[1] - vision,
+        dtype="fp32",
+        method=model.token_method,
+    )
+    shape = shape_from_hf_config(model.config)
+    paper = count_flops(shape, model.retention_ratios, **options)
+    full = count_flops(
+        shape, model.retention_ratios, count="full", attention_pairs="all", **options
+    )
+    linear, attention = llm_prefill_flops(model, inputs)
+    assert vision == DOMINANT + CONTEXTUAL
+    assert linear == paper.flops
+    assert attention == full.components["attention_products"]
+
+
+def test_ranking_flops_equal_the_flop_counter_on_the_zip():
+    model, _ = tiny_model("llama", "llava")
+    shape = shape_from_hf_config(model.config)
+    n, width = shape.vision.tokens_per_crop, shape.vision.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    hidden, queries, keys = (torch.randn(1, n, width, generator=generator) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        zip_crops(hidden, queries, keys, shape.vision.num_heads, 0.25, DOMINANT, CONTEXTUAL)
+    method = make_method("visionzip", dominant=DOMINANT, contextual=CONTEXTUAL)
+    assert counter.get_total_flops() == method.ranking_flops(shape, DOMINANT + CONTEXTUAL, 20)
+    assert (
+        method.ranking_flops(shape, 3 * (DOMINANT + CONTEXTUAL), 20)
+        == 3 * counter.get_total_flops()
+    )
+
+
+def test_a_crop_count_multiplies_what_enters():
+    method = make_method("visionzip", dominant=54, contextual=10)
+    assert method.entering_tokens(576) == method.entering_tokens_for(576, 1) == 64
+    assert method.entering_tokens_for(2928, 5) == 320  # LLaVA-NeXT: base + 2 x 2 grid
+
+
+# ---- backends, caching, batching ----------------------------------------------------------------
+
+GENERATE = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+def assert_same_generation(first, second, atol=1e-4):
+    assert torch.equal(first.sequences, second.sequences)
+    for a, b in zip(first.logits, second.logits, strict=True):
+        assert torch.allclose(a, b, atol=atol)
+
+
+@pytest.mark.parametrize("layout", ["llava", "next"])
+def test_every_attention_backend_zips_alike(monkeypatch, layout):
+    """eager, sdpa and the flash-attn 2 stand-in (tower and language model): the same tokens
+    enter and the same answer comes out."""
+    calls = install(monkeypatch)
+    eager, processor = zipped(layout, attn="eager")
+    sdpa = copy.deepcopy(eager)
+    sdpa.set_attn_implementation("sdpa")
+    flash = copy.deepcopy(eager)
+    flash.set_attn_implementation("flash_attention_2")
+    inputs = encode(processor, PROMPTS, images(), eager)
+    results = []
+    for model in (eager, sdpa, flash):
+        with torch.no_grad():
+            results.append((entering_vision(model, inputs), model.generate(**inputs, **GENERATE)))
+    for entering, generated in results[1:]:
+        for a, b in zip(entering, results[0][0], strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert_same_generation(generated, results[0][1])
+    assert calls["flash_attn_varlen_func"] + calls["flash_attn_func"] > 0
+
+
+@pytest.mark.parametrize("layout", ["llava", "next"])
+def test_cached_equals_uncached_and_alone_equals_batched(layout):
+    model, processor = zipped(layout)
+    randomize_routers(model)  # apply_method gave it p-MoD's routers, which the method must not use
+    batch = encode(processor, PROMPTS, images(), model)
+    with torch.no_grad():
+        cached = model.generate(**batch, **GENERATE)
+        uncached = model.generate(**batch, **GENERATE, use_cache=False)
+    assert_same_generation(cached, uncached)
+    for sample in range(2):
+        alone = encode(processor, [PROMPTS[sample]], [images()[sample]], model)
+        with torch.no_grad():
+            single = model.generate(**alone, **GENERATE)
+        width = alone["input_ids"].shape[1]
+        assert torch.equal(
+            single.sequences[0, width:], cached.sequences[sample, -GENERATE["max_new_tokens"] :]
+        )
+        for a, b in zip(single.logits, cached.logits, strict=True):
+            assert torch.allclose(a[0], b[sample], atol=1e-4)
+
+
+def test_a_visionzip_model_refuses_unzipped_placeholders():
+    model, processor = zipped()
+    plain = processor(images=images()[:1], text=PROMPTS[:1], return_tensors="pt")
+    with pytest.raises(ValueError, match="runs VisionZip 6\\+3 with 9 vision tokens per image"):
+        model(**plain)
+
+
+# ---- families and flags ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["onevision", "qwen2_5_vl", "qwen3_vl"])
+def test_other_families_are_refused_in_one_line(layout):
+    model, _ = tiny_model("qwen2", layout) if layout == "onevision" else tiny_model(layout=layout)
+    with pytest.raises(
+        MethodError, match="visionzip compresses a CLIP tower's crops .* does not run on"
+    ):
+        apply_method(model, SPEC)
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--model", "qwen2.5-vl-7b", "--method", "visionzip"], "does not run on Qwen2.5-VL"),
+        (
+            ["--model", "llava-onevision-qwen2-7b", "--method", "visionzip"],
+            "does not run on LLaVA-OneVision",
+        ),
+        (
+            ["--model", "llava-1.5-7b", "--method", "visionzip:dominant=0"],
+            "include the CLS token: at least 1",
+        ),
+        (
+            ["--model", "llava-1.5-7b", "--method", "visionzip:dominant=500,contextual=100"],
+            "more than the 576",
+        ),
+        (
+            ["--model", "llava-1.5-7b", "--method", "visionzip:tokens=64", "--match-tflops"],
+            "drop tokens=",
+        ),
+    ],
+)
+def test_bad_settings_end_in_one_error_line(monkeypatch, capsys, arguments, message):
+    monkeypatch.setattr("sys.argv", ["pmod", "flops", *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert message in err, err
+
+
+def test_pmod_eval_refuses_another_family_in_one_line(tmp_path, monkeypatch, capsys):
+    model, processor = tiny_model(layout="qwen2_5_vl")
+    save_checkpoint(model, processor, tmp_path / "qwen")
+    capsys.readouterr()  # the save's progress bar
+    command = ["pmod", "eval", str(tmp_path / "qwen"), "--tasks", "pmod_tiny_vqa", "--method", SPEC]
+    monkeypatch.setattr("sys.argv", command)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "does not run on Qwen2.5-VL" in err, err
+
+
+@pytest.mark.parametrize("preset", ["llava-1.5-7b", "llava-1.5-13b"])
+def test_match_tflops_lands_within_two_percent(preset):
+    result = CliRunner().invoke(
+        app,
+        ["flops", "--model", preset, "--method", "visionzip", "--match-tflops", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    pmod, zip_plan = json.loads(result.output)["plans"][:2]
+    assert zip_plan["method"] == "visionzip" and zip_plan["matched"]
+    assert abs(zip_plan["tflops"] / pmod["tflops"] - 1) <= 0.02
+
+
+@pytest.mark.slow
+def test_pmod_eval_runs_visionzip_side_by_side(tmp_path):
+    model, processor = tiny_model("llama", "llava", layers=4)
+    apply_pmod(model, beta=0.5)
+    randomize_routers(model)
+    checkpoint = save_checkpoint(model, processor, tmp_path / "pmod")
+    output = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(checkpoint), "--tasks", "pmod_tiny_vqa", "--limit", "4", "--batch-size", "2", "--device", "cpu",
+         "--method", f"dense,{SPEC}", "--match-tflops", "--output", str(output)],
+        terminal_width=250,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    runs = {run["method"]["name"]: run for run in json.loads(output.read_text())["checkpoints"]}
+    assert list(runs) == ["dense", "visionzip"]
+    zip_run = runs["visionzip"]
+    matched = make_method(
+        "visionzip", **{k: v for k, v in zip_run["method"].items() if k != "name"}
+    )
+    assert matched.tokens is not None and zip_run["label"] == f"pmod: {matched.label}"
+    assert zip_run["matched_at"]["vision_tokens"] == 16
+    efficiency = zip_run["efficiency"]
+    assert efficiency["mean_vision_tokens"] == 16  # the image's V, before VisionZip
+    assert efficiency["tflops"] < runs["dense"]["efficiency"]["tflops"]
+    for measurement in zip_run["measurements"]:
+        entry = measurement["dense_kv_cache_bytes"] // (4 * (measurement["text_tokens"] + 16))
+        kept = measurement["text_tokens"] + matched.tokens
+        assert measurement["kv_cache_bytes"] == 4 * kept * entry
