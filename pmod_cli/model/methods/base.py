@@ -53,6 +53,9 @@ class TokenMethod:
     # in one line when a forward call holds them (dart: 1, and no video)
     images_per_sample: ClassVar[int | None] = None
     trains: ClassVar[bool] = False  # a recipe may train with it ([train] method)
+    # the kept tokens are the top of the scores ``select`` returns (and records); DART's are
+    # not: its pivots and least-similar picks are no one ranking
+    top_scored: ClassVar[bool] = True
 
     # ---- naming ---------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class DART(TokenMethod):
     ``image_pivots`` / ``text_pivots`` (p_img at least 1, p_txt)."""
 
     name = "dart"
+    top_scored = False  # pivots by key norm, then the least similar: no one ranking
     title = (
         "DART (Wen et al., 2025) keeps, from layer K on, pivot tokens (layer K-1's key L1 norm) "
         "and the image tokens least similar to them (cosine of normed hidden states)"
