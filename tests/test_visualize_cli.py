@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 from tiny_models import save_checkpoint, tiny_model
 
-from pmod_cli import PMoDConfig, apply_pmod
+from pmod_cli import PMoDConfig, apply_method, apply_pmod
 from pmod_cli.cli import main
+from pmod_cli.model.loading import load_checkpoint
+from pmod_cli.visualization.selection import select_tokens
 from pmod_cli.visualization.visualize import visualize_routing
 
 
@@ -176,6 +178,28 @@ def test_cli_prints_the_kept_table_and_writes_the_figure(
     report = json.loads(out)
     assert report["figure"] == str(output) and report["vision_tokens"] == 16
     assert [(row["type"], row["kept"]) for row in report["layers"]] == [("MoD", 2), ("dense", 16)]
+
+
+def test_method_draws_what_that_method_keeps(checkpoints, tmp_path, monkeypatch, capsys):
+    """--method: the checkpoint runs another method, and the table and JSON show its kept tokens,
+    the same as that method's own routing record; a method whose tokens are no patches is refused."""
+    image = image_file(tmp_path / "two.png", 168, 112, [(84, 28, 112, 56)])
+    args = [image, "--checkpoint", checkpoints["llava"], "-o", tmp_path / "f.png", "--json"]
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--method", "fastv:layer=1,ratio=0.25")
+    assert code == 0, err
+    report = json.loads(out)
+    # FastV at K=1 keeps round(16 * 0.75) = 12 from layer 1 on; layer 0 sees every token
+    assert [row["kept"] for row in report["layers"]] == [16, 12]
+    model, processor = load_checkpoint(checkpoints["llava"])
+    apply_method(model, "fastv:layer=1,ratio=0.25")
+    reference = select_tokens(model, processor, [Image.open(image)], "Describe the image.", 0)
+    assert [layer.kept_count for layer in reference.layers] == [16, 12]
+    for spec in ("pool:tokens=4", "visionzip:dominant=6,contextual=2"):
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--method", spec)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert "changes the vision tokens before the language model" in err
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--method", "fastv:K=1")
+    assert code == 2 and "unknown option(s) K for method fastv" in err, err
 
 
 @pytest.mark.parametrize(

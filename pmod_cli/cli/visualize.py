@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .options import Device, Json, output_option
+from .options import Device, Json, method_option, output_option
 
 # flags of pmod visualize alone
 Images = Annotated[
@@ -64,6 +64,12 @@ Matrix = Annotated[
     bool,
     typer.Option("--matrix", help="Add the layers x vision-token matrix (the paper's Figure 6)."),
 ]
+VisualizeMethod = Annotated[
+    str | None,
+    method_option(
+        "One method the checkpoint runs instead of its own routing (draws its kept tokens). "
+    ),
+]
 Heatmap = Annotated[
     bool,
     typer.Option("--heatmap", help="Colour patches by router weight instead of kept/skipped."),
@@ -80,6 +86,7 @@ def visualize(
     output: Output = None,
     matrix: Matrix = False,
     heatmap: Heatmap = False,
+    method: VisualizeMethod = None,
     device: Device = None,
     as_json: Json = False,
 ) -> None:
@@ -103,6 +110,7 @@ def visualize(
         video=video,
         frames=frames,
         device=device,
+        method=method,
     )
     if as_json:
         typer.echo(json.dumps(kept_to_json(result)))

@@ -15,6 +15,8 @@ from ..data.video import VideoError, check_video, read_frames
 from ..errors import UserError
 from ..model.families import family_for_model_type
 from ..model.loading import load_checkpoint, read_model_type, read_num_layers
+from ..model.methods import TokenMethod, parse_method
+from ..model.modeling import apply_method
 from ..runtime import resolve_device
 from .figure import draw_selection
 from .selection import TokenSelection, default_layers, parse_layers, select_tokens
@@ -79,10 +81,27 @@ def _output_path(output: Path | None, image_path: Path) -> Path:
     return output
 
 
+def drawable_method(spec: str | None) -> TokenMethod | None:
+    """The ``--method`` to route with (None: the checkpoint's own routing), refused in one line
+    when its vision tokens are no longer one per patch (it pools, merges or resizes them)."""
+    if spec is None:
+        return None
+    method = parse_method(spec)
+    reshapes = type(method).prepare_images is not TokenMethod.prepare_images
+    if method.prompt_tokens_per_image() is not None or reshapes:
+        raise UserError(
+            f"pmod visualize draws each kept vision token on its patch, but {method.name} changes the "
+            "vision tokens before the language model (no token is one patch); choose a method that "
+            "selects tokens inside it"
+        )
+    return method
+
+
 def visualize_routing(
     image_paths: Path | Sequence[Path] = (),
     *,
     checkpoint: Path | None = None,
+    method: str | None = None,
     layers: str | Sequence[int] | None = None,
     prompt: str | None = None,
     output: Path | None = None,
@@ -95,13 +114,15 @@ def visualize_routing(
 ) -> VisualizeResult:
     """Route the images (one or several) and/or ``video`` through the checkpoint and write the
     figure; layers like ``"2,14,26"``; ``frames`` sampled from the video (default: as the
-    checkpoint was trained, else 8). The model also answers the prompt (``answer_tokens`` at most;
-    0: no answer) in the same run."""
+    checkpoint was trained, else 8); ``method`` a ``--method`` spec the checkpoint runs instead of
+    its own routing (``fastv:layer=2``). The model also answers the prompt (``answer_tokens`` at
+    most; 0: no answer) in the same run."""
     image_paths = [image_paths] if isinstance(image_paths, str | Path) else list(image_paths)
     if not image_paths and video is None:
         raise UserError("give an image (or several) and/or --video VIDEO")
     if frames is not None and frames < 1:
         raise UserError(f"--frames must be at least 1, got {frames}")
+    method = drawable_method(method)
     images = [read_image(path) for path in image_paths]
     if video is not None:
         load_video(video)  # before the model loads: a bad file fails at once
@@ -114,6 +135,8 @@ def visualize_routing(
     model, processor = load_checkpoint(
         checkpoint, device=resolve_device(device), dtype="auto", require_pmod=True
     )
+    if method is not None:
+        apply_method(model, method)
     clip = None
     if video is not None:
         clip = load_video(
