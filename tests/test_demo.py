@@ -217,8 +217,9 @@ def test_method_selector():
     assert [method.name for method in select_methods(["random,fastv"])] == ["random", "fastv"]
     chosen = select_methods(["fastv:layer=1,ratio=0.25", "pool:tokens=4"])
     assert [method.label for method in chosen] == ["FastV K=1 R=0.25", "pool 4"]
-    with pytest.raises(UserError, match=r"--method pool needs its setting in the demo"):
+    with pytest.raises(UserError, match=r"pool needs tokens=N \(pool:tokens=64\)"):
         select_methods(["pool"])
+    assert select_methods(["visionzip"])[0].label == "VisionZip 191+30"  # its defaults run
     with pytest.raises(UserError, match="one setting per method; --method gives fastv twice"):
         select_methods(["fastv", "fastv:layer=3"])
     with pytest.raises(UserError, match="unknown method 'zigzag'"):

@@ -59,6 +59,7 @@ def other_method(method: TokenMethod):
     return lambda model: apply_method(shared_weights_copy(model), method)
 
 
+ANY_DEPTH = 1 << 20  # layers: the model's depth is checked when the method is installed
 # p-MoD and its dense twin: what the page offers when --method is not given
 DEFAULT_METHODS: tuple[DemoMethod, ...] = (
     DemoMethod("pmod", "p-MoD", as_loaded),
@@ -74,13 +75,8 @@ def select_methods(specs: Sequence[str] | None = None) -> list[DemoMethod]:
     if not methods:
         return list(DEFAULT_METHODS)
     names = [method.name for method in methods]
-    unset = [
-        method.spec for method in methods if method.knob and getattr(method, method.knob) is None
-    ]
-    if unset:
-        raise UserError(
-            f"--method {', '.join(unset)} needs its setting in the demo (e.g. pool:tokens=64)"
-        )
+    for method in methods:  # a setting the method cannot run at any depth (pool without tokens)
+        method.check(ANY_DEPTH)
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise UserError(
