@@ -19,8 +19,8 @@ import copy
 
 import pytest
 import torch
+from flop_counting import prefill_flops
 from tiny_models import random_image, random_video, randomize_routers, save_checkpoint, tiny_model
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_method, apply_pmod, record_routing
@@ -422,29 +422,6 @@ def test_routers_get_gradients_also_from_skipped_tokens(family, method):
         assert router_logits[router].grad[skipped].abs().min() > 0
 
 
-def prefill_flops(model, inputs) -> tuple[int, int, list]:
-    """FLOPs of one prefill as torch's FLOP counter sees them: the language model's linear layers
-    (routers included) and lm_head; the query-key and weight-value products of its self-attention
-    modules; and the cache. FastV's ranking recomputes its layer K-1 scores outside the attention
-    module (products the count leaves out: FastV reuses the layer's attention weights)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        output = model(**inputs, use_cache=True)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    linear = attention = 0
-    for name, module in model.named_modules():
-        flops = counts.get(f"{root}.{name}", {})
-        if isinstance(module, torch.nn.Linear) and (
-            name.startswith("model.language_model.") or name == "lm_head"
-        ):
-            linear += sum(flops.values())
-        elif name.startswith("model.language_model.layers.") and name.endswith(".self_attn"):
-            attention += sum(
-                n for op, n in flops.items() if str(op).split(".")[-1] in ("bmm", "baddbmm")
-            )
-    return linear, attention, kv_cache_lengths(output.past_key_values)
-
-
 @pytest.mark.parametrize("family,method", COMBOS)
 def test_flop_counter_on_a_real_prefill_equals_the_count(family, method):
     """On a prefill of one image, the language model's linear layers and lm_head (``pmod flops``'
@@ -468,7 +445,8 @@ def test_flop_counter_on_a_real_prefill_equals_the_count(family, method):
         dtype="fp32",
         method=model.token_method,
     )
-    linear, attention, lengths = prefill_flops(model, inputs)
+    measured = prefill_flops(model, inputs)
+    linear, attention, lengths = measured.linear, measured.attention, measured.cache_lengths
     shape = shape_from_hf_config(model.config)
     paper = count_flops(shape, model.retention_ratios, count="paper", **options)
     full = count_flops(

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flash_attn_cpu import install as install_flash_attention
+from flop_counting import prefill_flops
 from tiny_models import random_image, random_video, save_checkpoint, tiny_model
-from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from pmod_cli import apply_method, record_routing
@@ -171,18 +171,7 @@ def test_flop_counter_on_a_real_prefill_equals_the_count(family):
     model, processor = BUILDERS[family]()
     apply_method(model, SPEC)
     inputs = batch(model, processor, (0,))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        output = model(**inputs, use_cache=True)
-    counts, root = counter.get_flop_counts(), type(model).__name__
-    linear = attention = 0
-    for name, module in model.named_modules():
-        flops = counts.get(f"{root}.{name}", {})
-        if isinstance(module, torch.nn.Linear) and (
-            name.startswith("model.language_model.") or name == "lm_head"
-        ):
-            linear += sum(flops.values())
-        elif name.startswith("model.language_model.layers.") and name.endswith(".self_attn"):
-            attention += sum(n for op, n in flops.items() if str(op).split(".")[-1] == "bmm")
+    measured = prefill_flops(model, inputs)
     vision = int(vision_of(model, inputs).sum())
     options = dict(
         vision_tokens=vision,
@@ -195,11 +184,11 @@ def test_flop_counter_on_a_real_prefill_equals_the_count(family):
     full = count_flops(
         shape, model.retention_ratios, count="full", attention_pairs="all", **options
     )
-    assert linear == paper.flops
-    assert attention == full.components["attention_products"]
+    assert measured.linear == paper.flops
+    assert measured.attention == full.components["attention_products"]
     kept = model.token_method.kept(vision)
     assert [row.tokens for row in full.layers][K:] == [options["text_tokens"] + kept] * 2
-    assert kv_cache_lengths(output.past_key_values) == [[row.tokens] for row in full.layers]
+    assert measured.cache_lengths == [[row.tokens] for row in full.layers]
 
 
 def test_ranking_flops_count_the_key_norms_and_cosines():

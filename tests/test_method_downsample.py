@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from flash_attn_cpu import install
+from flop_counting import prefill_flops
 from PIL import Image
 from tiny_models import random_image, save_checkpoint, tiny_model
-from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from pmod_cli import apply_method, apply_pmod
@@ -109,16 +109,7 @@ def test_the_count_equals_the_flop_counter_on_a_real_prefill():
     apply_method(model, "downsample")
     inputs = encode(processor, prompts(processor, 1), images()[:1], model)
     vision = placeholders(model, inputs)[0]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    linear = sum(
-        sum(counts.get(f"{root}.{name}", {}).values())
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and (name.startswith("model.language_model.") or name == "lm_head")
-    )
+    linear = prefill_flops(model, inputs).linear
     shape = shape_from_hf_config(model.config)
     counted = count_flops(
         shape,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from flash_attn_cpu import install as install_flash
+from flop_counting import prefill_flops
 from tiny_models import random_image, random_video, tiny_model
-from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from pmod_cli import apply_method, record_routing
@@ -225,16 +225,7 @@ def test_count_equals_flop_counter_on_a_real_prefill(family, spec):
     inputs = batch(model, processor, [0])
     vision = int(vision_of(model, inputs).sum())
     text = inputs["input_ids"].shape[1] - vision
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        output = model(**inputs, use_cache=True)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    linear = sum(
-        sum(counts.get(f"{root}.{name}", {}).values())
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and (name.startswith("model.language_model.") or name == "lm_head")
-    )
+    measured = prefill_flops(model, inputs)
     method, shape = model.token_method, shape_from_hf_config(model.config)
     options = dict(vision_tokens=vision, text_tokens=text, dtype="fp32", method=method)
     paper = count_flops(shape, model.retention_ratios, count="paper", **options)
@@ -247,12 +238,12 @@ def test_count_equals_flop_counter_on_a_real_prefill(family, spec):
     present = [text + n for n in previous if n > 0]  # nothing left to rank: no ranking
     projections = sum(2 * d * q_dim + 2 * n * d * kv_dim for n in present)
     products = sum(2 * n * q_dim for n in present)
-    assert linear == paper.flops + projections
+    assert measured.linear == paper.flops + projections
     assert method.ranking_flops(shape, vision, text) == projections + products
     # --count full holds the ranking as a component of its own
     assert full.components["method_ranking"] == projections + products
-    assert sum(counts["Global"].values()) == full.flops
-    assert kv_cache_lengths(output.past_key_values) == [[row.tokens] for row in full.layers]
+    assert measured.total == full.flops
+    assert measured.cache_lengths == [[row.tokens] for row in full.layers]
 
 
 def test_ranking_flops_of_the_default_on_llava_1_5_7b():

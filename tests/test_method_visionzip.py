@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from flash_attn_cpu import install
+from flop_counting import prefill_flops
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llava_next.modeling_llava_next import (
@@ -176,27 +177,6 @@ def test_tokens_split_in_the_dominant_to_contextual_proportion():
 # ---- FLOPs ------------------------------------------------------------------------------------
 
 
-def llm_prefill_flops(model, inputs) -> tuple[int, int]:
-    """(the language model's linear layers + lm_head, its attention products) as torch's FLOP
-    counter sees them on one prefill."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    linear = attention = 0
-    for name, module in model.named_modules():
-        flops = counts.get(f"{root}.{name}", {})
-        if isinstance(module, torch.nn.Linear) and (
-            name.startswith("model.language_model.") or name == "lm_head"
-        ):
-            linear += sum(flops.values())
-        elif name.startswith("model.language_model.layers.") and name.endswith(".self_attn"):
-            attention += sum(
-                n for op, n in flops.items() if str(op).split(".")[-1] in ("bmm", "baddbmm")
-            )
-    return linear, attention
-
-
 def test_the_count_equals_the_flop_counter_on_a_real_prefill():
     model, processor = zipped(attn="eager")
     inputs = encode(processor, PROMPTS[:1], images()[:1], model)
@@ -212,7 +192,8 @@ def test_the_count_equals_the_flop_counter_on_a_real_prefill():
     full = count_flops(
         shape, model.retention_ratios, count="full", attention_pairs="all", **options
     )
-    linear, attention = llm_prefill_flops(model, inputs)
+    measured = prefill_flops(model, inputs)
+    linear, attention = measured.linear, measured.attention
     assert vision == DOMINANT + CONTEXTUAL
     assert linear == paper.flops
     assert attention == full.components["attention_products"]
