@@ -68,9 +68,10 @@ PRESETS = {
 }
 
 
-def build_dense(preset: Preset, frames: int = 0):
+def build_dense(preset: Preset, frames: int = 0, vision_layers: int = 1):
     """The dense model: LLaVA-1.5 (a CLIP-style tower) for an image, LLaVA-OneVision (SigLIP-style,
-    a Qwen2 decoder) for a video, built by the family's tiny builder at the preset's size."""
+    a Qwen2 decoder) for a video, built by the family's tiny builder at the preset's size, with a
+    tower of ``vision_layers`` layers."""
     family = get_family("llava_onevision" if frames else "llava")
     spec = TinySpec(
         text_model="qwen2" if frames else "llama",
@@ -80,7 +81,7 @@ def build_dense(preset: Preset, frames: int = 0):
         heads=preset.heads,
         kv_heads=preset.kv_heads,
         max_positions=8192,
-        vision_layers=1,
+        vision_layers=vision_layers,
         vision_hidden=64,
         vision_intermediate=128,
         image_size=14 * preset.grid,

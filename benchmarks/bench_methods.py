@@ -22,38 +22,12 @@ import dataclasses
 import json
 
 import torch
-from bench_core import PRESETS, Preset, interleaved_best, make_inputs
+from bench_core import PRESETS, Preset, build_dense, interleaved_best, make_inputs
 
 from pmod_cli import apply_method, apply_pmod
 from pmod_cli.efficiency.flops import count_flops_for_model, match_method
-from pmod_cli.model import get_family
-from pmod_cli.model.families.tiny import TinySpec
 from pmod_cli.model.methods import MethodError, cut_image_placeholders, method_names, parse_method
 from pmod_cli.model.presets import shape_from_hf_config
-
-
-def build_dense(preset: Preset):
-    """LLaVA-1.5 at the preset's language-model size, a two-layer CLIP-style tower."""
-    spec = TinySpec(
-        text_model="llama",
-        layers=preset.layers,
-        hidden=preset.hidden,
-        intermediate=preset.intermediate,
-        heads=preset.heads,
-        kv_heads=preset.kv_heads,
-        max_positions=8192,
-        vision_layers=2,
-        vision_hidden=64,
-        vision_intermediate=128,
-        image_size=14 * preset.grid,
-        feature_layer=-2,
-        attn="sdpa",
-    )
-    with torch.device(preset.device):
-        model = get_family("llava").tiny_model(
-            spec, preset.vocab, {"image_token_id": preset.vocab - 1}
-        )
-    return model.to(preset.dtype).eval()
 
 
 def method_models(dense, pmod, preset: Preset, specs: list[str]) -> tuple[dict, dict]:
@@ -65,7 +39,6 @@ def method_models(dense, pmod, preset: Preset, specs: list[str]) -> tuple[dict, 
     for spec in specs:
         method = parse_method(spec)
         try:
-            method.check_family(get_family("llava"))
             method = match_method(
                 shape,
                 pmod.retention_ratios,
@@ -91,7 +64,7 @@ def inputs_for(model, inputs: dict, preset: Preset) -> dict:
 
 
 def run(preset: Preset, beta: float, specs: list[str]) -> dict:
-    dense = build_dense(preset)
+    dense = build_dense(preset, vision_layers=2).eval()  # VisionZip ranks at layer -2
     pmod = apply_pmod(copy.deepcopy(dense), beta=beta).eval()
     models, refused = method_models(dense, pmod, preset, specs)
     base = {k: v for k, v in make_inputs(preset, preset.vision_tokens).items() if k != "labels"}
