@@ -217,8 +217,8 @@ def test_ranking_flops_equal_the_flop_counter_on_the_zip():
 
 def test_a_crop_count_multiplies_what_enters():
     method = make_method("visionzip", dominant=54, contextual=10)
-    assert method.entering_tokens(576) == method.entering_tokens_for(576, 1) == 64
-    assert method.entering_tokens_for(2928, 5) == 320  # LLaVA-NeXT: base + 2 x 2 grid
+    assert method.entering_tokens(576) == method.entering_tokens(576, 1) == 64
+    assert method.entering_tokens(2928, 5) == 320  # LLaVA-NeXT: base + 2 x 2 grid
 
 
 # ---- backends, caching, batching ----------------------------------------------------------------

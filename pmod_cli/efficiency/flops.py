@@ -390,7 +390,7 @@ def _baseline_plan(
 ) -> tuple[_TokenCounts, _LayerPlan, list[float]]:
     """A method's (tokens entering the language model, per-layer plan, per-layer share of V)."""
     method.check(num_layers, tokens.vision if method.needs_vision_tokens else None)
-    entering = method.entering_tokens_for(tokens.vision, tokens.crops)
+    entering = method.entering_tokens(tokens.vision, tokens.crops)
     kept = method.kept_vision_tokens(pmod_ratios, entering)
     subset = [mode != "dense" for mode in method.layer_modes(pmod_ratios)]
     share = [count / tokens.vision if tokens.vision else 1.0 for count in kept]

@@ -69,7 +69,7 @@ def _competing_description(result: FlopsCount) -> str:
 def _subset_cell(result: FlopsCount, num_layers: int) -> str:
     """Which layers process a subset: p-MoD's MoD layers, a baseline's pruned ones."""
     method = result.method
-    entering = method.entering_tokens(result.vision_tokens)
+    entering = method.entering_tokens(result.vision_tokens, result.vision_crops)
     if not result.subset_layers and entering != result.vision_tokens:
         return f"none ({entering} vision tokens enter)"
     kind = "MoD" if method.needs_router else "pruned"

@@ -102,19 +102,14 @@ class TokenMethod:
         entering the language model; ``pmod_ratios``: p-MoD's plan (a budget to borrow)."""
         return [num_vision] * len(pmod_ratios)
 
-    def entering_tokens(self, num_vision: int) -> int:
-        """Vision tokens per image that enter the language model (``num_vision``: the image's)."""
+    def entering_tokens(self, num_vision: int, crops: int = 1) -> int:
+        """Vision tokens per image that enter the language model, for an image of ``num_vision``
+        tokens that the vision tower sees as ``crops`` crops (LLaVA-NeXT: base + grid)."""
         return num_vision
 
     def prompt_tokens_per_image(self) -> int | None:
         """Image placeholders a prompt must hold per image (None: the processor's count)."""
         return None
-
-    def entering_tokens_for(self, num_vision: int, crops: int) -> int:
-        """Vision tokens per image entering the language model for an image of ``num_vision``
-        tokens that the vision tower sees as ``crops`` crops (LLaVA-NeXT: base + grid);
-        default: ``entering_tokens``, which does not depend on the crops."""
-        return self.entering_tokens(num_vision)
 
     def image_placeholders(self, model, inputs: dict) -> list[int] | None:
         """Per image of a forward call or processor batch (in the order the model fills them),

@@ -52,7 +52,7 @@ class Pool(TokenMethod):
     def kept_vision_tokens(self, pmod_ratios: Sequence[float], num_vision: int) -> list[int]:
         return [self.tokens] * len(pmod_ratios)
 
-    def entering_tokens(self, num_vision: int) -> int:
+    def entering_tokens(self, num_vision: int, crops: int = 1) -> int:
         return self.tokens
 
     def prompt_tokens_per_image(self) -> int | None:

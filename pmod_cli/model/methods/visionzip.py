@@ -95,10 +95,7 @@ class VisionZip(TokenMethod):
                 f"it does not run on {family.title}"
             )
 
-    def entering_tokens(self, num_vision: int) -> int:
-        return self.per_crop
-
-    def entering_tokens_for(self, num_vision: int, crops: int) -> int:
+    def entering_tokens(self, num_vision: int, crops: int = 1) -> int:
         return self.per_crop * crops
 
     def prompt_tokens_per_image(self) -> int | None:
