@@ -4,19 +4,25 @@ FLOP counter, attention backends, caching and batching, families, flags and --ma
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from flash_attn_cpu import install as install_flash
 from flop_counting import prefill_flops
+from method_checks import (
+    assert_same_generation,
+    backends,
+    capture_layer_inputs,
+    eager_row_attention,
+    generate,
+    kept_masks,
+)
 from tiny_models import random_image, random_video, tiny_model
 from typer.testing import CliRunner
 
-from pmod_cli import apply_method, record_routing
+from pmod_cli import apply_method
 from pmod_cli.cli import app, main
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.efficiency import count_flops
@@ -60,12 +66,6 @@ def pdrop_model(family: str, spec: str = "pdrop", **options):
     return model.eval(), processor
 
 
-def kept_masks(model, inputs, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    with torch.no_grad(), record_routing(model) as routing:
-        logits = model(**inputs, **kwargs).logits
-    return logits, {layer: d.keep_mask for layer, d in routing.layers.items()}
-
-
 # ---- the rule ----------------------------------------------------------------------------------
 
 
@@ -83,20 +83,6 @@ def test_default_stages_are_the_official_8_16_24_with_lambda_half():
     assert make_method("pdrop", layers=[2, 8, 16]) == setting.replace(ratio=0.5)
     # floor(V * lambda^s), guarded against round-off: 100 * 0.3^2 is 9, not 8
     assert make_method("pdrop", ratio=0.3).kept_vision_tokens([1.0] * 4, 100) == [100, 30, 9, 2]
-
-
-def eager_row_attention(layer, states, cos, sin, rows) -> torch.Tensor:
-    """(tokens,) the attention each token of a compacted sequence gets from ``rows`` in
-    ``layer``: HF's own eager attention module over that sequence (causal), its probabilities
-    averaged over heads and over the rows."""
-    length = states.shape[1]
-    causal = torch.full((length, length), torch.finfo(states.dtype).min).triu(1)[None, None]
-    _, probs = layer.self_attn(
-        hidden_states=layer.input_layernorm(states),
-        position_embeddings=(cos, sin),
-        attention_mask=causal,
-    )
-    return probs[0].mean(dim=0)[rows].mean(dim=0)
 
 
 def official_rule(model, inputs, captured, bounds, ratio, labels=None):
@@ -136,22 +122,6 @@ def official_rule(model, inputs, captured, bounds, ratio, labels=None):
             keep[sample, index[in_vision][top]] = True
         expected[boundary], present = keep, keep
     return expected
-
-
-def capture_layer_inputs(model, layers) -> tuple[dict, list]:
-    captured = {}
-
-    def hook(index, module, args, kwargs):
-        states = args[0] if args else kwargs["hidden_states"]
-        captured[index] = (states.detach().clone(), kwargs["position_embeddings"])
-
-    hooks = [
-        model.decoder_layers[index].register_forward_pre_hook(
-            lambda m, a, k, index=index: hook(index, m, a, k), with_kwargs=True
-        )
-        for index in layers
-    ]
-    return captured, hooks
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next-qwen2", "qwen3_vl"])
@@ -258,31 +228,6 @@ def test_ranking_flops_of_the_default_on_llava_1_5_7b():
 
 
 # ---- backends, caching, batching, families -----------------------------------------------------
-
-
-GREEDY = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
-
-
-def generate(model, inputs, **options):
-    suppressed = [model.config.image_token_id]  # a random model never generates a vision token
-    with torch.no_grad():
-        return model.generate(**inputs, suppress_tokens=suppressed, **GREEDY, **options)
-
-
-def assert_same_generation(a, b, atol=1e-4):
-    assert torch.equal(a.sequences, b.sequences)
-    for step_a, step_b in zip(a.logits, b.logits, strict=True):
-        assert torch.allclose(step_a, step_b, atol=atol)
-
-
-def backends(model, monkeypatch):
-    """The eager model and copies of it under sdpa and flash-attention 2 (the CPU stand-in)."""
-    install_flash(monkeypatch)
-    copies = {"eager": model}
-    for backend in ("sdpa", "flash_attention_2"):
-        copies[backend] = copy.deepcopy(model)
-        copies[backend].set_attn_implementation(backend)
-    return copies
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

@@ -24,6 +24,13 @@ def test_builtin_methods_are_registered_in_pipeline_order():
     assert method_names()[:5] == ("pmod", "dense", "fastv", "random", "pool")
 
 
+def test_the_method_flag_help_names_every_registered_method():
+    from pmod_cli.cli.options import METHOD_HELP
+
+    listed = METHOD_HELP.split(": ", 1)[1].split(" (e.g.")[0].split(", ")
+    assert sorted(listed) == sorted(method_names())
+
+
 def test_one_spelling_parses_names_options_and_lists():
     methods = parse_methods(
         ["dense,fastv:layer=3,ratio=0.75;score=mean", "pool:tokens=4", "random"]

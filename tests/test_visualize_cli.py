@@ -194,6 +194,10 @@ def test_method_draws_what_that_method_keeps(checkpoints, tmp_path, monkeypatch,
     apply_method(model, "fastv:layer=1,ratio=0.25")
     reference = select_tokens(model, processor, [Image.open(image)], "Describe the image.", 0)
     assert [layer.kept_count for layer in reference.layers] == [16, 12]
+    # SparseVLM after layer 0: 8 of 16 by the raters, plus 1 recycled in a pruned token's place
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--method", "sparsevlm:layers=0")
+    assert code == 0, err
+    assert [row["kept"] for row in json.loads(out)["layers"]] == [16, 9]
     for spec in ("pool:tokens=4", "visionzip:dominant=6,contextual=2"):
         code, _, err = run_cli(monkeypatch, capsys, *args, "--method", spec)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

@@ -83,8 +83,8 @@ Count = Annotated[
 
 METHOD_HELP = (
     "Token-reduction methods next to p-MoD, NAME[:key=value,...], comma-separated or repeated: "
-    "pmod, dense, fastv[:layer=K,ratio=R,score=last|mean], random[:seed=S], pool[:tokens=N] "
-    "(R: the fraction of vision tokens DROPPED; docs/baselines.md lists every option)."
+    "pmod, dense, fastv, random, pool, pdrop, visionzip, sparsevlm, dart, downsample (e.g. "
+    "fastv:layer=2,ratio=0.5; docs/baselines.md lists every option)."
 )
 
 

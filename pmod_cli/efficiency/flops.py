@@ -392,7 +392,11 @@ def _baseline_plan(
     method.check(num_layers, tokens.vision if method.needs_vision_tokens else None)
     entering = method.entering_tokens(tokens.vision, tokens.crops)
     kept = method.kept_vision_tokens(pmod_ratios, entering)
-    subset = [mode != "dense" for mode in method.layer_modes(pmod_ratios)]
+    # a subset layer that still holds every vision token (SparseVLM's sparse layer) prunes nothing
+    subset = [
+        mode != "dense" and count < entering
+        for mode, count in zip(method.layer_modes(pmod_ratios), kept, strict=True)
+    ]
     share = [count / tokens.vision if tokens.vision else 1.0 for count in kept]
     plan = _LayerPlan(kept, subset, [False] * num_layers)
     return _TokenCounts(entering, tokens.text, entering, True, tokens.crops), plan, share

@@ -230,6 +230,7 @@ class PMoDLayerMixin:
         if routed:
             keep, weights, logits = self._route(hidden_states, routing)  # (batch, seq) each
         else:
+            hidden_states = self.token_method.rewrite_states(self, routing, hidden_states)
             keep, logits = self.token_method.select(
                 self, routing, hidden_states, position_embeddings
             )

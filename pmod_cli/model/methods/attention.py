@@ -1,5 +1,6 @@
-"""The attention a token receives, recomputed for the methods that rank by it (FastV), with no
-``output_attentions``: any attention backend works."""
+"""The attention a token receives, recomputed for the methods that rank by it (FastV, PyramidDrop,
+SparseVLM), with no ``output_attentions``: any attention backend works; and the prompt's parts
+they rank with."""
 
 from __future__ import annotations
 
@@ -86,3 +87,67 @@ def sliding_window(attention: torch.nn.Module) -> int | None:
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
     return getattr(attention.config, "sliding_window", None)
+
+
+def text_after_image(vision: torch.Tensor, valid: torch.Tensor, prompt: int | None):
+    """(batch, seq) bool: each sample's real prompt tokens after its image (inside ``generate``
+    the prompt's columns only, so uncached decoding chooses what the cached prefill chose)."""
+    seq = vision.shape[1]
+    index = torch.arange(seq, device=vision.device).expand_as(vision)
+    last_image = torch.where(vision, index, -1).max(dim=1).values  # (batch,)
+    prompt_end = prompt_ends(valid, prompt)  # (batch,)
+    return valid & (index > last_image[:, None]) & (index <= prompt_end[:, None])
+
+
+def row_attention(layer, hidden_states, position_embeddings, present, rows, row_valid):
+    """(batch, seq) float32: the attention each present token receives from the query rows in
+    ``layer``, mean over heads and rows (0 for tokens not present).
+
+    ``hidden_states`` (batch, seq, hidden) is the layer's input; q is projected for the rows only
+    and k for the present tokens only, through the layer's own modules (so adapters, sharded and
+    quantized weights work as in the layer)."""
+    attention = layer.self_attn
+    batch, seq, _ = hidden_states.shape
+    width = int(present.sum(dim=1).max())
+    # the present tokens first, in order; a sample with fewer is padded with absent ones
+    key_index = torch.sort(present.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    key_index = key_index[:, :width]  # (batch, keys)
+    key_valid = present.gather(1, key_index)
+    q = _heads(layer, "q", hidden_states, rows, position_embeddings)  # (batch, heads, rows, d)
+    k = _heads(layer, "k", hidden_states, key_index, position_embeddings)  # (b, kv, keys, d)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (batch, heads, keys, head_dim)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * attention.scaling  # (b, heads, rows, keys)
+    allowed = key_valid[:, None, :] & (key_index[:, None, :] <= rows[:, :, None])  # (b, rows, keys)
+    window = sliding_window(attention)
+    if window is not None:
+        allowed = allowed & (rows[:, :, None] - key_index[:, None, :] < window)
+    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    row_weight = row_valid.float() / row_valid.sum(dim=1, keepdim=True).clamp(min=1)
+    received = (probs.mean(dim=1) * row_weight[:, :, None]).sum(dim=1)  # (batch, keys)
+    received = received.masked_fill(~key_valid, 0.0)
+    return torch.zeros(batch, seq, device=received.device).scatter(1, key_index, received)
+
+
+def _heads(layer, which: str, hidden_states, index, position_embeddings) -> torch.Tensor:
+    """(batch, heads, tokens, head_dim) fp32: the tokens at ``index`` (batch, tokens) projected
+    by the layer's ``q_proj`` / ``k_proj`` (then its per-head norm, if any), with their RoPE."""
+    attention = layer.self_attn
+    batch, tokens = index.shape
+    hidden = hidden_states.shape[-1]
+    states = hidden_states.gather(1, index[:, :, None].expand(batch, tokens, hidden))
+    projected = getattr(attention, f"{which}_proj")(layer.input_layernorm(states))
+    projected = projected.view(batch, tokens, -1, attention.head_dim)
+    norm = getattr(attention, f"{which}_norm", None)  # Qwen3: RMSNorm per head before RoPE
+    if norm is not None:
+        projected = norm(projected)
+    heads = projected.transpose(1, 2).float()
+    cos, sin = (
+        part.expand(batch, -1, -1).gather(
+            1, index[:, :, None].expand(batch, tokens, part.shape[-1])
+        )
+        for part in position_embeddings
+    )
+    cos, sin = cos[:, None].float(), sin[:, None].float()  # (batch, 1, tokens, head_dim)
+    half = heads.shape[-1] // 2
+    rotated = torch.cat((-heads[..., half:], heads[..., :half]), dim=-1)
+    return heads * cos + rotated * sin

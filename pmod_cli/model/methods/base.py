@@ -8,7 +8,8 @@ defaults), and it answers the questions the rest of pmod asks of it:
   FLOPs/KV formula (``efficiency/flops.py``) counts;
 - ``entering_tokens``: vision tokens per image that enter the language model (a method that
   shortens the prompt, like ``pool``, says how many);
-- ``ranking_layers`` / ``rank`` / ``select``: how its layers choose (no router);
+- ``ranking_layers`` / ``rank`` / ``select``: how its layers choose (no router); ``rewrite_states``:
+  what a subset layer runs from, where a method writes merged tokens in (SparseVLM);
 - ``install``: anything else it hooks onto a model (``pool``'s projector hook);
 - ``knob`` / ``settings``: the option ``--match-tflops`` solves and the values it tries;
 - ``check`` / ``check_family``: refusals, one line each;
@@ -155,6 +156,12 @@ class TokenMethod:
         ``position_embeddings`` its RoPE (cos, sin), for a method that ranks with the layer's own
         projections; ``routing.ranked_keep`` holds what an earlier layer chose."""
         raise NotImplementedError(f"{self.name} runs no subset layer")
+
+    def rewrite_states(self, layer, routing, hidden_states):
+        """In a ``subset`` layer, before ``select``: the hidden states (batch, seq, hidden) the
+        layer runs from. Default: its input as it is; SparseVLM writes its recycled tokens into
+        the places of pruned ones here. Returns a new tensor; the input is left as it is."""
+        return hidden_states
 
     def install(self, model, vision_tokens: int | None) -> None:
         """Hook anything else onto ``model`` (the layers are set up by ``install_method``)."""

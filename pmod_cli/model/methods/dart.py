@@ -24,15 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from ..selection import by_score
-from .attention import prompt_ends
+from .attention import text_after_image
 from .base import MethodError, TokenMethod, register_method
+from .single_image import check_one_image, refuse_video_hook
 
 # families DART does not run on: name -> why (a plug-in family refuses through unsupported_methods)
 DART_REFUSED_FAMILIES = {
     "qwen3_vl": "its attention normalises k per head after k_proj, the keys DART ranks by"
 }
-# pre-encoded or raw video inputs of a forward call (generate encodes them ahead)
-_VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")
 
 
 @register_method
@@ -150,9 +149,7 @@ class DART(TokenMethod):
         layers = model.pmod_family.decoder_layers(model)
         # a reference to the final RMSNorm, not a submodule: the layer's state dict stays as it is
         object.__setattr__(layers[self.layer], "dart_final_norm", model.model.language_model.norm)
-        model._pmod_method_hooks.append(
-            model.register_forward_pre_hook(_refuse_video, with_kwargs=True)
-        )
+        model._pmod_method_hooks.append(refuse_video_hook(model, self.name))
 
     def ranking_layers(self, num_layers: int) -> set[int]:
         return {self.layer - 1}
@@ -177,14 +174,14 @@ class DART(TokenMethod):
                 f"dart layer {layer.self_attn.layer_idx} got vision tokens that layer "
                 f"{self.layer - 1} did not rank"
             )
-        _check_one_image(vision)
+        check_one_image(vision, self.name)
         with torch.no_grad():
             normed = layer.dart_final_norm(hidden_states).float()  # (batch, seq, hidden)
             chosen = dart_choice(
                 routing.ranked_scores,
                 normed,
                 vision,
-                _text_after_image(vision, valid, routing.prompt_length),
+                text_after_image(vision, valid, routing.prompt_length),
                 self.image_pivots,
                 self.text_pivots,
                 torch.tensor([self.picks_per_pivot(int(n)) for n in vision.sum(dim=1)]),
@@ -241,34 +238,3 @@ def dart_choice(
         picked = by_score(-cosine, candidates, picks, None)  # the least similar candidates
         chosen, candidates = chosen | picked, candidates & ~picked
     return chosen
-
-
-def _text_after_image(vision: torch.Tensor, valid: torch.Tensor, prompt: int | None):
-    """(batch, seq) bool: each sample's real prompt tokens after its image (inside ``generate``
-    the prompt's columns only, so uncached decoding chooses what the cached prefill chose)."""
-    seq = vision.shape[1]
-    index = torch.arange(seq, device=vision.device).expand_as(vision)
-    last_image = torch.where(vision, index, -1).max(dim=1).values  # (batch,)
-    prompt_end = prompt_ends(valid, prompt)  # (batch,)
-    return valid & (index > last_image[:, None]) & (index <= prompt_end[:, None])
-
-
-def _check_one_image(vision: torch.Tensor) -> None:
-    """DART chooses within one image span per sample, as its official code does."""
-    starts = vision & ~F.pad(vision, (1, 0))[:, :-1]  # (batch, seq): each run's first token
-    spans = int(starts.sum(dim=1).max())
-    if spans > 1:
-        raise MethodError(
-            f"dart chooses within one image per sample (its official code's one image span); "
-            f"a sample here has {spans} images: give each sample one image"
-        )
-
-
-def _refuse_video(model, args, kwargs):
-    """Forward pre-hook: a call with video inputs is refused (DART prunes one image)."""
-    encoded = kwargs.get("mm_encoder_outputs") or {}
-    if encoded.get("video") is not None or any(kwargs.get(k) is not None for k in _VIDEO_INPUTS):
-        raise MethodError(
-            "dart chooses within one image per sample (its official code's one image span); "
-            "video inputs are not supported: give each sample one image"
-        )

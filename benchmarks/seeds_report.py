@@ -1,0 +1,219 @@
+"""The seeds study's table and figure, drawn from ``benchmarks/results/seeds/*.json`` alone (written by
+``benchmarks/seeds.py run``):
+
+    .venv/bin/python benchmarks/seeds.py report
+
+Per model: TFLOPs and KV cache against dense (paper count, on the evaluated prompts), mean held-out
+accuracy with a 95 % t interval over training seeds, the difference to dense paired by seed with
+its 95 % t interval, and per seed the exact McNemar p of that difference over the questions. The
+training-free methods run on each dense seed, so their differences are paired with the same seed's
+dense model. The convergence check compares each longer run with its seed's run and the spread
+between seeds; the figure draws held-out accuracy against steps."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from study import mcnemar_p
+
+TRAINED = {"dense": "dense", "pmod": "p-MoD (beta 0.5)", "pdrop": "PyramidDrop, trained"}
+NEAR_DENSE = 1.0  # points: the paper's "within about a point of dense"
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95 % t interval of the mean over ``values`` (NaN bounds for one)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def columns_by_seed(records: list[dict], steps: int) -> dict[str, dict[int, dict]]:
+    """Row name -> seed -> evaluated column (label, efficiency, per-question right/wrong)."""
+    rows: dict[str, dict[int, dict]] = {}
+    for record in records:
+        if record["steps"] != steps:
+            continue
+        if record["model"] in TRAINED:
+            rows.setdefault(TRAINED[record["model"]], {})[record["seed"]] = record["final"]
+        else:  # training-free: the method's column (the dense one is the seed's dense again)
+            column = record["columns"][-1]
+            rows.setdefault(_free_name(column["label"]), {})[record["seed"]] = column
+    return rows
+
+
+def _free_name(label: str) -> str:
+    name = label.split(" (matched)")[0]
+    return f"{name} (training-free)"
+
+
+def table(rows: dict[str, dict[int, dict]]) -> list[dict]:
+    dense = rows.get(TRAINED["dense"], {})
+    out = []
+    for name, seeds in rows.items():
+        paired = sorted(set(seeds) & set(dense))
+        accuracy = [seeds[s]["accuracy"] for s in sorted(seeds)]
+        difference = [seeds[s]["accuracy"] - dense[s]["accuracy"] for s in paired]
+        out.append(
+            {
+                "name": name,
+                "seeds": sorted(seeds),
+                "by_seed": {s: seeds[s]["accuracy"] for s in sorted(seeds)},
+                "tflops": _mean_share(seeds, dense, paired, "tflops"),
+                "kv": _mean_share(seeds, dense, paired, "kv_cache_bytes"),
+                "accuracy": t_interval(accuracy),
+                "difference": t_interval(difference) if difference else None,
+                "mcnemar": [
+                    mcnemar_p(_right(seeds[s]), _right(dense[s])) for s in paired if name != "dense"
+                ],
+            }
+        )
+    return out
+
+
+def _mean_share(seeds: dict, dense: dict, paired: list[int], key: str) -> float:
+    return statistics.fmean(seeds[s][key] / dense[s][key] for s in paired) if paired else math.nan
+
+
+def _right(column: dict) -> list[bool]:
+    return [flag == "1" for flag in column["right"]]
+
+
+def convergence(records: list[dict], steps: int, long_steps: int) -> list[dict]:
+    """Per model and long seed: accuracy at ``steps`` and at ``long_steps``, and the spread (SD)
+    of the model's accuracy over its seeds at ``steps``."""
+    final = {
+        (r["model"], r["seed"], r["steps"]): r["final"]["accuracy"]
+        for r in records
+        if r["model"] in TRAINED
+    }
+    out = []
+    for (model, seed, trained), accuracy in sorted(final.items()):
+        if trained != long_steps or (model, seed, steps) not in final:
+            continue
+        spread = [a for (m, _, s), a in final.items() if m == model and s == steps]
+        out.append(
+            {
+                "model": TRAINED[model],
+                "seed": seed,
+                "at_steps": final[(model, seed, steps)],
+                "at_long_steps": accuracy,
+                "seed_sd": statistics.stdev(spread) if len(spread) > 1 else math.nan,
+            }
+        )
+    return out
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One sentence per claim, from the intervals over seeds."""
+    by_name = {row["name"]: row for row in rows}
+    pmod = by_name.get(TRAINED["pmod"])
+    lines = []
+    if pmod and pmod["difference"] and not math.isnan(pmod["difference"][1]):
+        _, low, high = pmod["difference"]
+        if low >= -NEAR_DENSE:
+            verdict = "supported: the whole interval is above -1 point"
+        elif high < -NEAR_DENSE:
+            verdict = "not supported: the whole interval is below -1 point"
+        else:
+            verdict = "not settled: the interval reaches below -1 point"
+        lines.append(f"p-MoD within about a point of dense: {verdict} ([{low:+.1f}, {high:+.1f}]).")
+    for row in rows:
+        if "training-free" not in row["name"] or not row["difference"] or not pmod:
+            continue
+        lines.append(_beats(pmod, row))
+    return lines
+
+
+def _beats(pmod: dict, row: dict) -> str:
+    """p-MoD on seed s against the method on dense seed s: the mean difference with its t
+    interval over the seeds both have."""
+    common = sorted(set(pmod["by_seed"]) & set(row["by_seed"]))
+    mean, low, high = t_interval([pmod["by_seed"][s] - row["by_seed"][s] for s in common])
+    name = row["name"].split(" (")[0]
+    if math.isnan(low):
+        verdict = "not settled (one seed)"
+    elif low > 0:
+        verdict = "supported"
+    elif high < 0:
+        verdict = "not supported: the method is above p-MoD"
+    else:
+        verdict = "not settled: the interval holds 0"
+    return f"p-MoD above {name} at equal TFLOPs: {verdict} ({mean:+.1f} [{low:+.1f}, {high:+.1f}] points, {len(common)} seeds)."
+
+
+def print_table(rows: list[dict], steps: int) -> None:
+    print(f"SFT steps per seed: {steps} (batch 16); 95 % t intervals over training seeds")
+    print(
+        "| model | TFLOPs vs dense | KV cache vs dense | accuracy [95 %] | vs dense, paired by seed "
+        "[95 %] | seeds | McNemar p per seed |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        mean, low, high = row["accuracy"]
+        difference = ""
+        if row["difference"] and row["name"] != TRAINED["dense"]:
+            d, dl, dh = row["difference"]
+            difference = f"{d:+.1f} [{dl:+.1f}, {dh:+.1f}]"
+        p = ", ".join(f"{value:.2g}" for value in row["mcnemar"])
+        print(
+            f"| {row['name']} | {row['tflops']:.1%} | {row['kv']:.1%} | {mean:.1f} [{low:.1f}, "
+            f"{high:.1f}] | {difference} | {len(row['seeds'])} | {p} |"
+        )
+
+
+def draw_curves(records: list[dict], steps: int, long_steps: int, figure: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = {"dense": "tab:gray", "pmod": "tab:blue", "pdrop": "tab:orange"}
+    for record in records:
+        if record["model"] not in TRAINED or not record.get("curve"):
+            continue
+        xs = [point["step"] for point in record["curve"]]
+        ys = [point["accuracy"] for point in record["curve"]]
+        style = "--" if record["steps"] == long_steps else "-"
+        ax.plot(xs, ys, style, color=colours[record["model"]], alpha=0.6, linewidth=1.2)
+    for model, colour in colours.items():
+        ax.plot([], [], color=colour, label=TRAINED[model])
+    ax.plot([], [], "--", color="black", label=f"{long_steps} steps (convergence check)")
+    ax.set_xlabel("SFT steps (batch 16)")
+    ax.set_ylabel("held-out accuracy, first questions (%)")
+    ax.set_title(f"Grid study: one line per training seed ({steps}-step runs solid)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=110)
+    print(f"figure: {figure}")
+
+
+def report(records: list[dict], steps: int, long_steps: int, figure: Path) -> None:
+    rows = table(columns_by_seed(records, steps))
+    order = list(TRAINED.values())
+    rows.sort(
+        key=lambda row: (
+            order.index(row["name"]) if row["name"] in order else len(order),
+            row["name"],
+        )
+    )
+    print_table(rows, steps)
+    print()
+    for entry in convergence(records, steps, long_steps):
+        change = entry["at_long_steps"] - entry["at_steps"]
+        print(
+            f"convergence, {entry['model']} seed {entry['seed']}: {entry['at_steps']:.1f} at {steps} "
+            f"steps, {entry['at_long_steps']:.1f} at {long_steps} ({change:+.1f}); SD over seeds at "
+            f"{steps}: {entry['seed_sd']:.1f}"
+        )
+    print()
+    for line in verdicts(rows):
+        print(line)
+    draw_curves(records, steps, long_steps, figure)

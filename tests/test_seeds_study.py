@@ -1,0 +1,118 @@
+"""The seeds study (benchmarks/seeds.py, seeds_report.py): which runs are left, and the statistics
+and verdicts its report draws from result files."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import seeds
+        import seeds_report
+
+        yield seeds, seeds_report
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def settings(seeds, tmp_path, seed_list=(0, 1, 2)):
+    return seeds.Settings(
+        steps=1500, long_steps=2250, seeds=list(seed_list), long_seeds=[0], curve_questions=600,
+        free_methods=["fastv:layer=2", "random"], runs=tmp_path / "runs", results=tmp_path / "results",
+    )  # fmt: skip
+
+
+def test_a_rerun_skips_finished_units_and_keeps_the_order(scripts, tmp_path):
+    seeds, _ = scripts
+    plan = settings(seeds, tmp_path)
+    names = [unit.name for unit in seeds.pending_units(plan)]
+    assert names[:5] == ["dense-s0-1500", "pmod-s0-1500", "pdrop-s0-1500", "free-fastv-s0-1500", "free-random-s0-1500"]  # fmt: skip
+    # the convergence runs come after the second seed, before the third
+    assert names.index("dense-s0-2250") == names.index("free-random-s1-1500") + 1
+    assert names.index("pdrop-s0-2250") < names.index("dense-s2-1500")
+    assert len(names) == len(set(names)) == 3 * 5 + 3
+    plan.results.mkdir()
+    (plan.results / "pmod-s0-1500.json").write_text("{}")
+    (plan.results / "free-fastv-s1-1500.json").write_text("{}")
+    left = [unit.name for unit in seeds.pending_units(plan)]
+    assert left == [name for name in names if name not in ("pmod-s0-1500", "free-fastv-s1-1500")]
+
+
+def column(accuracy: float, questions: int, rng: random.Random, tflops=1.0, kv=1.0, label="x"):
+    right = ["1"] * round(accuracy * questions / 100) + ["0"] * (
+        questions - round(accuracy * questions / 100)
+    )
+    rng.shuffle(right)
+    return {"label": label, "tflops": tflops, "kv_cache_bytes": kv, "prefill_latency_s": 1.0,
+            "questions": questions, "accuracy": 100 * right.count("1") / questions, "right": "".join(right)}  # fmt: skip
+
+
+def records(rng: random.Random) -> list[dict]:
+    """Three seeds: p-MoD 3 points below dense in each, FastV 20 below, a long dense run."""
+    out = []
+    for seed, dense in enumerate((60.0, 70.0, 65.0)):
+        curve = [
+            {"step": 750, **column(dense - 10, 100, rng)},
+            {"step": 1500, **column(dense, 100, rng)},
+        ]
+        for model, offset, tflops in (("dense", 0, 1.0), ("pmod", -3, 0.64)):
+            final = column(dense + offset, 400, rng, tflops, tflops)
+            out.append(
+                {"model": model, "seed": seed, "steps": 1500, "final": final, "curve": curve}
+            )
+        fastv = column(dense - 20, 400, rng, 0.64, 0.6, "FastV K=2 R=0.68 (matched)")
+        out.append(
+            {
+                "model": "free",
+                "seed": seed,
+                "steps": 1500,
+                "columns": [column(dense, 400, rng), fastv],
+            }
+        )
+    out.append(
+        {"model": "dense", "seed": 0, "steps": 2250, "final": column(61.0, 400, rng), "curve": []}
+    )
+    return out
+
+
+def test_the_report_pairs_by_seed_with_t_intervals_and_states_each_claim(scripts, tmp_path, capsys):
+    stats = pytest.importorskip("scipy.stats")
+    _, report = scripts
+    data = records(random.Random(0))
+    rows = {row["name"]: row for row in report.table(report.columns_by_seed(data, 1500))}
+    pmod, fastv = rows["p-MoD (beta 0.5)"], rows["FastV K=2 R=0.68 (training-free)"]
+    assert pmod["seeds"] == [0, 1, 2] and pmod["tflops"] == pytest.approx(0.64)
+    assert fastv["kv"] == pytest.approx(0.6)
+    # the 95 % t interval over seeds, as scipy computes it
+    low, high = stats.t.interval(0.95, 2, loc=62.0, scale=stats.sem([57.0, 67.0, 62.0]))
+    assert pmod["accuracy"] == pytest.approx((62.0, low, high))
+    # paired by seed: p-MoD is 3 points below its seed's dense model every time (no spread)
+    assert pmod["difference"] == pytest.approx((-3.0, -3.0, -3.0))
+    lines = report.verdicts(list(rows.values()))
+    assert lines[0].startswith("p-MoD within about a point of dense: not supported")
+    assert lines[1].startswith("p-MoD above FastV K=2 R=0.68 at equal TFLOPs: supported (+17.0")
+    figure = tmp_path / "curves.png"
+    report.report(data, 1500, 2250, figure)
+    out = capsys.readouterr().out
+    assert (
+        "convergence, dense seed 0: 60.0 at 1500 steps, 61.0 at 2250 (+1.0); SD over seeds at 1500: 5.0"
+        in out
+    )
+    assert figure.stat().st_size > 0
+
+
+def test_a_claim_whose_interval_holds_the_margin_is_not_settled(scripts):
+    _, report = scripts
+    rows = [{"name": "p-MoD (beta 0.5)", "difference": (-0.5, -3.0, 2.0), "by_seed": {}}]
+    assert "not settled" in report.verdicts(rows)[0]
+    rows[0]["difference"] = (0.2, -0.8, 1.2)
+    assert "supported" in report.verdicts(rows)[0] and "not" not in report.verdicts(rows)[0]
