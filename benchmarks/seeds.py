@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "seeds"
 RECIPE = "recipes/grid.toml"
 MODELS = ("dense", "pmod", "pdrop")
-TRAINING_FREE = ("fastv:layer=2", "random", "visionzip", "sparsevlm", "dart", "downsample")
+# not among them, as the grid model refuses them: downsampling (the model is LLaVA-1.5-shaped,
+# whose processor resizes every image to the tower's crop, so a smaller image gives no fewer
+# tokens) and VisionZip (the grid's vision features are its one-layer tower's embeddings, with no
+# attention at the feature layer to rank by)
+TRAINING_FREE = ("fastv:layer=2", "random", "sparsevlm", "dart")
 CURVE_POINTS = 6
 
 

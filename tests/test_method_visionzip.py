@@ -23,6 +23,7 @@ from pmod_cli import apply_method, apply_pmod
 from pmod_cli.cli import app, main
 from pmod_cli.data.prompts import encode
 from pmod_cli.efficiency import count_flops
+from pmod_cli.evaluation.run import check_method_fits
 from pmod_cli.model import MethodError, make_method
 from pmod_cli.model.methods.visionzip import zip_crops
 from pmod_cli.model.presets import shape_from_hf_config
@@ -336,6 +337,31 @@ def test_pmod_eval_refuses_another_family_in_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert "does not run on Qwen2.5-VL" in err, err
+
+
+def test_pmod_eval_refuses_a_tower_read_at_its_embeddings_before_evaluating(
+    tmp_path, monkeypatch, capsys
+):
+    """A LLaVA whose feature layer is the tower's embeddings (the grid study's one-layer tower)
+    has no attention there to rank by: refused from its config, before any method runs."""
+    model, processor = tiny_model("llama", "llava")
+    model.config.vision_feature_layer = -(model.config.vision_config.num_hidden_layers + 1)
+    save_checkpoint(model, processor, tmp_path / "llava")
+    capsys.readouterr()  # the save's progress bar
+    with pytest.raises(MethodError, match="needs a feature layer after the tower's embeddings"):
+        check_method_fits(tmp_path / "llava", make_method("visionzip"))  # the up-front check
+    output = tmp_path / "eval.json"
+    command = ["pmod", "eval", str(tmp_path / "llava"), "--tasks", "pmod_tiny_vqa", "--limit", "2"]
+    command += ["--method", "dense," + SPEC, "--output", str(output)]
+    monkeypatch.setattr("sys.argv", command)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert (
+        exit_info.value.code == 2
+        and err == "error: visionzip needs a feature layer after the tower's embeddings"
+    )
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("preset", ["llava-1.5-7b", "llava-1.5-13b"])

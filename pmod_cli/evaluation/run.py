@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..model.families import get_family, known_model_types
 from ..model.loading import read_model_type
 from ..model.methods import TokenMethod, parse_method
-from ..model.presets import read_model_shape
+from ..model.presets import read_hf_config, read_model_shape
 from ..provenance import report_header
 from ..runtime import parse_dtype, resolve_device
 from .measure import MEMORY_KINDS, SampleMeasurement
@@ -288,6 +288,7 @@ def check_method_fits(
         )
     shape = read_model_shape(checkpoint)
     method.check_family(get_family(shape.layout))
+    method.check_config(read_hf_config(checkpoint))
     if match_tflops and method.knob is not None:
         method = method.settings(max(shape.vision_tokens, 1))[-1]
     method.check(shape.text.num_layers, shape.vision_tokens if method.needs_vision_tokens else None)

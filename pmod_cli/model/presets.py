@@ -349,6 +349,18 @@ def read_model_shape(path: str | Path) -> ModelShape:
     The file is read as JSON and turned into the transformers config class of its layout, so
     missing keys take transformers' defaults; a p-MoD config's ``pmod`` dict becomes ``shape.pmod``.
     """
+    hf_config, pmod, config_file = _read_hf_config(path)
+    shape = shape_from_hf_config(hf_config, name=str(path), directory=config_file.parent)
+    return dataclasses.replace(shape, pmod=pmod)
+
+
+def read_hf_config(path: str | Path):
+    """The transformers config (dense class of its family) of a checkpoint directory or a
+    config.json, without building the model; a UserError names what is wrong."""
+    return _read_hf_config(path)[0]
+
+
+def _read_hf_config(path: str | Path):
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
@@ -387,8 +399,7 @@ def read_model_shape(path: str | Path) -> ModelShape:
         raise UserError(
             f"cannot build a {config_class.__name__} from {config_file}: {err}"
         ) from None
-    shape = shape_from_hf_config(hf_config, name=str(path), directory=config_file.parent)
-    return dataclasses.replace(shape, pmod=pmod)
+    return hf_config, pmod, config_file
 
 
 def shape_from_hf_config(config: Any, name: str = "", directory: Path | None = None) -> ModelShape:

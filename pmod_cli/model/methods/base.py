@@ -86,6 +86,10 @@ class TokenMethod:
         """Refuse settings that do not fit a model of ``num_layers`` layers whose images have
         ``vision_tokens`` vision tokens (None: not known here)."""
 
+    def check_config(self, config) -> None:
+        """Refuse a checkpoint's transformers ``config`` this method cannot run on, before any
+        model is built (VisionZip: a tower without a CLS token or a feature layer to rank in)."""
+
     def check_family(self, family) -> None:
         """Refuse a model family this method does not run on (``family.unsupported_methods``)."""
         refused = family.unsupported_methods.get(self.name)

@@ -95,6 +95,9 @@ class VisionZip(TokenMethod):
                 f"it does not run on {family.title}"
             )
 
+    def check_config(self, config) -> None:
+        _feature_index(config)
+
     def entering_tokens(self, num_vision: int, crops: int = 1) -> int:
         return self.per_crop * crops
 
@@ -154,9 +157,15 @@ class VisionZip(TokenMethod):
 
 
 def _feature_layer(model):
-    """The CLIP encoder layer whose output LLaVA reads (``vision_feature_layer``); a MethodError
-    for a tower VisionZip cannot rank (no CLS token, several feature layers)."""
-    config = model.config
+    """The CLIP encoder layer whose output LLaVA reads (``vision_feature_layer``)."""
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    return layers[_feature_index(model.config) - 1]
+
+
+def _feature_index(config) -> int:
+    """i of ``hidden_states[i]`` (layer i - 1's output) that LLaVA reads; a MethodError for a tower
+    VisionZip cannot rank (no CLS token, several feature layers, the embeddings)."""
     if not config.vision_config.model_type.startswith("clip"):
         raise MethodError(
             f"visionzip ranks by the CLS token's attention; a {config.vision_config.model_type} tower has none"
@@ -166,12 +175,10 @@ def _feature_layer(model):
         raise MethodError(
             f"visionzip reads one feature layer of the tower, not {list(feature_layer)}"
         )
-    tower = model.model.vision_tower
-    layers = getattr(tower, "vision_model", tower).encoder.layers
-    index = feature_layer % (len(layers) + 1)  # hidden_states[i] is layer i - 1's output
+    index = feature_layer % (config.vision_config.num_hidden_layers + 1)
     if index == 0:
         raise MethodError("visionzip needs a feature layer after the tower's embeddings")
-    return layers[index - 1]
+    return index
 
 
 @dataclass
