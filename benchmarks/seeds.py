@@ -33,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import PMOD, TASK, correctness  # noqa: E402
 
+from pmod_cli.model.methods import parse_method  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "seeds"
 RECIPE = "recipes/grid.toml"
@@ -188,7 +190,9 @@ def run_train(unit: Unit, settings: Settings) -> dict:
     started = time.perf_counter()
     train_s = 0.0
     if not (out / "config.json").exists():
-        train_s = pmod(settings, unit.name, *train_args(unit, settings))
+        # an interrupted run continues from its last checkpoint
+        resume = ["--resume"] if any(out.glob("checkpoint-*")) else []
+        train_s = pmod(settings, unit.name, *train_args(unit, settings), *resume)
     evals = out / "evals"
     evals.mkdir(exist_ok=True)
     curve = []
@@ -212,14 +216,10 @@ def run_free(unit: Unit, settings: Settings) -> dict:
         run_unit(dense, settings)
     started = time.perf_counter()
     out = dense.checkpoint(settings) / "evals" / f"{unit.name}.json"
+    # a method with a knob is solved to p-MoD's TFLOPs; random takes p-MoD's budget as it is
+    matched = ["--match-tflops"] if parse_method(unit.model).knob is not None else []
     result = evaluate(
-        settings,
-        unit,
-        dense.checkpoint(settings),
-        out,
-        "--method",
-        f"dense,{unit.model}",
-        "--match-tflops",
+        settings, unit, dense.checkpoint(settings), out, "--method", f"dense,{unit.model}", *matched
     )
     columns = [column(entry) for entry in result["checkpoints"]]
     return {

@@ -208,10 +208,14 @@ def report(records: list[dict], steps: int, long_steps: int, figure: Path) -> No
     print()
     for entry in convergence(records, steps, long_steps):
         change = entry["at_long_steps"] - entry["at_steps"]
+        if math.isnan(entry["seed_sd"]):
+            verdict = "not settled (one seed: no spread yet)"
+        else:
+            verdict = "converged" if abs(change) < entry["seed_sd"] else "NOT converged"
         print(
             f"convergence, {entry['model']} seed {entry['seed']}: {entry['at_steps']:.1f} at {steps} "
             f"steps, {entry['at_long_steps']:.1f} at {long_steps} ({change:+.1f}); SD over seeds at "
-            f"{steps}: {entry['seed_sd']:.1f}"
+            f"{steps}: {entry['seed_sd']:.1f}: {verdict}"
         )
     print()
     for line in verdicts(rows):

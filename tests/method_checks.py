@@ -5,10 +5,24 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from flash_attn_cpu import install as install_flash
 
-from pmod_cli import record_routing
+from pmod_cli import apply_method, record_routing
+from pmod_cli.cli import main
+from pmod_cli.model.families import family_for_model
+
+
+def vision_of(model, inputs) -> torch.Tensor:
+    return family_for_model(model).vision_mask(inputs["input_ids"], model.config)
+
+
+def method_model(builder, spec: str, **options):
+    """A tiny model from ``builder(**options)`` with the method ``spec`` applied, in eval mode."""
+    model, processor = builder(**options)
+    apply_method(model, spec)
+    return model.eval(), processor
 
 
 def kept_masks(model, inputs, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -70,3 +84,43 @@ def backends(model, monkeypatch):
         copies[backend] = copy.deepcopy(model)
         copies[backend].set_attn_implementation(backend)
     return copies
+
+
+def assert_backends_keep_alike(model, inputs, monkeypatch) -> None:
+    """The eager model and its sdpa and flash-attention 2 copies keep the same tokens in every
+    layer and give the same logits on the real rows (padding rows differ by design under
+    flash-attention, which attends nowhere there)."""
+    real = inputs["attention_mask"].bool()
+    runs = {name: kept_masks(other, inputs) for name, other in backends(model, monkeypatch).items()}
+    reference_logits, reference_kept = runs.pop("eager")
+    for backend, (logits, kept) in runs.items():
+        assert kept.keys() == reference_kept.keys()
+        assert all(torch.equal(kept[layer], reference_kept[layer]) for layer in kept), backend
+        assert torch.allclose(logits[real], reference_logits[real], atol=1e-4), backend
+
+
+def assert_cached_uncached_and_alone_agree(model, inputs, alone_inputs) -> object:
+    """Cached generation equals uncached, and each sample alone (``alone_inputs(i)``) equals its
+    row of the padded batch; the cached run's output."""
+    assert inputs["attention_mask"].min() == 0  # a padded batch
+    cached = generate(model, inputs, use_cache=True)
+    assert_same_generation(cached, generate(model, inputs, use_cache=False))
+    new_tokens = GREEDY["max_new_tokens"]
+    for row in range(inputs["input_ids"].shape[0]):
+        alone = generate(model, alone_inputs(row))
+        assert torch.equal(alone.sequences[0, -new_tokens:], cached.sequences[row, -new_tokens:])
+        for step_alone, step_batched in zip(alone.logits, cached.logits, strict=True):
+            assert torch.allclose(step_alone[0], step_batched[row], atol=1e-4)
+    return cached
+
+
+def flops_refusal(monkeypatch, capsys, spec: str) -> str:
+    """``pmod flops --model llava-1.5-7b --method SPEC`` ends with exit code 2 and one line; that
+    line."""
+    monkeypatch.setattr("sys.argv", ["pmod", "flops", "--model", "llava-1.5-7b", "--method", spec])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err

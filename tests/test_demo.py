@@ -220,6 +220,7 @@ def test_method_selector():
     with pytest.raises(UserError, match=r"pool needs tokens=N \(pool:tokens=64\)"):
         select_methods(["pool"])
     assert select_methods(["visionzip"])[0].label == "VisionZip 191+30"  # its defaults run
+    assert select_methods(["sparsevlm:scale=0.5"])[0].label == "SparseVLM 192 x0.5"
     with pytest.raises(UserError, match="one setting per method; --method gives fastv twice"):
         select_methods(["fastv", "fastv:layer=3"])
     with pytest.raises(UserError, match="unknown method 'zigzag'"):

@@ -12,12 +12,17 @@ import pytest
 import torch
 from flop_counting import prefill_flops
 from method_checks import (
+    assert_backends_keep_alike,
+    assert_cached_uncached_and_alone_agree,
     assert_same_generation,
     backends,
     capture_layer_inputs,
     eager_row_attention,
+    flops_refusal,
     generate,
     kept_masks,
+    method_model,
+    vision_of,
 )
 from tiny_models import random_image, random_video, tiny_model
 from typer.testing import CliRunner
@@ -28,7 +33,6 @@ from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.efficiency import count_flops
 from pmod_cli.errors import UserError
 from pmod_cli.model import MethodError, PMoDConfig, kv_cache_lengths, make_method
-from pmod_cli.model.families import family_for_model
 from pmod_cli.model.methods import parse_method
 from pmod_cli.model.presets import get_preset, shape_from_hf_config
 from pmod_cli.training.recipe import load_recipe
@@ -56,14 +60,8 @@ def batch(model, processor, indices=(0, 1)) -> dict:
     return encode(processor, prompts, [images for _, images, _ in rows], model, videos=videos)
 
 
-def vision_of(model, inputs) -> torch.Tensor:
-    return family_for_model(model).vision_mask(inputs["input_ids"], model.config)
-
-
 def pdrop_model(family: str, spec: str = "pdrop", **options):
-    model, processor = BUILDERS[family](**options)
-    apply_method(model, spec)
-    return model.eval(), processor
+    return method_model(BUILDERS[family], spec, **options)
 
 
 # ---- the rule ----------------------------------------------------------------------------------
@@ -233,15 +231,7 @@ def test_ranking_flops_of_the_default_on_llava_1_5_7b():
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_eager_sdpa_and_flash_attention_keep_the_same_tokens(monkeypatch, family):
     model, processor = pdrop_model(family, attn="eager")
-    inputs = batch(model, processor)
-    real = inputs["attention_mask"].bool()
-    runs = {name: kept_masks(other, inputs) for name, other in backends(model, monkeypatch).items()}
-    reference_logits, reference_kept = runs.pop("eager")
-    for backend, (logits, kept) in runs.items():
-        assert kept.keys() == reference_kept.keys()
-        assert all(torch.equal(kept[layer], reference_kept[layer]) for layer in kept), backend
-        # padding rows differ by design under flash-attention (no attention at all)
-        assert torch.allclose(logits[real], reference_logits[real], atol=1e-4), backend
+    assert_backends_keep_alike(model, batch(model, processor), monkeypatch)
 
 
 @pytest.mark.slow
@@ -259,15 +249,9 @@ def test_cached_equals_uncached_and_alone_equals_batched(family):
     model, processor = pdrop_model(family)
     indices = (0, 1, 2) if family == "qwen2_5_vl" else (0, 1)  # Qwen2.5-VL: a video too
     inputs = batch(model, processor, indices)
-    assert inputs["attention_mask"].min() == 0  # a padded batch
-    cached = generate(model, inputs, use_cache=True)
-    assert_same_generation(cached, generate(model, inputs, use_cache=False))
-    for index in indices:
-        alone = generate(model, batch(model, processor, [index]))
-        new = alone.sequences[0, -4:]
-        assert torch.equal(new, cached.sequences[indices.index(index), -4:])
-        for step_alone, step_batched in zip(alone.logits, cached.logits, strict=True):
-            assert torch.allclose(step_alone[0], step_batched[indices.index(index)], atol=1e-4)
+    cached = assert_cached_uncached_and_alone_agree(
+        model, inputs, lambda row: batch(model, processor, [indices[row]])
+    )
     # the cache of a stage's layers holds its text and kept vision tokens
     vision = vision_of(model, inputs).sum(dim=1).tolist()
     text = (inputs["attention_mask"].sum(dim=1) - vision_of(model, inputs).sum(dim=1)).tolist()
@@ -326,12 +310,7 @@ def test_pmod_flops_counts_pdrop_per_stage(monkeypatch, capsys):
     ],
 )  # fmt: skip
 def test_bad_pdrop_settings_end_in_one_error_line(monkeypatch, capsys, spec, message):
-    monkeypatch.setattr("sys.argv", ["pmod", "flops", "--model", "llava-1.5-7b", "--method", spec])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert message in flops_refusal(monkeypatch, capsys, spec)
 
 
 def test_a_model_too_shallow_for_the_default_stages_is_refused():

@@ -11,21 +11,22 @@ from functools import partial
 import pytest
 import torch
 from method_checks import (
-    assert_same_generation,
-    backends,
+    assert_backends_keep_alike,
+    assert_cached_uncached_and_alone_agree,
     capture_layer_inputs,
     eager_row_attention,
-    generate,
+    flops_refusal,
     kept_masks,
+    method_model,
+    vision_of,
 )
 from tiny_models import random_image, random_video, tiny_model
 from typer.testing import CliRunner
 
 from pmod_cli import apply_method
-from pmod_cli.cli import app, main
+from pmod_cli.cli import app
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.model import MethodError, make_method
-from pmod_cli.model.families import family_for_model
 from pmod_cli.model.methods import parse_method
 from pmod_cli.model.methods.sparsevlm import cluster_and_merge
 
@@ -48,14 +49,8 @@ def batch(model, processor, indices=(0, 1)) -> dict:
     return encode(processor, prompts, [images for _, images in rows], model)
 
 
-def vision_of(model, inputs) -> torch.Tensor:
-    return family_for_model(model).vision_mask(inputs["input_ids"], model.config)
-
-
 def sparsevlm_model(family: str, spec: str = "sparsevlm", **options):
-    model, processor = BUILDERS[family](**options)
-    apply_method(model, spec)
-    return model.eval(), processor
+    return method_model(BUILDERS[family], spec, **options)
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -209,27 +204,16 @@ def test_kept_sets_and_recycled_states_equal_the_official_rule(family, spec):
 
 def test_eager_sdpa_and_flash_attention_keep_the_same_tokens(monkeypatch):
     model, processor = sparsevlm_model("llava_next-qwen2", "sparsevlm:scale=0.5", attn="eager")
-    inputs = batch(model, processor)
-    real = inputs["attention_mask"].bool()
-    runs = {name: kept_masks(other, inputs) for name, other in backends(model, monkeypatch).items()}
-    reference_logits, reference_kept = runs.pop("eager")
-    for backend, (logits, kept) in runs.items():
-        assert kept.keys() == reference_kept.keys()
-        assert all(torch.equal(kept[layer], reference_kept[layer]) for layer in kept), backend
-        assert torch.allclose(logits[real], reference_logits[real], atol=1e-4), backend
+    assert_backends_keep_alike(model, batch(model, processor), monkeypatch)
 
 
 @pytest.mark.parametrize("family", ["llava_next-qwen2", "qwen2_5_vl"])
 def test_cached_equals_uncached_and_alone_equals_batched(family):
     model, processor = sparsevlm_model(family, "sparsevlm:scale=0.5")
     inputs = batch(model, processor)
-    cached = generate(model, inputs, use_cache=True)
-    assert_same_generation(cached, generate(model, inputs, use_cache=False))
-    for index in (0, 1):
-        alone = generate(model, batch(model, processor, [index]))
-        assert torch.equal(alone.sequences[0, -4:], cached.sequences[index, -4:])
-        for step_alone, step_batched in zip(alone.logits, cached.logits, strict=True):
-            assert torch.allclose(step_alone[0], step_batched[index], atol=1e-4)
+    assert_cached_uncached_and_alone_agree(
+        model, inputs, lambda row: batch(model, processor, [row])
+    )
 
 
 # ---- refusals, flags, --match-tflops -----------------------------------------------------------
@@ -261,12 +245,7 @@ def test_two_images_in_a_sample_and_video_are_refused_in_one_line():
     ],
 )
 def test_bad_settings_end_in_one_error_line(monkeypatch, capsys, spec, message):
-    monkeypatch.setattr("sys.argv", ["pmod", "flops", "--model", "llava-1.5-7b", "--method", spec])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert message in flops_refusal(monkeypatch, capsys, spec)
 
 
 def test_match_tflops_solves_the_scale_and_the_count_follows_the_plan():

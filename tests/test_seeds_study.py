@@ -104,7 +104,7 @@ def test_the_report_pairs_by_seed_with_t_intervals_and_states_each_claim(scripts
     report.report(data, 1500, 2250, figure)
     out = capsys.readouterr().out
     assert (
-        "convergence, dense seed 0: 60.0 at 1500 steps, 61.0 at 2250 (+1.0); SD over seeds at 1500: 5.0"
+        "convergence, dense seed 0: 60.0 at 1500 steps, 61.0 at 2250 (+1.0); SD over seeds at 1500: 5.0: converged"
         in out
     )
     assert figure.stat().st_size > 0
