@@ -43,13 +43,16 @@ def columns_by_seed(records: list[dict], steps: int) -> dict[str, dict[int, dict
             rows.setdefault(TRAINED[record["model"]], {})[record["seed"]] = record["final"]
         else:  # training-free: the method's column (the dense one is the seed's dense again)
             column = record["columns"][-1]
-            rows.setdefault(_free_name(column["label"]), {})[record["seed"]] = column
+            rows.setdefault(_free_name(record["methods"]), {})[record["seed"]] = column
     return rows
 
 
-def _free_name(label: str) -> str:
-    name = label.split(" (matched)")[0]
-    return f"{name} (training-free)"
+def _free_name(spec: str) -> str:
+    """A training-free method's row: its name and fixed options (the solved knob varies by seed)."""
+    name, _, options = spec.partition(":")
+    shown = {"fastv": "FastV", "random": "random", "sparsevlm": "SparseVLM", "dart": "DART"}
+    setting = f" {options.replace('layer=', 'K=')}" if options else ""
+    return f"{shown.get(name, name)}{setting} (training-free)"
 
 
 def table(rows: dict[str, dict[int, dict]]) -> list[dict]:
@@ -114,15 +117,20 @@ def verdicts(rows: list[dict]) -> list[str]:
     by_name = {row["name"]: row for row in rows}
     pmod = by_name.get(TRAINED["pmod"])
     lines = []
-    if pmod and pmod["difference"] and not math.isnan(pmod["difference"][1]):
+    if pmod and pmod["difference"]:
         _, low, high = pmod["difference"]
-        if low >= -NEAR_DENSE:
+        if math.isnan(low):
+            verdict = "not settled (one seed)"
+        elif low >= -NEAR_DENSE:
             verdict = "supported: the whole interval is above -1 point"
         elif high < -NEAR_DENSE:
             verdict = "not supported: the whole interval is below -1 point"
         else:
             verdict = "not settled: the interval reaches below -1 point"
-        lines.append(f"p-MoD within about a point of dense: {verdict} ([{low:+.1f}, {high:+.1f}]).")
+        interval = _interval(low, high, signed=True)
+        lines.append(
+            f"p-MoD within about a point of dense: {verdict} ({pmod['difference'][0]:+.1f} {interval})."
+        )
     for row in rows:
         if "training-free" not in row["name"] or not row["difference"] or not pmod:
             continue
@@ -139,12 +147,15 @@ def _beats(pmod: dict, row: dict) -> str:
     if math.isnan(low):
         verdict = "not settled (one seed)"
     elif low > 0:
-        verdict = "supported"
+        verdict = "supported: the whole interval is above 0"
     elif high < 0:
         verdict = "not supported: the method is above p-MoD"
     else:
         verdict = "not settled: the interval holds 0"
-    return f"p-MoD above {name} at equal TFLOPs: {verdict} ({mean:+.1f} [{low:+.1f}, {high:+.1f}] points, {len(common)} seeds)."
+    return (
+        f"p-MoD above {name} at equal TFLOPs: {verdict} ({mean:+.1f} "
+        f"{_interval(low, high, signed=True)} points over {len(common)} seeds)."
+    )
 
 
 def print_table(rows: list[dict], steps: int) -> None:
@@ -159,12 +170,19 @@ def print_table(rows: list[dict], steps: int) -> None:
         difference = ""
         if row["difference"] and row["name"] != TRAINED["dense"]:
             d, dl, dh = row["difference"]
-            difference = f"{d:+.1f} [{dl:+.1f}, {dh:+.1f}]"
+            difference = f"{d:+.1f} {_interval(dl, dh, signed=True)}"
         p = ", ".join(f"{value:.2g}" for value in row["mcnemar"])
         print(
-            f"| {row['name']} | {row['tflops']:.1%} | {row['kv']:.1%} | {mean:.1f} [{low:.1f}, "
-            f"{high:.1f}] | {difference} | {len(row['seeds'])} | {p} |"
+            f"| {row['name']} | {row['tflops']:.1%} | {row['kv']:.1%} | {mean:.1f} "
+            f"{_interval(low, high)} | {difference} | {len(row['seeds'])} | {p} |"
         )
+
+
+def _interval(low: float, high: float, signed: bool = False) -> str:
+    """'[low, high]', or '(one seed)' where there is no interval yet."""
+    if math.isnan(low):
+        return "[one seed]"
+    return f"[{low:+.1f}, {high:+.1f}]" if signed else f"[{low:.1f}, {high:.1f}]"
 
 
 def draw_curves(records: list[dict], steps: int, long_steps: int, figure: Path) -> None:
