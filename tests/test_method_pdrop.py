@@ -33,6 +33,8 @@ from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.efficiency import count_flops
 from pmod_cli.errors import UserError
 from pmod_cli.model import MethodError, PMoDConfig, kv_cache_lengths, make_method
+from pmod_cli.model.cache import pmod_cache_layer
+from pmod_cli.model.layer import PMoDLayerMixin
 from pmod_cli.model.methods import parse_method
 from pmod_cli.model.presets import get_preset, shape_from_hf_config
 from pmod_cli.training.recipe import load_recipe
@@ -83,14 +85,15 @@ def test_default_stages_are_the_official_8_16_24_with_lambda_half():
     assert make_method("pdrop", ratio=0.3).kept_vision_tokens([1.0] * 4, 100) == [100, 30, 9, 2]
 
 
-def official_rule(model, inputs, captured, bounds, ratio, labels=None):
+def official_rule(model, inputs, captured, bounds, ratio, labels=None, reindex=False):
     """Per boundary: (batch, seq) bool, what the official code keeps, derived from scratch.
 
     The official code shortens the sequence: at boundary b the present tokens (text and the
     previous stage's vision tokens) form a new sequence, and layer b's attention over it ranks
     the vision tokens from the last prompt token (with labels: every token just before an answer
     span). Here that sequence is rebuilt from the layer's captured input and run through the
-    layer's own eager attention module."""
+    layer's own eager attention module, at the original positions or (``reindex``) at 0, 1, ...
+    as the official code renumbers them."""
     vision = vision_of(model, inputs)
     valid = inputs["attention_mask"].bool()
     present, expected = valid.clone(), {}
@@ -108,11 +111,17 @@ def official_rule(model, inputs, captured, bounds, ratio, labels=None):
             if not rows:  # a sample without an answer span drops nothing
                 keep[sample] |= present[sample] & vision[sample]
                 continue
+            rope = (
+                cos[min(sample, cos.shape[0] - 1), index],
+                sin[min(sample, sin.shape[0] - 1), index],
+            )
+            if reindex:
+                rope = contiguous_rope(model, hidden, len(index))
             received = eager_row_attention(
                 model.decoder_layers[boundary],
                 hidden[sample, index][None],
-                cos[min(sample, cos.shape[0] - 1), index][None],
-                sin[min(sample, sin.shape[0] - 1), index][None],
+                rope[0][None],
+                rope[1][None],
                 rows,
             )
             count = math.floor(int(vision[sample].sum()) * ratio**stage + 1e-9)
@@ -138,6 +147,71 @@ def test_kept_sets_equal_the_official_rule_derived_from_eager_attention(
         boundary = max(b for b in bounds if b <= layer)  # a stage keeps its boundary's set
         assert torch.equal(mask, expected[boundary]), (layer, boundary)
     assert sorted(kept) == list(range(bounds[0], 4))
+
+
+def contiguous_rope(model, hidden, length):
+    """(cos, sin) (length, head_dim) at positions 0 .. length - 1, from the model's rotary embedding."""
+    positions = torch.arange(length)[None]
+    cos, sin = model.model.language_model.rotary_emb(hidden, positions)
+    return cos[0], sin[0]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next-qwen2"])
+def test_reindexed_layers_compute_what_the_official_shortened_sequence_computes(family):
+    """``positions=reindex``: the kept sets are the official rule's with the ranking at the
+    renumbered positions, and every layer from the first boundary on gives each kept token what
+    the untouched HF layer gives it on the shortened sequence at positions 0, 1, ... (the
+    official code's); the caches hold those positions, decoding included."""
+    model, processor = pdrop_model(family, "pdrop:positions=reindex", attn="eager")
+    inputs = batch(model, processor)
+    captured, hooks = capture_layer_inputs(model, range(4))
+    outputs = {}
+    hooks += [
+        layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+        for i, layer in enumerate(model.decoder_layers)
+    ]
+    _, kept = kept_masks(model, inputs)
+    for hook in hooks:
+        hook.remove()
+    expected = official_rule(model, inputs, captured, [1, 2, 3], 0.5, reindex=True)
+    for layer in (1, 2, 3):
+        assert torch.equal(kept[layer], expected[layer]), layer
+        for sample in range(2):
+            index = kept[layer][sample].nonzero().view(-1)
+            states = captured[layer][0][sample, index][None]
+            cos, sin = contiguous_rope(model, states, len(index))
+            causal = torch.full((len(index),) * 2, torch.finfo(states.dtype).min).triu(1)
+            shortened = super(PMoDLayerMixin, model.decoder_layers[layer]).forward(
+                states,
+                attention_mask=causal[None, None],
+                position_embeddings=(cos[None], sin[None]),
+            )
+            assert torch.allclose(outputs[layer][sample, index], shortened[0], atol=1e-5), (
+                layer,
+                sample,
+            )
+    cached = assert_cached_uncached_and_alone_agree(
+        model, inputs, lambda row: batch(model, processor, [row])
+    )
+    for layer in (1, 2, 3):
+        held = pmod_cache_layer(cached.past_key_values, layer)
+        for sample in range(2):
+            positions = held.slot_positions[sample][held.slot_valid[sample]].tolist()
+            assert positions == list(range(len(positions)))
+
+
+def test_reindexing_moves_the_kept_tokens_and_is_refused_on_3d_rotary_positions():
+    model, processor = pdrop_model("llava", attn="eager")
+    inputs = batch(model, processor)
+    kept_logits, kept = kept_masks(model, inputs)
+    apply_method(model, "pdrop:positions=reindex")
+    reindexed_logits, reindexed = kept_masks(model, inputs)
+    assert torch.equal(kept[1], reindexed[1])  # the first boundary ranks the whole sequence alike
+    assert not torch.allclose(kept_logits, reindexed_logits, atol=1e-3)
+    for layout in ("qwen2_5_vl", "qwen3_vl"):
+        model, _ = tiny_model(layout=layout)
+        with pytest.raises(MethodError, match="positions=reindex does not run on .*3-D"):
+            apply_method(model, "pdrop:positions=reindex")
 
 
 def test_with_labels_the_rows_are_the_tokens_before_each_answer_span():
@@ -304,7 +378,6 @@ def test_pmod_flops_counts_pdrop_per_stage(monkeypatch, capsys):
         ("pdrop:layers=0/8", "layers 0/8 are out of range"),
         ("pdrop:layers=16/8", "must be increasing stage boundaries"),
         ("pdrop:layers=a/b", "separated by '/'"),
-        ("pdrop:positions=reindex", "positions=reindex (the official code's contiguous renumbering) is not supported yet"),
         ("pdrop:positions=shift", "unknown pdrop positions 'shift'"),
         ("pdrop:lambda=0.5", "unknown option(s) lambda for method pdrop"),
     ],

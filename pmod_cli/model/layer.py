@@ -241,6 +241,9 @@ class PMoDLayerMixin:
         if position_ids is None:  # Qwen-VL passes none (its RoPE is 3-D): the sequence index
             past = 0 if cache is None else cache.get_seq_length(self.self_attn.layer_idx)
             position_ids = torch.arange(past, past + keep.shape[1], device=keep.device)[None]
+        position_ids, position_embeddings = self.token_method.kept_positions(
+            self, keep, position_ids, position_embeddings, cache
+        )
         subset = _gather_kept(keep, hidden_states, position_ids, position_embeddings)
         # 3. run, on this layer's own cache and mask
         attn_out, mlp_out = self._run_subset(

@@ -161,6 +161,12 @@ class TokenMethod:
         projections; ``routing.ranked_keep`` holds what an earlier layer chose."""
         raise NotImplementedError(f"{self.name} runs no subset layer")
 
+    def kept_positions(self, layer, keep, position_ids, position_embeddings, cache):
+        """In a ``subset`` layer, after ``select``: the positions (batch, seq) and RoPE (cos, sin)
+        its kept tokens run at. Default: their original ones; PyramidDrop's ``positions=reindex``
+        numbers them contiguously."""
+        return position_ids, position_embeddings
+
     def rewrite_states(self, layer, routing, hidden_states):
         """In a ``subset`` layer, before ``select``: the hidden states (batch, seq, hidden) the
         layer runs from. Default: its input as it is; SparseVLM writes its recycled tokens into

@@ -18,11 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import pmod_cache_layer
 from ..selection import keep_top
 from .attention import prompt_ends, row_attention
 from .base import MethodError, TokenMethod, register_method
 
 PDROP_POSITIONS = ("keep", "reindex")
+# families whose positions reindex cannot renumber: name -> why
+PDROP_REINDEX_REFUSED = {
+    name: "its rotary positions are 3-D (time, height, width), which a count cannot renumber"
+    for name in ("qwen2_5_vl", "qwen3_vl")
+}
 IGNORE_INDEX = -100  # labels of tokens that are not trained on (HF's convention)
 
 
@@ -32,7 +38,8 @@ class PyramidDrop(TokenMethod):
     """Options: ``layers`` (the stage boundaries, ``/``-separated: ``layers=8/16/24``; default
     the quarters of the model's depth, 8/16/24 for 32 layers), ``ratio`` (lambda in (0, 1]: stage
     s keeps floor(V * lambda^s)), ``positions`` (``keep``: the original rotary positions;
-    ``reindex``, the official code's contiguous renumbering, is not supported yet)."""
+    ``reindex``: the official code's contiguous renumbering of the tokens still present, from
+    the first stage boundary on; 1-D RoPE only)."""
 
     name = "pdrop"
     title = (
@@ -52,11 +59,6 @@ class PyramidDrop(TokenMethod):
             raise MethodError(
                 f"unknown pdrop positions {self.positions!r}; choose one of {', '.join(PDROP_POSITIONS)}"
             )
-        if self.positions == "reindex":
-            raise MethodError(
-                "pdrop's positions=reindex (the official code's contiguous renumbering) is not "
-                "supported yet; use positions=keep (the original rotary positions)"
-            )
         if self.layers is not None:
             object.__setattr__(self, "layers", "/".join(map(str, _parse_layers(self.layers))))
 
@@ -70,6 +72,14 @@ class PyramidDrop(TokenMethod):
         if self.layers is None:
             return [num_layers * quarter // 4 for quarter in (1, 2, 3)]
         return list(_parse_layers(self.layers))
+
+    def check_family(self, family) -> None:
+        super().check_family(family)
+        if self.positions == "reindex" and family.name in PDROP_REINDEX_REFUSED:
+            raise MethodError(
+                f"pdrop's positions=reindex does not run on {family.title}: "
+                f"{PDROP_REINDEX_REFUSED[family.name]}; use positions=keep"
+            )
 
     def check(self, num_layers: int, vision_tokens: int | None = None) -> None:
         bounds = self.boundaries(num_layers)
@@ -126,6 +136,17 @@ class PyramidDrop(TokenMethod):
 
     # ---- on a model -----------------------------------------------------------------------
 
+    def install(self, model, vision_tokens: int | None) -> None:
+        if self.positions == "reindex":  # RoPE at the renumbered positions, the model's own
+            rotary = model.model.language_model.rotary_emb
+            for layer in model.pmod_family.decoder_layers(model):
+                object.__setattr__(layer, "pdrop_rotary", rotary)
+
+    def kept_positions(self, layer, keep, position_ids, position_embeddings, cache):
+        if self.positions == "keep":
+            return position_ids, position_embeddings
+        return renumbered(layer, keep, position_embeddings, cache)
+
     def select(self, layer, routing, hidden_states, position_embeddings):
         """The stage's kept tokens: ranked here if this layer is a boundary, else the ones the
         stage's boundary layer chose. Each stage's choice is kept for the forward call, so a
@@ -140,6 +161,8 @@ class PyramidDrop(TokenMethod):
                 )
             valid = routing.token_valid
             present = stages[stage - 1][0] if stage > 1 else valid
+            if self.positions == "reindex":  # ranked at the positions the tokens have there
+                _, position_embeddings = renumbered(layer, present, position_embeddings, None)
             stages[stage] = self._rank(layer, routing, hidden_states, position_embeddings, present)
         return stages[stage]
 
@@ -165,6 +188,22 @@ class PyramidDrop(TokenMethod):
         keep_count = torch.where(row_valid.any(dim=1), keep_count, candidates.sum(dim=1))
         keep = keep_top(scores, candidates, valid & (~vision | candidates), keep_count)
         return keep, scores
+
+
+def renumbered(layer, keep, position_embeddings, cache):
+    """(positions, (cos, sin)) of ``keep`` (batch, seq) numbered contiguously per sample, after
+    what ``layer``'s cache already holds (as the official code renumbers after each drop, and
+    shifts decoding positions by what was dropped): the k-th kept token of a call is at the
+    cache's next position + k. RoPE from the model's own rotary embedding at those positions."""
+    start = torch.zeros(keep.shape[0], dtype=torch.long, device=keep.device)
+    if cache is not None:
+        cached = pmod_cache_layer(cache, layer.self_attn.layer_idx)
+        if cached.slot_positions is not None:
+            held = torch.where(cached.slot_valid, cached.slot_positions, -1)
+            start = held.max(dim=1).values.to(keep.device) + 1
+    positions = (start[:, None] + keep.long().cumsum(dim=1) - 1).clamp(min=0)
+    cos, sin = layer.pdrop_rotary(position_embeddings[0], positions)
+    return positions, (cos, sin)
 
 
 def pdrop_kept(num_vision: int, ratio: float, stage: int) -> int:
