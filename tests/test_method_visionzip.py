@@ -11,17 +11,22 @@ import pytest
 import torch
 from flash_attn_cpu import install
 from flop_counting import prefill_flops
+from method_checks import assert_backends_keep_alike
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
 )
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    apply_rotary_pos_emb_vision,
+    get_vision_window_index,
+)
 from typer.testing import CliRunner
 
-from pmod_cli import apply_method, apply_pmod
+from pmod_cli import apply_method, apply_pmod, record_routing
 from pmod_cli.cli import app, main
-from pmod_cli.data.prompts import encode
+from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.efficiency import count_flops
 from pmod_cli.evaluation.run import check_method_fits
 from pmod_cli.model import MethodError, make_method
@@ -283,10 +288,169 @@ def test_a_visionzip_model_refuses_unzipped_placeholders():
         model(**plain)
 
 
+# ---- Qwen2.5-VL: after the merger --------------------------------------------------------------
+
+QWEN_SPEC = "visionzip:dominant=200,contextual=100"  # of 576: 34 % + 17 % of each image
+
+
+def qwen_batch(model, processor):
+    processor.tokenizer.padding_side = "left"
+    rows = [
+        ("what colour?", random_image(60, 40, 0)),
+        ("describe it please", random_image(120, 90, 1)),
+    ]
+    prompts = [build_prompt(processor, question, 1) for question, _ in rows]
+    return encode(processor, prompts, [[image] for _, image in rows], model)
+
+
+def official_qwen_rule(model, inputs, block_input, embeddings, dominant, contextual):
+    """Per sample: (kept slots, {slot: state}), the official port's rule written out: the last
+    block's attention per image (its own qkv weights, HF's vision RoPE, softmax over the image's
+    patches), received = mean over heads of the column sums, averaged over each merge group and
+    put back in raster order by HF's window index; D dominant by it, C targets by stride among
+    the rest, each other token to the target of the most cosine-similar head-mean key."""
+    visual = model.model.visual
+    attention = visual.blocks[-1].attn
+    states, cu_seqlens, (cos, sin) = block_input
+    width, heads = states.shape[-1], attention.num_heads
+    weight, bias = attention.qkv.weight, attention.qkv.bias
+    q = (states @ weight[:width].T + bias[:width]).view(-1, heads, width // heads)
+    k = (states @ weight[width : 2 * width].T + bias[width : 2 * width]).view(
+        -1, heads, width // heads
+    )
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    window, _ = get_vision_window_index(
+        inputs["image_grid_thw"], visual.spatial_merge_size, visual.window_size, visual.patch_size
+    )
+    raster = torch.argsort(window)
+    vision = inputs["input_ids"] == model.config.image_token_id
+    bounds = cu_seqlens.tolist()
+    expected = []
+    for sample, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        probs = torch.stack(
+            [
+                (q[start:end, h].float() @ k[start:end, h].float().T * attention.scaling).softmax(
+                    -1
+                )
+                for h in range(heads)
+            ]
+        )  # (heads, n, n)
+        received = torch.zeros(q.shape[0])
+        received[start:end] = probs.mean(0).sum(0)
+        groups = received.view(-1, 4).mean(1)[raster]
+        metric = k.float().view(-1, 4, heads, k.shape[-1]).mean(1)[raster].mean(1)
+        first = start // 4
+        n = (end - start) // 4
+        scores, metric = groups[first : first + n], metric[first : first + n]
+        slots = vision[sample].nonzero().view(-1)
+        d = min(max(int(dominant * n / 576), 1), n)
+        c = min(max(int(contextual * n / 576), 1), n - d)
+        top = set(scores.topk(d).indices.tolist())
+        rest = [i for i in range(n) if i not in top]
+        targets = rest[:: max(1, len(rest) // c)][:c]
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        members = {t: [] for t in targets}
+        for i in rest:
+            if i not in members:
+                members[max(targets, key=lambda t: float(unit[i] @ unit[t]))].append(i)
+        states_of = {
+            int(slots[t]): embeddings[sample, slots[t]]
+            + (embeddings[sample, slots[members[t]]].mean(0) if members[t] else 0)
+            for t in targets
+        }
+        kept = {int(slots[i]) for i in top} | set(states_of)
+        expected.append((kept, states_of))
+    return expected
+
+
+def test_qwen2_5_vl_keeps_what_the_official_port_keeps_after_the_merger():
+    model, processor = tiny_model(layout="qwen2_5_vl", attn="eager")
+    apply_method(model, QWEN_SPEC)
+    model.eval()
+    inputs = qwen_batch(model, processor)
+    captured = {}
+
+    def keep_block_input(module, args, kwargs):
+        captured["block"] = (args[0].detach(), kwargs["cu_seqlens"], kwargs["position_embeddings"])
+
+    def keep_embeddings(module, args, kwargs):
+        captured.setdefault(
+            "embeddings", (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        )
+
+    def keep_gathered(module, args, output):
+        captured["gathered"] = args[0].detach().clone()
+
+    layer0 = model.model.language_model.layers[0]
+    hooks = [
+        model.model.visual.blocks[-1].attn.register_forward_pre_hook(
+            keep_block_input, with_kwargs=True
+        ),
+        layer0.register_forward_pre_hook(keep_embeddings, with_kwargs=True),
+        layer0.input_layernorm.register_forward_hook(keep_gathered),
+    ]
+    with torch.no_grad(), record_routing(model) as routing:
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    expected = official_qwen_rule(
+        model, inputs, captured["block"], captured["embeddings"], 200, 100
+    )
+    text = inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)
+    for layer, decision in routing.layers.items():
+        for sample, (kept, _) in enumerate(expected):
+            slots = set(decision.keep_mask[sample].nonzero().view(-1).tolist())
+            assert slots == kept | set(text[sample].nonzero().view(-1).tolist()), (layer, sample)
+    assert sorted(routing.layers) == list(range(len(model.model.language_model.layers)))
+    keep = routing.layers[0].keep_mask
+    for sample, (_, states) in enumerate(expected):
+        assert states
+        for slot, state in states.items():
+            row = int(keep[sample, :slot].sum())
+            assert torch.allclose(captured["gathered"][sample, row], state, atol=1e-5)
+
+
+def test_qwen2_5_vl_every_attention_backend_keeps_alike(monkeypatch):
+    model, processor = tiny_model(layout="qwen2_5_vl", attn="eager")
+    apply_method(model, QWEN_SPEC)
+    assert_backends_keep_alike(model.eval(), qwen_batch(model, processor), monkeypatch)
+
+
+def test_qwen2_5_vl_counts_and_refusals():
+    """One image's D + C in every layer and its KV cache; video and two images refused."""
+    method = make_method("visionzip").for_family("qwen2_5_vl")
+    assert method.image_counts(576) == (191, 30) and method.image_counts(100) == (33, 5)
+    assert method.kept_vision_tokens([1.0] * 4, 100) == [38] * 4
+    assert make_method("visionzip", dominant=374, contextual=29).for_family(
+        "qwen2_5_vl"
+    ).image_counts(1000) == (649, 50)
+    result = CliRunner().invoke(
+        app,
+        [
+            "flops",
+            "--model",
+            "qwen2.5-vl-7b",
+            "--method",
+            "pmod,visionzip",
+            "--match-tflops",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    pmod, zip_plan = json.loads(result.output)["plans"][:2]
+    assert abs(zip_plan["tflops"] / pmod["tflops"] - 1) <= 0.02
+    model, processor = tiny_model(layout="qwen2_5_vl")
+    apply_method(model, QWEN_SPEC)
+    prompt = build_prompt(processor, "compare", 2)
+    two = encode(processor, [prompt], [[random_image(60, 40, 0), random_image(40, 60, 1)]], model)
+    with pytest.raises(MethodError, match="visionzip chooses within one image per sample"):
+        model(**two)
+
+
 # ---- families and flags ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["onevision", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("layout", ["onevision", "qwen3_vl"])
 def test_other_families_are_refused_in_one_line(layout):
     model, _ = tiny_model("qwen2", layout) if layout == "onevision" else tiny_model(layout=layout)
     with pytest.raises(
@@ -298,7 +462,7 @@ def test_other_families_are_refused_in_one_line(layout):
 @pytest.mark.parametrize(
     "arguments,message",
     [
-        (["--model", "qwen2.5-vl-7b", "--method", "visionzip"], "does not run on Qwen2.5-VL"),
+        (["--model", "qwen3-vl-8b", "--method", "visionzip"], "does not run on Qwen3-VL"),
         (
             ["--model", "llava-onevision-qwen2-7b", "--method", "visionzip"],
             "does not run on LLaVA-OneVision",
@@ -327,7 +491,7 @@ def test_bad_settings_end_in_one_error_line(monkeypatch, capsys, arguments, mess
 
 
 def test_pmod_eval_refuses_another_family_in_one_line(tmp_path, monkeypatch, capsys):
-    model, processor = tiny_model(layout="qwen2_5_vl")
+    model, processor = tiny_model(layout="qwen3_vl")
     save_checkpoint(model, processor, tmp_path / "qwen")
     capsys.readouterr()  # the save's progress bar
     command = ["pmod", "eval", str(tmp_path / "qwen"), "--tasks", "pmod_tiny_vqa", "--method", SPEC]
@@ -336,7 +500,7 @@ def test_pmod_eval_refuses_another_family_in_one_line(tmp_path, monkeypatch, cap
         main()
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
-    assert "does not run on Qwen2.5-VL" in err, err
+    assert "does not run on Qwen3-VL" in err, err
 
 
 def test_pmod_eval_refuses_a_tower_read_at_its_embeddings_before_evaluating(

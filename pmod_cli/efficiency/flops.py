@@ -232,6 +232,7 @@ def count_flops(
     _check_count_options(count, dtype, routed_tokens, attention_pairs)
     method = method or method_from_dict(None)
     method.check_family(shape.family)  # a method the family cannot run is refused, not counted
+    method = method.for_family(shape.family.name)
     if not method.needs_router:
         routed_tokens, prefix_text_tokens = "vision", None
     num_vision, crops = _vision_layout(shape, vision_tokens, video_frames, vision_crops, method)

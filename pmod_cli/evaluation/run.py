@@ -288,6 +288,7 @@ def check_method_fits(
         )
     shape = read_model_shape(checkpoint)
     method.check_family(get_family(shape.layout))
+    method = method.for_family(shape.layout)
     method.check_config(read_hf_config(checkpoint))
     if match_tflops and method.knob is not None:
         method = method.settings(max(shape.vision_tokens, 1))[-1]

@@ -46,7 +46,8 @@ class PMoDModelMixin:
     @property
     def token_method(self) -> TokenMethod:
         """The token-reduction method the layers run (``pmod``: the model's own routing)."""
-        return method_from_dict(getattr(self.config, "pmod_method", None))
+        method = method_from_dict(getattr(self.config, "pmod_method", None))
+        return method.for_family(self.pmod_family.name)
 
     def generate(self, *args, **kwargs):
         # the prompt's width, so that FastV ranks with the prompt's last token at every step of
@@ -206,6 +207,7 @@ def install_method(model, method: TokenMethod) -> None:
     family = model.pmod_family
     layers = family.decoder_layers(model)
     method.check_family(family)
+    method = method.for_family(family.name)
     vision_tokens = (
         family.shape_from_config(model.config).vision_tokens if method.needs_vision_tokens else None
     )

@@ -86,6 +86,11 @@ class TokenMethod:
         """Refuse settings that do not fit a model of ``num_layers`` layers whose images have
         ``vision_tokens`` vision tokens (None: not known here)."""
 
+    def for_family(self, family_name: str) -> TokenMethod:
+        """This setting as it runs on the family ``family_name`` (default: itself). VisionZip
+        returns its Qwen2.5-VL port there, which merges after the merger inside the model."""
+        return self
+
     def check_config(self, config) -> None:
         """Refuse a checkpoint's transformers ``config`` this method cannot run on, before any
         model is built (VisionZip: a tower without a CLS token or a feature layer to rank in)."""
