@@ -279,7 +279,7 @@ def _baseline_entries(shape, reference, baselines, match_tflops, token_options) 
             PlanEntry(
                 reference.pmod,
                 result,
-                method=method,
+                method=method.for_family(shape.family.name),  # as it runs there (its label too)
                 matched=match_tflops and method.knob is not None,
             )
         )
