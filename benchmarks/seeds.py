@@ -299,6 +299,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "seeds")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "seeds_convergence.png")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        nargs="*",
+        default=[ROOT / "docs" / "eval.md", ROOT / "README.md"],
+        help="files whose <!-- seeds:table --> and <!-- seeds:verdicts --> blocks are rewritten",
+    )
     args = parser.parse_args()
     settings = Settings(
         steps=args.steps,
@@ -316,7 +323,13 @@ def main() -> None:
     else:
         from seeds_report import report
 
-        report(load_results(settings.results), settings.steps, settings.long_steps, args.figure)
+        report(
+            load_results(settings.results),
+            settings.steps,
+            settings.long_steps,
+            args.figure,
+            args.docs,
+        )
 
 
 if __name__ == "__main__":

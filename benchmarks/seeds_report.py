@@ -158,13 +158,15 @@ def _beats(pmod: dict, row: dict) -> str:
     )
 
 
-def print_table(rows: list[dict], steps: int) -> None:
-    print(f"SFT steps per seed: {steps} (batch 16); 95 % t intervals over training seeds")
-    print(
+def table_lines(rows: list[dict], steps: int) -> list[str]:
+    """The table in Markdown, after one line that says what it holds."""
+    lines = [
+        f"SFT steps per seed: {steps} (batch 16); 95 % t intervals over training seeds",
+        "",
         "| model | TFLOPs vs dense | KV cache vs dense | accuracy [95 %] | vs dense, paired by seed "
-        "[95 %] | seeds | McNemar p per seed |"
-    )
-    print("|---|---|---|---|---|---|---|")
+        "[95 %] | seeds | McNemar p per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         mean, low, high = row["accuracy"]
         difference = ""
@@ -172,10 +174,27 @@ def print_table(rows: list[dict], steps: int) -> None:
             d, dl, dh = row["difference"]
             difference = f"{d:+.1f} {_interval(dl, dh, signed=True)}"
         p = ", ".join(f"{value:.2g}" for value in row["mcnemar"])
-        print(
+        lines.append(
             f"| {row['name']} | {row['tflops']:.1%} | {row['kv']:.1%} | {mean:.1f} "
             f"{_interval(low, high)} | {difference} | {len(row['seeds'])} | {p} |"
         )
+    return lines
+
+
+def convergence_lines(records: list[dict], steps: int, long_steps: int) -> list[str]:
+    lines = []
+    for entry in convergence(records, steps, long_steps):
+        change = entry["at_long_steps"] - entry["at_steps"]
+        if math.isnan(entry["seed_sd"]):
+            verdict = "not settled (one seed: no spread yet)"
+        else:
+            verdict = "converged" if abs(change) < entry["seed_sd"] else "NOT converged"
+        lines.append(
+            f"convergence, {entry['model']} seed {entry['seed']}: {entry['at_steps']:.1f} at {steps} "
+            f"steps, {entry['at_long_steps']:.1f} at {long_steps} ({change:+.1f}); SD over seeds at "
+            f"{steps}: {entry['seed_sd']:.1f}: {verdict}"
+        )
+    return lines or [f"convergence: no {long_steps}-step run yet"]
 
 
 def _interval(low: float, high: float, signed: bool = False) -> str:
@@ -213,7 +232,11 @@ def draw_curves(records: list[dict], steps: int, long_steps: int, figure: Path) 
     print(f"figure: {figure}")
 
 
-def report(records: list[dict], steps: int, long_steps: int, figure: Path) -> None:
+def report(
+    records: list[dict], steps: int, long_steps: int, figure: Path, docs: list[Path] = ()
+) -> None:
+    """Print the table, the convergence check and the verdicts, draw the figure, and write the
+    same between the ``<!-- seeds:... -->`` markers of each file in ``docs``."""
     rows = table(columns_by_seed(records, steps))
     order = list(TRAINED.values())
     rows.sort(
@@ -222,20 +245,25 @@ def report(records: list[dict], steps: int, long_steps: int, figure: Path) -> No
             row["name"],
         )
     )
-    print_table(rows, steps)
-    print()
-    for entry in convergence(records, steps, long_steps):
-        change = entry["at_long_steps"] - entry["at_steps"]
-        if math.isnan(entry["seed_sd"]):
-            verdict = "not settled (one seed: no spread yet)"
-        else:
-            verdict = "converged" if abs(change) < entry["seed_sd"] else "NOT converged"
-        print(
-            f"convergence, {entry['model']} seed {entry['seed']}: {entry['at_steps']:.1f} at {steps} "
-            f"steps, {entry['at_long_steps']:.1f} at {long_steps} ({change:+.1f}); SD over seeds at "
-            f"{steps}: {entry['seed_sd']:.1f}: {verdict}"
-        )
-    print()
-    for line in verdicts(rows):
-        print(line)
+    blocks = {
+        "table": table_lines(rows, steps),
+        "verdicts": [f"- {line}" for line in convergence_lines(records, steps, long_steps)]
+        + [f"- {line}" for line in verdicts(rows)],
+    }
+    print("\n".join(blocks["table"] + [""] + blocks["verdicts"]))
     draw_curves(records, steps, long_steps, figure)
+    for path in docs:
+        write_blocks(path, blocks)
+
+
+def write_blocks(path: Path, blocks: dict[str, list[str]]) -> None:
+    """Replace what stands between ``<!-- seeds:NAME -->`` and ``<!-- /seeds:NAME -->``."""
+    text = path.read_text()
+    for name, lines in blocks.items():
+        start, end = f"<!-- seeds:{name} -->", f"<!-- /seeds:{name} -->"
+        if start not in text or end not in text:
+            raise SystemExit(f"error: {path} has no {start} ... {end} block")
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1]
+    path.write_text(text)
+    print(f"updated: {path}")

@@ -105,13 +105,26 @@ def test_the_report_pairs_by_seed_with_t_intervals_and_states_each_claim(scripts
         "p-MoD above FastV K=2 at equal TFLOPs: supported: the whole interval is above 0 (+17.0"
     )
     figure = tmp_path / "curves.png"
-    report.report(data, 1500, 2250, figure)
+    page = tmp_path / "page.md"
+    page.write_text(
+        "intro\n<!-- seeds:table -->\nold\n<!-- /seeds:table -->\nmiddle\n"
+        "<!-- seeds:verdicts -->\n<!-- /seeds:verdicts -->\nend\n"
+    )
+    report.report(data, 1500, 2250, figure, [page])
     out = capsys.readouterr().out
     assert (
         "convergence, dense seed 0: 60.0 at 1500 steps, 61.0 at 2250 (+1.0); SD over seeds at 1500: 5.0: converged"
         in out
     )
     assert figure.stat().st_size > 0
+    written = page.read_text()  # the same table and verdicts, between the markers only
+    assert (
+        written.startswith("intro\n<!-- seeds:table -->\nSFT steps per seed: 1500")
+        and "old" not in written
+    )
+    assert "| p-MoD (beta 0.5) | 64.0% | 64.0% | 62.0 [" in written
+    assert "\nmiddle\n<!-- seeds:verdicts -->\n- convergence, dense seed 0" in written
+    assert written.endswith("<!-- /seeds:verdicts -->\nend\n")
 
 
 def test_a_claim_whose_interval_holds_the_margin_is_not_settled(scripts):
