@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..model.families import get_family, known_model_types
 from ..model.loading import read_model_type
 from ..model.methods import TokenMethod, parse_method
-from ..model.presets import read_hf_config, read_model_shape
+from ..model.presets import read_hf_config, shape_from_hf_config
 from ..provenance import report_header
 from ..runtime import parse_dtype, resolve_device
 from .measure import MEMORY_KINDS, SampleMeasurement
@@ -286,10 +286,11 @@ def check_method_fits(
             f"{checkpoint} is a dense checkpoint: it has no trained routers for --method {method.name} "
             "(evaluate it without --method, or with --method dense)"
         )
-    shape = read_model_shape(checkpoint)
+    config = read_hf_config(checkpoint)  # read once: the shape and the method's own checks
+    shape = shape_from_hf_config(config, name=str(checkpoint), directory=Path(checkpoint))
     method.check_family(get_family(shape.layout))
     method = method.for_family(shape.layout)
-    method.check_config(read_hf_config(checkpoint))
+    method.check_config(config)
     if match_tflops and method.knob is not None:
         method = method.settings(max(shape.vision_tokens, 1))[-1]
     method.check(shape.text.num_layers, shape.vision_tokens if method.needs_vision_tokens else None)
