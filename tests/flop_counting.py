@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pmod_cli.efficiency import count_flops
 from pmod_cli.model.cache import kv_cache_lengths
+from pmod_cli.model.presets import shape_from_hf_config
 
 
 @dataclass(frozen=True)
@@ -39,3 +41,16 @@ def prefill_flops(model, inputs) -> PrefillFlops:
             )
     total = sum(counts["Global"].values())
     return PrefillFlops(linear, attention, total, kv_cache_lengths(output.past_key_values))
+
+
+def counted_flops(model, vision_tokens: int, text_tokens: int, **options) -> tuple:
+    """``pmod flops``'s paper count and full count (every attention pair) of one fp32 prefill of
+    these tokens through the model as it is set up (its ratios and its token method)."""
+    shape = shape_from_hf_config(model.config)
+    options = dict(vision_tokens=vision_tokens, text_tokens=text_tokens, dtype="fp32", **options)
+    options["method"] = model.token_method
+    paper = count_flops(shape, model.retention_ratios, count="paper", **options)
+    full = count_flops(
+        shape, model.retention_ratios, count="full", attention_pairs="all", **options
+    )
+    return paper, full

@@ -1,16 +1,19 @@
 """Checks the token-method tests share: kept masks from a routing record, a layer's eager attention
-rows, captured layer inputs, generation under the three attention backends."""
+rows, captured layer inputs, generation under the three attention backends, ``pmod eval`` of
+several methods side by side."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from flash_attn_cpu import install as install_flash
+from typer.testing import CliRunner
 
 from pmod_cli import apply_method, record_routing
-from pmod_cli.cli import main
+from pmod_cli.cli import app, main
 from pmod_cli.model.families import family_for_model
 
 
@@ -114,13 +117,31 @@ def assert_cached_uncached_and_alone_agree(model, inputs, alone_inputs) -> objec
     return cached
 
 
-def flops_refusal(monkeypatch, capsys, spec: str) -> str:
-    """``pmod flops --model llava-1.5-7b --method SPEC`` ends with exit code 2 and one line; that
-    line."""
-    monkeypatch.setattr("sys.argv", ["pmod", "flops", "--model", "llava-1.5-7b", "--method", spec])
+def cli_refusal(monkeypatch, capsys, *args: str) -> str:
+    """``pmod ARGS`` ends with exit code 2 and one line starting ``error: ``; that line."""
+    capsys.readouterr()  # what came before (a save's progress bar)
+    monkeypatch.setattr("sys.argv", ["pmod", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
-    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
     return err
+
+
+def flops_refusal(monkeypatch, capsys, spec: str) -> str:
+    """``pmod flops --model llava-1.5-7b --method SPEC`` is refused; its one line."""
+    return cli_refusal(monkeypatch, capsys, "flops", "--model", "llava-1.5-7b", "--method", spec)
+
+
+def eval_side_by_side(checkpoint, output, methods: str, *extra: str) -> tuple[dict[str, dict], str]:
+    """``pmod eval CHECKPOINT --method METHODS`` on four tiny questions (batch 2, CPU) succeeds;
+    each method's run in ``output`` by name, in the order given, and what the command printed."""
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(checkpoint), "--tasks", "pmod_tiny_vqa", "--limit", "4", "--batch-size", "2",
+         "--device", "cpu", "--method", methods, "--output", str(output), *extra],
+        terminal_width=250,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    runs = json.loads(output.read_text())["checkpoints"]
+    return {run["method"]["name"]: run for run in runs}, result.output

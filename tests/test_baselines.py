@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from method_checks import eval_side_by_side
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 from typer.testing import CliRunner
 
@@ -220,15 +221,9 @@ def test_pmod_eval_runs_every_method_side_by_side(tmp_path):
     apply_pmod(model, beta=0.5)
     randomize_routers(model)
     checkpoint = save_checkpoint(model, processor, tmp_path / "pmod")
-    output = tmp_path / "eval.json"
-    result = CliRunner().invoke(
-        app,
-        ["eval", str(checkpoint), "--tasks", "pmod_tiny_vqa", "--limit", "4", "--batch-size", "2", "--device", "cpu",
-         "--method", "pmod,dense,fastv,random,pool", "--match-tflops", "--output", str(output)],
-        terminal_width=250,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    runs = {run["method"]["name"]: run for run in json.loads(output.read_text())["checkpoints"]}
+    runs, printed = eval_side_by_side(
+        checkpoint, tmp_path / "eval.json", "pmod,dense,fastv,random,pool", "--match-tflops"
+    )
     assert list(runs) == ["pmod", "dense", "fastv", "random", "pool"]
     assert runs["pool"]["label"] == f"pmod: pool {runs['pool']['method']['tokens']}"
     assert (
@@ -237,7 +232,7 @@ def test_pmod_eval_runs_every_method_side_by_side(tmp_path):
     for name, run in runs.items():
         efficiency = run["efficiency"]
         assert efficiency["mean_vision_tokens"] == 16  # the image's V, before any pooling
-        assert run["label"].split(": ")[1].split()[0] in result.output
+        assert run["label"].split(": ")[1].split()[0] in printed
         for measurement in run["measurements"]:
             # the dense twin caches T + V in each of the 4 layers, pooled or not
             entry = measurement["dense_kv_cache_bytes"] // (4 * (measurement["text_tokens"] + 16))

@@ -19,18 +19,16 @@ import copy
 
 import pytest
 import torch
-from flop_counting import prefill_flops
+from flop_counting import counted_flops, prefill_flops
 from tiny_models import random_image, random_video, randomize_routers, save_checkpoint, tiny_model
 from transformers import AutoModelForImageTextToText
 
 from pmod_cli import PMoDConfig, apply_method, apply_pmod, record_routing
 from pmod_cli.data.prompts import build_prompt, encode
-from pmod_cli.efficiency.flops import count_flops
 from pmod_cli.model import kept_count, kv_cache_lengths
 from pmod_cli.model.families import FAMILIES, family_for_model, get_family
 from pmod_cli.model.loading import load_checkpoint
 from pmod_cli.model.methods import MethodError, method_class, method_names, parse_method
-from pmod_cli.model.presets import shape_from_hf_config
 
 # ---- what the suite runs over: families, methods, and what a method says ---------------------
 
@@ -438,20 +436,11 @@ def test_flop_counter_on_a_real_prefill_equals_the_count(family, method):
     )
     pixels = unpooled.get("pixel_values")
     crops = pixels.shape[1] if pixels is not None and pixels.dim() == 5 else None  # anyres crops
-    options = dict(
-        vision_crops=crops,
-        vision_tokens=int(vision_mask(model, unpooled).sum()),
-        text_tokens=int((~vision_mask(model, inputs)).sum()),
-        dtype="fp32",
-        method=model.token_method,
-    )
+    vision = int(vision_mask(model, unpooled).sum())
+    text = int((~vision_mask(model, inputs)).sum())
     measured = prefill_flops(model, inputs)
     linear, attention, lengths = measured.linear, measured.attention, measured.cache_lengths
-    shape = shape_from_hf_config(model.config)
-    paper = count_flops(shape, model.retention_ratios, count="paper", **options)
-    full = count_flops(
-        shape, model.retention_ratios, count="full", attention_pairs="all", **options
-    )
+    paper, full = counted_flops(model, vision, text, vision_crops=crops)
     # exact, but for a method that ranks with the layers' own projections (pdrop): it runs them
     # on the side, as part of its ranking work (the full count's; its own test is exact)
     ranking = full.components.get("method_ranking", 0)

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flash_attn_cpu import install as install_flash_attention
-from flop_counting import prefill_flops
+from flop_counting import counted_flops, prefill_flops
+from method_checks import cli_refusal, eval_side_by_side
 from tiny_models import random_image, random_video, save_checkpoint, tiny_model
 from typer.testing import CliRunner
 
@@ -23,7 +24,7 @@ from pmod_cli.efficiency import count_flops
 from pmod_cli.model import MethodError, make_method
 from pmod_cli.model.cache import kv_cache_lengths
 from pmod_cli.model.families import family_for_model
-from pmod_cli.model.presets import get_preset, shape_from_hf_config
+from pmod_cli.model.presets import get_preset
 
 K = 2
 SPEC = "dart:ratio=0.4,image_pivots=2,text_pivots=2"  # the tiny images' V of 8 to 80 keep some
@@ -173,21 +174,12 @@ def test_flop_counter_on_a_real_prefill_equals_the_count(family):
     inputs = batch(model, processor, (0,))
     measured = prefill_flops(model, inputs)
     vision = int(vision_of(model, inputs).sum())
-    options = dict(
-        vision_tokens=vision,
-        text_tokens=inputs["input_ids"].shape[1] - vision,
-        dtype="fp32",
-        method=model.token_method,
-    )
-    shape = shape_from_hf_config(model.config)
-    paper = count_flops(shape, model.retention_ratios, **options)
-    full = count_flops(
-        shape, model.retention_ratios, count="full", attention_pairs="all", **options
-    )
+    text = inputs["input_ids"].shape[1] - vision
+    paper, full = counted_flops(model, vision, text)
     assert measured.linear == paper.flops
     assert measured.attention == full.components["attention_products"]
     kept = model.token_method.kept(vision)
-    assert [row.tokens for row in full.layers][K:] == [options["text_tokens"] + kept] * 2
+    assert [row.tokens for row in full.layers][K:] == [text + kept] * 2
     assert measured.cache_lengths == [[row.tokens] for row in full.layers]
 
 
@@ -268,21 +260,8 @@ def test_refusals_are_one_line():
 def test_pmod_eval_refuses_a_family_in_one_line(tmp_path, monkeypatch, capsys):
     model, processor = tiny_model(layout="qwen3_vl")
     save_checkpoint(model, processor, tmp_path / "qwen3")
-    capsys.readouterr()  # the save's progress bar
-    command = [
-        "pmod",
-        "eval",
-        str(tmp_path / "qwen3"),
-        "--tasks",
-        "pmod_tiny_vqa",
-        "--method",
-        "dart",
-    ]
-    monkeypatch.setattr("sys.argv", command)
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "\n" not in err
+    command = ["eval", str(tmp_path / "qwen3"), "--tasks", "pmod_tiny_vqa", "--method", "dart"]
+    err = cli_refusal(monkeypatch, capsys, *command)
     assert err.startswith("error: dart does not run on Qwen3-VL"), err
 
 
@@ -347,15 +326,7 @@ def test_settings_give_every_picks_count_once():
 def test_pmod_eval_runs_dart(tmp_path):
     model, processor = tiny_model("llama", "llava", layers=4)
     checkpoint = save_checkpoint(model, processor, tmp_path / "dense")
-    output = tmp_path / "eval.json"
-    result = CliRunner().invoke(
-        app,
-        ["eval", str(checkpoint), "--tasks", "pmod_tiny_vqa", "--limit", "4", "--batch-size", "2",
-         "--device", "cpu", "--method", "dense,dart:ratio=0.5", "--output", str(output)],
-        terminal_width=250,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    runs = {run["method"]["name"]: run for run in json.loads(output.read_text())["checkpoints"]}
+    runs, _ = eval_side_by_side(checkpoint, tmp_path / "eval.json", "dense,dart:ratio=0.5")
     assert runs["dart"]["method"]["ratio"] == 0.5
     dense, dart = runs["dense"]["efficiency"], runs["dart"]["efficiency"]
     assert dart["tflops"] < dense["tflops"] and dart["mean_vision_tokens"] == 16

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 
 import pytest
 import torch
 from flash_attn_cpu import install
 from flop_counting import prefill_flops
+from method_checks import cli_refusal, eval_side_by_side
 from PIL import Image
 from tiny_models import random_image, save_checkpoint, tiny_model
-from typer.testing import CliRunner
 
 from pmod_cli import apply_method, apply_pmod
-from pmod_cli.cli import app, main
+from pmod_cli.cli import main
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.efficiency import count_flops
 from pmod_cli.model import MethodError, make_method
@@ -171,9 +170,7 @@ def test_llava_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(MethodError, match="downsample changes no token count on LLaVA-1.5"):
         apply_method(model, "downsample")
     save_checkpoint(model, processor, tmp_path / "llava")
-    capsys.readouterr()  # the save's progress bar
     command = [
-        "pmod",
         "eval",
         str(tmp_path / "llava"),
         "--tasks",
@@ -181,11 +178,7 @@ def test_llava_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
         "--method",
         "downsample",
     ]
-    monkeypatch.setattr("sys.argv", command)
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    err = cli_refusal(monkeypatch, capsys, *command)
     assert "downsample changes no token count on LLaVA-1.5" in err, err
 
 
@@ -213,15 +206,7 @@ def test_pmod_eval_runs_downsample_side_by_side(tmp_path):
     model, processor = build("qwen2_5_vl")
     apply_pmod(model, beta=0.5)
     checkpoint = save_checkpoint(model, processor, tmp_path / "qwen")
-    output = tmp_path / "eval.json"
-    result = CliRunner().invoke(
-        app,
-        ["eval", str(checkpoint), "--tasks", "pmod_tiny_vqa", "--limit", "4", "--batch-size", "2", "--device", "cpu",
-         "--method", "dense,downsample:factor=2", "--output", str(output)],
-        terminal_width=250,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    runs = {run["method"]["name"]: run for run in json.loads(output.read_text())["checkpoints"]}
+    runs, _ = eval_side_by_side(checkpoint, tmp_path / "eval.json", "dense,downsample:factor=2")
     assert (
         list(runs) == ["dense", "downsample"]
         and runs["downsample"]["label"] == "qwen: downsample 1/2"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flop_counting import prefill_flops
+from flop_counting import counted_flops, prefill_flops
 from method_checks import (
     assert_backends_keep_alike,
     assert_cached_uncached_and_alone_agree,
@@ -269,11 +269,7 @@ def test_count_equals_flop_counter_on_a_real_prefill(family, spec):
     text = inputs["input_ids"].shape[1] - vision
     measured = prefill_flops(model, inputs)
     method, shape = model.token_method, shape_from_hf_config(model.config)
-    options = dict(vision_tokens=vision, text_tokens=text, dtype="fp32", method=method)
-    paper = count_flops(shape, model.retention_ratios, count="paper", **options)
-    full = count_flops(
-        shape, model.retention_ratios, count="full", attention_pairs="all", **options
-    )
+    paper, full = counted_flops(model, vision, text)
     d, q_dim, kv_dim = shape.text.hidden_size, shape.text.q_dim, shape.text.kv_dim
     bounds = method.boundaries(4)
     previous = [method.kept_vision_tokens([1.0] * 4, vision)[b - 1] for b in bounds]

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 from flash_attn_cpu import install
-from flop_counting import prefill_flops
-from method_checks import assert_backends_keep_alike
+from flop_counting import counted_flops, prefill_flops
+from method_checks import assert_backends_keep_alike, cli_refusal, eval_side_by_side
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llava_next.modeling_llava_next import (
@@ -27,7 +27,6 @@ from typer.testing import CliRunner
 from pmod_cli import apply_method, apply_pmod, record_routing
 from pmod_cli.cli import app, main
 from pmod_cli.data.prompts import build_prompt, encode
-from pmod_cli.efficiency import count_flops
 from pmod_cli.evaluation.run import check_method_fits
 from pmod_cli.model import MethodError, make_method
 from pmod_cli.model.methods.visionzip import zip_crops
@@ -187,17 +186,8 @@ def test_the_count_equals_the_flop_counter_on_a_real_prefill():
     model, processor = zipped(attn="eager")
     inputs = encode(processor, PROMPTS[:1], images()[:1], model)
     vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    options = dict(
-        vision_tokens=16,  # the image's V before VisionZip
-        text_tokens=inputs["input_ids"].shape[1] - vision,
-        dtype="fp32",
-        method=model.token_method,
-    )
-    shape = shape_from_hf_config(model.config)
-    paper = count_flops(shape, model.retention_ratios, **options)
-    full = count_flops(
-        shape, model.retention_ratios, count="full", attention_pairs="all", **options
-    )
+    # V: the image's tokens before VisionZip
+    paper, full = counted_flops(model, 16, inputs["input_ids"].shape[1] - vision)
     measured = prefill_flops(model, inputs)
     linear, attention = measured.linear, measured.attention
     assert vision == DOMINANT + CONTEXTUAL
@@ -515,16 +505,11 @@ def test_pmod_eval_refuses_a_tower_read_at_its_embeddings_before_evaluating(
     with pytest.raises(MethodError, match="needs a feature layer after the tower's embeddings"):
         check_method_fits(tmp_path / "llava", make_method("visionzip"))  # the up-front check
     output = tmp_path / "eval.json"
-    command = ["pmod", "eval", str(tmp_path / "llava"), "--tasks", "pmod_tiny_vqa", "--limit", "2"]
-    command += ["--method", "dense," + SPEC, "--output", str(output)]
-    monkeypatch.setattr("sys.argv", command)
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    err = capsys.readouterr().err.strip()
-    assert (
-        exit_info.value.code == 2
-        and err == "error: visionzip needs a feature layer after the tower's embeddings"
-    )
+    err = cli_refusal(
+        monkeypatch, capsys, "eval", str(tmp_path / "llava"), "--tasks", "pmod_tiny_vqa", "--limit", "2",
+        "--method", "dense," + SPEC, "--output", str(output),
+    )  # fmt: skip
+    assert err == "error: visionzip needs a feature layer after the tower's embeddings"
     assert not output.exists()
 
 
@@ -546,15 +531,9 @@ def test_pmod_eval_runs_visionzip_side_by_side(tmp_path):
     apply_pmod(model, beta=0.5)
     randomize_routers(model)
     checkpoint = save_checkpoint(model, processor, tmp_path / "pmod")
-    output = tmp_path / "eval.json"
-    result = CliRunner().invoke(
-        app,
-        ["eval", str(checkpoint), "--tasks", "pmod_tiny_vqa", "--limit", "4", "--batch-size", "2", "--device", "cpu",
-         "--method", f"dense,{SPEC}", "--match-tflops", "--output", str(output)],
-        terminal_width=250,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    runs = {run["method"]["name"]: run for run in json.loads(output.read_text())["checkpoints"]}
+    runs, _ = eval_side_by_side(
+        checkpoint, tmp_path / "eval.json", f"dense,{SPEC}", "--match-tflops"
+    )
     assert list(runs) == ["dense", "visionzip"]
     zip_run = runs["visionzip"]
     matched = make_method(

@@ -285,22 +285,12 @@ def _run_batches(
     device,
     progress: bool,
 ) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ..progress import progress_bar
 
     questions = question_set.questions
     template = template_for_model(meter.model)
-    columns = (
-        TextColumn("ARank"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("samples"),
-        TimeElapsedColumn(),
-    )
     # transient: an error midway leaves only its one line on stderr
-    with Progress(
-        *columns, console=Console(stderr=True), transient=True, disable=not progress
-    ) as bar:
+    with progress_bar("samples", description="ARank", remaining=False, disable=not progress) as bar:
         task = bar.add_task("ARank", total=len(questions))
         for start in range(0, len(questions), batch_size):
             batch = questions[start : start + batch_size]

@@ -311,25 +311,10 @@ def _progress_bar(total: int | None, enabled: bool) -> Iterator[_Bar]:
     if not enabled:
         yield _Bar()
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from ..progress import progress_bar
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     # on stderr, gone when done: stdout holds only the report (or --json)
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with progress_bar() as progress:
         yield _Bar(progress, progress.add_task("preparing", total=total))
 
 

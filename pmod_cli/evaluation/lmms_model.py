@@ -133,25 +133,10 @@ class PMoDLmms(lmms):
         if self.rank != 0 or total == 0:
             yield lambda n: None
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from ..progress import progress_bar
 
         share = f" (process 0 of {self.world_size})" if self.world_size > 1 else ""
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(
-            *columns,
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        ) as progress:
+        with progress_bar() as progress:
             task = progress.add_task(f"{kind} requests{share}", total=total)
             yield lambda n: progress.advance(task, n)
 
