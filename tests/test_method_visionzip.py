@@ -27,8 +27,10 @@ from typer.testing import CliRunner
 from pmod_cli import apply_method, apply_pmod, record_routing
 from pmod_cli.cli import app, main
 from pmod_cli.data.prompts import build_prompt, encode
+from pmod_cli.efficiency import count_flops
 from pmod_cli.evaluation.run import check_method_fits
 from pmod_cli.model import MethodError, make_method
+from pmod_cli.model.methods import method_from_dict
 from pmod_cli.model.methods.visionzip import zip_crops
 from pmod_cli.model.presets import shape_from_hf_config
 
@@ -548,3 +550,38 @@ def test_pmod_eval_runs_visionzip_side_by_side(tmp_path):
         entry = measurement["dense_kv_cache_bytes"] // (4 * (measurement["text_tokens"] + 16))
         kept = measurement["text_tokens"] + matched.tokens
         assert measurement["kv_cache_bytes"] == 4 * kept * entry
+
+
+@pytest.mark.slow
+def test_pmod_eval_counts_llava_next_images_at_their_own_crops(tmp_path):
+    """On LLaVA-NeXT VisionZip keeps D + C tokens of each crop an image has (not of the largest
+    layout's): eval's V is the images' own (the dense column's), each sample's crops are what its
+    cache holds, and the TFLOPs, matched and reported, are counted at those crops."""
+    model, processor = tiny_model("llama", "next")
+    checkpoint = save_checkpoint(model, processor, tmp_path / "next")
+    runs, _ = eval_side_by_side(
+        checkpoint, tmp_path / "eval.json", "dense,visionzip", "--match-tflops"
+    )
+    dense, zipped = runs["dense"], runs["visionzip"]
+    method = method_from_dict(zipped["method"])
+    assert zipped["efficiency"]["mean_vision_tokens"] == dense["efficiency"]["mean_vision_tokens"]
+    crops = []
+    for plain, zip_row in zip(dense["measurements"], zipped["measurements"], strict=True):
+        assert zip_row["vision_tokens"] == plain["vision_tokens"]
+        assert zip_row["dense_kv_cache_bytes"] == plain["kv_cache_bytes"]
+        tokens = plain["text_tokens"] + plain["vision_tokens"]
+        held = zip_row["kv_cache_bytes"] * tokens / plain["kv_cache_bytes"]  # T + the kept
+        crops.append((held - plain["text_tokens"]) / method.per_crop)
+        assert zip_row["vision_crops"] == crops[-1]
+    shape = shape_from_hf_config(model.config)
+    assert min(crops) < shape.vision_crops  # an image smaller than the largest layout
+    assert zipped["matched_at"]["vision_crops"] in crops
+    count = count_flops(
+        shape,
+        vision_tokens=round(dense["efficiency"]["mean_vision_tokens"]),
+        text_tokens=round(dense["efficiency"]["mean_text_tokens"]),
+        vision_crops=round(sum(crops) / len(crops)),
+        method=method,
+        dtype="fp32",
+    )
+    assert zipped["efficiency"]["tflops"] == count.tflops

@@ -443,6 +443,7 @@ def count_flops_for_model(
     dtype: str | None = None,
     prefix_text_tokens: int | None = None,
     video_frames: int | None = None,
+    vision_crops: int | None = None,
 ) -> FlopsCount:
     """``count_flops`` for a loaded HF model of a registered family, dense or p-MoD.
 
@@ -468,6 +469,7 @@ def count_flops_for_model(
         routed_tokens=routed_tokens,
         prefix_text_tokens=prefix_text_tokens if routed_tokens == "all" else None,
         video_frames=video_frames,
+        vision_crops=vision_crops,
         method=getattr(model, "token_method", None),
     )
 

@@ -50,7 +50,7 @@ from ..model.methods import MethodError, TokenMethod, method_from_dict, parse_me
 from ..model.modeling import apply_method, is_pmod_model
 from ..model.presets import shape_from_hf_config
 from ..runtime import parse_dtype, torch_dtype
-from .measure import MemoryMeter, PrefillProbe, SampleMeasurement
+from .measure import MemoryMeter, PrefillProbe, PromptCounts, SampleMeasurement
 from .registration import MODEL_NAME
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -195,15 +195,19 @@ class PMoDLmms(lmms):
         apply_method(self.model, method_from_dict(None))
         shape = shape_from_hf_config(self.model.config)
         ratios = self.model.retention_ratios
-        options = dict(vision_tokens=vision_tokens, text_tokens=text_tokens)
+        crops = self._method_crops(inputs)
+        options = dict(vision_tokens=vision_tokens, text_tokens=text_tokens, vision_crops=crops)
         target = count_flops(shape, ratios, **options).flops
         self.method = match_method(shape, ratios, self.method, target, **options)
-        self.matched_at = {
-            "vision_tokens": vision_tokens,
-            "text_tokens": text_tokens,
-            "target_tflops": target / 1e12,
-        }
+        self.matched_at = {**options, "target_tflops": target / 1e12}
         apply_method(self.model, self.method)
+
+    def _method_crops(self, inputs: dict) -> int | None:
+        """The crops of these images where the method keeps its tokens by crop (VisionZip on
+        LLaVA-NeXT); None: the count's own."""
+        placeholders = self.method.image_placeholders(self.model, inputs)
+        per_crop = self.method.prompt_tokens_per_image()
+        return sum(placeholders) // per_crop if placeholders and per_crop else None
 
     @property
     def batch_size(self) -> int:
@@ -311,9 +315,9 @@ class PMoDLmms(lmms):
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             inputs = self._batch_inputs(contexts, doc_to_visuals, doc_ids, tasks, splits)
-            vision, text, prefix_text = self._token_counts(inputs)
+            counts = self._prompt_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
-            probe.start(inputs["attention_mask"], self._pooled_away(inputs))
+            probe.start(inputs["attention_mask"], counts.removed)
             try:
                 with torch.inference_mode():
                     output = self.model.generate(
@@ -337,9 +341,10 @@ class PMoDLmms(lmms):
                 doc_id=int(doc_ids[i]),
                 request="generate_until",
                 batch_size=len(batch),
-                vision_tokens=vision[i],
-                text_tokens=text[i],
-                prefix_text_tokens=prefix_text[i],
+                vision_tokens=counts.vision[i],
+                text_tokens=counts.text[i],
+                prefix_text_tokens=counts.prefix_text[i],
+                vision_crops=counts.crops[i] if counts.crops else None,
                 prefill_s=probe.prefill_s,
                 end_to_end_s=end_to_end,
                 kv_cache_bytes=probe.kv_bytes[i],
@@ -420,9 +425,9 @@ class PMoDLmms(lmms):
                     (images, videos),
                 )
             inputs, context_length = self._encode_continuation(prompt, continuation, visuals)
-            vision, text, prefix_text = self._token_counts(inputs)
+            counts = self._prompt_counts(inputs)
             probe = PrefillProbe(self.model, self._device)
-            probe.start(inputs["attention_mask"], self._pooled_away(inputs))
+            probe.start(inputs["attention_mask"], counts.removed)
             try:
                 with torch.inference_mode():
                     logits = self.model(**inputs, use_cache=True).logits  # (1, seq, vocab)
@@ -441,9 +446,10 @@ class PMoDLmms(lmms):
             doc_id=int(doc_id),
             request="loglikelihood",
             batch_size=1,
-            vision_tokens=vision[0],
-            text_tokens=text[0],
-            prefix_text_tokens=prefix_text[0],
+            vision_tokens=counts.vision[0],
+            text_tokens=counts.text[0],
+            prefix_text_tokens=counts.prefix_text[0],
+            vision_crops=counts.crops[0] if counts.crops else None,
             prefill_s=probe.prefill_s,
             end_to_end_s=end_to_end,
             kv_cache_bytes=probe.kv_bytes[0],
@@ -453,30 +459,38 @@ class PMoDLmms(lmms):
         )
         return -log_likelihood, greedy, measurement
 
-    def _token_counts(self, inputs: dict) -> tuple[list[int], list[int], list[int]]:
-        """Per sample V, T and prefix text (see ``_token_counts``); under the pool method V is the
-        images' vision tokens before pooling, as the dense model would see them."""
-        vision, text, prefix_text = _token_counts(
+    def _prompt_counts(self, inputs: dict) -> PromptCounts:
+        """Per sample V, T and prefix text (see ``_token_counts``); where the method shortens the
+        prompt (pool, VisionZip), V is the images' vision tokens as the dense model sees them."""
+        placeholders, text, prefix_text = _token_counts(
             inputs, self.family.vision_mask(inputs["input_ids"], self.model.config)
         )
-        pooled_away = self._pooled_away(inputs)
-        if pooled_away is not None:
-            vision = [v + extra for v, extra in zip(vision, pooled_away, strict=True)]
-        return vision, text, prefix_text
+        shortened = self._shortened(inputs, placeholders)
+        if shortened is None:
+            return PromptCounts(placeholders, text, prefix_text)
+        removed, crops = shortened
+        vision = [n + away for n, away in zip(placeholders, removed, strict=True)]
+        return PromptCounts(vision, text, prefix_text, removed, crops)
 
-    def _pooled_away(self, inputs: dict) -> list[int] | None:
-        """Per sample, the vision tokens a method removed before the language model (None unless
-        the model's method shortens the prompt, like pool)."""
+    def _shortened(self, inputs: dict, placeholders: list[int]) -> tuple[list, list] | None:
+        """Per sample, where the model's method shortens the prompt: the vision tokens it took out
+        (its images' own count less the placeholders left) and the crops its images went through
+        the tower as (one per image, a LLaVA-NeXT image's anyres crops); None otherwise."""
         method = getattr(self.model, "token_method", None)
-        kept = method.prompt_tokens_per_image() if method is not None else None
-        if kept is None:
+        per_crop = method.prompt_tokens_per_image() if method is not None else None
+        if per_crop is None:
             return None
-        per_image = shape_from_hf_config(self.model.config).vision_tokens
-        placeholders = (
-            self.family.vision_mask(inputs["input_ids"], self.model.config)
-            & inputs["attention_mask"].bool()
-        ).sum(dim=1)
-        return [int(n) // kept * (per_image - kept) for n in placeholders]
+        own = self.family.vision_token_groups(self.model.config, inputs)[0][1]  # per image
+        kept = method.image_placeholders(self.model, inputs) or [per_crop] * len(own)
+        images = iter(zip(own, kept, strict=True))
+        removed = []
+        for count in placeholders:  # a sample's images are the next ones its placeholders hold
+            own_tokens = held = 0
+            while held < count:
+                image_own, image_kept = next(images)
+                own_tokens, held = own_tokens + image_own, held + image_kept
+            removed.append(own_tokens - count)
+        return removed, [count // per_crop for count in placeholders]
 
     def _encode_continuation(
         self, prompt: str, continuation: str, visuals: tuple[list, list] | None

@@ -50,9 +50,23 @@ class SampleMeasurement:
     peak_memory_bytes: int
     memory_kind: str  # "cuda" | "cpu", see MEMORY_KINDS
     generated_tokens: int = 0
+    vision_crops: int | None = None  # crops through the tower, where a method keeps so many a crop
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PromptCounts:
+    """Per sample of a batch: V (the images' vision tokens as the dense model sees them), T, the
+    text tokens up to the last image token and, where the method shortens the prompt (pool,
+    VisionZip), the vision tokens it took out and the crops of the sample's images."""
+
+    vision: list[int]
+    text: list[int]
+    prefix_text: list[int]
+    removed: list[int] | None = None
+    crops: list[int] | None = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -105,8 +119,8 @@ def held_kv_bytes(
 ) -> tuple[list[int], list[int]]:
     """Per sample: (K/V bytes it holds in ``cache``, bytes its dense twin would hold).
 
-    ``pooled_away``: per sample, vision tokens the ``pool`` method removed from the prompt; the
-    dense twin holds them too.
+    ``pooled_away``: per sample, vision tokens a method removed from the prompt (pool,
+    VisionZip); the dense twin holds them too.
 
     A p-MoD layer's cache knows which of its slots are real; a dense layer stores every position
     of the (left-padded) batch, so the sample's padding is taken off. With beam search the cache

@@ -144,7 +144,7 @@ class CheckpointResult:
     )  # task -> [{doc_id, target, answer}]
     lmms_eval_results: dict = field(default_factory=dict)  # lmms-eval's own "results" section
     method: TokenMethod | None = None  # the method it ran (None: the checkpoint as saved)
-    matched_at: dict | None = None  # --match-tflops: the V, T and TFLOPs it matched at
+    matched_at: dict | None = None  # --match-tflops: the V, T, crops and TFLOPs it matched at
 
 
 @dataclass
@@ -574,6 +574,15 @@ def _is_number(value) -> bool:
         return False
 
 
+def _mean_crops(measurements: list[SampleMeasurement]) -> int | None:
+    """The samples' mean crops through the tower where a method counts its tokens by crop
+    (VisionZip); None: the count's own (the family's largest layout for a given V)."""
+    crops = [m.vision_crops for m in measurements]
+    if any(c is None for c in crops):
+        return None
+    return round(sum(crops) / len(crops))
+
+
 def summarize(
     network, measurements: list[SampleMeasurement], batch_size: int, device: str, count: str
 ) -> Efficiency | None:
@@ -591,6 +600,7 @@ def summarize(
         text_tokens=round(mean_text),
         count=count,
         prefix_text_tokens=round(mean_prefix),  # only read when text competes too (gamma-MoD)
+        vision_crops=_mean_crops(measurements),
     )
     return Efficiency(
         samples=n,
