@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import random_image, randomize_routers, save_checkpoint, tiny_model
 
-from pmod_cli import PMoDConfig, apply_pmod
+from pmod_cli import PMoDConfig, apply_method, apply_pmod
 from pmod_cli.cli import main
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.model.loading import load_checkpoint
@@ -157,3 +157,25 @@ def test_the_streamed_answer_starts_at_its_first_word(checkpoints):
         streamer.put(torch.tensor([token]))
     streamer.end()
     assert "".join(pieces) == "right side up"
+
+
+@pytest.mark.parametrize(
+    "layout,spec", [("llava", "pool:tokens=4"), ("next", "visionzip:dominant=6,contextual=3")]
+)
+def test_a_method_that_shortens_the_prompt_is_measured_against_the_images_own_tokens(layout, spec):
+    """Pool and VisionZip leave fewer image placeholders in the prompt; the answer's V, its dense
+    twin's KV cache and TFLOPs are still the images' own: those of the model without the method."""
+    from pmod_cli.evaluation.chat import ChatSession
+
+    model, processor = tiny_model("llama", layout)
+    image = random_image(90, 40, 3)  # on LLaVA-NeXT a 3-crop grid, not the largest (5)
+    plain = ChatSession(model, processor, [image], max_new_tokens=2).ask("what colour?")
+    apply_method(model, spec)
+    short = ChatSession(model, processor, [image], max_new_tokens=2).ask("what colour?")
+    assert short.vision_tokens == plain.vision_tokens and short.text_tokens == plain.text_tokens
+    assert short.dense_kv_cache_bytes == plain.kv_cache_bytes > short.kv_cache_bytes
+    assert short.flops.baseline_tflops == plain.flops.tflops > short.flops.tflops
+    if layout == "next":  # 3 crops of D + C tokens enter, as the cache shows
+        entering = short.kv_cache_bytes * (plain.vision_tokens + plain.text_tokens)
+        assert entering == plain.kv_cache_bytes * (plain.text_tokens + 3 * 9)
+        assert short.flops.vision_crops == 3

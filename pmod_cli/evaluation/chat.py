@@ -31,7 +31,7 @@ from ..model import is_pmod_model
 from ..model.families import family_for_model, template_for_model
 from ..model.loading import load_checkpoint
 from ..runtime import parse_dtype, resolve_device, torch_dtype
-from .measure import PrefillProbe
+from .measure import PrefillProbe, prompt_counts
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -41,7 +41,7 @@ class ChatAnswer:
     """One answer and what it cost."""
 
     text: str
-    vision_tokens: int  # V of the prompt
+    vision_tokens: int  # V: the images' own tokens (before a method like pool shortens the prompt)
     text_tokens: int  # T of the prompt
     generated_tokens: int
     prefill_s: float
@@ -89,8 +89,9 @@ class ChatSession:
         tokenizer = self.processor.tokenizer
         start = time.perf_counter()
         inputs = encode(self.processor, [self.prompt(question)], self.images, self.model)
+        counts = prompt_counts(self.model, self.family, inputs)
         probe = PrefillProbe(self.model, self.model.device)
-        probe.start(inputs["attention_mask"])
+        probe.start(inputs["attention_mask"], counts.removed)
         try:
             output = self.model.generate(
                 **inputs,
@@ -107,19 +108,21 @@ class ChatSession:
         text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         end_to_end = time.perf_counter() - start
         self.history.append((question, text))
-        vision = int(self.family.vision_mask(inputs["input_ids"], self.model.config).sum())
-        prompt_tokens = int(inputs["attention_mask"].sum())
+        vision, text_tokens = counts.vision[0], counts.text[0]
         return ChatAnswer(
             text=text,
             vision_tokens=vision,
-            text_tokens=prompt_tokens - vision,
+            text_tokens=text_tokens,
             generated_tokens=int(new_tokens.numel()),
             prefill_s=probe.prefill_s,
             end_to_end_s=end_to_end,
             kv_cache_bytes=probe.kv_bytes[0],
             dense_kv_cache_bytes=probe.dense_kv_bytes[0],
             flops=count_flops_for_model(
-                self.model, vision_tokens=vision, text_tokens=prompt_tokens - vision
+                self.model,
+                vision_tokens=vision,
+                text_tokens=text_tokens,
+                vision_crops=counts.crops[0] if counts.crops else None,
             ),
             is_pmod=is_pmod_model(self.model),
         )

@@ -50,7 +50,7 @@ from ..model.methods import MethodError, TokenMethod, method_from_dict, parse_me
 from ..model.modeling import apply_method, is_pmod_model
 from ..model.presets import shape_from_hf_config
 from ..runtime import parse_dtype, torch_dtype
-from .measure import MemoryMeter, PrefillProbe, PromptCounts, SampleMeasurement
+from .measure import MemoryMeter, PrefillProbe, SampleMeasurement, prompt_counts
 from .registration import MODEL_NAME
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -315,7 +315,7 @@ class PMoDLmms(lmms):
         start = time.perf_counter()
         with MemoryMeter(self._device) as memory:
             inputs = self._batch_inputs(contexts, doc_to_visuals, doc_ids, tasks, splits)
-            counts = self._prompt_counts(inputs)
+            counts = prompt_counts(self.model, self.family, inputs)
             probe = PrefillProbe(self.model, self._device)
             probe.start(inputs["attention_mask"], counts.removed)
             try:
@@ -425,7 +425,7 @@ class PMoDLmms(lmms):
                     (images, videos),
                 )
             inputs, context_length = self._encode_continuation(prompt, continuation, visuals)
-            counts = self._prompt_counts(inputs)
+            counts = prompt_counts(self.model, self.family, inputs)
             probe = PrefillProbe(self.model, self._device)
             probe.start(inputs["attention_mask"], counts.removed)
             try:
@@ -458,39 +458,6 @@ class PMoDLmms(lmms):
             memory_kind=memory.kind,
         )
         return -log_likelihood, greedy, measurement
-
-    def _prompt_counts(self, inputs: dict) -> PromptCounts:
-        """Per sample V, T and prefix text (see ``_token_counts``); where the method shortens the
-        prompt (pool, VisionZip), V is the images' vision tokens as the dense model sees them."""
-        placeholders, text, prefix_text = _token_counts(
-            inputs, self.family.vision_mask(inputs["input_ids"], self.model.config)
-        )
-        shortened = self._shortened(inputs, placeholders)
-        if shortened is None:
-            return PromptCounts(placeholders, text, prefix_text)
-        removed, crops = shortened
-        vision = [n + away for n, away in zip(placeholders, removed, strict=True)]
-        return PromptCounts(vision, text, prefix_text, removed, crops)
-
-    def _shortened(self, inputs: dict, placeholders: list[int]) -> tuple[list, list] | None:
-        """Per sample, where the model's method shortens the prompt: the vision tokens it took out
-        (its images' own count less the placeholders left) and the crops its images went through
-        the tower as (one per image, a LLaVA-NeXT image's anyres crops); None otherwise."""
-        method = getattr(self.model, "token_method", None)
-        per_crop = method.prompt_tokens_per_image() if method is not None else None
-        if per_crop is None:
-            return None
-        own = self.family.vision_token_groups(self.model.config, inputs)[0][1]  # per image
-        kept = method.image_placeholders(self.model, inputs) or [per_crop] * len(own)
-        images = iter(zip(own, kept, strict=True))
-        removed = []
-        for count in placeholders:  # a sample's images are the next ones its placeholders hold
-            own_tokens = held = 0
-            while held < count:
-                image_own, image_kept = next(images)
-                own_tokens, held = own_tokens + image_own, held + image_kept
-            removed.append(own_tokens - count)
-        return removed, [count // per_crop for count in placeholders]
 
     def _encode_continuation(
         self, prompt: str, continuation: str, visuals: tuple[list, list] | None
@@ -603,21 +570,6 @@ def _cut_at_stop(text: str, until: list[str]) -> str:
         if stop:
             text = text.split(stop, 1)[0]
     return text
-
-
-def _token_counts(
-    inputs: dict, vision_mask: torch.Tensor
-) -> tuple[list[int], list[int], list[int]]:
-    """Per sample: V (image-feature positions), T (the other real tokens) of the prompt, and the
-    text tokens up to the last image token (those compete too when a model routes all tokens)."""
-    real = inputs["attention_mask"].bool()
-    is_image = vision_mask & real
-    vision = is_image.sum(dim=1)
-    text = real.sum(dim=1) - vision
-    index = torch.arange(real.shape[1], device=real.device).expand_as(real)
-    last_image = torch.where(is_image, index, -1).max(dim=1).values  # (batch,)
-    prefix_text = (real & ~is_image & (index <= last_image[:, None])).sum(dim=1)
-    return vision.tolist(), text.tolist(), prefix_text.tolist()
 
 
 def _generated_counts(new_tokens: torch.Tensor, eos_id: int | None) -> list[int]:

@@ -69,6 +69,57 @@ class PromptCounts:
     crops: list[int] | None = None
 
 
+def prompt_counts(model, family, inputs: dict) -> PromptCounts:
+    """Per sample of an encoded batch: V, T and the prefix text (``_token_counts``); where the
+    model's method shortens the prompt (pool, VisionZip), V is the images' vision tokens as the
+    dense model sees them, with the tokens taken out and the images' crops."""
+    placeholders, text, prefix_text = _token_counts(
+        inputs, family.vision_mask(inputs["input_ids"], model.config)
+    )
+    shortened = _shortened(model, family, inputs, placeholders)
+    if shortened is None:
+        return PromptCounts(placeholders, text, prefix_text)
+    removed, crops = shortened
+    vision = [n + away for n, away in zip(placeholders, removed, strict=True)]
+    return PromptCounts(vision, text, prefix_text, removed, crops)
+
+
+def _shortened(model, family, inputs: dict, placeholders: list[int]) -> tuple[list, list] | None:
+    """Per sample, where the model's method shortens the prompt: the vision tokens it took out
+    (its images' own count less the placeholders left) and the crops its images went through the
+    tower as (one per image, a LLaVA-NeXT image's anyres crops); None otherwise."""
+    method = getattr(model, "token_method", None)
+    per_crop = method.prompt_tokens_per_image() if method is not None else None
+    if per_crop is None:
+        return None
+    own = family.vision_token_groups(model.config, inputs)[0][1]  # per image, as processed
+    kept = method.image_placeholders(model, inputs) or [per_crop] * len(own)
+    images = iter(zip(own, kept, strict=True))
+    removed = []
+    for count in placeholders:  # a sample's images are the next ones its placeholders hold
+        own_tokens = held = 0
+        while held < count:
+            image_own, image_kept = next(images)
+            own_tokens, held = own_tokens + image_own, held + image_kept
+        removed.append(own_tokens - count)
+    return removed, [count // per_crop for count in placeholders]
+
+
+def _token_counts(
+    inputs: dict, vision_mask: torch.Tensor
+) -> tuple[list[int], list[int], list[int]]:
+    """Per sample: V (image-feature positions), T (the other real tokens) of the prompt, and the
+    text tokens up to the last image token (those compete too when a model routes all tokens)."""
+    real = inputs["attention_mask"].bool()
+    is_image = vision_mask & real
+    vision = is_image.sum(dim=1)
+    text = real.sum(dim=1) - vision
+    index = torch.arange(real.shape[1], device=real.device).expand_as(real)
+    last_image = torch.where(is_image, index, -1).max(dim=1).values  # (batch,)
+    prefix_text = (real & ~is_image & (index <= last_image[:, None])).sum(dim=1)
+    return vision.tolist(), text.tolist(), prefix_text.tolist()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
