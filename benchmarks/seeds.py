@@ -6,7 +6,8 @@ TFLOPs. Resumable; its results are data:
     .venv/bin/python benchmarks/seeds.py report                # the table and the figure
 
 ``run`` works through units in a fixed order (seed by seed: dense, p-MoD, PyramidDrop, then the
-training-free methods on that dense seed; the longer convergence runs after the first two seeds).
+training-free methods on that dense seed; the longer convergence runs right after the first seed,
+so the check is answered before more seeds are spent).
 Each finished unit writes one JSON under ``benchmarks/results/seeds/``; a unit whose file exists
 is skipped, so an interrupted run continues where it stopped. Checkpoints go to ``runs/seeds/``
 (not kept in git): a training-free unit needs its dense seed's checkpoint, and retrains it if it is
@@ -83,12 +84,12 @@ class Unit:
 
 
 def plan(settings: Settings) -> list[Unit]:
-    """Every unit in run order: seed by seed, the convergence runs after the second seed."""
+    """Every unit in run order: seed by seed, the convergence runs right after the first seed."""
     units: list[Unit] = []
     for index, seed in enumerate(settings.seeds):
         units += [Unit("train", model, seed, settings.steps) for model in MODELS]
         units += [Unit("free", method, seed, settings.steps) for method in settings.free_methods]
-        if index == 1 or len(settings.seeds) == 1:
+        if index == 0:
             units += [
                 Unit("train", model, seed, settings.long_steps)
                 for seed in settings.long_seeds
