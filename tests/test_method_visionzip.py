@@ -28,7 +28,8 @@ from pmod_cli import apply_method, apply_pmod, record_routing
 from pmod_cli.cli import app, main
 from pmod_cli.data.prompts import build_prompt, encode
 from pmod_cli.efficiency import count_flops
-from pmod_cli.evaluation.run import check_method_fits
+from pmod_cli.evaluation.measure import SampleMeasurement
+from pmod_cli.evaluation.run import _mean_crops, check_method_fits
 from pmod_cli.model import MethodError, make_method
 from pmod_cli.model.methods import method_from_dict
 from pmod_cli.model.methods.visionzip import zip_crops
@@ -217,6 +218,22 @@ def test_a_crop_count_multiplies_what_enters():
     method = make_method("visionzip", dominant=54, contextual=10)
     assert method.entering_tokens(576) == method.entering_tokens(576, 1) == 64
     assert method.entering_tokens(2928, 5) == 320  # LLaVA-NeXT: base + 2 x 2 grid
+
+
+def measured(crops: int) -> SampleMeasurement:
+    vision = 0 if crops == 0 else 576 * crops
+    return SampleMeasurement(
+        task="grid", doc_id=0, request="generate_until", batch_size=1, vision_tokens=vision, text_tokens=9,
+        prefix_text_tokens=1, prefill_s=0.1, end_to_end_s=0.1, kv_cache_bytes=1,
+        dense_kv_cache_bytes=1, peak_memory_bytes=1, memory_kind="cpu", vision_crops=crops,
+    )  # fmt: skip
+
+
+def test_eval_counts_at_the_mean_crops_and_one_where_a_few_samples_hold_images():
+    assert _mean_crops([measured(5), measured(1), measured(3)]) == 3
+    # one image among nine text-only questions: its tokens still enter the model
+    assert _mean_crops([measured(1)] + [measured(0)] * 9) == 1
+    assert _mean_crops([measured(0)] * 3) == 0
 
 
 # ---- backends, caching, batching ----------------------------------------------------------------

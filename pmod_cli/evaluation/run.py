@@ -576,11 +576,13 @@ def _is_number(value) -> bool:
 
 def _mean_crops(measurements: list[SampleMeasurement]) -> int | None:
     """The samples' mean crops through the tower where a method counts its tokens by crop
-    (VisionZip); None: the count's own (the family's largest layout for a given V)."""
+    (VisionZip), at least one where any sample has an image; None: the count's own (the family's
+    largest layout for a given V)."""
     crops = [m.vision_crops for m in measurements]
     if any(c is None for c in crops):
         return None
-    return round(sum(crops) / len(crops))
+    mean = sum(crops) / len(crops)
+    return max(round(mean), 1) if mean > 0 else 0
 
 
 def summarize(
