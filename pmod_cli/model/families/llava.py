@@ -235,15 +235,8 @@ def llava_hf_config(shape: ModelShape, pmod=None):
     if last_token >= vocab:
         vocab = -(-(last_token + 1) // 64) * 64
     text_config = TEXT_CONFIGS[text.model_type](
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_kv_heads,
-        head_dim=text.head_dim,
+        **text.hf_text_kwargs(),
         vocab_size=vocab,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
         tie_word_embeddings=False,
     )
@@ -355,13 +348,8 @@ def _tiny_tower_config(spec: TinySpec, tower: str):
 def _tiny_text_config(spec: TinySpec, vocab_size: int, token_ids: dict[str, int | None]):
     options = {"sliding_window": None} if spec.text_model == "mistral" else {}
     return TEXT_CONFIGS[spec.text_model](
+        **spec.text_kwargs(),
         vocab_size=vocab_size,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
         tie_word_embeddings=False,
         **token_ids,
         **options,

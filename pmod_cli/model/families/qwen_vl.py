@@ -156,14 +156,9 @@ class QwenVLFamily(ModelFamily):
         text_keys = ("pad_token_id", "bos_token_id", "eos_token_id")
         head_dim = spec.hidden // spec.heads
         text = dict(
+            **spec.text_kwargs(),
             vocab_size=vocab_size,
-            hidden_size=spec.hidden,
-            intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=spec.max_positions,
             rope_parameters=_mrope(head_dim, 10000.0, interleaved=self.interleaved_mrope),
             **{key: value for key, value in token_ids.items() if key in text_keys},
         )
@@ -264,17 +259,7 @@ def qwen_vl_hf_config(shape: ModelShape, pmod=None):
     config_class = family.dense_config_class if pmod is None else family.pmod_config_class
     qwen3 = vision.model_type == "qwen3_vl_vision"
     rope = _mrope(text.head_dim, text.rope_theta, interleaved=qwen3)
-    text_config = dict(
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_kv_heads,
-        vocab_size=text.vocab_size,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_parameters=rope,
-    )
+    text_config = dict(**text.hf_text_kwargs(), vocab_size=text.vocab_size, rope_parameters=rope)
     vision_config = dict(
         depth=vision.num_layers,
         hidden_size=vision.hidden_size,
@@ -286,12 +271,12 @@ def qwen_vl_hf_config(shape: ModelShape, pmod=None):
         out_hidden_size=vision.out_hidden_size,
     )
     if qwen3:
-        text_config["head_dim"] = text.head_dim
         vision_config.update(
             deepstack_visual_indexes=list(vision.deepstack_layers),
             num_position_embeddings=vision.num_position_embeddings,
         )
     else:
+        del text_config["head_dim"]  # Qwen2.5-VL's text config has none: hidden / heads
         vision_config.update(
             window_size=vision.window_size, fullatt_block_indexes=list(vision.full_attention_layers)
         )

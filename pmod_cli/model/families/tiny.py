@@ -53,6 +53,17 @@ class TinySpec:
     seed: int = 0
     attn: str | None = None  # attention implementation (None: transformers' choice)
 
+    def text_kwargs(self) -> dict[str, int]:
+        """The language model's numbers as a transformers text config names them."""
+        return dict(
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.max_positions,
+        )
+
 
 def seeded_model(model_class, config, spec: TinySpec):
     """``model_class(config)`` initialised from ``spec.seed`` (eval mode), with ``spec.attn``."""
