@@ -204,6 +204,22 @@ def _interval(low: float, high: float, signed: bool = False) -> str:
     return f"[{low:+.1f}, {high:+.1f}]" if signed else f"[{low:.1f}, {high:.1f}]"
 
 
+def curves(records: list[dict], steps: int, long_steps: int) -> list[tuple]:
+    """(model, line style, steps, accuracies) of each trained run of this design: ``steps`` solid,
+    ``long_steps`` dashed; runs of other lengths (an earlier design) are left out."""
+    style = {steps: "-", long_steps: "--"}
+    return [
+        (
+            record["model"],
+            style[record["steps"]],
+            [point["step"] for point in record["curve"]],
+            [point["accuracy"] for point in record["curve"]],
+        )
+        for record in records
+        if record["model"] in TRAINED and record.get("curve") and record["steps"] in style
+    ]
+
+
 def draw_curves(records: list[dict], steps: int, long_steps: int, figure: Path) -> None:
     import matplotlib
 
@@ -212,13 +228,8 @@ def draw_curves(records: list[dict], steps: int, long_steps: int, figure: Path) 
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colours = {"dense": "tab:gray", "pmod": "tab:blue", "pdrop": "tab:orange"}
-    for record in records:
-        if record["model"] not in TRAINED or not record.get("curve"):
-            continue
-        xs = [point["step"] for point in record["curve"]]
-        ys = [point["accuracy"] for point in record["curve"]]
-        style = "--" if record["steps"] == long_steps else "-"
-        ax.plot(xs, ys, style, color=colours[record["model"]], alpha=0.6, linewidth=1.2)
+    for model, style, xs, ys in curves(records, steps, long_steps):
+        ax.plot(xs, ys, style, color=colours[model], alpha=0.6, linewidth=1.2)
     for model, colour in colours.items():
         ax.plot([], [], color=colour, label=TRAINED[model])
     ax.plot([], [], "--", color="black", label=f"{long_steps} steps (convergence check)")

@@ -104,6 +104,14 @@ def test_the_report_pairs_by_seed_with_t_intervals_and_states_each_claim(scripts
     assert lines[1].startswith(
         "p-MoD above FastV K=2 at equal TFLOPs: supported: the whole interval is above 0 (+17.0"
     )
+    # the figure draws this design's runs only: 1500 solid, 2250 dashed, not a 3375-step run
+    data.append({**data[0], "steps": 3375})
+    drawn = [(model, style, xs) for model, style, xs, _ in report.curves(data, 1500, 2250)]
+    assert drawn[:2] == [("dense", "-", [750, 1500]), ("pmod", "-", [750, 1500])]
+    assert len(drawn) == 6 and all(style == "-" for _, style, _ in drawn)  # the 2250 run: no curve
+    data[-1]["steps"] = 2250
+    assert report.curves(data, 1500, 2250)[-1][:2] == ("dense", "--")
+    data.pop()
     figure = tmp_path / "curves.png"
     page = tmp_path / "page.md"
     page.write_text(
