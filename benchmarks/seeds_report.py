@@ -181,18 +181,28 @@ def table_lines(rows: list[dict], steps: int) -> list[str]:
     return lines
 
 
+def run_lengths(records: list[dict], long_steps: int) -> list[tuple[int, int]]:
+    """Each pair of successive run lengths of the trained models up to ``long_steps`` (1500 and
+    2250, 2250 and 3375, ...): the convergence checks of this design and of the earlier ones."""
+    lengths = sorted(
+        {r["steps"] for r in records if r["model"] in TRAINED and r["steps"] <= long_steps}
+    )
+    return list(zip(lengths, lengths[1:], strict=False))
+
+
 def convergence_lines(records: list[dict], steps: int, long_steps: int) -> list[str]:
     lines = []
     for entry in convergence(records, steps, long_steps):
         change = entry["at_long_steps"] - entry["at_steps"]
         if math.isnan(entry["seed_sd"]):
-            verdict = "not settled (one seed: no spread yet)"
+            spread, verdict = "one seed", "not settled (no spread yet)"
         else:
+            spread = f"{entry['seed_sd']:.1f}"
             verdict = "converged" if abs(change) < entry["seed_sd"] else "NOT converged"
         lines.append(
             f"convergence, {entry['model']} seed {entry['seed']}: {entry['at_steps']:.1f} at {steps} "
             f"steps, {entry['at_long_steps']:.1f} at {long_steps} ({change:+.1f}); SD over seeds at "
-            f"{steps}: {entry['seed_sd']:.1f}: {verdict}"
+            f"{steps}: {spread}: {verdict}"
         )
     return lines or [f"convergence: no {long_steps}-step run yet"]
 
@@ -256,10 +266,16 @@ def report(
             row["name"],
         )
     )
+    checks = [
+        line
+        for shorter, longer in run_lengths(records, long_steps)
+        for line in convergence_lines(records, shorter, longer)
+    ]
+    if (steps, long_steps) not in run_lengths(records, long_steps):
+        checks += convergence_lines(records, steps, long_steps)
     blocks = {
         "table": table_lines(rows, steps),
-        "verdicts": [f"- {line}" for line in convergence_lines(records, steps, long_steps)]
-        + [f"- {line}" for line in verdicts(rows)],
+        "verdicts": [f"- {line}" for line in checks + verdicts(rows)],
     }
     print("\n".join(blocks["table"] + [""] + blocks["verdicts"]))
     draw_curves(records, steps, long_steps, figure)

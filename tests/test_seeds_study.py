@@ -141,3 +141,18 @@ def test_a_claim_whose_interval_holds_the_margin_is_not_settled(scripts):
     assert "not settled" in report.verdicts(rows)[0]
     rows[0]["difference"] = (0.2, -0.8, 1.2)
     assert "supported" in report.verdicts(rows)[0] and "not" not in report.verdicts(rows)[0]
+
+
+def test_the_report_checks_every_run_length_up_to_the_design(scripts, tmp_path, capsys):
+    """An earlier design's check (1500 -> 2250) stays in the report next to this one's."""
+    _, report = scripts
+    data = records(random.Random(1))
+    data.append({**data[-1], "steps": 3375, "final": column(75.0, 400, random.Random(2))})
+    assert report.run_lengths(data, 2250) == [(1500, 2250)]
+    assert report.run_lengths(data, 5063) == [(1500, 2250), (2250, 3375)]
+    report.report(data, 3375, 5063, tmp_path / "curves.png")
+    out = capsys.readouterr().out
+    assert "convergence, dense seed 0: 60.0 at 1500 steps, 61.0 at 2250 (+1.0)" in out
+    assert "convergence, dense seed 0: 61.0 at 2250 steps, 75.0 at 3375 (+14.0)" in out
+    assert "SD over seeds at 2250: one seed: not settled (no spread yet)" in out
+    assert "convergence: no 5063-step run yet" in out
