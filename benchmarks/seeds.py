@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,6 +108,48 @@ def pending_units(settings: Settings) -> list[Unit]:
 # ---- running pmod -------------------------------------------------------------------------------
 
 
+class Stopped(Exception):
+    """The study was asked to stop (Ctrl-C, SIGTERM) while this unit ran."""
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM stops the study: the pmod commands under way get SIGTERM (``pmod sft``
+    saves a checkpoint at the step under way, which the next run resumes from), no unit starts
+    after it, and no result file is written for a unit cut short."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+
+    def __call__(self, signum=signal.SIGTERM, frame=None) -> None:
+        self.event.set()
+        with self.lock:
+            for process in self.running:
+                process.send_signal(signal.SIGTERM)
+
+    def run(self, command: list[str], **options) -> int:
+        """``command``'s exit status; Stopped where a stop came before or while it ran."""
+        if self.event.is_set():
+            raise Stopped
+        process = subprocess.Popen(command, **options)
+        with self.lock:
+            self.running.add(process)
+            if self.event.is_set():  # the request came as it started
+                process.send_signal(signal.SIGTERM)
+        try:
+            status = process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+        if self.event.is_set():
+            raise Stopped
+        return status
+
+
+STOP = StopRequest()
+
+
 def pmod(settings: Settings, log_name: str, *args: str) -> float:
     """One pmod command (one thread), its output appended to ``logs/<log_name>.log``; its wall
     seconds."""
@@ -116,7 +160,10 @@ def pmod(settings: Settings, log_name: str, *args: str) -> float:
     with open(logs / f"{log_name}.log", "a") as log:
         log.write(f"$ pmod {' '.join(args)}\n")
         log.flush()
-        subprocess.run([*PMOD, *args], check=True, cwd=ROOT, env=env, stdout=log, stderr=log)
+        command = [*PMOD, *args]
+        status = STOP.run(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    if status:
+        raise subprocess.CalledProcessError(status, command)
     return time.perf_counter() - start
 
 
@@ -231,7 +278,7 @@ def run_free(unit: Unit, settings: Settings) -> dict:
 
 def run_unit(unit: Unit, settings: Settings) -> None:
     path = unit.result_path(settings)
-    if path.exists():
+    if path.exists() or STOP.event.is_set():
         return
     print(f"[{time.strftime('%H:%M:%S')}] {unit.name}: started", flush=True)
     try:
@@ -240,6 +287,9 @@ def run_unit(unit: Unit, settings: Settings) -> None:
         print(
             f"{unit.name}: failed ({err}); see {settings.runs / 'logs' / unit.name}.log", flush=True
         )
+        return
+    except Stopped:
+        print(f"[{time.strftime('%H:%M:%S')}] {unit.name}: stopped", flush=True)
         return
     record["recipe"] = RECIPE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +300,7 @@ def run_unit(unit: Unit, settings: Settings) -> None:
 
 
 def run_all(settings: Settings, jobs: int) -> None:
-    """The units not yet done; with ``jobs`` > 1, a free unit waits for its dense seed's unit."""
+    """The units not yet done, until they are or Ctrl-C / SIGTERM stops them (``StopRequest``)."""
     from pmod_cli.data.tiny import resolve_tiny_path
 
     resolve_tiny_path("tiny:grid/heldout.json")  # built once, before processes share it
@@ -259,6 +309,21 @@ def run_all(settings: Settings, jobs: int) -> None:
     print(f"{len(pending)} units to run: " + ", ".join(unit.name for unit in pending), flush=True)
     if any(unit.model == "pdrop" for unit in pending):
         print(f"PyramidDrop trains with lambda = {pdrop_ratio(settings):.4f}", flush=True)
+    handlers = {signum: signal.signal(signum, STOP) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run_units(pending, settings, jobs)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if STOP.event.is_set():
+        left = len(pending_units(settings))
+        print(
+            f"stopped: {left} units left; `seeds.py run` continues (training from its last checkpoint)"
+        )
+
+
+def run_units(pending: list[Unit], settings: Settings, jobs: int) -> None:
+    """``pending`` in order, ``jobs`` at a time; a free unit waits for its dense seed's unit."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
         for unit in pending:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,48 @@ def test_a_rerun_skips_finished_units_and_keeps_the_order(scripts, tmp_path):
     (plan.results / "free-fastv-s1-1500.json").write_text("{}")
     left = [unit.name for unit in seeds.pending_units(plan)]
     assert left == [name for name in names if name not in ("pmod-s0-1500", "free-fastv-s1-1500")]
+
+
+# stands in for pmod: a command that runs until SIGTERM, which it answers as pmod sft does (exit 143)
+LONG_COMMAND = """
+import os, pathlib, signal, sys, time
+marks = pathlib.Path(os.environ["SEEDS_TEST_MARKS"])
+def stop(*_):
+    (marks / "terminated").write_text(sys.argv[1])
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+(marks / "started").write_text(sys.argv[1])
+time.sleep(60)
+sys.exit(1)
+"""
+
+
+def test_a_stop_ends_the_unit_under_way_and_starts_no_other(scripts, tmp_path, monkeypatch):
+    seeds, _ = scripts
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    command = tmp_path / "long_command.py"
+    command.write_text(LONG_COMMAND)
+    monkeypatch.setenv("SEEDS_TEST_MARKS", str(marks))
+    monkeypatch.setattr(seeds, "PMOD", [sys.executable, str(command)])
+    monkeypatch.setattr(seeds, "STOP", seeds.StopRequest())
+    plan = settings(seeds, tmp_path, seed_list=(0,))
+    units = seeds.pending_units(plan)[:2]  # dense-s0, pmod-s0
+
+    def stop_once_started():
+        deadline = time.monotonic() + 30
+        while not (marks / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seeds.STOP()  # what Ctrl-C or SIGTERM calls
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
+    started = time.monotonic()
+    seeds.run_units(units, plan, jobs=1)
+    assert time.monotonic() - started < 30  # did not wait out the command's 60 s
+    assert (marks / "terminated").read_text() == "sft"  # the training command got SIGTERM
+    assert not plan.results.exists()  # no result file for the unit cut short
+    logs = sorted(path.name for path in (plan.runs / "logs").iterdir())
+    assert logs == ["dense-s0-1500.log"]  # p-MoD's unit never started
 
 
 def column(accuracy: float, questions: int, rng: random.Random, tflops=1.0, kv=1.0, label="x"):
