@@ -347,7 +347,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "report"))
     # the earlier designs (their results kept) failed the convergence check on seed 0: 1500 -> 2250
-    # steps moved p-MoD +16.8 and PyramidDrop +10.3 points, 2250 -> 3375 dense +11.2 and p-MoD +6.7
+    # steps moved p-MoD +16.8 and PyramidDrop +10.3 points, 2250 -> 3375 dense +11.2, p-MoD +6.7
+    # and PyramidDrop +16.3
     parser.add_argument("--steps", type=int, default=3375, help="SFT steps of a seed (batch 16)")
     parser.add_argument(
         "--long-steps", type=int, default=5063, help="steps of the convergence runs (1.5 x)"

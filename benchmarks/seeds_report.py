@@ -154,7 +154,7 @@ def _beats(pmod: dict, row: dict) -> str:
         verdict = "not settled: the interval holds 0"
     return (
         f"p-MoD above {name} at equal TFLOPs: {verdict} ({mean:+.1f} "
-        f"{_interval(low, high, signed=True)} points over {len(common)} seeds)."
+        f"{_interval(low, high, signed=True)} points over {len(common)} seed{'s' * (len(common) != 1)})."
     )
 
 
