@@ -174,9 +174,10 @@ def table_lines(rows: list[dict], steps: int) -> list[str]:
             d, dl, dh = row["difference"]
             difference = f"{d:+.1f} {_interval(dl, dh, signed=True)}"
         p = ", ".join(f"{value:.2g}" for value in row["mcnemar"])
+        # accuracy lies in [0, 100]: a t interval over two or three seeds can reach past it
         lines.append(
             f"| {row['name']} | {row['tflops']:.1%} | {row['kv']:.1%} | {mean:.1f} "
-            f"{_interval(low, high)} | {difference} | {len(row['seeds'])} | {p} |"
+            f"{_interval(max(low, 0.0), min(high, 100.0))} | {difference} | {len(row['seeds'])} | {p} |"
         )
     return lines
 

@@ -200,3 +200,10 @@ def test_the_report_checks_every_run_length_up_to_the_design(scripts, tmp_path, 
     assert "convergence, dense seed 0: 61.0 at 2250 steps, 75.0 at 3375 (+14.0)" in out
     assert "SD over seeds at 2250: one seed: not settled (no spread yet)" in out
     assert "convergence: no 5063-step run yet" in out
+
+
+def test_an_accuracy_interval_stays_within_0_and_100(scripts):
+    _, report = scripts
+    row = {"name": "p-MoD (beta 0.5)", "accuracy": (90.2, -33.6, 214.1), "difference": None,
+           "mcnemar": [], "seeds": [0, 1], "tflops": 0.64, "kv": 0.6}  # fmt: skip
+    assert "| 90.2 [0.0, 100.0] |" in report.table_lines([row], 3375)[-1]
