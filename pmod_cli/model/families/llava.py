@@ -236,6 +236,7 @@ def llava_hf_config(shape: ModelShape, pmod=None):
         vocab = -(-(last_token + 1) // 64) * 64
     text_config = TEXT_CONFIGS[text.model_type](
         **text.hf_text_kwargs(),
+        head_dim=text.head_dim,
         vocab_size=vocab,
         rope_parameters={"rope_type": "default", "rope_theta": text.rope_theta},
         tie_word_embeddings=False,

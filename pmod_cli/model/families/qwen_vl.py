@@ -271,12 +271,12 @@ def qwen_vl_hf_config(shape: ModelShape, pmod=None):
         out_hidden_size=vision.out_hidden_size,
     )
     if qwen3:
+        text_config["head_dim"] = text.head_dim
         vision_config.update(
             deepstack_visual_indexes=list(vision.deepstack_layers),
             num_position_embeddings=vision.num_position_embeddings,
         )
     else:
-        del text_config["head_dim"]  # Qwen2.5-VL's text config has none: hidden / heads
         vision_config.update(
             window_size=vision.window_size, fullatt_block_indexes=list(vision.full_attention_layers)
         )

@@ -52,14 +52,13 @@ class TextShape:
 
     def hf_text_kwargs(self) -> dict[str, Any]:
         """This decoder's numbers as a transformers text config names them (the family adds its
-        vocabulary, RoPE and token ids)."""
+        vocabulary, RoPE, token ids and, where its config takes one, ``head_dim``)."""
         return dict(
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
         )
