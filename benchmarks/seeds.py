@@ -63,6 +63,7 @@ class Settings:
     questions: int | None = None
     batch_size: int = 32
     pdrop_ratio: float | None = None
+    lr: float | None = None  # None: the recipe's learning rate
     log: list[str] = field(default_factory=list)
 
 
@@ -72,28 +73,36 @@ class Unit:
     model: str  # dense, pmod, pdrop (train); the methods' spelling (free)
     seed: int
     steps: int
+    lr: float | None = None  # a design with another learning rate than the recipe's
 
     @property
     def name(self) -> str:
         model = f"free-{self.model.split(':')[0]}" if self.kind == "free" else self.model
-        return f"{model}-s{self.seed}-{self.steps}"
+        return f"{model}-s{self.seed}-{self.steps}{self.lr_suffix}"
+
+    @property
+    def lr_suffix(self) -> str:
+        return "" if self.lr is None else f"-lr{self.lr:g}"
 
     def result_path(self, settings: Settings) -> Path:
         return settings.results / f"{self.name}.json"
 
     def checkpoint(self, settings: Settings) -> Path:
-        return settings.runs / f"{self.model}-s{self.seed}-{self.steps}"
+        return settings.runs / f"{self.model}-s{self.seed}-{self.steps}{self.lr_suffix}"
 
 
 def plan(settings: Settings) -> list[Unit]:
     """Every unit in run order: seed by seed, the convergence runs right after the first seed."""
     units: list[Unit] = []
     for index, seed in enumerate(settings.seeds):
-        units += [Unit("train", model, seed, settings.steps) for model in MODELS]
-        units += [Unit("free", method, seed, settings.steps) for method in settings.free_methods]
+        units += [Unit("train", model, seed, settings.steps, settings.lr) for model in MODELS]
+        units += [
+            Unit("free", method, seed, settings.steps, settings.lr)
+            for method in settings.free_methods
+        ]
         if index == 0:
             units += [
-                Unit("train", model, seed, settings.long_steps)
+                Unit("train", model, seed, settings.long_steps, settings.lr)
                 for seed in settings.long_seeds
                 for model in MODELS
             ]
@@ -198,6 +207,8 @@ def train_args(unit: Unit, settings: Settings) -> list[str]:
         "--set", f"train.max_steps={unit.steps}", "--set", f"train.save_steps={save}",
         "--set", "train.save_total_limit=0", "--set", "model.pretrained_connector=",
     ]  # fmt: skip
+    if unit.lr is not None:
+        args += ["--set", f"train.learning_rate={unit.lr:g}"]
     if unit.model == "dense":
         args += ["--set", "pmod.enabled=false"]
     elif unit.model == "pdrop":
@@ -251,7 +262,7 @@ def run_train(unit: Unit, settings: Settings) -> dict:
         curve.append({"step": step, **column(result["checkpoints"][0])})
     final = column(evaluate(settings, unit, out, evals / "final.json")["checkpoints"][0])
     return {
-        "unit": unit.name, "model": unit.model, "seed": unit.seed, "steps": unit.steps,
+        "unit": unit.name, "model": unit.model, "seed": unit.seed, "steps": unit.steps, "lr": unit.lr,
         "train_method": train_args(unit, settings)[-1] if unit.model == "pdrop" else unit.model,
         "final": final, "curve": curve, "curve_questions": settings.curve_questions,
         "train_seconds": train_s, "unit_seconds": time.perf_counter() - started,
@@ -259,7 +270,7 @@ def run_train(unit: Unit, settings: Settings) -> dict:
 
 
 def run_free(unit: Unit, settings: Settings) -> dict:
-    dense = Unit("train", "dense", unit.seed, unit.steps)
+    dense = Unit("train", "dense", unit.seed, unit.steps, unit.lr)
     if not (dense.checkpoint(settings) / "config.json").exists():
         run_unit(dense, settings)
     started = time.perf_counter()
@@ -271,7 +282,7 @@ def run_free(unit: Unit, settings: Settings) -> dict:
     )
     columns = [column(entry) for entry in result["checkpoints"]]
     return {
-        "unit": unit.name, "model": "free", "seed": unit.seed, "steps": unit.steps,
+        "unit": unit.name, "model": "free", "seed": unit.seed, "steps": unit.steps, "lr": unit.lr,
         "methods": unit.model, "columns": columns, "unit_seconds": time.perf_counter() - started,
     }  # fmt: skip
 
@@ -328,7 +339,7 @@ def run_units(pending: list[Unit], settings: Settings, jobs: int) -> None:
         futures = {}
         for unit in pending:
             if unit.kind == "free":
-                dense = Unit("train", "dense", unit.seed, unit.steps)
+                dense = Unit("train", "dense", unit.seed, unit.steps, unit.lr)
                 if dense in futures:
                     futures[dense].result()
             futures[unit] = pool.submit(run_unit, unit, settings)
@@ -339,8 +350,10 @@ def run_units(pending: list[Unit], settings: Settings, jobs: int) -> None:
 # ---- the report ---------------------------------------------------------------------------------
 
 
-def load_results(results: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(results.glob("*.json"))]
+def load_results(results: Path, lr: float | None = None) -> list[dict]:
+    """The result files of the design with learning rate ``lr`` (None: the recipe's)."""
+    records = [json.loads(path.read_text()) for path in sorted(results.glob("*.json"))]
+    return [record for record in records if record.get("lr") == lr]
 
 
 def main() -> None:
@@ -358,6 +371,9 @@ def main() -> None:
         "--long-seeds",
         default="0",
         help="seeds also trained for --long-steps (the convergence check)",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: the recipe's, 1e-3)"
     )
     parser.add_argument("--curve-questions", type=int, default=600)
     parser.add_argument("--questions", type=int, default=None, help="held-out questions (all 2400)")
@@ -386,6 +402,7 @@ def main() -> None:
         runs=args.runs,
         results=args.results,
         questions=args.questions,
+        lr=args.lr,
     )
     if args.command == "run":
         run_all(settings, args.jobs)
@@ -393,7 +410,7 @@ def main() -> None:
         from seeds_report import report
 
         report(
-            load_results(settings.results),
+            load_results(settings.results, settings.lr),
             settings.steps,
             settings.long_steps,
             args.figure,

@@ -152,16 +152,20 @@ def _beats(pmod: dict, row: dict) -> str:
         verdict = "not supported: the method is above p-MoD"
     else:
         verdict = "not settled: the interval holds 0"
+    if math.isnan(low):
+        return f"p-MoD above {name} at equal TFLOPs: {verdict} ({mean:+.1f} points on one seed)."
     return (
         f"p-MoD above {name} at equal TFLOPs: {verdict} ({mean:+.1f} "
-        f"{_interval(low, high, signed=True)} points over {len(common)} seed{'s' * (len(common) != 1)})."
+        f"{_interval(low, high, signed=True)} points over {len(common)} seeds)."
     )
 
 
-def table_lines(rows: list[dict], steps: int) -> list[str]:
-    """The table in Markdown, after one line that says what it holds."""
+def table_lines(rows: list[dict], steps: int, lr: float | None = None) -> list[str]:
+    """The table in Markdown, after one line that says what it holds (``lr``: a learning rate
+    other than the recipe's)."""
+    rate = "" if lr is None else f", learning rate {lr:g}"
     lines = [
-        f"SFT steps per seed: {steps} (batch 16); 95 % t intervals over training seeds",
+        f"SFT steps per seed: {steps} (batch 16{rate}); 95 % t intervals over training seeds",
         "",
         "| model | TFLOPs vs dense | KV cache vs dense | accuracy [95 %] | vs dense, paired by seed "
         "[95 %] | seeds | McNemar p per seed |",
@@ -209,7 +213,7 @@ def convergence_lines(records: list[dict], steps: int, long_steps: int) -> list[
 
 
 def _interval(low: float, high: float, signed: bool = False) -> str:
-    """'[low, high]', or '(one seed)' where there is no interval yet."""
+    """'[low, high]', or '[one seed]' where there is no interval yet."""
     if math.isnan(low):
         return "[one seed]"
     return f"[{low:+.1f}, {high:+.1f}]" if signed else f"[{low:.1f}, {high:.1f}]"
@@ -275,7 +279,7 @@ def report(
     if (steps, long_steps) not in run_lengths(records, long_steps):
         checks += convergence_lines(records, steps, long_steps)
     blocks = {
-        "table": table_lines(rows, steps),
+        "table": table_lines(rows, steps, next((r["lr"] for r in records if r.get("lr")), None)),
         "verdicts": [f"- {line}" for line in checks + verdicts(rows)],
     }
     print("\n".join(blocks["table"] + [""] + blocks["verdicts"]))

@@ -49,6 +49,33 @@ def test_a_rerun_skips_finished_units_and_keeps_the_order(scripts, tmp_path):
     assert left == [name for name in names if name not in ("pmod-s0-1500", "free-fastv-s1-1500")]
 
 
+def test_a_design_at_another_learning_rate_keeps_its_own_units_and_results(scripts, tmp_path):
+    seeds, _ = scripts
+    plan = settings(seeds, tmp_path, seed_list=(1,))
+    plan.lr = 2e-3
+    units = seeds.pending_units(plan)
+    assert [unit.name for unit in units[:4]] == ["dense-s1-1500-lr0.002", "pmod-s1-1500-lr0.002", "pdrop-s1-1500-lr0.002", "free-fastv-s1-1500-lr0.002"]  # fmt: skip
+    assert units[0].checkpoint(plan) == plan.runs / "dense-s1-1500-lr0.002"
+    args = seeds.train_args(units[1], plan)
+    assert args[args.index("train.learning_rate=0.002") - 1] == "--set"
+    assert not any(
+        "learning_rate" in arg
+        for arg in seeds.train_args(seeds.Unit("train", "pmod", 1, 1500), plan)
+    )
+    plan.results.mkdir()
+    (plan.results / "dense-s1-1500.json").write_text('{"unit": "dense-s1-1500"}')
+    (plan.results / "dense-s1-1500-lr0.002.json").write_text(
+        '{"unit": "dense-s1-1500-lr0.002", "lr": 0.002}'
+    )
+    assert "dense-s1-1500-lr0.002" not in [u.name for u in seeds.pending_units(plan)]
+    assert [r["unit"] for r in seeds.load_results(plan.results, 0.002)] == ["dense-s1-1500-lr0.002"]
+    assert [r["unit"] for r in seeds.load_results(plan.results)] == ["dense-s1-1500"]
+    _, report = scripts
+    assert report.table_lines([], 1500, 0.002)[0].startswith(
+        "SFT steps per seed: 1500 (batch 16, learning rate 0.002);"
+    )
+
+
 # stands in for pmod: a command that runs until SIGTERM, which it answers as pmod sft does (exit 143)
 LONG_COMMAND = """
 import os, pathlib, signal, sys, time
@@ -185,6 +212,23 @@ def test_a_claim_whose_interval_holds_the_margin_is_not_settled(scripts):
     assert "not settled" in report.verdicts(rows)[0]
     rows[0]["difference"] = (0.2, -0.8, 1.2)
     assert "supported" in report.verdicts(rows)[0] and "not" not in report.verdicts(rows)[0]
+
+
+def test_p_mod_against_a_method_names_its_interval_or_its_one_seed(scripts):
+    _, report = scripts
+    pmod = {"name": "p-MoD (beta 0.5)", "difference": (1.0, 0.5, 1.5), "by_seed": {0: 90.0}}
+    free = {"name": "FastV K=2 (training-free)", "difference": (-9.0,) * 3, "by_seed": {0: 80.0}}
+    line = report.verdicts([pmod, free])[1]
+    assert (
+        line
+        == "p-MoD above FastV K=2 at equal TFLOPs: not settled (one seed) (+10.0 points on one seed)."
+    )
+    pmod["by_seed"][1], free["by_seed"][1] = 85.0, 70.0  # differences 10, 15
+    assert "not settled: the interval holds 0 (+12.5 [" in report.verdicts([pmod, free])[1]
+    pmod["by_seed"][2], free["by_seed"][2] = 82.0, 70.0  # differences 10, 15, 12
+    line = report.verdicts([pmod, free])[1]
+    assert line.startswith("p-MoD above FastV K=2 at equal TFLOPs: supported")
+    assert line.endswith("(+12.3 [+6.1, +18.6] points over 3 seeds).")
 
 
 def test_the_report_checks_every_run_length_up_to_the_design(scripts, tmp_path, capsys):
