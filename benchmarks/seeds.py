@@ -88,7 +88,8 @@ class Unit:
         return settings.results / f"{self.name}.json"
 
     def checkpoint(self, settings: Settings) -> Path:
-        return settings.runs / f"{self.model}-s{self.seed}-{self.steps}{self.lr_suffix}"
+        """A training unit's output directory (a training-free unit uses its dense seed's)."""
+        return settings.runs / self.name
 
 
 def plan(settings: Settings) -> list[Unit]:

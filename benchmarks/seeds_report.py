@@ -178,10 +178,9 @@ def table_lines(rows: list[dict], steps: int, lr: float | None = None) -> list[s
             d, dl, dh = row["difference"]
             difference = f"{d:+.1f} {_interval(dl, dh, signed=True)}"
         p = ", ".join(f"{value:.2g}" for value in row["mcnemar"])
-        # accuracy lies in [0, 100]: a t interval over two or three seeds can reach past it
         lines.append(
             f"| {row['name']} | {row['tflops']:.1%} | {row['kv']:.1%} | {mean:.1f} "
-            f"{_interval(max(low, 0.0), min(high, 100.0))} | {difference} | {len(row['seeds'])} | {p} |"
+            f"{_interval(low, high)} | {difference} | {len(row['seeds'])} | {p} |"
         )
     return lines
 
@@ -213,10 +212,14 @@ def convergence_lines(records: list[dict], steps: int, long_steps: int) -> list[
 
 
 def _interval(low: float, high: float, signed: bool = False) -> str:
-    """'[low, high]', or '[one seed]' where there is no interval yet."""
+    """'[low, high]', or '[one seed]' where there is no interval yet. An accuracy lies in [0, 100]
+    and a difference of two (``signed``) in [-100, 100]: a t interval over two or three seeds can
+    reach past either, so it is clipped there."""
     if math.isnan(low):
         return "[one seed]"
-    return f"[{low:+.1f}, {high:+.1f}]" if signed else f"[{low:.1f}, {high:.1f}]"
+    if signed:
+        return f"[{max(low, -100.0):+.1f}, {min(high, 100.0):+.1f}]"
+    return f"[{max(low, 0.0):.1f}, {min(high, 100.0):.1f}]"
 
 
 def curves(records: list[dict], steps: int, long_steps: int) -> list[tuple]:

@@ -251,3 +251,5 @@ def test_an_accuracy_interval_stays_within_0_and_100(scripts):
     row = {"name": "p-MoD (beta 0.5)", "accuracy": (90.2, -33.6, 214.1), "difference": None,
            "mcnemar": [], "seeds": [0, 1], "tflops": 0.64, "kv": 0.6}  # fmt: skip
     assert "| 90.2 [0.0, 100.0] |" in report.table_lines([row], 3375)[-1]
+    row["difference"] = (5.2, -89.8, 100.2)  # two seeds' paired differences reach past +100 too
+    assert "| +5.2 [-89.8, +100.0] |" in report.table_lines([row], 3375)[-1]
